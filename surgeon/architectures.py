@@ -1,0 +1,105 @@
+"""Architectures as data: which tensor names make up which component.
+
+Each architecture is a list of (pattern, kind) rules for the tensors under a decoder layer,
+tried in order, first match wins. A pattern is a dotted prefix matched segment by segment, so
+`mlp.experts.1` never matches `mlp.experts.10` and `mlp.experts` never matches
+`mlp.shared_experts`. `{E}` matches an integer segment and is the expert index. Suffixes such
+as `.weight`, `.bias`, FP8 `.weight_scale_inv` and DeepSeek's `.e_score_correction_bias` ride
+along with their module because rules are prefixes.
+
+Names are the on-disk names transformers writes (one tensor per expert), not the fused
+tensors it holds in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LAYER_PREFIX = ("model", "layers")
+
+# Component kinds, in the order the TUI shows them as columns.
+LAYER_KINDS = ("attention", "router", "expert", "shared_expert", "gate", "norms", "mlp")
+GLOBAL_KINDS = ("embedding", "final_norm", "lm_head")
+
+GLOBAL_RULES = (
+    ("model.embed_tokens", "embedding"),
+    ("model.norm", "final_norm"),
+    ("lm_head", "lm_head"),
+)
+
+_ATTENTION_AND_NORMS = (
+    ("self_attn", "attention"),  # q/k/v/o, q_norm/k_norm, MLA's q_a/q_b/kv_a/kv_b and their norms
+    ("input_layernorm", "norms"),
+    ("post_attention_layernorm", "norms"),
+)
+_QWEN_STYLE_MOE = (
+    ("mlp.gate", "router"),
+    ("mlp.experts.{E}", "expert"),
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    layer_rules: tuple[tuple[str, str], ...]
+    experts_key: str | None  # config key holding the routed-expert count
+    moe: bool = True
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("olmoe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE, "num_experts"),
+        Architecture(
+            "mixtral",
+            _ATTENTION_AND_NORMS
+            + (("block_sparse_moe.gate", "router"), ("block_sparse_moe.experts.{E}", "expert")),
+            "num_local_experts",
+        ),
+        Architecture(
+            "qwen2_moe",
+            _ATTENTION_AND_NORMS
+            + _QWEN_STYLE_MOE
+            + (
+                ("mlp.shared_expert_gate", "gate"),
+                ("mlp.shared_expert", "shared_expert"),
+                ("mlp", "mlp"),  # layers listed in mlp_only_layers are dense
+            ),
+            "num_experts",
+        ),
+        Architecture("qwen3_moe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE + (("mlp", "mlp"),), "num_experts"),
+        Architecture(
+            "deepseek_v3",
+            _ATTENTION_AND_NORMS
+            + _QWEN_STYLE_MOE
+            + (("mlp.shared_experts", "shared_expert"), ("mlp", "mlp")),  # first_k_dense_replace layers
+            "n_routed_experts",
+        ),
+        Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
+        Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
+        Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
+    )
+}
+
+# For a model_type we have no table for: the union of the rules above, ordered so that the
+# specific names come before the catch-all `mlp`.
+FALLBACK = Architecture(
+    "unknown",
+    _ATTENTION_AND_NORMS
+    + _QWEN_STYLE_MOE
+    + (
+        ("block_sparse_moe.gate", "router"),
+        ("block_sparse_moe.experts.{E}", "expert"),
+        ("mlp.shared_expert_gate", "gate"),
+        ("mlp.shared_experts", "shared_expert"),
+        ("mlp.shared_expert", "shared_expert"),
+        ("mlp", "mlp"),
+    ),
+    None,
+)
+
+
+def architecture_for(model_type: str) -> tuple[Architecture, bool]:
+    """The table for a model_type, and whether it is known (False means the fallback)."""
+    arch = ARCHITECTURES.get(model_type)
+    return (arch, True) if arch else (FALLBACK, False)

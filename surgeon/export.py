@@ -1,0 +1,255 @@
+"""Stream a resolved hybrid into a new checkpoint directory.
+
+A same-dtype tensor moves as a byte range from its donor's file with copy_file_range, so an
+export neither imports torch nor holds weights in memory. Only a dtype conversion reads one
+tensor at a time through torch. Everything is written into a hidden sibling directory and
+renamed into place at the end: an interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .donor import Donor
+from .errors import SurgeonError
+from .resolve import Resolution
+from .safetensors_file import DTYPE_SIZES, encode_header
+
+SESSION_FILE = "moe-surgeon-session.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ExportCancelled(SurgeonError):
+    """The user cancelled; nothing was left behind."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    shards: list[str]
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in _UNITS or value <= 0:
+        raise SurgeonError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    return int(value * _UNITS[unit])
+
+
+def plan_shards(resolution: Resolution, max_shard_size: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, src in resolution.sources.items():
+        nbytes = _nbytes(src.shape, src.dtype)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _nbytes(shape, dtype) -> int:
+    n = DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_target(out: Path, donors: dict[str, Donor], force: bool) -> None:
+    target = out.resolve()
+    for name, d in donors.items():
+        dp = d.path.resolve()
+        if target == dp or dp in target.parents:
+            raise SurgeonError(f"{out}: the export target is inside donor {name} ({d.path}); choose another directory")
+        if target in dp.parents:
+            raise SurgeonError(f"{out}: the export target contains donor {name} ({d.path}); choose another directory")
+    if out.exists():
+        if not out.is_dir():
+            raise SurgeonError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not force:
+            raise SurgeonError(f"{out}: directory is not empty; pass --force to replace it")
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    while count > 0:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, count, offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            n = os.write(dst_fd, os.pread(src_fd, min(count, 1 << 24), offset))
+        if n == 0:
+            raise SurgeonError(f"file descriptor {src_fd}: unexpected end of data")
+        offset += n
+        count -= n
+
+
+def _converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd: int | None):
+    import torch  # only a dtype conversion or a pickle donor needs torch
+
+    from .tensors import TORCH_DTYPES
+
+    if name in donor.pickled:
+        t = donor.pickled[name]
+    else:
+        info = donor.tensors[name]
+        t = torch.frombuffer(bytearray(os.pread(fd, info.nbytes, info.start)), dtype=TORCH_DTYPES[src_dtype])
+    t = t.to(TORCH_DTYPES[dst_dtype]).contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def export_hybrid(
+    resolution: Resolution,
+    donors: dict[str, Donor],
+    out: str | os.PathLike,
+    *,
+    dtype: str = "keep",
+    max_shard_size: int = 5 * 10**9,
+    force: bool = False,
+    session_json: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> ExportResult:
+    out = Path(out).absolute()
+    check_target(out, donors, force)
+    started = time.perf_counter()
+    shards = plan_shards(resolution, max_shard_size)
+    total = sum(_nbytes(s.shape, s.dtype) for s in resolution.sources.values())
+    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    fds: dict[str, int] = {}
+    try:
+        names = (
+            ["model.safetensors"] if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        done = 0
+        weight_map = {}
+        for shard_name, members in zip(names, shards):
+            entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
+            header, _ = encode_header(entries, {"format": "pt"})
+            dst_fd = os.open(tmp / shard_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(dst_fd, header)
+                for n in members:
+                    if cancel is not None and cancel():
+                        raise ExportCancelled(f"{out}: export cancelled; nothing was written")
+                    src = resolution.sources[n]
+                    donor = donors[src.donor]
+                    info = donor.tensors[src.tensor]
+                    fd = None
+                    if src.tensor not in donor.pickled:
+                        fd = fds.get(info.file)
+                        if fd is None:
+                            fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
+                    if src.converts or src.tensor in donor.pickled:
+                        data = _converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd)
+                        os.write(dst_fd, data)
+                    else:
+                        _copy_range(fd, dst_fd, info.start, info.nbytes)
+                    weight_map[n] = shard_name
+                    done += _nbytes(src.shape, src.dtype)
+                    if progress is not None:
+                        progress(done, total)
+                os.fsync(dst_fd)
+            finally:
+                os.close(dst_fd)
+        if len(names) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_side_files(resolution, donors, tmp, dtype)
+        (tmp / "README.md").write_text(model_card(resolution, donors, dtype))
+        if session_json is not None:
+            (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return ExportResult(out, names, len(resolution.sources), total, time.perf_counter() - started)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.moe-surgeon-old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+
+
+def _write_side_files(resolution: Resolution, donors: dict[str, Donor], tmp: Path, dtype: str) -> None:
+    base = donors[resolution.plan.base]
+    for f in base.side_files():
+        if f.name == "config.json" and dtype != "keep":
+            config = dict(base.config)
+            config["dtype"] = dtype  # the --dtype names are transformers' names
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype
+            (tmp / f.name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(f, tmp / f.name)
+
+
+def model_card(resolution: Resolution, donors: dict[str, Donor], dtype: str) -> str:
+    plan = resolution.plan
+    params = resolution.parameters_by_donor()
+    total = sum(params.values()) or 1
+    lines = [
+        "---",
+        "tags: [moe-surgeon, merge]",
+        "---",
+        "# Hybrid checkpoint made by moe-surgeon",
+        "",
+        f"Built by moe-surgeon {__version__} on {time.strftime('%Y-%m-%d', time.gmtime())} by copying tensors",
+        "from the donors below, unchanged" + ("" if dtype == "keep" else f" except for a cast to {dtype}") + ".",
+        "The session that made it is in `" + SESSION_FILE + "`; `moe-surgeon replay` rebuilds it.",
+        "",
+        "## Donors",
+        "",
+        "| name | path | model_type | fingerprint | share of parameters |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, d in donors.items():
+        share = 100.0 * params.get(name, 0) / total
+        base = " (base)" if name == plan.base else ""
+        lines.append(f"| {name}{base} | `{d.path}` | {d.model_type} | `{d.fingerprint}` | {share:.2f}% |")
+    lines += ["", "## Plan", "", f"Base: donor {plan.base}. Later lines win.", ""]
+    if not plan.assignments:
+        lines.append("- (no transfers: a copy of the base)")
+    for a in plan.assignments:
+        lines.append(f"- `{a.spec}` from donor {a.donor}")
+    changed = len(resolution.changed())
+    lines += ["", f"{changed} of {len(resolution.sources)} tensors come from donors other than the base.", ""]
+    for w in resolution.warnings:
+        lines.append(f"> Note: {w}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,161 @@
+"""Resolve a plan against opened donors into a source map.
+
+The source map names, for every tensor of the hybrid, the donor and tensor it is copied from and
+the dtype it is written in. Resolution is where every compatibility check happens, so export and
+materialisation can trust what they are given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .anatomy import Part
+from .donor import Donor
+from .errors import SurgeonError
+from .plan import Plan, check_assignment
+
+DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+CONVERTIBLE = {"F16", "BF16", "F32", "F64"}
+# Tensors whose precision matters more than their size: they keep their dtype under --dtype.
+KEEP_PRECISION = ("e_score_correction_bias",)
+
+_LAYER_NUM = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Source:
+    donor: str  # donor name in the plan
+    tensor: str  # tensor name in that donor
+    dtype: str  # dtype written to the hybrid
+    shape: tuple[int, ...]
+    src_dtype: str
+
+    @property
+    def converts(self) -> bool:
+        return self.dtype != self.src_dtype
+
+
+@dataclass
+class Resolution:
+    plan: Plan
+    sources: dict[str, Source]  # hybrid tensor name -> source, in the order to write them
+    parts: dict[str, Part | None]  # hybrid tensor name -> part (None: unclassified, from base)
+    warnings: list[str] = field(default_factory=list)
+
+    def parameters_by_donor(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for s in self.sources.values():
+            n = 1
+            for d in s.shape:
+                n *= d
+            counts[s.donor] += n
+        return dict(counts)
+
+    def changed(self) -> list[str]:
+        return [n for n, s in self.sources.items() if s.donor != self.plan.base]
+
+    @property
+    def converts(self) -> bool:
+        return any(s.converts for s in self.sources.values())
+
+
+def natural_key(name: str):
+    """Sort key that puts layer 2 before layer 10 and globals around the layers."""
+    m = _LAYER_NUM.search(name)
+    layer = int(m.group(1)) if m else (-1 if "embed" in name else 1 << 30)
+    return (layer, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+
+
+def out_dtype(name: str, src_dtype: str, dtype: str) -> str:
+    want = DTYPES[dtype]
+    if want is None or src_dtype not in CONVERTIBLE or name.endswith(KEEP_PRECISION):
+        return src_dtype
+    return want
+
+
+def _label(name: str, donor: Donor) -> str:
+    return f"{name} ({donor.path})"
+
+
+def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Resolution:
+    if dtype not in DTYPES:
+        raise SurgeonError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if plan.base not in donors:
+        raise SurgeonError(f"plan: base donor {plan.base!r} is not among the donors")
+    base = donors[plan.base]
+    anatomy = base.anatomy
+    warnings = []
+    if not anatomy.known:
+        warnings.append(
+            f"{base.path}: model_type {base.model_type!r} has no architecture table; "
+            "components were inferred from tensor names"
+        )
+    if anatomy.unclassified:
+        shown = ", ".join(anatomy.unclassified[:5]) + (" ..." if len(anatomy.unclassified) > 5 else "")
+        warnings.append(
+            f"{len(anatomy.unclassified)} tensor(s) belong to no component and always come from the base: {shown}"
+        )
+    for a in plan.assignments:
+        if a.donor not in donors:
+            raise SurgeonError(f"plan: SPEC {a.spec!r} names donor {a.donor!r}, which is not open")
+        if a.component == "lm_head" and base.tied_embeddings:
+            raise SurgeonError(
+                f"SPEC {a.spec!r}: base {_label(plan.base, base)} ties lm_head to the embedding "
+                "(tie_word_embeddings); take embedding instead"
+            )
+        check_assignment(a, anatomy, _label(plan.base, base))
+        _check_donor(a, base, donors[a.donor], plan.base)
+
+    sources: dict[str, Source] = {}
+    parts: dict[str, Part | None] = {}
+    for name in sorted(base.tensors, key=natural_key):
+        info = base.tensors[name]
+        part = anatomy.parts.get(name)
+        donor_name = plan.donor_for(part) if part is not None else plan.base
+        donor = donors[donor_name]
+        src_name = name
+        if name not in donor.tensors and name == "lm_head.weight" and donor.tied_embeddings:
+            src_name = "model.embed_tokens.weight"  # a tied donor's lm_head is its embedding
+        src = donor.tensors.get(src_name)
+        if src is None:
+            raise SurgeonError(
+                f"tensor {name}: donor {_label(donor_name, donor)} has no such tensor "
+                f"(the plan takes its {part.label() if part else 'component'})"
+            )
+        if src.shape != info.shape:
+            raise SurgeonError(
+                f"tensor {name}: shape {list(src.shape)} in donor {_label(donor_name, donor)} "
+                f"but {list(info.shape)} in base {_label(plan.base, base)}"
+            )
+        if dtype == "keep" and src.dtype != info.dtype:
+            raise SurgeonError(
+                f"tensor {name}: dtype {src.dtype} in donor {_label(donor_name, donor)} but {info.dtype} "
+                f"in base {_label(plan.base, base)}; pass --dtype to write one dtype"
+            )
+        sources[name] = Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
+        parts[name] = part
+    return Resolution(plan, sources, parts, warnings)
+
+
+def _check_donor(a, base: Donor, donor: Donor, base_name: str) -> None:
+    if donor is base:
+        return
+    if donor.model_type != base.model_type:
+        raise SurgeonError(
+            f"donor {_label(a.donor, donor)} is {donor.model_type}, base {_label(base_name, base)} "
+            f"is {base.model_type}: components move only between checkpoints of one architecture"
+        )
+    if a.component in ("experts", "expert", "router"):
+        nb, nd = base.anatomy.num_experts, donor.anatomy.num_experts
+        if nb != nd:
+            raise SurgeonError(
+                f"SPEC {a.spec!r}: donor {_label(a.donor, donor)} has {nd} experts per layer "
+                f"but base {_label(base_name, base)} has {nb}"
+            )
+    if donor.anatomy.num_layers != base.anatomy.num_layers and a.layers is None:
+        raise SurgeonError(
+            f"SPEC {a.spec!r}: donor {_label(a.donor, donor)} has {donor.anatomy.num_layers} layers "
+            f"but base {_label(base_name, base)} has {base.anatomy.num_layers}; name the layers to take"
+        )

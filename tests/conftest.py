@@ -1,0 +1,39 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_models import make_donor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never downloads
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def donors_of(tmp_path_factory):
+    """donors_of(model_type, n) -> n tiny donors of that architecture (seeds 0..n-1), built once."""
+    cache = {}
+
+    def get(model_type: str, n: int = 4):
+        key = (model_type, n)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(model_type)
+            cache[key] = [make_donor(root / f"donor{i}", model_type, seed=i) for i in range(n)]
+        return cache[key]
+
+    return get
+
+
+def run_cli(*args, cwd=None, env=None):
+    """Run the real console entry point in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "surgeon.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+

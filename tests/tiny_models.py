@@ -1,0 +1,60 @@
+"""Tiny real checkpoints made through transformers' own classes and save_pretrained.
+
+Every architecture moe-surgeon has a table for, at a size that builds in milliseconds. Donors of
+one architecture differ only in their seed, as post-trained siblings of one base would differ
+only in their weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+               max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+CONFIGS = {
+    "olmoe": dict(intermediate_size=16, num_hidden_layers=2, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2),
+    "mixtral": dict(intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=16, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(intermediate_size=16, moe_intermediate_size=16, num_hidden_layers=2, num_experts=4,
+                      num_experts_per_tok=2, head_dim=8),
+    "deepseek_v3": dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, first_k_dense_replace=1,
+                        num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                        n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=8),
+    "llama": dict(intermediate_size=16, num_hidden_layers=2),
+    "mistral": dict(intermediate_size=16, num_hidden_layers=2),
+    "qwen2": dict(intermediate_size=16, num_hidden_layers=2),
+}
+MOE_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+EXPERTS_PREFIX = {"mixtral": "block_sparse_moe.experts"}  # others: mlp.experts
+
+
+def make_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kw = {**_COMMON, **CONFIGS[model_type], **overrides}
+    kw.setdefault("tie_word_embeddings", False)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def make_donor(path: Path, model_type: str, seed: int, dtype=None, max_shard_size=None, **overrides) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(model_type, **overrides))
+    with torch.no_grad():
+        # Give every tensor a seed-specific value, biases and norms included, so that a wrong source
+        # shows up in a comparison (zero or one initialisations are equal across seeds).
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf))
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    return path
