@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_app(args.dirs, args.session)
     except SurgeonError as e:
-        print(f"moe-surgeon: error: {e}", file=sys.stderr)
+        print("moe-surgeon: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moe-surgeon: interrupted", file=sys.stderr)

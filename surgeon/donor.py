@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -205,8 +206,14 @@ def _open_pickled(path: Path, config: dict, config_bytes: bytes, allow_pickle: b
         try:
             state = torch.load(path / n, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # a bad pickle is user input, not a bug of ours
-            raise SurgeonError(f"{path / n}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+            why = re.search(r"Unsupported global: GLOBAL \S+", str(e))
+            why = why.group(0) if why else (str(e).strip().splitlines() or [""])[0]
+            raise SurgeonError(f"{path / n}: cannot load with weights_only=True ({why})") from None
+        if not isinstance(state, dict):
+            raise SurgeonError(f"{path / n}: expected a state dict, found {type(state).__name__}")
         for tname, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise SurgeonError(f"{path / n}: entry {tname} is a {type(t).__name__}, not a tensor")
             pickled[tname] = t
             dtype = TORCH_TO_SAFETENSORS.get(str(t.dtype))
             if dtype is None:

@@ -136,10 +136,9 @@ def export_hybrid(
     started = time.perf_counter()
     shards = plan_shards(resolution, max_shard_size)
     total = sum(_nbytes(s.shape, s.dtype) for s in resolution.sources.values())
-    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _remove_stale_leftovers(out)
+    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
     tmp.mkdir()
     fds: dict[str, int] = {}
     try:
@@ -193,6 +192,24 @@ def export_hybrid(
         for fd in fds.values():
             os.close(fd)
     return ExportResult(out, names, len(resolution.sources), total, time.perf_counter() - started)
+
+
+def _remove_stale_leftovers(out: Path) -> None:
+    """A killed export (SIGKILL, power loss) cannot clean up; the next export to it does."""
+    for p in out.parent.glob(f".{out.name}.moe-surgeon-*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
