@@ -38,23 +38,34 @@ _QWEN_STYLE_MOE = (
 )
 
 
+# How transformers 5 holds routed experts in memory: fused per layer, `gate_up_proj` [E, 2I, H]
+# with the gate half first, and `down_proj` [E, H, I]. Disk projection name -> (live tensor, half).
+FUSED_QWEN_STYLE = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+FUSED_MIXTRAL = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None)}
+
+
 @dataclass(frozen=True)
 class Architecture:
     model_type: str
     layer_rules: tuple[tuple[str, str], ...]
     experts_key: str | None  # config key holding the routed-expert count
     moe: bool = True
+    # Live (in-memory) layout, for hot-swapping into a materialised model.
+    live_renames: tuple[tuple[str, str], ...] = ()  # disk segment prefix -> live, under a layer
+    fused_experts: dict | None = None  # see FUSED_QWEN_STYLE
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
-        Architecture("olmoe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE, "num_experts"),
+        Architecture("olmoe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE, "num_experts", fused_experts=FUSED_QWEN_STYLE),
         Architecture(
             "mixtral",
             _ATTENTION_AND_NORMS
             + (("block_sparse_moe.gate", "router"), ("block_sparse_moe.experts.{E}", "expert")),
             "num_local_experts",
+            live_renames=(("block_sparse_moe", "mlp"),),  # Mixtral's live module is `mlp`
+            fused_experts=FUSED_MIXTRAL,
         ),
         Architecture(
             "qwen2_moe",
@@ -66,14 +77,17 @@ ARCHITECTURES: dict[str, Architecture] = {
                 ("mlp", "mlp"),  # layers listed in mlp_only_layers are dense
             ),
             "num_experts",
+            fused_experts=FUSED_QWEN_STYLE,
         ),
-        Architecture("qwen3_moe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE + (("mlp", "mlp"),), "num_experts"),
+        Architecture("qwen3_moe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE + (("mlp", "mlp"),), "num_experts",
+                     fused_experts=FUSED_QWEN_STYLE),
         Architecture(
             "deepseek_v3",
             _ATTENTION_AND_NORMS
             + _QWEN_STYLE_MOE
             + (("mlp.shared_experts", "shared_expert"), ("mlp", "mlp")),  # first_k_dense_replace layers
             "n_routed_experts",
+            fused_experts=FUSED_QWEN_STYLE,
         ),
         Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
         Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
@@ -96,6 +110,8 @@ FALLBACK = Architecture(
         ("mlp", "mlp"),
     ),
     None,
+    live_renames=(("block_sparse_moe", "mlp"),),
+    fused_experts={**FUSED_QWEN_STYLE, **FUSED_MIXTRAL},
 )
 
 

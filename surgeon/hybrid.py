@@ -1,0 +1,176 @@
+"""A live hybrid: a transformers model on a device with a plan applied, hot-swappable.
+
+Materialising loads the base with transformers' own `from_pretrained` (memory-mapped, and
+`device_map="auto"` for models larger than one GPU), then copies in every tensor the plan takes
+from other donors. Changing the plan copies only the tensors whose source changed, in place,
+straight from the donors' memory maps, including into the fused expert tensors transformers
+holds in memory (see `architectures.FUSED_QWEN_STYLE`). A sweep then costs probe time, not
+reload time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .architectures import Architecture
+from .donor import Donor
+from .errors import SurgeonError
+from .plan import Plan
+from .resolve import Resolution, resolve
+
+TORCH_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LiveTarget:
+    """Where a disk tensor lives in the model: a parameter or buffer, maybe a slice of a fused one."""
+
+    name: str
+    expert: int | None = None  # index along dim 0 of a fused expert tensor
+    half: int | None = None  # 0: first half of dim 1 (gate), 1: second half (up)
+
+
+@dataclass
+class SwapReport:
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+def live_target(disk_name: str, arch: Architecture, live_names: set[str], expert: int | None) -> LiveTarget:
+    if disk_name in live_names:
+        return LiveTarget(disk_name)
+    segs = disk_name.split(".")
+    if segs[:2] == ["model", "layers"]:
+        rest = ".".join(segs[3:])
+        for old, new in arch.live_renames:
+            if rest == old or rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+        segs = segs[:3] + rest.split(".")
+        if ".".join(segs) in live_names:
+            return LiveTarget(".".join(segs))
+    if expert is not None and arch.fused_experts:
+        for i in range(len(segs) - 2):
+            if segs[i] == "experts" and segs[i + 1] == str(expert) and segs[i + 2] in arch.fused_experts:
+                fused, half = arch.fused_experts[segs[i + 2]]
+                name = ".".join(segs[: i + 1] + [fused])
+                if name in live_names and segs[i + 3:] == ["weight"]:
+                    return LiveTarget(name, expert, half)
+    raise SurgeonError(f"tensor {disk_name}: no matching tensor in the live {arch.model_type} model")
+
+
+class TensorReader:
+    """Reads donor tensors through safetensors' memory maps, keeping each file open once."""
+
+    def __init__(self, donors: dict[str, Donor]):
+        self.donors = donors
+        self._files: dict[str, object] = {}
+
+    def read(self, donor_name: str, tensor: str) -> torch.Tensor:
+        donor = self.donors[donor_name]
+        if tensor in donor.pickled:
+            return donor.pickled[tensor]
+        info = donor.tensors[tensor]
+        handle = self._files.get(info.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._files[info.file] = safe_open(info.file, framework="pt", device="cpu")
+        return handle.get_tensor(tensor)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SurgeonError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SurgeonError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SurgeonError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise SurgeonError(f"--device {device}: unsupported device type {dev.type!r}")
+    return dev
+
+
+class Hybrid:
+    def __init__(self, model, donors: dict[str, Donor], resolution: Resolution):
+        self.model = model
+        self.donors = donors
+        self.resolution = resolution
+        self.reader = TensorReader(donors)
+        base = donors[resolution.plan.base]
+        self.arch = base.anatomy.architecture
+        self._live = dict(model.named_parameters())
+        self._live.update(dict(model.named_buffers()))
+        self._targets: dict[str, LiveTarget] = {}
+
+    @classmethod
+    def materialize(cls, plan: Plan, donors: dict[str, Donor], *, device: str | None = None,
+                    dtype: str = "keep", device_map: str | None = None) -> "Hybrid":
+        from transformers import AutoModelForCausalLM
+
+        base = donors[plan.base]
+        if base.pickled:
+            raise SurgeonError(f"base {base.path}: a pickle-only base cannot be materialised; convert it first")
+        dev = check_device(device or default_device())
+        torch_dtype = TORCH_DTYPE_NAMES.get(dtype, "auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                base.path, dtype=torch_dtype, device_map=device_map or str(dev), local_files_only=True,
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise SurgeonError(f"{base.path}: out of GPU memory materialising on {dev}; "
+                               "try --device cpu or a smaller --dtype") from None
+        model.eval()
+        start = resolve(Plan(plan.base), donors, dtype=dtype)
+        hybrid = cls(model, donors, start)
+        hybrid.apply(plan, dtype=dtype)
+        return hybrid
+
+    def target(self, name: str) -> LiveTarget:
+        t = self._targets.get(name)
+        if t is None:
+            part = self.resolution.parts.get(name)
+            t = self._targets[name] = live_target(name, self.arch, set(self._live), part.expert if part else None)
+        return t
+
+    def live_view(self, name: str) -> torch.Tensor:
+        t = self.target(name)
+        live = self._live[t.name]
+        if t.expert is None:
+            return live
+        live = live[t.expert]
+        if t.half is None:
+            return live
+        n = live.shape[0] // 2
+        return live[:n] if t.half == 0 else live[n:]
+
+    def apply(self, plan: Plan, *, dtype: str = "keep") -> SwapReport:
+        """Move to `plan`, copying only tensors whose source changed. Returns what moved."""
+        started = time.perf_counter()
+        new = resolve(plan, self.donors, dtype=dtype)
+        old = self.resolution.sources
+        changed = [n for n, s in new.sources.items() if (old[n].donor, old[n].tensor) != (s.donor, s.tensor)]
+        moved = 0
+        with torch.no_grad():
+            for name in changed:
+                src = new.sources[name]
+                view = self.live_view(name)
+                data = self.reader.read(src.donor, src.tensor)
+                if tuple(data.shape) != tuple(view.shape):
+                    raise SurgeonError(f"tensor {name}: shape {list(data.shape)} does not fit live {list(view.shape)}")
+                view.copy_(data, non_blocking=True)
+                moved += data.numel() * data.element_size()
+        if changed and any(p.is_cuda for p in self._live.values()):
+            torch.cuda.synchronize()
+        self.resolution = new
+        return SwapReport(len(changed), moved, time.perf_counter() - started)
