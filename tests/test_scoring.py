@@ -1,0 +1,61 @@
+"""Batched, prefix-cached scoring equals plain one-item-at-a-time forward passes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from surgeon.scoring import cut_at_stop, greedy_generate, loglikelihoods
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=: ")
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(donors_of):
+    path = donors_of("olmoe", 1)[0]
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    return AutoModelForCausalLM.from_pretrained(path).eval(), fast
+
+
+def reference(model, tok, prefix, ctx, cont):
+    ids = tok(prefix + ctx, add_special_tokens=False)["input_ids"]
+    cont_ids = tok(cont, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + cont_ids])).logits[0]
+    lp = F.log_softmax(logits.float(), -1)
+    total, greedy = 0.0, True
+    for j, t in enumerate(cont_ids):
+        row = lp[len(ids) + j - 1]
+        total += float(row[t])
+        greedy &= int(row.argmax()) == t
+    return total, greedy
+
+
+@pytest.mark.parametrize("prefix", ["", "1+1=2 ab:ba "])
+def test_loglikelihoods_equal_per_item_forward(model_and_tokenizer, prefix):
+    model, tok = model_and_tokenizer
+    reqs = [("12+7=", "19"), ("3+3=", "6"), ("rev:abc=", "cba"), ("9+90=", "99"), ("x", "yz"), ("1", "2")]
+    got = loglikelihoods(model, tok, reqs, prefix=prefix, batch_size=4)
+    for (ctx, cont), r in zip(reqs, got):
+        want, greedy = reference(model, tok, prefix, ctx, cont)
+        assert r.logprob == pytest.approx(want, abs=1e-4)
+        assert r.greedy == greedy and r.tokens == len(cont)
+
+
+def test_greedy_generate_matches_unbatched(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = ["12+7=", "rev:abcd=", "5+5=", "abc"]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    single = [greedy_generate(model, tok, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(len(tok(s, add_special_tokens=False)["input_ids"]) <= 5 for s in batched)
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("42\nQuestion: next", ("\n", "Question:")) == "42"
+    assert cut_at_stop("no stop here", ("\n",)) == "no stop here"
