@@ -4,10 +4,16 @@ import sys
 
 import pytest
 
-from tiny_models import make_donor
+from tiny_models import make_donor, save_char_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never downloads
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _score_cache(tmp_path_factory):
+    """Donor scores are cached on disk; tests keep theirs apart from the user's cache."""
+    os.environ["MOE_SURGEON_CACHE"] = str(tmp_path_factory.mktemp("score-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +25,7 @@ def donors_of(tmp_path_factory):
         key = (model_type, n)
         if key not in cache:
             root = tmp_path_factory.mktemp(model_type)
-            cache[key] = [make_donor(root / f"donor{i}", model_type, seed=i) for i in range(n)]
+            cache[key] = [save_char_tokenizer(make_donor(root / f"donor{i}", model_type, seed=i)) for i in range(n)]
         return cache[key]
 
     return get

@@ -3,23 +3,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surgeon.scoring import cut_at_stop, greedy_generate, loglikelihoods
-
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=: ")
+from tiny_models import save_char_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(donors_of):
+def model_and_tokenizer(tmp_path_factory, donors_of):
     path = donors_of("olmoe", 1)[0]
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()  # characters join back without spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
-    return AutoModelForCausalLM.from_pretrained(path).eval(), fast
+    tok_dir = save_char_tokenizer(tmp_path_factory.mktemp("tok"))
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(tok_dir)
 
 
 def reference(model, tok, prefix, ctx, cont):

@@ -58,3 +58,20 @@ def make_donor(path: Path, model_type: str, seed: int, dtype=None, max_shard_siz
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=: ")
+
+
+def save_char_tokenizer(path: Path) -> Path:
+    """A character-level tokenizer (ids 0-2 special, then CHARS), saved beside a tiny donor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    return path
