@@ -86,3 +86,11 @@ def test_verify_hashes_content(donors_of, cli):
     r = cli("inspect", a, "--verify", "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout)["content_hash"].startswith("sha256:")
+
+
+def test_fingerprints_tell_sibling_fine_tunes_apart(donors_of):
+    """Same config, same header bytes, different weights: the fingerprint must still differ."""
+    a, b = (open_donor(p) for p in donors_of("olmoe", 2))
+    assert a.config_bytes == b.config_bytes
+    assert [h.raw for h in a.shards.values()] == [h.raw for h in b.shards.values()]
+    assert a.fingerprint != b.fingerprint
