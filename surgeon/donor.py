@@ -70,6 +70,7 @@ class Donor:
     shards: dict[str, Header]  # shard file name -> header
     tensors: dict[str, TensorInfo]
     pickled: dict = field(default_factory=dict)  # name -> torch tensor, only with --allow-pickle
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # derived tables, see resolve
 
     @property
     def model_type(self) -> str:
@@ -82,6 +83,23 @@ class Donor:
     @cached_property
     def anatomy(self) -> Anatomy:
         return build_anatomy(self.model_type, list(self.tensors), self.config)
+
+    @cached_property
+    def ordered_names(self) -> list[str]:
+        """Tensor names with layers in numeric order: the order exports write them in."""
+        from .resolve import natural_key
+
+        return sorted(self.tensors, key=natural_key)
+
+    @cached_property
+    def part_groups(self) -> dict:
+        """Classified tensor names grouped by part, so a plan is decided once per part, not per tensor."""
+        groups: dict = {}
+        for name in self.ordered_names:
+            part = self.anatomy.parts.get(name)
+            if part is not None:
+                groups.setdefault(part, []).append(name)
+        return groups
 
     @property
     def total_bytes(self) -> int:

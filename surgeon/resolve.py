@@ -41,7 +41,7 @@ class Source:
 class Resolution:
     plan: Plan
     sources: dict[str, Source]  # hybrid tensor name -> source, in the order to write them
-    parts: dict[str, Part | None]  # hybrid tensor name -> part (None: unclassified, from base)
+    parts: dict[str, Part]  # hybrid tensor name -> part; unclassified names are absent (from base)
     warnings: list[str] = field(default_factory=list)
 
     def parameters_by_donor(self) -> dict[str, int]:
@@ -108,35 +108,53 @@ def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Res
         check_assignment(a, anatomy, _label(plan.base, base))
         _check_donor(a, base, donors[a.donor], plan.base)
 
-    sources: dict[str, Source] = {}
-    parts: dict[str, Part | None] = {}
-    for name in sorted(base.tensors, key=natural_key):
-        info = base.tensors[name]
-        part = anatomy.parts.get(name)
-        donor_name = plan.donor_for(part) if part is not None else plan.base
+    sources = dict(_base_sources(base, plan.base, dtype))
+    for part, names in base.part_groups.items():
+        donor_name = plan.donor_for(part)
+        if donor_name == plan.base:
+            continue
         donor = donors[donor_name]
-        src_name = name
-        if name not in donor.tensors and name == "lm_head.weight" and donor.tied_embeddings:
-            src_name = "model.embed_tokens.weight"  # a tied donor's lm_head is its embedding
-        src = donor.tensors.get(src_name)
-        if src is None:
-            raise SurgeonError(
-                f"tensor {name}: donor {_label(donor_name, donor)} has no such tensor "
-                f"(the plan takes its {part.label() if part else 'component'})"
-            )
-        if src.shape != info.shape:
-            raise SurgeonError(
-                f"tensor {name}: shape {list(src.shape)} in donor {_label(donor_name, donor)} "
-                f"but {list(info.shape)} in base {_label(plan.base, base)}"
-            )
-        if dtype == "keep" and src.dtype != info.dtype:
-            raise SurgeonError(
-                f"tensor {name}: dtype {src.dtype} in donor {_label(donor_name, donor)} but {info.dtype} "
-                f"in base {_label(plan.base, base)}; pass --dtype to write one dtype"
-            )
-        sources[name] = Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
-        parts[name] = part
-    return Resolution(plan, sources, parts, warnings)
+        for name in names:
+            sources[name] = _source_from(name, part, base, plan.base, donor, donor_name, dtype)
+    return Resolution(plan, sources, anatomy.parts, warnings)
+
+
+def _base_sources(base: Donor, base_name: str, dtype: str) -> dict[str, Source]:
+    """Every tensor from the base, in write order; computed once per base and dtype and shared
+    by every resolution, which then only replaces what the plan takes elsewhere."""
+    key = ("base_sources", base_name, dtype)
+    if key not in base.memo:
+        base.memo[key] = {
+            n: Source(base_name, n, out_dtype(n, base.tensors[n].dtype, dtype), base.tensors[n].shape,
+                      base.tensors[n].dtype)
+            for n in base.ordered_names
+        }
+    return base.memo[key]
+
+
+def _source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,
+                 dtype: str) -> Source:
+    info = base.tensors[name]
+    src_name = name
+    if name not in donor.tensors and name == "lm_head.weight" and donor.tied_embeddings:
+        src_name = "model.embed_tokens.weight"  # a tied donor's lm_head is its embedding
+    src = donor.tensors.get(src_name)
+    if src is None:
+        raise SurgeonError(
+            f"tensor {name}: donor {_label(donor_name, donor)} has no such tensor "
+            f"(the plan takes its {part.label()})"
+        )
+    if src.shape != info.shape:
+        raise SurgeonError(
+            f"tensor {name}: shape {list(src.shape)} in donor {_label(donor_name, donor)} "
+            f"but {list(info.shape)} in base {_label(base_name, base)}"
+        )
+    if dtype == "keep" and src.dtype != info.dtype:
+        raise SurgeonError(
+            f"tensor {name}: dtype {src.dtype} in donor {_label(donor_name, donor)} but {info.dtype} "
+            f"in base {_label(base_name, base)}; pass --dtype to write one dtype"
+        )
+    return Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
 
 
 def _check_donor(a, base: Donor, donor: Donor, base_name: str) -> None:

@@ -1,0 +1,172 @@
+"""Workbench start-up and key latency with two OLMoE-shaped donors of the real tensor count.
+
+1. Launch to grid ready: `moe-surgeon A B` in a real pseudo-terminal; the app writes a timestamp
+   when the first grid frame is on screen (MOE_SURGEON_READY_FILE) and quits. Baselines measured
+   in the same run: `python -c pass`, importing textual, importing torch.
+2. Key actions: each key's handler plus a full repaint of the grid, in-process (Pilot adds a
+   fixed overhead per key, reported separately as the cost of an unbound key).
+
+Donors: 16 layers x 64 experts (3,219 tensors each, as OLMoE-1B-7B) with tiny hidden sizes:
+start-up reads headers only, so the tensor count is what matters, not the bytes.
+
+    python bench/tui.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pty
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from synthetic import write_donor  # noqa: E402
+
+WORK = ROOT / "bench" / "_work" / "tui"
+
+
+def donors() -> list[Path]:
+    out = []
+    for i in range(2):
+        path = WORK / f"olmoe-{i}"
+        if not (path / "config.json").is_file():
+            write_donor(path, seed=i, hidden=16, inter=8, vocab=256)
+        out.append(path)
+    return out
+
+
+def in_pty(argv: list[str], env: dict) -> float:
+    """Run argv in a pseudo-terminal until it exits; seconds from spawn to exit."""
+    t0 = time.time()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(argv[0], argv, env)
+    while True:
+        try:
+            if not os.read(fd, 65536):
+                break
+        except OSError:
+            break
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return time.time() - t0
+
+
+def launch_to_ready(paths: list[Path], runs: int) -> list[float]:
+    times = []
+    ready = WORK / "ready"
+    for _ in range(runs):
+        ready.unlink(missing_ok=True)
+        env = {**os.environ, "MOE_SURGEON_READY_FILE": str(ready), "MOE_SURGEON_STATE_DIR": str(WORK / "state"),
+               "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+        t0 = time.time()
+        in_pty([sys.executable, "-m", "surgeon.cli", *map(str, paths)], env)
+        if not ready.is_file():
+            raise SystemExit("the app did not report ready (see MOE_SURGEON_READY_FILE in screens/app.py)")
+        times.append(float(ready.read_text()) - t0)
+    return times
+
+
+def import_time(code: str, runs: int) -> float:
+    best = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        best.append(time.perf_counter() - t0)
+    return statistics.median(best)
+
+
+async def key_latency(paths: list[Path]) -> dict[str, float]:
+    from screens.app import SurgeonApp
+
+    app = SurgeonApp([str(p) for p in paths], None, state_dir=WORK / "state", offer_recovery=False)
+    results: dict[str, list[float]] = {}
+    async with app.run_test(size=(120, 40)) as pilot:
+        for _ in range(3):
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+        grid = app.surgery.grid
+
+        def repaint() -> None:
+            for y in range(grid.size.height):
+                grid.render_line(y)
+
+        keys = ["j", "l", "space", "2", "1", "r", "c", "a", "u", "U", "X", "v", "G", "g", "b"]
+        for _ in range(5):
+            for key in keys:
+                t0 = time.perf_counter()
+                await pilot.press(key)
+                pilot_time = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                repaint()
+                results.setdefault(key, []).append(pilot_time + (time.perf_counter() - t0))
+            await pilot.press("escape")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            await pilot.press("z")  # unbound: Pilot's own cost per key
+            results.setdefault("(unbound key)", []).append(time.perf_counter() - t0)
+        # Handler-only figures: the action methods called directly, then one grid repaint.
+        screen = app.surgery
+        direct = {
+            "paint all (a)": lambda: screen.action_paint_all(),
+            "reset (X)": lambda: screen.action_reset(),
+            "undo (u)": lambda: screen.action_undo(),
+            "cycle (space)": lambda: screen.action_cycle(),
+            "column (c)": lambda: screen.action_paint_column(),
+        }
+        for label, fn in direct.items():
+            samples = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                fn()
+                repaint()
+                samples.append(time.perf_counter() - t0)
+            results[label + " handler"] = samples
+        await app.workers.wait_for_complete()
+    return {k: statistics.median(v) for k, v in results.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    paths = donors()
+    from surgeon.donor import open_donor
+
+    n = len(open_donor(paths[0]).tensors)
+    print(f"donors: 2 x OLMoE-shaped, 16 layers x 64 experts, {n} tensors each")
+    python = import_time("pass", args.runs)
+    textual = import_time("import textual.app", args.runs)
+    torch = import_time("import torch", 1)
+    ready = launch_to_ready(paths, args.runs)
+    med = statistics.median(ready)
+    print(f"launch to grid ready  median {med:.3f} s  (min {min(ready):.3f}, max {max(ready):.3f}, {args.runs} runs; goal < 1.0 s)")
+    print(f"  baselines: python -c pass {python:.3f} s, import textual.app {textual:.3f} s, import torch {torch:.3f} s")
+    print(f"  ratio: ready / import textual = {med / textual:.2f}x; torch alone would take {torch / med:.2f}x our whole start")
+    lat = asyncio.run(key_latency(paths))
+    pilot = lat.pop("(unbound key)")
+    handlers = {k: v for k, v in lat.items() if k.endswith("handler")}
+    keys = {k: v for k, v in lat.items() if not k.endswith("handler")}
+    slow_key = max(keys, key=keys.get)
+    slow_handler = max(handlers, key=handlers.get)
+    print(f"key actions via Pilot (press + wait + full grid repaint), median of 5; Pilot's own cost {1000 * pilot:.1f} ms")
+    print("  " + "  ".join(f"{k}:{1000 * v:.1f}" for k, v in keys.items()) + "  (ms)")
+    print(f"  slowest key {slow_key!r}: {1000 * keys[slow_key]:.1f} ms, {1000 * (keys[slow_key] - pilot):.1f} ms above an unbound key (goal < 50 ms)")
+    print("handlers called directly + grid repaint, median of 10:")
+    for k, v in handlers.items():
+        print(f"  {k:<26}{1000 * v:7.2f} ms")
+    print(f"  slowest handler {slow_handler!r}: {1000 * handlers[slow_handler]:.2f} ms (goal < 50 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

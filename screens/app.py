@@ -1,0 +1,411 @@
+"""The workbench app: owns the workbench, the session file and the recovery file.
+
+Screens edit `app.wb` (a surgeon.grid.Workbench) and call `workbench_changed()`; the app then
+repaints, marks the session modified and autosaves to the recovery file in a worker. Opening
+donors and sessions also runs in workers (header reads of a sharded checkpoint can take a while
+on network storage), so the first frame appears before any donor is read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.message import Message
+from textual.screen import Screen
+
+from surgeon.errors import SurgeonError
+from surgeon.grid import Workbench
+from surgeon.recovery import RecoveryWriter, load_recovery, orphans
+
+from .dialogs import ConfirmScreen, ErrorScreen, PathScreen
+from .surgery import SurgeryScreen
+
+DEMO_SPECS = ["demo:base", "demo:arith", "demo:reverse"]
+READY_FILE_ENV = "MOE_SURGEON_READY_FILE"  # bench/tui.py: write a timestamp when the grid is ready, then quit
+
+
+class Loaded(Message):
+    """A worker opened donors (and maybe a session): the new state of the app."""
+
+    def __init__(self, wb: Workbench | None, labels: dict[str, str], *, session_path: str | None = None,
+                 extras: dict | None = None, errors: list[str] | None = None, welcome: bool = False,
+                 dirty: bool = False, recovered_from: str | None = None):
+        super().__init__()
+        self.wb = wb
+        self.labels = labels
+        self.session_path = session_path
+        self.extras = extras or {}
+        self.errors = errors or []
+        self.welcome = welcome
+        self.dirty = dirty
+        self.recovered_from = recovered_from
+
+
+class Failed(Message):
+    def __init__(self, title: str, message: str):
+        super().__init__()
+        self.title = title
+        self.message = message
+
+
+class DonorOpened(Message):
+    def __init__(self, donor, spec: str):
+        super().__init__()
+        self.donor = donor
+        self.spec = spec
+
+
+def _label(spec: str) -> str:
+    return spec if spec.startswith("demo:") else (os.path.basename(os.path.normpath(spec)) or spec)
+
+
+class SurgeonApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "moe-surgeon"
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save", id="app.save", priority=True),
+        Binding("ctrl+o", "open", "Open", id="app.open", priority=True),
+        Binding("question_mark,f1", "help", "Help", key_display="?", id="app.help"),
+        Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+    ]
+
+    def __init__(self, specs: list[str] | None = None, session_path: str | None = None, *,
+                 state_dir: str | os.PathLike | None = None, offer_recovery: bool = True):
+        super().__init__()
+        self.specs = list(specs or [])
+        self.initial_session = session_path
+        self.wb: Workbench | None = None
+        self.labels: dict[str, str] = {}
+        self.brush: str | None = None
+        self.session_path: str | None = None
+        self.extras: dict = {}
+        self.dirty = False
+        self.recovery = RecoveryWriter(state_dir)
+        self.offer_recovery = offer_recovery
+        self._generation = 0
+        self.ready = False  # the first grid is on screen (tests and the benchmark wait for it)
+
+    # ------------------------------------------------------------ start
+    def on_mount(self) -> None:
+        self.push_screen(SurgeryScreen())
+        if self.initial_session:
+            self.load_session(self.initial_session)
+        else:
+            self.load_donors(self.specs or DEMO_SPECS, welcome=not self.specs)
+
+    @property
+    def surgery(self) -> SurgeryScreen:
+        for screen in self.screen_stack:
+            if isinstance(screen, SurgeryScreen):
+                return screen
+        raise LookupError("no surgery screen")
+
+    @work(thread=True, exit_on_error=False, group="load")
+    def load_donors(self, specs: list[str], welcome: bool = False) -> None:
+        from surgeon.donor import open_donor
+
+        donors, labels, errors = {}, {}, []
+        for spec in specs:
+            try:
+                donor = open_donor(spec)
+            except SurgeonError as e:
+                errors.append(str(e))
+                continue
+            if any(d.path.resolve() == donor.path.resolve() for d in donors.values()):
+                errors.append(f"{spec}: given twice")
+                continue
+            name = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[len(donors)]
+            donors[name] = donor
+            labels[name] = _label(spec)
+        wb = None
+        if donors:
+            wb = Workbench(donors, next(iter(donors)))
+            for name in donors:
+                wb.problem(name)  # warm the compatibility cache off the UI thread
+        if welcome and not donors:
+            errors = ["The demo donors are missing from this installation (surgeon/demo/data). "
+                      "Start with checkpoint directories: moe-surgeon DIR DIR ..."]
+        self.post_message(Loaded(wb, labels, errors=errors, welcome=welcome and bool(donors)))
+
+    @work(thread=True, exit_on_error=False, group="load")
+    def load_session(self, path: str, *, recovered: str | None = None) -> None:
+        from surgeon.session import load_session, open_session_donors
+
+        try:
+            if recovered:
+                rec = load_recovery(Path(recovered))
+                session, origin = rec.session, rec.session_path
+                donors = open_session_donors(session, rec.session_path or os.getcwd() + "/x")
+            else:
+                session, origin = load_session(path), path
+                donors = open_session_donors(session, path)
+            wb = Workbench(donors, session.plan.base, session.plan)
+            for name in donors:
+                wb.problem(name)
+        except SurgeonError as e:
+            self.post_message(Failed("Cannot open the session", str(e)))
+            return
+        labels = {d.name: (d.path if d.path.startswith("demo:") else (d.label or _label(d.path))) for d in session.donors}
+        extras = {"probes": session.probes, "results": session.results, "exports": session.exports,
+                  "extensions": session.extensions, "created": session.created}
+        self.post_message(Loaded(wb, labels, session_path=origin, extras=extras, dirty=bool(recovered),
+                                 recovered_from=recovered))
+
+    @on(Loaded)
+    def on_loaded(self, message: Loaded) -> None:
+        first = not self.ready
+        if message.wb is not None or first:
+            self.wb = message.wb
+            self.labels = message.labels
+            self.session_path = message.session_path
+            self.extras = message.extras
+            self.dirty = message.dirty
+            self.brush = None
+        screen = self.surgery
+        screen.show_workbench(welcome=message.welcome)
+        if self.wb is None:
+            screen.show_empty("\n".join(message.errors) + "\n\nPress d to add a donor or ctrl+o to open a session.")
+        elif message.errors:
+            self.notify("\n".join(message.errors), title="Some donors did not open", severity="error", timeout=10)
+        if message.recovered_from:
+            try:
+                os.unlink(message.recovered_from)
+            except OSError:
+                pass
+            self.notify("Restored the unsaved work of the last run.", title="Recovered")
+            self.autosave()
+        if message.session_path and not message.recovered_from:
+            self.notify(f"opened {message.session_path}", timeout=3)
+        if first:
+            self.ready = True
+            self.call_after_refresh(self._after_first_frame)
+
+    def _after_first_frame(self) -> None:
+        ready_file = os.environ.get(READY_FILE_ENV)
+        if ready_file:
+            Path(ready_file).write_text(repr(time.time()))
+            self.exit(0)
+            return
+        if self.offer_recovery:
+            self._offer_recovery()
+
+    def _offer_recovery(self) -> None:
+        try:
+            found = orphans(self.recovery.directory)
+        except OSError:
+            return
+        if not found:
+            return
+        path = found[0]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.load_session("", recovered=str(path))
+            else:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+        self.push_screen(ConfirmScreen(
+            f"moe-surgeon did not exit cleanly last time ({when}). Restore the unsaved marks from "
+            f"{path}?", yes="Restore", no="Discard"), answer)
+
+    @on(Failed)
+    def on_failed(self, message: Failed) -> None:
+        if not self.ready:
+            self.ready = True
+            self.surgery.show_empty("No session open. Press d to add a donor or ctrl+o to open a session.")
+        self.push_screen(ErrorScreen(message.title, message.message))
+
+    # ------------------------------------------------------------ changes
+    def brush_donor(self) -> str | None:
+        if self.wb is None:
+            return None
+        if self.brush in self.wb.donors:
+            return self.brush
+        others = [n for n in self.wb.donors if n != self.wb.base]
+        return others[0] if others else self.wb.base
+
+    def distance_cache(self):
+        """One cache for the app's life: distances are keyed by fingerprints, so they never go stale."""
+        if getattr(self, "_distances", None) is None:
+            from surgeon.distance import DistanceCache  # numpy: only when a layer is opened
+
+            self._distances = DistanceCache()
+        return self._distances
+
+    def session_label(self) -> str | None:
+        return self.session_path
+
+    def workbench_changed(self, *, rebuild: bool = False) -> None:
+        """Every edit ends here: repaint, mark modified, autosave."""
+        self.dirty = True
+        for screen in self.screen_stack:
+            if rebuild and isinstance(screen, SurgeryScreen):
+                screen.show_workbench()
+            elif hasattr(screen, "refresh_cells"):
+                screen.refresh_cells()
+        self.autosave()
+
+    def refresh_status(self) -> None:
+        for screen in self.screen_stack:
+            if hasattr(screen, "refresh_status"):
+                screen.refresh_status()
+
+    def session_json(self, session_path: str | None) -> dict:
+        from surgeon.session import make_session
+
+        session = make_session(self.wb.plan(), self.wb.donors, session_path)
+        for ref in session.donors:
+            ref.label = self.labels.get(ref.name, ref.label)
+        for key in ("probes", "results", "exports", "extensions"):
+            if key in self.extras:
+                setattr(session, key, self.extras[key])
+        session.created = self.extras.get("created", "")
+        return session.to_json()
+
+    def autosave(self) -> None:
+        if self.wb is None:
+            return
+        self._generation += 1
+        self._write_recovery(self._generation, self.session_json(None), self.session_path)
+
+    @work(thread=True, exit_on_error=False, group="autosave")
+    def _write_recovery(self, generation: int, data: dict, session_path: str | None) -> None:
+        try:
+            self.recovery.write(generation, data, session_path)
+        except OSError as e:
+            self.call_from_thread(self.notify, f"autosave failed: {e}", severity="error")
+
+    # ------------------------------------------------------------ sessions
+    def action_save(self) -> None:
+        if self.wb is None:
+            self.notify("nothing to save: no donors are open", severity="warning")
+            return
+        if self.session_path is None:
+            self.push_screen(PathScreen("Save the session as", "session.json"), self._save_to)
+        else:
+            self._save_to(self.session_path)
+
+    def _save_to(self, path: str | None) -> None:
+        if not path:
+            return
+        from surgeon.session import parse_session, save_session
+
+        try:
+            session = parse_session(self.session_json(path), path)
+            save_session(session, path)
+        except (SurgeonError, OSError) as e:
+            self.push_screen(ErrorScreen("Cannot save the session", str(e)))
+            return
+        self.session_path = path
+        self.dirty = False
+        self.refresh_status()
+        self.autosave()
+        self.notify(f"saved {path}", timeout=3)
+
+    def action_open(self) -> None:
+        def chosen(path: str | None) -> None:
+            if path:
+                self.load_session(path)
+
+        self.push_screen(PathScreen("Open a session file", self.session_path or "", must_exist=True), chosen)
+
+    def action_help(self) -> None:
+        from .help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.screen))
+
+    def action_donors(self) -> None:
+        from .donors import DonorsScreen
+
+        self.push_screen(DonorsScreen())
+
+    def action_export(self) -> None:
+        if self.wb is None:
+            self.notify("nothing to export: no donors are open", severity="warning")
+            return
+        from .export import ExportScreen
+
+        self.push_screen(ExportScreen())
+
+    async def action_quit(self) -> None:
+        if self.dirty and self.wb is not None and self.wb.marks:
+            def answer(yes: bool | None) -> None:
+                if yes:
+                    self._quit_clean()
+
+            self.push_screen(ConfirmScreen("The session has unsaved marks. Quit anyway?", yes="Quit", no="Stay"), answer)
+            return
+        self._quit_clean()
+
+    def _quit_clean(self) -> None:
+        self.recovery.discard()
+        self.exit(0)
+
+    # ------------------------------------------------------------ donors (from the donors screen)
+    @work(thread=True, exit_on_error=False, group="donor")
+    def open_donor(self, spec: str) -> None:
+        from surgeon.donor import open_donor
+
+        try:
+            donor = open_donor(spec)
+        except SurgeonError as e:
+            self.post_message(Failed("Cannot add the donor", str(e)))
+            return
+        self.post_message(DonorOpened(donor, spec))
+
+    @on(DonorOpened)
+    def on_donor_opened(self, message: DonorOpened) -> None:
+        try:
+            if self.wb is None:
+                self.wb = Workbench({"A": message.donor}, "A")
+                name = "A"
+            else:
+                name = self.wb.add_donor(message.donor)
+        except SurgeonError as e:
+            self.push_screen(ErrorScreen("Cannot add the donor", str(e)))
+            return
+        self.labels[name] = _label(message.spec)
+        problem = self.wb.problem(name)
+        if problem:
+            self.notify(problem, title=f"Donor {name} is incompatible with the base", severity="warning", timeout=10)
+        else:
+            self.notify(f"donor {name}: {message.spec}", timeout=3)
+        self.workbench_changed(rebuild=True)
+
+    # ------------------------------------------------------------ discoverability
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every binding of the current screen and the app, by its description, in the palette."""
+        yield from super().get_system_commands(screen)
+        seen = set()
+        for node in (screen.focused, screen, self):
+            if node is None:
+                continue
+            for binding in node.BINDINGS:
+                if not isinstance(binding, Binding) or binding.action in seen or binding.key.startswith(("up", "down", "left", "right")):
+                    continue
+                seen.add(binding.action)
+                keys = binding.key_display or binding.key.split(",")[0]
+                target = node
+
+                def run(target=target, action=binding.action):
+                    return self.run_action(action, target)
+
+                yield SystemCommand(binding.description, f"{binding.tooltip or binding.description} ({keys})", run)
+
+
+def run_app(dirs: list[str], session_path: str | None) -> int:
+    """`moe-surgeon [DIR ...] [--session FILE]`: the workbench on DIRs, a session, or the demo."""
+    app = SurgeonApp(dirs, session_path)
+    app.run()
+    return app.return_code or 0

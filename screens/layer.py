@@ -1,0 +1,189 @@
+"""One layer in detail: its components and every expert as rows, and every tensor.
+
+Experts are marked one by one or as a range (v selects, like the grid). The tensor table shows
+shape, dtype, the donor each tensor comes from, and how far each other donor's tensor is from
+the base's (relative L2 norm): computed in a worker from memory maps, cached by fingerprint, so
+opening a layer never waits for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from surgeon.grid import Cell, layer_sheet
+from surgeon.resolve import natural_key
+
+from .marking import MARKING_BINDINGS, MarkingMixin
+from .widgets.grid import GridView, donor_style
+from .widgets.status import status_line
+
+
+class Distances(Message):
+    """Distances of some tensors of the layer: {(donor, tensor): value}."""
+
+    def can_replace(self, message: Message) -> bool:
+        return False
+
+    def __init__(self, layer: int, values: dict[tuple[str, str], float]):
+        super().__init__()
+        self.layer_no = layer
+        self.values = values
+
+
+def format_distance(value: float | None) -> Text:
+    if value is None:
+        return Text("…", "dim")
+    if math.isinf(value):
+        return Text("inf", "bold red")
+    style = "dim" if value == 0 else ("bold red" if value >= 0.5 else ("yellow" if value >= 0.05 else ""))
+    return Text(f"{value:.4f}", style)
+
+
+class LayerScreen(MarkingMixin, Screen):
+    BINDINGS = [
+        *[b for b in MARKING_BINDINGS if b.id not in ("mark.row", "mark.column")],
+        Binding("escape", "back", "Back", id="layer.back"),
+        Binding("left_square_bracket", "layer(-1)", "Prev layer", key_display="[", id="layer.prev"),
+        Binding("right_square_bracket", "layer(1)", "Next layer", key_display="]", id="layer.next"),
+    ]
+
+    def __init__(self, layer: int, focus_kind: str | None = None):
+        super().__init__()
+        self.layer_no = layer
+        self.focus_kind = focus_kind
+        self.distances: dict[tuple[str, str], float] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="layer-title")
+        with Horizontal(id="layer-body"):
+            yield GridView(self.app.wb, layer_sheet(self.app.wb, self.layer_no), id="layer-grid")
+            yield DataTable(id="tensors", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="status")
+        yield Footer()
+
+    @property
+    def grid(self) -> GridView:
+        return self.query_one("#layer-grid", GridView)
+
+    def on_mount(self) -> None:
+        self._show_layer()
+
+    def _show_layer(self) -> None:
+        wb = self.app.wb
+        self.query_one("#layer-title", Static).update(
+            f"Layer {self.layer_no} of {wb.index.num_layers}   [dim](\\[ and ] change layer, escape goes back)[/dim]")
+        self.grid.set_sheet(layer_sheet(wb, self.layer_no), wb)
+        if self.focus_kind and self.focus_kind != "expert":
+            for r, row in enumerate(self.grid.sheet.items):
+                if row and isinstance(row[0], Cell) and row[0].kind == self.focus_kind:
+                    self.grid.move_to(r, 0)
+        elif self.focus_kind == "expert":
+            first = min(self.grid.sheet.gaps, default=0)
+            self.grid.move_to(first, 0)
+        self.grid.focus()
+        self._fill_tensors()
+        self.refresh_status()
+        self.compute_distances(self.layer_no)
+
+    def _tensor_names(self) -> list[str]:
+        wb = self.app.wb
+        names = [n for p, ns in wb.index.tensors_of.items() if p.layer == self.layer_no for n in ns]
+        return sorted(names, key=natural_key)
+
+    def _others(self) -> list[str]:
+        wb = self.app.wb
+        return [n for n in wb.donors if n != wb.base and wb.problem(n) is None]
+
+    def _fill_tensors(self) -> None:
+        wb = self.app.wb
+        table = self.query_one("#tensors", DataTable)
+        table.clear(columns=True)
+        table.add_column("tensor", key="tensor")
+        table.add_column("shape", key="shape")
+        table.add_column("dtype", key="dtype")
+        table.add_column("from", key="from")
+        for d in self._others():
+            table.add_column(f"Δ{d}", key=f"d:{d}")
+        base = wb.donors[wb.base]
+        prefix = f"model.layers.{self.layer_no}."
+        for name in self._tensor_names():
+            info = base.tensors[name]
+            part = base.anatomy.parts[name]
+            src = wb.state[part]
+            row = [name[len(prefix):], "×".join(map(str, info.shape)), info.dtype,
+                   Text(f" {src} ", donor_style(wb, src))]
+            row += [format_distance(self.distances.get((d, name))) for d in self._others()]
+            table.add_row(*row, key=name)
+
+    def refresh_cells(self) -> None:
+        wb = self.app.wb
+        self.grid.refresh_cells()
+        table = self.query_one("#tensors", DataTable)
+        base = wb.donors[wb.base]
+        for name in self._tensor_names():
+            src = wb.state[base.anatomy.parts[name]]
+            try:
+                table.update_cell(name, "from", Text(f" {src} ", donor_style(wb, src)))
+            except Exception:  # the table was rebuilt for another layer meanwhile
+                pass
+        self.refresh_status()
+
+    def refresh_status(self) -> None:
+        wb = self.app.wb
+        self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty))
+
+    @work(thread=True, exit_on_error=False, group="distance", exclusive=True)
+    def compute_distances(self, layer: int) -> None:
+        from textual.worker import get_current_worker
+
+        wb = self.app.wb
+        cache = self.app.distance_cache()
+        base = wb.donors[wb.base]
+        worker = get_current_worker()
+        batch: dict[tuple[str, str], float] = {}
+        for name in self._tensor_names():
+            for d in self._others():
+                if worker.is_cancelled:
+                    return
+                try:
+                    batch[(d, name)] = cache.tensor(base, wb.donors[d], name)
+                except (ValueError, OSError):
+                    batch[(d, name)] = math.nan
+            if len(batch) >= 24:
+                self.post_message(Distances(layer, batch))
+                batch = {}
+        self.post_message(Distances(layer, batch))
+
+    @on(Distances)
+    def on_distances(self, message: Distances) -> None:
+        if message.layer_no != self.layer_no:
+            return
+        self.distances.update(message.values)
+        table = self.query_one("#tensors", DataTable)
+        for (d, name), value in message.values.items():
+            try:
+                table.update_cell(name, f"d:{d}", format_distance(value), update_width=True)
+            except Exception:
+                pass
+
+    def action_layer(self, step: int) -> None:
+        n = self.app.wb.index.num_layers
+        self.layer_no = (self.layer_no + step) % n
+        self.distances = {}
+        self.focus_kind = None
+        self._show_layer()
+
+    def action_paint_all(self) -> None:
+        self._paint(self.grid.all_items())
+
+    def action_back(self) -> None:
+        self.app.pop_screen()

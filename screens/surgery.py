@@ -1,0 +1,109 @@
+"""The surgery grid: rows are layers, columns the base's component kinds, globals last.
+
+This is where the user spends the session. The screen is thin: keys become workbench calls
+(see marking.py), and the app repaints the grid and the status line after every change.
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from surgeon.grid import Cell, surgery_sheet
+
+from .marking import MARKING_BINDINGS, MarkingMixin
+from .widgets.grid import GridView
+from .widgets.status import legend, status_line
+
+WELCOME = (
+    "Welcome: three demo donors of one tiny OLMoE are open (A is the base). Move with the arrows "
+    "or hjkl, press 2 to give a cell to donor B, enter to open a layer, ctrl+s to save, ? for every key."
+)
+
+
+class SurgeryScreen(MarkingMixin, Screen):
+    BINDINGS = [
+        *MARKING_BINDINGS,
+        Binding("enter", "open_layer", "Layer", id="surgery.layer", tooltip="Open the layer under the cursor"),
+        Binding("d", "app.donors", "Donors", id="surgery.donors"),
+        Binding("e", "app.export", "Export", id="surgery.export"),
+        Binding("w", "dismiss_welcome", "Hide welcome", show=False, id="surgery.welcome"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="welcome", markup=False)
+        yield Static("opening donors…", id="legend")
+        with Vertical(id="grid-box"):
+            yield Static("", id="empty", markup=False)
+        yield Static("", id="status")
+        yield Footer()
+
+    grid: GridView | None = None
+
+    def show_workbench(self, welcome: bool = False) -> None:
+        """(Re)build the grid for the app's workbench: after loading, a new base, a restored session."""
+        wb = self.app.wb
+        box = self.query_one("#grid-box")
+        empty = self.query_one("#empty", Static)
+        self.query_one("#welcome", Static).display = welcome
+        if welcome:
+            self.query_one("#welcome", Static).update(WELCOME)
+        if wb is None:
+            empty.display = True
+            if self.grid is not None:
+                self.grid.remove()
+                self.grid = None
+            return
+        empty.display = False
+        sheet = surgery_sheet(wb)
+        if self.grid is None:
+            self.grid = GridView(wb, sheet, id="grid")
+            box.mount(self.grid)
+            self.grid.focus()
+        else:
+            self.grid.set_sheet(sheet, wb)
+        self.refresh_status()
+
+    def show_empty(self, message: str) -> None:
+        empty = self.query_one("#empty", Static)
+        empty.update(message)
+        empty.display = True
+        self.query_one("#legend", Static).update("")
+
+    def refresh_cells(self) -> None:
+        if self.grid is not None:
+            self.grid.refresh_cells()
+        self.refresh_status()
+
+    def refresh_status(self) -> None:
+        wb = self.app.wb
+        if wb is None:
+            return
+        self.query_one("#legend", Static).update(legend(wb, self.app.labels, self.app.brush_donor()))
+        self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty))
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if self.app.wb is None and action not in ("app.donors",):
+            return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer")) else True
+        return True
+
+    def on_grid_view_clicked(self, event: GridView.Clicked) -> None:
+        self.action_cycle()
+
+    def action_open_layer(self) -> None:
+        grid = self.grid
+        if grid is None:
+            return
+        item = grid.current_item()
+        if isinstance(item, Cell) and item.layer is not None:
+            from .layer import LayerScreen
+
+            self.app.push_screen(LayerScreen(item.layer, focus_kind=item.kind))
+        else:
+            self.app.notify("the globals have no layer to open", timeout=2)
+
+    def action_dismiss_welcome(self) -> None:
+        self.query_one("#welcome", Static).display = False

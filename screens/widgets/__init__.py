@@ -1,0 +1,1 @@
+"""Widgets of the workbench: the Line-API grid and the status line."""

@@ -1,0 +1,184 @@
+"""The workbench's engine parts, without Textual: grid model, distances, recovery file."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from surgeon.anatomy import Part
+from surgeon.distance import DistanceCache
+from surgeon.donor import open_donor
+from surgeon.errors import SurgeonError
+from surgeon.grid import Cell, Workbench, layer_sheet, surgery_sheet
+from surgeon.plan import Assignment, Plan
+from surgeon.recovery import RecoveryWriter, load_recovery, orphans
+from surgeon.resolve import resolve
+from surgeon.session import make_session
+from tiny_models import make_donor
+
+
+@pytest.fixture(scope="module")
+def olmoe(donors_of):
+    paths = donors_of("olmoe", 3)
+    return {n: open_donor(p) for n, p in zip("ABC", paths)}
+
+
+def test_grid_columns_and_globals_follow_the_base_anatomy(olmoe):
+    wb = Workbench(olmoe, "A")
+    assert wb.columns == ["attention", "router", "expert", "norms"]
+    assert wb.globals == ["embedding", "final_norm", "lm_head"]
+    sheet = surgery_sheet(wb)
+    assert sheet.labels == ["0", "1", "global"] and sheet.titles[2] == "experts"
+    assert sheet.item(2, 0) == Cell(None, "embedding")
+    assert wb.cell_text(Cell(0, "expert")) == "A×4"
+
+
+def test_tally_equals_resolve_for_random_marks(olmoe):
+    rng = random.Random(3)
+    wb = Workbench(olmoe, "A")
+    cells = wb.all_cells()
+    for _ in range(25):
+        wb.set_cells(rng.sample(cells, 3), rng.choice("ABC"))
+        if rng.random() < 0.3:
+            wb.set_parts(rng.sample(wb.index.experts_of[1], 2), rng.choice("ABC"))
+        if rng.random() < 0.2:
+            wb.undo()
+        r = resolve(wb.plan(), olmoe)
+        tally = wb.tally()
+        assert tally.params == {k: v for k, v in r.parameters_by_donor().items() if v}
+        assert tally.changed_tensors == len(r.changed())
+        # The canonical plan reproduces the state exactly.
+        plan = wb.plan()
+        assert all(plan.donor_for(p) == d for p, d in wb.state.items())
+
+
+def test_mixed_experts_summary_and_canonical_plan(olmoe):
+    wb = Workbench(olmoe, "A")
+    experts = wb.index.experts_of[1]
+    wb.set_parts(experts[1:4], "B")
+    assert wb.cell_text(Cell(1, "expert")) == "B×3 A×1"
+    wb.set_cells([Cell(0, "expert")], "C")
+    assert wb.plan().assignments == [
+        Assignment("experts", "C", (0,)), Assignment("expert", "B", (1,), (1, 2, 3))]
+    wb.set_cells(wb.column_cells("attention"), "B")
+    assert Assignment("attention", "B", None) in wb.plan().assignments
+
+
+def test_undo_redo_and_reset(olmoe):
+    wb = Workbench(olmoe, "A")
+    wb.set_cells(wb.row_cells(0), "B")
+    wb.set_cells(wb.row_cells(None), "C")
+    assert wb.marks == 4 + 3 + 3  # attention, router, norms, 4 experts; 3 globals
+    wb.undo()
+    assert wb.donor_of(Cell(None, "embedding")) == "A" and wb.donor_of(Cell(0, "router")) == "B"
+    wb.redo()
+    assert wb.donor_of(Cell(None, "lm_head")) == "C"
+    wb.reset()
+    assert wb.marks == 0 and wb.plan().assignments == []
+    wb.undo()
+    assert wb.marks == 10
+    assert not wb.redo() or True
+    assert wb.redo() is False
+
+
+def test_cycle_goes_through_donors_in_order(olmoe):
+    wb = Workbench(olmoe, "A")
+    cell = Cell(1, "router")
+    assert [wb.cycle([cell]) for _ in range(3)] == ["B", "C", "A"]
+
+
+def test_incompatible_donor_cannot_be_marked_and_says_why(olmoe, tmp_path):
+    odd = open_donor(make_donor(tmp_path / "odd", "olmoe", seed=9, intermediate_size=24))
+    wb = Workbench(dict(olmoe), "A")
+    name = wb.add_donor(odd)
+    problem = wb.problem(name)
+    assert problem and "shape" in problem and "experts" in problem
+    with pytest.raises(SurgeonError, match=r"mlp\.experts\.\d+\.\w+_proj\.weight: shape \[\d+, \d+\]"):
+        wb.set_cells([Cell(0, "expert")], name)
+    # Attention has the same shapes: taking it from the odd donor is allowed.
+    assert wb.set_cells([Cell(0, "attention")], name)
+    assert wb.marks == 1
+
+
+def test_set_base_keeps_marks_and_remove_donor_reverts_its_cells(olmoe):
+    wb = Workbench(olmoe, "A")
+    wb.set_cells([Cell(0, "attention")], "C")
+    wb.set_base("B")
+    assert wb.base == "B" and wb.donor_of(Cell(0, "attention")) == "C"
+    assert wb.donor_of(Cell(1, "attention")) == "B"
+    wb.remove_donor("C")
+    assert wb.marks == 0 and "C" not in wb.donors
+    with pytest.raises(SurgeonError, match="is the base"):
+        wb.remove_donor("B")
+
+
+def test_layer_sheet_lists_components_then_every_expert(olmoe):
+    wb = Workbench(olmoe, "A")
+    sheet = layer_sheet(wb, 1)
+    assert sheet.labels == ["attention", "router", "norms", "expert 0", "expert 1", "expert 2", "expert 3"]
+    assert sheet.item(3, 0) == (Part("expert", 1, 0),)
+
+
+def test_distance_is_relative_l2_from_memory_maps(olmoe):
+    a, b = olmoe["A"], olmoe["B"]
+    from safetensors.numpy import load_file
+
+    ta = load_file(str(a.path / "model.safetensors"))
+    tb = load_file(str(b.path / "model.safetensors"))
+    cache = DistanceCache()
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    want = np.linalg.norm(tb[name].astype(np.float64) - ta[name]) / np.linalg.norm(ta[name].astype(np.float64))
+    assert cache.tensor(a, b, name) == pytest.approx(want, rel=1e-9)
+    assert cache.tensor(a, a, name) == 0.0
+    assert cache.cached(a, b, name) == pytest.approx(want, rel=1e-9)
+
+
+def test_distance_reads_bf16(tmp_path):
+    import torch
+
+    a = open_donor(make_donor(tmp_path / "a", "olmoe", seed=0, dtype=torch.bfloat16))
+    b = open_donor(make_donor(tmp_path / "b", "olmoe", seed=1, dtype=torch.bfloat16))
+    from safetensors.torch import load_file
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    ta, tb = load_file(a.path / "model.safetensors")[name].double(), load_file(b.path / "model.safetensors")[name].double()
+    want = float((tb - ta).norm() / ta.norm())
+    assert DistanceCache().tensor(a, b, name) == pytest.approx(want, rel=1e-9)
+
+
+def test_recovery_writer_keeps_the_newest_and_orphans_are_dead_processes(olmoe, tmp_path):
+    wb = Workbench(olmoe, "A")
+    w = RecoveryWriter(tmp_path)
+    wb.set_cells([Cell(0, "router")], "B")
+    newer = make_session(wb.plan(), wb.donors, None).to_json()
+    assert w.write(2, newer, "s.json")
+    assert not w.write(1, {"stale": True}, None)  # an older snapshot arriving late is dropped
+    assert orphans(tmp_path) == []  # our own file: we are alive
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    moved = tmp_path / f"recovery-{int(dead.stdout)}.json"
+    os.rename(w.path, moved)
+    assert orphans(tmp_path) == [moved]
+    rec = load_recovery(moved)
+    assert rec.session.plan.assignments == [Assignment("router", "B", (0,))] and rec.session_path == "s.json"
+    w.discard()
+    assert not w.write(3, newer, None)  # after a clean quit nothing comes back
+
+
+def test_corrupt_recovery_file_is_a_surgeon_error(tmp_path):
+    bad = tmp_path / "recovery-1.json"
+    bad.write_text("{not json")
+    with pytest.raises(SurgeonError, match="unreadable recovery file"):
+        load_recovery(bad)
+    bad.write_text(json.dumps({"session": {"schema_version": 1}}))
+    with pytest.raises(SurgeonError, match="field"):
+        load_recovery(bad)
+
+
+def test_engine_never_imports_textual():
+    code = "import sys, surgeon.grid, surgeon.recovery, surgeon.distance; print('textual' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
