@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import SurgeonError
 
-SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe")
+SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe", "sweep")
 DONOR_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="append", default=[], metavar="KIND:DATA[,key=value...]",
                    help="e.g. em:arith, mc:arith_mc,limit=100, ppl:corpus.txt; repeatable")
     p.add_argument("--list", action="store_true", help="list the probes and the built-in probe sets")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, or auto to spread a large hybrid over every GPU "
+                   "(accelerate's device_map=auto); default: cuda when present")
     p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-donors", action="store_true", help="probe the hybrid only")
@@ -435,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from .sweep_cli import register as register_sweep  # the sweep's parser lives beside its command
+
+    register_sweep(sub)
     return parser
 
 

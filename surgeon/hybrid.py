@@ -120,6 +120,12 @@ class Hybrid:
         self.arch = base.anatomy.architecture
         self._live = dict(model.named_parameters())
         self._live.update(dict(model.named_buffers()))
+        offloaded = [n for n, t in self._live.items() if t.device.type == "meta"]
+        if offloaded:
+            raise SurgeonError(
+                f"{base.path}: {len(offloaded)} tensors were offloaded to disk by device_map=auto "
+                f"(e.g. {offloaded[0]}); hot-swapping needs every weight in GPU or CPU memory"
+            )
         self._targets: dict[str, LiveTarget] = {}
 
     @classmethod
@@ -130,7 +136,11 @@ class Hybrid:
         base = donors[plan.base]
         if base.pickled:
             raise SurgeonError(f"base {base.path}: a pickle-only base cannot be materialised; convert it first")
-        dev = check_device(device or default_device())
+        device = device or default_device()
+        if device == "auto":  # larger than one GPU: accelerate spreads it over GPUs (and CPU)
+            device_map, dev = "auto", "auto"
+        else:
+            dev = check_device(device)
         torch_dtype = TORCH_DTYPE_NAMES.get(dtype, "auto")
         try:
             model = AutoModelForCausalLM.from_pretrained(

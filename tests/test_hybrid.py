@@ -80,3 +80,14 @@ def test_bad_device_is_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(SurgeonError, match="CUDA is not available"):
             check_device("cuda:0")
+
+
+def test_device_map_auto_materializes_and_swaps(donors_of):
+    """device_map=auto (accelerate) places the hybrid itself; hot-swaps still land in place."""
+    paths = donors_of("olmoe", 2)
+    donors = {"A": open_donor(paths[0]), "B": open_donor(paths[1])}
+    plan = Plan("A", [Assignment("attention", "B")])
+    auto = Hybrid.materialize(plan, donors, device="auto")
+    plain = Hybrid.materialize(plan, donors, device="cpu")
+    for name in auto.resolution.sources:
+        assert torch.equal(auto.live_view(name).cpu(), plain.live_view(name))
