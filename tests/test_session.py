@@ -94,3 +94,14 @@ def test_fingerprints_tell_sibling_fine_tunes_apart(donors_of):
     assert a.config_bytes == b.config_bytes
     assert [h.raw for h in a.shards.values()] == [h.raw for h in b.shards.values()]
     assert a.fingerprint != b.fingerprint
+
+
+def test_atomic_write_keeps_an_ordinary_file_mode(tmp_path):
+    from surgeon.atomic import write_atomic
+
+    target = tmp_path / "s.json"
+    write_atomic(target, b"{}")
+    assert target.stat().st_mode & 0o777 == 0o644
+    target.chmod(0o640)
+    write_atomic(target, b"[]")
+    assert target.stat().st_mode & 0o777 == 0o640 and target.read_bytes() == b"[]"
