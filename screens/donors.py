@@ -16,17 +16,10 @@ from textual.validation import ValidationResult, Validator
 from textual.widgets import DataTable, Footer, Input, Static
 
 from surgeon.errors import SurgeonError
+from surgeon.sizes import human_bytes
 
 from .dialogs import PathSuggester
 from .widgets.grid import donor_style
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 class DonorPath(Validator):
@@ -87,7 +80,7 @@ class DonorsScreen(Screen):
                 Text("incompatible", "bold red") if problem else Text("compatible", "green"))
             table.add_row(Text(f" {name} ", donor_style(wb, name)), self.app.labels.get(name, d.path.name),
                           d.model_type, str(a.num_layers), str(a.num_experts or "-"), d.dtype,
-                          human_bytes(d.total_bytes), d.fingerprint[7:19], status, key=name)
+                          human_bytes(d.total_bytes, 1), d.fingerprint[7:19], status, key=name)
         if keep < table.row_count:
             table.move_cursor(row=keep)
         self.show_info()
@@ -113,7 +106,7 @@ class DonorsScreen(Screen):
             f"architecture  {d.model_type} ({', '.join(d.config.get('architectures', [])) or 'no architectures field'})"
             + ("" if a.known else "  [no table: components inferred from names]"),
             f"layers {a.num_layers}   experts {a.num_experts or 'none (dense)'} per layer   dtype {d.dtype}",
-            f"parameters {d.num_parameters:,} in {len(d.tensors)} tensors, {human_bytes(d.total_bytes)} "
+            f"parameters {d.num_parameters:,} in {len(d.tensors)} tensors, {human_bytes(d.total_bytes, 1)} "
             f"in {len(d.shards)} shard(s)",
             f"fingerprint {d.fingerprint}",
         ]

@@ -19,9 +19,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
 
 from surgeon.errors import SurgeonError
+from surgeon.sizes import human_bytes, parse_size
 
 from .dialogs import PathSuggester
-from .donors import human_bytes
 
 DTYPES = ["keep", "bfloat16", "float16", "float32"]
 
@@ -88,7 +88,6 @@ class ExportScreen(ModalScreen[None]):
     def start(self) -> None:
         if self.running:
             return
-        from surgeon.export import parse_size
 
         out = self.query_one("#export-out", Input).value.strip()
         error = self.query_one("#export-error", Static)

@@ -15,17 +15,10 @@ import time
 from pathlib import Path
 
 from .errors import SurgeonError
+from .sizes import human_bytes
 
 SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe", "sweep")
 DONOR_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _warn(msg: str) -> None:
@@ -78,7 +71,7 @@ def cmd_inspect(args) -> int:
     print(f"  layers        {s['layers']}" + (f" ({moe_layers} MoE)" if moe_layers and moe_layers != s["layers"] else ""))
     print(f"  experts       {', '.join(map(str, experts)) or 'none (dense)'} per layer")
     print(f"  dtype         {s['dtype']}")
-    print(f"  parameters    {s['parameters']:,} in {s['tensors']} tensors, {_human_bytes(s['bytes'])} in {s['shards']} shard(s)")
+    print(f"  parameters    {s['parameters']:,} in {s['tensors']} tensors, {human_bytes(s['bytes'])} in {s['shards']} shard(s)")
     for kind, n in sorted(s["parameters_by_kind"].items(), key=lambda kv: -kv[1]):
         print(f"    {kind:<14}{n:>16,}  {100 * n / max(1, s['parameters']):5.1f}%")
     if s["tied_embeddings"]:
@@ -132,14 +125,15 @@ def _progress_printer(label: str):
         state["last"] = now
         rate = done / max(now - state["t0"], 1e-9)
         eta = (total - done) / rate if rate else 0
-        print(f"\r{label}: {100 * done / max(total, 1):5.1f}%  {_human_bytes(done)} of {_human_bytes(total)}"
-              f"  {_human_bytes(rate)}/s  ETA {eta:4.0f}s", end="" if done < total else "\n", file=sys.stderr)
+        print(f"\r{label}: {100 * done / max(total, 1):5.1f}%  {human_bytes(done)} of {human_bytes(total)}"
+              f"  {human_bytes(rate)}/s  ETA {eta:4.0f}s", end="" if done < total else "\n", file=sys.stderr)
 
     return report
 
 
 def _run_export(plan, donors, out, args, session_path=None, session=None) -> int:
-    from .export import export_hybrid, parse_size
+    from .export import export_hybrid
+    from .sizes import parse_size
     from .resolve import resolve
     from .session import make_session, save_session
 
@@ -169,7 +163,7 @@ def _run_export(plan, donors, out, args, session_path=None, session=None) -> int
         print(json.dumps({**record, "seconds": result.seconds, "changed_tensors": len(resolution.changed()),
                           "share_by_donor": shares}, indent=2))
     else:
-        print(f"exported {result.tensors} tensors ({_human_bytes(result.bytes)}) in {len(result.shards)} shard(s) "
+        print(f"exported {result.tensors} tensors ({human_bytes(result.bytes)}) in {len(result.shards)} shard(s) "
               f"to {result.path} in {result.seconds:.2f}s")
         print(f"  {len(resolution.changed())} tensors from donors other than the base")
         for name, d in donors.items():

@@ -20,12 +20,11 @@ from typing import Callable
 from . import __version__
 from .donor import Donor
 from .errors import SurgeonError
+from .process import pid_alive
 from .resolve import Resolution
 from .safetensors_file import DTYPE_SIZES, encode_header
 
 SESSION_FILE = "moe-surgeon-session.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class ExportCancelled(SurgeonError):
@@ -39,21 +38,6 @@ class ExportResult:
     tensors: int
     bytes: int
     seconds: float
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in _UNITS or value <= 0:
-        raise SurgeonError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
-    return int(value * _UNITS[unit])
 
 
 def plan_shards(resolution: Resolution, max_shard_size: int) -> list[list[str]]:
@@ -198,18 +182,8 @@ def _remove_stale_leftovers(out: Path) -> None:
     """A killed export (SIGKILL, power loss) cannot clean up; the next export to it does."""
     for p in out.parent.glob(f".{out.name}.moe-surgeon-*-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import SurgeonError
+from .process import pid_alive
 from .session import Session, parse_session
 
 ENV_DIR = "MOE_SURGEON_STATE_DIR"
@@ -27,16 +28,6 @@ def state_dir() -> Path:
         return Path(os.environ[ENV_DIR])
     root = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(root) / "moe-surgeon"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -82,7 +73,7 @@ def orphans(directory: Path | None = None, *, own_pid: int | None = None) -> lis
     found = []
     for p in directory.glob("recovery-*.json"):
         pid = p.stem.split("-", 1)[1]
-        if pid.isdigit() and int(pid) != own_pid and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != own_pid and not pid_alive(int(pid)):
             found.append(p)
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
