@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from surgeon.errors import SurgeonError
 from surgeon.grid import Cell, layer_sheet
 from surgeon.resolve import natural_key
 
@@ -156,12 +157,13 @@ class LayerScreen(MarkingMixin, Screen):
                     return
                 try:
                     batch[(d, name)] = cache.tensor(base, wb.donors[d], name)
-                except (ValueError, OSError):
+                except (SurgeonError, OSError):
                     batch[(d, name)] = math.nan
             if len(batch) >= 24:
                 self.post_message(Distances(layer, batch))
                 batch = {}
         self.post_message(Distances(layer, batch))
+        cache.save()
 
     @on(Distances)
     def on_distances(self, message: Distances) -> None:

@@ -182,3 +182,32 @@ def test_engine_never_imports_textual():
     code = "import sys, surgeon.grid, surgeon.recovery, surgeon.distance; print('textual' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_distance_map_is_saved_and_reused_from_disk(olmoe, tmp_path):
+    from surgeon.distance import component_tensors, distance_map
+
+    base, donor = olmoe["A"], olmoe["B"]
+    first = DistanceCache(tmp_path)
+    cells = dict(distance_map(base, donor, first))
+    groups = component_tensors(base)
+    assert set(cells) == set(groups)
+    attn = groups[(1, "attention")]
+    assert cells[(1, "attention")] == pytest.approx(first.group(base, donor, attn))
+    saved = list(tmp_path.glob("*.json"))
+    assert len(saved) == 1
+    # a new cache (a new process) reads the figures back instead of recomputing them
+    second = DistanceCache(tmp_path)
+    assert all(second.cached(base, donor, n) is not None for names in groups.values() for n in names)
+    assert dict(distance_map(base, donor, second)) == cells
+
+
+def test_distance_cli(olmoe, cli):
+    import json
+
+    r = cli("distance", olmoe["A"].path, olmoe["B"].path, "--json")
+    assert r.returncode == 0, r.stderr
+    cells = {(c["layer"], c["component"]): c["distance"] for c in json.loads(r.stdout)["cells"]}
+    assert cells[(0, "attention")] > 0 and (None, "embedding") in cells
+    r = cli("distance", olmoe["A"].path, olmoe["A"].path)
+    assert r.returncode == 0 and "0.0000" in r.stdout

@@ -1,0 +1,129 @@
+"""The distance map: how far one donor's weights are from the base's, per layer and component.
+
+The column-wide view of the layer screen's distance figure: every layer's attention, router,
+experts, norms... at a glance, so a researcher sees where post-training moved the weights most
+before choosing what to transplant. Figures come from a worker (memory-mapped reads, cached
+on disk by fingerprint); `n` shows the next donor, enter opens the layer under the cursor.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from surgeon.errors import SurgeonError
+from surgeon.grid import COLUMN_TITLES
+
+from .layer import format_distance
+
+
+class MapCells(Message):
+    """Distances of some cells for one donor: {(layer, kind): value}."""
+
+    def __init__(self, donor: str, values: dict):
+        super().__init__()
+        self.donor = donor
+        self.values = values
+
+
+class DistanceMapScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back", id="map.back"),
+        Binding("n", "next_donor", "Next donor", id="map.next"),
+        Binding("enter", "open_layer", "Layer", id="map.layer"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        wb = self.app.wb
+        self.others = [d for d in wb.donors if d != wb.base]
+        self.donor = self.others[0] if self.others else None
+        self.kinds = list(wb.index.columns)
+        self.globals = list(wb.index.globals)
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="map-title")
+        yield DataTable(id="distance-map", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#distance-map", DataTable)
+        table.add_column("layer", key="layer")
+        for kind in self.kinds + self.globals:
+            table.add_column(COLUMN_TITLES.get(kind, kind), key=kind)
+        for layer in range(self.app.wb.index.num_layers):
+            table.add_row(str(layer), *[self._blank(kind, layer) for kind in self.kinds + self.globals], key=str(layer))
+        if self.globals:
+            table.add_row("global", *[self._blank(kind, None) for kind in self.kinds + self.globals], key="global")
+        self._show()
+
+    def _blank(self, kind: str, layer: int | None) -> Text:
+        is_global = kind in self.globals
+        return Text("…", "dim") if is_global == (layer is None) else Text("")
+
+    def _show(self) -> None:
+        wb = self.app.wb
+        title = self.query_one("#map-title", Static)
+        if self.donor is None:
+            title.update("Only the base is open: add a donor (d) to see how far its weights are from the base.")
+            return
+        title.update(f"Relative L2 distance of donor {self.donor} from the base {wb.base}, per layer and component "
+                     "(n: next donor, enter: open layer, escape: back)")
+        self.compute(self.donor)
+
+    @work(thread=True, exit_on_error=False, group="map", exclusive=True)
+    def compute(self, donor_name: str) -> None:
+        from textual.worker import get_current_worker
+
+        from surgeon.distance import distance_map
+
+        wb = self.app.wb
+        worker = get_current_worker()
+        batch = {}
+        try:
+            for cell, value in distance_map(wb.donors[wb.base], wb.donors[donor_name], self.app.distance_cache(),
+                                            cancelled=lambda: worker.is_cancelled):
+                batch[cell] = value
+                if len(batch) >= 16:
+                    self.post_message(MapCells(donor_name, batch))
+                    batch = {}
+        except SurgeonError as e:
+            self.app.call_from_thread(self.app.notify, str(e), severity="error", title="Distance map")
+        self.post_message(MapCells(donor_name, batch))
+
+    @on(MapCells)
+    def on_cells(self, message: MapCells) -> None:
+        if message.donor != self.donor:
+            return
+        table = self.query_one("#distance-map", DataTable)
+        for (layer, kind), value in message.values.items():
+            row = "global" if layer is None else str(layer)
+            if kind in self.kinds or kind in self.globals:
+                table.update_cell(row, kind, format_distance(value), update_width=True)
+
+    def action_next_donor(self) -> None:
+        if len(self.others) < 2:
+            return
+        self.donor = self.others[(self.others.index(self.donor) + 1) % len(self.others)]
+        table = self.query_one("#distance-map", DataTable)
+        for layer in list(range(self.app.wb.index.num_layers)) + ([None] if self.globals else []):
+            for kind in self.kinds + self.globals:
+                table.update_cell("global" if layer is None else str(layer), kind, self._blank(kind, layer))
+        self._show()
+
+    def action_open_layer(self) -> None:
+        table = self.query_one("#distance-map", DataTable)
+        row = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        if row == "global":
+            return
+        from .layer import LayerScreen
+
+        self.app.push_screen(LayerScreen(int(row)))
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
