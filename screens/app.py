@@ -338,13 +338,26 @@ class SurgeonApp(App):
 
         self.push_screen(ExportScreen())
 
+    def action_probes(self) -> None:
+        """One Probes screen for the app's life: it keeps the live hybrid and the picked probes."""
+        if self.wb is None:
+            self.notify("nothing to probe: no donors are open", severity="warning")
+            return
+        from .probes import ProbesScreen
+
+        if not self.is_screen_installed("probes"):
+            self.install_screen(ProbesScreen(), name="probes")
+        self.push_screen("probes")
+
     async def action_quit(self) -> None:
-        if self.dirty and self.wb is not None and self.wb.marks:
+        # Unsaved probe results count as much as marks: a clean quit deletes the recovery file.
+        if self.dirty and self.wb is not None and (self.wb.marks or self.extras.get("results")):
             def answer(yes: bool | None) -> None:
                 if yes:
                     self._quit_clean()
 
-            self.push_screen(ConfirmScreen("The session has unsaved marks. Quit anyway?", yes="Quit", no="Stay"), answer)
+            self.push_screen(ConfirmScreen("The session has unsaved changes. Quit anyway?", yes="Quit", no="Stay"),
+                             answer)
             return
         self._quit_clean()
 

@@ -36,6 +36,8 @@ class DistanceMapScreen(Screen):
         Binding("escape", "back", "Back", id="map.back"),
         Binding("n", "next_donor", "Next donor", id="map.next"),
         Binding("enter", "open_layer", "Layer", id="map.layer"),
+        Binding("j", "move(1)", "Down", show=False, id="map.down"),
+        Binding("k", "move(-1)", "Up", show=False, id="map.up"),
     ]
 
     def __init__(self):
@@ -116,9 +118,19 @@ class DistanceMapScreen(Screen):
                 table.update_cell("global" if layer is None else str(layer), kind, self._blank(kind, layer))
         self._show()
 
+    def action_move(self, step: int) -> None:
+        table = self.query_one("#distance-map", DataTable)
+        table.move_cursor(row=table.cursor_row + step)
+
     def action_open_layer(self) -> None:
         table = self.query_one("#distance-map", DataTable)
-        row = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        self._open(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    @on(DataTable.RowSelected)
+    def on_row_selected(self, event: DataTable.RowSelected) -> None:  # enter, as the table sees it
+        self._open(event.row_key.value)
+
+    def _open(self, row: str) -> None:
         if row == "global":
             return
         from .layer import LayerScreen

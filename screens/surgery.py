@@ -30,6 +30,10 @@ class SurgeryScreen(MarkingMixin, Screen):
         Binding("enter", "open_layer", "Layer", id="surgery.layer", tooltip="Open the layer under the cursor"),
         Binding("d", "app.donors", "Donors", id="surgery.donors"),
         Binding("e", "app.export", "Export", id="surgery.export"),
+        Binding("p", "probes", "Probes", id="surgery.probes",
+                tooltip="Probe the hybrid against every donor"),
+        Binding("m", "distance_map", "Distances", id="surgery.map",
+                tooltip="How far each donor's weights are from the base, per layer and component"),
         Binding("w", "dismiss_welcome", "Hide welcome", show=False, id="surgery.welcome"),
     ]
 
@@ -87,7 +91,7 @@ class SurgeryScreen(MarkingMixin, Screen):
 
     def check_action(self, action: str, parameters) -> bool | None:
         if self.app.wb is None and action not in ("app.donors",):
-            return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer")) else True
+            return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer", "probes")) else True
         return True
 
     def on_grid_view_clicked(self, event: GridView.Clicked) -> None:
@@ -104,6 +108,16 @@ class SurgeryScreen(MarkingMixin, Screen):
             self.app.push_screen(LayerScreen(item.layer, focus_kind=item.kind))
         else:
             self.app.notify("the globals have no layer to open", timeout=2)
+
+    def action_probes(self) -> None:  # a screen action, so check_action can hide it with no donors open
+        self.app.action_probes()
+
+    def action_distance_map(self) -> None:
+        if self.app.wb is None:
+            return
+        from .distance_map import DistanceMapScreen
+
+        self.app.push_screen(DistanceMapScreen())
 
     def action_dismiss_welcome(self) -> None:
         self.query_one("#welcome", Static).display = False

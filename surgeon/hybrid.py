@@ -173,6 +173,14 @@ class Hybrid:
         n = live.shape[0] // 2
         return live[:n] if t.half == 0 else live[n:]
 
+    def _copy(self, name: str, src) -> int:
+        view = self.live_view(name)
+        data = self.reader.read(src.donor, src.tensor)
+        if tuple(data.shape) != tuple(view.shape):
+            raise SurgeonError(f"tensor {name}: shape {list(data.shape)} does not fit live {list(view.shape)}")
+        view.copy_(data, non_blocking=True)
+        return data.numel() * data.element_size()
+
     def apply(self, plan: Plan, *, dtype: str = "keep") -> SwapReport:
         """Move to `plan`, copying only tensors whose source changed. Returns what moved."""
         started = time.perf_counter()
@@ -181,15 +189,18 @@ class Hybrid:
         changed = [n for n, s in new.sources.items()
                    if s is not old[n] and (old[n].donor, old[n].tensor) != (s.donor, s.tensor)]
         moved = 0
+        done: list[str] = []
         with torch.no_grad():
-            for name in changed:
-                src = new.sources[name]
-                view = self.live_view(name)
-                data = self.reader.read(src.donor, src.tensor)
-                if tuple(data.shape) != tuple(view.shape):
-                    raise SurgeonError(f"tensor {name}: shape {list(data.shape)} does not fit live {list(view.shape)}")
-                view.copy_(data, non_blocking=True)
-                moved += data.numel() * data.element_size()
+            try:
+                for name in changed:
+                    moved += self._copy(name, new.sources[name])
+                    done.append(name)
+            except BaseException:
+                # All or nothing: put back what was already swapped, so the live weights match
+                # the plan the hybrid says it holds and a later swap skips nothing.
+                for name in done:
+                    self._copy(name, old[name])
+                raise
         if changed and any(p.is_cuda for p in self._live.values()):
             torch.cuda.synchronize()
         self.resolution = new

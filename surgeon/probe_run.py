@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,11 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                 record = {**record, "model": f"donor:{name}", "cached": cached}
                 records.append(record)
         hybrid.apply(plan, dtype=dtype)
+    run = uuid.uuid4().hex[:12]  # groups the records of one run, for histories and replays
+    for r in records:
+        r["run"] = run
+        if r["model"] == "hybrid":
+            r.update(base=plan.base, plan=plan_json)
     return records
 
 

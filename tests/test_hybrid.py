@@ -91,3 +91,19 @@ def test_device_map_auto_materializes_and_swaps(donors_of):
     plain = Hybrid.materialize(plan, donors, device="cpu")
     for name in auto.resolution.sources:
         assert torch.equal(auto.live_view(name).cpu(), plain.live_view(name))
+
+
+def test_a_swap_that_fails_midway_leaves_the_old_plan_live(donors_of, tmp_path):
+    import shutil
+
+    paths = donors_of("olmoe", 3)
+    c = shutil.copytree(paths[2], tmp_path / "c")
+    donors = {"A": open_donor(paths[0]), "B": open_donor(paths[1]), "C": open_donor(c)}
+    hybrid = Hybrid.materialize(Plan("A"), donors, device="cpu")
+    before = {k: v.clone() for k, v in hybrid.model.state_dict().items()}
+    (c / "model.safetensors").unlink()  # C vanishes after it was opened: its tensors cannot be read
+    with pytest.raises(FileNotFoundError):
+        hybrid.apply(Plan("A", [Assignment("attention", "B", (0,)), Assignment("experts", "C", (1,))]))
+    after = hybrid.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # layer 0 attention was put back
+    assert hybrid.apply(Plan("A", [Assignment("attention", "B")])).tensors > 0

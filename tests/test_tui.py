@@ -342,3 +342,34 @@ async def test_no_arguments_opens_the_demo_with_a_welcome(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         assert list(app.wb.donors) == ["A", "B", "C"] and "Welcome" in screen_text(app)
+
+
+@sync
+async def test_distance_map_shows_every_layer_and_component(olmoe3, tmp_path):
+    from screens.distance_map import DistanceMapScreen
+    from surgeon.distance import component_tensors
+
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("m")
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, DistanceMapScreen) and screen.donor == "B"
+        table = screen.query_one("#distance-map")
+        wb = app.wb
+        base, donor = wb.donors["A"], wb.donors["B"]
+        groups = component_tensors(base)
+        for (layer, kind), names in groups.items():
+            row = "global" if layer is None else str(layer)
+            want = app.distance_cache().group(base, donor, names)
+            assert float(str(table.get_cell(row, kind))) == pytest.approx(want, abs=1e-4)
+        await pilot.press("n")  # next donor: C
+        await settle(pilot)
+        assert screen.donor == "C"
+        names = groups[(1, "attention")]
+        want = app.distance_cache().group(base, wb.donors["C"], names)
+        assert float(str(table.get_cell("1", "attention"))) == pytest.approx(want, abs=1e-4)
+        await pilot.press("j", "enter")  # open layer 1 from the map
+        await settle(pilot)
+        assert isinstance(app.screen, LayerScreen) and app.screen.layer_no == 1

@@ -39,6 +39,39 @@ def keys(*k):
     return run
 
 
+def probe_records(plan: list[dict], seed: int) -> list[dict]:
+    """One run of two probes as run_probes records it, from seeded outcomes (no time field: a
+    snapshot shows no dates)."""
+    import random
+
+    from surgeon.stats import bootstrap_ci
+
+    rng = random.Random(seed)
+    hybrid, donors = [], []
+    for kind, data, rates in (("em", "arith", (0.55, 0.2, 0.9, 0.3)), ("mc", "arith_mc", (0.6, 0.35, 0.95, 0.4))):
+        for model, rate in zip(("hybrid", "donor:A", "donor:B", "donor:C"), rates):
+            outcomes = [float(rng.random() < rate) for _ in range(60)]
+            score, lo, hi = bootstrap_ci(outcomes)
+            record = {"probe": {"kind": kind, "data": data, "seed": 0}, "label": f"{kind}:{data}", "model": model,
+                      "metric": "accuracy", "n": 60, "score": score, "ci": [lo, hi],
+                      "ids": [str(i) for i in range(60)], "outcomes": outcomes, "device": "cpu", "dtype": "keep"}
+            if model == "hybrid":
+                record["plan"] = plan
+            (hybrid if model == "hybrid" else donors).append(record)
+    return hybrid + donors
+
+
+async def probes(pilot):
+    """Two runs in the session (the base alone, then the marks), the newest shown."""
+    await marked(pilot)
+    app = pilot.app
+    plan = [{"spec": a.spec, "donor": a.donor} for a in app.wb.plan().assignments]
+    app.extras["probes"] = [{"kind": "em", "data": "arith"}, {"kind": "mc", "data": "arith_mc"}]
+    app.extras["results"] = probe_records([], 1) + probe_records(plan, 2)
+    await pilot.press("p")
+    await settle(pilot)
+
+
 SCREENS = {
     "surgery": marked,
     "layer": keys("g", "l", "l", "enter", "j", "v", "j", "j", "3"),
@@ -46,6 +79,7 @@ SCREENS = {
     "export": keys("e"),
     "help": keys("question_mark"),
     "save_prompt": keys("ctrl+s"),
+    "probes": probes,
 }
 
 

@@ -1,0 +1,611 @@
+"""Probes: run quick benchmarks on the hybrid and its donors; results, a chart, and run history.
+
+The screen is installed once (see SurgeonApp.action_probes), so it keeps ONE live hybrid across
+runs: every run applies the current plan to it first, which copies only the tensors whose source
+changed, so a rerun after a mark costs the swap and the probes, not a reload. Torch and
+transformers are imported in the worker only.
+
+Results land in `app.extras` exactly as `moe-surgeon probe SESSION` writes them into the session
+file (specs appended to `probes` when new, records appended to `results`), so ctrl+s saves them
+and `replay --probes` re-runs them. The history is derived from those records, so runs made by
+the CLI before the session was opened are listed too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from rich.style import Style
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.events import Resize
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, ProgressBar, SelectionList, Static
+from textual.widgets.selection_list import Selection
+
+from surgeon.errors import SurgeonError
+from surgeon.probes import PROBES, ProbeSpec, parse_probe, spec_from_json
+from surgeon.sizes import human_bytes
+
+from .dialogs import ErrorScreen
+from .widgets.chart import Bar, BarGroup, ScoreChart
+from .widgets.grid import donor_colour, donor_style
+
+BATCH_SIZE = 16  # the CLI's default, so donor scores cached by either are shared
+DTYPE = "keep"
+TALL = 36  # rows from which the picker, chart and history get more room
+
+
+class ProbesCancelled(Exception):
+    """Raised from the progress callback to stop run_probes between batches."""
+
+
+class ProbeProgress(Message):
+    """What the worker is doing: a phase text, or items done of the whole run."""
+
+    def __init__(self, text: str, *, stage: str = "", done: float = 0.0, total: int = 0, started: float = 0.0):
+        super().__init__()
+        self.text, self.stage, self.done, self.total, self.started = text, stage, done, total, started
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, ProbeProgress)
+
+
+class ProbeFinished(Message):
+    def __init__(self, *, records=None, specs=None, swap=None, materialized: bool = False, device: str = "",
+                 seconds: float = 0.0, error: str | None = None, cancelled: bool = False):
+        super().__init__()
+        self.records, self.specs, self.swap = records, specs, swap
+        self.materialized, self.device, self.seconds = materialized, device, seconds
+        self.error, self.cancelled = error, cancelled
+
+
+# ---------------------------------------------------------------- pure helpers (tested directly)
+def split_runs(records: list[dict]) -> list[list[dict]]:
+    """Group session result records into runs, in order.
+
+    A run (one `probe` command or one press of r) writes its hybrid records first, then its donor
+    records. So a hybrid record starts a new run after a donor record, when its probe repeats
+    within the current run, or when it measured another plan.
+    """
+    runs: list[list[dict]] = []
+    seen: set = set()
+    plan = None
+    for r in records:
+        hybrid = r.get("model") == "hybrid"
+        key = (r.get("label"), r.get("vs"))
+        new = not runs or (hybrid and (runs[-1][-1].get("model") != "hybrid" or key in seen
+                                       or ("plan" in r and plan is not None and r["plan"] != plan)))
+        if new:
+            runs.append([])
+            seen, plan = set(), None
+        runs[-1].append(r)
+        if hybrid:
+            seen.add(key)
+            plan = r.get("plan", plan)
+    return runs
+
+
+def ordered_rows(rows: list[dict]) -> list[dict]:
+    """summarize() rows grouped by probe (first-seen order): hybrid rows first, then donors by name."""
+    probes: list[str] = []
+    for r in rows:
+        if r["probe"] not in probes:
+            probes.append(r["probe"])
+    return sorted(rows, key=lambda r: (probes.index(r["probe"]), not r["model"].startswith("hybrid"), r["model"]))
+
+
+def donor_of_row(row: dict) -> str | None:
+    """The donor a row measures ("donor:B") or is compared with ("hybrid vs donor:B"), else None."""
+    model = row["model"]
+    return model.rsplit("donor:", 1)[1] if "donor:" in model else None
+
+
+def short_label(label: str) -> str:
+    """A probe label with a file path cut to the file's name: `mc:/data/arc/test.jsonl,limit=5` ->
+    `mc:test.jsonl,limit=5`. Only for display; records keep the full label."""
+    kind, sep, rest = label.partition(":")
+    data, comma, opts = rest.partition(",")
+    if not sep or "/" not in data:
+        return label
+    return f"{kind}:{data.rstrip('/').rsplit('/', 1)[-1]}{comma}{opts}"
+
+
+def probe_cell(row: dict) -> str:
+    metric = {"accuracy": "", "nll": " (ppl)"}.get(row["metric"], f" ({row['metric']})")
+    return short_label(row["probe"]) + metric
+
+
+def format_score(row: dict) -> str:
+    return f"{100 * row['score']:.1f}%" if row["metric"] == "accuracy" else f"{row['score']:.3f}"
+
+
+def format_ci(row: dict) -> str:
+    lo, hi = row["ci"]
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]" if row["metric"] == "accuracy" else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def format_delta(vs: dict) -> str:
+    from surgeon.stats import significance_stars
+
+    return f"{100 * vs['delta']:+.1f}{significance_stars(vs['mcnemar_p'])}"
+
+
+def plan_text(record: dict | None) -> str:
+    if record is None or "plan" not in record:
+        return "-"
+    return " ".join(f"{a['spec']}={a['donor']}" for a in record["plan"]) or "base only"
+
+
+def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
+    """The session's recorded probes, then one per built-in set with the probe that fits it; and
+    how many of them are recorded ones (those start checked)."""
+    from surgeon.probe_data import builtin_sets, load_items
+
+    specs: list[ProbeSpec] = []
+    for data in recorded:
+        try:
+            spec = spec_from_json(data)
+        except (SurgeonError, TypeError):
+            continue
+        if spec not in specs:
+            specs.append(spec)
+    n_recorded = len(specs)
+    for name, path in builtin_sets().items():
+        try:
+            kind = "mc" if load_items(path)[0].kind == "mc" else "em"
+        except (SurgeonError, OSError, IndexError):
+            continue
+        spec = ProbeSpec(kind, name)
+        if spec not in specs:
+            specs.append(spec)
+    return specs, n_recorded
+
+
+def failure_text(e: Exception) -> str:
+    """One line for the error dialog: the engine's own message, or what kind of failure it was."""
+    if isinstance(e, (SurgeonError, OSError)):
+        return str(e)
+    if isinstance(e, MemoryError) or "out of memory" in str(e):  # torch.cuda.OutOfMemoryError included
+        return f"out of memory probing: {e}".rstrip(": ") + "; try fewer items (limit=N)"
+    return f"{type(e).__name__}: {e}"  # anything else still ends in a dialog, never a traceback on screen
+
+
+# ---------------------------------------------------------------- the screen
+class ProbesScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back / cancel", id="probes.back",
+                tooltip="Cancel a running probe run, else go back to the grid"),
+        Binding("r", "run", "Run", id="probes.run",
+                tooltip="Run the checked probes on the hybrid of the current marks and on every donor"),
+        Binding("plus,insert", "focus_add", "Add probe", key_display="+", id="probes.add",
+                tooltip="Type a probe KIND:DATA[,key=value...] to add to the list"),
+        Binding("t", "focus_list", "Probe list", id="probes.list", show=False,
+                tooltip="Focus the probe list (space checks a probe)"),
+        Binding("H", "focus_history", "History", id="probes.history", show=False,
+                tooltip="Focus the history of runs (the highlighted run is shown)"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.cancel_event = threading.Event()
+        self.running = False
+        self.specs: list[ProbeSpec] = []
+        self.hybrid = None  # the one live hybrid, kept across runs
+        self.hybrid_key: tuple | None = None
+        self.last_swap = None  # SwapReport of the latest run's apply()
+        self.runs: list[list[dict]] = []
+        self.shown_run: int | None = None
+        self.rows: list[dict] = []  # ordered summarize() rows of the shown run
+        self.items_done = 0.0  # progress of the current run, for tests and the stats line
+        self._results_seen: tuple[int, int] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="probes-title")
+        with Horizontal(id="probes-top"):
+            with Vertical(id="probes-pick"):
+                yield SelectionList[int](id="probe-list")
+                yield Input(placeholder=f"+ add KIND:DATA[,key=value] ({' '.join(PROBES)})", id="probe-add",
+                            compact=True)
+                yield Static("", classes="field-error", id="probe-add-error", markup=False)
+            with VerticalScroll(id="probe-chart-box"):
+                yield ScoreChart(id="probe-chart")
+        with Horizontal(id="probe-progress-row"):
+            yield ProgressBar(total=100, show_eta=False, id="probe-progress")
+            yield Static("", id="probe-stats", markup=False)
+        yield DataTable(id="probe-results", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="probe-detail", markup=False)
+        yield DataTable(id="probe-history", cursor_type="row")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#probe-chart-box").border_title = "H hybrid vs donors · ▓░ 95% CI"
+        self.query_one("#probe-results").border_title = "results"
+        self.query_one("#probe-history").border_title = "runs in this session"
+        self.query_one("#probe-add-error").display = False
+        history = self.query_one("#probe-history", DataTable)
+        history.add_columns("#", "UTC", "plan", "probes", "hybrid")
+        self.specs, n_recorded = default_specs(self.app.extras.get("probes", []))
+        checked = range(n_recorded) if n_recorded else range(1)
+        picker = self.query_one("#probe-list", SelectionList)
+        picker.add_options([self._selection(i, i in checked) for i in range(len(self.specs))])
+        self.query_one("#probe-stats", Static).update("space checks a probe · r runs the checked ones on the "
+                                                      "hybrid and every donor")
+        picker.focus()
+        self.refresh_all()
+
+    def _selection(self, index: int, checked: bool) -> Selection:
+        spec = self.specs[index]
+        return Selection(short_label(spec.label), index, checked)
+
+    # ------------------------------------------------------------ views
+    def on_screen_resume(self) -> None:
+        self.refresh_all()
+
+    def on_resize(self, event: Resize) -> None:
+        self.set_class(event.size.height >= TALL, "-tall")
+
+    def refresh_cells(self) -> None:  # the app calls this after every change of the workbench
+        self.refresh_title()
+
+    def refresh_status(self) -> None:
+        self.refresh_title()
+
+    def refresh_all(self) -> None:
+        self.refresh_title()
+        results = self.app.extras.get("results", [])
+        if self._results_seen != (id(results), len(results)):
+            if self._results_seen is not None and id(results) != self._results_seen[0]:
+                self._add_recorded_specs()  # another session was opened meanwhile
+            self._results_seen = (id(results), len(results))
+            self.refresh_history(select_last=True)
+
+    def _add_recorded_specs(self) -> None:
+        picker = self.query_one("#probe-list", SelectionList)
+        recorded, n = default_specs(self.app.extras.get("probes", []))
+        for spec in recorded[:n]:
+            if spec not in self.specs:
+                self.specs.append(spec)
+                picker.add_option(self._selection(len(self.specs) - 1, True))
+
+    def refresh_title(self) -> None:
+        wb = self.app.wb
+        title = Text()
+        title.append("Probes", "bold")
+        if wb is None:
+            self.query_one("#probes-title", Static).update(title)
+            return
+        title.append(f"  hybrid: base {wb.base} + {wb.marks} marked part(s) · donors ")
+        for name in wb.donors:
+            title.append(f" {name} ", donor_style(wb, name))
+            title.append(" ")
+        if self.shown_run is not None and self.runs:
+            hybrid = next((r for r in self.runs[self.shown_run] if r.get("model") == "hybrid" and "plan" in r), None)
+            current = [{"spec": a.spec, "donor": a.donor} for a in wb.plan().assignments]
+            if hybrid is not None and hybrid["plan"] != current:
+                title.append("· shown run: other marks", "yellow")
+        self.query_one("#probes-title", Static).update(title)
+
+    def refresh_history(self, select_last: bool = False) -> None:
+        table = self.query_one("#probe-history", DataTable)
+        self.runs = split_runs(self.app.extras.get("results", []))
+        table.clear()
+        for n, run in enumerate(self.runs):
+            hybrid = [r for r in run if r.get("model") == "hybrid"]
+            probes = list(dict.fromkeys(short_label(str(r.get("label", "?"))) for r in hybrid or run))
+            scores = " ".join(format_score(r) for r in hybrid if "vs" not in r and "score" in r)
+            when = str(run[0].get("time", ""))[5:16].replace("T", " ")
+            plan = next((r for r in hybrid if "plan" in r), None)
+            table.add_row(str(n + 1), when, plan_text(plan), ", ".join(probes), scores or "-", key=str(n))
+        if not self.runs:
+            self.show_run(None)
+        elif select_last or self.shown_run is None or self.shown_run >= len(self.runs):
+            table.move_cursor(row=len(self.runs) - 1)
+            self.show_run(len(self.runs) - 1)
+        else:
+            table.move_cursor(row=self.shown_run)
+            self.show_run(self.shown_run)
+
+    def show_run(self, index: int | None) -> None:
+        from surgeon.probe_run import summarize
+
+        self.shown_run = index
+        table = self.query_one("#probe-results", DataTable)
+        table.clear(columns=True)
+        self.rows = []
+        if index is None:
+            self.query_one("#probe-chart", ScoreChart).set_groups([], "no results yet: check probes (space), press r")
+            self.query_one("#probe-detail", Static).update("")
+            self.refresh_title()
+            return
+        try:
+            self.rows = ordered_rows(summarize(self.runs[index]))
+        except (KeyError, TypeError, ValueError, SurgeonError) as e:  # a hand-edited session
+            self.query_one("#probe-detail", Static).update(f"run {index + 1} cannot be summarized: {e}")
+            self.refresh_title()
+            return
+        donors = sorted({d for r in self.rows if r["model"].startswith("donor:") for d in [donor_of_row(r)]})
+        table.add_column("model", key="model")
+        table.add_column("probe", key="probe")
+        table.add_column("n", key="n")
+        table.add_column("score", key="score")
+        table.add_column("95% CI", key="ci")
+        for d in donors:
+            table.add_column(f"Δ{d}", key=f"d:{d}")
+        for r in self.rows:
+            cells = [self._model_cell(r), probe_cell(r),
+                     str(r["n"]), format_score(r), format_ci(r)]
+            for d in donors:
+                vs = r["vs"].get(f"donor:{d}") if r["model"] == "hybrid" else None
+                cells.append(self._delta_cell(vs))
+            table.add_row(*cells, key=f"{r['model']}|{r['probe']}")
+        self.query_one("#probe-chart", ScoreChart).set_groups(self._chart_groups())
+        self.show_detail(0)
+        self.refresh_title()
+
+    def _model_cell(self, row: dict) -> Text:
+        wb = self.app.wb
+        donor = donor_of_row(row)
+        if row["model"] == "hybrid":
+            return Text("hybrid", "bold")
+        if row["model"].startswith("hybrid"):
+            text = Text("hybrid vs ", "bold")
+        else:
+            text = Text()
+        if wb is not None and donor in wb.donors:
+            text.append(f" {donor} ", donor_style(wb, donor))
+        else:
+            text.append(f" {donor} ")
+        return text
+
+    @staticmethod
+    def _delta_cell(vs: dict | None) -> Text:
+        if vs is None:
+            return Text("")
+        text = format_delta(vs)
+        if vs["mcnemar_p"] >= 0.05:
+            return Text(text, "dim")
+        return Text(text, "bold green" if vs["delta"] > 0 else "bold red")
+
+    def _chart_groups(self) -> list[BarGroup]:
+        wb = self.app.wb
+        groups: dict[str, list[Bar]] = {}
+        metrics: dict[str, str] = {}
+        for r in self.rows:
+            donor = donor_of_row(r)
+            if r["model"] == "hybrid":
+                tag, style = "H", Style(bold=True)
+            else:
+                colour = donor_colour(wb, donor) if wb is not None and donor in wb.donors else None
+                tag, style = donor or "?", Style(color=colour)
+            groups.setdefault(r["probe"], []).append(Bar(tag, style, r["score"], r["ci"][0], r["ci"][1]))
+            metrics[r["probe"]] = r["metric"]
+        return [BarGroup(short_label(p), metrics[p], tuple(bars)) for p, bars in groups.items()]
+
+    def show_detail(self, index: int) -> None:
+        detail = self.query_one("#probe-detail", Static)
+        if not 0 <= index < len(self.rows):
+            detail.update("")
+            return
+        r = self.rows[index]
+        parts = []
+        for name, v in r["vs"].items():
+            parts.append(f"{name.split(':')[1]}: Δ{100 * v['delta']:+.1f} McNemar p={v['mcnemar_p']:.2g} "
+                         f"z p={v['z_p']:.2g}")
+        for name, e in r.get("extra", {}).items():
+            parts.append(f"{name} {100 * e['score']:.1f}% [{100 * e['ci'][0]:.1f}, {100 * e['ci'][1]:.1f}]")
+        if not parts:
+            parts.append(f"{r['model']} · {r['probe']} · {'ppl' if r['metric'] == 'nll' else r['metric']} "
+                         f"{format_score(r)} {format_ci(r)}")
+        detail.update(" · ".join(parts))
+
+    @on(DataTable.RowHighlighted, "#probe-results")
+    def on_result_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.cursor_row == event.data_table.cursor_row:  # not a stale event from before a rebuild
+            self.show_detail(event.cursor_row)
+
+    @on(DataTable.RowHighlighted, "#probe-history")
+    def on_run_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.cursor_row != event.data_table.cursor_row:
+            return  # a stale event from before the history was rebuilt
+        if event.cursor_row != self.shown_run and 0 <= event.cursor_row < len(self.runs):
+            self.show_run(event.cursor_row)
+
+    # ------------------------------------------------------------ picking probes
+    @on(Input.Submitted, "#probe-add")
+    def on_add(self, event: Input.Submitted) -> None:
+        error = self.query_one("#probe-add-error", Static)
+        text = event.value.strip()
+        if not text:
+            return
+        try:
+            spec = parse_probe(text)
+        except SurgeonError as e:
+            error.update(str(e).replace("--probe ", ""))
+            error.display = True
+            return
+        error.display = False
+        event.input.value = ""
+        picker = self.query_one("#probe-list", SelectionList)
+        if spec in self.specs:
+            picker.select(self.specs.index(spec))
+        else:
+            self.specs.append(spec)
+            picker.add_option(self._selection(len(self.specs) - 1, True))
+        picker.highlighted = self.specs.index(spec)
+        picker.focus()
+
+    def checked_specs(self) -> list[ProbeSpec]:
+        return [self.specs[i] for i in sorted(self.query_one("#probe-list", SelectionList).selected)]
+
+    def action_focus_add(self) -> None:
+        self.query_one("#probe-add", Input).focus()
+
+    def action_focus_list(self) -> None:
+        self.query_one("#probe-list").focus()
+
+    def action_focus_history(self) -> None:
+        self.query_one("#probe-history").focus()
+
+    # ------------------------------------------------------------ running
+    def action_run(self) -> None:
+        wb = self.app.wb
+        if self.running:
+            self.notify("probes are already running (escape cancels)", timeout=3)
+            return
+        if wb is None:
+            self.notify("nothing to probe: no donors are open", severity="warning")
+            return
+        specs = self.checked_specs()
+        if not specs:
+            self.notify("check at least one probe (space) first", severity="warning", timeout=4)
+            return
+        self.running = True
+        self.items_done = 0.0
+        self.cancel_event.clear()
+        self.query_one("#probe-progress", ProgressBar).update(total=100, progress=0)
+        self.query_one("#probe-stats", Static).update("checking the probe data…")
+        self.run_worker_probes(wb.plan(), dict(wb.donors), specs)
+
+    def _live_hybrid(self, plan, donors, device: str, post) -> tuple[object, bool]:
+        """The kept hybrid when it was built from these donors, base and device; else a new one."""
+        from surgeon.hybrid import Hybrid
+
+        key = (tuple((n, str(d.path), d.fingerprint) for n, d in donors.items()), plan.base, device, DTYPE)
+        if self.hybrid is not None and self.hybrid_key == key:
+            return self.hybrid, False
+        self.hybrid = self.hybrid_key = None  # let the old model go before loading a new one
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
+        post(f"materialising the hybrid on {device} (the first run loads torch and transformers)…")
+        hybrid = Hybrid.materialize(plan, donors, device=device, dtype=DTYPE)
+        self.hybrid, self.hybrid_key = hybrid, key
+        return hybrid, True
+
+    @work(thread=True, exit_on_error=False, group="probes")
+    def run_worker_probes(self, plan, donors, specs: list[ProbeSpec]) -> None:
+        started = time.perf_counter()
+
+        def post(text: str) -> None:
+            self.post_message(ProbeProgress(text))
+
+        def check() -> None:
+            if self.cancel_event.is_set():
+                raise ProbesCancelled
+
+        live = False  # the kept hybrid is in play: a failure from here on may leave it half-swapped
+        try:
+            from surgeon.probe_run import load_probe_data
+
+            datas = [load_probe_data(s) for s in specs]  # refuse bad probe data before loading any model
+            check()
+            from surgeon.hybrid import default_device
+            from surgeon.probe_run import cache_key, cached_donor_record, run_probes
+
+            device = default_device()
+            hybrid, materialized = self._live_hybrid(plan, donors, device, post)
+            live = True
+            check()
+            swap = hybrid.apply(plan, dtype=DTYPE)  # only the tensors whose source changed
+            self.last_swap = swap
+            # Items per stage, named as run_probes names its progress; cached donors cost nothing.
+            stages: dict[str, int] = {}
+            for spec, data in zip(specs, datas):
+                if spec.kind != "kl":
+                    stages[f"hybrid {spec.label}"] = len(data.items)
+            for name, donor in donors.items():
+                for spec, data in zip(specs, datas):
+                    key = cache_key(donor.fingerprint, spec, device, DTYPE, BATCH_SIZE)
+                    if spec.kind != "kl" and cached_donor_record(key) is None:
+                        stages[f"donor {name} {spec.label}"] = len(data.items)
+            total = sum(stages.values())
+            fraction: dict[str, float] = {}
+            probing = time.perf_counter()
+
+            def progress(label: str, done: int, of: int) -> None:
+                check()
+                fraction[label] = done / of if of else 1.0
+                items = sum(f * stages.get(name, 0) for name, f in fraction.items())
+                self.post_message(ProbeProgress(label, stage=label, done=items, total=total, started=probing))
+
+            post(f"probing on {device}…")
+            records = run_probes(hybrid, plan, specs, device=device, dtype=DTYPE, batch_size=BATCH_SIZE,
+                                 compare_donors=True, progress=progress)
+        except ProbesCancelled:  # raised between batches, never inside a swap: the hybrid stays consistent
+            self.post_message(ProbeFinished(cancelled=True))
+            return
+        except BaseException as e:
+            if live:  # Hybrid.apply may have copied part of a swap: rebuild it on the next run
+                self.hybrid = self.hybrid_key = None
+            if not isinstance(e, Exception):
+                raise
+            self.post_message(ProbeFinished(error=failure_text(e)))
+            return
+        self.post_message(ProbeFinished(records=records, specs=specs, swap=swap, materialized=materialized,
+                                        device=device, seconds=time.perf_counter() - started))
+
+    @on(ProbeProgress)
+    def on_probe_progress(self, message: ProbeProgress) -> None:
+        if not self.running:
+            return
+        stats = self.query_one("#probe-stats", Static)
+        if not message.stage:
+            stats.update(message.text)
+            return
+        self.items_done = message.done
+        bar = self.query_one("#probe-progress", ProgressBar)
+        bar.update(total=max(1, message.total), progress=message.done)
+        seconds = time.perf_counter() - message.started
+        rate = message.done / seconds if seconds > 0 else 0.0
+        eta = (message.total - message.done) / rate if rate > 0 else 0.0
+        stats.update(f"{message.stage}  ·  {message.done:.0f} of {message.total} items  ·  "
+                     f"{rate:.1f} items/s  ·  ETA {eta:.0f}s")
+
+    @on(ProbeFinished)
+    def on_probe_finished(self, message: ProbeFinished) -> None:
+        self.running = False
+        stats = self.query_one("#probe-stats", Static)
+        if message.cancelled:
+            stats.update("cancelled: nothing was recorded")
+            self.notify("probe run cancelled; the session's results are unchanged", timeout=4)
+            return
+        if message.error:
+            stats.update("failed: nothing was recorded")
+            self.app.push_screen(ErrorScreen("Cannot run the probes", message.error))
+            return
+        extras = self.app.extras  # what `moe-surgeon probe SESSION` adds to the session, the same way
+        probes = extras.setdefault("probes", [])
+        for spec in message.specs:
+            if spec.to_json() not in probes:
+                probes.append(spec.to_json())
+        extras.setdefault("results", []).extend(message.records)
+        bar = self.query_one("#probe-progress", ProgressBar)
+        bar.update(total=100, progress=100)
+        swap = message.swap
+        how = (f"materialised on {message.device}" if message.materialized else
+               f"swapped {swap.tensors} tensor(s), {human_bytes(swap.bytes)}, into the live hybrid")
+        stats.update(f"done in {message.seconds:.1f}s · {how}")
+        self.app.workbench_changed()  # modified + autosaved; ctrl+s writes the session file
+        self.refresh_all()
+        self.notify(f"{len(message.specs)} probe(s) measured; ctrl+s saves them in the session", timeout=4)
+
+    def on_unmount(self) -> None:
+        self.cancel_event.set()  # the app is closing: stop a run at its next batch
+
+    def action_cancel(self) -> None:
+        if self.running:
+            self.cancel_event.set()
+            self.query_one("#probe-stats", Static).update("cancelling after the current batch…")
+
+    def action_back(self) -> None:
+        if self.running:
+            self.action_cancel()
+        else:
+            self.app.pop_screen()
+

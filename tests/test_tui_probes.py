@@ -1,0 +1,271 @@
+"""The Probes screen driven through the real app with Pilot, checked against the probe engine.
+
+Tiny real OLMoE donors with a character tokenizer (conftest's donors_of); probe files are written
+here. References are computed independently in the test: a freshly materialised hybrid, run_probes
+and summarize, with a donor score cache of their own.
+"""
+
+import json
+import random
+
+import pytest
+from textual.widgets import Input, SelectionList
+
+from screens.app import SurgeonApp
+from screens.dialogs import ErrorScreen, PathScreen
+from screens.help import HelpScreen
+from screens.probes import ProbesScreen, split_runs
+from surgeon.grid import Cell
+from surgeon.session import load_session
+from surgeon.stats import significance_stars
+from test_tui_helpers import notifications, screen_text, settle, sync
+
+SIZE = (100, 32)
+LETTERS = "abcdefghij"
+
+
+def write_mc(path, n, seed=0):
+    """An ARC-format file of `n` items in the char tokenizer's alphabet."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        choices = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 3))) for _ in range(3)]
+        rows.append({"id": f"q{i}", "question": f"{rng.randint(1, 99)}+{rng.randint(1, 99)}",
+                     "choices": {"text": choices, "label": ["A", "B", "C"]}, "answerKey": "ABC"[rng.randint(0, 2)]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def olmoe3(donors_of):
+    return [str(p) for p in donors_of("olmoe", 3)]
+
+
+def make_app(tmp_path, specs):
+    return SurgeonApp(specs, None, state_dir=tmp_path / "state", offer_recovery=False)
+
+
+async def open_probes(pilot, *specs) -> ProbesScreen:
+    """Open the Probes screen and check exactly `specs` (typed into the add field)."""
+    await pilot.press("p")
+    await settle(pilot)
+    screen = pilot.app.screen
+    assert isinstance(screen, ProbesScreen)
+    screen.query_one(SelectionList).deselect_all()
+    for spec in specs:
+        field = screen.query_one("#probe-add", Input)
+        field.value = spec
+        field.focus()
+        await pilot.press("enter")
+        await pilot.pause()
+    return screen
+
+
+async def run(pilot, screen):
+    await pilot.press("r")
+    await settle(pilot)
+    assert not screen.running
+
+
+def reference(app, monkeypatch, tmp_path, specs, compare_donors=True):
+    """run_probes + summarize on a hybrid materialised here, with its own donor score cache."""
+    from surgeon.hybrid import Hybrid, default_device
+    from surgeon.probe_run import run_probes, summarize
+    from surgeon.probes import parse_probe
+
+    monkeypatch.setenv("MOE_SURGEON_CACHE", str(tmp_path / "reference-cache"))
+    plan, device = app.wb.plan(), default_device()  # the screen's device
+    hybrid = Hybrid.materialize(plan, dict(app.wb.donors), device=device)
+    records = run_probes(hybrid, plan, [parse_probe(s) for s in specs], device=device,
+                         compare_donors=compare_donors)
+    monkeypatch.undo()
+    return records, summarize(records)
+
+
+def cell(screen, row, column) -> str:
+    return str(screen.query_one("#probe-results").get_cell(f"{row['model']}|{row['probe']}", column))
+
+
+async def save_as(pilot, path):
+    await pilot.press("ctrl+s")
+    await pilot.pause()
+    assert isinstance(pilot.app.screen, PathScreen)
+    pilot.app.screen.query_one(Input).value = str(path)
+    await pilot.press("enter")
+    await settle(pilot)
+
+
+@sync
+async def test_results_table_shows_the_engines_numbers_and_ctrl_s_saves_them(olmoe3, tmp_path, monkeypatch):
+    mc = write_mc(tmp_path / "mc.jsonl", 12)
+    specs = [f"mc:{mc}", f"mc:{mc},limit=8,seed=3"]
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("2")  # layer 0 attention from B
+        screen = await open_probes(pilot, *specs)
+        assert [s.label for s in screen.checked_specs()] == specs
+        await run(pilot, screen)
+        records, rows = reference(app, monkeypatch, tmp_path, specs)
+        mine = app.extras["results"]
+        assert [(r["model"], r["label"]) for r in mine] == [(r["model"], r["label"]) for r in records]
+        for got, want in zip(mine, records):  # per item, and every statistic, exactly
+            assert (got["ids"], got["outcomes"], got["score"], got["ci"]) == \
+                   (want["ids"], want["outcomes"], want["score"], want["ci"])
+        assert {r["model"] for r in rows} == {"hybrid", "donor:A", "donor:B", "donor:C"}
+        for row in rows:
+            assert cell(screen, row, "n") == str(row["n"])
+            assert cell(screen, row, "score") == f"{100 * row['score']:.1f}%"
+            assert cell(screen, row, "ci") == f"[{100 * row['ci'][0]:.1f}, {100 * row['ci'][1]:.1f}]"
+            for donor in "ABC":
+                got = cell(screen, row, f"d:{donor}")
+                if row["model"] == "hybrid":
+                    v = row["vs"][f"donor:{donor}"]
+                    assert got == f"{100 * v['delta']:+.1f}{significance_stars(v['mcnemar_p'])}"
+                else:
+                    assert got == ""
+        # The chart has a bar per model and probe; the history one run.
+        chart = screen.query_one("#probe-chart")
+        assert [len(g.bars) for g in chart.groups] == [4, 4]
+        assert chart.groups[0].bars[0].tag == "H" and chart.groups[0].bars[0].score == rows[0]["score"]
+        assert screen.query_one("#probe-history").row_count == 1
+        assert app.dirty  # unsaved results, autosaved to the recovery file
+        # ctrl+s: the session holds the specs and the records, as `moe-surgeon probe SESSION` writes them.
+        session_path = tmp_path / "s.json"
+        await save_as(pilot, session_path)
+        saved = load_session(session_path)
+        assert saved.probes == [{"kind": "mc", "data": str(mc), "seed": 0, "shots": 0, "cot": False,
+                                 "extract": "exact", "max_new_tokens": 16},
+                                {"kind": "mc", "data": str(mc), "limit": 8, "seed": 3, "shots": 0, "cot": False,
+                                 "extract": "exact", "max_new_tokens": 16}]
+        assert saved.results == json.loads(json.dumps(mine))
+        assert {"device", "dtype", "seed", "versions", "plan"} <= set(saved.results[0])
+
+
+@sync
+async def test_a_rerun_after_a_mark_swaps_only_the_changed_tensors_into_the_same_hybrid(olmoe3, tmp_path, monkeypatch):
+    from surgeon.resolve import resolve
+
+    mc = write_mc(tmp_path / "mc.jsonl", 10, seed=1)
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        screen = await open_probes(pilot, f"mc:{mc}")
+        await run(pilot, screen)
+        hybrid, first_plan = screen.hybrid, app.wb.plan()
+        assert hybrid is not None and "materialised on " in screen_text(app)
+        await pilot.press("escape", "j", "3")  # back to the grid; layer 1 attention from C
+        assert app.wb.donor_of(Cell(1, "attention")) == "C"
+        await pilot.press("p")
+        await settle(pilot)
+        assert app.screen is screen and "shown run: other marks" in screen_text(app)
+        await run(pilot, screen)
+        plan = app.wb.plan()
+        before, after = resolve(first_plan, app.wb.donors).sources, resolve(plan, app.wb.donors).sources
+        changed = [n for n, s in after.items() if (s.donor, s.tensor) != (before[n].donor, before[n].tensor)]
+        assert screen.hybrid is hybrid  # the same live model ...
+        assert 0 < screen.last_swap.tensors == len(changed) < len(after)  # ... with only the changes copied
+        assert f"swapped {len(changed)} tensor(s)" in screen_text(app)
+        # The hot-swapped hybrid measures what a freshly materialised one of the new plan measures.
+        records, _ = reference(app, monkeypatch, tmp_path, [f"mc:{mc}"], compare_donors=False)
+        second = [r for r in app.extras["results"] if r["model"] == "hybrid"][-1]
+        assert second["outcomes"] == records[0]["outcomes"] and second["plan"] == records[0]["plan"]
+        # Two runs in the history; the newest is shown, an older one can be picked.
+        history = screen.query_one("#probe-history")
+        assert history.row_count == 2 and screen.shown_run == 1
+        assert "shown run: other marks" not in screen_text(app)
+        history.move_cursor(row=0)
+        await pilot.pause()
+        first = [r for r in app.extras["results"] if r["model"] == "hybrid"][0]
+        assert screen.shown_run == 0 and screen.rows[0]["score"] == first["score"]
+
+
+@sync
+async def test_bad_probe_input_is_an_error_and_leaves_the_results_alone(olmoe3, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": {"text": ["a"], "label": ["A"]}}\n')
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        recorded = [{"probe": {"kind": "mc", "data": "x"}, "label": "mc:x", "model": "hybrid", "metric": "accuracy",
+                     "n": 2, "score": 0.5, "ci": [0.0, 1.0], "ids": ["1", "2"], "outcomes": [1.0, 0.0], "plan": []}]
+        app.extras["results"] = json.loads(json.dumps(recorded))
+        screen = await open_probes(pilot)
+        assert screen.query_one("#probe-history").row_count == 1  # runs already in the session are listed
+        # A malformed spec is refused in the field, and nothing is added.
+        n_specs = len(screen.specs)
+        field = screen.query_one("#probe-add", Input)
+        field.value = "bogus:arith"
+        field.focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "unknown probe 'bogus'" in screen_text(app) and len(screen.specs) == n_specs
+        # A probe file with a missing field: one clear error in a dialog, no model loaded.
+        field.value = f"mc:{bad},fmt=arc"
+        await pilot.press("enter")
+        await pilot.pause()
+        await run(pilot, screen)
+        assert isinstance(app.screen, ErrorScreen)
+        assert app.screen.message == f"{bad}:1: field 'answerKey' is missing"
+        await pilot.pause()
+        text = screen_text(app)
+        assert "'answerKey' is missing" in text and "Traceback" not in text
+        await pilot.press("escape")
+        assert app.extras["results"] == recorded and "probes" not in app.extras
+        assert screen.hybrid is None and "nothing was recorded" in screen_text(app)
+        # The help lists the screen's own keys.
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        assert {("probes", "r"), ("probes", "+"), ("probes", "escape")} <= {r[:2] for r in app.screen.rows}
+
+
+@sync
+async def test_cancel_stops_a_run_and_records_nothing(olmoe3, tmp_path, monkeypatch):
+    big = write_mc(tmp_path / "big.jsonl", 400, seed=2)
+    small = write_mc(tmp_path / "small.jsonl", 6, seed=4)
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("l", "2")  # layer 0 router from B
+        screen = await open_probes(pilot, f"mc:{big},seed=11")
+        await pilot.press("r")
+        seen = ""
+        for _ in range(3000):  # until the first batch of items is scored
+            await pilot.pause(0.01)
+            if screen.items_done > 0 or not screen.running:
+                seen = str(screen.query_one("#probe-stats").render())
+                break
+        assert screen.running and "items/s" in seen and "ETA" in seen and "of 1600 items" in seen
+        await pilot.press("escape")  # cancels; a second escape would go back
+        await settle(pilot)
+        assert not screen.running and app.screen is screen
+        assert "probe run cancelled; the session's results are unchanged" in notifications(app)
+        assert "results" not in app.extras and "cancelled" in screen_text(app)
+        # The kept hybrid is still usable: a new run measures the current plan correctly.
+        screen.query_one(SelectionList).deselect_all()
+        field = screen.query_one("#probe-add", Input)
+        field.value = f"mc:{small}"
+        field.focus()
+        await pilot.press("enter")
+        await run(pilot, screen)
+        records, _ = reference(app, monkeypatch, tmp_path, [f"mc:{small}"], compare_donors=False)
+        assert app.extras["results"][0]["outcomes"] == records[0]["outcomes"]
+
+
+def test_split_runs_groups_records_as_the_cli_and_the_screen_write_them():
+    def rec(model, label, plan=None, vs=None):
+        r = {"model": model, "label": label}
+        if plan is not None:
+            r["plan"] = plan
+        if vs:
+            r["vs"] = vs
+        return r
+
+    p1, p2 = [], [{"spec": "attention", "donor": "B"}]
+    records = [rec("hybrid", "mc:a", p1), rec("hybrid", "em:b", p1), rec("donor:A", "mc:a"), rec("donor:A", "em:b"),
+               rec("hybrid", "mc:a", p2), rec("donor:A", "mc:a"),
+               rec("hybrid", "mc:a", p2),  # a --no-donors run right after
+               rec("hybrid", "kl:t", vs="donor:A"), rec("hybrid", "kl:t", vs="donor:B"),  # kl records carry no plan
+               rec("hybrid", "mc:a", p1)]  # another plan, hybrid only
+    assert [len(r) for r in split_runs(records)] == [4, 2, 3, 1]
