@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import SurgeonError
 from .sizes import human_bytes
 
-SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe", "sweep", "distance")
+SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe", "sweep", "distance", "routing")
 DONOR_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -466,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .sweep_cli import register as register_sweep  # the sweep's parser lives beside its command
 
     register_sweep(sub)
+    from .routing_cli import register as register_routing
+
+    register_routing(sub)
     return parser
 
 
