@@ -79,8 +79,11 @@ def main() -> None:
         shutil.rmtree(work / "out", ignore_errors=True)
         take = [t.replace("=B", f"={b}") for t in TRANSFER]
         export, rss = timed(exe + ["export", str(work / "out"), "--base", str(a), *take])
+        shutil.rmtree(work / "out")
+        durable, _ = timed(exe + ["export", str(work / "out"), "--base", str(a), *take, "--fsync"])
         print(f"(a) inspect wall time        {inspect:8.3f} s    goal < 0.3 s")
         print(f"(b) export / cp -r           {export / cp:8.2f} x    ({export:.2f} s vs {cp:.2f} s; goal <= 2x)")
+        print(f"    with --fsync / cp -r     {durable / cp:8.2f} x    ({durable:.2f} s: waits for the disk, cp does not)")
         print(f"(c) export peak RSS          {rss:8.1f} MB   goal <= 256 MB")
         if not args.skip_naive:
             shutil.rmtree(work / "naive", ignore_errors=True)

@@ -146,7 +146,7 @@ def _run_export(plan, donors, out, args, session_path=None, session=None) -> int
     embedded = make_session(plan, donors, None).to_json()
     result = export_hybrid(
         resolution, donors, out, dtype=args.dtype, max_shard_size=max_shard, force=args.force,
-        session_json=embedded, progress=_progress_printer("export"),
+        session_json=embedded, progress=_progress_printer("export"), fsync=args.fsync,
     )
     record = {
         "path": str(result.path), "dtype": args.dtype, "max_shard_size": max_shard,
@@ -402,6 +402,7 @@ def _common_export_options(p) -> None:
                    help="dtype of the written tensors (default keep; e_score_correction_bias stays fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--fsync", action="store_true", help="flush every shard to disk before the final rename")
     p.add_argument("--allow-pickle", action="store_true", help="load pickle-only donors with weights_only=True")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -114,7 +114,11 @@ def export_hybrid(
     session_json: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    fsync: bool = False,
 ) -> ExportResult:
+    """Write the hybrid to `out`. The rename at the end makes an interrupted export leave nothing;
+    `fsync` also flushes every shard to disk before the rename, so the export survives a power
+    loss too, at the cost of waiting for the disk (an export can always be replayed)."""
     out = Path(out).absolute()
     check_target(out, donors, force)
     started = time.perf_counter()
@@ -158,7 +162,8 @@ def export_hybrid(
                     done += _nbytes(src.shape, src.dtype)
                     if progress is not None:
                         progress(done, total)
-                os.fsync(dst_fd)
+                if fsync:
+                    os.fsync(dst_fd)
             finally:
                 os.close(dst_fd)
         if len(names) > 1:
