@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_options import add_model_options, out_of_memory_is_an_error
 from .errors import SurgeonError
 from .sizes import human_bytes
 
@@ -281,16 +282,10 @@ def cmd_probe(args) -> int:
         load_probe_data(s)  # refuse bad probe data before loading any model
     device = args.device or default_device()
     hybrid = Hybrid.materialize(plan, donors, device=device, dtype=args.dtype)
-    try:
+    with out_of_memory_is_an_error(device):
         records = run_probes(hybrid, plan, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
                              compare_donors=session is not None and not args.no_donors,
                              progress=_probe_progress(args.json))
-    except MemoryError:
-        raise SurgeonError(f"out of memory probing on {device}; try a smaller --batch-size") from None
-    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if "out of memory" not in str(e):
-            raise
-        raise SurgeonError(f"out of GPU memory probing on {device}; try a smaller --batch-size") from None
     if session is not None and not args.no_save:
         from .session import save_session
 
@@ -443,13 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="append", default=[], metavar="KIND:DATA[,key=value...]",
                    help="e.g. em:arith, mc:arith_mc,limit=100, ppl:corpus.txt; repeatable")
     p.add_argument("--list", action="store_true", help="list the probes and the built-in probe sets")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, or auto to spread a large hybrid over every GPU "
-                   "(accelerate's device_map=auto); default: cuda when present")
-    p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"])
-    p.add_argument("--batch-size", type=int, default=16)
+    add_model_options(p)
     p.add_argument("--no-donors", action="store_true", help="probe the hybrid only")
     p.add_argument("--no-save", action="store_true", help="do not record results in the session")
-    p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_probe)
 

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_options import add_model_options
 from .errors import SurgeonError
 
 DEFAULT_CORPORA = ("arith", "reverse")  # the built-in demo domains
@@ -47,10 +48,7 @@ def register(sub) -> None:
     p.add_argument("--domain", help="the corpus --take-used ranks by (default: the first)")
     p.add_argument("--layers", help="layers for --take-used / --take-changed, e.g. 0-3,8 (default all)")
     p.add_argument("--max-tokens", type=int, default=None, help="read at most this many tokens per corpus")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"])
-    p.add_argument("--allow-pickle", action="store_true")
+    add_model_options(p, batch_size=32)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print everything as JSON")
     out.add_argument("--csv", action="store_true", help="print one row per corpus, layer and expert as CSV")

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_options import add_model_options, out_of_memory_is_an_error
 from .errors import SurgeonError
+from .sizes import human_bytes
 
 DONOR_LETTERS = "AB"
 
@@ -48,13 +50,9 @@ def register(sub) -> None:
     p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
     p.add_argument("--test", choices=["mcnemar", "z"], default="mcnemar",
                    help="significance test: McNemar's paired test (default) or the paper's two-proportion z-test")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, or auto to spread a large hybrid over every GPU "
-                   "(default: cuda when present)")
-    p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"])
-    p.add_argument("--batch-size", type=int, default=16)
+    add_model_options(p)
     p.add_argument("--restart", action="store_true", help="discard this sweep's stored results and measure again")
     p.add_argument("--ignore-fingerprints", action="store_true", help="run even if a donor changed since the session")
-    p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -102,14 +100,6 @@ def _choose_donors(args, session, donors) -> tuple[str, str]:
         raise SurgeonError(f"{args.session}: {e}") from None
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 class _Progress:
     """Progress lines on stderr: one per ceiling and per finished configuration (always), and a
     live item counter when stderr is a terminal."""
@@ -151,7 +141,7 @@ class _Progress:
             if self.swap is not None and e.mask:
                 flipped = ", ".join(("+" if e.mask >> j & 1 else "-") + g.name
                                     for j, g in enumerate(s.groups) if (self.prev ^ e.mask) >> j & 1)
-                moved = (f"swap {flipped} ({self.swap.tensors} tensors, {_human_bytes(self.swap.bytes)}, "
+                moved = (f"swap {flipped} ({self.swap.tensors} tensors, {human_bytes(self.swap.bytes, 1)}, "
                          f"{1000 * self.swap.seconds:.0f} ms); ")
             self.swap, self.prev = None, e.mask
             self._line(f"[{e.done}/{e.total}] {e.name}: {moved}{scores}; {e.seconds:.1f}s; saved")
@@ -204,14 +194,8 @@ def cmd_sweep(args) -> int:
         store_sweep(session, rec)
         save_session(session, args.session)
 
-    try:
+    with out_of_memory_is_an_error(device):
         record = run_sweep(spec, donors, record=record, save=save, on_event=_Progress(spec, donors, args.session))
-    except MemoryError:
-        raise SurgeonError(f"out of memory probing on {device}; try a smaller --batch-size") from None
-    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if "out of memory" not in str(e):
-            raise
-        raise SurgeonError(f"out of GPU memory probing on {device}; try a smaller --batch-size") from None
 
     from .sweep_report import analyze, to_csv, to_json, to_markdown
 
