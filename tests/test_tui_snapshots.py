@@ -80,6 +80,7 @@ SCREENS = {
     "help": keys("question_mark"),
     "save_prompt": keys("ctrl+s"),
     "probes": probes,
+    "distance_map": keys("m"),
 }
 
 
