@@ -105,35 +105,68 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, prefix:
     return results  # type: ignore[return-value]
 
 
-def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32,
+def greedy_generate(model, tokenizer, prompts: list[str], *, prefix: str = "", max_new_tokens: int = 32,
                     stop: tuple[str, ...] = (), batch_size: int = 16, progress=None) -> list[str]:
-    """Greedy continuations, cut at the first stop sequence (the eos token always stops)."""
+    """Greedy continuations of prefix + prompt, cut at the first stop sequence (eos always stops).
+
+    The shared prefix (a k-shot preamble) runs once; each batch starts from a copy of its KV
+    cache, with the prompts left-padded after it and positions counted past the padding, so a
+    batched, prefix-cached run decodes what one prompt at a time would.
+    """
     dev = _device_of(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise SurgeonError("the tokenizer has neither a pad nor an eos token; generation needs one")
-    encoded = [encode(tokenizer, p) or [tokenizer.bos_token_id] for p in prompts]
+    prefix_ids = encode(tokenizer, prefix) if prefix else []
+    encoded = [encode(tokenizer, p) or ([] if prefix_ids else [tokenizer.bos_token_id]) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     with torch.no_grad():
+        cache, _ = _prefix_cache(model, prefix_ids)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
-            out = model.generate(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-            )
+            new = _greedy_batch(model, [encoded[i] for i in idx], cache, len(prefix_ids), pad,
+                                tokenizer.eos_token_id, max_new_tokens, dev)
             for r, i in enumerate(idx):
-                text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
-                outputs[i] = cut_at_stop(text, stop)
+                outputs[i] = cut_at_stop(tokenizer.decode(new[r], skip_special_tokens=True), stop)
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     return outputs
+
+
+def _greedy_batch(model, seqs, cache, prefix_len, pad, eos, max_new_tokens, dev) -> list[list[int]]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), prefix_len + width, dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for r, s in enumerate(seqs):  # left padding after the prefix: every prompt ends where decoding starts
+        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[r, prefix_len + width - len(s):] = 1
+    # Positions count real tokens only, so a padded prompt sits where it would sit alone.
+    positions = (prefix_len + mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=prefix_len)
+    kwargs = {"use_cache": True}
+    if cache is not None:
+        batch_cache = copy.deepcopy(cache)
+        batch_cache.batch_repeat_interleave(len(seqs))
+        kwargs["past_key_values"] = batch_cache
+    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+    new: list[list[int]] = [[] for _ in seqs]
+    done = torch.zeros(len(seqs), dtype=torch.bool, device=dev)
+    for _ in range(max_new_tokens):
+        out = model(ids, attention_mask=mask, position_ids=positions, **kwargs)
+        nxt = out.logits[:, -1].argmax(-1)
+        kwargs["past_key_values"] = out.past_key_values
+        for r in range(len(seqs)):
+            if not done[r]:
+                new[r].append(int(nxt[r]))
+        if eos is not None:
+            done |= nxt == eos
+        if bool(done.all()):
+            break
+        ids = nxt[:, None]
+        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], dim=1)
+        positions = positions[:, -1:] + 1
+    return new
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:

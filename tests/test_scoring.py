@@ -53,3 +53,12 @@ def test_greedy_generate_matches_unbatched(model_and_tokenizer):
 def test_cut_at_stop():
     assert cut_at_stop("42\nQuestion: next", ("\n", "Question:")) == "42"
     assert cut_at_stop("no stop here", ("\n",)) == "no stop here"
+
+
+def test_prefix_cached_generation_equals_the_whole_prompt_alone(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prefix = "1+1=2\nrev:ab=ba\n"
+    prompts = ["12+7=", "rev:abcd=", "5+5=", "x"]
+    cached = greedy_generate(model, tok, prompts, prefix=prefix, max_new_tokens=6, batch_size=3)
+    alone = [greedy_generate(model, tok, [prefix + p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert cached == alone

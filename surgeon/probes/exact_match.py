@@ -11,8 +11,8 @@ from .prompts import COT, prompt, shots_prefix, stop_sequences
 def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progress=None) -> ProbeOutcome:
     prefix = shots_prefix(shots, template)
     cot = COT if spec.cot else ""
-    prompts = [prefix + prompt(item, template) + cot for item in items]
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+    prompts = [prompt(item, template) + cot for item in items]
+    outputs = greedy_generate(model, tokenizer, prompts, prefix=prefix, max_new_tokens=spec.max_new_tokens,
                               stop=stop_sequences(template), batch_size=batch_size, progress=progress)
     outcomes = [float(is_correct(out, str(item.answer), spec.extract)) for out, item in zip(outputs, items)]
     return ProbeOutcome([i.id for i in items], outcomes, outputs=outputs)
