@@ -349,9 +349,21 @@ class SurgeonApp(App):
             self.install_screen(ProbesScreen(), name="probes")
         self.push_screen("probes")
 
+    def action_sweep(self) -> None:
+        """One Sweep screen for the app's life: it keeps the form and the shown sweep."""
+        if self.wb is None:
+            self.notify("nothing to sweep: no donors are open", severity="warning")
+            return
+        from .sweep import SweepScreen
+
+        if not self.is_screen_installed("sweep"):
+            self.install_screen(SweepScreen(), name="sweep")
+        self.push_screen("sweep")
+
     async def action_quit(self) -> None:
         # Unsaved probe results count as much as marks: a clean quit deletes the recovery file.
-        if self.dirty and self.wb is not None and (self.wb.marks or self.extras.get("results")):
+        if self.dirty and self.wb is not None and (self.wb.marks or self.extras.get("results")
+                                                    or self.extras.get("extensions", {}).get("sweeps")):
             def answer(yes: bool | None) -> None:
                 if yes:
                     self._quit_clean()

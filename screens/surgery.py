@@ -35,6 +35,8 @@ class SurgeryScreen(MarkingMixin, Screen):
         Binding("m", "distance_map", "Distances", id="surgery.map",
                 tooltip="How far each donor's weights are from the base, per layer and component"),
         Binding("w", "dismiss_welcome", "Hide welcome", show=False, id="surgery.welcome"),
+        Binding("s", "sweep", "Sweep", show=False, id="surgery.sweep",
+                tooltip="Sweep: every subset of component groups from a donor, probed, as a table and heatmap"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -91,7 +93,7 @@ class SurgeryScreen(MarkingMixin, Screen):
 
     def check_action(self, action: str, parameters) -> bool | None:
         if self.app.wb is None and action not in ("app.donors",):
-            return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer", "probes")) else True
+            return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer", "probes", "sweep")) else True
         return True
 
     def on_grid_view_clicked(self, event: GridView.Clicked) -> None:
@@ -111,6 +113,9 @@ class SurgeryScreen(MarkingMixin, Screen):
 
     def action_probes(self) -> None:  # a screen action, so check_action can hide it with no donors open
         self.app.action_probes()
+
+    def action_sweep(self) -> None:  # a screen action, like probes: hidden with no donors open
+        self.app.action_sweep()
 
     def action_distance_map(self) -> None:
         if self.app.wb is None:

@@ -1,0 +1,379 @@
+"""Sweep: the component-transfer grid (surgeon/sweep.py) from the workbench.
+
+Choose groups, the donor they come from and probes; r runs every configuration (every subset of
+the groups) in a worker, and the table (configurations x probes, `cell_text` of the sweep report)
+and a heatmap of deltas against the base fill in as configurations finish. o (or enter) on a
+configuration opens it as the current plan in the grid.
+
+The sweep reuses the Probes screen's live hybrid (installing that screen, unmounted, when it was
+never opened), so the Probes screen and the sweep share one materialised model. The record is
+kept in `app.extras["extensions"]["sweeps"]` after every configuration, exactly where `moe-surgeon
+sweep SESSION` stores it, so ctrl+s saves it, the CLI resumes it and `r` here resumes it too.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import types
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Static
+
+from surgeon.errors import SurgeonError
+
+from .dialogs import ErrorScreen
+from .probes import failure_text, short_label
+
+SEPARATOR = ";"  # group SPECs and probe specs contain commas
+DEFAULT_LIMIT = 50  # built-in probe sets are cut to this many items by default
+
+
+class SweepCancelled(Exception):
+    pass
+
+
+class SweepProgress(Message):
+    """An engine event, with a copy of the record when the event carries one."""
+
+    def __init__(self, text: str, *, done: int = 0, total: int = 0, record: dict | None = None):
+        super().__init__()
+        self.text, self.done, self.total, self.record = text, done, total, record
+
+
+class SweepFinished(Message):
+    def __init__(self, *, record: dict | None = None, error: str | None = None, cancelled: bool = False):
+        super().__init__()
+        self.record, self.error, self.cancelled = record, error, cancelled
+
+
+# ---------------------------------------------------------------- pure helpers
+def split_field(text: str) -> list[str]:
+    return [p.strip() for p in text.split(SEPARATOR) if p.strip()]
+
+
+def default_probe_text(recorded: list) -> str:
+    """The session's probes a sweep can run, else every built-in set cut to DEFAULT_LIMIT items."""
+    from surgeon.sweep import UNSUPPORTED_PROBES, default_probes
+
+    usable = [p for p in recorded if isinstance(p, dict) and p.get("kind") not in UNSUPPORTED_PROBES]
+    try:
+        specs = default_probes(usable) if usable else []
+    except (SurgeonError, KeyError, TypeError):
+        specs = []
+    if specs:
+        return f"{SEPARATOR} ".join(s.label for s in specs)
+    return f"{SEPARATOR} ".join(f"{s.label},limit={DEFAULT_LIMIT}" for s in default_probes([]))
+
+
+def delta_text(delta: float | None, metric: str) -> Text:
+    """One heatmap cell: points against the base on a green (better) / red (worse) background."""
+    if delta is None:
+        return Text(f"{'…':^8}", "dim")
+    if metric == "accuracy":
+        text, scale, better = f"{100 * delta:+.1f}", min(1.0, abs(delta) / 0.2), delta > 0
+    else:
+        text, scale, better = f"{delta:+.3g}", min(1.0, abs(delta)), delta < 0  # nll/kl: lower is better
+    level = int(40 + 160 * scale)
+    if delta == 0:
+        colour = "grey30"
+    elif better:
+        colour = f"rgb(0,{level},0)"
+    else:
+        colour = f"rgb({level},0,0)"
+    return Text(f"{text:^8}", f"bold white on {colour}")
+
+
+def heatmap(analysis) -> Text:
+    """Configurations x probes: the delta of each against the base, coloured."""
+    out = Text()
+    width = max([len(r.label) for r in analysis.rows if r.kind == "configuration"] + [13])
+    out.append(f"{'Δ vs base ' + analysis.base:<{width}}", "bold")
+    for n, _ in enumerate(analysis.probes):
+        out.append(f" {'P' + str(n + 1):^8}", "bold")
+    out.append("\n")
+    for row in analysis.rows:
+        if row.kind != "configuration":
+            continue
+        out.append(f"{row.label:<{width}}")
+        for probe in analysis.probes:
+            out.append(" ")
+            out.append_text(delta_text(analysis.delta(row.mask, probe), analysis.metrics.get(probe, "accuracy")))
+        out.append("\n")
+    for n, probe in enumerate(analysis.probes):
+        out.append(f"P{n + 1} {short_label(probe)}  ", "dim")
+    return out
+
+
+# ---------------------------------------------------------------- the screen
+class SweepScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back / cancel", id="sweep.back",
+                tooltip="Cancel a running sweep (after the current configuration), else go back to the grid"),
+        Binding("r", "run", "Run", id="sweep.run",
+                tooltip="Run (or resume) the sweep: every subset of the groups from the donor"),
+        Binding("o", "open_configuration", "Open as plan", id="sweep.open",
+                tooltip="Make the highlighted configuration the current plan"),
+        Binding("t", "focus_table", "Table", id="sweep.table", show=False, tooltip="Focus the results table"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.cancel_event = threading.Event()
+        self.running = False
+        self.record: dict | None = None  # a copy of the shown sweep's record (the UI thread's own)
+        self.analysis = None
+        self.masks: list[int | None] = []  # per table row: the configuration's mask, None for a donor
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="sweep-title")
+        with Vertical(id="sweep-form"):
+            with Horizontal(classes="sweep-field"):
+                yield Label("groups ", classes="sweep-label")
+                yield Input(id="sweep-groups", compact=True,
+                            placeholder="[NAME=]SPEC[+SPEC...]; ... e.g. router; attention; experts")
+            with Horizontal(classes="sweep-field"):
+                yield Label("donor  ", classes="sweep-label")
+                yield Input(id="sweep-donor", compact=True, placeholder="donor name")
+            with Horizontal(classes="sweep-field"):
+                yield Label("probes ", classes="sweep-label")
+                yield Input(id="sweep-probes", compact=True, placeholder="KIND:DATA[,key=value]; ...")
+        with Horizontal(id="sweep-progress-row"):
+            yield ProgressBar(total=100, show_eta=False, id="sweep-progress")
+            yield Static("", id="sweep-stats", markup=False)
+        yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="sweep-heatmap")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        wb = self.app.wb
+        self.query_one("#sweep-table").border_title = "configurations x probes"
+        self.query_one("#sweep-groups", Input).value = f"{SEPARATOR} ".join(("router", "attention", "experts"))
+        if wb is not None:
+            others = [n for n in wb.donors if n != wb.base]
+            self.query_one("#sweep-donor", Input).value = others[0] if others else ""
+        self.query_one("#sweep-probes", Input).value = default_probe_text(self.app.extras.get("probes", []))
+        self.query_one("#sweep-stats", Static).update("r runs every subset of the groups from the donor")
+        self.refresh_title()
+        self.query_one("#sweep-table").focus()
+
+    @on(Input.Submitted)
+    def on_field_submitted(self, event: Input.Submitted) -> None:
+        self.query_one("#sweep-table").focus()  # r runs, o opens: keys the fields would swallow
+
+    def refresh_title(self) -> None:
+        wb = self.app.wb
+        title = Text("Sweep", "bold")
+        if wb is not None:
+            title.append(f"  base {wb.base} · every subset of the groups from the donor · o opens a configuration")
+        self.query_one("#sweep-title", Static).update(title)
+
+    def refresh_cells(self) -> None:  # the app calls this after every change of the workbench
+        self.refresh_title()
+
+    # ------------------------------------------------------------ the spec
+    def build_spec(self):
+        """The SweepSpec of the form, checked against the open donors (raises SurgeonError)."""
+        from surgeon.hybrid import default_device
+        from surgeon.probes import parse_probe
+        from surgeon.sweep import SweepSpec, check_groups, check_probes, parse_group
+
+        wb = self.app.wb
+        groups = [parse_group(g) for g in split_field(self.query_one("#sweep-groups", Input).value)]
+        donor = self.query_one("#sweep-donor", Input).value.strip()
+        if donor not in wb.donors:
+            raise SurgeonError(f"donor {donor!r} is not open (donors: {', '.join(wb.donors)})")
+        if donor == wb.base:
+            raise SurgeonError(f"donor {donor!r} is the base; choose another donor")
+        probes = [parse_probe(p) for p in split_field(self.query_one("#sweep-probes", Input).value)]
+        check_probes(probes)
+        warnings = check_groups(groups, dict(wb.donors), wb.base, donor)
+        return SweepSpec(wb.base, donor, groups, probes, device=default_device()), warnings
+
+    def stored_sweeps(self) -> list:
+        from surgeon.sweep import sweeps_of
+
+        return sweeps_of(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})))
+
+    # ------------------------------------------------------------ running
+    def action_run(self) -> None:
+        from surgeon.sweep import find_sweep
+
+        wb = self.app.wb
+        if self.running:
+            self.notify("the sweep is already running (escape cancels)", timeout=3)
+            return
+        if wb is None:
+            self.notify("nothing to sweep: no donors are open", severity="warning")
+            return
+        probes_screen = self._probes_screen()
+        if probes_screen.running:
+            self.notify("the Probes screen is running; wait for it", severity="warning")
+            return
+        try:
+            spec, warnings = self.build_spec()
+        except SurgeonError as e:
+            self.app.push_screen(ErrorScreen("Cannot run the sweep", str(e).replace("--", "")))
+            return
+        for w in warnings:
+            self.notify(w, severity="warning", timeout=6)
+        donors = dict(wb.donors)
+        stored = find_sweep(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})),
+                            spec.key(donors))
+        self.running = True
+        self.cancel_event.clear()
+        self.query_one("#sweep-progress", ProgressBar).update(total=spec.size, progress=0)
+        self.query_one("#sweep-stats", Static).update("checking the probe data…")
+        self.run_worker_sweep(spec, donors, copy.deepcopy(stored) if stored else None, wb.plan(), probes_screen)
+
+    def _probes_screen(self):
+        """The app's one Probes screen (installed, not shown, when it was never opened): its live
+        hybrid is the one the sweep moves through the configurations."""
+        from .probes import ProbesScreen
+
+        if not self.app.is_screen_installed("probes"):
+            self.app.install_screen(ProbesScreen(), name="probes")
+        return self.app.get_screen("probes")
+
+    @work(thread=True, exit_on_error=False, group="sweep")
+    def run_worker_sweep(self, spec, donors, stored, plan, probes_screen) -> None:
+        from surgeon.sweep import run_sweep
+
+        def post(text: str) -> None:
+            self.post_message(SweepProgress(text))
+
+        def on_event(e) -> None:
+            if e.kind == "probe":
+                post(f"[{e.done}/{e.total}] {e.name}: {short_label(e.probe)} {e.items_done}/{e.items} items")
+            elif e.kind == "swap":
+                post(f"[{e.done}/{e.total}] {e.name}: swapped {e.swap.tensors} tensor(s)")
+            elif e.record is not None:
+                what = {"ceiling": f"ceiling {e.name} {short_label(e.probe)}", "configuration": f"{e.name} done",
+                        "done": "done"}.get(e.kind, e.kind)
+                self.post_message(SweepProgress(f"[{e.done}/{e.total}] {what}", done=e.done, total=e.total,
+                                                record=copy.deepcopy(e.record)))
+
+        live = False
+        try:
+            from surgeon.probe_run import load_probe_data
+
+            for s in spec.probes:  # bad probe data fails before any model loads
+                load_probe_data(s)
+            if self.cancel_event.is_set():
+                raise SweepCancelled
+            hybrid, _ = probes_screen._live_hybrid(plan, donors, spec.device, post)
+            live = True
+            record = run_sweep(spec, donors, record=stored, hybrid=hybrid, on_event=on_event,
+                               should_stop=self.cancel_event.is_set)
+        except SweepCancelled:
+            self.post_message(SweepFinished(cancelled=True))
+            return
+        except BaseException as e:
+            if live:  # a swap may have stopped half-way: the next run rebuilds the hybrid
+                probes_screen.hybrid = probes_screen.hybrid_key = None
+            if not isinstance(e, Exception):
+                raise
+            self.post_message(SweepFinished(error=failure_text(e)))
+            return
+        self.post_message(SweepFinished(record=copy.deepcopy(record), cancelled=self.cancel_event.is_set()))
+
+    def store(self, record: dict) -> None:
+        """Keep `record` in the session (replacing the stored sweep with its id), mark it modified."""
+        from surgeon.sweep import store_sweep
+
+        store_sweep(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})), record)
+        self.app.workbench_changed()  # modified + autosaved; ctrl+s writes the session file
+
+    @on(SweepProgress)
+    def on_sweep_progress(self, message: SweepProgress) -> None:
+        if not self.running:
+            return
+        self.query_one("#sweep-stats", Static).update(message.text)
+        if message.record is not None:
+            self.query_one("#sweep-progress", ProgressBar).update(total=max(1, message.total), progress=message.done)
+            self.store(message.record)
+            self.show_record(message.record)
+
+    @on(SweepFinished)
+    def on_sweep_finished(self, message: SweepFinished) -> None:
+        self.running = False
+        stats = self.query_one("#sweep-stats", Static)
+        if message.error:
+            stats.update("failed: the configurations finished before the failure are kept")
+            self.app.push_screen(ErrorScreen("Cannot run the sweep", message.error))
+            return
+        if message.record is None:
+            stats.update("cancelled")
+            return
+        self.store(message.record)
+        self.show_record(message.record)
+        if message.cancelled:
+            stats.update("stopped: r resumes the sweep where it stopped")
+        else:
+            stats.update(f"done: {len(message.record['configurations'])} configuration(s) · "
+                         "o opens the highlighted one · ctrl+s saves the sweep in the session")
+
+    # ------------------------------------------------------------ views
+    def show_record(self, record: dict) -> None:
+        from surgeon.sweep_report import analyze, cell_text
+
+        self.record = record
+        self.analysis = a = analyze(record)
+        table = self.query_one("#sweep-table", DataTable)
+        row = table.cursor_row
+        table.clear(columns=True)
+        table.add_column("configuration", key="configuration")
+        for p in a.probes:
+            table.add_column(short_label(p), key=p)
+        self.masks = []
+        for r in a.rows:
+            label = Text(r.label, "bold" if r.kind == "donor" else "")
+            key = f"donor:{r.name}" if r.kind == "donor" else f"mask:{r.mask}"
+            table.add_row(label, *(cell_text(r.cells.get(p)) for p in a.probes), key=key)
+            self.masks.append(r.mask if r.kind == "configuration" else None)
+        if a.rows:
+            table.move_cursor(row=min(max(row, 0), len(a.rows) - 1))
+        self.query_one("#sweep-heatmap", Static).update(heatmap(a))
+
+    def action_focus_table(self) -> None:
+        self.query_one("#sweep-table").focus()
+
+    @on(DataTable.RowSelected, "#sweep-table")
+    def on_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open_configuration()
+
+    def action_open_configuration(self) -> None:
+        from surgeon.sweep import plan_for
+
+        if self.record is None or not self.masks:
+            self.notify("no sweep yet: press r", timeout=3)
+            return
+        row = self.query_one("#sweep-table", DataTable).cursor_row
+        mask = self.masks[row] if 0 <= row < len(self.masks) else None
+        if mask is None:
+            self.notify("a donor's row is not a configuration; highlight a configuration", timeout=3)
+            return
+        try:
+            self.app.wb.load_plan(plan_for(self.record, mask))
+        except SurgeonError as e:
+            self.app.push_screen(ErrorScreen("Cannot open the configuration", str(e)))
+            return
+        self.app.workbench_changed()
+        self.notify(f"opened configuration {self.analysis.row(mask).label!r} as the current plan (u undoes)",
+                    timeout=4)
+
+    def on_unmount(self) -> None:
+        self.cancel_event.set()
+
+    def action_back(self) -> None:
+        if self.running:
+            self.cancel_event.set()
+            self.query_one("#sweep-stats", Static).update("stopping after the current configuration…")
+        else:
+            self.app.pop_screen()
