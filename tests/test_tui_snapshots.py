@@ -81,6 +81,7 @@ SCREENS = {
     "save_prompt": keys("ctrl+s"),
     "probes": probes,
     "distance_map": keys("m"),
+    "sweep": keys("s"),
 }
 
 
