@@ -13,7 +13,6 @@ from screens.donors import DonorsScreen
 from screens.export import ExportScreen
 from screens.help import HelpScreen
 from screens.layer import LayerScreen
-from surgeon.donor import DEMO_ROOT
 from surgeon.grid import Cell
 from surgeon.plan import Assignment
 from surgeon.session import load_session
@@ -323,19 +322,6 @@ async def test_help_lists_every_binding_and_the_palette_has_every_action(olmoe3,
                 "Save", "Open", "Help", "Quit", "Theme"} <= titles
 
 
-DEMO_READY = all((DEMO_ROOT / n / "config.json").is_file() for n in ("base", "arith", "reverse"))
-
-
-@pytest.mark.skipif(DEMO_ROOT.is_dir(), reason="the demo donors are installed")
-@sync
-async def test_no_arguments_without_demo_donors_says_so(tmp_path):
-    app = make_app(tmp_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        assert "demo donors are missing" in screen_text(app)
-
-
-@pytest.mark.skipif(not DEMO_READY, reason="the demo donors are not generated yet")
 @sync
 async def test_no_arguments_opens_the_demo_with_a_welcome(tmp_path):
     app = make_app(tmp_path)
