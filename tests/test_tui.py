@@ -8,7 +8,7 @@ import pytest
 from textual.widgets import Input
 
 from screens.app import SurgeonApp
-from screens.dialogs import ConfirmScreen, ErrorScreen, PathScreen
+from screens.dialogs import ConfirmScreen, ErrorScreen
 from screens.donors import DonorsScreen
 from screens.export import ExportScreen
 from screens.help import HelpScreen
@@ -16,7 +16,7 @@ from screens.layer import LayerScreen
 from surgeon.grid import Cell
 from surgeon.plan import Assignment
 from surgeon.session import load_session
-from test_tui_helpers import notifications, screen_text, settle, sync, write_synthetic
+from test_tui_helpers import notifications, save_as, screen_text, settle, sync, write_synthetic
 from tiny_models import make_donor
 
 SIZE = (100, 32)
@@ -119,15 +119,6 @@ async def test_per_expert_marks_and_distances_in_layer_detail(olmoe3, tmp_path):
         await pilot.press("escape")
         assert not isinstance(app.screen, LayerScreen)
         assert "B×2 A×1 C×1" in screen_text(app)
-
-
-async def save_as(pilot, path):
-    await pilot.press("ctrl+s")
-    await pilot.pause()
-    assert isinstance(pilot.app.screen, PathScreen)
-    pilot.app.screen.query_one(Input).value = str(path)
-    await pilot.press("enter")
-    await settle(pilot)
 
 
 @sync

@@ -14,7 +14,7 @@ from surgeon.distance import DistanceCache
 from surgeon.donor import open_donor
 from surgeon.errors import SurgeonError
 from surgeon.grid import Cell, Workbench, layer_sheet, surgery_sheet
-from surgeon.plan import Assignment, Plan
+from surgeon.plan import Assignment
 from surgeon.recovery import RecoveryWriter, load_recovery, orphans
 from surgeon.resolve import resolve
 from surgeon.session import make_session

@@ -50,6 +50,20 @@ async def settle(pilot) -> None:
         await pilot.pause()
 
 
+async def save_as(pilot, path) -> None:
+    """ctrl+s, type a path into the save prompt, enter."""
+    from textual.widgets import Input
+
+    from screens.dialogs import PathScreen
+
+    await pilot.press("ctrl+s")
+    await pilot.pause()
+    assert isinstance(pilot.app.screen, PathScreen)
+    pilot.app.screen.query_one(Input).value = str(path)
+    await pilot.press("enter")
+    await settle(pilot)
+
+
 def notifications(app) -> list[str]:
     return [n.message for n in app._notifications]
 

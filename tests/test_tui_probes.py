@@ -12,13 +12,13 @@ import pytest
 from textual.widgets import Input, SelectionList
 
 from screens.app import SurgeonApp
-from screens.dialogs import ErrorScreen, PathScreen
+from screens.dialogs import ErrorScreen
 from screens.help import HelpScreen
 from screens.probes import ProbesScreen, split_runs
 from surgeon.grid import Cell
 from surgeon.session import load_session
 from surgeon.stats import significance_stars
-from test_tui_helpers import notifications, screen_text, settle, sync
+from test_tui_helpers import notifications, save_as, screen_text, settle, sync
 
 SIZE = (100, 32)
 LETTERS = "abcdefghij"
@@ -84,15 +84,6 @@ def reference(app, monkeypatch, tmp_path, specs, compare_donors=True):
 
 def cell(screen, row, column) -> str:
     return str(screen.query_one("#probe-results").get_cell(f"{row['model']}|{row['probe']}", column))
-
-
-async def save_as(pilot, path):
-    await pilot.press("ctrl+s")
-    await pilot.pause()
-    assert isinstance(pilot.app.screen, PathScreen)
-    pilot.app.screen.query_one(Input).value = str(path)
-    await pilot.press("enter")
-    await settle(pilot)
 
 
 @sync
