@@ -340,25 +340,23 @@ class SurgeonApp(App):
 
     def action_probes(self) -> None:
         """One Probes screen for the app's life: it keeps the live hybrid and the picked probes."""
-        if self.wb is None:
-            self.notify("nothing to probe: no donors are open", severity="warning")
-            return
         from .probes import ProbesScreen
 
-        if not self.is_screen_installed("probes"):
-            self.install_screen(ProbesScreen(), name="probes")
-        self.push_screen("probes")
+        self._push_kept("probes", ProbesScreen, "nothing to probe")
 
     def action_sweep(self) -> None:
         """One Sweep screen for the app's life: it keeps the form and the shown sweep."""
-        if self.wb is None:
-            self.notify("nothing to sweep: no donors are open", severity="warning")
-            return
         from .sweep import SweepScreen
 
-        if not self.is_screen_installed("sweep"):
-            self.install_screen(SweepScreen(), name="sweep")
-        self.push_screen("sweep")
+        self._push_kept("sweep", SweepScreen, "nothing to sweep")
+
+    def _push_kept(self, name: str, factory, refusal: str) -> None:
+        if self.wb is None:
+            self.notify(f"{refusal}: no donors are open", severity="warning")
+            return
+        if not self.is_screen_installed(name):
+            self.install_screen(factory(), name=name)
+        self.push_screen(name)
 
     async def action_quit(self) -> None:
         # Unsaved probe results count as much as marks: a clean quit deletes the recovery file.
