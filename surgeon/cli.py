@@ -18,7 +18,7 @@ from .cli_options import add_model_options, out_of_memory_is_an_error
 from .errors import SurgeonError
 from .sizes import human_bytes
 
-SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe", "sweep", "distance", "routing")
+SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe", "sweep", "distance", "routing", "compress", "mix", "gates")
 DONOR_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -461,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .routing_cli import register as register_routing
 
     register_routing(sub)
+    from .compress_cli import register as register_compress
+    from .gates_cli import register as register_gates
+    from .mix_cli import register as register_mix
+
+    register_compress(sub)
+    register_mix(sub)
+    register_gates(sub)
     return parser
 
 
