@@ -37,6 +37,8 @@ class SurgeryScreen(MarkingMixin, Screen):
         Binding("w", "dismiss_welcome", "Hide welcome", show=False, id="surgery.welcome"),
         Binding("s", "sweep", "Sweep", show=False, id="surgery.sweep",
                 tooltip="Sweep: every subset of component groups from a donor, probed, as a table and heatmap"),
+        Binding("R", "routing", "Routing", show=False, id="surgery.routing",
+                tooltip="Routing heatmap: which experts each model uses"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -93,7 +95,8 @@ class SurgeryScreen(MarkingMixin, Screen):
 
     def check_action(self, action: str, parameters) -> bool | None:
         if self.app.wb is None and action not in ("app.donors",):
-            return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer", "probes", "sweep")) else True
+            return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer", "probes",
+                                               "sweep", "routing")) else True
         return True
 
     def on_grid_view_clicked(self, event: GridView.Clicked) -> None:
@@ -116,6 +119,11 @@ class SurgeryScreen(MarkingMixin, Screen):
 
     def action_sweep(self) -> None:  # a screen action, like probes: hidden with no donors open
         self.app.action_sweep()
+
+    def action_routing(self) -> None:  # installed once: routing measured for a donor is kept
+        from .heatmap import RoutingScreen
+
+        self.app._push_kept("routing", RoutingScreen, "nothing to analyse")
 
     def action_distance_map(self) -> None:
         if self.app.wb is None:

@@ -48,6 +48,13 @@ def register(sub) -> None:
     p.add_argument("--domain", help="the corpus --take-used ranks by (default: the first)")
     p.add_argument("--layers", help="layers for --take-used / --take-changed, e.g. 0-3,8 (default all)")
     p.add_argument("--max-tokens", type=int, default=None, help="read at most this many tokens per corpus")
+    p.add_argument("--save", action="append", default=[], metavar="FILE",
+                   help="save the heatmap view (--metric of the target on --view, or --diff) as an image or table, "
+                   "the format by extension: .svg .png .csv .json; repeatable")
+    p.add_argument("--view", metavar="CORPUS", help="the corpus the view shows (default: --domain or the first)")
+    p.add_argument("--diff", nargs=2, metavar=("A", "B"),
+                   help="the view is A minus B: two corpora (the target on each), or two models on --view's corpus "
+                   "(`target`, an --against DIR as given, or with --drift a session donor's name)")
     add_model_options(p, batch_size=32)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print everything as JSON")
@@ -137,7 +144,7 @@ def cmd_routing(args) -> int:
         _require_moe(d)
     sim_donor = open_donor(args.similarity, allow_pickle=args.allow_pickle) if args.similarity else None
     probe_needed = bool(args.corpus or not args.similarity or experts_asked or args.take_used or args.drift
-                        or against)
+                        or against or args.save or args.diff)
     corpora = {}
     if probe_needed:
         for arg in args.corpus or DEFAULT_CORPORA:
@@ -147,11 +154,24 @@ def cmd_routing(args) -> int:
             corpora[name] = corpus_texts(path)
     if args.domain and args.domain not in corpora:
         raise SurgeonError(f"--domain {args.domain!r}: no such corpus (corpora: {', '.join(corpora) or 'none'})")
+    if args.view and args.view not in corpora:
+        raise SurgeonError(f"--view {args.view!r}: no such corpus (corpora: {', '.join(corpora) or 'none'})")
+    target_label = args.target if session is None else f"the hybrid of {args.target}"
+    model_labels = {"target": target_label, **{a: a for a in args.against}}  # --diff name -> what a view calls it
+    if args.drift:
+        model_labels.update({ref.name: ref.path for ref in session.donors})
+    diff_kind = _diff_kind(args.diff, corpora, list(model_labels)) if args.diff else None
+    from .routing_view import FORMATS
+
+    for f in args.save:  # refused before any model loads
+        if Path(f).suffix.lower() not in FORMATS:
+            raise SurgeonError(f"--save {f}: unknown format {Path(f).suffix or '(none)'!r}; use {', '.join(FORMATS)}")
 
     result: dict = {"target": args.target, "model_type": base.model_type, "q": args.q}
     stats = {}
+    view = None
     if probe_needed:
-        stats, drift = _probe(args, session, donors, base, against, corpora)
+        stats, drift, theirs = _probe(args, session, donors, base, against, corpora)
         first = next(iter(stats.values()))
         from .routing import common_experts
 
@@ -163,6 +183,10 @@ def cmd_routing(args) -> int:
             result["drift"] = drift
         if experts_asked:
             result["experts"] = _what_experts_do(stats, base, experts_asked)
+        if args.save or args.diff:
+            view = _view(args, stats, theirs, diff_kind, model_labels)
+            result["view"] = view.title
+            result["saved"] = [_save(view, f) for f in args.save]
     similarity = None
     if sim_donor is not None:
         from .routing import expert_similarity
@@ -190,9 +214,49 @@ def cmd_routing(args) -> int:
         print(json.dumps(result, indent=2))
     elif args.csv:
         _print_csv(stats, result)
+        for s in result.get("saved", []):  # stdout is the CSV
+            print(f"saved {s['path']} ({s['format']})", file=sys.stderr)
     else:
         _print_text(args, result, stats, similarity, takes)
+        if args.diff and list(args.diff) != list(stats)[:2]:  # the first two corpora's difference is printed above
+            from .routing_view import view_lines
+
+            print(f"\n{view.title}")
+            for line in view_lines(view):
+                print("  " + line)
+        for s in result.get("saved", []):
+            print(f"saved {s['path']} ({s['format']})")
     return 0
+
+
+def _diff_kind(pair, corpora, models) -> str:
+    """`--diff A B` names two corpora or two models; which, checked before any model loads."""
+    if all(x in corpora for x in pair):
+        return "domain"
+    if all(x in models for x in pair):
+        return "model"
+    raise SurgeonError(f"--diff {pair[0]} {pair[1]}: expected two corpora ({', '.join(corpora)}) or two models "
+                       f"({', '.join(models)})")
+
+
+def _view(args, stats, theirs, diff_kind, labels):
+    """The heatmap view --save writes: the target on one corpus, or a difference of two."""
+    from .routing_view import difference_view, stats_view
+
+    domain = args.view or args.domain or next(iter(stats))
+    if diff_kind is None:
+        return stats_view(stats[domain], args.metric, labels["target"], domain)
+    a, b = args.diff
+    if diff_kind == "domain":
+        return difference_view(stats[a], stats[b], args.metric, (labels["target"], a), (labels["target"], b))
+    models = {"target": stats, **theirs}
+    return difference_view(models[a][domain], models[b][domain], args.metric, (labels[a], domain), (labels[b], domain))
+
+
+def _save(view, path) -> dict:
+    from .routing_view import save_view
+
+    return {"path": path, "format": save_view(view, path)}
 
 
 def _probe(args, session, donors, base, against, corpora):
@@ -206,9 +270,9 @@ def _probe(args, session, donors, base, against, corpora):
     device = str(check_device(args.device or default_device()))
     tokenizer = load_tokenizer(base.path)
     kw = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, importance=args.importance)
-    others = list(against)
+    others = list(zip(args.against, against))  # (name for --diff, donor)
     if args.drift:
-        others += [d for n, d in donors.items()]
+        others += list(donors.items())
     keep = bool(others)
     try:
         if session is not None:
@@ -217,11 +281,10 @@ def _probe(args, session, donors, base, against, corpora):
             model = _load_model(base.path, device, args.dtype)
         stats = probe_domains(model, tokenizer, corpora, keep_probs=keep, **kw)
         del model
-        drift = []
-        for other in others:
+        drift, by_name = [], {}
+        for other_name, other in others:
             model = _load_model(other.path, device, args.dtype)
-            theirs = probe_domains(model, tokenizer, corpora, keep_probs=True, batch_size=args.batch_size,
-                                   max_tokens=args.max_tokens)
+            theirs = by_name[other_name] = probe_domains(model, tokenizer, corpora, keep_probs=True, **kw)
             del model
             for name in corpora:
                 d = routing_drift(stats[name], theirs[name])
@@ -230,9 +293,9 @@ def _probe(args, session, donors, base, against, corpora):
                               "usage_jsd": [round(float(v), 6) for v in d["usage_jsd"]]})
     except torch.cuda.OutOfMemoryError:
         raise SurgeonError(f"out of GPU memory on {device}; try --device cpu or a smaller --batch-size") from None
-    for s in stats.values():
+    for s in [*stats.values(), *(t for theirs in by_name.values() for t in theirs.values())]:
         s.probs = None  # only drift needed them
-    return stats, drift
+    return stats, drift, by_name
 
 
 def _what_experts_do(stats, base, asked) -> list[dict]:
