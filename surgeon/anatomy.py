@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from .architectures import GLOBAL_RULES, LAYER_PREFIX, Architecture, architecture_for
+from .architectures import COMMON_LAYER_RULES, GLOBAL_RULES, LAYER_PREFIX, Architecture, architecture_for
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def classify(name: str, arch: Architecture) -> Part | None:
         return None
     layer = int(segments[n])
     rest = segments[n + 1:]
-    for pattern, kind in arch.layer_rules:
+    for pattern, kind in COMMON_LAYER_RULES + arch.layer_rules:
         ok, expert = _match(rest, pattern)
         if ok:
             return Part(kind, layer, expert)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 LAYER_PREFIX = ("model", "layers")
 
-# Component kinds, in the order the TUI shows them as columns.
-LAYER_KINDS = ("attention", "router", "expert", "shared_expert", "gate", "norms", "mlp")
+# Component kinds, in the order the TUI shows them as columns. `layer_gate` is a Self-MoE gate
+# between decoder layers (seed 003); it lives in a sidecar file, see surgeon/gates_file.py.
+LAYER_KINDS = ("attention", "router", "expert", "shared_expert", "gate", "norms", "mlp", "layer_gate")
 GLOBAL_KINDS = ("embedding", "final_norm", "lm_head")
 
 GLOBAL_RULES = (
@@ -26,6 +27,10 @@ GLOBAL_RULES = (
     ("model.norm", "final_norm"),
     ("lm_head", "lm_head"),
 )
+
+# Rules every architecture shares, tried before its own: the Self-MoE layer gates moe-surgeon adds
+# (`model.layers.L.layer_gate.weight`, from the layer_gates.safetensors sidecar).
+COMMON_LAYER_RULES = (("layer_gate", "layer_gate"),)
 
 _ATTENTION_AND_NORMS = (
     ("self_attn", "attention"),  # q/k/v/o, q_norm/k_norm, MLA's q_a/q_b/kv_a/kv_b and their norms

@@ -149,5 +149,7 @@ def distance_map(base: Donor, donor: Donor, cache: DistanceCache, cancelled=lamb
     for cell, names in component_tensors(base).items():
         if cancelled():
             return
+        if cell[1] == "layer_gate" and any(n not in donor.tensors for n in names):
+            continue  # a donor without that Self-MoE gate: nothing to compare, no distance
         yield cell, cache.group(base, donor, names)
     cache.save()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .anatomy import Anatomy, build_anatomy
 from .errors import SurgeonError
+from .gates_file import GATES_FILE, check_sidecar
 from .safetensors_file import Header, TensorInfo, read_header
 
 DEMO_SCHEME = "demo:"
@@ -194,7 +195,7 @@ def _shard_names(path: Path) -> list[str] | None:
         return names
     if (path / "model.safetensors").is_file():
         return ["model.safetensors"]
-    found = sorted(p.name for p in path.glob("*.safetensors"))
+    found = sorted(p.name for p in path.glob("*.safetensors") if p.name != GATES_FILE)
     return found or None
 
 
@@ -220,7 +221,24 @@ def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool 
         for tname, shard in json.loads(index.read_bytes())["weight_map"].items():
             if tname not in shards[shard].tensors:
                 raise SurgeonError(f"{index}: maps {tname} to {shard}, which does not contain it")
+    _add_gates_sidecar(path, config, shards, tensors)
     return Donor(path, config, config_bytes, shards, tensors)
+
+
+def _add_gates_sidecar(path: Path, config: dict, shards: dict, tensors: dict) -> None:
+    """A Self-MoE gated checkpoint keeps its gates in a sidecar (see gates_file.py). Its tensors
+    join the donor's like a shard's: the fingerprint covers them, the anatomy classifies them
+    as `layer_gate`, and exports and hybrids take them like any component."""
+    sidecar = path / GATES_FILE
+    if not sidecar.is_file():
+        return
+    header = read_header(str(sidecar))
+    check_sidecar(header, config, sidecar)
+    for tname, info in header.tensors.items():
+        if tname in tensors:
+            raise SurgeonError(f"{sidecar}: tensor {tname} also appears in {Path(tensors[tname].file).name}")
+        tensors[tname] = info
+    shards[GATES_FILE] = header
 
 
 def _open_pickled(path: Path, config: dict, config_bytes: bytes, allow_pickle: bool) -> Donor:

@@ -20,6 +20,7 @@ from typing import Callable
 from . import __version__
 from .donor import Donor
 from .errors import SurgeonError
+from .gates_file import GATES_FILE, gate_layer_of, gate_type_of, hidden_size_of, sidecar_metadata
 from .process import pid_alive
 from .resolve import Resolution
 from .safetensors_file import DTYPE_SIZES, encode_header
@@ -43,7 +44,10 @@ class ExportResult:
 def plan_shards(resolution: Resolution, max_shard_size: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
+    gates = set(resolution.gate_names())  # these go to the gates sidecar
     for name, src in resolution.sources.items():
+        if name in gates:
+            continue
         nbytes = _nbytes(src.shape, src.dtype)
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
@@ -115,10 +119,12 @@ def export_hybrid(
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     fsync: bool = False,
+    before_rename: Callable[[Path], None] | None = None,
 ) -> ExportResult:
     """Write the hybrid to `out`. The rename at the end makes an interrupted export leave nothing;
     `fsync` also flushes every shard to disk before the rename, so the export survives a power
-    loss too, at the cost of waiting for the disk (an export can always be replayed)."""
+    loss too, at the cost of waiting for the disk (an export can always be replayed).
+    `before_rename(tmp_dir)` may add or rewrite files (as `gates add` does) inside the atomic step."""
     out = Path(out).absolute()
     check_target(out, donors, force)
     started = time.perf_counter()
@@ -136,10 +142,12 @@ def export_hybrid(
         )
         done = 0
         weight_map = {}
-        for shard_name, members in zip(names, shards):
+
+        def write_file(file_name: str, members: list[str], metadata: dict) -> None:
+            nonlocal done
             entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
-            header, _ = encode_header(entries, {"format": "pt"})
-            dst_fd = os.open(tmp / shard_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            header, _ = encode_header(entries, metadata)
+            dst_fd = os.open(tmp / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(dst_fd, header)
                 for n in members:
@@ -158,7 +166,6 @@ def export_hybrid(
                         os.write(dst_fd, data)
                     else:
                         _copy_range(fd, dst_fd, info.start, info.nbytes)
-                    weight_map[n] = shard_name
                     done += _nbytes(src.shape, src.dtype)
                     if progress is not None:
                         progress(done, total)
@@ -166,13 +173,22 @@ def export_hybrid(
                     os.fsync(dst_fd)
             finally:
                 os.close(dst_fd)
+
+        for shard_name, members in zip(names, shards):
+            write_file(shard_name, members, {"format": "pt"})
+            weight_map.update(dict.fromkeys(members, shard_name))
+        gates = resolution.gate_names()
+        if gates:  # Self-MoE layer gates: their own file, which plain transformers does not read
+            write_file(GATES_FILE, gates, gates_metadata(resolution, donors))
         if len(names) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": total - _gate_bytes(resolution)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _write_side_files(resolution, donors, tmp, dtype)
         (tmp / "README.md").write_text(model_card(resolution, donors, dtype))
         if session_json is not None:
             (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
+        if before_rename is not None:
+            before_rename(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -181,6 +197,28 @@ def export_hybrid(
         for fd in fds.values():
             os.close(fd)
     return ExportResult(out, names, len(resolution.sources), total, time.perf_counter() - started)
+
+
+def _gate_bytes(resolution: Resolution) -> int:
+    return sum(_nbytes(resolution.sources[n].shape, resolution.sources[n].dtype) for n in resolution.gate_names())
+
+
+def gate_types(resolution: Resolution, donors: dict[str, Donor]) -> dict[int, str]:
+    """The hybrid's layer gates: layer -> scalar, vector or matrix."""
+    hidden = hidden_size_of(donors[resolution.plan.base].config, "base")
+    return {gate_layer_of(n): gate_type_of(resolution.sources[n].shape, hidden, n) for n in resolution.gate_names()}
+
+
+def gates_metadata(resolution: Resolution, donors: dict[str, Donor]) -> dict[str, str]:
+    """The exported sidecar's metadata: the format's, plus where each layer's gate came from."""
+    base = donors[resolution.plan.base]
+    origin = {}
+    for n in resolution.gate_names():
+        src = resolution.sources[n]
+        d = donors[src.donor]
+        origin[str(gate_layer_of(n))] = {"donor": src.donor, "path": str(d.path), "fingerprint": d.fingerprint}
+    shapes = {gate_layer_of(n): resolution.sources[n].shape for n in resolution.gate_names()}
+    return sidecar_metadata(shapes, hidden_size_of(base.config, str(base.path)), {"origin": origin})
 
 
 def _remove_stale_leftovers(out: Path) -> None:
@@ -216,7 +254,32 @@ def _write_side_files(resolution: Resolution, donors: dict[str, Donor], tmp: Pat
             shutil.copyfile(f, tmp / f.name)
 
 
-def model_card(resolution: Resolution, donors: dict[str, Donor], dtype: str) -> str:
+def gates_card_section(types: dict[int, str]) -> list[str]:
+    """What the model card says about layer gates: plain transformers does not run them."""
+    from .plan import format_ranges
+
+    if not types:
+        return []
+    kinds = ", ".join(sorted(set(types.values())))
+    return [
+        "## Layer gates (Self-MoE)",
+        "",
+        f"This checkpoint carries {len(types)} {kinds} layer gate(s) on decoder layer(s) {format_ranges(types)}",
+        f"in `{GATES_FILE}`: layer L computes h_L = B_L(h_(L-1)) + G_L(h_(L-1)).",
+        "",
+        f"**Plain transformers ignores the gates.** `AutoModelForCausalLM.from_pretrained` never reads `{GATES_FILE}`",
+        "and gives the model without them. To run the model with its gates:",
+        "",
+        "```python",
+        "from surgeon.gates_file import load_gated",
+        "model = load_gated(\"path/to/this/checkpoint\")  # an AutoModelForCausalLM with the gates attached",
+        "```",
+        "",
+    ]
+
+
+def model_card(resolution: Resolution, donors: dict[str, Donor], dtype: str, gates: dict[int, str] | None = None) -> str:
+    """The README.md of an export; `gates` (layer -> type) overrides the resolution's layer gates."""
     plan = resolution.plan
     params = resolution.parameters_by_donor()
     total = sum(params.values()) or 1
@@ -248,4 +311,7 @@ def model_card(resolution: Resolution, donors: dict[str, Donor], dtype: str) -> 
     lines += ["", f"{changed} of {len(resolution.sources)} tensors come from donors other than the base.", ""]
     for w in resolution.warnings:
         lines.append(f"> Note: {w}")
+    section = gates_card_section(gate_types(resolution, donors) if gates is None else gates)
+    if section:
+        lines += [""] + section
     return "\n".join(lines) + "\n"

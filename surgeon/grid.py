@@ -21,6 +21,7 @@ from .anatomy import Part
 from .architectures import GLOBAL_KINDS, LAYER_KINDS
 from .donor import Donor
 from .errors import SurgeonError
+from .gates_file import GATE_KIND
 from .plan import Assignment, Plan
 from .resolve import resolve
 
@@ -28,7 +29,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Column headers: the part kind `expert` is shown as the whole `experts` column.
 COLUMN_TITLES = {
     "attention": "attention", "router": "router", "expert": "experts", "shared_expert": "shared",
-    "gate": "gate", "norms": "norms", "mlp": "mlp",
+    "gate": "gate", "norms": "norms", "mlp": "mlp", "layer_gate": "layer gate",
     "embedding": "embedding", "final_norm": "final norm", "lm_head": "lm_head",
 }
 
@@ -60,14 +61,22 @@ class Tally:
 
 
 class BaseIndex:
-    """Everything about the base that the grid asks often, computed once per base."""
+    """Everything about the base that the grid asks often, computed once per base.
 
-    def __init__(self, base: Donor):
+    `gate_layers`: layers where some open donor has a Self-MoE layer gate. A layer gate is the one
+    component a base may lack and still take (see resolve.gate_sources), so those layers get a
+    `layer_gate` unit even where the base has no gate; such a unit owns no base tensor.
+    """
+
+    def __init__(self, base: Donor, gate_layers=()):
         anatomy = base.anatomy
         self.num_layers = anatomy.num_layers
         self.tensors_of: dict[Part, list[str]] = {}
         for name, part in anatomy.parts.items():
             self.tensors_of.setdefault(part, []).append(name)
+        for layer in gate_layers:
+            if layer < self.num_layers:
+                self.tensors_of.setdefault(Part(GATE_KIND, layer), [])
         self.units: list[Part] = sorted(self.tensors_of, key=_unit_key)
         self.params_of = {p: sum(base.tensors[n].numel for n in names) for p, names in self.tensors_of.items()}
         self.unclassified_params = sum(base.tensors[n].numel for n in anatomy.unclassified)
@@ -88,6 +97,11 @@ class BaseIndex:
                 self.experts_of.setdefault(p.layer, []).append(p)
 
 
+def _gate_layers(donors: dict[str, Donor]) -> set[int]:
+    """Layers where any of `donors` has a layer gate."""
+    return {p.layer for d in donors.values() for p in d.part_groups if p.kind == GATE_KIND}
+
+
 def _unit_key(p: Part):
     return (-1 if p.layer is None else p.layer, p.kind, -1 if p.expert is None else p.expert)
 
@@ -100,7 +114,7 @@ class Workbench:
             raise SurgeonError(f"base donor {base!r} is not among the donors ({', '.join(donors) or 'none'})")
         self.donors: dict[str, Donor] = dict(donors)
         self.base = base
-        self.index = BaseIndex(donors[base])
+        self.index = BaseIndex(donors[base], _gate_layers(self.donors))
         self.state: dict[Part, str] = {p: base for p in self.index.units}
         self.history_limit = history_limit
         self.undo_stack: list[tuple[str, dict[Part, str]]] = []
@@ -130,6 +144,11 @@ class Workbench:
         name = name or self.next_name()
         self.donors[name] = donor
         self.version += 1
+        if not _gate_layers({name: donor}) <= {p.layer for p in self.index.units if p.kind == GATE_KIND}:
+            # The donor brings layer gates to layers the grid has no gate cell for yet.
+            self.index = BaseIndex(self.donors[self.base], _gate_layers(self.donors))
+            self.state = {p: self.state.get(p, self.base) for p in self.index.units}
+            self._changed()
         return name
 
     def remove_donor(self, name: str) -> None:
@@ -161,7 +180,7 @@ class Workbench:
 
     def _rebase(self, name: str) -> None:
         self.base = name
-        self.index = BaseIndex(self.donors[name])
+        self.index = BaseIndex(self.donors[name], _gate_layers(self.donors))
         self._problems.clear()
 
     def problem(self, name: str) -> str | None:
@@ -243,6 +262,9 @@ class Workbench:
         parts = [p for p in parts if self.state.get(p) not in (None, donor)]
         if not parts:
             return False
+        for p in parts:
+            if p.kind == GATE_KIND and not self.index.tensors_of[p] and p.layer not in _gate_layers({donor: self.donors[donor]}):
+                raise SurgeonError(f"layer {p.layer} layer gate: neither donor {donor} nor the base has one")
         if self.problem(donor) is not None:
             trial = dict(self.state)
             trial.update({p: donor for p in parts})
@@ -331,7 +353,8 @@ class Workbench:
         base, state = snapshot
         if base != self.base:
             self._rebase(base)
-        self.state = dict(state)
+        # Units added since the snapshot (layer gates a later donor brought) follow the base.
+        self.state = {p: state.get(p, self.base) for p in self.index.units}
         self._changed()
 
     def _remember(self) -> None:
@@ -349,7 +372,10 @@ class Workbench:
 def _whole_donor_problem(wb: Workbench, name: str) -> str | None:
     """Resolve "everything from `name`": the first error is why it cannot be marked freely."""
     idx = wb.index
-    assignments = [Assignment(k, name, idx.layers_with[k]) for k in idx.columns if k != "expert"]
+    gated = _gate_layers({name: wb.donors[name], wb.base: wb.donors[wb.base]})
+    # Layer gates neither side has are no incompatibility: they are simply not there to take.
+    assignments = [Assignment(k, name, idx.layers_with[k]) for k in idx.columns
+                   if k != "expert" and (k != GATE_KIND or gated)]
     if "expert" in idx.columns:
         assignments.append(Assignment("experts", name, idx.layers_with["expert"]))
     assignments += [Assignment(k, name) for k in idx.globals]
@@ -373,7 +399,9 @@ def _plan_from(wb: Workbench, state: dict[Part, str]) -> Plan:
 
     def layers_arg(kind: str, donor: str, layers: list[int]):
         same_depth = wb.donors[donor].anatomy.num_layers == idx.num_layers
-        return None if same_depth and tuple(layers) == idx.layers_with.get(kind) else tuple(layers)
+        # Gate columns are sparse (layers some donor has a gate in): name their layers.
+        whole = same_depth and kind != GATE_KIND and tuple(layers) == idx.layers_with.get(kind)
+        return None if whole else tuple(layers)
 
     for kind in idx.globals:
         d = state[idx.cells[Cell(None, kind)][0]]

@@ -6,6 +6,9 @@ from other donors. Changing the plan copies only the tensors whose source change
 straight from the donors' memory maps, including into the fused expert tensors transformers
 holds in memory (see `architectures.FUSED_QWEN_STYLE`). A sweep then costs probe time, not
 reload time.
+
+Self-MoE layer gates (a sidecar `from_pretrained` does not read, see `gates_file.py`) are attached
+as modules when materialising and re-fitted on every swap: a plan may add, drop or retype them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from .architectures import Architecture
 from .donor import Donor
 from .errors import SurgeonError
+from .gates import attach_gates, gate_modules
+from .gates_file import gate_layer_of, gate_tensor_name
 from .plan import Plan
 from .resolve import Resolution, resolve
 from .tensors import TORCH_DTYPES
@@ -91,6 +96,13 @@ class TensorReader:
         return flat.view(info.shape)
 
 
+def _attach_layer_gates(model, resolution: Resolution) -> None:
+    """Give the live model the layer gates `resolution` has (see surgeon/gates.py); new ones are zero."""
+    shapes = {gate_layer_of(n): tuple(resolution.sources[n].shape) for n in resolution.gate_names()}
+    if shapes or gate_modules(model):
+        attach_gates(model, shapes)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -151,9 +163,29 @@ class Hybrid:
                                "try --device cpu or a smaller --dtype") from None
         model.eval()
         start = resolve(Plan(plan.base), donors, dtype=dtype)
+        # The base's layer gates (a sidecar from_pretrained does not read): attach them, then load.
+        _attach_layer_gates(model, start)
         hybrid = cls(model, donors, start)
+        with torch.no_grad():
+            for name in start.gate_names():
+                hybrid._copy(name, start.sources[name])
         hybrid.apply(plan, dtype=dtype)
         return hybrid
+
+    def _fit_layer_gates(self, resolution: Resolution) -> set[str]:
+        """Attach or detach gate modules to match `resolution`; the names of those now zero."""
+        before = {n: tuple(t.shape) for n, t in self._live.items()
+                  if n.endswith("layer_gate.weight") and gate_layer_of(n) is not None}
+        want = {n: tuple(resolution.sources[n].shape) for n in resolution.gate_names()}
+        if before == want:
+            return set()
+        _attach_layer_gates(self.model, resolution)
+        for n in before:
+            self._live.pop(n, None)
+            self._targets.pop(n, None)
+        for layer, gate in gate_modules(self.model).items():
+            self._live[gate_tensor_name(layer)] = gate.weight
+        return {n for n, shape in want.items() if before.get(n) != shape}
 
     def target(self, name: str) -> LiveTarget:
         t = self._targets.get(name)
@@ -186,8 +218,11 @@ class Hybrid:
         started = time.perf_counter()
         new = resolve(plan, self.donors, dtype=dtype)
         old = self.resolution.sources
+        # Layer gates may appear, vanish or change type between plans: fit the gate modules first;
+        # every gate that was (re)attached is zero and is then copied like a changed tensor.
+        fresh = self._fit_layer_gates(new)
         changed = [n for n, s in new.sources.items()
-                   if s is not old[n] and (old[n].donor, old[n].tensor) != (s.donor, s.tensor)]
+                   if n in fresh or (s is not old[n] and (old[n].donor, old[n].tensor) != (s.donor, s.tensor))]
         moved = 0
         done: list[str] = []
         with torch.no_grad():
@@ -198,7 +233,11 @@ class Hybrid:
             except BaseException:
                 # All or nothing: put back what was already swapped, so the live weights match
                 # the plan the hybrid says it holds and a later swap skips nothing.
+                refit = self._fit_layer_gates(self.resolution)
                 for name in done:
+                    if name in old and name not in refit:
+                        self._copy(name, old[name])
+                for name in refit:
                     self._copy(name, old[name])
                 raise
         if changed and any(p.is_cuda for p in self._live.values()):

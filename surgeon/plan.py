@@ -2,7 +2,8 @@
 
 SPEC syntax (command line and session): `component[@layers]`, where component is one of
 COMPONENTS or `expert:E` with E a list or range (`3,5-9`), and layers is `all`, `N`, `A-B`
-or a comma list of those.
+or a comma list of those. `layer_gate` is a Self-MoE gate between decoder layers (seed 003),
+the one component a base may lack and still take from a donor.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from dataclasses import dataclass, field
 from .anatomy import Anatomy, Part
 from .errors import SurgeonError
 
-LAYER_COMPONENTS = ("attention", "router", "experts", "shared_expert", "gate", "norms", "mlp")
+LAYER_COMPONENTS = ("attention", "router", "experts", "shared_expert", "gate", "norms", "mlp", "layer_gate")
+# Components a layer may lack in the base and take from a donor all the same (the donor decides
+# whether the layer has one): the Self-MoE layer gates, see resolve.gate_sources.
+OPTIONAL_COMPONENTS = ("layer_gate",)
 GLOBAL_COMPONENTS = ("embedding", "final_norm", "lm_head")
 COMPONENTS = LAYER_COMPONENTS + GLOBAL_COMPONENTS + ("expert:E",)
 
@@ -121,6 +125,8 @@ def check_assignment(a: Assignment, anatomy: Anatomy, base_label: str) -> None:
                 f"SPEC {a.spec!r}: expert {bad[0]} out of range (base {base_label} has "
                 + (f"{n} experts per layer: 0-{n - 1})" if n else "no experts)")
             )
+    if a.component in OPTIONAL_COMPONENTS:
+        return  # resolve checks these against the donor, which may bring what the base lacks
     if not any(a.covers(p) for p in anatomy.parts.values()):
         raise SurgeonError(
             f"SPEC {a.spec!r}: base {base_label} ({anatomy.architecture.model_type}) has no "

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from .anatomy import Part
 from .donor import Donor
 from .errors import SurgeonError
+from .gates_file import GATE_KIND, gate_type_of, hidden_size_of
 from .plan import Plan, check_assignment
 
 DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 CONVERTIBLE = {"F16", "BF16", "F32", "F64"}
 # Tensors whose precision matters more than their size: they keep their dtype under --dtype.
-KEEP_PRECISION = ("e_score_correction_bias",)
+# Layer gates are tiny next to their layer and were trained in float32.
+KEEP_PRECISION = ("e_score_correction_bias", f"{GATE_KIND}.weight")
 
 _LAYER_NUM = re.compile(r"\.(\d+)\.")
 
@@ -55,6 +57,10 @@ class Resolution:
 
     def changed(self) -> list[str]:
         return [n for n, s in self.sources.items() if s.donor != self.plan.base]
+
+    def gate_names(self) -> list[str]:
+        """The hybrid's layer-gate tensors: they go to the gates sidecar, not the model's shards."""
+        return [n for n in self.sources if (p := self.parts.get(n)) is not None and p.kind == GATE_KIND]
 
     @property
     def converts(self) -> bool:
@@ -111,12 +117,58 @@ def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Res
     sources = dict(_base_sources(base, plan.base, dtype))
     for part, names in base.part_groups.items():
         donor_name = plan.donor_for(part)
-        if donor_name == plan.base:
+        if donor_name == plan.base or part.kind == GATE_KIND:
             continue
         donor = donors[donor_name]
         for name in names:
             sources[name] = _source_from(name, part, base, plan.base, donor, donor_name, dtype)
-    return Resolution(plan, sources, anatomy.parts, warnings)
+    parts = anatomy.parts
+    if any(a.component == GATE_KIND for a in plan.assignments):
+        parts = gate_sources(plan, donors, sources, dtype)
+    return Resolution(plan, sources, parts, warnings)
+
+
+def gate_sources(plan: Plan, donors: dict[str, Donor], sources: dict[str, Source], dtype: str) -> dict[str, Part]:
+    """Apply the plan's layer_gate assignments to `sources`; return the hybrid's parts.
+
+    A layer gate is optional: the donor a layer's gate is taken from decides whether the hybrid
+    has one there, so a gated donor adds gates to a base without any, and a donor without a gate
+    in that layer removes the base's. Each gate carries its type in its shape, so only the
+    hidden size has to agree, not the shape of a base gate it replaces.
+    """
+    base = donors[plan.base]
+    parts = dict(base.anatomy.parts)
+    hidden = hidden_size_of(base.config, str(base.path))
+    gates = {n: _gates_by_layer(d) for n, d in donors.items()}
+    for a in plan.assignments:
+        if a.component != GATE_KIND or a.donor == plan.base:
+            continue
+        layers = range(base.anatomy.num_layers) if a.layers is None else a.layers
+        if not any(layer in gates[n] for n in (a.donor, plan.base) for layer in layers):
+            raise SurgeonError(
+                f"SPEC {a.spec!r}: neither donor {_label(a.donor, donors[a.donor])} nor base "
+                f"{_label(plan.base, base)} has layer gates in those layers (add some with moe-surgeon gates add)"
+            )
+    for layer in range(base.anatomy.num_layers):
+        part = Part(GATE_KIND, layer)
+        donor_name = plan.donor_for(part)
+        if donor_name == plan.base:
+            continue
+        for name in gates[plan.base].get(layer, ()):
+            del sources[name]
+            del parts[name]
+        donor = donors[donor_name]
+        for name in gates[donor_name].get(layer, ()):
+            info = donor.tensors[name]
+            gate_type_of(info.shape, hidden, f"tensor {name} of donor {_label(donor_name, donor)} "
+                         f"(base {_label(plan.base, base)})")
+            sources[name] = Source(donor_name, name, out_dtype(name, info.dtype, dtype), info.shape, info.dtype)
+            parts[name] = part
+    return parts
+
+
+def _gates_by_layer(donor: Donor) -> dict[int, list[str]]:
+    return {p.layer: names for p, names in donor.part_groups.items() if p.kind == GATE_KIND}
 
 
 def _base_sources(base: Donor, base_name: str, dtype: str) -> dict[str, Source]:
