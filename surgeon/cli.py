@@ -187,6 +187,12 @@ def cmd_replay(args) -> int:
         session, args.session, ignore_fingerprints=args.ignore_fingerprints, verify=args.verify,
         allow_pickle=args.allow_pickle,
     )
+    # --- mix session step (surgeon/mix_build.py): its export is rebuilt by the mix command's code
+    if "mix" in session.extensions:
+        from .mix_cli import replay_mix
+
+        return replay_mix(session, donors, args)
+    # --- end mix
     if args.probes:
         return replay_probes(session, donors, args)
     if args.export:
@@ -249,6 +255,8 @@ def _open_probe_target(target: str, allow_pickle: bool):
 
     if Path(target).is_file():
         session = load_session(target)
+        if "mix" in session.extensions:  # its plan is only the dense part of a mix (mix_build.py)
+            raise SurgeonError(f"{target}: a mix session; probe the mix's export directory instead")
         return session, open_session_donors(session, target, allow_pickle=allow_pickle), session.plan
     donor = open_donor(target, allow_pickle=allow_pickle)
     return None, {"A": donor}, Plan("A")

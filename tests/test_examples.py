@@ -40,6 +40,6 @@ def test_demo_command_copies_the_donors(tmp_path, cli):
     r = cli("demo", tmp_path / "demo")
     assert r.returncode == 0, r.stderr
     names = [line.split("\t")[0] for line in r.stdout.splitlines()]
-    assert names == ["arith", "base", "reverse"]
+    assert names == ["arith", "base", "dense-arith", "dense-base", "dense-reverse", "reverse"]
     r = cli("inspect", tmp_path / "demo" / "arith", "--json")
     assert r.returncode == 0 and '"model_type": "olmoe"' in r.stdout
