@@ -114,7 +114,7 @@ def _open_plan_donors(base_dir: str, takes: list[str], allow_pickle: bool):
     return Plan(base, assignments), donors
 
 
-def _progress_printer(label: str):
+def progress_printer(label: str):
     if not sys.stderr.isatty():
         return None
     state = {"t0": time.perf_counter(), "last": 0.0}
@@ -147,7 +147,7 @@ def _run_export(plan, donors, out, args, session_path=None, session=None) -> int
     embedded = make_session(plan, donors, None).to_json()
     result = export_hybrid(
         resolution, donors, out, dtype=args.dtype, max_shard_size=max_shard, force=args.force,
-        session_json=embedded, progress=_progress_printer("export"), fsync=args.fsync,
+        session_json=embedded, progress=progress_printer("export"), fsync=args.fsync,
     )
     record = {
         "path": str(result.path), "dtype": args.dtype, "max_shard_size": max_shard,
@@ -400,7 +400,7 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- parsers
-def _common_export_options(p) -> None:
+def common_export_options(p) -> None:
     p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"],
                    help="dtype of the written tensors (default keep; e_score_correction_bias stays fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--take", action="append", default=[], metavar="SPEC=DIR",
                    help="take component[@layers] from DIR; repeatable, later wins")
     p.add_argument("--save-session", metavar="FILE", help="also save the plan as a session file")
-    _common_export_options(p)
+    common_export_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("replay", help="verify a session's donors, resolve its plan, optionally export")
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", action="store_true",
                    help="re-run the recorded probes and report per-item differences (exit 1 if any)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
-    _common_export_options(p)
+    common_export_options(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("probe", help="measure a session's hybrid against its donors, or one checkpoint")

@@ -329,7 +329,6 @@ def compact_state_dict(donor: Donor, results: list[LayerResult], config, target:
     """Every tensor of the dense model: the source's attention/norms/globals, the new FFNs; checked
     name by name and shape by shape against the model transformers builds from `config`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from .hybrid import TensorReader
 
@@ -407,7 +406,7 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
     does). Returns what was written."""
     from safetensors.torch import save_file
 
-    from .export import _remove_stale_leftovers, _swap_into_place, check_target
+    from .export import remove_stale_leftovers, swap_into_place, check_target
     from .hybrid import TORCH_DTYPE_NAMES
     from .resolve import natural_key
     from .tensors import TORCH_DTYPES
@@ -426,7 +425,7 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
     files = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_leftovers(out)
+    remove_stale_leftovers(out)
     tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -449,7 +448,7 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
         full = {**(report or {}), "written": written}
         (tmp / REPORT_FILE).write_text(json.dumps(full, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(donor, results, target, full))
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -57,7 +57,7 @@ def register(sub) -> None:
 def _common_choice(args, donor, device) -> tuple[dict, dict]:
     """Per MoE layer, the experts common to every corpus (routing.common_experts)."""
     from .routing import common_experts, probe_domains
-    from .routing_cli import DEFAULT_CORPORA, _load_model, corpus_texts, parse_corpus
+    from .routing_cli import DEFAULT_CORPORA, load_model, corpus_texts, parse_corpus
     from .scoring import load_tokenizer
 
     corpora = {}
@@ -70,7 +70,7 @@ def _common_choice(args, donor, device) -> tuple[dict, dict]:
 
     logging.disable_progress_bar()  # a loading bar between the lines of a report is noise
     tokenizer = load_tokenizer(donor.path)
-    model = _load_model(donor.path, device, "keep")
+    model = load_model(donor.path, device, "keep")
     stats = probe_domains(model, tokenizer, corpora, batch_size=args.batch_size, max_tokens=args.max_tokens)
     del model
     first = next(iter(stats.values()))

@@ -79,7 +79,7 @@ def check_target(out: Path, donors: dict[str, Donor], force: bool) -> None:
             raise SurgeonError(f"{out}: directory is not empty; pass --force to replace it")
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
     while count > 0:
         try:
             n = os.copy_file_range(src_fd, dst_fd, count, offset)
@@ -93,7 +93,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         count -= n
 
 
-def _converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd: int | None):
+def converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd: int | None):
     import torch  # only a dtype conversion or a pickle donor needs torch
 
     from .tensors import TORCH_DTYPES
@@ -131,7 +131,7 @@ def export_hybrid(
     shards = plan_shards(resolution, max_shard_size)
     total = sum(_nbytes(s.shape, s.dtype) for s in resolution.sources.values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_leftovers(out)
+    remove_stale_leftovers(out)
     tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
     tmp.mkdir()
     fds: dict[str, int] = {}
@@ -162,10 +162,10 @@ def export_hybrid(
                         if fd is None:
                             fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
                     if src.converts or src.tensor in donor.pickled:
-                        data = _converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd)
+                        data = converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd)
                         os.write(dst_fd, data)
                     else:
-                        _copy_range(fd, dst_fd, info.start, info.nbytes)
+                        copy_range(fd, dst_fd, info.start, info.nbytes)
                     done += _nbytes(src.shape, src.dtype)
                     if progress is not None:
                         progress(done, total)
@@ -189,7 +189,7 @@ def export_hybrid(
             (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
         if before_rename is not None:
             before_rename(tmp)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -221,7 +221,7 @@ def gates_metadata(resolution: Resolution, donors: dict[str, Donor]) -> dict[str
     return sidecar_metadata(shapes, hidden_size_of(base.config, str(base.path)), {"origin": origin})
 
 
-def _remove_stale_leftovers(out: Path) -> None:
+def remove_stale_leftovers(out: Path) -> None:
     """A killed export (SIGKILL, power loss) cannot clean up; the next export to it does."""
     for p in out.parent.glob(f".{out.name}.moe-surgeon-*-*"):
         pid = p.name.rsplit("-", 1)[-1]
@@ -229,7 +229,7 @@ def _remove_stale_leftovers(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         old = out.parent / f".{out.name}.moe-surgeon-old-{os.getpid()}"
         os.rename(out, old)

@@ -41,7 +41,7 @@ from .anatomy import Part
 from .donor import Donor
 from .errors import SurgeonError
 from .plan import Assignment, Plan
-from .resolve import Resolution, Source, _source_from, natural_key, resolve
+from .resolve import Resolution, Source, source_from, natural_key, resolve
 
 DENSE_TYPES = ("llama", "mistral", "qwen2")
 ROUTER_MODES = ("uniform", "noisy", "hidden", "random")
@@ -299,7 +299,7 @@ def resolve_mix(plan: MixPlan, donors: dict[str, Donor], *, dtype: str = "keep")
 
     def source(name: str, donor_name: str) -> Source:
         part = Part("mlp", int(name.split(".")[2]))
-        return _source_from(name, part, base, plan.base, donors[donor_name], donor_name, dtype)
+        return source_from(name, part, base, plan.base, donors[donor_name], donor_name, dtype)
 
     tensors: dict[str, MixTensor] = {}
     for name, src in dense.sources.items():

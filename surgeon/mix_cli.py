@@ -13,7 +13,7 @@ COMPUTE_DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def register(sub) -> None:
-    from .cli import _common_export_options
+    from .cli import common_export_options
 
     p = sub.add_parser(
         "mix", help="build an MoE from dense donors (their MLPs become the experts)",
@@ -45,7 +45,7 @@ def register(sub) -> None:
                    help="dtype of the live mix used for hidden-state init and training (default float32)")
     p.add_argument("--threads", type=int, help="torch CPU threads for init/training (recorded, so replays match)")
     p.add_argument("--session", metavar="FILE", help="also save the mix as a session file that replay rebuilds")
-    _common_export_options(p)
+    common_export_options(p)
     p.set_defaults(func=cmd_mix)
 
 
@@ -126,7 +126,7 @@ def cmd_mix(args) -> int:
 
 
 def _build_and_report(plan, donors, out, settings, args, *, session_path=None, recorded_digest=None) -> int:
-    from .cli import _progress_printer, _warn
+    from .cli import progress_printer, _warn
     from .cli_options import out_of_memory_is_an_error
     from .mix_build import build_mix
     from .session import save_session
@@ -134,7 +134,7 @@ def _build_and_report(plan, donors, out, settings, args, *, session_path=None, r
 
     with out_of_memory_is_an_error(settings.device):
         built = build_mix(plan, donors, out, settings, session_path=session_path, force=args.force, fsync=args.fsync,
-                          export_progress=_progress_printer("mix"), train_progress=_train_printer())
+                          export_progress=progress_printer("mix"), train_progress=_train_printer())
     layout, result, outcome = built.layout, built.export, built.outcome
     for w in layout.warnings:
         _warn(w)

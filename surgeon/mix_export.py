@@ -21,8 +21,8 @@ from typing import Callable
 from . import __version__
 from .donor import Donor
 from .errors import SurgeonError
-from .export import (SESSION_FILE, ExportCancelled, ExportResult, _converted_bytes, _copy_range,
-                     _remove_stale_leftovers, _swap_into_place, check_target)
+from .export import (SESSION_FILE, ExportCancelled, ExportResult, converted_bytes, copy_range,
+                     remove_stale_leftovers, swap_into_place, check_target)
 from .mix import MixLayout, MixTensor, router_bytes
 from .safetensors_file import DTYPE_SIZES, encode_header
 
@@ -66,7 +66,7 @@ class _Sources:
         donor = self.donors[src.donor]
         fd = self.fd(donor, src.tensor)
         if src.converts or fd is None:
-            return _converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd).tobytes()
+            return converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd).tobytes()
         info = donor.tensors[src.tensor]
         return os.pread(fd, info.nbytes, info.start)
 
@@ -88,7 +88,7 @@ def _write_tensor(t: MixTensor, sources: _Sources, dst: int, routers: dict | Non
                 os.write(dst, sources.raw(src))
             else:
                 info = donor.tensors[src.tensor]
-                _copy_range(fd, dst, info.start, info.nbytes)
+                copy_range(fd, dst, info.start, info.nbytes)
     elif t.kind == "concat":
         import numpy as np
 
@@ -140,7 +140,7 @@ def export_mix(
     shards = plan_shards(layout, max_shard_size)
     total = sum(nbytes(t) for t in layout.tensors.values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_leftovers(out)
+    remove_stale_leftovers(out)
     tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
     tmp.mkdir()
     sources = _Sources(donors)
@@ -180,7 +180,7 @@ def export_mix(
             (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

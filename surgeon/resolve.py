@@ -121,7 +121,7 @@ def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Res
             continue
         donor = donors[donor_name]
         for name in names:
-            sources[name] = _source_from(name, part, base, plan.base, donor, donor_name, dtype)
+            sources[name] = source_from(name, part, base, plan.base, donor, donor_name, dtype)
     parts = anatomy.parts
     if any(a.component == GATE_KIND for a in plan.assignments):
         parts = gate_sources(plan, donors, sources, dtype)
@@ -184,7 +184,7 @@ def _base_sources(base: Donor, base_name: str, dtype: str) -> dict[str, Source]:
     return base.memo[key]
 
 
-def _source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,
+def source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,
                  dtype: str) -> Source:
     info = base.tensors[name]
     src_name = name

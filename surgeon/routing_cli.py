@@ -105,7 +105,7 @@ def _require_moe(donor) -> None:
         raise SurgeonError(f"{donor.path}: {donor.model_type} has no routed experts; routing analysis needs an MoE model")
 
 
-def _load_model(path, device, dtype):
+def load_model(path, device, dtype):
     from transformers import AutoModelForCausalLM
 
     from .hybrid import TORCH_DTYPE_NAMES
@@ -278,12 +278,12 @@ def _probe(args, session, donors, base, against, corpora):
         if session is not None:
             model = Hybrid.materialize(session.plan, donors, device=device, dtype=args.dtype).model
         else:
-            model = _load_model(base.path, device, args.dtype)
+            model = load_model(base.path, device, args.dtype)
         stats = probe_domains(model, tokenizer, corpora, keep_probs=keep, **kw)
         del model
         drift, by_name = [], {}
         for other_name, other in others:
-            model = _load_model(other.path, device, args.dtype)
+            model = load_model(other.path, device, args.dtype)
             theirs = by_name[other_name] = probe_domains(model, tokenizer, corpora, keep_probs=True, **kw)
             del model
             for name in corpora:
