@@ -388,16 +388,9 @@ def _check_against_model(state: dict, config, target: DenseTarget, bias_dtype, d
 
 
 def _shards(state: dict, max_shard_size: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in state:
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+    from .export import split_into_shards
+
+    return split_into_shards(((n, t.numel() * t.element_size()) for n, t in state.items()), max_shard_size)
 
 
 def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str = "keep", force: bool = False,

@@ -41,20 +41,24 @@ class ExportResult:
     seconds: float
 
 
-def plan_shards(resolution: Resolution, max_shard_size: int) -> list[list[str]]:
+def split_into_shards(sizes, max_shard_size: int) -> list[list[str]]:
+    """Consecutive (name, bytes) pairs grouped into shards of at most max_shard_size bytes (a
+    tensor larger than that gets a shard of its own), in the order given."""
     shards: list[list[str]] = [[]]
     size = 0
-    gates = set(resolution.gate_names())  # these go to the gates sidecar
-    for name, src in resolution.sources.items():
-        if name in gates:
-            continue
-        nbytes = _nbytes(src.shape, src.dtype)
+    for name, nbytes in sizes:
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
     return shards
+
+
+def plan_shards(resolution: Resolution, max_shard_size: int) -> list[list[str]]:
+    gates = set(resolution.gate_names())  # these go to the gates sidecar
+    return split_into_shards(((name, _nbytes(src.shape, src.dtype)) for name, src in resolution.sources.items()
+                              if name not in gates), max_shard_size)
 
 
 def _nbytes(shape, dtype) -> int:

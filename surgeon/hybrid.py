@@ -69,6 +69,19 @@ def live_target(disk_name: str, arch: Architecture, live_names: set[str], expert
     raise SurgeonError(f"tensor {disk_name}: no matching tensor in the live {arch.model_type} model")
 
 
+def live_slice(live: dict, t: LiveTarget):
+    """The part of a live parameter a disk tensor maps to: the whole tensor, one expert of a fused
+    one, or the gate or up half of that expert's gate_up_proj (gate first)."""
+    p = live[t.name]
+    if t.expert is None:
+        return p
+    p = p[t.expert]
+    if t.half is None:
+        return p
+    n = p.shape[0] // 2
+    return p[:n] if t.half == 0 else p[n:]
+
+
 class TensorReader:
     """Zero-copy tensor views of the donors' files through one memory map per file.
 
@@ -195,15 +208,7 @@ class Hybrid:
         return t
 
     def live_view(self, name: str) -> torch.Tensor:
-        t = self.target(name)
-        live = self._live[t.name]
-        if t.expert is None:
-            return live
-        live = live[t.expert]
-        if t.half is None:
-            return live
-        n = live.shape[0] // 2
-        return live[:n] if t.half == 0 else live[n:]
+        return live_slice(self._live, self.target(name))
 
     def _copy(self, name: str, src) -> int:
         view = self.live_view(name)

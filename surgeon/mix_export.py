@@ -22,7 +22,8 @@ from . import __version__
 from .donor import Donor
 from .errors import SurgeonError
 from .export import (SESSION_FILE, ExportCancelled, ExportResult, converted_bytes, copy_range,
-                     remove_stale_leftovers, swap_into_place, check_target)
+                     remove_stale_leftovers, split_into_shards, swap_into_place,
+                     check_target)
 from .mix import MixLayout, MixTensor, router_bytes
 from .safetensors_file import DTYPE_SIZES, encode_header
 
@@ -34,16 +35,7 @@ def nbytes(t: MixTensor) -> int:
 
 
 def plan_shards(layout: MixLayout, max_shard_size: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in layout.tensors.items():
-        n = nbytes(t)
-        if shards[-1] and size + n > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
+    return split_into_shards(((name, nbytes(t)) for name, t in layout.tensors.items()), max_shard_size)
 
 
 class _Sources:

@@ -15,7 +15,7 @@ from .anatomy import classify
 from .architectures import ARCHITECTURES
 from .donor import Donor
 from .errors import SurgeonError
-from .hybrid import TORCH_DTYPE_NAMES, TensorReader, check_device, live_target
+from .hybrid import TORCH_DTYPE_NAMES, TensorReader, check_device, live_slice, live_target
 from .mix import MixLayout, MixTensor
 
 
@@ -31,15 +31,7 @@ class LiveMix:
 
     def view(self, name: str) -> torch.Tensor:
         part = classify(name, self.arch)
-        t = live_target(name, self.arch, self._names, part.expert if part else None)
-        live = self._live[t.name]
-        if t.expert is None:
-            return live
-        live = live[t.expert]
-        if t.half is None:
-            return live
-        n = live.shape[0] // 2
-        return live[:n] if t.half == 0 else live[n:]
+        return live_slice(self._live, live_target(name, self.arch, self._names, part.expert if part else None))
 
     def router_parameters(self) -> list[torch.nn.Parameter]:
         return [self._live[live_target(n, self.arch, self._names, None).name] for n in self.layout.routers]
