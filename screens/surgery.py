@@ -39,6 +39,8 @@ class SurgeryScreen(MarkingMixin, Screen):
                 tooltip="Sweep: every subset of component groups from a donor, probed, as a table and heatmap"),
         Binding("R", "routing", "Routing", show=False, id="surgery.routing",
                 tooltip="Routing heatmap: which experts each model uses"),
+        Binding("L", "gates", "Layer gates", show=False, id="surgery.gates",
+                tooltip="Self-MoE layer gates of the hybrid: which lower their layer's perplexity, drop the rest"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -96,7 +98,7 @@ class SurgeryScreen(MarkingMixin, Screen):
     def check_action(self, action: str, parameters) -> bool | None:
         if self.app.wb is None and action not in ("app.donors",):
             return False if action.startswith(("paint", "cycle", "undo", "redo", "reset", "open_layer", "probes",
-                                               "sweep", "routing")) else True
+                                               "sweep", "routing", "gates")) else True
         return True
 
     def on_grid_view_clicked(self, event: GridView.Clicked) -> None:
@@ -124,6 +126,11 @@ class SurgeryScreen(MarkingMixin, Screen):
         from .heatmap import RoutingScreen
 
         self.app._push_kept("routing", RoutingScreen, "nothing to analyse")
+
+    def action_gates(self) -> None:  # installed once: a plan's selection is kept while the marks stay
+        from .gates import GatesScreen
+
+        self.app._push_kept("gates", GatesScreen, "no layer gates to select")
 
     def action_distance_map(self) -> None:
         if self.app.wb is None:

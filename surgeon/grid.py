@@ -263,7 +263,9 @@ class Workbench:
         if not parts:
             return False
         for p in parts:
-            if p.kind == GATE_KIND and not self.index.tensors_of[p] and p.layer not in _gate_layers({donor: self.donors[donor]}):
+            # Back to the base is always allowed: where the base has no gate, it means "no gate here".
+            if (p.kind == GATE_KIND and donor != self.base and not self.index.tensors_of[p]
+                    and p.layer not in _gate_layers({donor: self.donors[donor]})):
                 raise SurgeonError(f"layer {p.layer} layer gate: neither donor {donor} nor the base has one")
         if self.problem(donor) is not None:
             trial = dict(self.state)

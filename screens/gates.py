@@ -1,0 +1,449 @@
+"""Layer gates: the Self-MoE gates of the current hybrid, and which of them to keep (seed 003).
+
+The hybrid's gates come from the donors marked for the grid's `layer gate` column (a gate is a
+plan component like any other), so the table lists, per decoder layer, the gate the hybrid has
+(type, size, donor) or "no gate". A worker materialises the hybrid (surgeon.hybrid, as the
+Probes screen does) and runs `surgeon.gates_select.select_gates` on calibration text: the
+per-layer logit-lens perplexity without and with each gate (eq. 3 and 4) and the verdict
+(eq. 5), exactly what `moe-surgeon gates select --dry-run` prints. The chart shows the change
+each gate makes; the table the numbers.
+
+`a` applies the verdicts the grid's way: the dropped layers' `layer gate` cells are given to a
+donor without a gate there (the base when it has none), as ONE undoable workbench change, so the
+hybrid (and its export) loses exactly those gates; the donors' files are never touched.
+
+The screen is installed once (like Routing), so the selection of a plan is kept while the marks
+stay the same; it runs again when the marks, the donors or the calibration data change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.message import Message
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from surgeon.errors import SurgeonError
+from surgeon.gates_file import GATE_KIND
+
+from .dialogs import ErrorScreen, PathScreen
+from .widgets.gate_chart import ChangeRow, GateChart, change_text
+from .widgets.grid import donor_style
+
+DEFAULT_CORPUS = "arith"  # the built-in set the README's `gates select` run calibrates on
+SEQ_LEN = 64  # `gates select` defaults, so the screen and the CLI give the same numbers
+BATCH_SIZE = 16
+DTYPE = "keep"
+MIN_GAINS = (0.0, 0.01, 0.02, 0.05, 0.1)  # m cycles through them; verdicts only, no rerun
+ADD_HINT = ("No open donor has layer gates. Add some with `moe-surgeon gates add OUT --base DIR "
+            "--type vector --layers all`, train them (`moe-surgeon gates train OUT --data FILE`), "
+            "then open OUT as a donor (d on the grid).")
+
+
+class GatesProgress(Message):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, GatesProgress)
+
+
+class GatesSelected(Message):
+    """A selection of the hybrid `key` names (its plan and calibration data), or why there is none."""
+
+    def __init__(self, key: tuple, selection=None, *, device: str = "", seconds: float = 0.0,
+                 error: str | None = None):
+        super().__init__()
+        self.key, self.selection, self.device, self.seconds, self.error = key, selection, device, seconds, error
+
+
+# ---------------------------------------------------------------- pure helpers (tested directly)
+@dataclass(frozen=True)
+class GateInfo:
+    layer: int
+    gate_type: str  # scalar | vector | matrix
+    parameters: int
+    donor: str  # the donor the hybrid takes this gate from
+
+
+def hybrid_gates(wb) -> dict[int, GateInfo]:
+    """The layer gates of the workbench's hybrid, by layer, as resolving its plan gives them."""
+    from surgeon.gates_file import gate_layer_of, gate_type_of, hidden_size_of
+    from surgeon.resolve import resolve
+
+    resolution = resolve(wb.plan(), wb.donors)
+    base = wb.donors[wb.base]
+    hidden = hidden_size_of(base.config, str(base.path))
+    out = {}
+    for name in resolution.gate_names():
+        src = resolution.sources[name]
+        layer = gate_layer_of(name)
+        out[layer] = GateInfo(layer, gate_type_of(src.shape, hidden, name), math.prod(src.shape), src.donor)
+    return dict(sorted(out.items()))
+
+
+def gated_donors(wb) -> dict[str, tuple[int, ...]]:
+    """The open donors that have layer gates, and their gated layers."""
+    out = {}
+    for name, donor in wb.donors.items():
+        layers = sorted({p.layer for p in donor.part_groups if p.kind == GATE_KIND})
+        if layers:
+            out[name] = tuple(layers)
+    return out
+
+
+def drop_candidates(wb, layers) -> list[str]:
+    """Donors that have no gate in any of `layers`: the base first when it is one of them."""
+    gated = gated_donors(wb)
+    order = [wb.base] + [n for n in wb.donors if n != wb.base]
+    return [n for n in order if not set(gated.get(n, ())) & set(layers)]
+
+
+def drop_gates(wb, layers) -> str:
+    """Give the `layer gate` cells of `layers` to a donor without gates there, as one change.
+
+    Returns that donor; SurgeonError when no open donor can (every gateless one refused).
+    """
+    from surgeon.anatomy import Part
+    from surgeon.plan import format_ranges
+
+    layers = sorted(layers)
+    parts = [Part(GATE_KIND, layer) for layer in layers]
+    errors = []
+    for name in drop_candidates(wb, layers):
+        try:
+            if wb.set_parts(parts, name):
+                return name
+        except SurgeonError as e:
+            errors.append(str(e))
+    if errors:
+        raise SurgeonError(f"no donor without gates in layer(s) {format_ranges(layers)} can give them: {errors[0]}")
+    raise SurgeonError(f"every open donor has a gate in layer(s) {format_ranges(layers)}, the base included: "
+                       "open a donor without gates there (d on the grid) to drop them")
+
+
+def with_min_gain(selection, min_gain: float):
+    """The same measurements with the verdicts of eq. 5 for another min_gain."""
+    from surgeon.gates_select import Selection, keep_gate
+
+    rows = [replace(r, keep=keep_gate(r.ppl_without, r.ppl_with, min_gain)) for r in selection.layers]
+    return Selection(rows, selection.tokens, min_gain)
+
+
+def corpus_label(corpus: str) -> str:
+    return corpus if "/" not in corpus else Path(corpus).name
+
+
+# ---------------------------------------------------------------- the calibration dialog
+class CorpusScreen(PathScreen):
+    """A built-in set's name or a file (text, or a prompt/answer .jsonl), as `gates select --data`."""
+
+    def __init__(self, value: str):
+        from surgeon.probe_data import builtin_sets
+
+        self.builtin = list(builtin_sets())
+        super().__init__(f"Calibration data: a built-in set ({', '.join(self.builtin)}) or a text or .jsonl file",
+                         value)
+
+    def on_input_submitted(self, event) -> None:
+        event.prevent_default()  # not PathScreen's handler: a set's name is no path
+        value = event.value.strip()
+        if value in self.builtin:
+            self.dismiss(value)
+        elif Path(value).expanduser().is_file():
+            self.dismiss(str(Path(value).expanduser().resolve()))
+        else:
+            self.query_one("#path-error", Static).update(
+                f"{value or '(empty)'}: no such file, nor a built-in set ({', '.join(self.builtin)})")
+
+
+# ---------------------------------------------------------------- the screen
+class GatesScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back", id="gates.back"),
+        Binding("r", "run", "Select", id="gates.run",
+                tooltip="Measure every gate of the hybrid again: logit-lens perplexity without and with it"),
+        Binding("f", "corpus", "Calibration", id="gates.corpus",
+                tooltip="Choose the calibration data: a built-in set or a text or prompt/answer .jsonl file"),
+        Binding("m", "min_gain", "Min gain", id="gates.min_gain",
+                tooltip="Keep a gate only if it lowers the perplexity by 0, 1, 2, 5 or 10% (as --min-gain)"),
+        Binding("a", "apply", "Apply", id="gates.apply",
+                tooltip="Give the dropped layers' gates to a donor without gates there (one undo), back to the grid"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.corpus = DEFAULT_CORPUS
+        self.min_gain = 0.0
+        self.gates: dict[int, GateInfo] = {}
+        self.problem: str | None = None  # why the hybrid's gates cannot be listed (an unresolvable plan)
+        self.results: dict[tuple, tuple] = {}  # key -> (Selection, device, seconds), one per plan and corpus
+        self.failures: dict[tuple, str] = {}  # key -> why it failed: not run again until r asks
+        self.pending: tuple | None = None  # the key a worker is measuring
+        self.progress = ""
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="gates-title")
+        yield Static("", id="gates-note")
+        with VerticalScroll(id="gates-chart-box"):
+            yield GateChart(id="gates-chart")
+        yield DataTable(id="gates-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="gates-status", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#gates-chart-box").border_title = "change of the layer's logit-lens perplexity the gate makes"
+        self.query_one("#gates-table", DataTable).focus()
+        self.sync()
+
+    def on_screen_resume(self) -> None:
+        self.sync()
+
+    # ------------------------------------------------------------ state
+    def ident(self) -> tuple:
+        """What a selection depends on: the donors (their bytes), the base and the marks."""
+        wb = self.app.wb
+        donors = tuple((n, str(d.path), d.fingerprint) for n, d in wb.donors.items())
+        return donors, wb.base, tuple((a.spec, a.donor) for a in wb.plan().assignments)
+
+    def key(self) -> tuple:
+        return self.ident(), self.corpus
+
+    def current(self):
+        """(Selection with this min gain, device, seconds) measured for the hybrid as it is now, or None."""
+        hit = self.results.get(self.key()) if self.app.wb is not None else None
+        if hit is None:
+            return None
+        selection, device, seconds = hit
+        return with_min_gain(selection, self.min_gain), device, seconds
+
+    def sync(self) -> None:
+        """List the hybrid's gates and measure them when this plan and corpus have no selection yet."""
+        wb = self.app.wb
+        if wb is None:
+            return
+        try:
+            self.gates, self.problem = hybrid_gates(wb), None
+        except SurgeonError as e:
+            self.gates, self.problem = {}, str(e)
+        key = self.key()
+        if self.gates and key not in self.results and key not in self.failures and self.pending != key:
+            self.start_run()
+        self.show()
+
+    def start_run(self) -> None:
+        wb = self.app.wb
+        self.pending = self.key()
+        self.progress = "starting…"
+        self.run_selection(self.pending, wb.plan(), dict(wb.donors), wb.base, self.corpus)
+
+    @work(thread=True, exit_on_error=False, group="gates", exclusive=True)
+    def run_selection(self, key: tuple, plan, donors: dict, base: str, corpus: str) -> None:
+        from .probes import failure_text
+
+        started = time.perf_counter()
+        try:
+            from transformers.utils import logging as hf_logging
+
+            from surgeon.gates_select import select_gates
+            from surgeon.gates_train import load_data
+            from surgeon.hybrid import Hybrid, default_device
+            from surgeon.scoring import load_tokenizer
+
+            hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
+            self.post_message(GatesProgress(f"reading the calibration data {corpus_label(corpus)}…"))
+            data = load_data(load_tokenizer(donors[base].path), corpus, SEQ_LEN, "auto", "calibration data")
+            device = default_device()
+            self.post_message(GatesProgress(f"materialising the hybrid on {device} (the first run loads torch)…"))
+            hybrid = Hybrid.materialize(plan, donors, device=device, dtype=DTYPE)
+            self.post_message(GatesProgress(f"measuring every gate on {data.tokens} calibration tokens on {device}…"))
+            selection = select_gates(hybrid.model, data, batch_size=BATCH_SIZE)
+            del hybrid
+        except Exception as e:  # a dialog, never a traceback on screen
+            self.post_message(GatesSelected(key, error=failure_text(e)))
+            return
+        self.post_message(GatesSelected(key, selection, device=device, seconds=time.perf_counter() - started))
+
+    @on(GatesProgress)
+    def on_progress(self, message: GatesProgress) -> None:
+        if self.pending is not None:
+            self.progress = message.text
+            self.show_status()
+
+    @on(GatesSelected)
+    def on_selected(self, message: GatesSelected) -> None:
+        if message.key != self.pending:
+            return  # a run for marks or data that have changed since
+        self.pending = None
+        if message.error:
+            self.failures[message.key] = message.error
+            self.progress = ""
+            self.show()
+            self.app.push_screen(ErrorScreen("Cannot select the layer gates", message.error))
+            return
+        self.progress = ""
+        self.results[message.key] = (message.selection, message.device, message.seconds)
+        self.show()
+
+    # ------------------------------------------------------------ the view
+    def show(self) -> None:
+        wb = self.app.wb
+        title = Text()
+        title.append("Layer gates", "bold")
+        if wb is not None:
+            title.append(f"  hybrid: base {wb.base} + {wb.marks} marked part(s) · calibration "
+                         f"{corpus_label(self.corpus)} · min gain {100 * self.min_gain:g}%")
+        self.query_one("#gates-title", Static).update(title)
+        note = self.query_one("#gates-note", Static)
+        box = self.query_one("#gates-chart-box")
+        table = self.query_one("#gates-table", DataTable)
+        gated = gated_donors(wb) if wb is not None else {}
+        table.display = bool(gated) and self.problem is None
+        box.display = table.display and bool(self.gates)
+        if wb is None:
+            note.update("no donors are open")
+        elif not gated:
+            note.update(ADD_HINT)
+        elif self.problem is not None:
+            note.update(f"the marks do not resolve: {self.problem}")
+        elif not self.gates:
+            from surgeon.plan import format_ranges
+
+            have = "; ".join(f"{n} in layer(s) {format_ranges(ls)}" for n, ls in gated.items())
+            note.update(f"The hybrid has no layer gates. Donors with gates: {have}. Give the grid's layer gate "
+                        "column to one of them (c paints the column) to take its gates.")
+        else:
+            note.update(self.verdict_text())
+        if table.display:
+            self.fill_table()
+        if box.display:
+            self.fill_chart()
+        self.show_status()
+
+    def verdict_text(self) -> Text:
+        from surgeon.plan import format_ranges
+
+        cur = self.current()
+        if cur is None:
+            failure = self.failures.get(self.key())
+            if failure is not None:
+                return Text(f"the selection failed: {failure} (f chooses other data, r tries again)", "red")
+            return Text("measuring the gates…", "dim")
+        sel, device, _ = cur
+        text = Text(f"per-layer logit-lens perplexity on {sel.tokens} calibration tokens ({device}, {DTYPE}): ")
+        text.append(f"keep {format_ranges(sel.kept) or 'none'}", "bold green")
+        text.append(" · ")
+        text.append(f"drop {format_ranges(sel.dropped) or 'none'}", "bold red")
+        if sel.dropped:
+            candidates = drop_candidates(self.app.wb, sel.dropped)
+            if candidates:
+                text.append(f" · a gives the dropped gates to donor {candidates[0]}, which has none there")
+            else:
+                text.append(" · every open donor has gates there: open one without to drop them", "yellow")
+        return text
+
+    def fill_table(self) -> None:
+        wb = self.app.wb
+        table = self.query_one("#gates-table", DataTable)
+        row = table.cursor_row
+        table.clear(columns=True)
+        for title in ("layer", "gate", "parameters", "from", "without gate", "with gate", "change", "verdict"):
+            table.add_column(title, key=title)
+        cur = self.current()
+        measured = {r.layer: r for r in cur[0].layers} if cur is not None else {}
+        for layer in range(wb.index.num_layers):
+            info = self.gates.get(layer)
+            if info is None:
+                table.add_row(str(layer), Text("no gate", "dim"), "", "", "", "", "", "", key=str(layer))
+                continue
+            donor = Text(f" {info.donor} ", donor_style(wb, info.donor))
+            donor.append(f" {self.app.labels.get(info.donor, info.donor)}")
+            r = measured.get(layer)
+            numbers = ["…", "…", "", ""] if r is None else [
+                f"{r.ppl_without:.4f}", f"{r.ppl_with:.4f}", change_text(r.change),
+                Text("keep", "bold green") if r.keep else Text("drop", "bold red")]
+            table.add_row(str(layer), info.gate_type, f"{info.parameters:,}", donor, *numbers, key=str(layer))
+        if table.row_count:
+            table.move_cursor(row=min(row, table.row_count - 1))
+
+    def fill_chart(self) -> None:
+        cur = self.current()
+        chart = self.query_one(GateChart)
+        if cur is None:
+            chart.set_rows([], "measuring the gates…" if self.pending else "no selection yet: r runs it")
+            return
+        chart.set_rows([ChangeRow(f"layer {r.layer}", r.change, r.keep) for r in cur[0].layers])
+
+    def show_status(self) -> None:
+        cur = self.current()
+        if self.progress:
+            text = self.progress
+        elif cur is not None:
+            text = f"measured in {cur[2]:.1f}s on {cur[1]} · r measures again · f other calibration data"
+        else:
+            text = ""
+        self.query_one("#gates-status", Static).update(text)
+
+    # ------------------------------------------------------------ keys
+    def action_run(self) -> None:
+        if self.app.wb is None:
+            return
+        self.sync()
+        if not self.gates:
+            self.app.notify("the hybrid has no layer gates to measure", severity="warning", timeout=4)
+            return
+        self.results.pop(self.key(), None)
+        self.failures.pop(self.key(), None)
+        self.start_run()
+        self.show()
+
+    def action_corpus(self) -> None:
+        def chosen(value: str | None) -> None:
+            if value and value != self.corpus:
+                self.corpus = value
+                self.sync()
+
+        self.app.push_screen(CorpusScreen(self.corpus), chosen)
+
+    def action_min_gain(self) -> None:
+        i = MIN_GAINS.index(self.min_gain) if self.min_gain in MIN_GAINS else -1
+        self.min_gain = MIN_GAINS[(i + 1) % len(MIN_GAINS)]
+        self.show()
+
+    def action_apply(self) -> None:
+        from surgeon.plan import format_ranges
+
+        if self.app.wb is None:
+            return
+        cur = self.current()
+        if cur is None:
+            why = "it is still running" if self.pending else "run it first (r)"
+            self.app.notify(f"no selection for the current marks: {why}", severity="warning", timeout=4)
+            return
+        dropped = cur[0].dropped
+        if not dropped:
+            self.app.notify("every gate lowers its layer's perplexity: nothing to drop", timeout=4)
+            return
+        try:
+            donor = drop_gates(self.app.wb, dropped)
+        except SurgeonError as e:
+            self.app.notify(str(e), title="Cannot drop the gates", severity="error", timeout=8)
+            return
+        self.app.workbench_changed()
+        if self.app.screen is self:
+            self.app.pop_screen()
+        self.app.notify(f"the layer gate of layer(s) {format_ranges(dropped)} now comes from donor {donor}, "
+                        "which has none there; u undoes it", title=f"{len(dropped)} gate(s) dropped", timeout=6)
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
