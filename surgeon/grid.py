@@ -124,6 +124,7 @@ class Workbench:
         self._tally: tuple[int, Tally] | None = None
         self._params: Counter[str] | None = None  # kept up to date by set_parts; None: recount
         self._changed_tensors = 0
+        self._tensors = 0  # tensors of the hybrid, maintained with _params
         self._cell_donors: dict[object, list[tuple[str, int]]] = {}
         if plan is not None:
             if plan.base != base:
@@ -237,18 +238,29 @@ class Workbench:
                 self._recount()
             params = Counter(self._params)
             params[self.base] += self.index.unclassified_params
-            total = sum(len(v) for v in self.index.tensors_of.values()) + self.index.unclassified_tensors
+            total = self._tensors + self.index.unclassified_tensors
             self._tally = (self.version, Tally({k: v for k, v in params.items() if v}, self._changed_tensors, total))
         return self._tally[1]
 
+    def _size(self, p: Part, donor: str) -> tuple[int, int]:
+        """(parameters, tensors) that `donor` gives the hybrid for unit p. The base's figures, except
+        for a layer gate, which the donor brings itself (a base may have none there)."""
+        if p.kind != GATE_KIND or donor == self.base:
+            return self.index.params_of[p], len(self.index.tensors_of[p])
+        d = self.donors[donor]
+        names = d.part_groups.get(p, ())
+        return sum(d.tensors[n].numel for n in names), len(names)
+
     def _recount(self) -> None:
         params: Counter[str] = Counter()
-        changed = 0
+        changed = tensors = 0
         for p, d in self.state.items():
-            params[d] += self.index.params_of[p]
+            n, t = self._size(p, d)
+            params[d] += n
+            tensors += t
             if d != self.base:
-                changed += len(self.index.tensors_of[p])
-        self._params, self._changed_tensors = params, changed
+                changed += t
+        self._params, self._changed_tensors, self._tensors = params, changed, tensors
 
     @property
     def marks(self) -> int:
@@ -276,10 +288,11 @@ class Workbench:
             self._recount()
         for p in parts:
             old = self.state[p]
-            n, t = self.index.params_of[p], len(self.index.tensors_of[p])
-            self._params[old] -= n
+            (n_old, t_old), (n, t) = self._size(p, old), self._size(p, donor)
+            self._params[old] -= n_old
             self._params[donor] += n
-            self._changed_tensors += (donor != self.base) * t - (old != self.base) * t
+            self._changed_tensors += (donor != self.base) * t - (old != self.base) * t_old
+            self._tensors += t - t_old
             self.state[p] = donor
             self._cell_donors.pop(Cell(p.layer, p.kind), None)
             self._cell_donors.pop((p,), None)

@@ -56,6 +56,35 @@ def test_tally_equals_resolve_for_random_marks(olmoe):
         assert all(plan.donor_for(p) == d for p, d in wb.state.items())
 
 
+def test_tally_counts_layer_gates_from_the_donor_that_gives_them(olmoe, tmp_path):
+    """A layer gate has no base tensor where the base has none: its figures come from its donor."""
+    import shutil
+
+    import torch
+
+    from surgeon.gates_file import write_gates
+
+    gated = tmp_path / "gated"
+    shutil.copytree(olmoe["B"].path, gated)
+    hidden = json.loads((gated / "config.json").read_text())["hidden_size"]
+    write_gates(gated, {0: torch.ones(hidden), 1: torch.ones(hidden, hidden)}, hidden)
+    donors = {"A": olmoe["A"], "G": open_donor(gated)}
+    wb = Workbench(donors, "A")
+    rng = random.Random(5)
+    cells = wb.all_cells()
+    gate_cells = wb.column_cells("layer_gate")
+    assert len(gate_cells) == 2
+    for _ in range(12):
+        wb.set_cells(rng.sample(cells, 2) + rng.sample(gate_cells, 1), rng.choice("AG"))
+        r = resolve(wb.plan(), donors)
+        tally = wb.tally()
+        assert tally.params == {k: v for k, v in r.parameters_by_donor().items() if v}
+        assert tally.changed_tensors == len(r.changed())
+        assert tally.total_tensors == len(r.sources)
+    wb.set_cells(gate_cells, "G")
+    assert wb.tally().changed_tensors >= 2
+
+
 def test_mixed_experts_summary_and_canonical_plan(olmoe):
     wb = Workbench(olmoe, "A")
     experts = wb.index.experts_of[1]
