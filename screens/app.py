@@ -16,8 +16,10 @@ from typing import Iterable
 from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
+from textual.widgets import Static
 
 from surgeon.errors import SurgeonError
 from surgeon.grid import Workbench
@@ -35,8 +37,12 @@ class Loaded(Message):
 
     def __init__(self, wb: Workbench | None, labels: dict[str, str], *, session_path: str | None = None,
                  extras: dict | None = None, errors: list[str] | None = None, welcome: bool = False,
-                 dirty: bool = False, recovered_from: str | None = None):
+                 dirty: bool = False, recovered_from: str | None = None, mix=None, mix_pending=None,
+                 note: str | None = None):
         super().__init__()
+        self.mix = mix  # mix_state.MixState: the session records a mix and its export is the base
+        self.mix_pending = mix_pending  # the session records a mix whose export is missing
+        self.note = note
         self.wb = wb
         self.labels = labels
         self.session_path = session_path
@@ -73,6 +79,8 @@ class SurgeonApp(App):
         Binding("ctrl+o", "open", "Open", id="app.open", priority=True),
         Binding("question_mark,f1", "help", "Help", key_display="?", id="app.help"),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+        Binding("M", "mix", "Mix into an MoE", show=False, id="app.mix",
+                tooltip="Mix dense donors into an MoE: their MLPs become its experts (from the grid)"),
     ]
 
     def __init__(self, specs: list[str] | None = None, session_path: str | None = None, *,
@@ -90,6 +98,9 @@ class SurgeonApp(App):
         self.offer_recovery = offer_recovery
         self._generation = 0
         self.ready = False  # the first grid is on screen (tests and the benchmark wait for it)
+        self.mix = None  # mix_state.MixState of the mix that is the workbench's base, if one is
+        self.mix_pending = None  # a mix the open session records but whose export is missing
+        self._banner: str | None = None
 
     # ------------------------------------------------------------ start
     def on_mount(self) -> None:
@@ -141,21 +152,35 @@ class SurgeonApp(App):
             if recovered:
                 rec = load_recovery(Path(recovered))
                 session, origin = rec.session, rec.session_path
-                donors = open_session_donors(session, rec.session_path or os.getcwd() + "/x")
+                where = rec.session_path or os.getcwd() + "/x"
             else:
                 session, origin = load_session(path), path
-                donors = open_session_donors(session, path)
-            wb = Workbench(donors, session.plan.base, session.plan)
-            for name in donors:
+                where = path
+            donors = open_session_donors(session, where)
+            mix = pending = note = None
+            extensions = session.extensions
+            if "mix" in extensions:  # a mix session: its export becomes the base when it is on disk
+                from .mix_state import restore_mix
+
+                state, mix_donor, note = restore_mix(session, where, donors)
+                if mix_donor is None:
+                    pending = state
+                else:
+                    mix = state
+                    extensions = {k: v for k, v in extensions.items() if k != "mix"}  # the state writes it
+            wb = mix.workbench(mix_donor) if mix is not None else Workbench(donors, session.plan.base, session.plan)
+            for name in wb.donors:
                 wb.problem(name)
         except SurgeonError as e:
             self.post_message(Failed("Cannot open the session", str(e)))
             return
         labels = {d.name: (d.path if d.path.startswith("demo:") else (d.label or _label(d.path))) for d in session.donors}
+        if mix is not None:
+            labels[mix.name] = _label(str(mix.export))
         extras = {"probes": session.probes, "results": session.results, "exports": session.exports,
-                  "extensions": session.extensions, "created": session.created}
+                  "extensions": extensions, "created": session.created}
         self.post_message(Loaded(wb, labels, session_path=origin, extras=extras, dirty=bool(recovered),
-                                 recovered_from=recovered))
+                                 recovered_from=recovered, mix=mix, mix_pending=pending, note=note))
 
     @on(Loaded)
     def on_loaded(self, message: Loaded) -> None:
@@ -166,9 +191,14 @@ class SurgeonApp(App):
             self.session_path = message.session_path
             self.extras = message.extras
             self.dirty = message.dirty
-            self.brush = None
+            self.mix, self.mix_pending = message.mix, message.mix_pending
+            self.brush = self.mix.name if self.mix is not None else None
         screen = self.surgery
         screen.show_workbench(welcome=message.welcome)
+        self._banner = None  # show_workbench set the welcome line
+        self.show_banner()
+        if message.note:
+            self.notify(message.note, title="Mix", severity="warning", timeout=10)
         if self.wb is None:
             screen.show_empty("\n".join(message.errors) + "\n\nPress d to add a donor or ctrl+o to open a session.")
         elif message.errors:
@@ -251,9 +281,27 @@ class SurgeonApp(App):
         for screen in self.screen_stack:
             if rebuild and isinstance(screen, SurgeryScreen):
                 screen.show_workbench()
+                self._banner = None  # show_workbench hid the welcome line
             elif hasattr(screen, "refresh_cells"):
                 screen.refresh_cells()
+        self.show_banner()
         self.autosave()
+
+    def show_banner(self) -> None:
+        """The welcome line speaks for mixing: the offer when every donor is dense, the mix once built.
+        Only a change of the text shows it again, so w (hide) sticks while nothing changes."""
+        from .mix_state import banner
+
+        text = banner(self.wb, self.mix, self.mix_pending, self.labels)
+        if text is None or text == self._banner:
+            return
+        self._banner = text
+        try:
+            welcome = self.surgery.query_one("#welcome", Static)
+        except (LookupError, NoMatches):
+            return
+        welcome.update(text)
+        welcome.display = True
 
     def refresh_status(self) -> None:
         for screen in self.screen_stack:
@@ -263,12 +311,17 @@ class SurgeonApp(App):
     def session_json(self, session_path: str | None) -> dict:
         from surgeon.session import make_session
 
-        session = make_session(self.wb.plan(), self.wb.donors, session_path)
+        # While the grid is the plain mix, the session is its recipe (what `mix --session` writes).
+        mixed = self.mix is not None and self.mix.matches(self.wb)
+        session = self.mix.session(session_path) if mixed else make_session(self.wb.plan(), self.wb.donors, session_path)
+        recipe = session.extensions.get("mix")
         for ref in session.donors:
             ref.label = self.labels.get(ref.name, ref.label)
         for key in ("probes", "results", "exports", "extensions"):
             if key in self.extras:
                 setattr(session, key, self.extras[key])
+        if mixed:
+            session.extensions = {**session.extensions, "mix": recipe}
         session.created = self.extras.get("created", "")
         return session.to_json()
 
@@ -350,6 +403,34 @@ class SurgeonApp(App):
 
         self._push_kept("sweep", SweepScreen, "nothing to sweep")
 
+    def action_mix(self) -> None:
+        from .mix import MixScreen, mix_source
+
+        source = mix_source(self)
+        if isinstance(source, str):
+            self.notify(source, title="Cannot mix", severity="warning", timeout=8)
+            return
+        self.push_screen(MixScreen(source))
+
+    def open_mix(self, state, donor, export_record: dict) -> None:
+        """A mix was built: its export is the base, its dense donors stay open beside it."""
+        labels = {state.name: _label(str(state.export))}
+        labels.update({n: self.labels.get(n, _label(str(d.path))) for n, d in state.donors.items()})
+        self.mix, self.mix_pending = state, None
+        self.wb = state.workbench(donor)
+        self.labels = labels
+        self.brush = state.name  # the one donor that can give the mix parts; Routing opens on it
+        extensions = self.extras.get("extensions")
+        if isinstance(extensions, dict) and "mix" in extensions:  # the recipe of an earlier mix: the state has it now
+            self.extras["extensions"] = {k: v for k, v in extensions.items() if k != "mix"}
+        self.extras.setdefault("exports", []).append(export_record)
+        self.workbench_changed(rebuild=True)
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action == "mix":  # M belongs to the grid: other screens keep the key (and their inputs)
+            return isinstance(self.screen, SurgeryScreen)
+        return True
+
     def _push_kept(self, name: str, factory, refusal: str) -> None:
         if self.wb is None:
             self.notify(f"{refusal}: no donors are open", severity="warning")
@@ -360,7 +441,7 @@ class SurgeonApp(App):
 
     async def action_quit(self) -> None:
         # Unsaved probe results count as much as marks: a clean quit deletes the recovery file.
-        if self.dirty and self.wb is not None and (self.wb.marks or self.extras.get("results")
+        if self.dirty and self.wb is not None and (self.wb.marks or self.extras.get("results") or self.mix is not None
                                                     or self.extras.get("extensions", {}).get("sweeps")):
             def answer(yes: bool | None) -> None:
                 if yes:

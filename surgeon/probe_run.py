@@ -2,7 +2,9 @@
 
 Donors are measured by hot-swapping the live hybrid to each donor in turn (no second model in
 memory), and their scores are cached by fingerprint, probe spec, device type and dtype, so a
-donor is measured once however many hybrids are compared with it.
+donor is measured once however many hybrids are compared with it. A donor whose tensors are not
+the base's (the dense donors beside the MoE mixed from them, any incompatible donor) cannot be
+swapped in, so it gets a model of its own for the time it is measured.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                                    extra_fields={"plan": plan_json}))
     if compare_donors:
         for name, donor in donors.items():
+            model = None
             for spec, data in zip(specs, datas):
                 if spec.kind == "kl":
                     continue
@@ -145,8 +148,9 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                 record = cached_donor_record(key)
                 cached = record is not None
                 if not cached:
-                    hybrid.apply(Plan(name), dtype=dtype)
-                    out = evaluate(hybrid.model, tokenizer, spec, data, batch_size=batch_size,
+                    if model is None:
+                        model = _donor_model(hybrid, plan, name, device, dtype)
+                    out = evaluate(model, tokenizer, spec, data, batch_size=batch_size,
                                    progress=report(f"donor {name} {spec.label}"))
                     record = make_record(spec, f"donor:{name}", out, device=device, dtype=dtype,
                                          batch_size=batch_size, extra_fields={"fingerprint": donor.fingerprint})
@@ -162,6 +166,26 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
     return records
 
 
+def _swappable(base, donor) -> bool:
+    """The donor has the base's tensors (names and shapes; layer gates aside, which hot-swaps fit)."""
+    from .gates_file import gate_layer_of
+
+    def tensors(d):
+        return {n: t.shape for n, t in d.tensors.items() if gate_layer_of(n) is None}
+
+    return base.model_type == donor.model_type and tensors(base) == tensors(donor)
+
+
+def _donor_model(hybrid, plan: Plan, name: str, device: str, dtype: str):
+    """The live hybrid swapped to donor `name`, or, when it cannot be swapped in, its own model."""
+    if _swappable(hybrid.donors[plan.base], hybrid.donors[name]):
+        hybrid.apply(Plan(name), dtype=dtype)
+        return hybrid.model
+    from .hybrid import Hybrid
+
+    return Hybrid.materialize(Plan(name), hybrid.donors, device=device, dtype=dtype).model
+
+
 def _divergence(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size) -> list[dict]:
     from .probes import ProbeOutcome
     from .probes.divergence import kl_per_item, log_probs
@@ -169,8 +193,7 @@ def _divergence(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size) 
     mine = log_probs(hybrid.model, tokenizer, data.items)
     records = []
     for name in hybrid.donors:
-        hybrid.apply(Plan(name), dtype=dtype)
-        theirs = log_probs(hybrid.model, tokenizer, data.items)
+        theirs = log_probs(_donor_model(hybrid, plan, name, device, dtype), tokenizer, data.items)
         out = ProbeOutcome([i.id for i in data.items], kl_per_item(mine, theirs), metric="kl")
         records.append(make_record(spec, "hybrid", out, device=device, dtype=dtype, batch_size=batch_size,
                                    extra_fields={"vs": f"donor:{name}"}))
