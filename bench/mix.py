@@ -22,14 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export import timed  # noqa: E402
-from synthetic import dir_bytes  # noqa: E402
+from synthetic import dir_bytes, write_bf16_shards  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from surgeon.safetensors_file import encode_header  # noqa: E402
 
 SHARD = "500MB"
 
@@ -76,30 +73,7 @@ def llama_tensors(hidden: int, inter: int, layers: int, vocab: int):
 def write_dense_donor(path: Path, seed: int, *, hidden=1024, inter=2816, layers=16, vocab=32000,
                       shard_bytes=400 * 10**6) -> Path:
     """A sharded bf16 llama checkpoint of small random values, written without torch."""
-    path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    entries = list(llama_tensors(hidden, inter, layers, vocab))
-    shards, size = [[]], 0
-    for name, shape in entries:
-        n = 2 * int(np.prod(shape))
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += n
-    weight_map = {}
-    for i, members in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, _ = encode_header([(n, "BF16", s) for n, s in members], {"format": "pt"})
-        with open(path / fname, "wb") as f:
-            f.write(header)
-            for n, shape in members:
-                vals = (rng.standard_normal(int(np.prod(shape)), dtype=np.float32) * 0.02).view(np.uint32)
-                f.write((vals >> 16).astype(np.uint16).tobytes())
-                weight_map[n] = fname
-    total = sum(2 * int(np.prod(s)) for _, s in entries)
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    write_bf16_shards(path, list(llama_tensors(hidden, inter, layers, vocab)), seed, shard_bytes)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
               "num_key_value_heads": 16, "vocab_size": vocab, "max_position_embeddings": 4096,

@@ -48,9 +48,15 @@ def olmoe_tensors(hidden: int, inter: int, layers: int, experts: int, vocab: int
 def write_donor(path: Path, seed: int, *, hidden=640, inter=320, layers=16, experts=64, vocab=50304,
                 shard_bytes=700 * 10**6) -> Path:
     """Write a sharded bf16 checkpoint; values are small random bf16 numbers (finite)."""
+    write_bf16_shards(path, list(olmoe_tensors(hidden, inter, layers, experts, vocab)), seed, shard_bytes)
+    (path / "config.json").write_text(json.dumps(olmoe_config(hidden, inter, layers, experts, vocab), indent=1))
+    return path
+
+
+def write_bf16_shards(path: Path, entries: list, seed: int, shard_bytes: int) -> None:
+    """Shards and index of (name, shape) entries, small random bf16 values, written without torch."""
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    entries = list(olmoe_tensors(hidden, inter, layers, experts, vocab))
     shards, size = [[]], 0
     for name, shape in entries:
         nbytes = 2 * int(np.prod(shape))
@@ -73,8 +79,6 @@ def write_donor(path: Path, seed: int, *, hidden=640, inter=320, layers=16, expe
     total = sum(2 * int(np.prod(s)) for _, s in entries)
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (path / "config.json").write_text(json.dumps(olmoe_config(hidden, inter, layers, experts, vocab), indent=1))
-    return path
 
 
 def dir_bytes(path: Path) -> int:

@@ -16,6 +16,19 @@ def _score_cache(tmp_path_factory):
     os.environ["MOE_SURGEON_CACHE"] = str(tmp_path_factory.mktemp("score-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that run many small forward passes: on CI's two shared cores an oversubscribed
+    torch thread pool is up to 20x slower than one thread. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def donors_of(tmp_path_factory):
     """donors_of(model_type, n) -> n tiny donors of that architecture (seeds 0..n-1), built once."""

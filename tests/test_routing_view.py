@@ -21,16 +21,10 @@ from surgeon.scoring import load_tokenizer
 SUMS = ["12+7=19", "3+4=7", "88+12=100", "5+5=10", "40+2=42"]
 REVS = ["rev:abc=cba", "rev:dog=god", "rev:hello=olleh", "rev:xy=yx"]
 SVG = "{http://www.w3.org/2000/svg}"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the CLI subprocesses, as one_torch_thread below
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the CLI subprocesses, as the one_torch_thread fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tests share two CPU cores: an oversubscribed torch thread pool probes 20x slower than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def load(path):

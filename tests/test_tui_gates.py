@@ -33,13 +33,7 @@ from tiny_models import make_donor, save_char_tokenizer
 SIZE = (110, 34)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tests share two CPU cores: an oversubscribed torch thread pool is many times slower than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

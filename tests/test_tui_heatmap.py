@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from screens.app import DEMO_SPECS, SurgeonApp
@@ -30,13 +29,7 @@ SIZE = (100, 30)
 CORPORA = ("arith", "reverse")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tests share two CPU cores: an oversubscribed torch thread pool probes 20x slower than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def probe(model, tokenizer) -> dict:
