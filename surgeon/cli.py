@@ -251,12 +251,11 @@ def _open_probe_target(target: str, allow_pickle: bool):
     """A session file (hybrid vs its donors) or a checkpoint directory (that model alone)."""
     from .donor import open_donor
     from .plan import Plan
-    from .session import load_session, open_session_donors
+    from .session import load_session, open_session_donors, refuse_mix_session
 
     if Path(target).is_file():
         session = load_session(target)
-        if "mix" in session.extensions:  # its plan is only the dense part of a mix (mix_build.py)
-            raise SurgeonError(f"{target}: a mix session; probe the mix's export directory instead")
+        refuse_mix_session(session, target, "probe")
         return session, open_session_donors(session, target, allow_pickle=allow_pickle), session.plan
     donor = open_donor(target, allow_pickle=allow_pickle)
     return None, {"A": donor}, Plan("A")

@@ -137,10 +137,11 @@ def cmd_add(args) -> int:
     from .plan import Plan, format_ranges
     from .resolve import resolve
 
-    from .session import load_session, make_session, open_session_donors
+    from .session import load_session, make_session, open_session_donors, refuse_mix_session
 
     if Path(args.base).is_file():
         session = load_session(args.base)
+        refuse_mix_session(session, args.base, "add gates to")
         donors = open_session_donors(session, args.base)
         plan = session.plan
     else:

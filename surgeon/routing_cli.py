@@ -118,7 +118,7 @@ def load_model(path, device, dtype):
 # ---------------------------------------------------------------- the command
 def cmd_routing(args) -> int:
     from .donor import open_donor
-    from .session import load_session, open_session_donors
+    from .session import load_session, open_session_donors, refuse_mix_session
 
     if not 0 < args.q <= 100:
         raise SurgeonError(f"--q {args.q}: expected a percentage in (0, 100]")
@@ -127,6 +127,7 @@ def cmd_routing(args) -> int:
     session = None
     if Path(args.target).is_file():
         session = load_session(args.target)
+        refuse_mix_session(session, args.target, "analyse")
         donors = open_session_donors(session, args.target, allow_pickle=args.allow_pickle)
         base = donors[session.plan.base]
     else:

@@ -206,3 +206,10 @@ def open_session_donors(
                 raise SurgeonError(f"donor {ref.name} ({donor.path}): content hash differs from the session's")
         donors[ref.name] = donor
     return donors
+
+
+def refuse_mix_session(session: Session, path, instead: str) -> None:
+    """A mix session's plan is only the dense part of the mix (its transfers; mix_build.py), so a
+    command that works on a session's plan would silently measure or change the wrong model."""
+    if "mix" in session.extensions:
+        raise SurgeonError(f"{path}: a mix session; {instead} the mix's export directory instead")

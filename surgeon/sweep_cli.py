@@ -58,11 +58,12 @@ def register(sub) -> None:
 
 def _open_session(args):
     """(session, donors, created): the session file, or a new one from --base DIR --donor DIR."""
-    from .session import load_session, open_session_donors
+    from .session import load_session, open_session_donors, refuse_mix_session
 
     path = Path(args.session)
     if path.exists():
         session = load_session(path)
+        refuse_mix_session(session, path, "sweep a session made with --base")
         donors = open_session_donors(session, path, ignore_fingerprints=args.ignore_fingerprints,
                                      allow_pickle=args.allow_pickle)
         return session, donors, False

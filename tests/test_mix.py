@@ -283,8 +283,13 @@ def test_cli_mix_of_the_demo_donors_replays_bit_for_bit(tmp_path, cli):
     assert first.keys() == again.keys()
     assert all(torch.equal(t, again[n]) for n, t in first.items())
     assert any(first[n].any() for n in first if n.endswith("block_sparse_moe.gate.weight"))  # trained
-    r = cli("probe", session, "--probe", "em:arith")  # its plan alone is not the mix
-    assert r.returncode == 2 and "probe the mix's export directory" in r.stderr
+    # Its plan alone is not the mix: commands that work on a session's plan refuse it.
+    for args, verb in ((["probe", session, "--probe", "em:arith"], "probe"),
+                       (["sweep", session, "--group", "attention"], "sweep a session made with --base"),
+                       (["routing", session], "analyse"),
+                       (["gates", "add", tmp_path / "gated", "--base", session, "--type", "scalar", "--layers", "all"], "add gates to")):
+        r = cli(*args)
+        assert r.returncode == 2 and f"a mix session; {verb} the mix's export directory" in r.stderr, (args, r.stderr)
 
 
 @pytest.mark.parametrize("args,message", [
