@@ -399,7 +399,7 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
     does). Returns what was written."""
     from safetensors.torch import save_file
 
-    from .export import remove_stale_leftovers, swap_into_place, check_target
+    from .export import check_target, remove_stale_leftovers, swap_into_place
     from .hybrid import TORCH_DTYPE_NAMES
     from .resolve import natural_key
     from .tensors import TORCH_DTYPES

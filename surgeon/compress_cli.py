@@ -57,7 +57,7 @@ def register(sub) -> None:
 def _common_choice(args, donor, device) -> tuple[dict, dict]:
     """Per MoE layer, the experts common to every corpus (routing.common_experts)."""
     from .routing import common_experts, probe_domains
-    from .routing_cli import DEFAULT_CORPORA, load_model, corpus_texts, parse_corpus
+    from .routing_cli import DEFAULT_CORPORA, corpus_texts, load_model, parse_corpus
     from .scoring import load_tokenizer
 
     corpora = {}

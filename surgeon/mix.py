@@ -41,7 +41,7 @@ from .anatomy import Part
 from .donor import Donor
 from .errors import SurgeonError
 from .plan import Assignment, Plan
-from .resolve import Resolution, Source, source_from, natural_key, resolve
+from .resolve import Resolution, Source, natural_key, resolve, source_from
 
 DENSE_TYPES = ("llama", "mistral", "qwen2")
 ROUTER_MODES = ("uniform", "noisy", "hidden", "random")

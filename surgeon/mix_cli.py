@@ -126,7 +126,7 @@ def cmd_mix(args) -> int:
 
 
 def _build_and_report(plan, donors, out, settings, args, *, session_path=None, recorded_digest=None) -> int:
-    from .cli import progress_printer, _warn
+    from .cli import _warn, progress_printer
     from .cli_options import out_of_memory_is_an_error
     from .mix_build import build_mix
     from .session import save_session

@@ -21,9 +21,8 @@ from typing import Callable
 from . import __version__
 from .donor import Donor
 from .errors import SurgeonError
-from .export import (SESSION_FILE, ExportCancelled, ExportResult, converted_bytes, copy_range,
-                     remove_stale_leftovers, split_into_shards, swap_into_place,
-                     check_target)
+from .export import (SESSION_FILE, ExportCancelled, ExportResult, check_target, converted_bytes, copy_range,
+                     remove_stale_leftovers, split_into_shards, swap_into_place)
 from .mix import MixLayout, MixTensor, router_bytes
 from .safetensors_file import DTYPE_SIZES, encode_header
 
