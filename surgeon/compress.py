@@ -50,7 +50,6 @@ entry (deepseek_v3) are refused with a message.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -399,7 +398,7 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
     does). Returns what was written."""
     from safetensors.torch import save_file
 
-    from .export import check_target, remove_stale_leftovers, swap_into_place
+    from .export import check_target, shard_file_names, staged_directory, write_index
     from .hybrid import TORCH_DTYPE_NAMES
     from .resolve import natural_key
     from .tensors import TORCH_DTYPES
@@ -415,21 +414,14 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
     state = compact_state_dict(donor, results, config, target, out_dtype)
     names = sorted(state, key=natural_key)
     shards = _shards({n: state[n] for n in names}, max_shard_size)
-    files = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_leftovers(out)
-    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    files = shard_file_names(len(shards))
+    with staged_directory(out) as tmp:
         weight_map = {}
         for fname, members in zip(files, shards):
             save_file({n: state[n] for n in members}, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in members})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        if len(files) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_index(tmp, files, weight_map, total)
         config.save_pretrained(tmp)
         for f in donor.side_files():
             if f.name != "config.json":
@@ -441,10 +433,6 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
         full = {**(report or {}), "written": written}
         (tmp / REPORT_FILE).write_text(json.dumps(full, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(donor, results, target, full))
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
 
 

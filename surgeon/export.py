@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -134,69 +135,49 @@ def export_hybrid(
     started = time.perf_counter()
     shards = plan_shards(resolution, max_shard_size)
     total = sum(_nbytes(s.shape, s.dtype) for s in resolution.sources.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_leftovers(out)
-    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
-    tmp.mkdir()
+    names = shard_file_names(len(shards))
     fds: dict[str, int] = {}
+    done = 0
+
+    def write_tensor(n: str, dst_fd: int) -> None:
+        nonlocal done
+        src = resolution.sources[n]
+        donor = donors[src.donor]
+        info = donor.tensors[src.tensor]
+        fd = None
+        if src.tensor not in donor.pickled:
+            fd = fds.get(info.file)
+            if fd is None:
+                fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
+        if src.converts or src.tensor in donor.pickled:
+            os.write(dst_fd, converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd))
+        else:
+            copy_range(fd, dst_fd, info.start, info.nbytes)
+        done += _nbytes(src.shape, src.dtype)
+        if progress is not None:
+            progress(done, total)
+
+    def write_file(tmp: Path, file_name: str, members: list[str], metadata: dict) -> None:
+        entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
+        write_shard(tmp / file_name, entries, metadata, write_tensor, fsync=fsync, cancel=cancel,
+                    cancelled=f"{out}: export cancelled; nothing was written")
+
     try:
-        names = (
-            ["model.safetensors"] if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        )
-        done = 0
-        weight_map = {}
-
-        def write_file(file_name: str, members: list[str], metadata: dict) -> None:
-            nonlocal done
-            entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
-            header, _ = encode_header(entries, metadata)
-            dst_fd = os.open(tmp / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(dst_fd, header)
-                for n in members:
-                    if cancel is not None and cancel():
-                        raise ExportCancelled(f"{out}: export cancelled; nothing was written")
-                    src = resolution.sources[n]
-                    donor = donors[src.donor]
-                    info = donor.tensors[src.tensor]
-                    fd = None
-                    if src.tensor not in donor.pickled:
-                        fd = fds.get(info.file)
-                        if fd is None:
-                            fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
-                    if src.converts or src.tensor in donor.pickled:
-                        data = converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd)
-                        os.write(dst_fd, data)
-                    else:
-                        copy_range(fd, dst_fd, info.start, info.nbytes)
-                    done += _nbytes(src.shape, src.dtype)
-                    if progress is not None:
-                        progress(done, total)
-                if fsync:
-                    os.fsync(dst_fd)
-            finally:
-                os.close(dst_fd)
-
-        for shard_name, members in zip(names, shards):
-            write_file(shard_name, members, {"format": "pt"})
-            weight_map.update(dict.fromkeys(members, shard_name))
-        gates = resolution.gate_names()
-        if gates:  # Self-MoE layer gates: their own file, which plain transformers does not read
-            write_file(GATES_FILE, gates, gates_metadata(resolution, donors))
-        if len(names) > 1:
-            index = {"metadata": {"total_size": total - _gate_bytes(resolution)}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_side_files(resolution, donors, tmp, dtype)
-        (tmp / "README.md").write_text(model_card(resolution, donors, dtype))
-        if session_json is not None:
-            (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
-        if before_rename is not None:
-            before_rename(tmp)
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_directory(out) as tmp:
+            weight_map = {}
+            for shard_name, members in zip(names, shards):
+                write_file(tmp, shard_name, members, {"format": "pt"})
+                weight_map.update(dict.fromkeys(members, shard_name))
+            gates = resolution.gate_names()
+            if gates:  # Self-MoE layer gates: their own file, which plain transformers does not read
+                write_file(tmp, GATES_FILE, gates, gates_metadata(resolution, donors))
+            write_index(tmp, names, weight_map, total - _gate_bytes(resolution))
+            _write_side_files(resolution, donors, tmp, dtype)
+            (tmp / "README.md").write_text(model_card(resolution, donors, dtype))
+            if session_json is not None:
+                (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
+            if before_rename is not None:
+                before_rename(tmp)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -223,6 +204,55 @@ def gates_metadata(resolution: Resolution, donors: dict[str, Donor]) -> dict[str
         origin[str(gate_layer_of(n))] = {"donor": src.donor, "path": str(d.path), "fingerprint": d.fingerprint}
     shapes = {gate_layer_of(n): resolution.sources[n].shape for n in resolution.gate_names()}
     return sidecar_metadata(shapes, hidden_size_of(base.config, str(base.path)), {"origin": origin})
+
+
+def shard_file_names(count: int) -> list[str]:
+    """transformers' names for a checkpoint of `count` shards."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+@contextmanager
+def staged_directory(out: Path):
+    """A hidden sibling of `out` to write a checkpoint into: renamed into place when the block ends,
+    removed when it raises, so an interrupted write leaves nothing (and the next write to `out`
+    removes what a killed one left)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(out)
+    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_shard(path: Path, entries: list, metadata: dict, write_tensor: Callable[[str, int], None], *,
+                fsync: bool = False, cancel: Callable[[], bool] | None = None, cancelled: str = "") -> None:
+    """One safetensors file: the header of `entries` [(name, dtype, shape)], then each tensor's bytes,
+    in that order, from write_tensor(name, fd)."""
+    header, _ = encode_header(entries, metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, header)
+        for name, _, _ in entries:
+            if cancel is not None and cancel():
+                raise ExportCancelled(cancelled)
+            write_tensor(name, fd)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_index(tmp: Path, names: list[str], weight_map: dict, total_size: int) -> None:
+    """model.safetensors.index.json, which a sharded checkpoint needs and a single file does not."""
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def remove_stale_leftovers(out: Path) -> None:

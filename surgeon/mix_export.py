@@ -21,10 +21,10 @@ from typing import Callable
 from . import __version__
 from .donor import Donor
 from .errors import SurgeonError
-from .export import (SESSION_FILE, ExportCancelled, ExportResult, check_target, converted_bytes, copy_range,
-                     remove_stale_leftovers, split_into_shards, swap_into_place)
+from .export import (SESSION_FILE, ExportResult, check_target, converted_bytes, copy_range, shard_file_names,
+                     split_into_shards, staged_directory, write_index, write_shard)
 from .mix import MixLayout, MixTensor, router_bytes
-from .safetensors_file import DTYPE_SIZES, encode_header
+from .safetensors_file import DTYPE_SIZES
 
 TRAINING_CSV = "router-training.csv"
 
@@ -130,51 +130,36 @@ def export_mix(
     started = time.perf_counter()
     shards = plan_shards(layout, max_shard_size)
     total = sum(nbytes(t) for t in layout.tensors.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_leftovers(out)
-    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
-    tmp.mkdir()
+    names = shard_file_names(len(shards))
     sources = _Sources(donors)
+    done = 0
+
+    def write_tensor(n: str, dst: int) -> None:
+        nonlocal done
+        _write_tensor(layout.tensors[n], sources, dst, routers)
+        done += nbytes(layout.tensors[n])
+        if progress is not None:
+            progress(done, total)
+
     try:
-        names = (["model.safetensors"] if len(shards) == 1
-                 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        done = 0
-        weight_map = {}
-        for shard_name, members in zip(names, shards):
-            entries = [(n, layout.tensors[n].dtype, layout.tensors[n].shape) for n in members]
-            header, _ = encode_header(entries, {"format": "pt"})
-            dst = os.open(tmp / shard_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(dst, header)
-                for n in members:
-                    if cancel is not None and cancel():
-                        raise ExportCancelled(f"{out}: mix cancelled; nothing was written")
-                    _write_tensor(layout.tensors[n], sources, dst, routers)
-                    weight_map[n] = shard_name
-                    done += nbytes(layout.tensors[n])
-                    if progress is not None:
-                        progress(done, total)
-                if fsync:
-                    os.fsync(dst)
-            finally:
-                os.close(dst)
-        if len(names) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        base = donors[layout.plan.base]
-        for f in base.side_files():
-            if f.name != "config.json":
-                shutil.copyfile(f, tmp / f.name)
-        (tmp / "config.json").write_text(json.dumps(layout.config, indent=2) + "\n")
-        (tmp / "README.md").write_text(card or mix_model_card(layout, donors))
-        if session_json is not None:
-            (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_directory(out) as tmp:
+            weight_map = {}
+            for shard_name, members in zip(names, shards):
+                entries = [(n, layout.tensors[n].dtype, layout.tensors[n].shape) for n in members]
+                write_shard(tmp / shard_name, entries, {"format": "pt"}, write_tensor, fsync=fsync, cancel=cancel,
+                            cancelled=f"{out}: mix cancelled; nothing was written")
+                weight_map.update(dict.fromkeys(members, shard_name))
+            write_index(tmp, names, weight_map, total)
+            base = donors[layout.plan.base]
+            for f in base.side_files():
+                if f.name != "config.json":
+                    shutil.copyfile(f, tmp / f.name)
+            (tmp / "config.json").write_text(json.dumps(layout.config, indent=2) + "\n")
+            (tmp / "README.md").write_text(card or mix_model_card(layout, donors))
+            if session_json is not None:
+                (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
+            for fname, text in (extra_files or {}).items():
+                (tmp / fname).write_text(text)
     finally:
         sources.close()
     return ExportResult(out, names, len(layout.tensors), total, time.perf_counter() - started)
