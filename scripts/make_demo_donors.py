@@ -221,21 +221,32 @@ def main():
             model.load_state_dict(states[parent])  # fp32 weights, not the bf16 copy on disk
         train(model, tok, mix, steps, lr, random.Random(f"train-{name}"), held_out)
         states[name] = {k: v.clone() for k, v in model.state_dict().items()}
-        shutil.rmtree(data_dir / name, ignore_errors=True)
-        model.to(torch.bfloat16).save_pretrained(data_dir / name)
-        tok.save_pretrained(data_dir / name)
-        # safetensors writes 0600; package data must be readable by whoever installs it
-        for f in (data_dir / name).iterdir():
-            f.chmod(0o644)
+        save_donor(model, tok, data_dir / name)
 
-    print(f"\n{'donor':8s} {'arith':>7s} {'reverse':>8s}   (greedy exact match, bf16, "
-          f"{N_PROBES} held-out items each)")
-    for name, *_ in STAGES:
+    print_scores(data_dir, [name for name, *_ in STAGES], probes)
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+def save_donor(model, tok, path):
+    """Save in bf16 with the tokenizer, readable by everyone."""
+    shutil.rmtree(path, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    # safetensors writes 0600; package data must be readable by whoever installs it
+    for f in path.iterdir():
+        f.chmod(0o644)
+
+
+def print_scores(data_dir, names, probes):
+    """Greedy exact match of each saved donor, as it loads from disk."""
+    width = max(8, max(map(len, names)))
+    print(f"\n{'donor':{width}s} {'arith':>7s} {'reverse':>8s}   (greedy exact match, bf16, "
+          f"{len(probes[TASKS[0]])} held-out items each)")
+    for name in names:
         model = AutoModelForCausalLM.from_pretrained(data_dir / name, dtype=torch.bfloat16).eval()
         dtok = AutoTokenizer.from_pretrained(data_dir / name)
         acc = [exact_match(model, dtok, probes[t]) for t in TASKS]
-        print(f"{name:8s} {acc[0]:7.1%} {acc[1]:8.1%}")
-    print(f"done in {time.time() - t0:.0f}s")
+        print(f"{name:{width}s} {acc[0]:7.1%} {acc[1]:8.1%}")
 
 
 if __name__ == "__main__":

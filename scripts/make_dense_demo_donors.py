@@ -22,18 +22,17 @@ algorithms, 1 CPU thread (about 3 minutes); bit-identical from run to run.
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo_donors import (ITEM, TASKS, exact_match, held_out_key, make_batch,  # noqa: E402
-                              make_tokenizer)
+from make_demo_donors import (ITEM, TASKS, held_out_key, make_batch, make_tokenizer,  # noqa: E402
+                              print_scores, save_donor)
 
 BATCH = 64
 # (name, parent, task mix, steps, peak lr, which weights train)
@@ -125,19 +124,9 @@ def main():
             model.load_state_dict(states[parent])
         train(model, tok, mix, steps, lr, random.Random(f"train-{name}"), held_out, which)
         states[name] = {k: v.clone() for k, v in model.state_dict().items()}
-        shutil.rmtree(data_dir / name, ignore_errors=True)
-        model.to(torch.bfloat16).save_pretrained(data_dir / name)
-        tok.save_pretrained(data_dir / name)
-        for f in (data_dir / name).iterdir():
-            f.chmod(0o644)
+        save_donor(model, tok, data_dir / name)
 
-    print(f"\n{'donor':14s} {'arith':>7s} {'reverse':>8s}   (greedy exact match, bf16, "
-          f"{len(probes['arith'])} held-out items each)")
-    for name, *_ in STAGES:
-        model = AutoModelForCausalLM.from_pretrained(data_dir / name, dtype=torch.bfloat16).eval()
-        dtok = AutoTokenizer.from_pretrained(data_dir / name)
-        acc = [exact_match(model, dtok, probes[t]) for t in TASKS]
-        print(f"{name:14s} {acc[0]:7.1%} {acc[1]:8.1%}")
+    print_scores(data_dir, [name for name, *_ in STAGES], probes)
     print(f"done in {time.time() - t0:.0f}s")
 
 
