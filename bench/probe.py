@@ -47,13 +47,13 @@ def naive_mc(model, tok, prefix, items, device):
 
 
 def bench_mc(device, shots, limit):
-    from surgeon.donor import open_donor
-    from surgeon.hybrid import Hybrid
-    from surgeon.plan import Plan
-    from surgeon.probe_run import evaluate, load_probe_data
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Plan
+    from surgeon.live.hybrid import Hybrid
     from surgeon.probes import parse_probe
     from surgeon.probes.prompts import shots_prefix
-    from surgeon.scoring import load_tokenizer
+    from surgeon.probes.run import evaluate, load_probe_data
+    from surgeon.probes.scoring import load_tokenizer
 
     donors = {"A": open_donor("demo:arith")}
     model = Hybrid.materialize(Plan("A"), donors, device=device).model
@@ -78,9 +78,9 @@ def bench_mc(device, shots, limit):
 
 
 def bench_swap(device, small):
-    from surgeon.donor import open_donor
-    from surgeon.hybrid import Hybrid
-    from surgeon.plan import Plan, parse_spec
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Plan, parse_spec
+    from surgeon.live.hybrid import Hybrid
 
     work = Path(tempfile.mkdtemp(prefix="moe-surgeon-swap-"))
     shape = ["--small"] if small else []

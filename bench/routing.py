@@ -1,7 +1,7 @@
 """Benchmark: what the routing probe costs over a plain forward pass on the same tokens.
 
 Both sides read the same texts in the same right-padded batches; the plain side only calls the
-model, the probe side is `surgeon.routing.probe_routing` (router hooks, per-batch statistics, the
+model, the probe side is `surgeon.features.routing.probe.probe_routing` (router hooks, per-batch statistics, the
 token trace). Repeats are interleaved and the best of each is kept, so load from other processes
 hits both sides alike.                                                           goal <= 1.10x
 Run: python bench/routing.py [--device cuda] [--small] [--repeats N]
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from surgeon.routing import probe_routing  # noqa: E402
+from surgeon.features.routing.probe import probe_routing  # noqa: E402
 
 
 class CharTokenizer:

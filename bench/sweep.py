@@ -38,7 +38,7 @@ def sync(device: str) -> None:
 
 
 def prepare_donors(kind: str, work: Path) -> tuple[dict, list[str]]:
-    from surgeon.donor import DEMO_ROOT, open_donor
+    from surgeon.core.donor import DEMO_ROOT, open_donor
 
     if kind == "demo":
         return {"A": open_donor("demo:arith"), "B": open_donor("demo:reverse")}, ["em:arith", "em:reverse", "mc:reverse_mc"]
@@ -68,12 +68,12 @@ def main() -> None:
 
 
 def run(args, work: Path) -> None:
-    from surgeon.hybrid import Hybrid
-    from surgeon.plan import Plan
-    from surgeon.probe_run import evaluate, load_probe_data
+    from surgeon.core.plan import Plan
+    from surgeon.features.sweep.runner import SweepSpec, default_groups, run_sweep
+    from surgeon.live.hybrid import Hybrid
     from surgeon.probes import parse_probe
-    from surgeon.scoring import load_tokenizer
-    from surgeon.sweep import SweepSpec, default_groups, run_sweep
+    from surgeon.probes.run import evaluate, load_probe_data
+    from surgeon.probes.scoring import load_tokenizer
 
     donors, probes = prepare_donors(args.donors, work)
     specs = [parse_probe(f"{p},limit={args.limit}") for p in probes]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgeon.safetensors_file import encode_header
+from surgeon.io.safetensors_file import encode_header
 
 
 def olmoe_config(hidden: int, inter: int, layers: int, experts: int, vocab: int) -> dict:

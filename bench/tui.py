@@ -140,7 +140,7 @@ def main() -> int:
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     paths = donors()
-    from surgeon.donor import open_donor
+    from surgeon.core.donor import open_donor
 
     n = len(open_donor(paths[0]).tensors)
     print(f"donors: 2 x OLMoE-shaped, 16 layers x 64 experts, {n} tensors each")

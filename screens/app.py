@@ -1,6 +1,6 @@
 """The workbench app: owns the workbench, the session file and the recovery file.
 
-Screens edit `app.wb` (a surgeon.grid.Workbench) and call `workbench_changed()`; the app then
+Screens edit `app.wb` (a surgeon.core.workbench.Workbench) and call `workbench_changed()`; the app then
 repaints, marks the session modified and autosaves to the recovery file in a worker. Opening
 donors and sessions also runs in workers (header reads of a sharded checkpoint can take a while
 on network storage), so the first frame appears before any donor is read.
@@ -21,9 +21,9 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Static
 
+from surgeon.core.recovery import RecoveryWriter, load_recovery, orphans
+from surgeon.core.workbench import Workbench
 from surgeon.errors import SurgeonError
-from surgeon.grid import Workbench
-from surgeon.recovery import RecoveryWriter, load_recovery, orphans
 
 from .dialogs import ConfirmScreen, ErrorScreen, PathScreen
 from .surgery import SurgeryScreen
@@ -119,7 +119,7 @@ class SurgeonApp(App):
 
     @work(thread=True, exit_on_error=False, group="load")
     def load_donors(self, specs: list[str], welcome: bool = False) -> None:
-        from surgeon.donor import open_donor
+        from surgeon.core.donor import open_donor
 
         donors, labels, errors = {}, {}, []
         for spec in specs:
@@ -146,7 +146,7 @@ class SurgeonApp(App):
 
     @work(thread=True, exit_on_error=False, group="load")
     def load_session(self, path: str, *, recovered: str | None = None) -> None:
-        from surgeon.session import load_session, open_session_donors
+        from surgeon.core.session import load_session, open_session_donors
 
         try:
             if recovered:
@@ -267,7 +267,9 @@ class SurgeonApp(App):
     def distance_cache(self):
         """One cache for the app's life: distances are keyed by fingerprints, so they never go stale."""
         if getattr(self, "_distances", None) is None:
-            from surgeon.distance import DistanceCache  # numpy: only when a layer is opened
+            from surgeon.features.distance import (
+                DistanceCache,  # numpy: only when a layer is opened
+            )
 
             self._distances = DistanceCache()
         return self._distances
@@ -309,7 +311,7 @@ class SurgeonApp(App):
                 screen.refresh_status()
 
     def session_json(self, session_path: str | None) -> dict:
-        from surgeon.session import make_session
+        from surgeon.core.session import make_session
 
         # While the grid is the plain mix, the session is its recipe (what `mix --session` writes).
         mixed = self.mix is not None and self.mix.matches(self.wb)
@@ -351,7 +353,7 @@ class SurgeonApp(App):
     def _save_to(self, path: str | None) -> None:
         if not path:
             return
-        from surgeon.session import parse_session, save_session
+        from surgeon.core.session import parse_session, save_session
 
         try:
             session = parse_session(self.session_json(path), path)
@@ -459,7 +461,7 @@ class SurgeonApp(App):
     # ------------------------------------------------------------ donors (from the donors screen)
     @work(thread=True, exit_on_error=False, group="donor")
     def open_donor(self, spec: str) -> None:
-        from surgeon.donor import open_donor
+        from surgeon.core.donor import open_donor
 
         try:
             donor = open_donor(spec)

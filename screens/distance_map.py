@@ -16,8 +16,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from surgeon.core.workbench import COLUMN_TITLES
 from surgeon.errors import SurgeonError
-from surgeon.grid import COLUMN_TITLES
 
 from .layer import format_distance
 
@@ -82,7 +82,7 @@ class DistanceMapScreen(Screen):
     def compute(self, donor_name: str) -> None:
         from textual.worker import get_current_worker
 
-        from surgeon.distance import distance_map
+        from surgeon.features.distance import distance_map
 
         wb = self.app.wb
         worker = get_current_worker()

@@ -16,7 +16,7 @@ from textual.validation import ValidationResult, Validator
 from textual.widgets import DataTable, Footer, Input, Static
 
 from surgeon.errors import SurgeonError
-from surgeon.sizes import human_bytes
+from surgeon.io.sizes import human_bytes
 
 from .dialogs import PathSuggester
 from .widgets.grid import donor_style

@@ -19,7 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
 
 from surgeon.errors import SurgeonError
-from surgeon.sizes import human_bytes, parse_size
+from surgeon.io.sizes import human_bytes, parse_size
 
 from .dialogs import PathSuggester
 
@@ -109,9 +109,9 @@ class ExportScreen(ModalScreen[None]):
 
     @work(thread=True, exit_on_error=False, group="export")
     def run_export(self, plan, donors, out: str, dtype: str, shard: int) -> None:
-        from surgeon.export import ExportCancelled, export_hybrid
-        from surgeon.resolve import resolve
-        from surgeon.session import make_session
+        from surgeon.core.resolve import resolve
+        from surgeon.core.session import make_session
+        from surgeon.features.export import ExportCancelled, export_hybrid
 
         started = time.perf_counter()
         last = [0.0]

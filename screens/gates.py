@@ -2,8 +2,8 @@
 
 The hybrid's gates come from the donors marked for the grid's `layer gate` column (a gate is a
 plan component like any other), so the table lists, per decoder layer, the gate the hybrid has
-(type, size, donor) or "no gate". A worker materialises the hybrid (surgeon.hybrid, as the
-Probes screen does) and runs `surgeon.gates_select.select_gates` on calibration text: the
+(type, size, donor) or "no gate". A worker materialises the hybrid (surgeon.live.hybrid, as the
+Probes screen does) and runs `surgeon.features.gates.select.select_gates` on calibration text: the
 per-layer logit-lens perplexity without and with each gate (eq. 3 and 4) and the verdict
 (eq. 5), exactly what `moe-surgeon gates select --dry-run` prints. The chart shows the change
 each gate makes; the table the numbers.
@@ -27,13 +27,13 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.message import Message
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from surgeon.core.gates_sidecar import GATE_KIND
 from surgeon.errors import SurgeonError
-from surgeon.gates_file import GATE_KIND
 
 from .dialogs import ErrorScreen, PathScreen
 from .widgets.gate_chart import ChangeRow, GateChart, change_text
@@ -78,8 +78,8 @@ class GateInfo:
 
 def hybrid_gates(wb) -> dict[int, GateInfo]:
     """The layer gates of the workbench's hybrid, by layer, as resolving its plan gives them."""
-    from surgeon.gates_file import gate_layer_of, gate_type_of, hidden_size_of
-    from surgeon.resolve import resolve
+    from surgeon.core.gates_sidecar import gate_layer_of, gate_type_of, hidden_size_of
+    from surgeon.core.resolve import resolve
 
     resolution = resolve(wb.plan(), wb.donors)
     base = wb.donors[wb.base]
@@ -114,8 +114,8 @@ def drop_gates(wb, layers) -> str:
 
     Returns that donor; SurgeonError when no open donor can (every gateless one refused).
     """
-    from surgeon.anatomy import Part
-    from surgeon.plan import format_ranges
+    from surgeon.core.anatomy import Part
+    from surgeon.core.plan import format_ranges
 
     layers = sorted(layers)
     parts = [Part(GATE_KIND, layer) for layer in layers]
@@ -134,7 +134,7 @@ def drop_gates(wb, layers) -> str:
 
 def with_min_gain(selection, min_gain: float):
     """The same measurements with the verdicts of eq. 5 for another min_gain."""
-    from surgeon.gates_select import Selection, keep_gate
+    from surgeon.features.gates.select import Selection, keep_gate
 
     rows = [replace(r, keep=keep_gate(r.ppl_without, r.ppl_with, min_gain)) for r in selection.layers]
     return Selection(rows, selection.tokens, min_gain)
@@ -149,7 +149,7 @@ class CorpusScreen(PathScreen):
     """A built-in set's name or a file (text, or a prompt/answer .jsonl), as `gates select --data`."""
 
     def __init__(self, value: str):
-        from surgeon.probe_data import builtin_sets
+        from surgeon.probes.data import builtin_sets
 
         self.builtin = list(builtin_sets())
         super().__init__(f"Calibration data: a built-in set ({', '.join(self.builtin)}) or a text or .jsonl file",
@@ -255,10 +255,10 @@ class GatesScreen(Screen):
         try:
             from transformers.utils import logging as hf_logging
 
-            from surgeon.gates_select import select_gates
-            from surgeon.gates_train import load_data
-            from surgeon.hybrid import Hybrid, default_device
-            from surgeon.scoring import load_tokenizer
+            from surgeon.features.gates.select import select_gates
+            from surgeon.features.gates.train import load_data
+            from surgeon.live.hybrid import Hybrid, default_device
+            from surgeon.probes.scoring import load_tokenizer
 
             hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
             self.post_message(GatesProgress(f"reading the calibration data {corpus_label(corpus)}…"))
@@ -317,7 +317,7 @@ class GatesScreen(Screen):
         elif self.problem is not None:
             note.update(f"the marks do not resolve: {self.problem}")
         elif not self.gates:
-            from surgeon.plan import format_ranges
+            from surgeon.core.plan import format_ranges
 
             have = "; ".join(f"{n} in layer(s) {format_ranges(ls)}" for n, ls in gated.items())
             note.update(f"The hybrid has no layer gates. Donors with gates: {have}. Give the grid's layer gate "
@@ -331,7 +331,7 @@ class GatesScreen(Screen):
         self.show_status()
 
     def verdict_text(self) -> Text:
-        from surgeon.plan import format_ranges
+        from surgeon.core.plan import format_ranges
 
         cur = self.current()
         if cur is None:
@@ -421,7 +421,7 @@ class GatesScreen(Screen):
         self.show()
 
     def action_apply(self) -> None:
-        from surgeon.plan import format_ranges
+        from surgeon.core.plan import format_ranges
 
         if self.app.wb is None:
             return

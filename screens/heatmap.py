@@ -2,9 +2,9 @@
 
 The screen is installed once (like Probes), so routing measured for a donor is kept for the app's
 life; the hybrid is measured again whenever the marks changed since. A worker materialises each
-model (surgeon.hybrid, as the Probes screen does: the hybrid is the base with the plan applied, a
+model (surgeon.live.hybrid, as the Probes screen does: the hybrid is the base with the plan applied, a
 donor is a plan of its own as base) and runs the built-in demo corpora through it
-(surgeon.routing.probe_domains), posting one message per model, so the first heatmap shows as
+(surgeon.features.routing.probe.probe_domains), posting one message per model, so the first heatmap shows as
 soon as its model is done.
 
 Keys switch the corpus (d), the model (m), the metric (t) and a difference (x: another model on
@@ -29,7 +29,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, Static
 
 from surgeon.errors import SurgeonError
-from surgeon.routing_view import METRIC_NAMES
+from surgeon.features.routing.view import METRIC_NAMES
 
 from .dialogs import ErrorScreen, PathScreen
 from .widgets.heatmap import HeatmapGrid
@@ -72,7 +72,7 @@ class SimilarityReady(Message):
 # ---------------------------------------------------------------- pure helpers (tested directly)
 def parse_take(n_text: str, layers_text: str) -> tuple[int, tuple[int, ...] | None]:
     """The take dialog's fields: N, and layers as the CLI's --layers (empty: every MoE layer)."""
-    from surgeon.plan import parse_ranges
+    from surgeon.core.plan import parse_ranges
 
     try:
         n = int(n_text.strip())
@@ -92,7 +92,7 @@ def colour_legend(view) -> Text:
     """`lo ▇▇▇▇ hi` in the view's palette: what a colour means."""
     import numpy as np
 
-    from surgeon.routing_view import hex_colour, palette_rgb
+    from surgeon.features.routing.view import hex_colour, palette_rgb
 
     lo, hi = view.colour_range()
     steps = np.linspace(lo, hi, 16)
@@ -217,7 +217,7 @@ class RoutingScreen(Screen):
         todo = [m for m in self.models if self.results.get(m, (None,))[0] != self.idents[m]]
         todo.sort(key=lambda m: m != self.model)  # the one on screen first
         if todo:
-            from surgeon.plan import Plan
+            from surgeon.core.plan import Plan
 
             plans = {m: wb.plan() if m == HYBRID else Plan(m) for m in todo}
             self.probe_models([(m, self.idents[m], plans[m]) for m in todo], dict(wb.donors), wb.base)
@@ -238,10 +238,10 @@ class RoutingScreen(Screen):
         try:
             from transformers.utils import logging as hf_logging
 
-            from surgeon.hybrid import Hybrid, default_device
-            from surgeon.routing import probe_domains
-            from surgeon.routing_cli import corpus_texts, parse_corpus
-            from surgeon.scoring import load_tokenizer
+            from surgeon.cli.routing import corpus_texts, parse_corpus
+            from surgeon.features.routing.probe import probe_domains
+            from surgeon.live.hybrid import Hybrid, default_device
+            from surgeon.probes.scoring import load_tokenizer
 
             hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
             if self.corpora is None:
@@ -295,7 +295,7 @@ class RoutingScreen(Screen):
 
     def current_view(self):
         """(RoutingView, None), or (None, why there is none yet)."""
-        from surgeon.routing_view import difference_view, stats_view
+        from surgeon.features.routing.view import difference_view, stats_view
 
         if self.model is None:
             return None, "no donors are open"
@@ -347,7 +347,7 @@ class RoutingScreen(Screen):
         layer = view.layers[r]
         text = f"layer {layer} · expert {c} · {view.metric} {view.value_format().format(view.values[r, c])}"
         if view.is_difference:
-            from surgeon.routing_view import metric_values
+            from surgeon.features.routing.view import metric_values
 
             kind, other = self.diff
             a, _ = self.stats_of(self.model, self.domain)
@@ -361,7 +361,7 @@ class RoutingScreen(Screen):
             top = int(stats.top1_counts[li].argmax())
             text += f" · layer {layer}: entropy {stats.entropy[li]:.3f}, top expert e{top} ({stats.top1[li].max():.0%} of tokens)"
             if self.tokenizer is not None and stats.counts[li, c] > 0:  # what the expert does, from the trace
-                from surgeon.routing import expert_tokens
+                from surgeon.features.routing.probe import expert_tokens
 
                 tops = expert_tokens(stats, self.tokenizer, layer, c, n=6, examples=0)
                 text += "\ntakes " + ", ".join(f"{t['token']!r} x{t['count']} ({t['share']:.0%})" for t in tops)
@@ -420,7 +420,7 @@ class RoutingScreen(Screen):
         def chosen(path: str | None) -> None:
             if not path:
                 return
-            from surgeon.routing_view import save_view
+            from surgeon.features.routing.view import save_view
 
             try:
                 fmt = save_view(view, path)
@@ -437,7 +437,7 @@ class RoutingScreen(Screen):
         return self.model if self.model in self.app.wb.donors else self.app.brush_donor()
 
     def action_take_used(self) -> None:
-        from surgeon.routing import most_used
+        from surgeon.features.routing.probe import most_used
 
         donor = self.take_donor()
         if donor is None:
@@ -478,7 +478,7 @@ class RoutingScreen(Screen):
                                         f"most from the base {wb.base}'s, in layers L", check), chosen)
 
     def _take_changed(self, donor: str, similarity: dict, n: int, layers) -> None:
-        from surgeon.routing import most_changed
+        from surgeon.features.routing.probe import most_changed
 
         try:
             chosen = most_changed(similarity, n, layers)
@@ -499,7 +499,7 @@ class RoutingScreen(Screen):
 
     @work(thread=True, exit_on_error=False, group="similarity")
     def compute_similarity(self, key: tuple, base, donor, then) -> None:
-        from surgeon.routing import expert_similarity
+        from surgeon.features.routing.probe import expert_similarity
 
         from .probes import failure_text
 
@@ -520,7 +520,7 @@ class RoutingScreen(Screen):
 
     def apply_selection(self, donor: str, chosen: dict[int, tuple[int, ...]], what: str) -> None:
         """Give the chosen experts to `donor` as ONE workbench change (one undo), then back to the grid."""
-        from surgeon.anatomy import Part
+        from surgeon.core.anatomy import Part
 
         wb = self.app.wb
         parts = [Part("expert", layer, e) for layer, experts in sorted(chosen.items()) for e in experts]

@@ -19,9 +19,9 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from surgeon.core.anatomy import natural_key
+from surgeon.core.workbench import Cell, layer_sheet
 from surgeon.errors import SurgeonError
-from surgeon.grid import Cell, layer_sheet
-from surgeon.resolve import natural_key
 
 from .marking import MARKING_BINDINGS, MarkingMixin
 from .widgets.grid import GridView, donor_style

@@ -5,7 +5,7 @@ repeat), router mode, always-on donor, output architecture, seed, the prompts fi
 router, and router training (file, steps, learning rate, batch size, template). The grid's marks
 become the mix's component transfers (`--take`): attention, norms and embeddings from any donor.
 
-Building runs `surgeon.mix_build.build_mix` in a worker that posts progress: the router-training
+Building runs `surgeon.features.mix.build.build_mix` in a worker that posts progress: the router-training
 loss step by step (a sparkline and a progress bar), then the bytes written. Escape cancels at the
 next step; the engine removes its temporary directory, so nothing partial is left. When it is
 done the app opens the export as the workbench's base (see mix_state.py), so the grid, Probes
@@ -29,11 +29,20 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ProgressBar, Sparkline, Static
 
-from surgeon.donor import Donor
+from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
-from surgeon.sizes import human_bytes
+from surgeon.io.sizes import human_bytes
 
-from .mix_state import CLI_TRAIN, DEMO_MIX, DEMO_TRAIN, MixState, dense_problem, is_demo, new_name, shown_path
+from .mix_state import (
+    CLI_TRAIN,
+    DEMO_MIX,
+    DEMO_TRAIN,
+    MixState,
+    dense_problem,
+    is_demo,
+    new_name,
+    shown_path,
+)
 
 ARCHS = ("auto", "mixtral", "qwen2_moe")
 TEMPLATES = ("raw", "qa")
@@ -111,9 +120,9 @@ def _form_message(e: Exception) -> str:
 
 def read_form(values: dict[str, str], source: MixSource):
     """(MixPlan, MixSettings, out or None) from the form's fields; SurgeonError names the field at fault."""
-    from surgeon.mix import MixPlan, parse_prompts, parse_router
-    from surgeon.mix_build import MixSettings
-    from surgeon.router_train import TrainSpec
+    from surgeon.features.mix.build import MixSettings
+    from surgeon.features.mix.plan import MixPlan, parse_prompts, parse_router
+    from surgeon.features.mix.router_train import TrainSpec
 
     donors = source.donors
 
@@ -315,8 +324,8 @@ class MixScreen(Screen):
         from .probes import failure_text
 
         try:
-            from surgeon.donor import open_donor
-            from surgeon.mix_build import build_mix
+            from surgeon.core.donor import open_donor
+            from surgeon.features.mix.build import build_mix
 
             from .mix_state import default_out, settings_hash
 
@@ -324,7 +333,7 @@ class MixScreen(Screen):
                 self.post_message(MixPhase("loading torch and transformers…"))
                 from transformers.utils import logging as hf_logging
 
-                from surgeon.hybrid import default_device
+                from surgeon.live.hybrid import default_device
 
                 hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
                 settings.device = default_device()

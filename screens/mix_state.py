@@ -22,11 +22,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgeon.donor import DEMO_ROOT, Donor
+from surgeon.core.donor import DEMO_ROOT, Donor
+from surgeon.core.workbench import Workbench
 from surgeon.errors import SurgeonError
-from surgeon.grid import Workbench
-from surgeon.mix import DENSE_TYPES, MixLayout
-from surgeon.mix_build import EXTENSION, MixSettings, RouterOutcome
+from surgeon.features.mix.build import EXTENSION, MixSettings, RouterOutcome
+from surgeon.features.mix.plan import DENSE_TYPES, MixLayout
 
 MIX_NAME = "M"  # the mix's donor name on the workbench, when free
 DEMO_MIX = Path(__file__).resolve().parent.parent / "surgeon" / "demo" / "mix"
@@ -79,7 +79,7 @@ class MixState:
                 and set(wb.donors) == {self.name, *self.donors})
 
     def session(self, session_path):
-        from surgeon.mix_build import make_mix_session
+        from surgeon.features.mix.build import make_mix_session
 
         return make_mix_session(self.layout, self.donors, self.settings, self.outcome, session_path)
 
@@ -135,7 +135,7 @@ def cache_root() -> Path:
 
 def settings_hash(plan, donors: dict[str, Donor], settings: MixSettings) -> str:
     """A short hash of everything that decides the mix's bytes: the default output folder's name."""
-    from surgeon.router_train import file_sha256
+    from surgeon.features.mix.router_train import file_sha256
 
     train = settings.train
     key = {
@@ -186,9 +186,9 @@ def routers_on_disk_digest(layout: MixLayout, mix: Donor) -> str:
 def restore_mix(session, session_path, donors: dict[str, Donor]) -> tuple[MixState, Donor | None, str | None]:
     """The mix a session records, and its export opened as a donor when it is on disk and is that
     mix; else None and a note saying why (the form can build it again)."""
-    from surgeon.donor import open_donor
-    from surgeon.mix import resolve_mix
-    from surgeon.mix_build import plan_from_session
+    from surgeon.core.donor import open_donor
+    from surgeon.features.mix.build import plan_from_session
+    from surgeon.features.mix.plan import resolve_mix
 
     ext = session.extensions[EXTENSION]
     plan, settings = plan_from_session(session, session_path, donors)

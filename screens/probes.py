@@ -29,8 +29,8 @@ from textual.widgets import DataTable, Footer, Input, ProgressBar, SelectionList
 from textual.widgets.selection_list import Selection
 
 from surgeon.errors import SurgeonError
+from surgeon.io.sizes import human_bytes
 from surgeon.probes import PROBES, ProbeSpec, parse_probe, spec_from_json
-from surgeon.sizes import human_bytes
 
 from .dialogs import ErrorScreen
 from .widgets.chart import Bar, BarGroup, ScoreChart
@@ -131,7 +131,7 @@ def format_ci(row: dict) -> str:
 
 
 def format_delta(vs: dict) -> str:
-    from surgeon.stats import significance_stars
+    from surgeon.probes.stats import significance_stars
 
     return f"{100 * vs['delta']:+.1f}{significance_stars(vs['mcnemar_p'])}"
 
@@ -145,7 +145,7 @@ def plan_text(record: dict | None) -> str:
 def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
     """The session's recorded probes, then one per built-in set with the probe that fits it; and
     how many of them are recorded ones (those start checked)."""
-    from surgeon.probe_data import builtin_sets, load_items
+    from surgeon.probes.data import builtin_sets, load_items
 
     specs: list[ProbeSpec] = []
     for data in recorded:
@@ -312,7 +312,7 @@ class ProbesScreen(Screen):
             self.show_run(self.shown_run)
 
     def show_run(self, index: int | None) -> None:
-        from surgeon.probe_run import summarize
+        from surgeon.probes.run import summarize
 
         self.shown_run = index
         table = self.query_one("#probe-results", DataTable)
@@ -474,7 +474,7 @@ class ProbesScreen(Screen):
 
     def _live_hybrid(self, plan, donors, device: str, post) -> tuple[object, bool]:
         """The kept hybrid when it was built from these donors, base and device; else a new one."""
-        from surgeon.hybrid import Hybrid
+        from surgeon.live.hybrid import Hybrid
 
         key = (tuple((n, str(d.path), d.fingerprint) for n, d in donors.items()), plan.base, device, DTYPE)
         if self.hybrid is not None and self.hybrid_key == key:
@@ -501,12 +501,12 @@ class ProbesScreen(Screen):
 
         live = False  # the kept hybrid is in play: a failure from here on may leave it half-swapped
         try:
-            from surgeon.probe_run import load_probe_data
+            from surgeon.probes.run import load_probe_data
 
             datas = [load_probe_data(s) for s in specs]  # refuse bad probe data before loading any model
             check()
-            from surgeon.hybrid import default_device
-            from surgeon.probe_run import cache_key, cached_donor_record, run_probes
+            from surgeon.live.hybrid import default_device
+            from surgeon.probes.run import cache_key, cached_donor_record, run_probes
 
             device = default_device()
             hybrid, materialized = self._live_hybrid(plan, donors, device, post)

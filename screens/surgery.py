@@ -12,7 +12,7 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from surgeon.grid import Cell, surgery_sheet
+from surgeon.core.workbench import Cell, surgery_sheet
 
 from .marking import MARKING_BINDINGS, MarkingMixin
 from .widgets.grid import GridView

@@ -60,7 +60,7 @@ def split_field(text: str) -> list[str]:
 
 def default_probe_text(recorded: list) -> str:
     """The session's probes a sweep can run, else every built-in set cut to DEFAULT_LIMIT items."""
-    from surgeon.sweep import UNSUPPORTED_PROBES, default_probes
+    from surgeon.features.sweep.runner import UNSUPPORTED_PROBES, default_probes
 
     usable = [p for p in recorded if isinstance(p, dict) and p.get("kind") not in UNSUPPORTED_PROBES]
     try:
@@ -180,9 +180,14 @@ class SweepScreen(Screen):
     # ------------------------------------------------------------ the spec
     def build_spec(self):
         """The SweepSpec of the form, checked against the open donors (raises SurgeonError)."""
-        from surgeon.hybrid import default_device
+        from surgeon.features.sweep.runner import (
+            SweepSpec,
+            check_groups,
+            check_probes,
+            parse_group,
+        )
+        from surgeon.live.hybrid import default_device
         from surgeon.probes import parse_probe
-        from surgeon.sweep import SweepSpec, check_groups, check_probes, parse_group
 
         wb = self.app.wb
         groups = [parse_group(g) for g in split_field(self.query_one("#sweep-groups", Input).value)]
@@ -197,13 +202,13 @@ class SweepScreen(Screen):
         return SweepSpec(wb.base, donor, groups, probes, device=default_device()), warnings
 
     def stored_sweeps(self) -> list:
-        from surgeon.sweep import sweeps_of
+        from surgeon.features.sweep.runner import sweeps_of
 
         return sweeps_of(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})))
 
     # ------------------------------------------------------------ running
     def action_run(self) -> None:
-        from surgeon.sweep import find_sweep
+        from surgeon.features.sweep.runner import find_sweep
 
         wb = self.app.wb
         if self.running:
@@ -243,7 +248,7 @@ class SweepScreen(Screen):
 
     @work(thread=True, exit_on_error=False, group="sweep")
     def run_worker_sweep(self, spec, donors, stored, plan, probes_screen) -> None:
-        from surgeon.sweep import run_sweep
+        from surgeon.features.sweep.runner import run_sweep
 
         def post(text: str) -> None:
             self.post_message(SweepProgress(text))
@@ -261,7 +266,7 @@ class SweepScreen(Screen):
 
         live = False
         try:
-            from surgeon.probe_run import load_probe_data
+            from surgeon.probes.run import load_probe_data
 
             for s in spec.probes:  # bad probe data fails before any model loads
                 load_probe_data(s)
@@ -285,7 +290,7 @@ class SweepScreen(Screen):
 
     def store(self, record: dict) -> None:
         """Keep `record` in the session (replacing the stored sweep with its id), mark it modified."""
-        from surgeon.sweep import store_sweep
+        from surgeon.features.sweep.runner import store_sweep
 
         store_sweep(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})), record)
         self.app.workbench_changed()  # modified + autosaved; ctrl+s writes the session file
@@ -321,7 +326,7 @@ class SweepScreen(Screen):
 
     # ------------------------------------------------------------ views
     def show_record(self, record: dict) -> None:
-        from surgeon.sweep_report import analyze, cell_text
+        from surgeon.features.sweep.report import analyze, cell_text
 
         self.record = record
         self.analysis = a = analyze(record)
@@ -349,7 +354,7 @@ class SweepScreen(Screen):
         self.action_open_configuration()
 
     def action_open_configuration(self) -> None:
-        from surgeon.sweep import plan_for
+        from surgeon.features.sweep.runner import plan_for
 
         if self.record is None or not self.masks:
             self.notify("no sweep yet: press r", timeout=3)

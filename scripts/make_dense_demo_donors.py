@@ -31,8 +31,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo_donors import (ITEM, TASKS, held_out_key, make_batch, make_tokenizer,  # noqa: E402
-                              print_scores, save_donor)
+from make_demo_donors import (  # noqa: E402
+    ITEM,
+    TASKS,
+    held_out_key,
+    make_batch,
+    make_tokenizer,
+    print_scores,
+    save_donor,
+)
 
 BATCH = 64
 # (name, parent, task mix, steps, peak lr, which weights train)

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tiny_models import make_donor, save_char_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never downloads

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
-from surgeon.anatomy import Part, build_anatomy, classify
-from surgeon.architectures import ARCHITECTURES, FALLBACK
-from surgeon.donor import open_donor
 from tiny_models import CONFIGS
+
+from surgeon.core.anatomy import Part, build_anatomy, classify
+from surgeon.core.architectures import ARCHITECTURES, FALLBACK
+from surgeon.core.donor import open_donor
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))

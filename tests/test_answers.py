@@ -2,8 +2,8 @@
 
 import pytest
 
-from surgeon.answers import extract, is_correct
 from surgeon.errors import SurgeonError
+from surgeon.probes.answers import extract, is_correct
 
 # Gold solutions in GSM8K's own format, and typical model outputs.
 GSM8K_GOLD = (

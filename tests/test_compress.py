@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from surgeon import compress as C
-from surgeon.donor import open_donor
-from surgeon.hybrid import TensorReader
 from tiny_models import EXPERTS_PREFIX, make_donor, save_char_tokenizer
+
+from surgeon.core.donor import open_donor
+from surgeon.features import compress as C
+from surgeon.live.hybrid import TensorReader
 
 DISK_ROLES = {"mixtral": ("w1", "w3", "w2")}  # gate, up, down; others: gate_proj, up_proj, down_proj
 
@@ -190,9 +190,9 @@ def test_cli_common_experts_match_routing(tmp_path, cli):
     """--common stacks exactly the experts routing.common_experts finds on the same corpora."""
     from transformers import AutoModelForCausalLM
 
-    from surgeon.routing import common_experts, probe_domains
-    from surgeon.routing_cli import corpus_texts, parse_corpus
-    from surgeon.scoring import load_tokenizer
+    from surgeon.cli.routing import corpus_texts, parse_corpus
+    from surgeon.features.routing.probe import common_experts, probe_domains
+    from surgeon.probes.scoring import load_tokenizer
 
     r = cli("compress", tmp_path / "c", "demo:arith", "--common", "arith", "reverse", "--q", "50",
             "--rank", "16", "--max-tokens", "400", "--device", "cpu", "--json")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgeon.donor import DEMO_ROOT
+from surgeon.core.donor import DEMO_ROOT
 
 SESSIONS = Path(__file__).resolve().parent.parent / "sessions"
 

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_donor
 from transformers import AutoModelForCausalLM
 
-from surgeon.donor import open_donor
+from surgeon.core.donor import open_donor
+from surgeon.core.plan import Plan, parse_spec
+from surgeon.core.resolve import resolve
 from surgeon.errors import SurgeonError
-from surgeon.export import ExportCancelled, export_hybrid
-from surgeon.plan import Plan, parse_spec
-from surgeon.resolve import resolve
-from tiny_models import make_donor
+from surgeon.features.export import ExportCancelled, export_hybrid
 
 
 def load_all(path):
@@ -172,8 +172,8 @@ def test_interrupt_with_sigint_leaves_nothing(tmp_path):
     a = make_donor(tmp_path / "a", "olmoe", seed=0, num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                    num_attention_heads=4, num_key_value_heads=4, num_experts=64)
     script = (
-        "import sys,time; from surgeon.donor import open_donor; from surgeon.plan import Plan;"
-        "from surgeon.resolve import resolve; from surgeon.export import export_hybrid;"
+        "import sys,time; from surgeon.core.donor import open_donor; from surgeon.core.plan import Plan;"
+        "from surgeon.core.resolve import resolve; from surgeon.features.export import export_hybrid;"
         f"d={{'A': open_donor({str(a)!r})}}; r=resolve(Plan('A'), d);"
         f"export_hybrid(r, d, {str(tmp_path / 'out')!r}, progress=lambda x,t: (print('go', flush=True), time.sleep(0.05)))"
     )

@@ -10,20 +10,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny_models import make_donor, save_char_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgeon.donor import open_donor
+from surgeon.core.donor import open_donor
+from surgeon.core.gates_sidecar import (
+    GATES_FILE,
+    gate_tensor_name,
+    read_gates,
+    write_gates,
+)
+from surgeon.core.plan import Assignment, Plan, parse_spec
+from surgeon.core.resolve import resolve
+from surgeon.core.workbench import Cell, Workbench
 from surgeon.errors import SurgeonError
-from surgeon.export import export_hybrid
-from surgeon.gates import add_zero_gates, attach_gate, decoder_layers, gate_modules, gate_state
-from surgeon.gates_file import GATES_FILE, gate_tensor_name, load_gated, read_gates, write_gates
-from surgeon.gates_select import select_gates
-from surgeon.gates_train import TrainSettings, load_data, text_data, train_gates
-from surgeon.grid import Cell, Workbench
-from surgeon.hybrid import Hybrid
-from surgeon.plan import Assignment, Plan, parse_spec
-from surgeon.resolve import resolve
-from tiny_models import make_donor, save_char_tokenizer
+from surgeon.features.export import export_hybrid
+from surgeon.features.gates.select import select_gates
+from surgeon.features.gates.train import (
+    TrainSettings,
+    load_data,
+    text_data,
+    train_gates,
+)
+from surgeon.live.hybrid import Hybrid
+from surgeon.live.layer_gates import (
+    add_zero_gates,
+    attach_gate,
+    decoder_layers,
+    gate_modules,
+    gate_state,
+)
+from surgeon.live.loader import load_gated
 
 torch.set_num_threads(1)
 TEXT = "".join(f"the cat sat on mat {i} and {i}+{2 * i % 7}={i + 2 * i % 7} rev:ab{chr(97 + i % 26)}=\n" for i in range(24))

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from surgeon.donor import open_donor
+from surgeon.core.donor import open_donor
+from surgeon.core.plan import Assignment, Plan
 from surgeon.errors import SurgeonError
-from surgeon.hybrid import Hybrid, check_device
-from surgeon.plan import Assignment, Plan
+from surgeon.live.hybrid import Hybrid, check_device
 
 
 def random_plan(rng, anatomy, names):
@@ -54,7 +54,7 @@ def test_hybrid_logits_equal_exported_hybrid(donors_of, tmp_path, cli):
             "--take", f"expert:2@0={c}")
     assert r.returncode == 0, r.stderr
     donors = {"A": open_donor(a), "B": open_donor(b), "C": open_donor(c)}
-    from surgeon.plan import parse_spec
+    from surgeon.core.plan import parse_spec
 
     plan = Plan("A", [parse_spec("experts@1", "B"), parse_spec("attention", "C"), parse_spec("expert:2@0", "C")])
     hybrid = Hybrid.materialize(plan, donors, device="cpu")

@@ -12,7 +12,7 @@ def test_engine_never_imports_textual():
 
 def test_inspect_export_replay_import_no_torch_transformers_or_textual():
     code = (
-        "import sys; import surgeon.cli, surgeon.export, surgeon.session, surgeon.resolve, surgeon.donor;"
+        "import sys; import surgeon.cli.main, surgeon.features.export, surgeon.core.session, surgeon.core.resolve, surgeon.core.donor;"
         "heavy = [m for m in ('torch', 'transformers', 'textual', 'safetensors') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -12,17 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_donor, save_char_tokenizer
 from transformers import AutoModelForCausalLM
 
-from surgeon.donor import DEMO_ROOT, open_donor
+from surgeon.core.donor import DEMO_ROOT, open_donor
+from surgeon.core.plan import parse_spec
+from surgeon.core.session import load_session
 from surgeon.errors import SurgeonError
-from surgeon.mix import MixPlan, RouterSpec, initial_routers, parse_prompts, parse_router, resolve_mix
-from surgeon.mix_build import MixSettings, build_mix
-from surgeon.mix_live import materialize_mix
-from surgeon.plan import parse_spec
-from surgeon.router_train import TrainSpec
-from surgeon.session import load_session
-from tiny_models import make_donor, save_char_tokenizer
+from surgeon.features.mix.build import MixSettings, build_mix
+from surgeon.features.mix.live import materialize_mix
+from surgeon.features.mix.plan import (
+    MixPlan,
+    RouterSpec,
+    initial_routers,
+    parse_prompts,
+    parse_router,
+    resolve_mix,
+)
+from surgeon.features.mix.router_train import TrainSpec
 
 IDS = torch.tensor([[5, 9, 12, 3, 30, 7, 21, 8, 4], [11, 11, 6, 25, 40, 2, 19, 33, 10]])
 PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}

@@ -6,9 +6,8 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-
 from tiny_models import EXPERTS_PREFIX, MOE_TYPES
+from transformers import AutoModelForCausalLM
 
 
 def state_dict_of(path):

@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 
 from surgeon.errors import SurgeonError
-from surgeon.probe_data import (
-    BOOLQ_CHOICES, Item, builtin_sets, load_items, load_text, resolve_set, subset,
+from surgeon.probes.data import (
+    BOOLQ_CHOICES,
+    Item,
+    builtin_sets,
+    load_items,
+    load_text,
+    resolve_set,
+    subset,
 )
 
 DATA = Path(__file__).parent / "data"

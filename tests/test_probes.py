@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgeon.probe_run import evaluate, load_probe_data
 from surgeon.probes import parse_probe
+from surgeon.probes.run import evaluate, load_probe_data
 
 ARC = [
     {"id": "q1", "question": "ab", "choices": {"text": ["cd", "ef", "gh"], "label": ["A", "B", "C"]}, "answerKey": "A"},

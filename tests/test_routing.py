@@ -10,14 +10,24 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from surgeon.donor import open_donor
+from surgeon.core.donor import open_donor
+from surgeon.core.plan import parse_spec
 from surgeon.errors import SurgeonError
-from surgeon.plan import parse_spec
-from surgeon.routing import (
-    RoutingStats, common_experts, cofiring, expert_similarity, expert_tokens, jsd, most_changed, probe_routing,
-    routing_drift, take_most_changed, take_most_used, top_fraction,
+from surgeon.features.routing.probe import (
+    RoutingStats,
+    cofiring,
+    common_experts,
+    expert_similarity,
+    expert_tokens,
+    jsd,
+    most_changed,
+    probe_routing,
+    routing_drift,
+    take_most_changed,
+    take_most_used,
+    top_fraction,
 )
-from surgeon.scoring import load_tokenizer
+from surgeon.probes.scoring import load_tokenizer
 
 TEXTS = ["12+7=19", "rev:abc=cba", "the cat sat on the mat", "99+1=100", "rev:hello=olleh", "a", "zebra: 42"]
 

@@ -12,11 +12,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from surgeon.errors import SurgeonError
-from surgeon.routing import probe_routing, routing_drift
-from surgeon.routing_view import (
-    DIVERGING, SEQUENTIAL, difference_view, layout_for, palette_rgb, save_view, stats_view, view_lines,
+from surgeon.features.routing.probe import probe_routing, routing_drift
+from surgeon.features.routing.view import (
+    DIVERGING,
+    SEQUENTIAL,
+    difference_view,
+    layout_for,
+    palette_rgb,
+    save_view,
+    stats_view,
+    view_lines,
 )
-from surgeon.scoring import load_tokenizer
+from surgeon.probes.scoring import load_tokenizer
 
 SUMS = ["12+7=19", "3+4=7", "88+12=100", "5+5=10", "40+2=42"]
 REVS = ["rev:abc=cba", "rev:dog=god", "rev:hello=olleh", "rev:xy=yx"]
@@ -187,11 +194,16 @@ def test_cli_saves_the_domain_and_model_difference_views(cli, probed, tmp_path):
 
 
 def test_cli_drift_on_a_saved_session_equals_the_engine(cli, tmp_path):
-    from surgeon.donor import open_donor
-    from surgeon.hybrid import Hybrid
-    from surgeon.plan import Assignment, Plan
-    from surgeon.routing_cli import corpus_texts, parse_corpus
-    from surgeon.session import load_session, make_session, open_session_donors, save_session
+    from surgeon.cli.routing import corpus_texts, parse_corpus
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Assignment, Plan
+    from surgeon.core.session import (
+        load_session,
+        make_session,
+        open_session_donors,
+        save_session,
+    )
+    from surgeon.live.hybrid import Hybrid
 
     donors = {"A": open_donor("demo:arith"), "B": open_donor("demo:reverse")}
     path = tmp_path / "s.json"

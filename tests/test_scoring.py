@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import save_char_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgeon.scoring import cut_at_stop, greedy_generate, loglikelihoods
-from tiny_models import save_char_tokenizer
+from surgeon.probes.scoring import cut_at_stop, greedy_generate, loglikelihoods
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import filecmp
 import json
 import shutil
 
-from surgeon.donor import open_donor
-from surgeon.plan import Plan, parse_spec
-from surgeon.session import load_session, make_session, save_session
+from surgeon.core.donor import open_donor
+from surgeon.core.plan import Plan, parse_spec
+from surgeon.core.session import load_session, make_session, save_session
 
 
 def same_weights(x, y):
@@ -97,7 +97,7 @@ def test_fingerprints_tell_sibling_fine_tunes_apart(donors_of):
 
 
 def test_atomic_write_keeps_an_ordinary_file_mode(tmp_path):
-    from surgeon.atomic import write_atomic
+    from surgeon.io.atomic import write_atomic
 
     target = tmp_path / "s.json"
     write_atomic(target, b"{}")

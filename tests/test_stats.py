@@ -8,9 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from surgeon import stats
 from surgeon.errors import SurgeonError
-from surgeon.stats import bootstrap_ci, compare, mcnemar, significance_stars, two_proportion_z
+from surgeon.probes import stats
+from surgeon.probes.stats import (
+    bootstrap_ci,
+    compare,
+    mcnemar,
+    significance_stars,
+    two_proportion_z,
+)
 
 
 def normal_tail_by_integration(z: float) -> float:
@@ -261,7 +267,7 @@ def test_significance_stars(p, stars):
 
 def test_statistics_and_probe_data_import_no_heavy_libraries():
     code = (
-        "import sys, surgeon.stats, surgeon.probe_data;"
+        "import sys, surgeon.probes.stats, surgeon.probes.data;"
         "heavy = [m for m in ('torch', 'transformers', 'textual', 'scipy') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -10,17 +10,33 @@ import sys
 
 import pytest
 import torch
-
-from surgeon.donor import open_donor
-from surgeon.errors import SurgeonError
-from surgeon.hybrid import Hybrid
-from surgeon.plan import Plan
-from surgeon.probes import parse_probe
-from surgeon.session import load_session, make_session, save_session
-from surgeon.sweep import (SweepSpec, check_groups, default_donor, default_probes, find_sweep, gray_order,
-                           is_complete, parse_group, plan_for, run_sweep)
-from surgeon.sweep_report import analyze, effect_chart, to_csv, to_json, to_markdown
 from test_bad_input import assert_one_line_error
+
+from surgeon.core.donor import open_donor
+from surgeon.core.plan import Plan
+from surgeon.core.session import load_session, make_session, save_session
+from surgeon.errors import SurgeonError
+from surgeon.features.sweep.report import (
+    analyze,
+    effect_chart,
+    to_csv,
+    to_json,
+    to_markdown,
+)
+from surgeon.features.sweep.runner import (
+    SweepSpec,
+    check_groups,
+    default_donor,
+    default_probes,
+    find_sweep,
+    gray_order,
+    is_complete,
+    parse_group,
+    plan_for,
+    run_sweep,
+)
+from surgeon.live.hybrid import Hybrid
+from surgeon.probes import parse_probe
 
 PROBES = ["mc:arith_mc,limit=12", "mc:reverse_mc,limit=12", "em:arith,limit=6,max_new_tokens=3"]
 

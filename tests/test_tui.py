@@ -5,7 +5,16 @@ import subprocess
 import sys
 
 import pytest
+from test_tui_helpers import (
+    notifications,
+    save_as,
+    screen_text,
+    settle,
+    sync,
+    write_synthetic,
+)
 from textual.widgets import Input
+from tiny_models import make_donor
 
 from screens.app import SurgeonApp
 from screens.dialogs import ConfirmScreen, ErrorScreen
@@ -13,11 +22,9 @@ from screens.donors import DonorsScreen
 from screens.export import ExportScreen
 from screens.help import HelpScreen
 from screens.layer import LayerScreen
-from surgeon.grid import Cell
-from surgeon.plan import Assignment
-from surgeon.session import load_session
-from test_tui_helpers import notifications, save_as, screen_text, settle, sync, write_synthetic
-from tiny_models import make_donor
+from surgeon.core.plan import Assignment
+from surgeon.core.session import load_session
+from surgeon.core.workbench import Cell
 
 SIZE = (100, 32)
 
@@ -62,7 +69,7 @@ async def test_grid_marks_cells_rows_columns_and_rectangles(olmoe3, tmp_path):
         assert wb.plan().assignments == [
             Assignment("embedding", "B"), Assignment("norms", "C", (1,)), Assignment("experts", "B")]
         # The status line is resolve()'s view of the plan.
-        from surgeon.resolve import resolve
+        from surgeon.core.resolve import resolve
 
         r = resolve(wb.plan(), wb.donors)
         share_b = 100 * r.parameters_by_donor()["B"] / sum(r.parameters_by_donor().values())
@@ -324,7 +331,7 @@ async def test_no_arguments_opens_the_demo_with_a_welcome(tmp_path):
 @sync
 async def test_distance_map_shows_every_layer_and_component(olmoe3, tmp_path):
     from screens.distance_map import DistanceMapScreen
-    from surgeon.distance import component_tensors
+    from surgeon.features.distance import component_tensors
 
     app = make_app(tmp_path, olmoe3)
     async with app.run_test(size=SIZE) as pilot:

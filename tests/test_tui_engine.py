@@ -8,17 +8,17 @@ import sys
 
 import numpy as np
 import pytest
-
-from surgeon.anatomy import Part
-from surgeon.distance import DistanceCache
-from surgeon.donor import open_donor
-from surgeon.errors import SurgeonError
-from surgeon.grid import Cell, Workbench, layer_sheet, surgery_sheet
-from surgeon.plan import Assignment
-from surgeon.recovery import RecoveryWriter, load_recovery, orphans
-from surgeon.resolve import resolve
-from surgeon.session import make_session
 from tiny_models import make_donor
+
+from surgeon.core.anatomy import Part
+from surgeon.core.donor import open_donor
+from surgeon.core.plan import Assignment
+from surgeon.core.recovery import RecoveryWriter, load_recovery, orphans
+from surgeon.core.resolve import resolve
+from surgeon.core.session import make_session
+from surgeon.core.workbench import Cell, Workbench, layer_sheet, surgery_sheet
+from surgeon.errors import SurgeonError
+from surgeon.features.distance import DistanceCache
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_tally_counts_layer_gates_from_the_donor_that_gives_them(olmoe, tmp_path
 
     import torch
 
-    from surgeon.gates_file import write_gates
+    from surgeon.core.gates_sidecar import write_gates
 
     gated = tmp_path / "gated"
     shutil.copytree(olmoe["B"].path, gated)
@@ -208,13 +208,13 @@ def test_corrupt_recovery_file_is_a_surgeon_error(tmp_path):
 
 
 def test_engine_never_imports_textual():
-    code = "import sys, surgeon.grid, surgeon.recovery, surgeon.distance; print('textual' in sys.modules)"
+    code = "import sys, surgeon.core.workbench, surgeon.core.recovery, surgeon.features.distance; print('textual' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_distance_map_is_saved_and_reused_from_disk(olmoe, tmp_path):
-    from surgeon.distance import component_tensors, distance_map
+    from surgeon.features.distance import component_tensors, distance_map
 
     base, donor = olmoe["A"], olmoe["B"]
     first = DistanceCache(tmp_path)

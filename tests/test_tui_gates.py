@@ -8,6 +8,8 @@ sidecar, apart from the hybrid machinery the screen uses.
 
 import pytest
 import torch
+from test_tui_helpers import notifications, screen_text, settle, sync
+from tiny_models import make_donor, save_char_tokenizer
 from transformers import AutoModelForCausalLM
 
 from screens.app import SurgeonApp
@@ -15,20 +17,23 @@ from screens.dialogs import ErrorScreen
 from screens.gates import CorpusScreen, GatesScreen, drop_gates, hybrid_gates
 from screens.surgery import SurgeryScreen
 from screens.widgets.gate_chart import GateChart, change_text
-from surgeon.anatomy import Part
-from surgeon.donor import open_donor
+from surgeon.core.anatomy import Part
+from surgeon.core.donor import open_donor
+from surgeon.core.gates_sidecar import read_gates, write_gates
+from surgeon.core.plan import Plan
+from surgeon.core.resolve import resolve
+from surgeon.core.workbench import Workbench
 from surgeon.errors import SurgeonError
-from surgeon.export import export_hybrid
-from surgeon.gates import add_zero_gates, attach_gates, gate_modules, gate_state
-from surgeon.gates_file import read_gates, write_gates
-from surgeon.gates_select import keep_gate, select_gates
-from surgeon.gates_train import TrainSettings, load_data, train_gates
-from surgeon.grid import Workbench
-from surgeon.plan import Plan
-from surgeon.resolve import resolve
-from surgeon.scoring import load_tokenizer
-from test_tui_helpers import notifications, screen_text, settle, sync
-from tiny_models import make_donor, save_char_tokenizer
+from surgeon.features.export import export_hybrid
+from surgeon.features.gates.select import keep_gate, select_gates
+from surgeon.features.gates.train import TrainSettings, load_data, train_gates
+from surgeon.live.layer_gates import (
+    add_zero_gates,
+    attach_gates,
+    gate_modules,
+    gate_state,
+)
+from surgeon.probes.scoring import load_tokenizer
 
 SIZE = (110, 34)
 

@@ -1,7 +1,7 @@
 """The Routing screen driven through the real app with Pilot, on the shipped demo donors.
 
 References are computed here: each demo donor loaded by transformers itself (bf16, as stored and
-as the screen's materialisation keeps it) and probed with surgeon.routing on the same corpora;
+as the screen's materialisation keeps it) and probed with surgeon.features.routing.probe on the same corpora;
 the selection actions are checked against routing.most_used / most_changed on those references.
 One app session covers the whole screen, so the donors are probed once.
 """
@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from test_tui_helpers import notifications, screen_text, settle, sync
 from transformers import AutoModelForCausalLM
 
 from screens.app import DEMO_SPECS, SurgeonApp
@@ -17,13 +18,17 @@ from screens.dialogs import PathScreen
 from screens.heatmap import RoutingScreen, TakeScreen, parse_take
 from screens.surgery import SurgeryScreen
 from screens.widgets.heatmap import HeatmapGrid
-from surgeon.anatomy import Part
+from surgeon.cli.routing import corpus_texts, parse_corpus
+from surgeon.core.anatomy import Part
 from surgeon.errors import SurgeonError
-from surgeon.hybrid import Hybrid
-from surgeon.routing import expert_similarity, most_changed, most_used, probe_routing
-from surgeon.routing_cli import corpus_texts, parse_corpus
-from surgeon.scoring import load_tokenizer
-from test_tui_helpers import notifications, screen_text, settle, sync
+from surgeon.features.routing.probe import (
+    expert_similarity,
+    most_changed,
+    most_used,
+    probe_routing,
+)
+from surgeon.live.hybrid import Hybrid
+from surgeon.probes.scoring import load_tokenizer
 
 SIZE = (100, 30)
 CORPORA = ("arith", "reverse")
@@ -40,7 +45,7 @@ def probe(model, tokenizer) -> dict:
 @pytest.fixture(scope="module")
 def donor_stats():
     """Routing of demo:base, demo:arith and demo:reverse (donors A, B, C) on both demo corpora."""
-    from surgeon.donor import resolve_path
+    from surgeon.core.donor import resolve_path
 
     out = {}
     for name, spec in zip("ABC", DEMO_SPECS):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgeon.safetensors_file import encode_header
+from surgeon.io.safetensors_file import encode_header
 
 
 def write_synthetic(path: Path, seed: int, *, layers=4, experts=8, hidden=8, inter=4, vocab=32) -> Path:

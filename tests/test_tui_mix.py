@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tui_helpers import notifications, save_as, screen_text, settle, sync
 from textual.widgets import Input, SelectionList, Sparkline
 
 from screens.app import DEMO_SPECS, SurgeonApp
@@ -21,11 +22,10 @@ from screens.mix import MixScreen, MixSource, read_form
 from screens.mix_state import DEMO_MIX, dense_problem
 from screens.probes import ProbesScreen
 from screens.surgery import SurgeryScreen
-from surgeon.donor import open_donor
-from surgeon.probe_run import evaluate, load_probe_data
+from surgeon.core.donor import open_donor
 from surgeon.probes import parse_probe
-from surgeon.scoring import load_tokenizer
-from test_tui_helpers import notifications, save_as, screen_text, settle, sync
+from surgeon.probes.run import evaluate, load_probe_data
+from surgeon.probes.scoring import load_tokenizer
 
 SIZE = (100, 30)
 DENSE = ["demo:dense-base", "demo:dense-arith", "demo:dense-reverse"]

@@ -9,16 +9,16 @@ import json
 import random
 
 import pytest
+from test_tui_helpers import notifications, save_as, screen_text, settle, sync
 from textual.widgets import Input, SelectionList
 
 from screens.app import SurgeonApp
 from screens.dialogs import ErrorScreen
 from screens.help import HelpScreen
 from screens.probes import ProbesScreen, split_runs
-from surgeon.grid import Cell
-from surgeon.session import load_session
-from surgeon.stats import significance_stars
-from test_tui_helpers import notifications, save_as, screen_text, settle, sync
+from surgeon.core.session import load_session
+from surgeon.core.workbench import Cell
+from surgeon.probes.stats import significance_stars
 
 SIZE = (100, 32)
 LETTERS = "abcdefghij"
@@ -69,9 +69,9 @@ async def run(pilot, screen):
 
 def reference(app, monkeypatch, tmp_path, specs, compare_donors=True):
     """run_probes + summarize on a hybrid materialised here, with its own donor score cache."""
-    from surgeon.hybrid import Hybrid, default_device
-    from surgeon.probe_run import run_probes, summarize
+    from surgeon.live.hybrid import Hybrid, default_device
     from surgeon.probes import parse_probe
+    from surgeon.probes.run import run_probes, summarize
 
     monkeypatch.setenv("MOE_SURGEON_CACHE", str(tmp_path / "reference-cache"))
     plan, device = app.wb.plan(), default_device()  # the screen's device
@@ -135,7 +135,7 @@ async def test_results_table_shows_the_engines_numbers_and_ctrl_s_saves_them(olm
 
 @sync
 async def test_a_rerun_after_a_mark_swaps_only_the_changed_tensors_into_the_same_hybrid(olmoe3, tmp_path, monkeypatch):
-    from surgeon.resolve import resolve
+    from surgeon.core.resolve import resolve
 
     mc = write_mc(tmp_path / "mc.jsonl", 10, seed=1)
     app = make_app(tmp_path, olmoe3)

@@ -5,9 +5,9 @@ relative paths from the test's directory, so nothing machine-specific reaches th
 """
 
 import pytest
+from test_tui_helpers import settle, write_synthetic
 
 from screens.app import SurgeonApp
-from test_tui_helpers import settle, write_synthetic
 
 SIZES = [(80, 24), (120, 40)]
 
@@ -44,7 +44,7 @@ def probe_records(plan: list[dict], seed: int) -> list[dict]:
     snapshot shows no dates)."""
     import random
 
-    from surgeon.stats import bootstrap_ci
+    from surgeon.probes.stats import bootstrap_ci
 
     rng = random.Random(seed)
     hybrid, donors = [], []

@@ -8,17 +8,23 @@ the test on its own donors, with a donor score cache of its own.
 import json
 import random
 
+from test_tui_helpers import settle, sync
 from textual.widgets import DataTable, Input
 
 from screens.app import SurgeonApp
 from screens.sweep import SweepScreen, heatmap
-from surgeon.donor import open_donor
-from surgeon.grid import Workbench
+from surgeon.core.donor import open_donor
+from surgeon.core.session import load_session
+from surgeon.core.workbench import Workbench
+from surgeon.features.sweep.report import analyze, cell_text
+from surgeon.features.sweep.runner import (
+    SweepSpec,
+    find_sweep,
+    parse_group,
+    plan_for,
+    run_sweep,
+)
 from surgeon.probes import parse_probe
-from surgeon.session import load_session
-from surgeon.sweep import SweepSpec, find_sweep, parse_group, plan_for, run_sweep
-from surgeon.sweep_report import analyze, cell_text
-from test_tui_helpers import settle, sync
 
 SIZE = (110, 36)
 GROUPS = ["router", "attention@0"]

@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from surgeon.grid import Cell, Sheet, Workbench, global_label
+from surgeon.core.workbench import Cell, Sheet, Workbench, global_label
 
 # One colour per donor position (A, B, C, ...), readable on dark and light themes.
 DONOR_COLOURS = ["#5f87af", "#d75f00", "#5faf5f", "#af5fd7", "#d7af00", "#00afaf", "#d70000", "#87875f"]

@@ -2,7 +2,7 @@
 
 A 48-layer x 64-expert model is 3,000 cells; drawing only the visible lines from cached texts
 and styles keeps a key press cheap whatever the model's size. The colours are the ones the SVG
-and PNG writers use (surgeon.routing_view), so the screen and the saved figure agree.
+and PNG writers use (surgeon.features.routing.view), so the screen and the saved figure agree.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from surgeon.routing_view import RoutingView, hex_colour, ink_for
+from surgeon.features.routing.view import RoutingView, hex_colour, ink_for
 
 
 class HeatmapGrid(ScrollView, can_focus=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.style import Style
 from rich.text import Text
 
-from surgeon.grid import Workbench
+from surgeon.core.workbench import Workbench
 
 from .grid import donor_style
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from ..errors import SurgeonError
+from surgeon.errors import SurgeonError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..scoring import encode
+from surgeon.probes.scoring import encode
+
 from .prompts import item_text
 
 

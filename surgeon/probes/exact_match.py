@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..answers import is_correct
-from ..scoring import greedy_generate
+from surgeon.probes.answers import is_correct
+from surgeon.probes.scoring import greedy_generate
+
 from . import ProbeOutcome
 from .prompts import COT, prompt, shots_prefix, stop_sequences
 

@@ -6,7 +6,8 @@ dividing by the continuation's length in bytes (lm-evaluation-harness's acc_norm
 
 from __future__ import annotations
 
-from ..scoring import loglikelihoods
+from surgeon.probes.scoring import loglikelihoods
+
 from . import ProbeOutcome
 from .prompts import answer_sep, prompt, shots_prefix
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import SurgeonError
-from ..scoring import encode
-from .prompts import item_text
+from surgeon.errors import SurgeonError
+from surgeon.probes.scoring import encode
+
 from . import ProbeOutcome
+from .prompts import item_text
 
 WINDOW = 512
 

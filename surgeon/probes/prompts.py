@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from ..probe_data import Item
+from surgeon.probes.data import Item
 
 COT = " Let's think step by step."
 

@@ -1,0 +1,125 @@
+"""`moe-surgeon export` and `replay`: write a hybrid checkpoint; replay a session."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from surgeon.cli.options import (
+    common_export_options,
+)
+from surgeon.cli.progress import progress_printer, warn
+from surgeon.io.sizes import human_bytes
+
+
+def _open_plan_donors(base_dir: str, takes: list[str], allow_pickle: bool):
+    from surgeon.core.donor import DonorsByPath
+    from surgeon.core.plan import Plan, parse_take
+
+    opened = DonorsByPath(allow_pickle=allow_pickle)
+    base = opened.name_for(base_dir)
+    assignments = [parse_take(take, opened.name_for) for take in takes]
+    return Plan(base, assignments), opened.donors
+
+
+def _run_export(plan, donors, out, args, session_path=None, session=None) -> int:
+    from surgeon.core.resolve import resolve
+    from surgeon.core.session import make_session, save_session
+    from surgeon.features.export import export_hybrid
+    from surgeon.io.sizes import parse_size
+
+    resolution = resolve(plan, donors, dtype=args.dtype)
+    for w in resolution.warnings:
+        warn(w)
+    max_shard = parse_size(args.max_shard_size)
+    if session is None:
+        session = make_session(plan, donors, session_path)
+    embedded = make_session(plan, donors, None).to_json()
+    result = export_hybrid(
+        resolution, donors, out, dtype=args.dtype, max_shard_size=max_shard, force=args.force,
+        session_json=embedded, progress=progress_printer("export"), fsync=args.fsync,
+    )
+    record = {
+        "path": str(result.path), "dtype": args.dtype, "max_shard_size": max_shard,
+        "shards": len(result.shards), "tensors": result.tensors, "bytes": result.bytes,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if session_path:
+        session.exports.append(record)
+        save_session(session, session_path)
+    params = resolution.parameters_by_donor()
+    total = sum(params.values()) or 1
+    shares = {name: params.get(name, 0) / total for name in donors}
+    if args.json:
+        print(json.dumps({**record, "seconds": result.seconds, "changed_tensors": len(resolution.changed()),
+                          "share_by_donor": shares}, indent=2))
+    else:
+        print(f"exported {result.tensors} tensors ({human_bytes(result.bytes)}) in {len(result.shards)} shard(s) "
+              f"to {result.path} in {result.seconds:.2f}s")
+        print(f"  {len(resolution.changed())} tensors from donors other than the base")
+        for name, d in donors.items():
+            print(f"  {name} {100 * shares[name]:6.2f}% of parameters  {d.path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    plan, donors = _open_plan_donors(args.base, args.take, args.allow_pickle)
+    return _run_export(plan, donors, args.out, args, session_path=args.save_session)
+
+
+# ---------------------------------------------------------------- replay
+def cmd_replay(args) -> int:
+    from surgeon.core.resolve import resolve
+    from surgeon.core.session import load_session, open_session_donors
+
+    session = load_session(args.session)
+    donors = open_session_donors(
+        session, args.session, ignore_fingerprints=args.ignore_fingerprints, verify=args.verify,
+        allow_pickle=args.allow_pickle,
+    )
+    # --- mix session step (surgeon/mix_build.py): its export is rebuilt by the mix command's code
+    if "mix" in session.extensions:
+        from surgeon.cli.mix import replay_mix
+
+        return replay_mix(session, donors, args)
+    # --- end mix
+    if args.probes:
+        from surgeon.cli.probe import replay_probes
+
+        return replay_probes(session, donors, args)
+    if args.export:
+        return _run_export(session.plan, donors, args.export, args, session_path=None, session=session)
+    resolution = resolve(session.plan, donors, dtype=args.dtype)
+    for w in resolution.warnings:
+        warn(w)
+    summary = {"session": str(args.session), "donors": {n: str(d.path) for n, d in donors.items()},
+               "fingerprints": "verified" if not args.ignore_fingerprints else "ignored",
+               "tensors": len(resolution.sources), "changed_tensors": len(resolution.changed())}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{args.session}: {len(donors)} donor(s), fingerprints {summary['fingerprints']}, "
+              f"{summary['changed_tensors']} of {summary['tensors']} tensors from donors other than the base")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a hybrid checkpoint")
+    p.add_argument("out")
+    p.add_argument("--base", required=True, help="the donor every tensor comes from unless taken")
+    p.add_argument("--take", action="append", default=[], metavar="SPEC=DIR",
+                   help="take component[@layers] from DIR; repeatable, later wins")
+    p.add_argument("--save-session", metavar="FILE", help="also save the plan as a session file")
+    common_export_options(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("replay", help="verify a session's donors, resolve its plan, optionally export")
+    p.add_argument("session")
+    p.add_argument("--export", metavar="OUT")
+    p.add_argument("--ignore-fingerprints", action="store_true", help="replay even if a donor changed")
+    p.add_argument("--verify", action="store_true", help="also compare full content hashes where recorded")
+    p.add_argument("--probes", action="store_true",
+                   help="re-run the recorded probes and report per-item differences (exit 1 if any)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    common_export_options(p)
+    p.set_defaults(func=cmd_replay)

@@ -1,0 +1,77 @@
+"""`moe-surgeon inspect`: what a checkpoint is, from its headers."""
+
+from __future__ import annotations
+
+import json
+
+from surgeon.cli.progress import warn
+from surgeon.io.sizes import human_bytes
+
+
+def inspect_summary(donor, verify: bool = False) -> dict:
+    from surgeon.core.anatomy import parameters_by_kind
+
+    anatomy = donor.anatomy
+    numel = {n: t.numel for n, t in donor.tensors.items()}
+    summary = {
+        "path": str(donor.path),
+        "model_type": donor.model_type,
+        "architecture_known": anatomy.known,
+        "architectures": donor.config.get("architectures", []),
+        "layers": anatomy.num_layers,
+        "experts_per_layer": {str(k): v for k, v in anatomy.experts_per_layer.items()},
+        "experts": anatomy.num_experts,
+        "tied_embeddings": donor.tied_embeddings,
+        "dtype": donor.dtype,
+        "tensors": len(donor.tensors),
+        "parameters": donor.num_parameters,
+        "parameters_by_kind": parameters_by_kind(anatomy, numel),
+        "bytes": donor.total_bytes,
+        "shards": len(donor.shards),
+        "fingerprint": donor.fingerprint,
+        "unclassified": anatomy.unclassified,
+    }
+    if verify:
+        summary["content_hash"] = donor.content_hash()
+    return summary
+
+
+def cmd_inspect(args) -> int:
+    from surgeon.core.donor import open_donor
+
+    donor = open_donor(args.dir, allow_pickle=args.allow_pickle)
+    s = inspect_summary(donor, verify=args.verify)
+    if not s["architecture_known"]:
+        warn(f"{donor.path}: model_type {donor.model_type!r} has no architecture table; components inferred from names")
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    experts = sorted(set(s["experts_per_layer"].values()))
+    moe_layers = len(s["experts_per_layer"])
+    print(f"{s['path']}")
+    print(f"  architecture  {s['model_type']} ({', '.join(s['architectures']) or 'no architectures field'})")
+    print(f"  layers        {s['layers']}" + (f" ({moe_layers} MoE)" if moe_layers and moe_layers != s["layers"] else ""))
+    print(f"  experts       {', '.join(map(str, experts)) or 'none (dense)'} per layer")
+    print(f"  dtype         {s['dtype']}")
+    print(f"  parameters    {s['parameters']:,} in {s['tensors']} tensors, {human_bytes(s['bytes'])} in {s['shards']} shard(s)")
+    for kind, n in sorted(s["parameters_by_kind"].items(), key=lambda kv: -kv[1]):
+        print(f"    {kind:<14}{n:>16,}  {100 * n / max(1, s['parameters']):5.1f}%")
+    if s["tied_embeddings"]:
+        print("  lm_head       tied to the embedding")
+    print(f"  fingerprint   {s['fingerprint']}")
+    if "content_hash" in s:
+        print(f"  content hash  {s['content_hash']}")
+    if s["unclassified"]:
+        print(f"  unclassified  {len(s['unclassified'])} tensor(s), always taken from the base:")
+        for n in s["unclassified"]:
+            print(f"    {n}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="architecture, layers, experts, parameters and fingerprint of a checkpoint")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="also hash every byte of the weights")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.set_defaults(func=cmd_inspect)

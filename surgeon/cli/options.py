@@ -1,0 +1,40 @@
+"""Options and error handling shared by the subcommands."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from surgeon.errors import SurgeonError
+
+DTYPES = ["keep", "bfloat16", "float16", "float32"]
+
+
+def add_model_options(p, batch_size: int = 16) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:N, or auto to spread a large hybrid over every GPU "
+                   "(accelerate's device_map=auto); default: cuda when present")
+    p.add_argument("--dtype", default="keep", choices=DTYPES, help="compute dtype of the live model")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--allow-pickle", action="store_true", help="load pickle-only donors with weights_only=True")
+
+
+@contextmanager
+def out_of_memory_is_an_error(device: str):
+    """Running out of memory is a matter of settings, not a bug: say which ones to change."""
+    try:
+        yield
+    except MemoryError:
+        raise SurgeonError(f"out of memory on {device}; try a smaller --batch-size") from None
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if "out of memory" not in str(e):
+            raise
+        raise SurgeonError(f"out of GPU memory on {device}; try a smaller --batch-size or --device cpu") from None
+
+
+def common_export_options(p) -> None:
+    p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"],
+                   help="dtype of the written tensors (default keep; e_score_correction_bias stays fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--fsync", action="store_true", help="flush every shard to disk before the final rename")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickle-only donors with weights_only=True")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -1,0 +1,298 @@
+"""A donor: a local checkpoint directory, opened lazily.
+
+Opening reads config.json and the safetensors headers only. Tensor bytes stay on disk until an
+export copies them as byte ranges or a materialisation memory-maps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from surgeon.core.anatomy import Anatomy, build_anatomy
+from surgeon.core.gates_sidecar import GATES_FILE, check_sidecar
+from surgeon.errors import SurgeonError
+from surgeon.io.safetensors_file import Header, TensorInfo, read_header
+
+DEMO_SCHEME = "demo:"
+DEMO_ROOT = Path(__file__).parent.parent / "demo" / "data"
+
+# Files other than weights that make a checkpoint usable; an export copies those the base has.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+TORCH_TO_SAFETENSORS = {
+    "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+    "torch.uint8": "U8", "torch.bool": "BOOL",
+    "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+}
+
+
+def resolve_path(spec: str, relative_to: str | os.PathLike | None = None) -> Path:
+    """A donor path as written by a user or a session: `demo:NAME`, absolute, or relative."""
+    if spec.startswith(DEMO_SCHEME):
+        name = spec[len(DEMO_SCHEME):]
+        path = DEMO_ROOT / name
+        if not path.is_dir():
+            known = ", ".join(sorted(p.name for p in DEMO_ROOT.iterdir())) if DEMO_ROOT.is_dir() else "none"
+            raise SurgeonError(f"{spec}: no such built-in demo donor (known: {known})")
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and relative_to is not None:
+        path = Path(relative_to) / path
+    return path
+
+
+@dataclass
+class Donor:
+    path: Path
+    config: dict
+    config_bytes: bytes
+    shards: dict[str, Header]  # shard file name -> header
+    tensors: dict[str, TensorInfo]
+    pickled: dict = field(default_factory=dict)  # name -> torch tensor, only with --allow-pickle
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # derived tables, see resolve
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "unknown"))
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.tensors
+
+    @cached_property
+    def anatomy(self) -> Anatomy:
+        return build_anatomy(self.model_type, list(self.tensors), self.config)
+
+    @cached_property
+    def ordered_names(self) -> list[str]:
+        """Tensor names with layers in numeric order: the order exports write them in."""
+        from surgeon.core.anatomy import natural_key
+
+        return sorted(self.tensors, key=natural_key)
+
+    @cached_property
+    def part_groups(self) -> dict:
+        """Classified tensor names grouped by part, so a plan is decided once per part, not per tensor."""
+        groups: dict = {}
+        for name in self.ordered_names:
+            part = self.anatomy.parts.get(name)
+            if part is not None:
+                groups.setdefault(part, []).append(name)
+        return groups
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def dtype(self) -> str:
+        """The dtype holding most parameters (checkpoints often keep a few fp32 tensors)."""
+        counts: Counter[str] = Counter()
+        for t in self.tensors.values():
+            counts[t.dtype] += t.numel
+        return counts.most_common(1)[0][0] if counts else "none"
+
+    @cached_property
+    def shard_fingerprints(self) -> dict[str, str]:
+        out = {}
+        for name, h in sorted(self.shards.items()):
+            digest = hashlib.sha256(name.encode() + b"\0" + h.raw + b"\0" + str(h.size).encode())
+            digest.update(_sample_bytes(self.path / name, h.size))
+            out[name] = digest.hexdigest()[:16]
+        return out
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of config bytes, every shard's header bytes and size, and a sparse sample of its bytes.
+
+        Headers alone cannot tell apart two fine-tunes of one base (same names, shapes, dtypes and
+        offsets), so a few kilobytes at evenly spaced offsets join them: cheap, and any
+        fine-tune changes them. `content_hash` reads every byte when a proof is needed.
+        """
+        digest = hashlib.sha256(self.config_bytes)
+        for name, fp in self.shard_fingerprints.items():
+            digest.update(f"{name}:{fp};".encode())
+        return "sha256:" + digest.hexdigest()[:32]
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256(self.config_bytes)
+        for name in sorted(self.shards):
+            with open(self.path / name, "rb") as f:
+                while chunk := f.read(1 << 23):
+                    digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+
+    def side_files(self) -> list[Path]:
+        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+
+
+SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 4096
+
+
+def _sample_bytes(path: Path, size: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+                return f.read()
+            step = (size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
+            return b"".join(os.pread(f.fileno(), SAMPLE_BYTES, i * step) for i in range(SAMPLE_BLOCKS))
+    except OSError as e:
+        raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _read_config(path: Path) -> tuple[dict, bytes]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise SurgeonError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    raw = cfg_path.read_bytes()
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise SurgeonError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SurgeonError(f"{cfg_path}: expected a JSON object")
+    return config, raw
+
+
+def _shard_names(path: Path) -> list[str] | None:
+    """Shard files named by the index, or the single file; None when there are no safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SurgeonError(f"{index}: invalid index (expected a JSON object with a weight_map)") from None
+        for n in names:
+            if not (path / n).is_file():
+                raise SurgeonError(f"{index}: names shard {n}, which does not exist")
+        return names
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    found = sorted(p.name for p in path.glob("*.safetensors") if p.name != GATES_FILE)
+    return found or None
+
+
+class DonorsByPath:
+    """Donors opened from paths as they are named, each once (the same directory twice is one donor),
+    named by the next free letter: what the command line does with --base, --take and --expert."""
+
+    def __init__(self, *, allow_pickle: bool = False):
+        self.allow_pickle = allow_pickle
+        self.donors: dict[str, Donor] = {}
+        self._names: dict[Path, str] = {}
+
+    def name_for(self, path: str) -> str:
+        from surgeon.core.plan import next_donor_name
+
+        donor = open_donor(path, allow_pickle=self.allow_pickle)
+        key = donor.path.resolve()
+        if key not in self._names:
+            self._names[key] = next_donor_name(self.donors)
+            self.donors[self._names[key]] = donor
+        return self._names[key]
+
+
+def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool = False) -> Donor:
+    path = resolve_path(str(spec), relative_to)
+    if not path.exists():
+        raise SurgeonError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise SurgeonError(f"{path}: not a directory (a donor is a checkpoint directory)")
+    config, config_bytes = _read_config(path)
+    names = _shard_names(path)
+    if names is None:
+        return _open_pickled(path, config, config_bytes, allow_pickle)
+    shards = {n: read_header(str(path / n)) for n in names}
+    tensors: dict[str, TensorInfo] = {}
+    for n, h in shards.items():
+        for tname, info in h.tensors.items():
+            if tname in tensors:
+                raise SurgeonError(f"{path / n}: tensor {tname} also appears in {Path(tensors[tname].file).name}")
+            tensors[tname] = info
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        for tname, shard in json.loads(index.read_bytes())["weight_map"].items():
+            if tname not in shards[shard].tensors:
+                raise SurgeonError(f"{index}: maps {tname} to {shard}, which does not contain it")
+    _add_gates_sidecar(path, config, shards, tensors)
+    return Donor(path, config, config_bytes, shards, tensors)
+
+
+def _add_gates_sidecar(path: Path, config: dict, shards: dict, tensors: dict) -> None:
+    """A Self-MoE gated checkpoint keeps its gates in a sidecar (see gates_file.py). Its tensors
+    join the donor's like a shard's: the fingerprint covers them, the anatomy classifies them
+    as `layer_gate`, and exports and hybrids take them like any component."""
+    sidecar = path / GATES_FILE
+    if not sidecar.is_file():
+        return
+    header = read_header(str(sidecar))
+    check_sidecar(header, config, sidecar)
+    for tname, info in header.tensors.items():
+        if tname in tensors:
+            raise SurgeonError(f"{sidecar}: tensor {tname} also appears in {Path(tensors[tname].file).name}")
+        tensors[tname] = info
+    shards[GATES_FILE] = header
+
+
+def _open_pickled(path: Path, config: dict, config_bytes: bytes, allow_pickle: bool) -> Donor:
+    bins = sorted(p.name for p in path.glob("*.bin"))
+    if not bins:
+        raise SurgeonError(f"{path}: no weights found (no *.safetensors and no pytorch_model.bin)")
+    if not allow_pickle:
+        raise SurgeonError(
+            f"{path}: pickle-only checkpoint ({bins[0]}); pickles can run code when loaded, "
+            "so pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+    import torch  # only a pickle donor needs torch to be opened
+
+    pickled = {}
+    tensors = {}
+    for n in bins:
+        try:
+            state = torch.load(path / n, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a bad pickle is user input, not a bug of ours
+            why = re.search(r"Unsupported global: GLOBAL \S+", str(e))
+            why = why.group(0) if why else (str(e).strip().splitlines() or [""])[0]
+            raise SurgeonError(f"{path / n}: cannot load with weights_only=True ({why})") from None
+        if not isinstance(state, dict):
+            raise SurgeonError(f"{path / n}: expected a state dict, found {type(state).__name__}")
+        for tname, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise SurgeonError(f"{path / n}: entry {tname} is a {type(t).__name__}, not a tensor")
+            pickled[tname] = t
+            dtype = TORCH_TO_SAFETENSORS.get(str(t.dtype))
+            if dtype is None:
+                raise SurgeonError(f"{path / n}: tensor {tname} has unsupported dtype {t.dtype}")
+            nbytes = t.numel() * t.element_size()
+            tensors[tname] = TensorInfo(str(path / n), dtype, tuple(t.shape), 0, nbytes)
+    headers = {
+        n: Header(str(path / n), n.encode(), (path / n).stat().st_size, {}, {}) for n in bins
+    }
+    return Donor(path, config, config_bytes, headers, tensors, pickled)

@@ -1,0 +1,222 @@
+"""Resolve a plan against opened donors into a source map.
+
+The source map names, for every tensor of the hybrid, the donor and tensor it is copied from and
+the dtype it is written in. Resolution is where every compatibility check happens, so export and
+materialisation can trust what they are given.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from surgeon.core.anatomy import Part
+from surgeon.core.donor import Donor
+from surgeon.core.gates_sidecar import GATE_KIND, gate_type_of, hidden_size_of
+from surgeon.core.plan import Plan, check_assignment
+from surgeon.errors import SurgeonError
+
+DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+CONVERTIBLE = {"F16", "BF16", "F32", "F64"}
+# Tensors whose precision matters more than their size: they keep their dtype under --dtype.
+# Layer gates are tiny next to their layer and were trained in float32.
+KEEP_PRECISION = ("e_score_correction_bias", f"{GATE_KIND}.weight")
+
+
+
+@dataclass(frozen=True)
+class Source:
+    donor: str  # donor name in the plan
+    tensor: str  # tensor name in that donor
+    dtype: str  # dtype written to the hybrid
+    shape: tuple[int, ...]
+    src_dtype: str
+
+    @property
+    def converts(self) -> bool:
+        return self.dtype != self.src_dtype
+
+
+@dataclass
+class Resolution:
+    plan: Plan
+    sources: dict[str, Source]  # hybrid tensor name -> source, in the order to write them
+    parts: dict[str, Part]  # hybrid tensor name -> part; unclassified names are absent (from base)
+    warnings: list[str] = field(default_factory=list)
+
+    def parameters_by_donor(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for s in self.sources.values():
+            n = 1
+            for d in s.shape:
+                n *= d
+            counts[s.donor] += n
+        return dict(counts)
+
+    def changed(self) -> list[str]:
+        return [n for n, s in self.sources.items() if s.donor != self.plan.base]
+
+    def gate_names(self) -> list[str]:
+        """The hybrid's layer-gate tensors: they go to the gates sidecar, not the model's shards."""
+        return [n for n in self.sources if (p := self.parts.get(n)) is not None and p.kind == GATE_KIND]
+
+    @property
+    def converts(self) -> bool:
+        return any(s.converts for s in self.sources.values())
+
+
+def out_dtype(name: str, src_dtype: str, dtype: str) -> str:
+    want = DTYPES[dtype]
+    if want is None or src_dtype not in CONVERTIBLE or name.endswith(KEEP_PRECISION):
+        return src_dtype
+    return want
+
+
+def _label(name: str, donor: Donor) -> str:
+    return f"{name} ({donor.path})"
+
+
+def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Resolution:
+    if dtype not in DTYPES:
+        raise SurgeonError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if plan.base not in donors:
+        raise SurgeonError(f"plan: base donor {plan.base!r} is not among the donors")
+    base = donors[plan.base]
+    anatomy = base.anatomy
+    warnings = []
+    if not anatomy.known:
+        warnings.append(
+            f"{base.path}: model_type {base.model_type!r} has no architecture table; "
+            "components were inferred from tensor names"
+        )
+    if anatomy.unclassified:
+        shown = ", ".join(anatomy.unclassified[:5]) + (" ..." if len(anatomy.unclassified) > 5 else "")
+        warnings.append(
+            f"{len(anatomy.unclassified)} tensor(s) belong to no component and always come from the base: {shown}"
+        )
+    for a in plan.assignments:
+        if a.donor not in donors:
+            raise SurgeonError(f"plan: SPEC {a.spec!r} names donor {a.donor!r}, which is not open")
+        if a.component == "lm_head" and base.tied_embeddings:
+            raise SurgeonError(
+                f"SPEC {a.spec!r}: base {_label(plan.base, base)} ties lm_head to the embedding "
+                "(tie_word_embeddings); take embedding instead"
+            )
+        check_assignment(a, anatomy, _label(plan.base, base))
+        _check_donor(a, base, donors[a.donor], plan.base)
+
+    sources = dict(_base_sources(base, plan.base, dtype))
+    for part, names in base.part_groups.items():
+        donor_name = plan.donor_for(part)
+        if donor_name == plan.base or part.kind == GATE_KIND:
+            continue
+        donor = donors[donor_name]
+        for name in names:
+            sources[name] = source_from(name, part, base, plan.base, donor, donor_name, dtype)
+    parts = anatomy.parts
+    if any(a.component == GATE_KIND for a in plan.assignments):
+        parts = gate_sources(plan, donors, sources, dtype)
+    return Resolution(plan, sources, parts, warnings)
+
+
+def gate_sources(plan: Plan, donors: dict[str, Donor], sources: dict[str, Source], dtype: str) -> dict[str, Part]:
+    """Apply the plan's layer_gate assignments to `sources`; return the hybrid's parts.
+
+    A layer gate is optional: the donor a layer's gate is taken from decides whether the hybrid
+    has one there, so a gated donor adds gates to a base without any, and a donor without a gate
+    in that layer removes the base's. Each gate carries its type in its shape, so only the
+    hidden size has to agree, not the shape of a base gate it replaces.
+    """
+    base = donors[plan.base]
+    parts = dict(base.anatomy.parts)
+    hidden = hidden_size_of(base.config, str(base.path))
+    gates = {n: _gates_by_layer(d) for n, d in donors.items()}
+    for a in plan.assignments:
+        if a.component != GATE_KIND or a.donor == plan.base:
+            continue
+        layers = range(base.anatomy.num_layers) if a.layers is None else a.layers
+        if not any(layer in gates[n] for n in (a.donor, plan.base) for layer in layers):
+            raise SurgeonError(
+                f"SPEC {a.spec!r}: neither donor {_label(a.donor, donors[a.donor])} nor base "
+                f"{_label(plan.base, base)} has layer gates in those layers (add some with moe-surgeon gates add)"
+            )
+    for layer in range(base.anatomy.num_layers):
+        part = Part(GATE_KIND, layer)
+        donor_name = plan.donor_for(part)
+        if donor_name == plan.base:
+            continue
+        for name in gates[plan.base].get(layer, ()):
+            del sources[name]
+            del parts[name]
+        donor = donors[donor_name]
+        for name in gates[donor_name].get(layer, ()):
+            info = donor.tensors[name]
+            gate_type_of(info.shape, hidden, f"tensor {name} of donor {_label(donor_name, donor)} "
+                         f"(base {_label(plan.base, base)})")
+            sources[name] = Source(donor_name, name, out_dtype(name, info.dtype, dtype), info.shape, info.dtype)
+            parts[name] = part
+    return parts
+
+
+def _gates_by_layer(donor: Donor) -> dict[int, list[str]]:
+    return {p.layer: names for p, names in donor.part_groups.items() if p.kind == GATE_KIND}
+
+
+def _base_sources(base: Donor, base_name: str, dtype: str) -> dict[str, Source]:
+    """Every tensor from the base, in write order; computed once per base and dtype and shared
+    by every resolution, which then only replaces what the plan takes elsewhere."""
+    key = ("base_sources", base_name, dtype)
+    if key not in base.memo:
+        base.memo[key] = {
+            n: Source(base_name, n, out_dtype(n, base.tensors[n].dtype, dtype), base.tensors[n].shape,
+                      base.tensors[n].dtype)
+            for n in base.ordered_names
+        }
+    return base.memo[key]
+
+
+def source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,
+                 dtype: str) -> Source:
+    info = base.tensors[name]
+    src_name = name
+    if name not in donor.tensors and name == "lm_head.weight" and donor.tied_embeddings:
+        src_name = "model.embed_tokens.weight"  # a tied donor's lm_head is its embedding
+    src = donor.tensors.get(src_name)
+    if src is None:
+        raise SurgeonError(
+            f"tensor {name}: donor {_label(donor_name, donor)} has no such tensor "
+            f"(the plan takes its {part.label()})"
+        )
+    if src.shape != info.shape:
+        raise SurgeonError(
+            f"tensor {name}: shape {list(src.shape)} in donor {_label(donor_name, donor)} "
+            f"but {list(info.shape)} in base {_label(base_name, base)}"
+        )
+    if dtype == "keep" and src.dtype != info.dtype:
+        raise SurgeonError(
+            f"tensor {name}: dtype {src.dtype} in donor {_label(donor_name, donor)} but {info.dtype} "
+            f"in base {_label(base_name, base)}; pass --dtype to write one dtype"
+        )
+    return Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
+
+
+def _check_donor(a, base: Donor, donor: Donor, base_name: str) -> None:
+    if donor is base:
+        return
+    if donor.model_type != base.model_type:
+        raise SurgeonError(
+            f"donor {_label(a.donor, donor)} is {donor.model_type}, base {_label(base_name, base)} "
+            f"is {base.model_type}: components move only between checkpoints of one architecture"
+        )
+    if a.component in ("experts", "expert", "router"):
+        nb, nd = base.anatomy.num_experts, donor.anatomy.num_experts
+        if nb != nd:
+            raise SurgeonError(
+                f"SPEC {a.spec!r}: donor {_label(a.donor, donor)} has {nd} experts per layer "
+                f"but base {_label(base_name, base)} has {nb}"
+            )
+    if donor.anatomy.num_layers != base.anatomy.num_layers and a.layers is None:
+        raise SurgeonError(
+            f"SPEC {a.spec!r}: donor {_label(a.donor, donor)} has {donor.anatomy.num_layers} layers "
+            f"but base {_label(base_name, base)} has {base.anatomy.num_layers}; name the layers to take"
+        )

@@ -1,0 +1,155 @@
+"""How far a donor's tensor is from the base's: the relative L2 norm ||donor - base|| / ||base||.
+
+It shows where post-training moved the weights most, which is what a researcher wants to see
+before choosing what to transplant. Tensors are read through numpy memory maps in chunks (no
+torch, no full copy in memory); results are cached by (base fingerprint, donor fingerprint,
+tensor), in memory and on disk (one small JSON file per pair of donors), because a
+fingerprint changes whenever a shard does: a figure computed once is never computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from surgeon.core.donor import Donor
+from surgeon.errors import SurgeonError
+from surgeon.io.atomic import write_atomic
+from surgeon.io.safetensors_file import TensorInfo
+
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+CHUNK = 1 << 22  # elements per read: 16 MB of float32 at a time
+
+
+def _chunks(donor: Donor, info: TensorInfo):
+    if info.dtype == "BF16":
+        raw = np.memmap(info.file, dtype=np.uint16, mode="r", offset=info.start, shape=(info.numel,))
+        for i in range(0, info.numel, CHUNK):
+            yield (raw[i:i + CHUNK].astype(np.uint32) << 16).view(np.float32)
+        return
+    if info.dtype not in _NUMPY:
+        raise SurgeonError(f"distance: tensor dtype {info.dtype} is not supported")
+    arr = np.memmap(info.file, dtype=_NUMPY[info.dtype], mode="r", offset=info.start, shape=(info.numel,))
+    for i in range(0, info.numel, CHUNK):
+        yield arr[i:i + CHUNK]
+
+
+def squared_norms(base: Donor, donor: Donor, name: str) -> tuple[float, float]:
+    """(||donor - base||^2, ||base||^2) of one tensor, accumulated in float64."""
+    b_info, d_info = base.tensors[name], donor.tensors.get(name)
+    if d_info is None:
+        raise SurgeonError(f"tensor {name}: {donor.path} has no such tensor")
+    if b_info.shape != d_info.shape:
+        raise SurgeonError(f"tensor {name}: shape {list(d_info.shape)} in {donor.path} but {list(b_info.shape)} in {base.path}")
+    if b_info.numel == 0:
+        return 0.0, 0.0
+    if base.pickled or donor.pickled:
+        raise SurgeonError("distance: pickle donors are not supported")
+    diff = ref = 0.0
+    for b, d in zip(_chunks(base, b_info), _chunks(donor, d_info)):
+        b = b.astype(np.float64)
+        delta = d.astype(np.float64) - b
+        diff += float(np.dot(delta, delta))
+        ref += float(np.dot(b, b))
+    return diff, ref
+
+
+def relative(diff: float, ref: float) -> float:
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return math.sqrt(diff / ref)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOE_SURGEON_CACHE", Path.home() / ".cache" / "moe-surgeon")) / "distances"
+
+
+class DistanceCache:
+    """Thread-safe memo of squared norms per (base, donor) pair of fingerprints, saved on disk."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root if root is not None else cache_root()
+        self._pairs: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def _file(self, pair: tuple[str, str]) -> Path:
+        return self.root / f"{pair[0].removeprefix('sha256:')}-{pair[1].removeprefix('sha256:')}.json"
+
+    def _memo(self, base: Donor, donor: Donor) -> tuple[tuple[str, str], dict]:
+        pair = (base.fingerprint, donor.fingerprint)
+        with self._lock:
+            memo = self._pairs.get(pair)
+            if memo is None:
+                try:
+                    memo = {k: tuple(v) for k, v in json.loads(self._file(pair).read_text()).items()}
+                except (OSError, ValueError, AttributeError):
+                    memo = {}
+                self._pairs[pair] = memo
+        return pair, memo
+
+    def norms(self, base: Donor, donor: Donor, name: str) -> tuple[float, float]:
+        pair, memo = self._memo(base, donor)
+        hit = memo.get(name)
+        if hit is None:
+            hit = (0.0, 0.0) if donor is base else squared_norms(base, donor, name)
+            with self._lock:
+                memo[name] = hit
+                self._dirty.add(pair)
+        return hit
+
+    def save(self) -> None:
+        """Write the pairs that gained figures; a failed write only costs a recomputation later."""
+        with self._lock:
+            todo = [(p, dict(self._pairs[p])) for p in self._dirty]
+            self._dirty.clear()
+        for pair, memo in todo:
+            try:
+                write_atomic(self._file(pair), json.dumps(memo).encode())
+            except OSError:
+                pass
+
+    def tensor(self, base: Donor, donor: Donor, name: str) -> float:
+        return relative(*self.norms(base, donor, name))
+
+    def group(self, base: Donor, donor: Donor, names) -> float:
+        """Distance of several tensors taken together (a part: an expert, a layer's attention)."""
+        diff = ref = 0.0
+        for n in names:
+            d, r = self.norms(base, donor, n)
+            diff += d
+            ref += r
+        return relative(diff, ref)
+
+    def cached(self, base: Donor, donor: Donor, name: str) -> float | None:
+        _, memo = self._memo(base, donor)
+        hit = memo.get(name)
+        return None if hit is None else relative(*hit)
+
+
+def component_tensors(base: Donor) -> dict[tuple[int | None, str], list[str]]:
+    """Tensor names per grid cell (layer, component kind); globals have layer None."""
+    cells: dict[tuple[int | None, str], list[str]] = {}
+    for name in base.ordered_names:
+        part = base.anatomy.parts.get(name)
+        if part is not None:
+            cells.setdefault((part.layer, part.kind), []).append(name)
+    return cells
+
+
+def distance_map(base: Donor, donor: Donor, cache: DistanceCache, cancelled=lambda: False):
+    """Yield ((layer, kind), distance) for every cell: where fine-tuning moved the weights, by
+    component and layer, the view that helps pick what to transplant."""
+    for cell, names in component_tensors(base).items():
+        if cancelled():
+            return
+        if cell[1] == "layer_gate" and any(n not in donor.tensors for n in names):
+            continue  # a donor without that Self-MoE gate: nothing to compare, no distance
+        yield cell, cache.group(base, donor, names)
+    cache.save()

@@ -1,0 +1,2 @@
+"""An MoE from dense donors (seed 004, moetify): plan, routers, build, export, live mix.
+"""

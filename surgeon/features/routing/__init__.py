@@ -1,0 +1,2 @@
+"""Expert routing analysis (seed 002): the routing probe and its heatmap views.
+"""

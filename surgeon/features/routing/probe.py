@@ -1,0 +1,492 @@
+"""Expert routing analysis: which experts fire, for which text, and how much they matter.
+
+The probe hooks each MoE layer's router module (`mlp.gate`), which in transformers 5 returns
+(router_logits, top-k combine weights, top-k indices): the selection the model really makes, so
+no top-k is re-derived here. Its input is the output of post_attention_layernorm, the hidden state
+the router and the experts actually see, which is what the importance score recomputes experts on.
+
+Everything is accumulated per batch as [layers, experts] counts (vectorised; the hook does a few
+small tensor ops), plus a compact trace (token ids and the selected experts as int16) from which
+"what does this expert do" is answered afterwards without another forward pass.
+
+Terms, per MoE layer l and expert e, over N tokens with top-k routing:
+  frequency[l, e]   share of tokens whose top-k contains e (sums to k over e; seed 002's
+                    "activation frequency")
+  usage[l, e]       frequency / k: the load distribution (sums to 1)
+  mean_prob[l, e]   mean router probability over every token (softmax of the logits; DeepSeek-V3's
+                    sigmoid scores normalised to sum to 1)
+  mean_weight[l, e] mean combine weight the model applied, over the tokens routed to e
+  top1[l, e]        share of tokens whose highest-weighted expert is e (seed 004, Figures 6-7)
+  entropy[l]        load-balance entropy of usage, divided by log(E): 1 is perfectly balanced
+  importance[l, e]  mean over the tokens routed to e of router probability x ||expert output||
+                    (the router-weighted activation score expert-pruning work ranks experts by)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from surgeon.core.plan import Assignment
+from surgeon.errors import SurgeonError
+
+
+# ---------------------------------------------------------------- the model side
+@dataclass(frozen=True)
+class MoeLayer:
+    layer: int  # decoder layer index in the model
+    mlp: object
+    gate: object
+
+
+def moe_layers(model) -> list[MoeLayer]:
+    """The decoder layers that route: their MoE block has a router `gate` and `experts`.
+
+    Dense layers (DeepSeek-V3's first_k_dense_replace, Qwen's mlp_only_layers) are skipped.
+    Mixtral's block is `mlp` in memory even though its checkpoint says block_sparse_moe.
+    """
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise SurgeonError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
+    out = []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        gate = getattr(mlp, "gate", None)
+        if gate is not None and getattr(mlp, "experts", None) is not None and hasattr(gate, "top_k"):
+            out.append(MoeLayer(i, mlp, gate))
+    return out
+
+
+def router_probs(gate, logits):
+    """The router's distribution over experts for each token, as float32 [tokens, experts]."""
+    logits = logits.float()
+    if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3 / GLM4-MoE score with a sigmoid
+        s = logits.sigmoid()
+        return s / s.sum(-1, keepdim=True)
+    return logits.softmax(-1)
+
+
+def expert_forward(experts, e: int, x):
+    """One expert's FFN on hidden states x [n, H], from the fused live weights (gate half first)."""
+    import torch.nn.functional as F
+
+    gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class RoutingStats:
+    """Routing of one model on one corpus. Arrays are numpy; axis 0 is `layers` (MoE layers only)."""
+
+    layers: list[int]
+    num_experts: int
+    top_k: int
+    tokens: int
+    counts: np.ndarray  # [L, E] top-k selections
+    top1_counts: np.ndarray  # [L, E]
+    prob_sum: np.ndarray  # [L, E]
+    weight_sum: np.ndarray  # [L, E] combine weights over the tokens routed to e
+    cofire: np.ndarray  # [L, E, E] tokens selecting both i and j in layer l (diagonal = counts)
+    cofire_next: np.ndarray  # [L-1, E, E] tokens selecting i in MoE layer l and j in the next one
+    token_ids: np.ndarray  # [N] the trace: token ids, their document and position
+    doc: np.ndarray  # [N]
+    selected: np.ndarray  # [N, L, k] int16 expert indices
+    importance_sum: np.ndarray | None = None  # [L, E] sum of p * ||out|| over routed tokens
+    probs: np.ndarray | None = None  # [N, L, E] float16 per-token router distributions (keep_probs)
+    meta: dict = field(default_factory=dict)
+
+    def _per(self, a):
+        return a / max(self.tokens, 1)
+
+    @property
+    def frequency(self) -> np.ndarray:
+        return self._per(self.counts)
+
+    @property
+    def usage(self) -> np.ndarray:
+        return self.counts / np.maximum(self.counts.sum(1, keepdims=True), 1)
+
+    @property
+    def mean_prob(self) -> np.ndarray:
+        return self._per(self.prob_sum)
+
+    @property
+    def mean_weight(self) -> np.ndarray:
+        return self.weight_sum / np.maximum(self.counts, 1)
+
+    @property
+    def top1(self) -> np.ndarray:
+        return self._per(self.top1_counts)
+
+    @property
+    def entropy(self) -> np.ndarray:
+        u = self.usage
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = -np.where(u > 0, u * np.log(u), 0.0).sum(1)
+        return h / math.log(self.num_experts) if self.num_experts > 1 else np.zeros(len(self.layers))
+
+    @property
+    def importance(self) -> np.ndarray | None:
+        if self.importance_sum is None:
+            return None
+        return self.importance_sum / np.maximum(self.counts, 1)
+
+    def layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise SurgeonError(f"layer {layer}: not an MoE layer (MoE layers: {', '.join(map(str, self.layers))})")
+        return self.layers.index(layer)
+
+    def summary(self) -> dict:
+        """Plain JSON: per layer, per expert figures (the heatmap a screen or --json shows)."""
+        imp = self.importance
+        out = {"tokens": self.tokens, "top_k": self.top_k, "num_experts": self.num_experts, "layers": []}
+        for li, layer in enumerate(self.layers):
+            row = {
+                "layer": layer,
+                "entropy": round(float(self.entropy[li]), 6),
+                "top_expert": int(self.top1_counts[li].argmax()),
+                "frequency": _r(self.frequency[li]),
+                "mean_prob": _r(self.mean_prob[li]),
+                "mean_weight": _r(self.mean_weight[li]),
+                "top1": _r(self.top1[li]),
+            }
+            if imp is not None:
+                row["importance"] = _r(imp[li])
+            out["layers"].append(row)
+        return out
+
+
+def _r(a) -> list[float]:
+    return [round(float(v), 6) for v in a]
+
+
+# ---------------------------------------------------------------- the probe
+class _Recorder:
+    """Forward hooks on every router; accumulates one batch at a time on the model's device."""
+
+    def __init__(self, moe: list[MoeLayer], num_experts: int, top_k: int, device, *, importance: bool,
+                 keep_probs: bool):
+        import torch
+
+        self.torch = torch
+        self.moe, self.E, self.k = moe, num_experts, top_k
+        self.importance, self.keep_probs = importance, keep_probs
+        L, E = len(moe), num_experts
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.counts, self.top1, self.prob_sum, self.weight_sum = z(L, E), z(L, E), z(L, E), z(L, E)
+        self.cofire, self.cofire_next = z(L, E, E), z(max(L - 1, 0), E, E)
+        self.imp = z(L, E) if importance else None
+        self.mask = None  # bool [B*T] of real (not padding) tokens in the current batch
+        self.sel: list[list] = [[] for _ in moe]
+        self.probs: list[list] = [[] for _ in moe]
+        self._prev = None
+        self.handles = [m.gate.register_forward_hook(self._hook(li)) for li, m in enumerate(moe)]
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, li: int):
+        torch = self.torch
+
+        def fn(module, args, output):
+            logits, weights, idx = output[0], output[1], output[2]
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if self.mask is not None:
+                logits, weights, idx, x = logits[self.mask], weights[self.mask], idx[self.mask], x[self.mask]
+            probs = router_probs(module, logits)
+            weights = weights.float()
+            # float32 counts are exact (a batch has far fewer than 2^24 tokens) and its matmuls are
+            # several times faster than float64's; the running sums stay float64.
+            onehot = torch.zeros(idx.shape[0], self.E, dtype=torch.float32, device=idx.device)
+            onehot.scatter_(1, idx, 1.0)
+            self.counts[li] += onehot.sum(0)
+            self.top1[li] += torch.bincount(idx.gather(1, weights.argmax(1, keepdim=True)).flatten(),
+                                            minlength=self.E).double()
+            self.prob_sum[li] += probs.sum(0).double()
+            self.weight_sum[li].index_add_(0, idx.flatten(), weights.flatten().double())
+            self.cofire[li] += onehot.T @ onehot
+            if li > 0 and self._prev is not None:
+                self.cofire_next[li - 1] += self._prev.T @ onehot
+            self._prev = onehot
+            self.sel[li].append(idx.to(torch.int16).cpu())
+            if self.keep_probs:
+                self.probs[li].append(probs.half().cpu())
+            if self.imp is not None:
+                experts = self.moe[li].mlp.experts
+                with torch.no_grad():
+                    for e in torch.unique(idx).tolist():
+                        rows = (idx == e).any(1).nonzero().flatten()
+                        out = expert_forward(experts, e, x[rows])
+                        self.imp[li, e] += (probs[rows, e] * out.float().norm(dim=-1)).sum().double()
+
+        return fn
+
+
+def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    from surgeon.probes.scoring import encode
+
+    out = []
+    for t in texts:
+        ids = encode(tokenizer, t)[:max_len]
+        if ids:
+            out.append(ids)
+    if not out:
+        raise SurgeonError("routing: the corpus has no tokens")
+    return out
+
+
+def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_tokens: int | None = None,
+                  importance: bool = False, keep_probs: bool = False, progress=None) -> RoutingStats:
+    """Run `texts` through `model` (one forward pass each, batched, right-padded) and record routing."""
+    import torch
+
+    moe = moe_layers(model)
+    if not moe:
+        raise SurgeonError(f"{getattr(model.config, 'model_type', type(model).__name__)}: the model has no "
+                           "routed experts; routing analysis needs an MoE model")
+    E, k = int(moe[0].gate.num_experts), int(moe[0].gate.top_k)
+    max_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    seqs = encode_texts(tokenizer, texts, max_len)
+    if max_tokens is not None:
+        kept, total = [], 0
+        for s in seqs:
+            if total >= max_tokens:
+                break
+            kept.append(s[: max_tokens - total])
+            total += len(kept[-1])
+        seqs = kept
+    device = next(model.parameters()).device
+    rec = _Recorder(moe, E, k, device, importance=importance, keep_probs=keep_probs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    token_ids, docs = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(seqs), batch_size):
+                batch = seqs[start:start + batch_size]
+                width = max(len(s) for s in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for r, s in enumerate(batch):
+                    ids[r, : len(s)] = torch.tensor(s)
+                    mask[r, : len(s)] = 1
+                    token_ids.append(np.asarray(s, dtype=np.int64))
+                    docs.append(np.full(len(s), start + r, dtype=np.int64))
+                flat = mask.flatten().bool().to(device)
+                rec.mask = None if bool(flat.all()) else flat
+                rec._prev = None
+                model(ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                if progress:
+                    progress(min(start + batch_size, len(seqs)), len(seqs))
+    finally:
+        rec.close()
+    n = int(sum(len(t) for t in token_ids))
+    cpu = lambda t: t.cpu().numpy()  # noqa: E731
+    return RoutingStats(
+        layers=[m.layer for m in moe], num_experts=E, top_k=k, tokens=n,
+        counts=cpu(rec.counts), top1_counts=cpu(rec.top1), prob_sum=cpu(rec.prob_sum),
+        weight_sum=cpu(rec.weight_sum), cofire=cpu(rec.cofire), cofire_next=cpu(rec.cofire_next),
+        token_ids=np.concatenate(token_ids), doc=np.concatenate(docs),
+        selected=np.stack([torch.cat(s).numpy() for s in rec.sel], axis=1),
+        importance_sum=None if rec.imp is None else cpu(rec.imp),
+        probs=np.stack([torch.cat(p).numpy() for p in rec.probs], axis=1) if keep_probs else None,
+    )
+
+
+def probe_domains(model, tokenizer, corpora: dict[str, list[str]], **kw) -> dict[str, RoutingStats]:
+    return {name: probe_routing(model, tokenizer, texts, **kw) for name, texts in corpora.items()}
+
+
+# ---------------------------------------------------------------- common experts (seed 002)
+def top_fraction(freq_row: np.ndarray, q: float) -> set[int]:
+    """The top q (0-1] share of experts by frequency: ceil(q * E) of them, ties broken by index."""
+    if not 0 < q <= 1:
+        raise SurgeonError(f"q must be in (0, 1], got {q}")
+    n = max(1, math.ceil(q * len(freq_row) - 1e-9))
+    order = sorted(range(len(freq_row)), key=lambda e: (-float(freq_row[e]), e))
+    return set(order[:n])
+
+
+def common_experts(freqs: dict[str, np.ndarray], q: float) -> list[list[int]]:
+    """Per layer, the experts in the top q share by frequency in every domain ([L, E] arrays)."""
+    if not freqs:
+        raise SurgeonError("common experts: no domains")
+    arrays = list(freqs.values())
+    out = []
+    for li in range(arrays[0].shape[0]):
+        sets = [top_fraction(a[li], q) for a in arrays]
+        out.append(sorted(set.intersection(*sets)))
+    return out
+
+
+# ---------------------------------------------------------------- what an expert does
+def expert_tokens(stats: RoutingStats, tokenizer, layer: int, expert: int, *, n: int = 10,
+                  context: int = 6, examples: int = 2) -> list[dict]:
+    """The tokens most often routed to `expert` in `layer`, with how specific that is and contexts.
+
+    share: of all occurrences of the token in the corpus, the part routed to this expert.
+    """
+    li = stats.layer_index(layer)
+    hit = (stats.selected[:, li, :] == expert).any(1)
+    ids, counts = np.unique(stats.token_ids[hit], return_counts=True)
+    total = dict(zip(*np.unique(stats.token_ids, return_counts=True)))
+    order = np.argsort(-counts, kind="stable")[:n]
+    where = np.flatnonzero(hit)
+    out = []
+    for i in order:
+        tid = int(ids[i])
+        ctx = []
+        for pos in where[stats.token_ids[where] == tid][:examples]:
+            lo = pos
+            while lo > 0 and pos - lo < context and stats.doc[lo - 1] == stats.doc[pos]:
+                lo -= 1
+            before = tokenizer.decode(stats.token_ids[lo:pos].tolist())
+            ctx.append(f"{before}[{tokenizer.decode([tid])}]")
+        out.append({"token": tokenizer.decode([tid]), "id": tid, "count": int(counts[i]),
+                    "share": round(float(counts[i]) / float(total[tid]), 6), "contexts": ctx})
+    return out
+
+
+def cofiring(stats: RoutingStats, layer: int, expert: int) -> dict:
+    """P(j selected | expert selected) in the same layer and in the next MoE layer."""
+    li = stats.layer_index(layer)
+    n = max(float(stats.counts[li, expert]), 1.0)
+    same = stats.cofire[li, expert] / n
+    same = same.copy()
+    same[expert] = 0.0  # itself, trivially 1
+    nxt = stats.cofire_next[li, expert] / n if li < len(stats.layers) - 1 else None
+    return {"same_layer": same, "next_layer": nxt}
+
+
+# ---------------------------------------------------------------- routing drift
+def jsd(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Jensen-Shannon divergence in bits (0 = identical, 1 = disjoint), along `axis`."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p = p / np.maximum(p.sum(axis, keepdims=True), 1e-300)
+    q = q / np.maximum(q.sum(axis, keepdims=True), 1e-300)
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log2(a / np.where(b > 0, b, 1)), 0.0).sum(axis)
+
+    return np.clip(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0, 1.0)
+
+
+def routing_drift(a: RoutingStats, b: RoutingStats) -> dict:
+    """Per MoE layer: JSD between the two models' load distributions (usage) and, where both kept
+    per-token probabilities of the same tokens, the mean per-token JSD of the router distributions."""
+    if a.layers != b.layers or a.num_experts != b.num_experts:
+        raise SurgeonError("routing drift: the two models have different MoE layers or expert counts")
+    out = {"layers": list(a.layers), "usage_jsd": jsd(a.usage, b.usage, axis=1)}
+    if a.probs is not None and b.probs is not None:
+        if not np.array_equal(a.token_ids, b.token_ids):
+            raise SurgeonError("routing drift: the two probes did not read the same tokens")
+        out["token_jsd"] = jsd(a.probs, b.probs, axis=2).mean(0)
+    return out
+
+
+# ---------------------------------------------------------------- expert similarity across donors
+def expert_similarity(donor_a, donor_b, layers=None) -> dict[int, np.ndarray]:
+    """Per layer, cosine similarity [E_a, E_b] of experts' flattened weights (all their tensors,
+    in name order), read from the donors' memory maps. Diagonal: the same expert in both."""
+    import torch
+
+    from surgeon.live.hybrid import TensorReader
+
+    for d in (donor_a, donor_b):
+        if not d.anatomy.experts_per_layer:
+            raise SurgeonError(f"{d.path}: {d.model_type} has no routed experts")
+    reader = TensorReader({"a": donor_a, "b": donor_b})
+    wanted = sorted(donor_a.anatomy.experts_per_layer) if layers is None else list(layers)
+    out = {}
+    for layer in wanted:
+        mats = []
+        for key, d in (("a", donor_a), ("b", donor_b)):
+            n = d.anatomy.experts_per_layer.get(layer, 0)
+            if n == 0:
+                raise SurgeonError(f"{d.path}: layer {layer} has no routed experts")
+            rows = []
+            for e in range(n):
+                names = sorted(d.anatomy.tensors_of("expert", layer, e))
+                rows.append(torch.cat([reader.read(key, t).float().flatten() for t in names]))
+            mats.append(torch.stack(rows))
+        if mats[0].shape[1] != mats[1].shape[1]:
+            raise SurgeonError(f"layer {layer}: experts have different sizes in {donor_a.path} and {donor_b.path}")
+        a = torch.nn.functional.normalize(mats[0].double(), dim=1)
+        b = torch.nn.functional.normalize(mats[1].double(), dim=1)
+        out[layer] = (a @ b.T).numpy()
+    return out
+
+
+# ---------------------------------------------------------------- selection actions (SPECs)
+def _group(per_layer: dict[int, tuple[int, ...]], donor: str) -> list[Assignment]:
+    """One Assignment per distinct expert set, over every layer that takes that set."""
+    by_set: dict[tuple[int, ...], list[int]] = {}
+    for layer, experts in sorted(per_layer.items()):
+        if experts:
+            by_set.setdefault(tuple(sorted(experts)), []).append(layer)
+    return [Assignment("expert", donor, tuple(ls), es) for es, ls in by_set.items()]
+
+
+def most_used(stats: RoutingStats, n: int, layers=None) -> dict[int, tuple[int, ...]]:
+    if n < 1:
+        raise SurgeonError(f"take: N must be at least 1, got {n}")
+    wanted = stats.layers if layers is None else list(layers)
+    out = {}
+    for layer in wanted:
+        f = stats.frequency[stats.layer_index(layer)]
+        out[layer] = tuple(sorted(sorted(range(len(f)), key=lambda e: (-float(f[e]), e))[:n]))
+    return out
+
+
+def take_most_used(stats: RoutingStats, n: int, donor: str, layers=None) -> list[Assignment]:
+    """'The N experts most used on this corpus in layers L from donor B' as plan assignments."""
+    return _group(most_used(stats, n, layers), donor)
+
+
+def most_changed(similarity: dict[int, np.ndarray], n: int, layers=None) -> dict[int, tuple[int, ...]]:
+    if n < 1:
+        raise SurgeonError(f"take: N must be at least 1, got {n}")
+    wanted = sorted(similarity) if layers is None else list(layers)
+    out = {}
+    for layer in wanted:
+        if layer not in similarity:
+            raise SurgeonError(f"layer {layer}: no expert similarity computed (layers: {sorted(similarity)})")
+        d = np.diag(similarity[layer])
+        out[layer] = tuple(sorted(sorted(range(len(d)), key=lambda e: (float(d[e]), e))[:n]))
+    return out
+
+
+def take_most_changed(similarity: dict[int, np.ndarray], n: int, donor: str, layers=None) -> list[Assignment]:
+    """'The N experts post-training changed most (lowest cosine to the base)' as plan assignments."""
+    return _group(most_changed(similarity, n, layers), donor)
+
+
+# ---------------------------------------------------------------- text views
+SHADES = " ░▒▓█"
+
+
+def heatmap_lines(values: np.ndarray, row_labels: list, *, scale: float | None = None, marks=None,
+                  fmt: str = "{:4.2f}") -> list[str]:
+    """A layers x experts text heatmap: a shade block and the value per cell; `marks[row]` is a set
+    of columns drawn with a `*` (common experts). Negative values (differences) shade by magnitude."""
+    values = np.asarray(values, dtype=float)
+    top = scale or (float(np.abs(values).max()) or 1.0)
+    cols = values.shape[1]
+    width = len(fmt.format(0.0)) + 2
+    lines = ["layer " + "".join(f"{'e' + str(e):>{width}}" for e in range(cols))]
+    for r, label in enumerate(row_labels):
+        cells = []
+        for e in range(cols):
+            v = values[r, e]
+            shade = SHADES[min(len(SHADES) - 1, int(round(abs(v) / top * (len(SHADES) - 1))))]
+            star = "*" if marks is not None and e in marks[r] else " "
+            cells.append(f"{star}{shade}{fmt.format(v)}".rjust(width))
+        lines.append(f"{label:>5} " + "".join(cells))
+    return lines

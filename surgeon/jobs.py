@@ -1,0 +1,115 @@
+"""One progress and cancellation protocol for every long job, on the command line and in the workbench.
+
+A job is an engine function that takes `progress` and `cancel` keyword arguments:
+
+- `progress(Step)` is called as work gets done (any callable; `None` means nobody is watching).
+  The caller decides how often to draw: the CLI prints at most a few lines a second, a screen posts
+  a message.
+- `cancel` is a `CancelToken`. The job calls `cancel.check()` between units of work (a batch, a
+  shard, a configuration, a training step), which raises `Cancelled`; the job then removes what it
+  had started to write, so a cancelled job leaves nothing behind.
+
+A workbench screen cancels with `token.cancel()` from its cancel key; the CLI cancels on the first
+ctrl+c (`cancel_on_interrupt`), so an interrupted export is cleaned up like a cancelled one.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class Cancelled(Exception):
+    """A job stopped because it was asked to; what it had started to write is gone."""
+
+
+class CancelToken:
+    """Set once, from any thread; read between units of work."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def reset(self) -> None:
+        self._event.clear()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+    def __call__(self) -> bool:  # a token is also the `cancel()` predicate older code expects
+        return self._event.is_set()
+
+
+NEVER = CancelToken()  # for callers that never cancel; nothing may call NEVER.cancel()
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a job is: `done` of `total` units (bytes, items, steps, configurations)."""
+
+    done: int
+    total: int
+    unit: str = "items"
+    label: str = ""
+    detail: str = ""
+    started: float = field(default_factory=time.perf_counter, compare=False)
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+
+Progress = Callable[[Step], None]
+
+
+def report(progress: Progress | None, step: Step) -> None:
+    if progress is not None:
+        progress(step)
+
+
+class Meter:
+    """Makes Steps for one job, all stamped with the job's start, so a renderer can show rate and ETA."""
+
+    def __init__(self, progress: Progress | None, total: int, unit: str = "items", label: str = ""):
+        self.progress, self.total, self.unit, self.label = progress, total, unit, label
+        self.started = time.perf_counter()
+
+    def __call__(self, done: int, total: int | None = None, detail: str = "") -> None:
+        if total is not None:
+            self.total = total
+        if self.progress is not None:
+            self.progress(Step(done, self.total, self.unit, self.label, detail, self.started))
+
+
+@contextmanager
+def cancel_on_interrupt(token: CancelToken):
+    """The first ctrl+c cancels the job at its next check; a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield token
+        return
+
+    def first(signum, frame):
+        token.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield token
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,251 @@
+"""A live hybrid: a transformers model on a device with a plan applied, hot-swappable.
+
+Materialising loads the base with transformers' own `from_pretrained` (memory-mapped, and
+`device_map="auto"` for models larger than one GPU), then copies in every tensor the plan takes
+from other donors. Changing the plan copies only the tensors whose source changed, in place,
+straight from the donors' memory maps, including into the fused expert tensors transformers
+holds in memory (see `architectures.FUSED_QWEN_STYLE`). A sweep then costs probe time, not
+reload time.
+
+Self-MoE layer gates (a sidecar `from_pretrained` does not read, see `gates_file.py`) are attached
+as modules when materialising and re-fitted on every swap: a plan may add, drop or retype them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from dataclasses import dataclass
+
+import torch
+
+from surgeon.core.architectures import Architecture
+from surgeon.core.donor import Donor
+from surgeon.core.gates_sidecar import gate_layer_of, gate_tensor_name
+from surgeon.core.plan import Plan
+from surgeon.core.resolve import Resolution, resolve
+from surgeon.errors import SurgeonError
+from surgeon.live.dtypes import TORCH_DTYPES
+from surgeon.live.layer_gates import attach_gates, gate_modules
+
+TORCH_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LiveTarget:
+    """Where a disk tensor lives in the model: a parameter or buffer, maybe a slice of a fused one."""
+
+    name: str
+    expert: int | None = None  # index along dim 0 of a fused expert tensor
+    half: int | None = None  # 0: first half of dim 1 (gate), 1: second half (up)
+
+
+@dataclass
+class SwapReport:
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+def live_target(disk_name: str, arch: Architecture, live_names: set[str], expert: int | None) -> LiveTarget:
+    if disk_name in live_names:
+        return LiveTarget(disk_name)
+    segs = disk_name.split(".")
+    if segs[:2] == ["model", "layers"]:
+        rest = ".".join(segs[3:])
+        for old, new in arch.live_renames:
+            if rest == old or rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+        segs = segs[:3] + rest.split(".")
+        if ".".join(segs) in live_names:
+            return LiveTarget(".".join(segs))
+    if expert is not None and arch.fused_experts:
+        for i in range(len(segs) - 2):
+            if segs[i] == "experts" and segs[i + 1] == str(expert) and segs[i + 2] in arch.fused_experts:
+                fused, half = arch.fused_experts[segs[i + 2]]
+                name = ".".join(segs[: i + 1] + [fused])
+                if name in live_names and segs[i + 3:] == ["weight"]:
+                    return LiveTarget(name, expert, half)
+    raise SurgeonError(f"tensor {disk_name}: no matching tensor in the live {arch.model_type} model")
+
+
+def live_slice(live: dict, t: LiveTarget):
+    """The part of a live parameter a disk tensor maps to: the whole tensor, one expert of a fused
+    one, or the gate or up half of that expert's gate_up_proj (gate first)."""
+    p = live[t.name]
+    if t.expert is None:
+        return p
+    p = p[t.expert]
+    if t.half is None:
+        return p
+    n = p.shape[0] // 2
+    return p[:n] if t.half == 0 else p[n:]
+
+
+class TensorReader:
+    """Zero-copy tensor views of the donors' files through one memory map per file.
+
+    A view reads straight from the page cache, so a hot-swap costs one copy (map -> live tensor)
+    instead of two (map -> fresh tensor -> live tensor). The maps are copy-on-write so torch gets
+    a writable buffer without any chance of writing to a donor.
+    """
+
+    def __init__(self, donors: dict[str, Donor]):
+        self.donors = donors
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def read(self, donor_name: str, tensor: str) -> torch.Tensor:
+        donor = self.donors[donor_name]
+        if tensor in donor.pickled:
+            return donor.pickled[tensor]
+        info = donor.tensors[tensor]
+        mm = self._maps.get(info.file)
+        if mm is None:
+            with open(info.file, "rb") as f:
+                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+        flat = torch.frombuffer(mm, dtype=TORCH_DTYPES[info.dtype], count=info.numel, offset=info.start)
+        return flat.view(info.shape)
+
+
+def _attach_layer_gates(model, resolution: Resolution) -> None:
+    """Give the live model the layer gates `resolution` has (see surgeon/gates.py); new ones are zero."""
+    shapes = {gate_layer_of(n): tuple(resolution.sources[n].shape) for n in resolution.gate_names()}
+    if shapes or gate_modules(model):
+        attach_gates(model, shapes)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SurgeonError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SurgeonError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SurgeonError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise SurgeonError(f"--device {device}: unsupported device type {dev.type!r}")
+    return dev
+
+
+class Hybrid:
+    def __init__(self, model, donors: dict[str, Donor], resolution: Resolution):
+        self.model = model
+        self.donors = donors
+        self.resolution = resolution
+        self.reader = TensorReader(donors)
+        base = donors[resolution.plan.base]
+        self.arch = base.anatomy.architecture
+        self._live = dict(model.named_parameters())
+        self._live.update(dict(model.named_buffers()))
+        offloaded = [n for n, t in self._live.items() if t.device.type == "meta"]
+        if offloaded:
+            raise SurgeonError(
+                f"{base.path}: {len(offloaded)} tensors were offloaded to disk by device_map=auto "
+                f"(e.g. {offloaded[0]}); hot-swapping needs every weight in GPU or CPU memory"
+            )
+        self._targets: dict[str, LiveTarget] = {}
+
+    @classmethod
+    def materialize(cls, plan: Plan, donors: dict[str, Donor], *, device: str | None = None,
+                    dtype: str = "keep", device_map: str | None = None) -> "Hybrid":
+        from transformers import AutoModelForCausalLM
+
+        base = donors[plan.base]
+        if base.pickled:
+            raise SurgeonError(f"base {base.path}: a pickle-only base cannot be materialised; convert it first")
+        device = device or default_device()
+        if device == "auto":  # larger than one GPU: accelerate spreads it over GPUs (and CPU)
+            device_map, dev = "auto", "auto"
+        else:
+            dev = check_device(device)
+        torch_dtype = TORCH_DTYPE_NAMES.get(dtype, "auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                base.path, dtype=torch_dtype, device_map=device_map or str(dev), local_files_only=True,
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise SurgeonError(f"{base.path}: out of GPU memory materialising on {dev}; "
+                               "try --device cpu or a smaller --dtype") from None
+        model.eval()
+        start = resolve(Plan(plan.base), donors, dtype=dtype)
+        # The base's layer gates (a sidecar from_pretrained does not read): attach them, then load.
+        _attach_layer_gates(model, start)
+        hybrid = cls(model, donors, start)
+        with torch.no_grad():
+            for name in start.gate_names():
+                hybrid._copy(name, start.sources[name])
+        hybrid.apply(plan, dtype=dtype)
+        return hybrid
+
+    def _fit_layer_gates(self, resolution: Resolution) -> set[str]:
+        """Attach or detach gate modules to match `resolution`; the names of those now zero."""
+        before = {n: tuple(t.shape) for n, t in self._live.items()
+                  if n.endswith("layer_gate.weight") and gate_layer_of(n) is not None}
+        want = {n: tuple(resolution.sources[n].shape) for n in resolution.gate_names()}
+        if before == want:
+            return set()
+        _attach_layer_gates(self.model, resolution)
+        for n in before:
+            self._live.pop(n, None)
+            self._targets.pop(n, None)
+        for layer, gate in gate_modules(self.model).items():
+            self._live[gate_tensor_name(layer)] = gate.weight
+        return {n for n, shape in want.items() if before.get(n) != shape}
+
+    def target(self, name: str) -> LiveTarget:
+        t = self._targets.get(name)
+        if t is None:
+            part = self.resolution.parts.get(name)
+            t = self._targets[name] = live_target(name, self.arch, set(self._live), part.expert if part else None)
+        return t
+
+    def live_view(self, name: str) -> torch.Tensor:
+        return live_slice(self._live, self.target(name))
+
+    def _copy(self, name: str, src) -> int:
+        view = self.live_view(name)
+        data = self.reader.read(src.donor, src.tensor)
+        if tuple(data.shape) != tuple(view.shape):
+            raise SurgeonError(f"tensor {name}: shape {list(data.shape)} does not fit live {list(view.shape)}")
+        view.copy_(data, non_blocking=True)
+        return data.numel() * data.element_size()
+
+    def apply(self, plan: Plan, *, dtype: str = "keep") -> SwapReport:
+        """Move to `plan`, copying only tensors whose source changed. Returns what moved."""
+        started = time.perf_counter()
+        new = resolve(plan, self.donors, dtype=dtype)
+        old = self.resolution.sources
+        # Layer gates may appear, vanish or change type between plans: fit the gate modules first;
+        # every gate that was (re)attached is zero and is then copied like a changed tensor.
+        fresh = self._fit_layer_gates(new)
+        changed = [n for n, s in new.sources.items()
+                   if n in fresh or (s is not old[n] and (old[n].donor, old[n].tensor) != (s.donor, s.tensor))]
+        moved = 0
+        done: list[str] = []
+        with torch.no_grad():
+            try:
+                for name in changed:
+                    moved += self._copy(name, new.sources[name])
+                    done.append(name)
+            except BaseException:
+                # All or nothing: put back what was already swapped, so the live weights match
+                # the plan the hybrid says it holds and a later swap skips nothing.
+                refit = self._fit_layer_gates(self.resolution)
+                for name in done:
+                    if name in old and name not in refit:
+                        self._copy(name, old[name])
+                for name in refit:
+                    self._copy(name, old[name])
+                raise
+        if changed and any(p.is_cuda for p in self._live.values()):
+            torch.cuda.synchronize()
+        self.resolution = new
+        return SwapReport(len(changed), moved, time.perf_counter() - started)
