@@ -1,0 +1,91 @@
+"""Full content hashes: any changed byte changes the hash; the cache answers for unchanged files only."""
+
+import os
+
+import pytest
+
+from surgeon.errors import SurgeonError
+from surgeon.io import content_hash as CH
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_SURGEON_CACHE", str(tmp_path / "cache"))
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_a_flipped_byte_anywhere_changes_the_hash(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(CH, "CHUNK", 4096)  # several chunks, so the tree of chunk digests is exercised
+    data = bytearray(os.urandom(3 * 4096 + 123))
+    f = write(tmp_path / "a.bin", bytes(data))
+    before = CH.hash_file(f, use_cache=False)
+    i = {"start": 0, "middle": len(data) // 2, "end": len(data) - 1}[where]
+    data[i] ^= 1
+    write(f, bytes(data))
+    assert CH.hash_file(f, use_cache=False) != before
+
+
+def test_same_bytes_same_hash_and_the_chunk_order_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(CH, "CHUNK", 4096)
+    a, b = os.urandom(4096), os.urandom(4096)
+    h1 = CH.hash_file(write(tmp_path / "x", a + b), use_cache=False)
+    h2 = CH.hash_file(write(tmp_path / "y", a + b), use_cache=False)
+    h3 = CH.hash_file(write(tmp_path / "z", b + a), use_cache=False)
+    assert h1 == h2 != h3
+    assert h1.startswith(CH.ALGORITHM + ":")
+
+
+def test_the_cache_is_reused_for_an_unchanged_file(tmp_path, monkeypatch):
+    f = write(tmp_path / "a.bin", os.urandom(10000))
+    assert CH.cached_hash(f) is None
+    h = CH.hash_file(f)
+    assert CH.cached_hash(f) == h
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an unchanged file was read again")
+
+    monkeypatch.setattr(CH, "_digest", no_reading)
+    assert CH.hash_file(f) == h
+    with pytest.raises(AssertionError):
+        CH.hash_file(f, use_cache=False)
+
+
+def test_a_changed_size_or_mtime_invalidates_the_cache(tmp_path):
+    f = write(tmp_path / "a.bin", b"x" * 5000)
+    h = CH.hash_file(f)
+    st = f.stat()
+    # Same size, other bytes, mtime put back: the cache would lie, so the key includes mtime_ns...
+    write(f, b"y" * 5000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert CH.cached_hash(f) is None
+    assert CH.hash_file(f) != h
+    # ...and size.
+    write(f, b"y" * 5001)
+    assert CH.cached_hash(f) is None
+
+
+def test_a_damaged_cache_is_recomputed_not_an_error(tmp_path):
+    f = write(tmp_path / "a.bin", b"abc")
+    h = CH.hash_file(f)
+    CH.cache_file().write_text("{not json")
+    assert CH.hash_file(f) == h
+
+
+def test_a_missing_file_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SurgeonError, match="nope.bin"):
+        CH.hash_file(tmp_path / "nope.bin")
+
+
+def test_entries_of_deleted_files_are_dropped(tmp_path):
+    a = write(tmp_path / "a.bin", b"a" * 100)
+    b = write(tmp_path / "b.bin", b"b" * 100)
+    CH.hash_file(a)
+    a.unlink()
+    CH.hash_file(b)
+    text = CH.cache_file().read_text()
+    assert "a.bin" not in text and "b.bin" in text
