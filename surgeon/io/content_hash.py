@@ -122,8 +122,9 @@ def _digest(path: Path, size: int, done_before: int, total: int, progress: Progr
 
 
 def hash_files(paths, *, progress: Progress | None = None, cancel: CancelToken = NEVER,
-               use_cache: bool = True) -> dict[Path, str]:
-    """Every file's full hash, from the cache where the file is unchanged, else by reading it."""
+               use_cache: bool = True, remember: bool = True) -> dict[Path, str]:
+    """Every file's full hash, from the cache where the file is unchanged (unless not `use_cache`),
+    else by reading it; what was read goes into the cache unless not `remember` (files about to move)."""
     import time
 
     paths = [Path(p) for p in paths]
@@ -146,7 +147,7 @@ def hash_files(paths, *, progress: Progress | None = None, cancel: CancelToken =
         after = _stat(p)
         if _key(after) == _key(stats[p]):  # only a file that stayed put while read is worth caching
             found[_key(after)] = {"path": str(p.resolve()), "hash": out[p]}
-    if found:
+    if found and remember:
         _store(found)
     return out
 

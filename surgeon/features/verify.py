@@ -1,0 +1,89 @@
+"""Re-check an export against its manifest and, optionally, every tensor against its donor's bytes."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgeon.core.donor import open_donor
+from surgeon.errors import SurgeonError
+from surgeon.io.manifest import first_difference, read_manifest
+from surgeon.jobs import NEVER, CancelToken, Meter, Progress
+
+
+@dataclass
+class VerifyResult:
+    directory: Path
+    shards: int
+    tensors: int
+    problem: str | None  # one line naming the first thing that differs; None when all matched
+    donor_tensors: int = 0  # tensors compared byte for byte with their donor's
+    converted: int = 0  # tensors whose dtype was converted: checked against the manifest only
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+class _Maps:
+    """Read-only maps of the files compared, each opened once."""
+
+    def __init__(self):
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def bytes(self, path: Path, start: int, end: int):
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[path][start:end]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+
+
+def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: Progress | None = None,
+               cancel: CancelToken = NEVER, allow_pickle: bool = False) -> VerifyResult:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    result = VerifyResult(directory, len(manifest["shards"]), len(manifest["tensors"]), None)
+    result.problem = first_difference(directory, manifest, cancel=cancel)
+    if result.problem or not donors:
+        return result
+    opened = {}
+    for name, ref in manifest.get("donors", {}).items():
+        try:
+            opened[name] = open_donor(ref["path"], allow_pickle=allow_pickle)
+        except SurgeonError as e:
+            raise SurgeonError(f"verify --donors: donor {name}: {e}") from None
+    meter = Meter(progress, len(manifest["tensors"]), "tensors", "comparing with donors")
+    maps = _Maps()
+    try:
+        for i, (tensor, entry) in enumerate(manifest["tensors"].items()):
+            cancel.check()
+            meter(i)
+            source = entry.get("source")
+            if not source:
+                continue
+            donor = opened.get(source["donor"])
+            src = donor.tensors.get(source["name"]) if donor else None
+            if src is None:
+                result.problem = (f"{directory}: tensor {tensor}: its source {source['donor']}:{source['name']} "
+                                  "is not in the donor")
+                return result
+            if src.dtype != entry["dtype"]:
+                result.converted += 1
+                continue
+            ours = maps.bytes(directory / entry["shard"], *entry["offsets"])
+            theirs = maps.bytes(donor.path / src.file, src.start, src.end)
+            if ours != theirs:
+                result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
+                                  f"{source['donor']}'s {source['name']} ({donor.path / src.file})")
+                return result
+            result.donor_tensors += 1
+    finally:
+        maps.close()
+    meter(len(manifest["tensors"]))
+    return result

@@ -1,0 +1,152 @@
+"""An export's manifest: what every output tensor is, where it came from, and the hash of its bytes.
+
+Written beside the shards (`moe-surgeon-manifest.json`) inside the staged directory, so it appears
+with the export or not at all. `check_manifest` re-reads an export and names the first tensor whose
+bytes no longer match; `surgeon.features.verify` builds the `verify` command on it.
+
+Tensor hashes are XXH3-128 of the tensor's bytes; shard hashes are the content hashes of
+io/content_hash.py (so a later open of the same file costs a stat).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+
+from surgeon.errors import SurgeonError
+from surgeon.io.content_hash import ALGORITHM, hash_files
+from surgeon.io.safetensors_file import read_header
+from surgeon.jobs import NEVER, CancelToken
+
+MANIFEST_FILE = "moe-surgeon-manifest.json"
+MANIFEST_VERSION = 1
+TENSOR_HASH = "xxh3-128"
+_LIBRARIES = ("moe-surgeon", "safetensors", "torch", "transformers", "xxhash")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
+    """XXH3-128 of every tensor's bytes in one safetensors file, tensors hashed on every core."""
+    import xxhash
+
+    header = read_header(str(path))
+    with open(path, "rb") as f:
+        if header.size == 0:
+            return {}
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                def one(item):
+                    cancel.check()
+                    name, t = item
+                    return name, xxhash.xxh3_128(view[t.start:t.end]).hexdigest()
+
+                with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                    return dict(pool.map(one, header.tensors.items()))
+            finally:
+                view.release()
+
+
+def build_manifest(directory: str | os.PathLike, sources: dict[str, dict], donors: dict[str, dict],
+                   *, cancel: CancelToken = NEVER) -> dict:
+    """The manifest of the checkpoint in `directory` (its shards already written).
+
+    `sources` maps an output tensor to {"donor": NAME, "name": SOURCE_NAME} (absent for tensors the
+    tool made itself, e.g. a mix's routers); `donors` maps a donor name to what identifies it
+    (path, fingerprint, content hashes)."""
+    directory = Path(directory)
+    shards = sorted(p for p in directory.glob("*.safetensors"))
+    shard_hashes = hash_files(shards, cancel=cancel, use_cache=False, remember=False)  # staged files move next
+    tensors = {}
+    for shard in shards:
+        header = read_header(str(shard))
+        hashes = tensor_hashes(shard, cancel)
+        for name, t in header.tensors.items():
+            entry = {"shard": shard.name, "dtype": t.dtype, "shape": list(t.shape),
+                     "offsets": [t.start, t.end], "hash": hashes[name]}
+            if name in sources:
+                entry["source"] = sources[name]
+            tensors[name] = entry
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "tensor_hash": TENSOR_HASH,
+        "shard_hash": ALGORITHM,
+        "libraries": library_versions(),
+        "donors": donors,
+        "shards": {p.name: shard_hashes[p] for p in shards},
+        "tensors": dict(sorted(tensors.items())),
+    }
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        path.write_text(json.dumps(manifest, indent=1) + "\n")
+    except OSError as e:
+        raise SurgeonError(f"{path}: cannot write ({e.strerror})") from None
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SurgeonError(f"{directory}: no {MANIFEST_FILE} (exported by an older moe-surgeon, or not an export)") from None
+    except OSError as e:
+        raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise SurgeonError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION \
+            or not isinstance(data.get("tensors"), dict) or not isinstance(data.get("shards"), dict):
+        raise SurgeonError(f"{path}: not a moe-surgeon manifest of version {MANIFEST_VERSION}")
+    return data
+
+
+def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: CancelToken = NEVER,
+                     use_cache: bool = False) -> str | None:
+    """None when every shard matches the manifest; else one line naming the first tensor that differs
+    (or the shard, when a tensor is missing or the shard itself is gone or new). Reads every byte
+    unless `use_cache`: a proof should not rest on file times."""
+    directory = Path(directory)
+    on_disk = sorted(p.name for p in directory.glob("*.safetensors"))
+    for name in sorted(set(manifest["shards"]) - set(on_disk)):
+        return f"{directory / name}: shard listed in the manifest is missing"
+    for name in sorted(set(on_disk) - set(manifest["shards"])):
+        return f"{directory / name}: shard not in the manifest"
+    paths = [directory / n for n in on_disk]
+    now = hash_files(paths, cancel=cancel, use_cache=use_cache)
+    by_shard: dict[str, list[str]] = {}
+    for tensor, entry in manifest["tensors"].items():
+        by_shard.setdefault(entry["shard"], []).append(tensor)
+    for p in paths:
+        if now[p] == manifest["shards"][p.name]:
+            continue
+        header = read_header(str(p))
+        hashes = tensor_hashes(p, cancel)
+        for tensor in sorted(by_shard.get(p.name, []), key=lambda n: manifest["tensors"][n]["offsets"][0]):
+            want = manifest["tensors"][tensor]
+            t = header.tensors.get(tensor)
+            if t is None:
+                return f"{p}: tensor {tensor} is missing"
+            if [t.start, t.end] != want["offsets"] or t.dtype != want["dtype"] or list(t.shape) != want["shape"]:
+                return (f"{p}: tensor {tensor}: {t.dtype}{list(t.shape)} at {t.start}-{t.end}, the manifest says "
+                        f"{want['dtype']}{want['shape']} at {want['offsets'][0]}-{want['offsets'][1]}")
+            if hashes[tensor] != want["hash"]:
+                return f"{p}: tensor {tensor} differs from the manifest (hash {hashes[tensor]}, expected {want['hash']})"
+        return f"{p}: shard hash differs from the manifest, outside every tensor (header or padding)"
+    return None
