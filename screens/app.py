@@ -21,7 +21,9 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Static
 
+from surgeon.core.plan import next_donor_name
 from surgeon.core.recovery import RecoveryWriter, load_recovery, orphans
+from surgeon.core.session import SessionRecords
 from surgeon.core.workbench import Workbench
 from surgeon.errors import SurgeonError
 
@@ -36,21 +38,33 @@ class Loaded(Message):
     """A worker opened donors (and maybe a session): the new state of the app."""
 
     def __init__(self, wb: Workbench | None, labels: dict[str, str], *, session_path: str | None = None,
-                 extras: dict | None = None, errors: list[str] | None = None, welcome: bool = False,
+                 records: SessionRecords | None = None, errors: list[str] | None = None, welcome: bool = False,
                  dirty: bool = False, recovered_from: str | None = None, mix=None, mix_pending=None,
-                 note: str | None = None):
+                 note: str | None = None, recorded_hashes: dict[str, dict[str, str]] | None = None):
         super().__init__()
+        self.recorded_hashes = recorded_hashes or {}  # donor -> shard -> full hash, as the session says
         self.mix = mix  # mix_state.MixState: the session records a mix and its export is the base
         self.mix_pending = mix_pending  # the session records a mix whose export is missing
         self.note = note
         self.wb = wb
         self.labels = labels
         self.session_path = session_path
-        self.extras = extras or {}
+        self.records = records or SessionRecords()
         self.errors = errors or []
         self.welcome = welcome
         self.dirty = dirty
         self.recovered_from = recovered_from
+
+
+class Hashing(Message):
+    """Progress of the background full-content hashing of the open donors; `done` at the end."""
+
+    def __init__(self, text: str | None, done: dict[str, dict[str, str]] | None = None):
+        super().__init__()
+        self.text, self.done = text, done
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, Hashing) and message.done is None and self.done is None
 
 
 class Failed(Message):
@@ -92,7 +106,9 @@ class SurgeonApp(App):
         self.labels: dict[str, str] = {}
         self.brush: str | None = None
         self.session_path: str | None = None
-        self.extras: dict = {}
+        # What the session records besides the grid's plan (probes, results, exports, extensions);
+        # screens add to it as the command line adds to a session file.
+        self.records = SessionRecords()
         self.dirty = False
         self.recovery = RecoveryWriter(state_dir)
         self.offer_recovery = offer_recovery
@@ -101,6 +117,8 @@ class SurgeonApp(App):
         self.mix = None  # mix_state.MixState of the mix that is the workbench's base, if one is
         self.mix_pending = None  # a mix the open session records but whose export is missing
         self._banner: str | None = None
+        self.hash_status: str | None = None  # "hashing donors 40%" while the background hashing shows
+        self.recorded_hashes: dict[str, dict[str, str]] = {}  # the open session's full hashes, to compare
 
     # ------------------------------------------------------------ start
     def on_mount(self) -> None:
@@ -131,7 +149,7 @@ class SurgeonApp(App):
             if any(d.path.resolve() == donor.path.resolve() for d in donors.values()):
                 errors.append(f"{spec}: given twice")
                 continue
-            name = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[len(donors)]
+            name = next_donor_name(donors)
             donors[name] = donor
             labels[name] = _label(spec)
         wb = None
@@ -160,7 +178,7 @@ class SurgeonApp(App):
             mix = pending = note = None
             extensions = session.extensions
             if "mix" in extensions:  # a mix session: its export becomes the base when it is on disk
-                from .mix_state import restore_mix
+                from surgeon.features.mix.workbench import restore_mix
 
                 state, mix_donor, note = restore_mix(session, where, donors)
                 if mix_donor is None:
@@ -177,10 +195,12 @@ class SurgeonApp(App):
         labels = {d.name: (d.path if d.path.startswith("demo:") else (d.label or _label(d.path))) for d in session.donors}
         if mix is not None:
             labels[mix.name] = _label(str(mix.export))
-        extras = {"probes": session.probes, "results": session.results, "exports": session.exports,
-                  "extensions": extensions, "created": session.created}
-        self.post_message(Loaded(wb, labels, session_path=origin, extras=extras, dirty=bool(recovered),
-                                 recovered_from=recovered, mix=mix, mix_pending=pending, note=note))
+        records = SessionRecords.of(session)
+        records.extensions = extensions
+        recorded = {d.name: d.content_hashes for d in session.donors if d.content_hashes}
+        self.post_message(Loaded(wb, labels, session_path=origin, records=records, dirty=bool(recovered),
+                                 recovered_from=recovered, mix=mix, mix_pending=pending, note=note,
+                                 recorded_hashes=recorded))
 
     @on(Loaded)
     def on_loaded(self, message: Loaded) -> None:
@@ -189,7 +209,7 @@ class SurgeonApp(App):
             self.wb = message.wb
             self.labels = message.labels
             self.session_path = message.session_path
-            self.extras = message.extras
+            self.records = message.records
             self.dirty = message.dirty
             self.mix, self.mix_pending = message.mix, message.mix_pending
             self.brush = self.mix.name if self.mix is not None else None
@@ -212,9 +232,45 @@ class SurgeonApp(App):
             self.autosave()
         if message.session_path and not message.recovered_from:
             self.notify(f"opened {message.session_path}", timeout=3)
+        if self.wb is not None and message.wb is not None:
+            self.recorded_hashes = message.recorded_hashes
+            self.hash_donors(dict(self.wb.donors))
         if first:
             self.ready = True
             self.call_after_refresh(self._after_first_frame)
+
+    # ------------------------------------------------------------ full content hashes
+    @work(thread=True, exit_on_error=False, group="hash", exclusive=True)
+    def hash_donors(self, donors: dict) -> None:
+        """Hash every open donor in full, in the background, so a saved session can prove its donors
+        (replay checks them). Marking and browsing never wait for it; a donor hashed before costs a
+        stat per shard. Progress shows on the status line only when hashing takes over a second."""
+        started = time.perf_counter()
+        total = sum(h.size for d in donors.values() for h in d.shards.values()) or 1
+        before = 0
+        done: dict[str, dict[str, str]] = {}
+        for name, donor in donors.items():
+            def progress(step, before=before):
+                if time.perf_counter() - started > 1.0:
+                    self.post_message(Hashing(f"hashing donors {100 * (before + step.done) / total:.0f}%"))
+            try:
+                done[name] = donor.full_hashes(progress=progress)
+            except SurgeonError as e:
+                self.post_message(Failed(f"Cannot hash donor {name}", str(e)))
+            before += sum(h.size for h in donor.shards.values())
+        self.post_message(Hashing(None, done=done))
+
+    @on(Hashing)
+    def on_hashing(self, message: Hashing) -> None:
+        self.hash_status = message.text
+        if message.done is not None:
+            changed = [name for name, hashes in self.recorded_hashes.items()
+                       if name in message.done and message.done[name] != hashes]
+            if changed:
+                self.notify(f"donor(s) {', '.join(changed)} changed since the session was saved: their bytes differ "
+                            "from the session's full content hashes", title="Donors changed", severity="error",
+                            timeout=15)
+        self.refresh_status()
 
     def _after_first_frame(self) -> None:
         ready_file = os.environ.get(READY_FILE_ENV)
@@ -319,12 +375,9 @@ class SurgeonApp(App):
         recipe = session.extensions.get("mix")
         for ref in session.donors:
             ref.label = self.labels.get(ref.name, ref.label)
-        for key in ("probes", "results", "exports", "extensions"):
-            if key in self.extras:
-                setattr(session, key, self.extras[key])
+        self.records.fill(session)
         if mixed:
             session.extensions = {**session.extensions, "mix": recipe}
-        session.created = self.extras.get("created", "")
         return session.to_json()
 
     def autosave(self) -> None:
@@ -414,7 +467,7 @@ class SurgeonApp(App):
             return
         self.push_screen(MixScreen(source))
 
-    def open_mix(self, state, donor, export_record: dict) -> None:
+    def open_mix(self, state, donor, export_record) -> None:
         """A mix was built: its export is the base, its dense donors stay open beside it."""
         labels = {state.name: _label(str(state.export))}
         labels.update({n: self.labels.get(n, _label(str(d.path))) for n, d in state.donors.items()})
@@ -422,10 +475,10 @@ class SurgeonApp(App):
         self.wb = state.workbench(donor)
         self.labels = labels
         self.brush = state.name  # the one donor that can give the mix parts; Routing opens on it
-        extensions = self.extras.get("extensions")
-        if isinstance(extensions, dict) and "mix" in extensions:  # the recipe of an earlier mix: the state has it now
-            self.extras["extensions"] = {k: v for k, v in extensions.items() if k != "mix"}
-        self.extras.setdefault("exports", []).append(export_record)
+        extensions = self.records.extensions
+        if "mix" in extensions:  # the recipe of an earlier mix: the state has it now
+            self.records.extensions = {k: v for k, v in extensions.items() if k != "mix"}
+        self.records.exports.append(export_record)
         self.workbench_changed(rebuild=True)
 
     def check_action(self, action: str, parameters) -> bool | None:
@@ -443,8 +496,8 @@ class SurgeonApp(App):
 
     async def action_quit(self) -> None:
         # Unsaved probe results count as much as marks: a clean quit deletes the recovery file.
-        if self.dirty and self.wb is not None and (self.wb.marks or self.extras.get("results") or self.mix is not None
-                                                    or self.extras.get("extensions", {}).get("sweeps")):
+        if self.dirty and self.wb is not None and (self.wb.marks or self.records.results or self.mix is not None
+                                                    or self.records.extensions.get("sweeps")):
             def answer(yes: bool | None) -> None:
                 if yes:
                     self._quit_clean()
@@ -482,6 +535,7 @@ class SurgeonApp(App):
             self.push_screen(ErrorScreen("Cannot add the donor", str(e)))
             return
         self.labels[name] = _label(message.spec)
+        self.hash_donors(dict(self.wb.donors))
         problem = self.wb.problem(name)
         if problem:
             self.notify(problem, title=f"Donor {name} is incompatible with the base", severity="warning", timeout=10)

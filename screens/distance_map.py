@@ -2,23 +2,23 @@
 
 The column-wide view of the layer screen's distance figure: every layer's attention, router,
 experts, norms... at a glance, so a researcher sees where post-training moved the weights most
-before choosing what to transplant. Figures come from a worker (memory-mapped reads, cached
-on disk by fingerprint); `n` shows the next donor, enter opens the layer under the cursor.
+before choosing what to transplant. Figures come from a job (screens/job.py) running
+`surgeon.features.distance.distance_map` (memory-mapped reads, cached on disk by fingerprint);
+`n` shows the next donor (replacing the job), enter opens the layer under the cursor.
 """
 
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from surgeon.core.workbench import COLUMN_TITLES
-from surgeon.errors import SurgeonError
 
+from .job import JobScreen
 from .layer import format_distance
 
 
@@ -31,7 +31,7 @@ class MapCells(Message):
         self.values = values
 
 
-class DistanceMapScreen(Screen):
+class DistanceMapScreen(JobScreen):
     BINDINGS = [
         Binding("escape", "back", "Back", id="map.back"),
         Binding("n", "next_donor", "Next donor", id="map.next"),
@@ -76,27 +76,32 @@ class DistanceMapScreen(Screen):
             return
         title.update(f"Relative L2 distance of donor {self.donor} from the base {wb.base}, per layer and component "
                      "(n: next donor, enter: open layer, escape: back)")
-        self.compute(self.donor)
+        self.restart_job(self.compute, self.donor, group="map")
 
-    @work(thread=True, exit_on_error=False, group="map", exclusive=True)
-    def compute(self, donor_name: str) -> None:
-        from textual.worker import get_current_worker
-
+    def compute(self, donor_name: str, *, progress, cancel) -> None:
+        """The job: every cell's distance, posted 16 at a time so the table fills as they come."""
         from surgeon.features.distance import distance_map
 
         wb = self.app.wb
-        worker = get_current_worker()
         batch = {}
         try:
             for cell, value in distance_map(wb.donors[wb.base], wb.donors[donor_name], self.app.distance_cache(),
-                                            cancelled=lambda: worker.is_cancelled):
+                                            progress=progress, cancel=cancel):
                 batch[cell] = value
                 if len(batch) >= 16:
                     self.post_message(MapCells(donor_name, batch))
                     batch = {}
-        except SurgeonError as e:
-            self.app.call_from_thread(self.app.notify, str(e), severity="error", title="Distance map")
-        self.post_message(MapCells(donor_name, batch))
+        finally:
+            self.post_message(MapCells(donor_name, batch))
+
+    def job_failed(self, message: str) -> None:
+        self.app.notify(message, severity="error", title="Distance map")
+
+    def job_cancelled(self) -> None:
+        pass  # only leaving the screen cancels; a new donor replaces the job instead
+
+    def on_unmount(self) -> None:
+        self.cancel_job()
 
     @on(MapCells)
     def on_cells(self, message: MapCells) -> None:

@@ -1,59 +1,29 @@
-"""Export dialog: output directory, dtype, shard size; a worker streams the hybrid to disk.
+"""Export dialog: output directory, dtype, shard size; a job streams the hybrid to disk.
 
-The worker posts progress (bytes, rate, ETA) as replaceable messages, so a fast export never
-floods the queue. Cancel sets an event the engine polls between tensors; the engine then
+The dialog is a JobModal (screens/job.py): the engine's `run_export`, the same the command line
+calls, runs in a worker and reports bytes as replaceable progress messages, so a fast export never
+floods the queue. Cancel sets the job's token, which the engine checks between tensors; it then
 removes its hidden temporary directory, so nothing partial is left behind.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-
-from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
 
 from surgeon.errors import SurgeonError
-from surgeon.io.sizes import human_bytes, parse_size
+from surgeon.io.dtypes import DTYPE_CHOICES as DTYPES
+from surgeon.io.sizes import human_bytes, parse_size, step_text
+from surgeon.jobs import Step
 
 from .dialogs import PathSuggester
-
-DTYPES = ["keep", "bfloat16", "float16", "float32"]
-
-
-class Progress(Message):
-    def __init__(self, done: int, total: int, started: float):
-        super().__init__()
-        self.done, self.total, self.started = done, total, started
-
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, Progress)
+from .job import JobModal
 
 
-class Finished(Message):
-    def __init__(self, result=None, error: str | None = None, cancelled: bool = False):
-        super().__init__()
-        self.result, self.error, self.cancelled = result, error, cancelled
-
-
-def progress_text(done: int, total: int, seconds: float) -> str:
-    rate = done / seconds if seconds > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else 0.0
-    return f"{human_bytes(done)} of {human_bytes(total)}  ·  {human_bytes(rate)}/s  ·  ETA {eta:.0f}s"
-
-
-class ExportScreen(ModalScreen[None]):
+class ExportScreen(JobModal):
     BINDINGS = [Binding("escape", "cancel", "Cancel / close", id="export.cancel")]
-
-    def __init__(self):
-        super().__init__()
-        self.cancel_event = threading.Event()
-        self.running = False
 
     def compose(self) -> ComposeResult:
         wb = self.app.wb
@@ -86,9 +56,10 @@ class ExportScreen(ModalScreen[None]):
         self.start()
 
     def start(self) -> None:
-        if self.running:
-            return
+        from surgeon.features.export import ExportRequest, run_export
 
+        if self.job_running:
+            return
         out = self.query_one("#export-out", Input).value.strip()
         error = self.query_one("#export-error", Static)
         if not out:
@@ -100,75 +71,43 @@ class ExportScreen(ModalScreen[None]):
             error.update(str(e))
             return
         error.update("")
-        self.running = True
-        self.cancel_event.clear()
         self.query_one("#export-start", Button).disabled = True
         self.query_one("#export-stats", Static).update("resolving the plan…")
         wb = self.app.wb
-        self.run_export(wb.plan(), dict(wb.donors), out, str(self.query_one("#export-dtype", Select).value), shard)
+        dtype = str(self.query_one("#export-dtype", Select).value)
+        # The record goes into the app's session on this thread (job_finished), not from the worker.
+        self.start_job(run_export, ExportRequest(wb.plan(), dict(wb.donors), out, dtype=dtype, max_shard_size=shard,
+                                                     verify=True),
+                       group="export")
 
-    @work(thread=True, exit_on_error=False, group="export")
-    def run_export(self, plan, donors, out: str, dtype: str, shard: int) -> None:
-        from surgeon.core.resolve import resolve
-        from surgeon.core.session import make_session
-        from surgeon.features.export import ExportCancelled, export_hybrid
+    def job_progress(self, step: Step) -> None:
+        self.query_one("#export-progress", ProgressBar).update(total=max(1, step.total), progress=step.done)
+        self.query_one("#export-stats", Static).update(step_text(step))
 
-        started = time.perf_counter()
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if now - last[0] >= 0.05 or done >= total:
-                last[0] = now
-                self.post_message(Progress(done, total, started))
-
-        try:
-            resolution = resolve(plan, donors, dtype=dtype)
-            result = export_hybrid(
-                resolution, donors, out, dtype=dtype, max_shard_size=shard,
-                session_json=make_session(plan, donors, None).to_json(),
-                progress=progress, cancel=self.cancel_event.is_set,
-            )
-        except ExportCancelled:
-            self.post_message(Finished(cancelled=True))
-            return
-        except (SurgeonError, OSError) as e:
-            self.post_message(Finished(error=str(e)))
-            return
-        self.post_message(Finished(result=result))
-
-    @on(Progress)
-    def on_progress(self, message: Progress) -> None:
-        bar = self.query_one("#export-progress", ProgressBar)
-        bar.update(total=max(1, message.total), progress=message.done)
-        self.query_one("#export-stats", Static).update(
-            progress_text(message.done, message.total, time.perf_counter() - message.started))
-
-    @on(Finished)
-    def on_finished(self, message: Finished) -> None:
-        self.running = False
-        self.query_one("#export-start", Button).disabled = False
-        if message.cancelled:
-            self.query_one("#export-stats", Static).update("cancelled: nothing was written")
-            self.app.notify("export cancelled; nothing was written", timeout=4)
-            self.dismiss(None)
-            return
-        if message.error:
-            self.query_one("#export-error", Static).update(message.error)
-            self.query_one("#export-stats", Static).update("")
-            return
-        r = message.result
-        record = {"path": str(r.path), "dtype": str(self.query_one("#export-dtype", Select).value),
-                  "shards": len(r.shards), "tensors": r.tensors, "bytes": r.bytes,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.app.extras.setdefault("exports", []).append(record)
+    def job_finished(self, outcome) -> None:
+        r = outcome.result
+        self.app.records.exports.append(outcome.record)
         self.app.workbench_changed()
-        self.app.notify(f"exported {r.tensors} tensors ({human_bytes(r.bytes)}) to {r.path}", title="Export done", timeout=8)
+        check = outcome.verified
+        if check is not None and not check.ok:
+            self.app.notify(f"exported to {r.path}, but re-reading it found: {check.problem}", title="Export differs",
+                            severity="error", timeout=15)
+        else:
+            self.app.notify(f"exported {r.tensors} tensors ({human_bytes(r.bytes)}) to {r.path}; verified: every "
+                            "byte matches its manifest", title="Export done", timeout=8)
+        self.dismiss(None)
+
+    def job_failed(self, message: str) -> None:
+        self.query_one("#export-start", Button).disabled = False
+        self.query_one("#export-error", Static).update(message)
+        self.query_one("#export-stats", Static).update("")
+
+    def job_cancelled(self) -> None:
+        self.app.notify("export cancelled; nothing was written", timeout=4)
         self.dismiss(None)
 
     def action_cancel(self) -> None:
-        if self.running:
-            self.cancel_event.set()
+        if self.cancel_job():
             self.query_one("#export-stats", Static).update("cancelling…")
         else:
             self.dismiss(None)

@@ -2,10 +2,10 @@
 
 The hybrid's gates come from the donors marked for the grid's `layer gate` column (a gate is a
 plan component like any other), so the table lists, per decoder layer, the gate the hybrid has
-(type, size, donor) or "no gate". A worker materialises the hybrid (surgeon.live.hybrid, as the
-Probes screen does) and runs `surgeon.features.gates.select.select_gates` on calibration text: the
-per-layer logit-lens perplexity without and with each gate (eq. 3 and 4) and the verdict
-(eq. 5), exactly what `moe-surgeon gates select --dry-run` prints. The chart shows the change
+(type, size, donor) or "no gate". A job (screens/job.py) runs
+`surgeon.features.gates.run.select_hybrid` on calibration text: the per-layer logit-lens
+perplexity without and with each gate (eq. 3 and 4) and the verdict (eq. 5), exactly what
+`moe-surgeon gates select --dry-run` prints. The chart shows the change
 each gate makes; the table the numbers.
 
 `a` applies the verdicts the grid's way: the dropped layers' `layer gate` cells are given to a
@@ -24,18 +24,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from surgeon.core.gates_sidecar import GATE_KIND
 from surgeon.errors import SurgeonError
+from surgeon.jobs import Cancelled, Step
 
 from .dialogs import ErrorScreen, PathScreen
+from .job import JobScreen
 from .widgets.gate_chart import ChangeRow, GateChart, change_text
 from .widgets.grid import donor_style
 
@@ -47,24 +46,6 @@ MIN_GAINS = (0.0, 0.01, 0.02, 0.05, 0.1)  # m cycles through them; verdicts only
 ADD_HINT = ("No open donor has layer gates. Add some with `moe-surgeon gates add OUT --base DIR "
             "--type vector --layers all`, train them (`moe-surgeon gates train OUT --data FILE`), "
             "then open OUT as a donor (d on the grid).")
-
-
-class GatesProgress(Message):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, GatesProgress)
-
-
-class GatesSelected(Message):
-    """A selection of the hybrid `key` names (its plan and calibration data), or why there is none."""
-
-    def __init__(self, key: tuple, selection=None, *, device: str = "", seconds: float = 0.0,
-                 error: str | None = None):
-        super().__init__()
-        self.key, self.selection, self.device, self.seconds, self.error = key, selection, device, seconds, error
 
 
 # ---------------------------------------------------------------- pure helpers (tested directly)
@@ -168,7 +149,7 @@ class CorpusScreen(PathScreen):
 
 
 # ---------------------------------------------------------------- the screen
-class GatesScreen(Screen):
+class GatesScreen(JobScreen):
     BINDINGS = [
         Binding("escape", "back", "Back", id="gates.back"),
         Binding("r", "run", "Select", id="gates.run",
@@ -189,7 +170,7 @@ class GatesScreen(Screen):
         self.problem: str | None = None  # why the hybrid's gates cannot be listed (an unresolvable plan)
         self.results: dict[tuple, tuple] = {}  # key -> (Selection, device, seconds), one per plan and corpus
         self.failures: dict[tuple, str] = {}  # key -> why it failed: not run again until r asks
-        self.pending: tuple | None = None  # the key a worker is measuring
+        self.pending: tuple | None = None  # the key the job is measuring
         self.progress = ""
 
     def compose(self) -> ComposeResult:
@@ -245,55 +226,53 @@ class GatesScreen(Screen):
         wb = self.app.wb
         self.pending = self.key()
         self.progress = "starting…"
-        self.run_selection(self.pending, wb.plan(), dict(wb.donors), wb.base, self.corpus)
+        self.restart_job(self.run_selection, self.pending, wb.plan(), dict(wb.donors), self.corpus, group="gates")
 
-    @work(thread=True, exit_on_error=False, group="gates", exclusive=True)
-    def run_selection(self, key: tuple, plan, donors: dict, base: str, corpus: str) -> None:
+    def run_selection(self, key: tuple, plan, donors: dict, corpus: str, *, progress, cancel):
+        """The job: (key, Selection, device, seconds), or (key, None, why, 0) so that a failure is
+        filed under the marks and data it was for."""
         from .probes import failure_text
 
         started = time.perf_counter()
         try:
             from transformers.utils import logging as hf_logging
 
-            from surgeon.features.gates.select import select_gates
-            from surgeon.features.gates.train import load_data
-            from surgeon.live.hybrid import Hybrid, default_device
-            from surgeon.probes.scoring import load_tokenizer
+            from surgeon.features.gates.run import select_hybrid
 
             hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
-            self.post_message(GatesProgress(f"reading the calibration data {corpus_label(corpus)}…"))
-            data = load_data(load_tokenizer(donors[base].path), corpus, SEQ_LEN, "auto", "calibration data")
-            device = default_device()
-            self.post_message(GatesProgress(f"materialising the hybrid on {device} (the first run loads torch)…"))
-            hybrid = Hybrid.materialize(plan, donors, device=device, dtype=DTYPE)
-            self.post_message(GatesProgress(f"measuring every gate on {data.tokens} calibration tokens on {device}…"))
-            selection = select_gates(hybrid.model, data, batch_size=BATCH_SIZE)
-            del hybrid
+            progress(Step(0, 1, label=f"reading {corpus_label(corpus)} and materialising the hybrid "
+                                      "(the first run loads torch)"))
+            selection, device = select_hybrid(plan, donors, corpus, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
+                                              dtype=DTYPE, progress=progress, cancel=cancel)
+        except Cancelled:
+            raise
         except Exception as e:  # a dialog, never a traceback on screen
-            self.post_message(GatesSelected(key, error=failure_text(e)))
+            return key, None, failure_text(e), 0.0
+        return key, selection, device, time.perf_counter() - started
+
+    def job_progress(self, step: Step) -> None:
+        if self.pending is None:
             return
-        self.post_message(GatesSelected(key, selection, device=device, seconds=time.perf_counter() - started))
+        self.progress = (f"measuring every gate: {step.done} of {step.total} calibration sequences"
+                         if step.label == "select" else f"{step.label}…")
+        self.show_status()
 
-    @on(GatesProgress)
-    def on_progress(self, message: GatesProgress) -> None:
-        if self.pending is not None:
-            self.progress = message.text
-            self.show_status()
-
-    @on(GatesSelected)
-    def on_selected(self, message: GatesSelected) -> None:
-        if message.key != self.pending:
+    def job_finished(self, result) -> None:
+        key, selection, device_or_error, seconds = result
+        if key != self.pending:
             return  # a run for marks or data that have changed since
         self.pending = None
-        if message.error:
-            self.failures[message.key] = message.error
-            self.progress = ""
-            self.show()
-            self.app.push_screen(ErrorScreen("Cannot select the layer gates", message.error))
-            return
         self.progress = ""
-        self.results[message.key] = (message.selection, message.device, message.seconds)
+        if selection is None:
+            self.failures[key] = device_or_error
+            self.show()
+            self.app.push_screen(ErrorScreen("Cannot select the layer gates", device_or_error))
+            return
+        self.results[key] = (selection, device_or_error, seconds)
         self.show()
+
+    def on_unmount(self) -> None:
+        self.cancel_job()
 
     # ------------------------------------------------------------ the view
     def show(self) -> None:

@@ -1,11 +1,11 @@
 """Routing: which experts the donors and the hybrid use, per corpus, as a layers x experts heatmap.
 
 The screen is installed once (like Probes), so routing measured for a donor is kept for the app's
-life; the hybrid is measured again whenever the marks changed since. A worker materialises each
-model (surgeon.live.hybrid, as the Probes screen does: the hybrid is the base with the plan applied, a
-donor is a plan of its own as base) and runs the built-in demo corpora through it
-(surgeon.features.routing.probe.probe_domains), posting one message per model, so the first heatmap shows as
-soon as its model is done.
+life; the hybrid is measured again whenever the marks changed since. One job (screens/job.py)
+runs `surgeon.features.routing.run.probe_hybrid` for each model (the hybrid is the base with the
+plan applied, a donor is a plan of its own as base) on the built-in demo corpora, posting one message
+per model, so the first heatmap shows as soon as its model is done; marks changed meanwhile replace
+the job.
 
 Keys switch the corpus (d), the model (m), the metric (t) and a difference (x: another model on
 this corpus, then this model on another corpus); s saves what is shown as SVG, PNG, CSV or JSON.
@@ -25,28 +25,21 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
+from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Label, Static
 
 from surgeon.errors import SurgeonError
+from surgeon.features.routing.corpora import DEFAULT_CORPORA
 from surgeon.features.routing.view import METRIC_NAMES
+from surgeon.jobs import Cancelled
 
 from .dialogs import ErrorScreen, PathScreen
+from .job import JobScreen
 from .widgets.heatmap import HeatmapGrid
 
-CORPORA = ("arith", "reverse")  # the built-in demo domains, as `moe-surgeon routing` defaults to
 METRICS = ("frequency", "top1", "mean_prob")  # importance needs every expert recomputed: CLI only
 BATCH_SIZE = 32  # the CLI's default
 HYBRID = "hybrid"
-
-
-class RoutingProgress(Message):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, RoutingProgress)
 
 
 class RoutingProbed(Message):
@@ -55,12 +48,6 @@ class RoutingProbed(Message):
     def __init__(self, model: str, ident: tuple, stats: dict | None, error: str | None = None):
         super().__init__()
         self.model, self.ident, self.stats, self.error = model, ident, stats, error
-
-
-class RoutingFailed(Message):
-    def __init__(self, error: str):
-        super().__init__()
-        self.error = error
 
 
 class SimilarityReady(Message):
@@ -72,7 +59,7 @@ class SimilarityReady(Message):
 # ---------------------------------------------------------------- pure helpers (tested directly)
 def parse_take(n_text: str, layers_text: str) -> tuple[int, tuple[int, ...] | None]:
     """The take dialog's fields: N, and layers as the CLI's --layers (empty: every MoE layer)."""
-    from surgeon.core.plan import parse_ranges
+    from surgeon.core.plan import parse_layers
 
     try:
         n = int(n_text.strip())
@@ -81,7 +68,7 @@ def parse_take(n_text: str, layers_text: str) -> tuple[int, tuple[int, ...] | No
     if n < 1:
         raise SurgeonError(f"N {n}: take at least one expert per layer")
     layers = layers_text.strip()
-    return n, (parse_ranges(layers, "layer", f"layers {layers}") if layers else None)
+    return n, (parse_layers(layers, flag="layers") if layers else None)
 
 
 def slug(text: str) -> str:
@@ -146,7 +133,7 @@ class TakeScreen(ModalScreen):
 
 
 # ---------------------------------------------------------------- the screen
-class RoutingScreen(Screen):
+class RoutingScreen(JobScreen):
     BINDINGS = [
         Binding("escape", "back", "Back", id="routing.back"),
         Binding("d", "next_domain", "Corpus", id="routing.domain", tooltip="Show the next corpus (domain)"),
@@ -166,7 +153,7 @@ class RoutingScreen(Screen):
 
     def __init__(self):
         super().__init__()
-        self.domains = list(CORPORA)
+        self.domains = list(DEFAULT_CORPORA)  # as `moe-surgeon routing` defaults to
         self.corpora: dict | None = None  # name -> texts, read once by the worker
         self.results: dict[str, tuple] = {}  # model -> (ident, stats or None, error or None)
         self.idents: dict[str, tuple] = {}  # model -> what it is now (donor fingerprint, hybrid plan)
@@ -177,7 +164,8 @@ class RoutingScreen(Screen):
         self.metric = METRICS[0]
         self.diff: tuple[str, str] | None = None  # ("model", name) or ("domain", name)
         self.progress = ""
-        self.tokenizer = None  # the base's, set by the worker: decodes the tokens an expert takes
+        self.tokenizer = None  # the base's, set by the job: decodes the tokens an expert takes
+        self.probing: list[tuple] = []  # (model, ident) the running job measures
 
     def compose(self) -> ComposeResult:
         yield Static("", id="routing-title")
@@ -216,11 +204,14 @@ class RoutingScreen(Screen):
             self.diff = None
         todo = [m for m in self.models if self.results.get(m, (None,))[0] != self.idents[m]]
         todo.sort(key=lambda m: m != self.model)  # the one on screen first
-        if todo:
+        wanted = [(m, self.idents[m]) for m in todo]
+        if todo and not (self.job_running and wanted == self.probing):  # the running job already does it
             from surgeon.core.plan import Plan
 
             plans = {m: wb.plan() if m == HYBRID else Plan(m) for m in todo}
-            self.probe_models([(m, self.idents[m], plans[m]) for m in todo], dict(wb.donors), wb.base)
+            self.probing = wanted
+            self.restart_job(self.probe_models, [(m, ident, plans[m]) for m, ident in wanted], dict(wb.donors),
+                             wb.base, group="routing")
         self.show()
 
     def label(self, model: str) -> str:
@@ -228,47 +219,56 @@ class RoutingScreen(Screen):
             return "the hybrid"
         return f"{model} ({self.app.labels.get(model, model)})"
 
-    @work(thread=True, exit_on_error=False, group="routing", exclusive=True)
-    def probe_models(self, todo: list[tuple], donors: dict, base: str) -> None:
-        from textual.worker import get_current_worker
-
+    def probe_models(self, todo: list[tuple], donors: dict, base: str, *, progress, cancel) -> None:
+        """The job (surgeon.jobs): each model's routing on every corpus, one message per model as it is
+        done, so the first heatmap shows before the last model is probed."""
         from .probes import failure_text
 
-        worker = get_current_worker()
         try:
             from transformers.utils import logging as hf_logging
 
-            from surgeon.cli.routing import corpus_texts, parse_corpus
-            from surgeon.features.routing.probe import probe_domains
-            from surgeon.live.hybrid import Hybrid, default_device
+            from surgeon.features.routing.corpora import read_corpora
+            from surgeon.features.routing.run import probe_hybrid
+            from surgeon.live.devices import default_device
             from surgeon.probes.scoring import load_tokenizer
 
             hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
             if self.corpora is None:
-                self.corpora = {name: corpus_texts(path) for name, path in map(parse_corpus, self.domains)}
+                self.corpora = read_corpora(self.domains)
             tokenizer = self.tokenizer = load_tokenizer(donors[base].path)  # as the CLI: all read the same tokens
             device = default_device()
             for i, (model, ident, plan) in enumerate(todo):
-                if worker.is_cancelled:
-                    return
-                where = f"on {', '.join(self.corpora)} on {device} ({i + 1} of {len(todo)})"
-                self.post_message(RoutingProgress(f"probing {self.label(model)} {where}…"))
+                label = f"probing {self.label(model)} on {', '.join(self.corpora)} on {device} ({i + 1} of {len(todo)})"
                 try:
-                    hybrid = Hybrid.materialize(plan, donors, device=device)
-                    stats = probe_domains(hybrid.model, tokenizer, self.corpora, batch_size=BATCH_SIZE)
-                    del hybrid
+                    stats = probe_hybrid(plan, donors, self.corpora, tokenizer=tokenizer, device=device,
+                                         batch_size=BATCH_SIZE, progress=progress, cancel=cancel, label=label)
                 except SurgeonError as e:
                     self.post_message(RoutingProbed(model, ident, None, str(e)))
                     continue
                 self.post_message(RoutingProbed(model, ident, stats))
-            self.post_message(RoutingProgress(""))
+        except (Cancelled, SurgeonError):
+            raise
         except Exception as e:  # a dialog, never a traceback on screen
-            self.post_message(RoutingFailed(failure_text(e)))
+            raise SurgeonError(failure_text(e)) from None
 
-    @on(RoutingProgress)
-    def on_progress(self, message: RoutingProgress) -> None:
-        self.progress = message.text
+    def job_progress(self, step) -> None:
+        self.progress = f"{step.label}… {step.done} of {step.total} sequences"
         self.show_status()
+
+    def job_finished(self, result) -> None:
+        self.progress = ""
+        self.show_status()
+
+    def job_cancelled(self) -> None:
+        self.job_finished(None)
+
+    def job_failed(self, message: str) -> None:
+        self.progress = f"failed: {message}"
+        self.show_status()
+        self.app.push_screen(ErrorScreen("Cannot measure routing", message))
+
+    def on_unmount(self) -> None:
+        self.cancel_job()
 
     @on(RoutingProbed)
     def on_probed(self, message: RoutingProbed) -> None:
@@ -276,12 +276,6 @@ class RoutingScreen(Screen):
             return  # measured for marks or donors that have changed since
         self.results[message.model] = (message.ident, message.stats, message.error)
         self.show()
-
-    @on(RoutingFailed)
-    def on_failed(self, message: RoutingFailed) -> None:
-        self.progress = f"failed: {message.error}"
-        self.show_status()
-        self.app.push_screen(ErrorScreen("Cannot measure routing", message.error))
 
     # ------------------------------------------------------------ the view
     def stats_of(self, model: str, domain: str):

@@ -38,6 +38,7 @@ class JobMixin:
 
     job_running: bool = False
     job_token: CancelToken | None = None
+    job_queued: tuple | None = None  # (fn, args, kwargs) that restart_job holds until the running job ends
 
     def start_job(self, fn, *args, group: str = "job", **kwargs) -> None:
         token = self.job_token = CancelToken()
@@ -55,6 +56,15 @@ class JobMixin:
 
         self.run_worker(work, thread=True, exit_on_error=False, group=group)
 
+    def restart_job(self, fn, *args, group: str = "job", **kwargs) -> None:
+        """start_job, for a screen whose inputs changed: a running job is cancelled and this one starts
+        when it has ended (a replaced job calls no job_cancelled); only the newest one waits."""
+        if not self.job_running:
+            self.start_job(fn, *args, group=group, **kwargs)
+            return
+        self.job_queued = (fn, args, {**kwargs, "group": group})
+        self.cancel_job()
+
     def cancel_job(self) -> bool:
         """Ask the running job to stop; False when none is running."""
         if not self.job_running or self.job_token is None:
@@ -67,6 +77,16 @@ class JobMixin:
 
     def on_job_ended(self, message: JobEnded) -> None:
         self.job_running = False
+        queued, self.job_queued = self.job_queued, None
+        if queued is not None:
+            fn, args, kwargs = queued
+            if not message.cancelled:  # it ended before it saw the cancel: its result still stands
+                self._job_hook(message)
+            self.start_job(fn, *args, **kwargs)
+            return
+        self._job_hook(message)
+
+    def _job_hook(self, message: JobEnded) -> None:
         if message.cancelled:
             self.job_cancelled()
         elif message.error is not None:

@@ -2,8 +2,8 @@
 
 Experts are marked one by one or as a range (v selects, like the grid). The tensor table shows
 shape, dtype, the donor each tensor comes from, and how far each other donor's tensor is from
-the base's (relative L2 norm): computed in a worker from memory maps, cached by fingerprint, so
-opening a layer never waits for it.
+the base's (relative L2 norm): computed by a job (screens/job.py) from memory maps, cached by
+fingerprint, so opening a layer never waits for it.
 """
 
 from __future__ import annotations
@@ -11,18 +11,17 @@ from __future__ import annotations
 import math
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from surgeon.core.anatomy import natural_key
 from surgeon.core.workbench import Cell, layer_sheet
-from surgeon.errors import SurgeonError
 
+from .job import JobScreen
 from .marking import MARKING_BINDINGS, MarkingMixin
 from .widgets.grid import GridView, donor_style
 from .widgets.status import status_line
@@ -49,7 +48,7 @@ def format_distance(value: float | None) -> Text:
     return Text(f"{value:.4f}", style)
 
 
-class LayerScreen(MarkingMixin, Screen):
+class LayerScreen(MarkingMixin, JobScreen):
     BINDINGS = [
         *[b for b in MARKING_BINDINGS if b.id not in ("mark.row", "mark.column")],
         Binding("escape", "back", "Back", id="layer.back"),
@@ -93,7 +92,7 @@ class LayerScreen(MarkingMixin, Screen):
         self.grid.focus()
         self._fill_tensors()
         self.refresh_status()
-        self.compute_distances(self.layer_no)
+        self.restart_job(self.compute_distances, self.layer_no, group="distance")
 
     def _tensor_names(self) -> list[str]:
         wb = self.app.wb
@@ -140,30 +139,30 @@ class LayerScreen(MarkingMixin, Screen):
 
     def refresh_status(self) -> None:
         wb = self.app.wb
-        self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty))
+        self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty, self.app.hash_status))
 
-    @work(thread=True, exit_on_error=False, group="distance", exclusive=True)
-    def compute_distances(self, layer: int) -> None:
-        from textual.worker import get_current_worker
+    def compute_distances(self, layer: int, *, progress, cancel) -> None:
+        """The job: each other donor's distance per tensor of the layer, posted 24 at a time."""
+        from surgeon.features.distance import tensor_distances
 
         wb = self.app.wb
-        cache = self.app.distance_cache()
-        base = wb.donors[wb.base]
-        worker = get_current_worker()
+        others = {d: wb.donors[d] for d in self._others()}
         batch: dict[tuple[str, str], float] = {}
-        for name in self._tensor_names():
-            for d in self._others():
-                if worker.is_cancelled:
-                    return
-                try:
-                    batch[(d, name)] = cache.tensor(base, wb.donors[d], name)
-                except (SurgeonError, OSError):
-                    batch[(d, name)] = math.nan
-            if len(batch) >= 24:
-                self.post_message(Distances(layer, batch))
-                batch = {}
-        self.post_message(Distances(layer, batch))
-        cache.save()
+        try:
+            for key, value in tensor_distances(wb.donors[wb.base], others, self._tensor_names(),
+                                               self.app.distance_cache(), progress=progress, cancel=cancel):
+                batch[key] = value
+                if len(batch) >= 24:
+                    self.post_message(Distances(layer, batch))
+                    batch = {}
+        finally:
+            self.post_message(Distances(layer, batch))
+
+    def job_cancelled(self) -> None:
+        pass  # only leaving the screen cancels; another layer replaces the job instead
+
+    def on_unmount(self) -> None:
+        self.cancel_job()
 
     @on(Distances)
     def on_distances(self, message: Distances) -> None:

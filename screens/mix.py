@@ -5,54 +5,46 @@ repeat), router mode, always-on donor, output architecture, seed, the prompts fi
 router, and router training (file, steps, learning rate, batch size, template). The grid's marks
 become the mix's component transfers (`--take`): attention, norms and embeddings from any donor.
 
-Building runs `surgeon.features.mix.build.build_mix` in a worker that posts progress: the router-training
-loss step by step (a sparkline and a progress bar), then the bytes written. Escape cancels at the
-next step; the engine removes its temporary directory, so nothing partial is left. When it is
-done the app opens the export as the workbench's base (see mix_state.py), so the grid, Probes
-and Routing work on the mix like on any MoE checkpoint, and ctrl+s records the mix step.
+Building is a job (screens/job.py) running the engine's `build_on_workbench` (surgeon.features.mix):
+its Steps show the router-training loss step by step (a sparkline and a progress bar), then the
+bytes written. Escape cancels at the next step; the engine removes its temporary directory, so
+nothing partial is left. When it is done the app opens the export as the workbench's base (see
+surgeon/features/mix/workbench.py), so the grid, Probes and Routing work on the mix like on any
+MoE checkpoint, and ctrl+s records the mix step.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ProgressBar, Sparkline, Static
 
+from surgeon.core.architectures import MIX_ARCH_CHOICES
 from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
+from surgeon.features.mix.workbench import MixState, dense_problem
 from surgeon.io.sizes import human_bytes
+from surgeon.jobs import Cancelled, Step
 
-from .mix_state import (
-    CLI_TRAIN,
-    DEMO_MIX,
-    DEMO_TRAIN,
-    MixState,
-    dense_problem,
-    is_demo,
-    new_name,
-    shown_path,
-)
+from .job import JobScreen
+from .mix_state import CLI_TRAIN, DEMO_MIX, DEMO_TRAIN, is_demo, shown_path
 
-ARCHS = ("auto", "mixtral", "qwen2_moe")
-TEMPLATES = ("raw", "qa")
+ARCHS = tuple(MIX_ARCH_CHOICES)
 # (field id, label, hint): one line each, in this order.
 FIELDS = [
     ("base", "base", "attention, norms, embeddings (and the grid's marks)"),
     ("experts", "experts", "donor letters, expert 0 first; may repeat"),
     ("router", "router", "uniform · noisy:K · hidden[:K] · random[:K]"),
     ("always", "always-on", "a donor every token also gets, or empty"),
-    ("arch", "arch", "auto · mixtral · qwen2_moe"),
+    ("arch", "arch", " · ".join(ARCHS)),
     ("seed", "seed", "of the noisy/random router and of training"),
     ("prompts", "prompts", "router hidden: JSON, expert -> prompts"),
     ("train", "train on", "trains the routers only; empty: no training"),
@@ -182,12 +174,10 @@ def read_form(values: dict[str, str], source: MixSource):
     return plan, settings, values["out"].strip() or None
 
 
-# ---------------------------------------------------------------- worker messages
-class MixCancelled(Exception):
-    """Raised from a progress callback: build_mix stops and removes its temporary directory."""
-
-
+# ---------------------------------------------------------------- the job
 class MixPhase(Message):
+    """What the job is doing before it has steps to count (loading torch, building the live mix)."""
+
     def __init__(self, text: str):
         super().__init__()
         self.text = text
@@ -196,40 +186,15 @@ class MixPhase(Message):
         return isinstance(message, MixPhase)
 
 
-class TrainStep(Message):
-    """Router training so far: every loss yet (so a replaced message loses nothing)."""
+def _failure(e: Exception) -> SurgeonError:
+    """Anything the engine did not phrase itself still ends as one line in the form, never a traceback."""
+    from .probes import failure_text
 
-    def __init__(self, step: int, total: int, losses: tuple[float, ...], started: float):
-        super().__init__()
-        self.step, self.total, self.losses, self.started = step, total, losses, started
-
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, TrainStep)
-
-
-class ExportStep(Message):
-    def __init__(self, done: int, total: int):
-        super().__init__()
-        self.done, self.total = done, total
-
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, ExportStep)
-
-
-class MixBuilt(Message):
-    def __init__(self, state: MixState, donor: Donor, build):
-        super().__init__()
-        self.state, self.donor, self.build = state, donor, build
-
-
-class MixFailed(Message):
-    def __init__(self, error: str | None = None, cancelled: bool = False):
-        super().__init__()
-        self.error, self.cancelled = error, cancelled
+    return SurgeonError(failure_text(e))
 
 
 # ---------------------------------------------------------------- the screen
-class MixScreen(Screen):
+class MixScreen(JobScreen):
     BINDINGS = [
         Binding("escape", "back", "Back / cancel", id="mix.back",
                 tooltip="Cancel a running build (at the next step), else go back to the grid"),
@@ -240,8 +205,6 @@ class MixScreen(Screen):
     def __init__(self, source: MixSource):
         super().__init__()
         self.source = source
-        self.cancel_event = threading.Event()
-        self.running = False
         self.losses: tuple[float, ...] = ()
 
     def compose(self) -> ComposeResult:
@@ -299,7 +262,7 @@ class MixScreen(Screen):
         self.action_build()
 
     def action_build(self) -> None:
-        if self.running:
+        if self.job_running:
             self.notify("the mix is already building (escape cancels)", timeout=3)
             return
         error = self.query_one("#mix-error", Static)
@@ -309,128 +272,95 @@ class MixScreen(Screen):
             error.update(str(e))
             return
         error.update("")
-        self.running = True
-        self.cancel_event.clear()
         self.losses = ()
         self.query_one("#mix-progress", ProgressBar).update(total=100, progress=0)
         self.query_one("#mix-loss", Sparkline).data = []
         self.query_one("#mix-loss-range", Static).update("")
         self.query_one("#mix-loss-row").display = settings.train is not None
         self.query_one("#mix-stats", Static).update("resolving the mix…")
-        self.build_mix(plan, settings, out, dict(self.source.donors), self.app.session_path)
+        self.start_job(self.build, plan, settings, out, dict(self.source.donors), self.app.session_path,
+                       group="mix")
 
-    @work(thread=True, exit_on_error=False, group="mix")
-    def build_mix(self, plan, settings, out: str | None, donors: dict, session_path: str | None) -> None:
-        from .probes import failure_text
+    def build(self, plan, settings, out: str | None, donors: dict, session_path: str | None, *, progress, cancel):
+        """The job, in a worker thread: the engine's workbench build, with the phases before it has steps."""
+        from surgeon.features.mix.workbench import build_on_workbench
 
         try:
-            from surgeon.core.donor import open_donor
-            from surgeon.features.mix.build import build_mix
-
-            from .mix_state import default_out, settings_hash
-
             if plan.router.mode == "hidden" or settings.train is not None:
                 self.post_message(MixPhase("loading torch and transformers…"))
                 from transformers.utils import logging as hf_logging
 
-                from surgeon.live.hybrid import default_device
+                from surgeon.live.devices import default_device
 
                 hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
                 settings.device = default_device()
-            force = out is None  # the default folder is named by the settings: a rebuild replaces it
-            target = default_out(session_path, settings_hash(plan, donors, settings)) if out is None else out
             if settings.train is not None:
                 self.post_message(MixPhase(f"building the live mix on {settings.device} to train its routers…"))
-            started = time.perf_counter()
-            losses: list[float] = []
-
-            def train_progress(step: int, total: int, loss: float) -> None:
-                if self.cancel_event.is_set():
-                    raise MixCancelled
-                losses.append(loss)
-                self.post_message(TrainStep(step, total, tuple(losses), started))
-
-            def export_progress(done: int, total: int) -> None:
-                if self.cancel_event.is_set():
-                    raise MixCancelled
-                self.post_message(ExportStep(done, total))
-
-            built = build_mix(plan, donors, target, settings, force=force,
-                              export_progress=export_progress, train_progress=train_progress)
-            mix = open_donor(built.export.path)
-        except MixCancelled:
-            self.post_message(MixFailed(cancelled=True))
-            return
-        except Exception as e:  # the form shows it; never a traceback on screen
-            self.post_message(MixFailed(error=failure_text(e)))
-            return
-        used = {n: donors[n] for n in plan.donor_names()}
-        state = MixState(new_name(used), built.layout, settings, built.outcome, used, built.export.path)
-        self.post_message(MixBuilt(state, mix, built))
+            return build_on_workbench(plan, donors, out, settings, session_path=session_path,
+                                      progress=progress, cancel=cancel)
+        except (Cancelled, SurgeonError):
+            raise
+        except Exception as e:
+            raise _failure(e) from None
 
     @on(MixPhase)
     def on_phase(self, message: MixPhase) -> None:
-        if self.running:
+        if self.job_running:
             self.query_one("#mix-stats", Static).update(message.text)
 
-    @on(TrainStep)
-    def on_train_step(self, message: TrainStep) -> None:
-        if not self.running:
+    def job_progress(self, step: Step) -> None:
+        if not self.job_running:
             return
-        self.losses = message.losses
-        self.query_one("#mix-progress", ProgressBar).update(total=message.total, progress=message.step)
-        self.query_one("#mix-loss", Sparkline).data = list(message.losses)
-        first, last = message.losses[0], message.losses[-1]
-        self.query_one("#mix-loss-range", Static).update(f" {first:.4f} → {last:.4f}")
-        seconds = time.perf_counter() - message.started
-        rate = message.step / seconds if seconds > 0 else 0.0
-        eta = (message.total - message.step) / rate if rate > 0 else 0.0
-        self.query_one("#mix-stats", Static).update(
-            f"training the routers: step {message.step} of {message.total} · loss {last:.4f} · "
-            f"{rate:.1f} steps/s · ETA {eta:.0f}s")
-
-    @on(ExportStep)
-    def on_export_step(self, message: ExportStep) -> None:
-        if not self.running:
-            return
-        self.query_one("#mix-progress", ProgressBar).update(total=max(1, message.total), progress=message.done)
-        self.query_one("#mix-stats", Static).update(
-            f"writing the mix: {human_bytes(message.done)} of {human_bytes(message.total)}")
-
-    @on(MixFailed)
-    def on_failed(self, message: MixFailed) -> None:
-        self.running = False
+        bar = self.query_one("#mix-progress", ProgressBar)
         stats = self.query_one("#mix-stats", Static)
-        if message.cancelled:
-            stats.update("cancelled: nothing was written")
-            self.notify("mix cancelled; nothing was written", timeout=4)
-            return
-        stats.update("failed: nothing was written")
-        self.query_one("#mix-error", Static).update(message.error or "failed")
+        bar.update(total=max(1, step.total), progress=step.done)
+        if step.unit == "bytes":
+            stats.update(f"writing the mix: {human_bytes(step.done)} of {human_bytes(step.total)}")
+        elif step.unit == "layers":
+            stats.update(f"measuring the hidden-state routers: layer {step.done} of {step.total}")
+        else:
+            self.show_training(step)
 
-    @on(MixBuilt)
-    def on_built(self, message: MixBuilt) -> None:
-        self.running = False
-        built = message.build
+    def show_training(self, step: Step) -> None:
+        self.losses = step.series
+        self.query_one("#mix-loss", Sparkline).data = list(step.series)
+        first, last = step.series[0], step.series[-1]
+        self.query_one("#mix-loss-range", Static).update(f" {first:.4f} → {last:.4f}")
+        self.query_one("#mix-stats", Static).update(
+            f"training the routers: step {step.done} of {step.total} · loss {last:.4f} · "
+            f"{step.rate():.1f} steps/s · ETA {step.eta():.0f}s")
+
+    def job_cancelled(self) -> None:
+        self.query_one("#mix-stats", Static).update("cancelled: nothing was written")
+        self.notify("mix cancelled; nothing was written", timeout=4)
+
+    def job_failed(self, message: str) -> None:
+        self.query_one("#mix-stats", Static).update("failed: nothing was written")
+        self.query_one("#mix-error", Static).update(message or "failed")
+
+    def job_finished(self, result) -> None:
+        state, mix, built = result
         self.query_one("#mix-progress", ProgressBar).update(total=100, progress=100)
-        layout, result = built.layout, built.export
-        self.query_one("#mix-stats", Static).update(f"done in {built.seconds:.1f}s: {result.path}")
+        if built.outcome.losses:  # every step's loss, whichever progress messages were superseded
+            self.losses = tuple(built.outcome.losses)
+            self.query_one("#mix-loss", Sparkline).data = list(self.losses)
+        layout, export = built.layout, built.export
+        self.query_one("#mix-stats", Static).update(f"done in {built.seconds:.1f}s: {export.path}")
         for warning in layout.warnings:
             self.notify(warning, title="Mix", severity="warning", timeout=8)
-        self.app.open_mix(message.state, message.donor, built.session.exports[-1])
+        self.app.open_mix(state, mix, built.session.exports[-1])
         if self.app.screen is self:
             self.app.pop_screen()
         self.app.notify(
             f"mixed {layout.num_experts} experts × {layout.num_layers} layers into a {layout.output.model_type} "
-            f"at {result.path} ({human_bytes(result.bytes)}, {built.seconds:.1f}s); it is donor "
-            f"{message.state.name}, the base", title="Mix built", timeout=8)
+            f"at {export.path} ({human_bytes(export.bytes)}, {built.seconds:.1f}s); it is donor "
+            f"{state.name}, the base", title="Mix built", timeout=8)
 
     def action_back(self) -> None:
-        if self.running:
-            self.cancel_event.set()
+        if self.cancel_job():
             self.query_one("#mix-stats", Static).update("cancelling at the next step…")
         else:
             self.app.pop_screen()
 
     def on_unmount(self) -> None:
-        self.cancel_event.set()  # the app is closing: stop training at its next step
+        self.cancel_job()  # the app is closing: stop training at its next step

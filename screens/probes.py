@@ -5,34 +5,36 @@ runs: every run applies the current plan to it first, which copies only the tens
 changed, so a rerun after a mark costs the swap and the probes, not a reload. Torch and
 transformers are imported in the worker only.
 
-Results land in `app.extras` exactly as `moe-surgeon probe SESSION` writes them into the session
-file (specs appended to `probes` when new, records appended to `results`), so ctrl+s saves them
-and `replay --probes` re-runs them. The history is derived from those records, so runs made by
-the CLI before the session was opened are listed too.
+Results are recorded in the session by the engine's `record_probe_results`, the very function
+`moe-surgeon probe SESSION` records with, so ctrl+s saves them as the CLI would and `replay
+--probes` re-runs them. The history is derived from those records, so runs made by the CLI before
+the session was opened are listed too. The run is a job (screens/job.py): progress in items, and
+escape cancels it at the next batch.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from dataclasses import dataclass
 
 from rich.style import Style
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.events import Resize
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, ProgressBar, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from surgeon.errors import SurgeonError
-from surgeon.io.sizes import human_bytes
-from surgeon.probes import PROBES, ProbeSpec, parse_probe, spec_from_json
+from surgeon.io.sizes import human_bytes, step_text
+from surgeon.jobs import Cancelled, Step
+from surgeon.probes import PROBES, ProbeSpec, metric_of, parse_probe, spec_from_json
 
 from .dialogs import ErrorScreen
+from .job import JobScreen
 from .widgets.chart import Bar, BarGroup, ScoreChart
 from .widgets.grid import donor_colour, donor_style
 
@@ -41,28 +43,32 @@ DTYPE = "keep"
 TALL = 36  # rows from which the picker, chart and history get more room
 
 
-class ProbesCancelled(Exception):
-    """Raised from the progress callback to stop run_probes between batches."""
+class ProbeNote(Message):
+    """A phase of the running job that counts no items (loading the model)."""
 
-
-class ProbeProgress(Message):
-    """What the worker is doing: a phase text, or items done of the whole run."""
-
-    def __init__(self, text: str, *, stage: str = "", done: float = 0.0, total: int = 0, started: float = 0.0):
+    def __init__(self, text: str):
         super().__init__()
-        self.text, self.stage, self.done, self.total, self.started = text, stage, done, total, started
-
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, ProbeProgress)
+        self.text = text
 
 
-class ProbeFinished(Message):
-    def __init__(self, *, records=None, specs=None, swap=None, materialized: bool = False, device: str = "",
-                 seconds: float = 0.0, error: str | None = None, cancelled: bool = False):
-        super().__init__()
-        self.records, self.specs, self.swap = records, specs, swap
-        self.materialized, self.device, self.seconds = materialized, device, seconds
-        self.error, self.cancelled = error, cancelled
+@dataclass
+class ProbeRun:
+    """What a finished run hands the screen."""
+
+    records: list[dict]
+    specs: list[ProbeSpec]
+    swap: object  # the SwapReport of applying the plan to the live hybrid
+    materialized: bool
+    device: str
+    seconds: float
+
+
+def session_view(app, create: bool = False):
+    """The session's probe specs, results and extensions as the app holds them (a
+    core.session.SessionRecords, with the names of core.session.Session), so the engine records into
+    them as into a session. The one place the probe and sweep screens reach into the app's session
+    state; `create` is kept for callers: the records always exist, and a failed run adds nothing."""
+    return app.records
 
 
 # ---------------------------------------------------------------- pure helpers (tested directly)
@@ -117,17 +123,16 @@ def short_label(label: str) -> str:
 
 
 def probe_cell(row: dict) -> str:
-    metric = {"accuracy": "", "nll": " (ppl)"}.get(row["metric"], f" ({row['metric']})")
-    return short_label(row["probe"]) + metric
+    metric = metric_of(row["metric"])
+    return short_label(row["probe"]) + ("" if metric.proportion else f" ({metric.label})")
 
 
 def format_score(row: dict) -> str:
-    return f"{100 * row['score']:.1f}%" if row["metric"] == "accuracy" else f"{row['score']:.3f}"
+    return metric_of(row["metric"]).score_text(row["score"])
 
 
 def format_ci(row: dict) -> str:
-    lo, hi = row["ci"]
-    return f"[{100 * lo:.1f}, {100 * hi:.1f}]" if row["metric"] == "accuracy" else f"[{lo:.3f}, {hi:.3f}]"
+    return metric_of(row["metric"]).ci_text(*row["ci"])
 
 
 def format_delta(vs: dict) -> str:
@@ -177,7 +182,7 @@ def failure_text(e: Exception) -> str:
 
 
 # ---------------------------------------------------------------- the screen
-class ProbesScreen(Screen):
+class ProbesScreen(JobScreen):
     BINDINGS = [
         Binding("escape", "back", "Back / cancel", id="probes.back",
                 tooltip="Cancel a running probe run, else go back to the grid"),
@@ -193,8 +198,6 @@ class ProbesScreen(Screen):
 
     def __init__(self):
         super().__init__()
-        self.cancel_event = threading.Event()
-        self.running = False
         self.specs: list[ProbeSpec] = []
         self.hybrid = None  # the one live hybrid, kept across runs
         self.hybrid_key: tuple | None = None
@@ -230,7 +233,7 @@ class ProbesScreen(Screen):
         self.query_one("#probe-add-error").display = False
         history = self.query_one("#probe-history", DataTable)
         history.add_columns("#", "UTC", "plan", "probes", "hybrid")
-        self.specs, n_recorded = default_specs(self.app.extras.get("probes", []))
+        self.specs, n_recorded = default_specs(session_view(self.app).probes)
         checked = range(n_recorded) if n_recorded else range(1)
         picker = self.query_one("#probe-list", SelectionList)
         picker.add_options([self._selection(i, i in checked) for i in range(len(self.specs))])
@@ -258,7 +261,7 @@ class ProbesScreen(Screen):
 
     def refresh_all(self) -> None:
         self.refresh_title()
-        results = self.app.extras.get("results", [])
+        results = session_view(self.app).results
         if self._results_seen != (id(results), len(results)):
             if self._results_seen is not None and id(results) != self._results_seen[0]:
                 self._add_recorded_specs()  # another session was opened meanwhile
@@ -267,7 +270,7 @@ class ProbesScreen(Screen):
 
     def _add_recorded_specs(self) -> None:
         picker = self.query_one("#probe-list", SelectionList)
-        recorded, n = default_specs(self.app.extras.get("probes", []))
+        recorded, n = default_specs(session_view(self.app).probes)
         for spec in recorded[:n]:
             if spec not in self.specs:
                 self.specs.append(spec)
@@ -293,7 +296,7 @@ class ProbesScreen(Screen):
 
     def refresh_history(self, select_last: bool = False) -> None:
         table = self.query_one("#probe-history", DataTable)
-        self.runs = split_runs(self.app.extras.get("results", []))
+        self.runs = split_runs(session_view(self.app).results)
         table.clear()
         for n, run in enumerate(self.runs):
             hybrid = [r for r in run if r.get("model") == "hybrid"]
@@ -400,7 +403,7 @@ class ProbesScreen(Screen):
         for name, e in r.get("extra", {}).items():
             parts.append(f"{name} {100 * e['score']:.1f}% [{100 * e['ci'][0]:.1f}, {100 * e['ci'][1]:.1f}]")
         if not parts:
-            parts.append(f"{r['model']} · {r['probe']} · {'ppl' if r['metric'] == 'nll' else r['metric']} "
+            parts.append(f"{r['model']} · {r['probe']} · {metric_of(r['metric']).label} "
                          f"{format_score(r)} {format_ci(r)}")
         detail.update(" · ".join(parts))
 
@@ -453,6 +456,10 @@ class ProbesScreen(Screen):
         self.query_one("#probe-history").focus()
 
     # ------------------------------------------------------------ running
+    @property
+    def running(self) -> bool:
+        return self.job_running
+
     def action_run(self) -> None:
         wb = self.app.wb
         if self.running:
@@ -465,12 +472,10 @@ class ProbesScreen(Screen):
         if not specs:
             self.notify("check at least one probe (space) first", severity="warning", timeout=4)
             return
-        self.running = True
         self.items_done = 0.0
-        self.cancel_event.clear()
         self.query_one("#probe-progress", ProgressBar).update(total=100, progress=0)
         self.query_one("#probe-stats", Static).update("checking the probe data…")
-        self.run_worker_probes(wb.plan(), dict(wb.donors), specs)
+        self.start_job(self.probe_job, wb.plan(), dict(wb.donors), specs, group="probes")
 
     def _live_hybrid(self, plan, donors, device: str, post) -> tuple[object, bool]:
         """The kept hybrid when it was built from these donors, base and device; else a new one."""
@@ -488,119 +493,77 @@ class ProbesScreen(Screen):
         self.hybrid, self.hybrid_key = hybrid, key
         return hybrid, True
 
-    @work(thread=True, exit_on_error=False, group="probes")
-    def run_worker_probes(self, plan, donors, specs: list[ProbeSpec]) -> None:
+    def note(self, text: str) -> None:
+        self.post_message(ProbeNote(text))
+
+    def probe_job(self, plan, donors, specs: list[ProbeSpec], *, progress, cancel) -> ProbeRun:
+        """The run, on the job's thread: the kept hybrid moved to `plan`, then run_probes."""
         started = time.perf_counter()
-
-        def post(text: str) -> None:
-            self.post_message(ProbeProgress(text))
-
-        def check() -> None:
-            if self.cancel_event.is_set():
-                raise ProbesCancelled
-
         live = False  # the kept hybrid is in play: a failure from here on may leave it half-swapped
         try:
-            from surgeon.probes.run import load_probe_data
+            from surgeon.live.devices import default_device
+            from surgeon.probes.run import load_probe_data, run_probes
 
-            datas = [load_probe_data(s) for s in specs]  # refuse bad probe data before loading any model
-            check()
-            from surgeon.live.hybrid import default_device
-            from surgeon.probes.run import cache_key, cached_donor_record, run_probes
-
+            for s in specs:
+                load_probe_data(s)  # refuse bad probe data before loading any model
+            cancel.check()
             device = default_device()
-            hybrid, materialized = self._live_hybrid(plan, donors, device, post)
+            hybrid, materialized = self._live_hybrid(plan, donors, device, self.note)
             live = True
-            check()
+            cancel.check()
             swap = hybrid.apply(plan, dtype=DTYPE)  # only the tensors whose source changed
             self.last_swap = swap
-            # Items per stage, named as run_probes names its progress; cached donors cost nothing.
-            stages: dict[str, int] = {}
-            for spec, data in zip(specs, datas):
-                if spec.kind != "kl":
-                    stages[f"hybrid {spec.label}"] = len(data.items)
-            for name, donor in donors.items():
-                for spec, data in zip(specs, datas):
-                    key = cache_key(donor.fingerprint, spec, device, DTYPE, BATCH_SIZE)
-                    if spec.kind != "kl" and cached_donor_record(key) is None:
-                        stages[f"donor {name} {spec.label}"] = len(data.items)
-            total = sum(stages.values())
-            fraction: dict[str, float] = {}
-            probing = time.perf_counter()
-
-            def progress(label: str, done: int, of: int) -> None:
-                check()
-                fraction[label] = done / of if of else 1.0
-                items = sum(f * stages.get(name, 0) for name, f in fraction.items())
-                self.post_message(ProbeProgress(label, stage=label, done=items, total=total, started=probing))
-
-            post(f"probing on {device}…")
+            self.note(f"probing on {device}…")
             records = run_probes(hybrid, plan, specs, device=device, dtype=DTYPE, batch_size=BATCH_SIZE,
-                                 compare_donors=True, progress=progress)
-        except ProbesCancelled:  # raised between batches, never inside a swap: the hybrid stays consistent
-            self.post_message(ProbeFinished(cancelled=True))
-            return
+                                 compare_donors=True, progress=progress, cancel=cancel)
+        except Cancelled:  # between batches, never inside a swap: the hybrid stays consistent
+            raise
         except BaseException as e:
             if live:  # Hybrid.apply may have copied part of a swap: rebuild it on the next run
                 self.hybrid = self.hybrid_key = None
             if not isinstance(e, Exception):
                 raise
-            self.post_message(ProbeFinished(error=failure_text(e)))
-            return
-        self.post_message(ProbeFinished(records=records, specs=specs, swap=swap, materialized=materialized,
-                                        device=device, seconds=time.perf_counter() - started))
+            raise SurgeonError(failure_text(e)) from e
+        return ProbeRun(records, specs, swap, materialized, device, time.perf_counter() - started)
 
-    @on(ProbeProgress)
-    def on_probe_progress(self, message: ProbeProgress) -> None:
+    @on(ProbeNote)
+    def on_probe_note(self, message: ProbeNote) -> None:
+        if self.running:
+            self.query_one("#probe-stats", Static).update(message.text)
+
+    def job_progress(self, step: Step) -> None:
         if not self.running:
             return
-        stats = self.query_one("#probe-stats", Static)
-        if not message.stage:
-            stats.update(message.text)
-            return
-        self.items_done = message.done
-        bar = self.query_one("#probe-progress", ProgressBar)
-        bar.update(total=max(1, message.total), progress=message.done)
-        seconds = time.perf_counter() - message.started
-        rate = message.done / seconds if seconds > 0 else 0.0
-        eta = (message.total - message.done) / rate if rate > 0 else 0.0
-        stats.update(f"{message.stage}  ·  {message.done:.0f} of {message.total} items  ·  "
-                     f"{rate:.1f} items/s  ·  ETA {eta:.0f}s")
+        self.items_done = step.done
+        self.query_one("#probe-progress", ProgressBar).update(total=max(1, step.total), progress=step.done)
+        self.query_one("#probe-stats", Static).update(f"{step.detail}  ·  {step_text(step)}")
 
-    @on(ProbeFinished)
-    def on_probe_finished(self, message: ProbeFinished) -> None:
-        self.running = False
-        stats = self.query_one("#probe-stats", Static)
-        if message.cancelled:
-            stats.update("cancelled: nothing was recorded")
-            self.notify("probe run cancelled; the session's results are unchanged", timeout=4)
-            return
-        if message.error:
-            stats.update("failed: nothing was recorded")
-            self.app.push_screen(ErrorScreen("Cannot run the probes", message.error))
-            return
-        extras = self.app.extras  # what `moe-surgeon probe SESSION` adds to the session, the same way
-        probes = extras.setdefault("probes", [])
-        for spec in message.specs:
-            if spec.to_json() not in probes:
-                probes.append(spec.to_json())
-        extras.setdefault("results", []).extend(message.records)
-        bar = self.query_one("#probe-progress", ProgressBar)
-        bar.update(total=100, progress=100)
-        swap = message.swap
-        how = (f"materialised on {message.device}" if message.materialized else
+    def job_cancelled(self) -> None:
+        self.query_one("#probe-stats", Static).update("cancelled: nothing was recorded")
+        self.notify("probe run cancelled; the session's results are unchanged", timeout=4)
+
+    def job_failed(self, message: str) -> None:
+        self.query_one("#probe-stats", Static).update("failed: nothing was recorded")
+        self.app.push_screen(ErrorScreen("Cannot run the probes", message))
+
+    def job_finished(self, run: ProbeRun) -> None:
+        from surgeon.probes.run import record_probe_results
+
+        record_probe_results(session_view(self.app, create=True), run.specs, run.records)
+        self.query_one("#probe-progress", ProgressBar).update(total=100, progress=100)
+        swap = run.swap
+        how = (f"materialised on {run.device}" if run.materialized else
                f"swapped {swap.tensors} tensor(s), {human_bytes(swap.bytes)}, into the live hybrid")
-        stats.update(f"done in {message.seconds:.1f}s · {how}")
+        self.query_one("#probe-stats", Static).update(f"done in {run.seconds:.1f}s · {how}")
         self.app.workbench_changed()  # modified + autosaved; ctrl+s writes the session file
         self.refresh_all()
-        self.notify(f"{len(message.specs)} probe(s) measured; ctrl+s saves them in the session", timeout=4)
+        self.notify(f"{len(run.specs)} probe(s) measured; ctrl+s saves them in the session", timeout=4)
 
     def on_unmount(self) -> None:
-        self.cancel_event.set()  # the app is closing: stop a run at its next batch
+        self.cancel_job()  # the app is closing: stop a run at its next batch
 
     def action_cancel(self) -> None:
-        if self.running:
-            self.cancel_event.set()
+        if self.cancel_job():
             self.query_one("#probe-stats", Static).update("cancelling after the current batch…")
 
     def action_back(self) -> None:
@@ -608,4 +571,3 @@ class ProbesScreen(Screen):
             self.action_cancel()
         else:
             self.app.pop_screen()
-

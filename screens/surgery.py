@@ -93,7 +93,7 @@ class SurgeryScreen(MarkingMixin, Screen):
         if wb is None:
             return
         self.query_one("#legend", Static).update(legend(wb, self.app.labels, self.app.brush_donor()))
-        self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty))
+        self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty, self.app.hash_status))
 
     def check_action(self, action: str, parameters) -> bool | None:
         if self.app.wb is None and action not in ("app.donors",):

@@ -7,50 +7,43 @@ configuration opens it as the current plan in the grid.
 
 The sweep reuses the Probes screen's live hybrid (installing that screen, unmounted, when it was
 never opened), so the Probes screen and the sweep share one materialised model. The record is
-kept in `app.extras["extensions"]["sweeps"]` after every configuration, exactly where `moe-surgeon
-sweep SESSION` stores it, so ctrl+s saves it, the CLI resumes it and `r` here resumes it too.
+kept in the session's extensions after every configuration, exactly where `moe-surgeon sweep
+SESSION` stores it (`store_sweep`), so ctrl+s saves it, the CLI resumes it and `r` here resumes it
+too. The run is a job (screens/job.py): escape cancels it at the next batch, and the
+configurations finished before stay.
 """
 
 from __future__ import annotations
 
 import copy
-import threading
-import types
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Static
 
 from surgeon.errors import SurgeonError
+from surgeon.io.sizes import step_text
+from surgeon.jobs import Cancelled, Step
+from surgeon.probes import metric_of
 
 from .dialogs import ErrorScreen
-from .probes import failure_text, short_label
+from .job import JobScreen
+from .probes import failure_text, session_view, short_label
 
 SEPARATOR = ";"  # group SPECs and probe specs contain commas
 DEFAULT_LIMIT = 50  # built-in probe sets are cut to this many items by default
 
 
-class SweepCancelled(Exception):
-    pass
-
-
 class SweepProgress(Message):
     """An engine event, with a copy of the record when the event carries one."""
 
-    def __init__(self, text: str, *, done: int = 0, total: int = 0, record: dict | None = None):
+    def __init__(self, text: str, *, record: dict | None = None):
         super().__init__()
-        self.text, self.done, self.total, self.record = text, done, total, record
-
-
-class SweepFinished(Message):
-    def __init__(self, *, record: dict | None = None, error: str | None = None, cancelled: bool = False):
-        super().__init__()
-        self.record, self.error, self.cancelled = record, error, cancelled
+        self.text, self.record = text, record
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -60,9 +53,9 @@ def split_field(text: str) -> list[str]:
 
 def default_probe_text(recorded: list) -> str:
     """The session's probes a sweep can run, else every built-in set cut to DEFAULT_LIMIT items."""
-    from surgeon.features.sweep.runner import UNSUPPORTED_PROBES, default_probes
+    from surgeon.features.sweep.runner import default_probes, why_not_sweepable
 
-    usable = [p for p in recorded if isinstance(p, dict) and p.get("kind") not in UNSUPPORTED_PROBES]
+    usable = [p for p in recorded if isinstance(p, dict) and why_not_sweepable(p.get("kind")) is None]
     try:
         specs = default_probes(usable) if usable else []
     except (SurgeonError, KeyError, TypeError):
@@ -76,10 +69,10 @@ def delta_text(delta: float | None, metric: str) -> Text:
     """One heatmap cell: points against the base on a green (better) / red (worse) background."""
     if delta is None:
         return Text(f"{'…':^8}", "dim")
-    if metric == "accuracy":
-        text, scale, better = f"{100 * delta:+.1f}", min(1.0, abs(delta) / 0.2), delta > 0
-    else:
-        text, scale, better = f"{delta:+.3g}", min(1.0, abs(delta)), delta < 0  # nll/kl: lower is better
+    m = metric_of(metric)
+    text = m.delta_text(delta, digits=3)
+    scale = min(1.0, abs(delta) / 0.2) if m.proportion else min(1.0, abs(delta))  # 20 points: full colour
+    better = m.better(delta)
     level = int(40 + 160 * scale)
     if delta == 0:
         colour = "grey30"
@@ -112,7 +105,7 @@ def heatmap(analysis) -> Text:
 
 
 # ---------------------------------------------------------------- the screen
-class SweepScreen(Screen):
+class SweepScreen(JobScreen):
     BINDINGS = [
         Binding("escape", "back", "Back / cancel", id="sweep.back",
                 tooltip="Cancel a running sweep (after the current configuration), else go back to the grid"),
@@ -125,8 +118,6 @@ class SweepScreen(Screen):
 
     def __init__(self):
         super().__init__()
-        self.cancel_event = threading.Event()
-        self.running = False
         self.record: dict | None = None  # a copy of the shown sweep's record (the UI thread's own)
         self.analysis = None
         self.masks: list[int | None] = []  # per table row: the configuration's mask, None for a donor
@@ -158,7 +149,7 @@ class SweepScreen(Screen):
         if wb is not None:
             others = [n for n in wb.donors if n != wb.base]
             self.query_one("#sweep-donor", Input).value = others[0] if others else ""
-        self.query_one("#sweep-probes", Input).value = default_probe_text(self.app.extras.get("probes", []))
+        self.query_one("#sweep-probes", Input).value = default_probe_text(session_view(self.app).probes)
         self.query_one("#sweep-stats", Static).update("r runs every subset of the groups from the donor")
         self.refresh_title()
         self.query_one("#sweep-table").focus()
@@ -186,7 +177,7 @@ class SweepScreen(Screen):
             check_probes,
             parse_group,
         )
-        from surgeon.live.hybrid import default_device
+        from surgeon.live.devices import default_device
         from surgeon.probes import parse_probe
 
         wb = self.app.wb
@@ -201,12 +192,11 @@ class SweepScreen(Screen):
         warnings = check_groups(groups, dict(wb.donors), wb.base, donor)
         return SweepSpec(wb.base, donor, groups, probes, device=default_device()), warnings
 
-    def stored_sweeps(self) -> list:
-        from surgeon.features.sweep.runner import sweeps_of
-
-        return sweeps_of(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})))
-
     # ------------------------------------------------------------ running
+    @property
+    def running(self) -> bool:
+        return self.job_running
+
     def action_run(self) -> None:
         from surgeon.features.sweep.runner import find_sweep
 
@@ -229,13 +219,11 @@ class SweepScreen(Screen):
         for w in warnings:
             self.notify(w, severity="warning", timeout=6)
         donors = dict(wb.donors)
-        stored = find_sweep(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})),
-                            spec.key(donors))
-        self.running = True
-        self.cancel_event.clear()
-        self.query_one("#sweep-progress", ProgressBar).update(total=spec.size, progress=0)
+        stored = find_sweep(session_view(self.app), spec.key(donors))
+        self.query_one("#sweep-progress", ProgressBar).update(total=100, progress=0)
         self.query_one("#sweep-stats", Static).update("checking the probe data…")
-        self.run_worker_sweep(spec, donors, copy.deepcopy(stored) if stored else None, wb.plan(), probes_screen)
+        self.start_job(self.sweep_job, spec, donors, copy.deepcopy(stored) if stored else None, wb.plan(),
+                       probes_screen, group="sweep")
 
     def _probes_screen(self):
         """The app's one Probes screen (installed, not shown, when it was never opened): its live
@@ -246,23 +234,20 @@ class SweepScreen(Screen):
             self.app.install_screen(ProbesScreen(), name="probes")
         return self.app.get_screen("probes")
 
-    @work(thread=True, exit_on_error=False, group="sweep")
-    def run_worker_sweep(self, spec, donors, stored, plan, probes_screen) -> None:
+    def sweep_job(self, spec, donors, stored, plan, probes_screen, *, progress, cancel) -> dict:
+        """The sweep, on the job's thread; finished configurations reach the screen as they come."""
         from surgeon.features.sweep.runner import run_sweep
 
         def post(text: str) -> None:
             self.post_message(SweepProgress(text))
 
         def on_event(e) -> None:
-            if e.kind == "probe":
-                post(f"[{e.done}/{e.total}] {e.name}: {short_label(e.probe)} {e.items_done}/{e.items} items")
-            elif e.kind == "swap":
+            if e.kind == "swap":
                 post(f"[{e.done}/{e.total}] {e.name}: swapped {e.swap.tensors} tensor(s)")
             elif e.record is not None:
                 what = {"ceiling": f"ceiling {e.name} {short_label(e.probe)}", "configuration": f"{e.name} done",
                         "done": "done"}.get(e.kind, e.kind)
-                self.post_message(SweepProgress(f"[{e.done}/{e.total}] {what}", done=e.done, total=e.total,
-                                                record=copy.deepcopy(e.record)))
+                self.post_message(SweepProgress(f"[{e.done}/{e.total}] {what}", record=copy.deepcopy(e.record)))
 
         live = False
         try:
@@ -270,29 +255,25 @@ class SweepScreen(Screen):
 
             for s in spec.probes:  # bad probe data fails before any model loads
                 load_probe_data(s)
-            if self.cancel_event.is_set():
-                raise SweepCancelled
+            cancel.check()
             hybrid, _ = probes_screen._live_hybrid(plan, donors, spec.device, post)
             live = True
-            record = run_sweep(spec, donors, record=stored, hybrid=hybrid, on_event=on_event,
-                               should_stop=self.cancel_event.is_set)
-        except SweepCancelled:
-            self.post_message(SweepFinished(cancelled=True))
-            return
+            return copy.deepcopy(run_sweep(spec, donors, record=stored, hybrid=hybrid, on_event=on_event,
+                                           progress=progress, cancel=cancel))
+        except Cancelled:  # between batches: run_sweep has put the hybrid back on its plan
+            raise
         except BaseException as e:
             if live:  # a swap may have stopped half-way: the next run rebuilds the hybrid
                 probes_screen.hybrid = probes_screen.hybrid_key = None
             if not isinstance(e, Exception):
                 raise
-            self.post_message(SweepFinished(error=failure_text(e)))
-            return
-        self.post_message(SweepFinished(record=copy.deepcopy(record), cancelled=self.cancel_event.is_set()))
+            raise SurgeonError(failure_text(e)) from e
 
     def store(self, record: dict) -> None:
         """Keep `record` in the session (replacing the stored sweep with its id), mark it modified."""
         from surgeon.features.sweep.runner import store_sweep
 
-        store_sweep(types.SimpleNamespace(extensions=self.app.extras.setdefault("extensions", {})), record)
+        store_sweep(session_view(self.app, create=True), record)
         self.app.workbench_changed()  # modified + autosaved; ctrl+s writes the session file
 
     @on(SweepProgress)
@@ -301,28 +282,30 @@ class SweepScreen(Screen):
             return
         self.query_one("#sweep-stats", Static).update(message.text)
         if message.record is not None:
-            self.query_one("#sweep-progress", ProgressBar).update(total=max(1, message.total), progress=message.done)
             self.store(message.record)
             self.show_record(message.record)
 
-    @on(SweepFinished)
-    def on_sweep_finished(self, message: SweepFinished) -> None:
-        self.running = False
-        stats = self.query_one("#sweep-stats", Static)
-        if message.error:
-            stats.update("failed: the configurations finished before the failure are kept")
-            self.app.push_screen(ErrorScreen("Cannot run the sweep", message.error))
+    def job_progress(self, step: Step) -> None:
+        if not self.running:
             return
-        if message.record is None:
-            stats.update("cancelled")
-            return
-        self.store(message.record)
-        self.show_record(message.record)
-        if message.cancelled:
-            stats.update("stopped: r resumes the sweep where it stopped")
-        else:
-            stats.update(f"done: {len(message.record['configurations'])} configuration(s) · "
-                         "o opens the highlighted one · ctrl+s saves the sweep in the session")
+        self.query_one("#sweep-progress", ProgressBar).update(total=max(1, step.total), progress=step.done)
+        self.query_one("#sweep-stats", Static).update(f"{step.detail}  ·  {step_text(step)}")
+
+    def job_failed(self, message: str) -> None:
+        self.query_one("#sweep-stats", Static).update("failed: the configurations finished before the failure are kept")
+        self.app.push_screen(ErrorScreen("Cannot run the sweep", message))
+
+    def job_cancelled(self) -> None:
+        self.query_one("#sweep-stats", Static).update(
+            "stopped: r resumes the sweep where it stopped" if self.record is not None else "cancelled")
+
+    def job_finished(self, record: dict) -> None:
+        self.store(record)
+        self.show_record(record)
+        self.query_one("#sweep-progress", ProgressBar).update(total=100, progress=100)
+        self.query_one("#sweep-stats", Static).update(
+            f"done: {len(record['configurations'])} configuration(s) · "
+            "o opens the highlighted one · ctrl+s saves the sweep in the session")
 
     # ------------------------------------------------------------ views
     def show_record(self, record: dict) -> None:
@@ -374,11 +357,10 @@ class SweepScreen(Screen):
                     timeout=4)
 
     def on_unmount(self) -> None:
-        self.cancel_event.set()
+        self.cancel_job()
 
     def action_back(self) -> None:
-        if self.running:
-            self.cancel_event.set()
-            self.query_one("#sweep-stats", Static).update("stopping after the current configuration…")
+        if self.cancel_job():
+            self.query_one("#sweep-stats", Static).update("stopping after the current batch…")
         else:
             self.app.pop_screen()

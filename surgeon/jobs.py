@@ -64,6 +64,9 @@ class Step:
     label: str = ""
     detail: str = ""
     started: float = field(default_factory=time.perf_counter, compare=False)
+    # Every value so far of a per-unit measurement (a training loss per step), so a renderer that
+    # drops superseded steps (a screen's replaceable messages) still has the whole curve.
+    series: tuple[float, ...] = field(default=(), compare=False)
 
     @property
     def fraction(self) -> float:
@@ -72,6 +75,16 @@ class Step:
     @property
     def finished(self) -> bool:
         return self.done >= self.total
+
+    def rate(self, now: float | None = None) -> float:
+        """Units per second since the job started."""
+        elapsed = (time.perf_counter() if now is None else now) - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def eta(self, now: float | None = None) -> float:
+        """Seconds left at the rate so far (0 before there is a rate)."""
+        rate = self.rate(now)
+        return (self.total - self.done) / rate if rate > 0 else 0.0
 
 
 Progress = Callable[[Step], None]
@@ -89,11 +102,11 @@ class Meter:
         self.progress, self.total, self.unit, self.label = progress, total, unit, label
         self.started = time.perf_counter()
 
-    def __call__(self, done: int, total: int | None = None, detail: str = "") -> None:
+    def __call__(self, done: int, total: int | None = None, detail: str = "", series: tuple[float, ...] = ()) -> None:
         if total is not None:
             self.total = total
         if self.progress is not None:
-            self.progress(Step(done, self.total, self.unit, self.label, detail, self.started))
+            self.progress(Step(done, self.total, self.unit, self.label, detail, self.started, series))
 
 
 @contextmanager

@@ -159,10 +159,10 @@ def test_several_experts_average_and_cut_rank_loads(tmp_path, donors_of):
     assert donor.fingerprint in card and "| 1 | 0-3 |" in card
 
 
-def test_cli_compress_and_bad_input(tmp_path, donors_of, cli):
+def test_cli_compress_and_bad_input(tmp_path, donors_of, run_cli):
     src = donors_of("olmoe", 1)[0]
     out = tmp_path / "compact"
-    r = cli("compress", out, src, "--experts", "0:0,2", "--rank", "8", "--device", "cpu", "--check", "--json")
+    r = run_cli("compress", out, src, "--experts", "0:0,2", "--rank", "8", "--device", "cpu", "--check", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert [row["experts"] for row in report["layers"]] == [[0, 2], [0, 1, 2, 3]]
@@ -180,21 +180,21 @@ def test_cli_compress_and_bad_input(tmp_path, donors_of, cli):
         ((tmp_path / "a", src, "--experts", "5:1"), "layer 5 out of range"),
         ((tmp_path / "a", dense), "has no routed experts"),
     ]:
-        r = cli("compress", *args)
+        r = run_cli("compress", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "a").exists()
 
 
-def test_cli_common_experts_match_routing(tmp_path, cli):
+def test_cli_common_experts_match_routing(tmp_path, run_cli):
     """--common stacks exactly the experts routing.common_experts finds on the same corpora."""
     from transformers import AutoModelForCausalLM
 
-    from surgeon.cli.routing import corpus_texts, parse_corpus
+    from surgeon.features.routing.corpora import corpus_texts, parse_corpus
     from surgeon.features.routing.probe import common_experts, probe_domains
     from surgeon.probes.scoring import load_tokenizer
 
-    r = cli("compress", tmp_path / "c", "demo:arith", "--common", "arith", "reverse", "--q", "50",
+    r = run_cli("compress", tmp_path / "c", "demo:arith", "--common", "arith", "reverse", "--q", "50",
             "--rank", "16", "--max-tokens", "400", "--device", "cpu", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)

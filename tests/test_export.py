@@ -16,7 +16,8 @@ from surgeon.core.donor import open_donor
 from surgeon.core.plan import Plan, parse_spec
 from surgeon.core.resolve import resolve
 from surgeon.errors import SurgeonError
-from surgeon.features.export import ExportCancelled, export_hybrid
+from surgeon.features.export import ExportRequest, export_hybrid, run_export
+from surgeon.jobs import Cancelled, CancelToken
 
 
 def load_all(path):
@@ -95,12 +96,22 @@ def resolved(a, b, spec="experts"):
 
 
 def test_cancelled_export_leaves_nothing(donors_of, tmp_path):
+    """A token cancelled from the progress callback, as the workbench's cancel key or ctrl+c does
+    while bytes flow: the export stops before the next tensor and removes its staging directory."""
     a, b = donors_of("olmoe", 2)
-    res, donors = resolved(a, b)
-    calls = []
-    with pytest.raises(ExportCancelled):
-        export_hybrid(res, donors, tmp_path / "out", max_shard_size=20_000,
-                      cancel=lambda: calls.append(1) or len(calls) > 10)
+    donors = {"A": open_donor(a), "B": open_donor(b)}
+    token = CancelToken()
+    steps = []
+
+    def progress(step):
+        steps.append(step)
+        if len(steps) == 10:
+            token.cancel()
+
+    request = ExportRequest(Plan("A", [parse_spec("experts", "B")]), donors, tmp_path / "out", max_shard_size=20_000)
+    with pytest.raises(Cancelled):
+        run_export(request, progress=progress, cancel=token)
+    assert len(steps) == 10 and steps[-1].unit == "bytes" and 0 < steps[-1].done < steps[-1].total
     assert os.listdir(tmp_path) == []
 
 
@@ -108,8 +119,8 @@ def test_failure_midway_leaves_nothing(donors_of, tmp_path):
     a, b = donors_of("olmoe", 2)
     res, donors = resolved(a, b)
 
-    def explode(done, total):
-        if done > total // 2:
+    def explode(step):
+        if step.done > step.total // 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -175,7 +186,7 @@ def test_interrupt_with_sigint_leaves_nothing(tmp_path):
         "import sys,time; from surgeon.core.donor import open_donor; from surgeon.core.plan import Plan;"
         "from surgeon.core.resolve import resolve; from surgeon.features.export import export_hybrid;"
         f"d={{'A': open_donor({str(a)!r})}}; r=resolve(Plan('A'), d);"
-        f"export_hybrid(r, d, {str(tmp_path / 'out')!r}, progress=lambda x,t: (print('go', flush=True), time.sleep(0.05)))"
+        f"export_hybrid(r, d, {str(tmp_path / 'out')!r}, progress=lambda s: (print('go', flush=True), time.sleep(0.05)))"
     )
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout.readline().strip() == b"go"

@@ -294,15 +294,15 @@ def test_the_grid_has_a_layer_gate_column_a_gated_donor_fills(llama3, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI
-def test_cli_add_train_select_show_and_transplant(cli, llama3, tmp_path):
+def test_cli_add_train_select_show_and_transplant(run_cli, llama3, tmp_path):
     out = tmp_path / "g"
-    r = cli("gates", "add", out, "--base", llama3[0], "--type", "matrix", "--layers", "1-2", "--json")
+    r = run_cli("gates", "add", out, "--base", llama3[0], "--type", "matrix", "--layers", "1-2", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["gates"] == {"1": "matrix", "2": "matrix"}
     assert "Plain transformers ignores the gates" in (out / "README.md").read_text()
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    r = cli("gates", "train", out, "--data", text, "--eval", text, "--steps", "6", "--seq-len", "24",
+    r = run_cli("gates", "train", out, "--data", text, "--eval", text, "--steps", "6", "--seq-len", "24",
             "--batch-size", "4", "--lr", "0.02", "--warmup", "1", "--device", "cpu", "--json")
     assert r.returncode == 0, r.stderr
     log = json.loads(r.stdout)
@@ -310,20 +310,20 @@ def test_cli_add_train_select_show_and_transplant(cli, llama3, tmp_path):
     assert json.loads((out / "layer_gates_training.json").read_text())["losses"] == log["losses"]
     trained, meta = read_gates(out)
     assert all(w.abs().sum() > 0 for w in trained.values()) and "training" in meta
-    r = cli("gates", "select", out, "--data", text, "--seq-len", "24", "--device", "cpu", "--min-gain", "0.999", "--json")
+    r = run_cli("gates", "select", out, "--data", text, "--seq-len", "24", "--device", "cpu", "--min-gain", "0.999", "--json")
     assert r.returncode == 0, r.stderr
     sel = json.loads(r.stdout)
     assert sel["dropped"] == [1, 2] and not (out / GATES_FILE).exists()  # no gate gains 99.9%
     # Transplant through the ordinary export: gates of a gated checkpoint into another model.
     gated = _gated_dir(llama3[0], tmp_path / "g2", trained, 32)
-    r = cli("export", tmp_path / "x", "--base", llama3[1], "--take", f"layer_gate@2={gated}",
+    r = run_cli("export", tmp_path / "x", "--base", llama3[1], "--take", f"layer_gate@2={gated}",
             "--save-session", tmp_path / "s.json")
     assert r.returncode == 0, r.stderr
     assert list(load_file(str(tmp_path / "x" / GATES_FILE))) == [gate_tensor_name(2)]
-    r = cli("replay", tmp_path / "s.json", "--export", tmp_path / "y")
+    r = run_cli("replay", tmp_path / "s.json", "--export", tmp_path / "y")
     assert r.returncode == 0, r.stderr
     assert torch.equal(load_file(str(tmp_path / "y" / GATES_FILE))[gate_tensor_name(2)], trained[2])
-    r = cli("gates", "show", gated)
+    r = run_cli("gates", "show", gated)
     assert r.returncode == 0 and "matrix" in r.stdout, r.stderr
 
 
@@ -333,9 +333,9 @@ def test_cli_add_train_select_show_and_transplant(cli, llama3, tmp_path):
     (["train", "{d0}", "--data", "{d0}/config.json"], "has no layer_gates.safetensors"),
     (["select", "{gated}", "--data", "{missing}"], "no such file"),
 ])
-def test_cli_bad_input_is_one_line_naming_the_problem(cli, llama3, tmp_path, args, message):
+def test_cli_bad_input_is_one_line_naming_the_problem(run_cli, llama3, tmp_path, args, message):
     gated = _gated_dir(llama3[0], tmp_path / "gated", {1: torch.zeros(1)}, 32)
     fill = {"out": tmp_path / "out", "d0": llama3[0], "gated": gated, "missing": tmp_path / "nope.txt"}
-    r = cli("gates", *[a.format(**fill) for a in args])
+    r = run_cli("gates", *[a.format(**fill) for a in args])
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from surgeon.core.donor import open_donor
 from surgeon.core.plan import Assignment, Plan
 from surgeon.errors import SurgeonError
-from surgeon.live.hybrid import Hybrid, check_device
+from surgeon.live.devices import check_device
+from surgeon.live.hybrid import Hybrid
 
 
 def random_plan(rng, anatomy, names):

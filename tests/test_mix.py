@@ -321,3 +321,38 @@ def test_demo_dense_donors_differ_only_in_their_mlps():
         assert open_donor(f"demo:{name}").model_type == "llama"
         for t, v in donor.items():
             assert torch.equal(v, base[t]) != (".mlp." in t), t
+
+
+# ---------------------------------------------------------------- progress and cancellation (surgeon.jobs)
+def test_a_mix_build_reports_steps_training_then_bytes(tmp_path, donors_of):
+    donors = {n: open_donor(p) for n, p in zip("ABC", donors_of("llama", 3))}
+    spec = TrainSpec(str(write_train_file(tmp_path / "train.jsonl")), steps=3, lr=0.05, batch_size=2)
+    steps = []
+    built = build_mix(MixPlan("A", ["B", "C"]), donors, tmp_path / "mix", MixSettings(train=spec),
+                      progress=steps.append)
+    training = [s for s in steps if s.unit == "steps"]
+    written = [s for s in steps if s.unit == "bytes"]
+    assert [s.done for s in training] == [1, 2, 3] and training[-1].series == tuple(built.outcome.losses)
+    assert steps.index(training[-1]) < steps.index(written[0])  # routers first, then the export
+    assert written[-1].done == written[-1].total == built.export.bytes
+
+
+@pytest.mark.parametrize("unit", ["steps", "bytes"])
+def test_cancelling_a_mix_build_leaves_nothing_behind(tmp_path, donors_of, unit):
+    from surgeon.jobs import Cancelled, CancelToken
+
+    donors = {n: open_donor(p) for n, p in zip("ABC", donors_of("llama", 3))}
+    spec = TrainSpec(str(write_train_file(tmp_path / "train.jsonl")), steps=50, batch_size=2)
+    token, seen = CancelToken(), []
+
+    def progress(step):
+        seen.append(step)
+        if step.unit == unit:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        build_mix(MixPlan("A", ["B", "C"]), donors, tmp_path / "out", MixSettings(train=spec),
+                  progress=progress, cancel=token)
+    assert len([s for s in seen if s.unit == unit]) == 1  # stopped at the next step or tensor
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+    assert torch.are_deterministic_algorithms_enabled() is False

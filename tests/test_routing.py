@@ -219,11 +219,11 @@ def test_expert_similarity_and_most_changed(donors_of):
         assert s.layers == (1,) and s.experts == lowest[1] and parse_spec(s.spec, "B") == s
 
 
-def test_cli_json_on_a_tiny_donor(cli, donors_of, tmp_path):
+def test_cli_json_on_a_tiny_donor(run_cli, donors_of, tmp_path):
     path = donors_of("olmoe", 2)[0]
     (tmp_path / "a.txt").write_text("12+7=19\n\n3+4=7\n\n88+12=100\n")
     (tmp_path / "b.jsonl").write_text('{"text": "rev:abc=cba"}\n{"text": "rev:dog=god"}\n')
-    r = cli("routing", path, "--corpus", f"sums={tmp_path / 'a.txt'}", "--corpus", f"rev={tmp_path / 'b.jsonl'}",
+    r = run_cli("routing", path, "--corpus", f"sums={tmp_path / 'a.txt'}", "--corpus", f"rev={tmp_path / 'b.jsonl'}",
             "--expert", "1:0", "--take-used", "2", "--layers", "1", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -235,11 +235,11 @@ def test_cli_json_on_a_tiny_donor(cli, donors_of, tmp_path):
     assert {e["corpus"] for e in out["experts"]} == {"sums", "rev"}
 
 
-def test_cli_bad_input_gives_one_line_errors(cli, donors_of, tmp_path):
+def test_cli_bad_input_gives_one_line_errors(run_cli, donors_of, tmp_path):
     moe, dense = donors_of("olmoe", 2)[0], donors_of("llama", 1)[0]
-    r = cli("routing", moe, "--corpus", f"x={tmp_path / 'missing.txt'}")
+    r = run_cli("routing", moe, "--corpus", f"x={tmp_path / 'missing.txt'}")
     assert r.returncode == 2 and "missing.txt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = cli("routing", dense, "--corpus", "arith")
+    r = run_cli("routing", dense, "--corpus", "arith")
     assert r.returncode == 2 and "no routed experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = cli("routing", moe, "--expert", "nine")
+    r = run_cli("routing", moe, "--expert", "nine")
     assert r.returncode == 2 and "LAYER:EXPERT" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -161,13 +161,13 @@ def test_save_view_refuses_unknown_formats_and_unwritable_paths(probed, tmp_path
     assert view_lines(view)[0].split() == ["layer"] + [f"e{e}" for e in range(4)]
 
 
-def test_cli_saves_the_domain_and_model_difference_views(cli, probed, tmp_path):
+def test_cli_saves_the_domain_and_model_difference_views(run_cli, probed, tmp_path):
     paths, stats = probed
     (tmp_path / "sums.txt").write_text("\n\n".join(SUMS) + "\n")
     (tmp_path / "rev.txt").write_text("\n\n".join(REVS) + "\n")
     corpora = ["--corpus", f"sums={tmp_path / 'sums.txt'}", "--corpus", f"rev={tmp_path / 'rev.txt'}"]
     out = tmp_path / "figs"
-    r = cli("routing", paths[0], *corpora, "--diff", "sums", "rev", "--save", out / "d.svg", "--save", out / "d.csv",
+    r = run_cli("routing", paths[0], *corpora, "--diff", "sums", "rev", "--save", out / "d.svg", "--save", out / "d.csv",
             "--save", out / "d.png", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert f"saved {out / 'd.svg'} (svg)" in r.stdout and f"saved {out / 'd.png'} (png)" in r.stdout
@@ -178,7 +178,7 @@ def test_cli_saves_the_domain_and_model_difference_views(cli, probed, tmp_path):
     title = ET.parse(out / "d.svg").getroot().find(f"{SVG}title").text
     assert title == f"activation frequency of {paths[0]}: sums minus rev"
     # Two models on one corpus: the target minus an --against donor, top-1 share, as JSON.
-    r = cli("routing", paths[0], *corpora, "--against", paths[1], "--diff", "target", paths[1], "--view", "rev",
+    r = run_cli("routing", paths[0], *corpora, "--against", paths[1], "--diff", "target", paths[1], "--view", "rev",
             "--metric", "top1", "--save", out / "m.json", "--json", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["saved"] == [{"path": str(out / "m.json"), "format": "json"}]
@@ -189,12 +189,11 @@ def test_cli_saves_the_domain_and_model_difference_views(cli, probed, tmp_path):
     for args, says in ((["--diff", "sums", "nope"], "--diff sums nope: expected two corpora"),
                        (["--save", out / "x.bmp"], "unknown format '.bmp'"),
                        (["--view", "nope", "--save", out / "x.svg"], "--view 'nope': no such corpus")):
-        r = cli("routing", paths[0], *corpora, *args)
+        r = run_cli("routing", paths[0], *corpora, *args)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_cli_drift_on_a_saved_session_equals_the_engine(cli, tmp_path):
-    from surgeon.cli.routing import corpus_texts, parse_corpus
+def test_cli_drift_on_a_saved_session_equals_the_engine(run_cli, tmp_path):
     from surgeon.core.donor import open_donor
     from surgeon.core.plan import Assignment, Plan
     from surgeon.core.session import (
@@ -203,12 +202,13 @@ def test_cli_drift_on_a_saved_session_equals_the_engine(cli, tmp_path):
         open_session_donors,
         save_session,
     )
+    from surgeon.features.routing.corpora import corpus_texts, parse_corpus
     from surgeon.live.hybrid import Hybrid
 
     donors = {"A": open_donor("demo:arith"), "B": open_donor("demo:reverse")}
     path = tmp_path / "s.json"
     save_session(make_session(Plan("A", [Assignment("experts", "B", (0, 1))]), donors, path), path)
-    r = cli("routing", path, "--drift", "--corpus", "arith", "--max-tokens", "300", "--json", env=ONE_THREAD)
+    r = run_cli("routing", path, "--drift", "--corpus", "arith", "--max-tokens", "300", "--json", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     drift = json.loads(r.stdout)["drift"]
     assert [(d["against"], d["corpus"]) for d in drift] == [(str(donors[n].path), "arith") for n in "AB"]

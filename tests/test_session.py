@@ -3,10 +3,14 @@
 import filecmp
 import json
 import shutil
+from pathlib import Path
+
+import pytest
 
 from surgeon.core.donor import open_donor
 from surgeon.core.plan import Plan, parse_spec
-from surgeon.core.session import load_session, make_session, save_session
+from surgeon.core.session import ExportRecord, load_session, make_session, save_session
+from surgeon.errors import SurgeonError
 
 
 def same_weights(x, y):
@@ -40,7 +44,7 @@ def test_replay_exports_the_same_bytes(donors_of, tmp_path, cli):
     recorded = json.loads(session.read_text())
     assert recorded["exports"][0]["path"] == str(first)
     r = cli("replay", session)
-    assert r.returncode == 0 and "fingerprints verified" in r.stdout
+    assert r.returncode == 0 and "donors verified" in r.stdout
     again = tmp_path / "again"
     r = cli("replay", session, "--export", again)
     assert r.returncode == 0, r.stderr
@@ -105,3 +109,47 @@ def test_atomic_write_keeps_an_ordinary_file_mode(tmp_path):
     target.chmod(0o640)
     write_atomic(target, b"[]")
     assert target.stat().st_mode & 0o777 == 0o640 and target.read_bytes() == b"[]"
+
+
+# ---------------------------------------------------------------- typed records, old files
+DATA = Path(__file__).parent / "data"
+OLD_FILES = [Path(__file__).parent.parent / "sessions" / "demo-transfer.json",
+             DATA / "session-v1-export.json"]  # written by `export --save-session` before records were typed
+
+
+@pytest.mark.parametrize("path", OLD_FILES, ids=lambda p: p.name)
+def test_old_session_files_load_typed_and_write_back_unchanged(path, tmp_path):
+    session = load_session(path)
+    assert all(isinstance(r, ExportRecord) for r in session.exports)
+    assert session.to_json() == json.loads(path.read_text())
+    save_session(session, tmp_path / "again.json")  # and what it writes still validates
+    assert load_session(tmp_path / "again.json").to_json() == session.to_json()
+
+
+def test_an_old_export_record_is_typed():
+    session = load_session(DATA / "session-v1-export.json")
+    (record,) = session.exports
+    assert (record.dtype, record.max_shard_size, record.shards, record.tensors, record.bytes) == (
+        "keep", 100_000, 10, 135, 935_296)
+    assert record.kind is None and record.extra == {}
+    assert load_session(OLD_FILES[0]).exports == []
+
+
+@pytest.mark.parametrize("record", [
+    # the workbench's record before it recorded max_shard_size
+    {"path": "/x/hybrid", "dtype": "keep", "shards": 1, "tensors": 135, "bytes": 935296, "time": "2026-11-23T12:00:00Z"},
+    # a mix's record: a kind, and a key only mixes have, before the time
+    {"path": "mix-1", "kind": "mix", "dtype": "keep", "max_shard_size": 5000000000, "shards": 1, "tensors": 60,
+     "bytes": 1000, "routers_sha256": "sha256:ab", "time": "2026-11-23T12:00:00Z"},
+])
+def test_export_records_round_trip_key_for_key(record):
+    typed = ExportRecord.from_json(record)
+    assert list(typed.to_json().items()) == list(record.items())
+
+
+def test_a_record_that_is_not_an_object_is_refused_by_field(tmp_path):
+    data = json.loads((DATA / "session-v1-export.json").read_text())
+    data["exports"].append("hybrid/")
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    with pytest.raises(SurgeonError, match="field exports/1"):
+        load_session(tmp_path / "s.json")

@@ -179,6 +179,28 @@ def test_exception_from_a_callback_then_resume_equals_uninterrupted(donors):
     assert is_complete(extended) and len(extended["probes"]) == 4
 
 
+def test_cancel_stops_the_sweep_between_configurations_and_a_rerun_resumes_it(donors):
+    from surgeon.jobs import Cancelled, CancelToken
+
+    spec = make_spec(probes=PROBES[:1])
+    hybrid = Hybrid.materialize(Plan("A"), donors, device="cpu")
+    token, steps, stored = CancelToken(), [], {}
+
+    def on_event(e):
+        if e.kind == "configuration" and e.done == 3:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        run_sweep(spec, donors, hybrid=hybrid, save=lambda r: stored.update(record=json.loads(json.dumps(r))),
+                  on_event=on_event, progress=steps.append, cancel=token)
+    assert len(stored["record"]["configurations"]) == 3  # what was saved stays; nothing after the cancel
+    assert hybrid.resolution.plan == Plan("A")  # the caller's hybrid is back on its own plan
+    assert {s.unit for s in steps} == {"items"} and 0 < steps[-1].done < steps[-1].total
+    assert steps[-1].total - (len(spec.order()) - 1) * 12 in (0, 12, 24)  # configurations + uncached ceilings
+    resumed = run_sweep(spec, donors, record=stored["record"], hybrid=hybrid)
+    assert is_complete(resumed) and resumed["runs"][-1]["configurations_measured"] == 5
+
+
 def test_killed_cli_sweep_resumes_to_the_same_table(cli, donors, tmp_path):
     args = ["--json", "--device", "cpu"] + [a for p in PROBES for a in ("--probe", p)]
     full = to_json(analyze(run_sweep(make_spec(), donors)))  # the same sweep, uninterrupted
@@ -293,6 +315,7 @@ def test_cli_creates_session_and_keeps_sweep_in_it(cli, donors, tmp_path):
             "--probe", PROBES[0], "--csv")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].startswith("kind,configuration") and len(r.stdout.splitlines()) == 1 + 3
+    assert "items/s" in r.stderr and "ETA" in r.stderr  # item progress even when stderr is not a terminal
     session = load_session(path)
     spec = SweepSpec("A", "B", [parse_group("router")], [parse_probe(PROBES[0])])
     assert find_sweep(session, spec.key(donors)) is not None

@@ -99,6 +99,7 @@ async def test_undo_redo_and_reset_keys(olmoe3, tmp_path):
         assert "nothing to undo" in notifications(app)
 
 
+@pytest.mark.slow
 @sync
 async def test_per_expert_marks_and_distances_in_layer_detail(olmoe3, tmp_path):
     app = make_app(tmp_path, olmoe3)
@@ -128,6 +129,7 @@ async def test_per_expert_marks_and_distances_in_layer_detail(olmoe3, tmp_path):
         assert "B×2 A×1 C×1" in screen_text(app)
 
 
+@pytest.mark.slow
 @sync
 async def test_save_then_open_round_trip(olmoe3, tmp_path):
     session = tmp_path / "s" / "work.json"
@@ -162,6 +164,7 @@ async def test_save_then_open_round_trip(olmoe3, tmp_path):
         assert other.wb.state == app.wb.state
 
 
+@pytest.mark.slow
 @sync
 async def test_recovery_after_a_simulated_crash(olmoe3, tmp_path):
     app = make_app(tmp_path, olmoe3)
@@ -197,8 +200,9 @@ def read_shards(path):
     return {p.name: p.read_bytes() for p in sorted(path.glob("*.safetensors"))}
 
 
+@pytest.mark.slow
 @sync
-async def test_export_from_tui_equals_replay_export(olmoe3, tmp_path, cli):
+async def test_export_from_tui_equals_replay_export(olmoe3, tmp_path, run_cli):
     session = tmp_path / "s.json"
     out = tmp_path / "tui-out"
     app = make_app(tmp_path, olmoe3)
@@ -215,13 +219,14 @@ async def test_export_from_tui_equals_replay_export(olmoe3, tmp_path, cli):
         await settle(pilot)
         assert not isinstance(app.screen, ExportScreen)
         assert any(str(out) in n for n in notifications(app))
-    r = cli("replay", session, "--export", tmp_path / "cli-out", "--max-shard-size", "40KB")
+    r = run_cli("replay", session, "--export", tmp_path / "cli-out", "--max-shard-size", "40KB")
     assert r.returncode == 0, r.stderr
     tui, ref = read_shards(out), read_shards(tmp_path / "cli-out")
     assert len(tui) > 1 and tui == ref
     assert (out / "model.safetensors.index.json").read_text() == (tmp_path / "cli-out" / "model.safetensors.index.json").read_text()
 
 
+@pytest.mark.slow
 @sync
 async def test_export_cancel_leaves_nothing(tmp_path):
     a = write_synthetic(tmp_path / "a", 0, layers=16, experts=64, hidden=64, inter=32)
@@ -243,6 +248,7 @@ async def test_export_cancel_leaves_nothing(tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 @sync
 async def test_bad_path_and_incompatible_donor_in_donors_screen(olmoe3, tmp_path):
     odd = make_donor(tmp_path / "odd", "olmoe", seed=7, intermediate_size=24)

@@ -108,10 +108,18 @@ def test_undo_redo_and_reset(olmoe):
     assert wb.donor_of(Cell(None, "lm_head")) == "C"
     wb.reset()
     assert wb.marks == 0 and wb.plan().assignments == []
-    wb.undo()
+    assert wb.undo() is True
     assert wb.marks == 10
-    assert not wb.redo() or True
+    # The undone reset is the one step to redo: it clears the marks again, then nothing is left.
+    assert wb.redo() is True
+    assert wb.marks == 0 and wb.plan().assignments == []
     assert wb.redo() is False
+    assert wb.marks == 0
+    # A new edit after an undo drops the redo history.
+    wb.undo()
+    wb.set_cells([Cell(1, "router")], "B")
+    assert wb.redo() is False
+    assert wb.marks == 11
 
 
 def test_cycle_goes_through_donors_in_order(olmoe):
@@ -231,12 +239,15 @@ def test_distance_map_is_saved_and_reused_from_disk(olmoe, tmp_path):
     assert dict(distance_map(base, donor, second)) == cells
 
 
-def test_distance_cli(olmoe, cli):
-    import json
-
-    r = cli("distance", olmoe["A"].path, olmoe["B"].path, "--json")
+def test_distance_cli(olmoe, run_cli):
+    r = run_cli("distance", olmoe["A"].path, olmoe["B"].path, "--json")
     assert r.returncode == 0, r.stderr
     cells = {(c["layer"], c["component"]): c["distance"] for c in json.loads(r.stdout)["cells"]}
-    assert cells[(0, "attention")] > 0 and (None, "embedding") in cells
-    r = cli("distance", olmoe["A"].path, olmoe["A"].path)
+    from surgeon.features.distance import component_tensors
+
+    groups = component_tensors(olmoe["A"])
+    assert set(cells) == set(groups)
+    want = DistanceCache().group(olmoe["A"], olmoe["B"], groups[(0, "attention")])
+    assert want > 0 and cells[(0, "attention")] == pytest.approx(want, rel=1e-6)
+    r = run_cli("distance", olmoe["A"].path, olmoe["A"].path)
     assert r.returncode == 0 and "0.0000" in r.stdout

@@ -18,9 +18,9 @@ from screens.dialogs import PathScreen
 from screens.heatmap import RoutingScreen, TakeScreen, parse_take
 from screens.surgery import SurgeryScreen
 from screens.widgets.heatmap import HeatmapGrid
-from surgeon.cli.routing import corpus_texts, parse_corpus
 from surgeon.core.anatomy import Part
 from surgeon.errors import SurgeonError
+from surgeon.features.routing.corpora import corpus_texts, parse_corpus
 from surgeon.features.routing.probe import (
     expert_similarity,
     most_changed,

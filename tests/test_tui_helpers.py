@@ -48,6 +48,18 @@ async def settle(pilot) -> None:
     for _ in range(3):
         await pilot.app.workers.wait_for_complete()
         await pilot.pause()
+    steady_cursors(pilot.app)
+    await pilot.pause()
+
+
+def steady_cursors(app) -> None:
+    """Stop every text cursor blinking, shown: a blink is a 0.5 s timer in real time, so on a
+    loaded machine a snapshot would catch the cursor on or off by chance."""
+    from textual.widgets import Input
+
+    for screen in app.screen_stack:
+        for field in screen.query(Input):
+            field.cursor_blink = False
 
 
 async def save_as(pilot, path) -> None:

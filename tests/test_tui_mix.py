@@ -19,10 +19,11 @@ from textual.widgets import Input, SelectionList, Sparkline
 from screens.app import DEMO_SPECS, SurgeonApp
 from screens.layer import LayerScreen
 from screens.mix import MixScreen, MixSource, read_form
-from screens.mix_state import DEMO_MIX, dense_problem
+from screens.mix_state import DEMO_MIX
 from screens.probes import ProbesScreen
 from screens.surgery import SurgeryScreen
 from surgeon.core.donor import open_donor
+from surgeon.features.mix.workbench import dense_problem
 from surgeon.probes import parse_probe
 from surgeon.probes.run import evaluate, load_probe_data
 from surgeon.probes.scoring import load_tokenizer
@@ -151,7 +152,7 @@ async def test_gate_less_mix_from_the_form_is_the_donors_mlps_and_replays(tmp_pa
         picker.select(len(probes.specs) - 1)
         await pilot.press("r")
         await settle(pilot)
-        records = {r["model"]: r for r in app.extras["results"]}
+        records = {r["model"]: r for r in app.records.results}
         assert set(records) == {"hybrid", "donor:M", "donor:A", "donor:B", "donor:C"}, notifications(app)
 
     # What was written: a Mixtral whose experts are the dense donors' MLPs, byte for byte.

@@ -18,7 +18,6 @@ from screens.help import HelpScreen
 from screens.probes import ProbesScreen, split_runs
 from surgeon.core.session import load_session
 from surgeon.core.workbench import Cell
-from surgeon.probes.stats import significance_stars
 
 SIZE = (100, 32)
 LETTERS = "abcdefghij"
@@ -69,7 +68,8 @@ async def run(pilot, screen):
 
 def reference(app, monkeypatch, tmp_path, specs, compare_donors=True):
     """run_probes + summarize on a hybrid materialised here, with its own donor score cache."""
-    from surgeon.live.hybrid import Hybrid, default_device
+    from surgeon.live.devices import default_device
+    from surgeon.live.hybrid import Hybrid
     from surgeon.probes import parse_probe
     from surgeon.probes.run import run_probes, summarize
 
@@ -86,6 +86,45 @@ def cell(screen, row, column) -> str:
     return str(screen.query_one("#probe-results").get_cell(f"{row['model']}|{row['probe']}", column))
 
 
+def percent(text: str) -> float:
+    return float(text.rstrip("%")) / 100
+
+
+def mcnemar_stars(mine: list[float], theirs: list[float]) -> str:
+    """The paper's marks for an exact two-sided McNemar test, computed here from the outcomes."""
+    from math import comb
+
+    b = sum(x > y for x, y in zip(mine, theirs))
+    c = sum(x < y for x, y in zip(mine, theirs))
+    p = min(1.0, 2 * sum(comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)) if b + c else 1.0
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def assert_table_shows(screen, records: list[dict]) -> None:
+    """Every cell read back as a number and compared, to display precision, with what the test
+    recomputes from the per-item outcomes the engine recorded (accuracy, deltas, McNemar marks),
+    never with the screen's own formatting."""
+    plain = {(r["model"], r["label"]): r for r in records if "vs" not in r}
+    donors = sorted(m.split(":")[1] for m, _ in plain if m.startswith("donor:"))
+    assert screen.query_one("#probe-results").row_count == len(plain)
+    for (model, label), r in plain.items():
+        row, outcomes = {"model": model, "probe": label}, r["outcomes"]
+        accuracy = sum(outcomes) / len(outcomes)
+        assert int(cell(screen, row, "n")) == len(outcomes)
+        assert percent(cell(screen, row, "score")) == pytest.approx(accuracy, abs=0.0005)
+        lo, hi = (float(x) / 100 for x in cell(screen, row, "ci").strip("[]").split(","))
+        assert lo <= accuracy <= hi and (lo, hi) == pytest.approx(r["ci"], abs=0.0005)
+        for donor in donors:
+            got = cell(screen, row, f"d:{donor}")
+            if model != "hybrid":
+                assert got == ""
+                continue
+            theirs = plain[f"donor:{donor}", label]["outcomes"]
+            number = got.rstrip("*")
+            assert float(number) / 100 == pytest.approx(accuracy - sum(theirs) / len(theirs), abs=0.0005)
+            assert got[len(number):] == mcnemar_stars(outcomes, theirs)
+
+
 @sync
 async def test_results_table_shows_the_engines_numbers_and_ctrl_s_saves_them(olmoe3, tmp_path, monkeypatch):
     mc = write_mc(tmp_path / "mc.jsonl", 12)
@@ -98,23 +137,13 @@ async def test_results_table_shows_the_engines_numbers_and_ctrl_s_saves_them(olm
         assert [s.label for s in screen.checked_specs()] == specs
         await run(pilot, screen)
         records, rows = reference(app, monkeypatch, tmp_path, specs)
-        mine = app.extras["results"]
+        mine = app.records.results
         assert [(r["model"], r["label"]) for r in mine] == [(r["model"], r["label"]) for r in records]
         for got, want in zip(mine, records):  # per item, and every statistic, exactly
             assert (got["ids"], got["outcomes"], got["score"], got["ci"]) == \
                    (want["ids"], want["outcomes"], want["score"], want["ci"])
         assert {r["model"] for r in rows} == {"hybrid", "donor:A", "donor:B", "donor:C"}
-        for row in rows:
-            assert cell(screen, row, "n") == str(row["n"])
-            assert cell(screen, row, "score") == f"{100 * row['score']:.1f}%"
-            assert cell(screen, row, "ci") == f"[{100 * row['ci'][0]:.1f}, {100 * row['ci'][1]:.1f}]"
-            for donor in "ABC":
-                got = cell(screen, row, f"d:{donor}")
-                if row["model"] == "hybrid":
-                    v = row["vs"][f"donor:{donor}"]
-                    assert got == f"{100 * v['delta']:+.1f}{significance_stars(v['mcnemar_p'])}"
-                else:
-                    assert got == ""
+        assert_table_shows(screen, records)
         # The chart has a bar per model and probe; the history one run.
         chart = screen.query_one("#probe-chart")
         assert [len(g.bars) for g in chart.groups] == [4, 4]
@@ -159,7 +188,7 @@ async def test_a_rerun_after_a_mark_swaps_only_the_changed_tensors_into_the_same
         assert f"swapped {len(changed)} tensor(s)" in screen_text(app)
         # The hot-swapped hybrid measures what a freshly materialised one of the new plan measures.
         records, _ = reference(app, monkeypatch, tmp_path, [f"mc:{mc}"], compare_donors=False)
-        second = [r for r in app.extras["results"] if r["model"] == "hybrid"][-1]
+        second = [r for r in app.records.results if r["model"] == "hybrid"][-1]
         assert second["outcomes"] == records[0]["outcomes"] and second["plan"] == records[0]["plan"]
         # Two runs in the history; the newest is shown, an older one can be picked.
         history = screen.query_one("#probe-history")
@@ -167,7 +196,7 @@ async def test_a_rerun_after_a_mark_swaps_only_the_changed_tensors_into_the_same
         assert "shown run: other marks" not in screen_text(app)
         history.move_cursor(row=0)
         await pilot.pause()
-        first = [r for r in app.extras["results"] if r["model"] == "hybrid"][0]
+        first = [r for r in app.records.results if r["model"] == "hybrid"][0]
         assert screen.shown_run == 0 and screen.rows[0]["score"] == first["score"]
 
 
@@ -180,7 +209,7 @@ async def test_bad_probe_input_is_an_error_and_leaves_the_results_alone(olmoe3, 
         await settle(pilot)
         recorded = [{"probe": {"kind": "mc", "data": "x"}, "label": "mc:x", "model": "hybrid", "metric": "accuracy",
                      "n": 2, "score": 0.5, "ci": [0.0, 1.0], "ids": ["1", "2"], "outcomes": [1.0, 0.0], "plan": []}]
-        app.extras["results"] = json.loads(json.dumps(recorded))
+        app.records.results = json.loads(json.dumps(recorded))
         screen = await open_probes(pilot)
         assert screen.query_one("#probe-history").row_count == 1  # runs already in the session are listed
         # A malformed spec is refused in the field, and nothing is added.
@@ -202,7 +231,7 @@ async def test_bad_probe_input_is_an_error_and_leaves_the_results_alone(olmoe3, 
         text = screen_text(app)
         assert "'answerKey' is missing" in text and "Traceback" not in text
         await pilot.press("escape")
-        assert app.extras["results"] == recorded and "probes" not in app.extras
+        assert app.records.results == recorded and not app.records.probes
         assert screen.hybrid is None and "nothing was recorded" in screen_text(app)
         # The help lists the screen's own keys.
         await pilot.press("question_mark")
@@ -227,12 +256,12 @@ async def test_cancel_stops_a_run_and_records_nothing(olmoe3, tmp_path, monkeypa
             if screen.items_done > 0 or not screen.running:
                 seen = str(screen.query_one("#probe-stats").render())
                 break
-        assert screen.running and "items/s" in seen and "ETA" in seen and "of 1600 items" in seen
+        assert screen.running and "items/s" in seen and "ETA" in seen and "of 1,600 items" in seen
         await pilot.press("escape")  # cancels; a second escape would go back
         await settle(pilot)
         assert not screen.running and app.screen is screen
         assert "probe run cancelled; the session's results are unchanged" in notifications(app)
-        assert "results" not in app.extras and "cancelled" in screen_text(app)
+        assert not app.records.results and "cancelled" in screen_text(app)
         # The kept hybrid is still usable: a new run measures the current plan correctly.
         screen.query_one(SelectionList).deselect_all()
         field = screen.query_one("#probe-add", Input)
@@ -241,7 +270,7 @@ async def test_cancel_stops_a_run_and_records_nothing(olmoe3, tmp_path, monkeypa
         await pilot.press("enter")
         await run(pilot, screen)
         records, _ = reference(app, monkeypatch, tmp_path, [f"mc:{small}"], compare_donors=False)
-        assert app.extras["results"][0]["outcomes"] == records[0]["outcomes"]
+        assert app.records.results[0]["outcomes"] == records[0]["outcomes"]
 
 
 def test_split_runs_groups_records_as_the_cli_and_the_screen_write_them():
@@ -260,3 +289,38 @@ def test_split_runs_groups_records_as_the_cli_and_the_screen_write_them():
                rec("hybrid", "kl:t", vs="donor:A"), rec("hybrid", "kl:t", vs="donor:B"),  # kl records carry no plan
                rec("hybrid", "mc:a", p1)]  # another plan, hybrid only
     assert [len(r) for r in split_runs(records)] == [4, 2, 3, 1]
+
+
+@sync
+async def test_the_cli_and_the_workbench_record_the_same_probe_run(olmoe3, tmp_path, monkeypatch, cli):
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Plan, parse_spec
+    from surgeon.core.session import make_session, save_session
+
+    donors = {n: open_donor(p) for n, p in zip("ABC", olmoe3)}
+    plan = Plan("A", [parse_spec("attention@0", "B"), parse_spec("router@1", "C")])
+    spec = f"mc:{write_mc(tmp_path / 'mc.jsonl', 10, seed=5)},limit=8"
+    for name in ("cli.json", "app.json"):
+        save_session(make_session(plan, donors, tmp_path / name), tmp_path / name)
+    # Each side measures its donors itself (a score cache of its own), as on two machines.
+    r = cli("probe", tmp_path / "cli.json", "--probe", spec, "--json", env={"MOE_SURGEON_CACHE": str(tmp_path / "c1")})
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("MOE_SURGEON_CACHE", str(tmp_path / "c2"))
+    app = SurgeonApp(None, str(tmp_path / "app.json"), state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        screen = await open_probes(pilot, spec)
+        await run(pilot, screen)
+        assert_table_shows(screen, app.records.results)
+        for row in json.loads(r.stdout)["results"]:  # the CLI's own summary, to display precision
+            assert percent(cell(screen, row, "score")) == pytest.approx(row["score"], abs=0.0005)
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+
+    def comparable(results):
+        return [{k: v for k, v in rec.items() if k not in ("time", "run")} for rec in results]
+
+    by_cli, by_app = load_session(tmp_path / "cli.json"), load_session(tmp_path / "app.json")
+    assert by_app.probes == by_cli.probes and len(by_cli.probes) == 1
+    assert [rec["model"] for rec in by_cli.results] == ["hybrid", "donor:A", "donor:B", "donor:C"]
+    assert comparable(by_app.results) == comparable(by_cli.results)

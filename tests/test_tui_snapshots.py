@@ -66,8 +66,8 @@ async def probes(pilot):
     await marked(pilot)
     app = pilot.app
     plan = [{"spec": a.spec, "donor": a.donor} for a in app.wb.plan().assignments]
-    app.extras["probes"] = [{"kind": "em", "data": "arith"}, {"kind": "mc", "data": "arith_mc"}]
-    app.extras["results"] = probe_records([], 1) + probe_records(plan, 2)
+    app.records.probes = [{"kind": "em", "data": "arith"}, {"kind": "mc", "data": "arith_mc"}]
+    app.records.results = probe_records([], 1) + probe_records(plan, 2)
     await pilot.press("p")
     await settle(pilot)
 

@@ -74,7 +74,7 @@ async def test_sweep_screen_runs_stores_and_opens_a_configuration(donors_of, tmp
 
         spec, donors, want = reference(paths, probe, monkeypatch, tmp_path)
         # The session holds the record, under the same id the CLI would resume it by.
-        stored = app.extras["extensions"]["sweeps"]
+        stored = app.records.extensions["sweeps"]
         assert [r["id"] for r in stored] == [spec.key(donors)]
         got = stored[0]
         assert sorted(c["mask"] for c in got["configurations"]) == [0, 1, 2, 3]
@@ -132,4 +132,42 @@ async def test_bad_group_is_one_error_dialog_and_nothing_runs(donors_of, tmp_pat
         await pilot.press("r")
         await settle(pilot)
         assert isinstance(app.screen, ErrorScreen) and not screen.running
-        assert "sweeps" not in app.extras.get("extensions", {})
+        assert "sweeps" not in app.records.extensions
+
+
+@sync
+async def test_escape_stops_a_sweep_at_the_next_batch_and_r_resumes_it(donors_of, tmp_path):
+    from screens.probes import ProbesScreen
+    from surgeon.features.sweep.runner import is_complete
+
+    paths = [str(p) for p in donors_of("olmoe", 2)]
+    mc = write_mc(tmp_path / "mc.jsonl", 200, seed=3)
+    app = SurgeonApp(paths, None, state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("s")
+        await settle(pilot)
+        screen = app.screen
+        screen.query_one("#sweep-groups", Input).value = "; ".join(GROUPS)
+        screen.query_one("#sweep-probes", Input).value = f"mc:{mc},seed=7"
+        screen.query_one("#sweep-table").focus()
+        await pilot.press("r")
+        for _ in range(6000):  # until the first configuration past the base is measured and stored
+            await pilot.pause(0.01)
+            stored = app.records.extensions.get("sweeps")
+            if not screen.running or (stored and len(stored[0]["configurations"]) >= 2):
+                break
+        assert screen.running and "items/s" in str(screen.query_one("#sweep-stats").render())
+        await pilot.press("escape")  # cancels; a second escape would go back
+        await settle(pilot)
+        assert not screen.running and app.screen is screen
+        (record,) = app.records.extensions["sweeps"]
+        stopped_at = len(record["configurations"])
+        assert 2 <= stopped_at < 4 and not is_complete(record)
+        assert "stopped: r resumes" in str(screen.query_one("#sweep-stats").render())
+        probes = app.get_screen("probes")
+        assert isinstance(probes, ProbesScreen) and probes.hybrid.resolution.plan == app.wb.plan()
+        await pilot.press("r")  # resumes: only what is missing is measured
+        await settle(pilot)
+        (record,) = app.records.extensions["sweeps"]
+        assert is_complete(record) and record["runs"][-1]["configurations_measured"] == 4 - stopped_at

@@ -14,6 +14,8 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
+from surgeon.probes import metric_of
+
 
 @dataclass(frozen=True)
 class Bar:
@@ -27,14 +29,13 @@ class Bar:
 @dataclass(frozen=True)
 class BarGroup:
     probe: str
-    metric: str  # accuracy | nll (shown as perplexity) | kl
+    metric: str  # a result's metric (surgeon.probes.metric_of says how it reads)
     bars: tuple[Bar, ...]
 
 
 def value_text(metric: str, value: float) -> str:
-    if metric == "accuracy":
-        return f"{100 * value:.1f}%"
-    return f"{'ppl' if metric == 'nll' else 'KL'} {value:.3g}"
+    m = metric_of(metric)
+    return m.score_text(value) if m.proportion else f"{m.label} {value:.3g}"
 
 
 def bar_cells(bar: Bar, top: float, width: int) -> str:
@@ -79,7 +80,7 @@ class ScoreChart(Widget):
         out = Text(no_wrap=True, overflow="ellipsis")
         lines = 0
         for g in self.groups:
-            top = 1.0 if g.metric == "accuracy" else max([b.hi for b in g.bars] + [b.score for b in g.bars] + [1e-12])
+            top = 1.0 if metric_of(g.metric).proportion else max([b.hi for b in g.bars] + [b.score for b in g.bars] + [1e-12])
             for i, b in enumerate(g.bars):
                 if lines:
                     out.append("\n")

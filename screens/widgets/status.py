@@ -26,7 +26,7 @@ def legend(wb: Workbench, labels: dict[str, str], brush: str | None) -> Text:
     return text
 
 
-def status_line(wb: Workbench, session: str | None, dirty: bool) -> Text:
+def status_line(wb: Workbench, session: str | None, dirty: bool, note: str | None = None) -> Text:
     tally = wb.tally()
     text = Text()
     for name in wb.donors:
@@ -38,4 +38,6 @@ def status_line(wb: Workbench, session: str | None, dirty: bool) -> Text:
     text.append(session or "unsaved session", "italic")
     if dirty and session:
         text.append(" (modified)", "yellow")
+    if note:
+        text.append(f" · {note}", "dim")
     return text

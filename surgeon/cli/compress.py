@@ -1,19 +1,18 @@
 """`moe-surgeon compress`: Tucker-compress chosen experts into a compact dense checkpoint (seed 002).
 
-The engine is `compress.py` (the method is in its docstring); this file parses, chooses the
-experts (all, `--experts`, or the common experts of `--common` corpora via routing.py), prints
-the reconstruction errors and writes the checkpoint. torch and transformers are imported only
-inside the command, so `moe-surgeon --help` stays fast.
+The engine is `surgeon.features.compress` (`run_compress`; the method is in its docstring): it
+chooses the experts (all, `--experts`, or the common experts of `--common` corpora through the
+routing probe), decomposes them and writes the checkpoint; this file parses and prints. torch and
+transformers are imported only inside the command, so `moe-surgeon --help` stays fast.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from surgeon.cli.options import DTYPES
-from surgeon.errors import SurgeonError
+from surgeon.core.architectures import dense_targets_text
 
 
 def register(sub) -> None:
@@ -21,9 +20,8 @@ def register(sub) -> None:
         "compress", help="Tucker-compress chosen experts into a compact dense FFN checkpoint",
         description="Per MoE layer, stack the chosen experts' gate/up/down matrices, decompose each stack by "
         "a truncated HOSVD (Tucker), report the relative reconstruction error per layer and projection, and "
-        "write a dense checkpoint (mixtral -> mistral, qwen2_moe -> qwen2, qwen3_moe -> qwen3, olmoe -> "
-        "one-expert olmoe) whose FFN of intermediate size --rank comes from the decomposition; attention, "
-        "norms, embeddings and lm_head are copied unchanged.",
+        f"write a dense checkpoint ({dense_targets_text()}) whose FFN of intermediate size --rank comes from the "
+        "decomposition; attention, norms, embeddings and lm_head are copied unchanged.",
     )
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("source", help="an MoE checkpoint directory or demo:NAME")
@@ -54,129 +52,23 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_compress)
 
 
-def _common_choice(args, donor, device) -> tuple[dict, dict]:
-    """Per MoE layer, the experts common to every corpus (routing.common_experts)."""
-    from surgeon.cli.routing import (
-        DEFAULT_CORPORA,
-        corpus_texts,
-        load_model,
-        parse_corpus,
-    )
-    from surgeon.features.routing.probe import common_experts, probe_domains
-    from surgeon.probes.scoring import load_tokenizer
-
-    corpora = {}
-    for arg in args.common or DEFAULT_CORPORA:
-        name, path = parse_corpus(arg)
-        if name in corpora:
-            raise SurgeonError(f"--common {arg!r}: corpus name {name!r} given twice")
-        corpora[name] = corpus_texts(path)
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # a loading bar between the lines of a report is noise
-    tokenizer = load_tokenizer(donor.path)
-    model = load_model(donor.path, device, "keep")
-    stats = probe_domains(model, tokenizer, corpora, batch_size=args.batch_size, max_tokens=args.max_tokens)
-    del model
-    first = next(iter(stats.values()))
-    common = common_experts({n: s.frequency for n, s in stats.items()}, args.q / 100)
-    chosen = {}
-    for layer, experts in zip(first.layers, common):
-        if not experts:
-            raise SurgeonError(f"--common: layer {layer} has no expert in the top {args.q:g}% of every corpus "
-                               f"({', '.join(corpora)}); raise --q or choose with --experts")
-        chosen[layer] = tuple(experts)
-    info = {"corpora": list(corpora), "q": args.q, "tokens": {n: s.tokens for n, s in stats.items()}}
-    return chosen, info
-
-
-def _progress(done: int, total: int) -> None:
-    print(f"\rdecomposing: layer {done} of {total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
-def _check_load(path) -> dict:
-    """Load the written checkpoint with transformers and run it on a few tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # a bar for loading a few tensors is noise in a report
-    model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
-    model.eval()
-    problems = [f"{k} {v[0]}" for k, v in info.items() if v]
-    if problems:
-        raise SurgeonError(f"{path}: transformers loads it with {problems[0]}")
-    ids = torch.arange(1, min(9, model.config.vocab_size)).unsqueeze(0)
-    with torch.no_grad():
-        logits = model(ids).logits
-    if not torch.isfinite(logits).all():
-        raise SurgeonError(f"{path}: the written model gives non-finite logits")
-    return {"class": type(model).__name__, "tokens": int(ids.shape[1]), "logits_finite": True}
-
-
 def cmd_compress(args) -> int:
-    from surgeon.core.donor import open_donor
-    from surgeon.features.compress import check_ranks, check_source, parse_expert_choice
-    from surgeon.features.export import check_target
-    from surgeon.io.sizes import parse_size
+    from surgeon.cli.progress import StepPrinter
+    from surgeon.features.compress import CompressRequest, run_compress
+    from surgeon.jobs import CancelToken, cancel_on_interrupt
 
-    # Every check that needs no weights runs before torch is imported or anything slow starts.
-    if args.experts and args.common is not None:
-        raise SurgeonError("--experts and --common both choose the experts; give one")
-    if args.common is not None and not 0 < args.q <= 100:
-        raise SurgeonError(f"--q {args.q}: expected a percentage in (0, 100]")
-    max_shard = parse_size(args.max_shard_size)
-    donor = open_donor(args.source, allow_pickle=args.allow_pickle)
-    target = check_source(donor)
-    ranks = check_ranks(donor, args.rank, args.hidden_rank, args.expert_rank)
-    chosen = parse_expert_choice(args.experts, donor)
-    check_target(Path(args.out).absolute(), {"source": donor}, args.force)
-
-    import torch
-
-    from surgeon.features.compress import (
-        compress,
-        error_rows,
-        ffn_parameters,
-        full_sizes,
-        write_compact,
-    )
-    from surgeon.live.hybrid import check_device, default_device
-
-    device = str(check_device(args.device or default_device()))
-    report: dict = {"source": args.source, "path": str(donor.path), "model_type": donor.model_type,
-                    "fingerprint": donor.fingerprint, "device": device}
-    if args.common is not None:
-        chosen, report["common"] = _common_choice(args, donor, device)
-        report["chosen_by"] = f"--common {' '.join(report['common']['corpora'])} --q {args.q:g}"
-    else:
-        report["chosen_by"] = " ".join(f"--experts {e}" for e in args.experts) or "all experts"
-    try:
-        results = compress(donor, chosen, rank=ranks[0], hidden_rank=ranks[1], expert_rank=ranks[2], device=device,
-                           progress=_progress if sys.stderr.isatty() else None)
-    except torch.cuda.OutOfMemoryError:
-        raise SurgeonError(f"out of GPU memory on {device}; try --device cpu") from None
-    inter, hidden = full_sizes(donor)
-    before, after = ffn_parameters(donor, results)
-    report.update(
-        expert_shape={"intermediate": inter, "hidden": hidden},
-        ranks={"intermediate": ranks[0], "hidden": ranks[1], "expert": ranks[2]},
-        layers=error_rows(results),
-        mean_error={k: float(f"{sum(r.errors[k] for r in results) / len(results):.6g}")
-                    for k in ("gate", "up", "down", "all")},
-        ffn_parameters={"experts_before": before, "after": after},
-        target_note=target.note or None,
-    )
-    written = write_compact(donor, results, args.out, dtype=args.dtype, force=args.force,
-                            max_shard_size=max_shard, report=report)
-    report["written"] = written
-    report["model_parameters"] = {"before": donor.num_parameters, "after": written["parameters"]}
-    if args.check:
-        report["check"] = _check_load(written["path"])
+    request = CompressRequest(
+        out=args.out, source=args.source, rank=args.rank, hidden_rank=args.hidden_rank,
+        expert_rank=args.expert_rank, experts=tuple(args.experts),
+        common=None if args.common is None else tuple(args.common), q=args.q, max_tokens=args.max_tokens,
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, max_shard_size=args.max_shard_size,
+        force=args.force, check=args.check, allow_pickle=args.allow_pickle)
+    with cancel_on_interrupt(CancelToken()) as token:
+        result = run_compress(request, progress=StepPrinter("compress"), cancel=token)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result.report, indent=2))
     else:
-        _print_text(args, donor, report)
+        _print_text(args, result.donor, result.report)
     return 0
 
 

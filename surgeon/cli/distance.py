@@ -16,7 +16,11 @@ def cmd_distance(args) -> int:
     base, donor = open_donor(args.base), open_donor(args.donor)
     if base.model_type != donor.model_type:
         raise SurgeonError(f"{donor.path} is {donor.model_type}, {base.path} is {base.model_type}")
-    cells = dict(distance_map(base, donor, DistanceCache()))
+    from surgeon.cli.progress import StepPrinter
+    from surgeon.jobs import CancelToken, cancel_on_interrupt
+
+    with cancel_on_interrupt(CancelToken()) as token:
+        cells = dict(distance_map(base, donor, DistanceCache(), progress=StepPrinter("distance"), cancel=token))
     if args.json:
         out = {"base": str(base.path), "donor": str(donor.path), "cells": [
             {"layer": layer, "component": kind, "distance": value} for (layer, kind), value in cells.items()]}

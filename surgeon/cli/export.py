@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
+import sys
 
 from surgeon.cli.options import (
     common_export_options,
 )
-from surgeon.cli.progress import progress_printer, warn
+from surgeon.cli.progress import StepPrinter, warn
 from surgeon.io.sizes import human_bytes
+from surgeon.jobs import CancelToken, cancel_on_interrupt
 
 
 def _open_plan_donors(base_dir: str, takes: list[str], allow_pickle: bool):
@@ -22,37 +23,25 @@ def _open_plan_donors(base_dir: str, takes: list[str], allow_pickle: bool):
     return Plan(base, assignments), opened.donors
 
 
-def _run_export(plan, donors, out, args, session_path=None, session=None) -> int:
-    from surgeon.core.resolve import resolve
-    from surgeon.core.session import make_session, save_session
-    from surgeon.features.export import export_hybrid
+def _run_export(plan, donors, out, args, session_path=None, replay=None) -> int:
+    from surgeon.core.session import make_session
+    from surgeon.features.export import ExportRequest, run_export
     from surgeon.io.sizes import parse_size
 
-    resolution = resolve(plan, donors, dtype=args.dtype)
-    for w in resolution.warnings:
-        warn(w)
-    max_shard = parse_size(args.max_shard_size)
-    if session is None:
-        session = make_session(plan, donors, session_path)
-    embedded = make_session(plan, donors, None).to_json()
-    result = export_hybrid(
-        resolution, donors, out, dtype=args.dtype, max_shard_size=max_shard, force=args.force,
-        session_json=embedded, progress=progress_printer("export"), fsync=args.fsync,
+    request = ExportRequest(
+        plan, donors, out, dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size), force=args.force,
+        fsync=args.fsync, session=make_session(plan, donors, session_path) if session_path else None,
+        session_path=session_path, replay=replay,
     )
-    record = {
-        "path": str(result.path), "dtype": args.dtype, "max_shard_size": max_shard,
-        "shards": len(result.shards), "tensors": result.tensors, "bytes": result.bytes,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if session_path:
-        session.exports.append(record)
-        save_session(session, session_path)
+    with cancel_on_interrupt(CancelToken()) as token:
+        outcome = run_export(request, progress=StepPrinter("export"), cancel=token, warn=warn)
+    resolution, result = outcome.resolution, outcome.result
     params = resolution.parameters_by_donor()
     total = sum(params.values()) or 1
     shares = {name: params.get(name, 0) / total for name in donors}
     if args.json:
-        print(json.dumps({**record, "seconds": result.seconds, "changed_tensors": len(resolution.changed()),
-                          "share_by_donor": shares}, indent=2))
+        print(json.dumps({**outcome.record.to_json(), "seconds": result.seconds,
+                          "changed_tensors": len(resolution.changed()), "share_by_donor": shares}, indent=2))
     else:
         print(f"exported {result.tensors} tensors ({human_bytes(result.bytes)}) in {len(result.shards)} shard(s) "
               f"to {result.path} in {result.seconds:.2f}s")
@@ -68,37 +57,51 @@ def cmd_export(args) -> int:
 
 
 # ---------------------------------------------------------------- replay
+def check_replay_donors(session, donors, args):
+    """Replay's proof that the donors are the session's: full hashes where the session has them."""
+    from surgeon.core.session import DonorCheck, check_donor_contents
+
+    if args.ignore_fingerprints:
+        return DonorCheck(ignored=True)
+    with cancel_on_interrupt(CancelToken()) as token:
+        return check_donor_contents(session, donors, args.session, progress=StepPrinter("hashing donors"),
+                                    cancel=token)
+
+
 def cmd_replay(args) -> int:
     from surgeon.core.resolve import resolve
     from surgeon.core.session import load_session, open_session_donors
 
     session = load_session(args.session)
     donors = open_session_donors(
-        session, args.session, ignore_fingerprints=args.ignore_fingerprints, verify=args.verify,
-        allow_pickle=args.allow_pickle,
+        session, args.session, ignore_fingerprints=args.ignore_fingerprints, allow_pickle=args.allow_pickle,
     )
+    check = check_replay_donors(session, donors, args)
     # --- mix session step (surgeon/mix_build.py): its export is rebuilt by the mix command's code
     if "mix" in session.extensions:
         from surgeon.cli.mix import replay_mix
 
-        return replay_mix(session, donors, args)
+        return replay_mix(session, donors, args, check)
     # --- end mix
+    if args.probes or args.export:
+        print(f"moe-surgeon: {check.line()}", file=sys.stderr)
     if args.probes:
         from surgeon.cli.probe import replay_probes
 
         return replay_probes(session, donors, args)
     if args.export:
-        return _run_export(session.plan, donors, args.export, args, session_path=None, session=session)
+        replay = {"session": str(args.session), "donors": check.status}
+        return _run_export(session.plan, donors, args.export, args, replay=replay)
     resolution = resolve(session.plan, donors, dtype=args.dtype)
     for w in resolution.warnings:
         warn(w)
     summary = {"session": str(args.session), "donors": {n: str(d.path) for n, d in donors.items()},
-               "fingerprints": "verified" if not args.ignore_fingerprints else "ignored",
+               "fingerprints": check.status, "donor_check": check.line(),
                "tensors": len(resolution.sources), "changed_tensors": len(resolution.changed())}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{args.session}: {len(donors)} donor(s), fingerprints {summary['fingerprints']}, "
+        print(f"{args.session}: {len(donors)} donor(s); {check.line()}; "
               f"{summary['changed_tensors']} of {summary['tensors']} tensors from donors other than the base")
     return 0
 
@@ -117,7 +120,8 @@ def register(sub) -> None:
     p.add_argument("session")
     p.add_argument("--export", metavar="OUT")
     p.add_argument("--ignore-fingerprints", action="store_true", help="replay even if a donor changed")
-    p.add_argument("--verify", action="store_true", help="also compare full content hashes where recorded")
+    p.add_argument("--verify", action="store_true",
+                   help="kept for old scripts: full content hashes are always checked where the session records them")
     p.add_argument("--probes", action="store_true",
                    help="re-run the recorded probes and report per-item differences (exit 1 if any)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")

@@ -13,29 +13,26 @@ import sys
 from surgeon.errors import SurgeonError
 from surgeon.jobs import Cancelled
 
-SUBCOMMANDS = ("inspect", "export", "replay", "demo", "probe", "sweep", "distance", "routing", "compress", "mix", "gates")
+# command -> the module in surgeon/cli/ whose register(sub) adds its parser (and runs it)
+COMMANDS = {
+    "inspect": "inspect", "export": "export", "replay": "export", "verify": "verify", "probe": "probe",
+    "demo": "demo", "distance": "distance", "sweep": "sweep", "routing": "routing", "compress": "compress",
+    "mix": "mix", "gates": "gates",
+}
+SUBCOMMANDS = tuple(COMMANDS)
 
 
 # ---------------------------------------------------------------- parsers
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand's parser, or only `command`'s: a command starts without importing the
+    modules (and the defaults they read from the features) of every other one."""
+    import importlib
+
     parser = argparse.ArgumentParser(prog="moe-surgeon", description="Mixture-of-Experts model surgery.")
     sub = parser.add_subparsers(dest="command", required=True)
-    # Each subcommand's parser lives beside its command; importing them imports no torch.
-    from surgeon.cli import (
-        compress,
-        demo,
-        distance,
-        export,
-        gates,
-        inspect,
-        mix,
-        probe,
-        routing,
-        sweep,
-    )
-
-    for module in (inspect, export, probe, demo, distance, sweep, routing, compress, mix, gates):
-        module.register(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(f"surgeon.cli.{name}").register(sub)
     return parser
 
 
@@ -54,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            args = build_parser().parse_args(argv)
+            args = build_parser(argv[0]).parse_args(argv)
             return args.func(args)
         args = build_tui_parser().parse_args(argv)
         from screens.app import run_app

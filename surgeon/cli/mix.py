@@ -1,18 +1,20 @@
-"""`moe-surgeon mix`: build an MoE from dense donors (their MLPs become the experts); see mix.py."""
+"""`moe-surgeon mix`: build an MoE from dense donors (their MLPs become the experts); see surgeon/features/mix/plan.py."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 
+from surgeon.core.architectures import MIX_ARCH_CHOICES
 from surgeon.errors import SurgeonError
+from surgeon.io.dtypes import CASTS
 
-COMPUTE_DTYPES = ["float32", "bfloat16", "float16"]
+COMPUTE_DTYPES = sorted(CASTS, key=lambda d: d != "float32")  # float32 first: the default
 
 
 def register(sub) -> None:
     from surgeon.cli.options import common_export_options
+    from surgeon.features.mix.router_train import TEMPLATES, TrainSpec
 
     p = sub.add_parser(
         "mix", help="build an MoE from dense donors (their MLPs become the experts)",
@@ -29,14 +31,15 @@ def register(sub) -> None:
     p.add_argument("--always-on", metavar="DIR", help="a donor whose MLP is added to every token's output")
     p.add_argument("--take", action="append", default=[], metavar="SPEC=DIR",
                    help="take attention/norms/embedding/final_norm/lm_head[@layers] from DIR; later wins")
-    p.add_argument("--arch", default="auto", choices=["auto", "mixtral", "qwen2_moe"],
+    p.add_argument("--arch", default="auto", choices=MIX_ARCH_CHOICES,
                    help="output architecture (auto: Mixtral for llama/mistral, Qwen2-MoE for qwen2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noisy/random router and of router training")
     p.add_argument("--train", metavar="FILE", help="train only the routers on FILE (jsonl or text)")
-    p.add_argument("--steps", type=int, default=100, help="router training steps (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="router learning rate, constant (default 1e-3)")
-    p.add_argument("--train-batch-size", type=int, default=8)
-    p.add_argument("--train-template", default="raw", choices=["raw", "qa"],
+    p.add_argument("--steps", type=int, default=TrainSpec.steps, help=f"router training steps (default {TrainSpec.steps})")
+    p.add_argument("--lr", type=float, default=TrainSpec.lr,
+                   help="router learning rate, constant (default 1e-3)")
+    p.add_argument("--train-batch-size", type=int, default=TrainSpec.batch_size)
+    p.add_argument("--train-template", default=TrainSpec.template, choices=TEMPLATES,
                    help="how prompt/answer items become text (raw: side by side, qa: Question:/Answer:)")
     p.add_argument("--device", help="where hidden-state init and training run: cpu, cuda, cuda:N "
                    "(default: cuda when present)")
@@ -58,20 +61,6 @@ def _open_donors(args):
     always_on = opened.name_for(args.always_on) if args.always_on else None
     assignments = [parse_take(take, opened.name_for) for take in args.take]
     return base, experts, always_on, assignments, opened.donors
-
-
-def _train_printer():
-    if not sys.stderr.isatty():
-        return None
-    t0 = time.perf_counter()
-
-    def report(step: int, total: int, loss: float) -> None:
-        done = int(30 * step / total)
-        rate = step / max(time.perf_counter() - t0, 1e-9)
-        print(f"\rtrain routers [{'#' * done}{'.' * (30 - done)}] {step}/{total}  loss {loss:.4f}  "
-              f"ETA {(total - step) / rate:4.0f}s", end="" if step < total else "\n", file=sys.stderr)
-
-    return report
 
 
 def _settings(args, device_default):
@@ -101,7 +90,7 @@ def cmd_mix(args) -> int:
         plan.prompts = parse_prompts(args.prompts, experts, donors)
     device = args.device
     if device is None and (router.mode == "hidden" or args.train):
-        from surgeon.live.hybrid import default_device
+        from surgeon.live.devices import default_device
 
         device = default_device()
     settings = _settings(args, device or "cpu")
@@ -110,14 +99,15 @@ def cmd_mix(args) -> int:
 
 def _build_and_report(plan, donors, out, settings, args, *, session_path=None, recorded_digest=None) -> int:
     from surgeon.cli.options import out_of_memory_is_an_error
-    from surgeon.cli.progress import progress_printer, warn
+    from surgeon.cli.progress import StepPrinter, warn
     from surgeon.core.session import save_session
     from surgeon.features.mix.build import build_mix
     from surgeon.io.sizes import human_bytes
+    from surgeon.jobs import CancelToken, cancel_on_interrupt
 
-    with out_of_memory_is_an_error(settings.device):
+    with out_of_memory_is_an_error(settings.device), cancel_on_interrupt(CancelToken()) as token:
         built = build_mix(plan, donors, out, settings, session_path=session_path, force=args.force, fsync=args.fsync,
-                          export_progress=progress_printer("mix"), train_progress=_train_printer())
+                          progress=StepPrinter("mix"), cancel=token)
     layout, result, outcome = built.layout, built.export, built.outcome
     for w in layout.warnings:
         warn(w)
@@ -153,7 +143,7 @@ def _build_and_report(plan, donors, out, settings, args, *, session_path=None, r
     return 0
 
 
-def replay_mix(session, donors, args) -> int:
+def replay_mix(session, donors, args, check) -> int:
     """`moe-surgeon replay SESSION --export OUT` for a session whose step is a mix."""
     from surgeon.features.mix.build import EXTENSION, plan_from_session
 
@@ -170,12 +160,13 @@ def replay_mix(session, donors, args) -> int:
         layout = resolve_mix(plan, donors, dtype=settings.dtype)
         summary = {"session": str(args.session), "mix": True, "arch": layout.output.model_type,
                    "experts": plan.experts, "router": plan.router.label, "tensors": len(layout.tensors),
-                   "fingerprints": "verified" if not args.ignore_fingerprints else "ignored"}
+                   "fingerprints": check.status, "donor_check": check.line()}
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
             print(f"{args.session}: a mix of {len(plan.experts)} experts into a {layout.output.model_type} "
-                  f"(router {plan.router.label}), {len(layout.tensors)} tensors; fingerprints {summary['fingerprints']}; "
+                  f"(router {plan.router.label}), {len(layout.tensors)} tensors; {check.line()}; "
                   "add --export OUT to rebuild it")
         return 0
+    print(f"moe-surgeon: {check.line()}", file=sys.stderr)
     return _build_and_report(plan, donors, args.export, settings, args, recorded_digest=ext.get("routers_sha256"))

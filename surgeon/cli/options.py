@@ -5,8 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from surgeon.errors import SurgeonError
-
-DTYPES = ["keep", "bfloat16", "float16", "float32"]
+from surgeon.io.dtypes import DTYPE_CHOICES as DTYPES
 
 
 def add_model_options(p, batch_size: int = 16) -> None:
@@ -31,7 +30,7 @@ def out_of_memory_is_an_error(device: str):
 
 
 def common_export_options(p) -> None:
-    p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="keep", choices=DTYPES,
                    help="dtype of the written tensors (default keep; e_score_correction_bias stays fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")

@@ -4,68 +4,44 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import time
-from pathlib import Path
 
 from surgeon.cli.options import (
     add_model_options,
     out_of_memory_is_an_error,
 )
+from surgeon.cli.progress import StepPrinter
 from surgeon.errors import SurgeonError
+from surgeon.jobs import CancelToken, cancel_on_interrupt
 
 
 def _print_probe_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from surgeon.probes import metric_of
     from surgeon.probes.stats import significance_stars
 
     table = Table(show_edge=False, header_style="bold")
     for col in ("model", "probe", "n", "score", "95% CI", "vs donors (delta, McNemar p, z p)"):
         table.add_column(col, justify="right" if col in ("n", "score") else "left")
     for r in rows:
-        score = f"{100 * r['score']:.1f}%" if r["metric"] == "accuracy" else f"{r['score']:.3f}"
-        ci = (f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]" if r["metric"] == "accuracy"
-              else f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+        metric = metric_of(r["metric"])
+        score, ci = metric.score_text(r["score"]), metric.ci_text(*r["ci"])
         vs = "  ".join(
             f"{name.split(':')[1]}: {100 * v['delta']:+.1f} p={v['mcnemar_p']:.3g}{significance_stars(v['mcnemar_p'])}"
             f" z={v['z_p']:.3g}"
             for name, v in r["vs"].items()
         )
-        table.add_row(r["model"], r["probe"] + (f" ({r['metric']})" if r["metric"] != "accuracy" else ""),
+        table.add_row(r["model"], r["probe"] + ("" if metric.proportion else f" ({metric.name})"),
                       str(r["n"]), score, ci, vs)
     Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
 
 
-def _probe_progress(json_out: bool):
-    if not sys.stderr.isatty():
-        return None
-    t0 = time.perf_counter()
-
-    def report(label: str, done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        print(f"\r{label}: {done}/{total}  {rate:.1f}/s ", end="" if done < total else "\n", file=sys.stderr)
-
-    return report
-
-
 def _open_probe_target(target: str, allow_pickle: bool):
     """A session file (hybrid vs its donors) or a checkpoint directory (that model alone)."""
-    from surgeon.core.donor import open_donor
-    from surgeon.core.plan import Plan
-    from surgeon.core.session import (
-        load_session,
-        open_session_donors,
-        refuse_mix_session,
-    )
+    from surgeon.core.session import open_target
 
-    if Path(target).is_file():
-        session = load_session(target)
-        refuse_mix_session(session, target, "probe")
-        return session, open_session_donors(session, target, allow_pickle=allow_pickle), session.plan
-    donor = open_donor(target, allow_pickle=allow_pickle)
-    return None, {"A": donor}, Plan("A")
+    return open_target(target, "probe", allow_pickle=allow_pickle)
 
 
 def cmd_probe(args) -> int:
@@ -89,24 +65,28 @@ def cmd_probe(args) -> int:
         specs = [spec_from_json(p) for p in session.probes]
     if not specs:
         raise SurgeonError("probe: no --probe given and the session records none (see probe --list)")
-    from surgeon.live.hybrid import Hybrid, default_device
-    from surgeon.probes.run import load_probe_data, run_probes, summarize
+    from surgeon.live.devices import default_device
+    from surgeon.live.hybrid import Hybrid
+    from surgeon.probes.run import (
+        load_probe_data,
+        record_probe_results,
+        run_probes,
+        summarize,
+    )
 
     for s in specs:
         load_probe_data(s)  # refuse bad probe data before loading any model
     device = args.device or default_device()
     hybrid = Hybrid.materialize(plan, donors, device=device, dtype=args.dtype)
-    with out_of_memory_is_an_error(device):
+    with out_of_memory_is_an_error(device), cancel_on_interrupt(CancelToken()) as cancel:
         records = run_probes(hybrid, plan, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
                              compare_donors=session is not None and not args.no_donors,
-                             progress=_probe_progress(args.json))
+                             progress=StepPrinter("probe"), cancel=cancel)
     if session is not None and not args.no_save:
-        from surgeon.core.session import save_session
+        from surgeon.core.session import record_full_hashes, save_session
 
-        for s in specs:
-            if s.to_json() not in session.probes:
-                session.probes.append(s.to_json())
-        session.results.extend(records)
+        record_probe_results(session, specs, records)
+        record_full_hashes(session, donors, progress=StepPrinter("hashing donors"))  # upgrades an old session
         save_session(session, args.target)
     rows = summarize(records)
     if args.json:
@@ -118,7 +98,8 @@ def cmd_probe(args) -> int:
 
 def replay_probes(session, donors, args) -> int:
     """Re-run the recorded hybrid probes; report every per-item difference from the recording."""
-    from surgeon.live.hybrid import Hybrid, default_device
+    from surgeon.live.devices import default_device
+    from surgeon.live.hybrid import Hybrid
     from surgeon.probes import spec_from_json
     from surgeon.probes.run import run_probes
 
@@ -133,8 +114,10 @@ def replay_probes(session, donors, args) -> int:
     dtypes = {r["dtype"] for r in recorded.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else args.dtype
     hybrid = Hybrid.materialize(session.plan, donors, device=device, dtype=dtype)
-    fresh = run_probes(hybrid, session.plan, specs, device=device, dtype=dtype,
-                       batch_size=next(iter(recorded.values()))["batch_size"], compare_donors=False)
+    with cancel_on_interrupt(CancelToken()) as cancel:
+        fresh = run_probes(hybrid, session.plan, specs, device=device, dtype=dtype,
+                           batch_size=next(iter(recorded.values()))["batch_size"], compare_donors=False,
+                           progress=StepPrinter("replay"), cancel=cancel)
     differences = []
     for new in fresh:
         old = recorded[new["label"]]

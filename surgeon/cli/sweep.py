@@ -1,8 +1,9 @@
 """`moe-surgeon sweep`: the component-transfer grid (seed 000) from the command line.
 
-The engine is `sweep.py` (groups, Gray-code walk, resumable runner) and `sweep_report.py`
-(tables and verdicts); this module parses arguments, keeps the session file up to date after
-every configuration, prints progress on stderr and the report on stdout.
+The engine is `features/sweep/runner.py` (groups, Gray-code walk, resumable runner) and
+`features/sweep/report.py` (tables and verdicts); this module parses arguments, keeps the session
+file up to date after every configuration, prints progress on stderr and the report on stdout.
+The first ctrl+c stops the sweep at its next batch; the configurations saved so far stay.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import time
 from pathlib import Path
 
 from surgeon.cli.options import add_model_options, out_of_memory_is_an_error
+from surgeon.cli.progress import StepPrinter
 from surgeon.core.plan import DONOR_LETTERS
 from surgeon.errors import SurgeonError
 from surgeon.io.sizes import human_bytes
+from surgeon.jobs import CancelToken, cancel_on_interrupt
 
 
 def register(sub) -> None:
@@ -105,21 +108,23 @@ def _choose_donors(args, session, donors) -> tuple[str, str]:
 
 
 class _Progress:
-    """Progress lines on stderr: one per ceiling and per finished configuration (always), and a
-    live item counter when stderr is a terminal."""
+    """Progress lines on stderr: one per ceiling and per finished configuration (always), and the
+    items measured (`step`, a StepPrinter: one live line on a terminal, a line every few seconds
+    elsewhere)."""
 
     def __init__(self, spec, donors, session_path: str):
         self.spec, self.donors, self.session_path = spec, donors, session_path
-        self.tty = sys.stderr.isatty()
+        self.printer = StepPrinter("sweep")
         self.t0 = time.perf_counter()
         self.swap = None
         self.prev = 0  # the configuration the hybrid is on: a run starts from the base
-        self.partial = False
+
+    def step(self, step) -> None:
+        self.printer(step)
 
     def _line(self, text: str) -> None:
-        if self.partial:
+        if self.printer.tty:  # clear the live item line, if one is drawn
             print("\r\033[K", end="", file=sys.stderr)
-            self.partial = False
         print(text, file=sys.stderr, flush=True)
 
     def __call__(self, e) -> None:
@@ -135,10 +140,6 @@ class _Progress:
             self._line(f"ceiling {e.name} {e.probe}: {how}")
         elif e.kind == "swap":
             self.swap = e.swap
-        elif e.kind == "probe" and self.tty:
-            print(f"\r\033[K[{e.done + 1}/{e.total}] {e.name}: {e.probe} {e.items_done}/{e.items}",
-                  end="", file=sys.stderr, flush=True)
-            self.partial = True
         elif e.kind == "configuration":
             scores = "  ".join(f"{lab} {_score(r)}" for lab, r in e.entry["results"].items())
             moved = ""
@@ -154,7 +155,9 @@ class _Progress:
 
 
 def _score(rec: dict) -> str:
-    return f"{100 * rec['score']:.1f}%" if rec["metric"] == "accuracy" else f"{rec['score']:.3f}"
+    from surgeon.probes import metric_of
+
+    return metric_of(rec["metric"]).score_text(rec["score"])
 
 
 def cmd_sweep(args) -> int:
@@ -183,7 +186,7 @@ def cmd_sweep(args) -> int:
     base, donor = _choose_donors(args, session, donors)
     for w in check_groups(groups, donors, base, donor):
         print(f"moe-surgeon: warning: {w}", file=sys.stderr)
-    from surgeon.live.hybrid import check_device, default_device
+    from surgeon.live.devices import check_device, default_device
 
     device = args.device or default_device()
     if device != "auto":  # auto: accelerate spreads a large hybrid over every GPU
@@ -201,15 +204,18 @@ def cmd_sweep(args) -> int:
         print(f"moe-surgeon: note: the sweep starts from the plain base {base}; the session's plan "
               f"({len(session.plan.assignments)} assignment(s)) is kept but not part of it", file=sys.stderr)
 
-    from surgeon.core.session import save_session
+    from surgeon.core.session import record_full_hashes, save_session
     from surgeon.features.sweep.runner import run_sweep
+
+    record_full_hashes(session, donors, progress=StepPrinter("hashing donors"))  # read once, then cached
 
     def save(rec: dict) -> None:
         store_sweep(session, rec)
         save_session(session, args.session)
 
-    with out_of_memory_is_an_error(device):
-        record = run_sweep(spec, donors, record=record, save=save, on_event=_Progress(spec, donors, args.session))
+    shown = _Progress(spec, donors, args.session)
+    with out_of_memory_is_an_error(device), cancel_on_interrupt(CancelToken()) as cancel:
+        record = run_sweep(spec, donors, record=record, save=save, on_event=shown, progress=shown.step, cancel=cancel)
 
     from surgeon.features.sweep.report import analyze, to_csv, to_json, to_markdown
 

@@ -62,7 +62,7 @@ def _match(segments: list[str], pattern: str) -> tuple[bool, int | None]:
     expert = None
     for seg, want in zip(segments, pat):
         if want == "{E}":
-            if not seg.isdigit():
+            if not (seg.isascii() and seg.isdigit()):  # not '²', which int() refuses
                 return False, None
             expert = int(seg)
         elif seg != want:
@@ -76,7 +76,7 @@ def classify(name: str, arch: Architecture) -> Part | None:
         if _match(segments, pattern)[0]:
             return Part(kind)
     n = len(LAYER_PREFIX)
-    if tuple(segments[:n]) != LAYER_PREFIX or len(segments) <= n + 1 or not segments[n].isdigit():
+    if tuple(segments[:n]) != LAYER_PREFIX or len(segments) <= n + 1 or not (segments[n].isascii() and segments[n].isdigit()):
         return None
     layer = int(segments[n])
     rest = segments[n + 1:]
@@ -127,4 +127,4 @@ def natural_key(name: str):
     """Sort key that puts layer 2 before layer 10 and globals around the layers."""
     m = _LAYER_NUM.search(name)
     layer = int(m.group(1)) if m else (-1 if "embed" in name else 1 << 30)
-    return (layer, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+    return (layer, [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", name)])

@@ -97,6 +97,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
         Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
         Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
+        Architecture("qwen3", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),  # compress's qwen3_moe target
     )
 }
 
@@ -124,3 +125,71 @@ def architecture_for(model_type: str) -> tuple[Architecture, bool]:
     """The table for a model_type, and whether it is known (False means the fallback)."""
     arch = ARCHITECTURES.get(model_type)
     return (arch, True) if arch else (FALLBACK, False)
+
+
+# ---------------------------------------------------------------- what the features make of them
+# Mixing dense donors into an MoE (features/mix): which dense types can be mixed, into what by
+# default, and what their config classes assume for keys config.json leaves out where the MoE
+# class would assume something else (Mixtral: rms_norm_eps 1e-5, rope_theta 1e6, 8 kv heads).
+@dataclass(frozen=True)
+class MixSource:
+    default_output: str  # a key of MIX_OUTPUTS
+    config_defaults: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class MixOutput:
+    """How an MoE a mix is written as names things on disk (what save_pretrained writes)."""
+
+    model_type: str
+    class_name: str
+    block: str  # the MoE block under a layer
+    expert_names: dict  # dense projection -> expert tensor name
+    experts_key: str
+    shared_expert: bool
+
+
+_DENSE_DEFAULTS = (("rms_norm_eps", 1e-6), ("rope_theta", 10000.0))
+MIX_SOURCES = {
+    "llama": MixSource("mixtral", _DENSE_DEFAULTS + (("sliding_window", None),)),
+    "mistral": MixSource("mixtral", _DENSE_DEFAULTS + (("sliding_window", 4096),)),
+    "qwen2": MixSource("qwen2_moe", _DENSE_DEFAULTS),
+}
+_DENSE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MIX_OUTPUTS = {
+    "mixtral": MixOutput("mixtral", "MixtralForCausalLM", "block_sparse_moe",
+                         {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}, "num_local_experts", False),
+    "qwen2_moe": MixOutput("qwen2_moe", "Qwen2MoeForCausalLM", "mlp",
+                           {p: p for p in _DENSE_PROJECTIONS}, "num_experts", True),
+}
+MIX_ARCH_CHOICES = ["auto", *MIX_OUTPUTS]  # `mix --arch` and the mix form's arch field
+
+
+# Compressing an MoE's experts into one dense FFN (features/compress): the dense model written
+# for each MoE type. See features/compress.py for why OLMoE becomes a one-expert OLMoE.
+@dataclass(frozen=True)
+class DenseTarget:
+    model_type: str  # written to config.json
+    architecture: str  # its CausalLM class
+    ffn_prefix: str  # under model.layers.L: where gate_proj/up_proj/down_proj go
+    router: str | None = None  # a one-expert MoE still has a router: a zero [1, H] weight here
+    config: tuple[tuple[str, object], ...] = ()  # config keys set on top of the source's
+    note: str = ""
+
+
+DENSE_TARGETS = {
+    "mixtral": DenseTarget("mistral", "MistralForCausalLM", "mlp"),
+    "qwen2_moe": DenseTarget("qwen2", "Qwen2ForCausalLM", "mlp",
+                             note="the shared expert and its gate are dropped (no dense equivalent of a "
+                                  "per-token sigmoid gate)"),
+    "qwen3_moe": DenseTarget("qwen3", "Qwen3ForCausalLM", "mlp"),
+    "olmoe": DenseTarget("olmoe", "OlmoeForCausalLM", "mlp.experts.0", router="mlp.gate",
+                         config=(("num_experts", 1), ("num_experts_per_tok", 1)),
+                         note="transformers has no dense OLMoE (OLMo2/3 are post-norm), so the output is an "
+                              "OLMoE with one always-selected expert (softmax over one expert = 1.0)"),
+}
+
+
+def dense_targets_text() -> str:
+    """`mixtral -> mistral, ..., olmoe -> one-expert olmoe`, for help texts."""
+    return ", ".join(f"{moe} -> {'one-expert ' if t.router else ''}{t.model_type}" for moe, t in DENSE_TARGETS.items())

@@ -18,6 +18,7 @@ from pathlib import Path
 from surgeon.core.anatomy import Anatomy, build_anatomy
 from surgeon.core.gates_sidecar import GATES_FILE, check_sidecar
 from surgeon.errors import SurgeonError
+from surgeon.io.dtypes import FROM_TORCH
 from surgeon.io.safetensors_file import Header, TensorInfo, read_header
 
 DEMO_SCHEME = "demo:"
@@ -40,12 +41,7 @@ SIDE_FILES = (
 )
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
-TORCH_TO_SAFETENSORS = {
-    "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
-    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
-    "torch.uint8": "U8", "torch.bool": "BOOL",
-    "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
-}
+TORCH_TO_SAFETENSORS = FROM_TORCH
 
 
 def resolve_path(spec: str, relative_to: str | os.PathLike | None = None) -> Path:
@@ -140,12 +136,34 @@ class Donor:
             digest.update(f"{name}:{fp};".encode())
         return "sha256:" + digest.hexdigest()[:32]
 
-    def content_hash(self) -> str:
-        digest = hashlib.sha256(self.config_bytes)
+    def full_hashes(self, *, progress=None, cancel=None) -> dict[str, str]:
+        """Every shard's full content hash (io/content_hash.py): read once, then a stat per shard
+        while the file is unchanged. What "verified" rests on."""
+        from surgeon.io.content_hash import hash_files
+        from surgeon.jobs import NEVER
+
+        paths = {name: self.path / name for name in sorted(self.shards)}
+        got = hash_files(paths.values(), progress=progress, cancel=cancel or NEVER)
+        return {name: got[p] for name, p in paths.items()}
+
+    def cached_full_hashes(self) -> dict[str, str] | None:
+        """The full hashes if every shard's is in the cache for the file as it is now; else None.
+        Costs a stat per shard, never a read: for saving a session without waiting."""
+        from surgeon.io.content_hash import cached_hash
+
+        out = {}
         for name in sorted(self.shards):
-            with open(self.path / name, "rb") as f:
-                while chunk := f.read(1 << 23):
-                    digest.update(chunk)
+            h = cached_hash(self.path / name)
+            if h is None:
+                return None
+            out[name] = h
+        return out
+
+    def content_hash(self) -> str:
+        """One hash of config.json and every byte of every shard (from the shards' full hashes)."""
+        digest = hashlib.sha256(self.config_bytes)
+        for name, h in self.full_hashes().items():
+            digest.update(f"{name}:{h};".encode())
         return "sha256:" + digest.hexdigest()
 
     def side_files(self) -> list[Path]:
@@ -170,14 +188,111 @@ def _read_config(path: Path) -> tuple[dict, bytes]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise SurgeonError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    raw = cfg_path.read_bytes()
     try:
+        raw = cfg_path.read_bytes()
         config = json.loads(raw)
+    except OSError as e:
+        raise SurgeonError(f"{cfg_path}: cannot read ({e.strerror})") from None
     except ValueError as e:
         raise SurgeonError(f"{cfg_path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise SurgeonError(f"{cfg_path}: invalid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise SurgeonError(f"{cfg_path}: expected a JSON object")
+    _check_config_types(config, cfg_path)
     return config, raw
+
+
+# config.json fields the engine reads as counts. Checked for type before anything uses them, so
+# `"num_hidden_layers": "two"` is a line naming the field, not a ValueError deep in the anatomy.
+# null counts as absent: transformers' own defaults then apply.
+COUNT_FIELDS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_experts", "num_local_experts",
+                "n_routed_experts", "num_experts_per_tok", "num_nextn_predict_layers")
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _check_config_types(config: dict, cfg_path: Path) -> None:
+    for key in COUNT_FIELDS:
+        value = config.get(key)
+        if value is not None and not (type(value) is int and value >= 0):
+            raise SurgeonError(f"{cfg_path}: field {key} is {_short(value)}, expected a non-negative integer")
+    for key, ok, expected in (
+        ("model_type", lambda v: isinstance(v, str), "a string"),
+        ("architectures", lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of strings"),
+        ("tie_word_embeddings", lambda v: isinstance(v, bool), "true or false"),
+    ):
+        if config.get(key) is not None and not ok(config[key]):
+            raise SurgeonError(f"{cfg_path}: field {key} is {_short(config[key])}, expected {expected}")
+
+
+def check_config(donor: Donor) -> Donor:
+    """Refuse a config.json that contradicts the tensors: transformers refuses to load such a
+    checkpoint (or fills the difference with random weights), and so would every export of it."""
+    cfg_path = donor.path / "config.json"
+    config = donor.config
+    layers = sorted({int(name.split(".")[2]) for name in donor.tensors if _LAYER_NAME.match(name)})
+    declared = config.get("num_hidden_layers")
+    if declared is not None:
+        # DeepSeek-V3 keeps its multi-token-prediction layers after the decoder layers.
+        extra = config.get("num_nextn_predict_layers") or 0
+        held = f"layers 0-{layers[-1]}" if layers else "no layer"
+        if layers and layers[-1] != len(layers) - 1:
+            missing = next(i for i, layer in enumerate(layers) if layer != i)
+            raise SurgeonError(f"{cfg_path}: num_hidden_layers is {declared} but the tensors hold no layer {missing} "
+                               f"(they hold {len(layers)} layers up to layer {layers[-1]})")
+        if not declared <= len(layers) <= declared + extra:
+            raise SurgeonError(f"{cfg_path}: num_hidden_layers is {declared} but the tensors hold {held}")
+    _check_expert_count(donor, cfg_path)
+    _check_embedding(donor, cfg_path)
+    return donor
+
+
+# A decoder layer's tensor: `model.layers.N.` with N in ASCII digits, as every writer spells it.
+_LAYER_NAME = re.compile(r"model\.layers\.[0-9]+\.", re.ASCII)
+
+
+def _check_expert_count(donor: Donor, cfg_path: Path) -> None:
+    from surgeon.core.architectures import architecture_for
+    from surgeon.core.plan import format_ranges
+
+    arch, known = architecture_for(donor.model_type)
+    keys = (arch.experts_key,) if known else EXPERT_COUNT_FIELDS
+    key = next((k for k in keys if k is not None and donor.config.get(k) is not None), None)
+    if key is None:
+        return
+    declared = donor.config[key]
+    held: dict[int, set[int]] = {}
+    for part in donor.anatomy.parts.values():
+        if part.expert is not None:
+            held.setdefault(part.layer, set()).add(part.expert)
+    for layer, experts in sorted(held.items()):
+        if len(experts) != declared or max(experts) != declared - 1:  # not range(declared): it may be huge
+            raise SurgeonError(
+                f"{cfg_path}: {key} is {declared} but layer {layer} holds {len(experts)} experts "
+                f"({format_ranges(experts)})"
+            )
+
+
+def _check_embedding(donor: Donor, cfg_path: Path) -> None:
+    info = donor.tensors.get("model.embed_tokens.weight")
+    if info is None:
+        return
+    if len(info.shape) != 2:
+        raise SurgeonError(f"{cfg_path}: model.embed_tokens.weight has shape {list(info.shape)}, "
+                           "expected [vocab_size, hidden_size]")
+    for key, axis, what in (("vocab_size", 0, "rows"), ("hidden_size", 1, "columns")):
+        declared = donor.config.get(key)
+        if declared is not None and declared != info.shape[axis]:
+            raise SurgeonError(f"{cfg_path}: {key} is {declared} but model.embed_tokens.weight has "
+                               f"{info.shape[axis]} {what} (shape {list(info.shape)})")
+
+
+def _short(value, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value)
+    except RecursionError:
+        return "a deeply nested value"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _shard_names(path: Path) -> list[str] | None:
@@ -228,7 +343,7 @@ def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool 
     config, config_bytes = _read_config(path)
     names = _shard_names(path)
     if names is None:
-        return _open_pickled(path, config, config_bytes, allow_pickle)
+        return check_config(_open_pickled(path, config, config_bytes, allow_pickle))
     shards = {n: read_header(str(path / n)) for n in names}
     tensors: dict[str, TensorInfo] = {}
     for n, h in shards.items():
@@ -242,7 +357,7 @@ def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool 
             if tname not in shards[shard].tensors:
                 raise SurgeonError(f"{index}: maps {tname} to {shard}, which does not contain it")
     _add_gates_sidecar(path, config, shards, tensors)
-    return Donor(path, config, config_bytes, shards, tensors)
+    return check_config(Donor(path, config, config_bytes, shards, tensors))
 
 
 def _add_gates_sidecar(path: Path, config: dict, shards: dict, tensors: dict) -> None:

@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
+from surgeon.io.dtypes import FLOATS
 
 GATES_FILE = "layer_gates.safetensors"
 FORMAT = "moe-surgeon-layer-gates"
@@ -45,7 +46,7 @@ def gate_tensor_name(layer: int) -> str:
 def gate_layer_of(name: str) -> int | None:
     """The layer of a gate tensor name, or None when `name` is not one."""
     segs = name.split(".")
-    if len(segs) == 5 and segs[:2] == ["model", "layers"] and segs[2].isdigit() and segs[3:] == [GATE_KIND, "weight"]:
+    if len(segs) == 5 and segs[:2] == ["model", "layers"] and segs[2].isascii() and segs[2].isdigit() and segs[3:] == [GATE_KIND, "weight"]:
         return int(segs[2])
     return None
 
@@ -113,7 +114,7 @@ def check_sidecar(header, config: dict, path) -> None:
             raise SurgeonError(f"{path}: tensor {name} is not a layer gate (expected model.layers.L.layer_gate.weight)")
         if isinstance(layers, int) and layer >= layers:
             raise SurgeonError(f"{path}: tensor {name}: layer {layer} out of range (the model has {layers} layers)")
-        if info.dtype not in ("F32", "F16", "BF16", "F64"):
+        if info.dtype not in FLOATS:
             raise SurgeonError(f"{path}: tensor {name} has dtype {info.dtype}; a gate is floating point")
         gate_type_of(info.shape, hidden, f"{path}: tensor {name}")
 

@@ -71,6 +71,10 @@ class Plan:
         return self.base
 
 
+# More layers or experts than any model has; a range this long is a typo, not a plan.
+MAX_RANGE = 1 << 16
+
+
 def parse_ranges(text: str, what: str, spec: str) -> tuple[int, ...]:
     out: list[int] = []
     for piece in text.split(","):
@@ -80,12 +84,30 @@ def parse_ranges(text: str, what: str, spec: str) -> tuple[int, ...]:
                 lo, hi = (int(x) for x in piece.split("-", 1))
                 if hi < lo:
                     raise ValueError
+                if hi - lo >= MAX_RANGE:  # `0-99999999999` would fill memory before any check
+                    raise SurgeonError(f"SPEC {spec!r}: {what} range {piece!r} spans {hi - lo + 1} values "
+                                       f"(at most {MAX_RANGE})")
                 out.extend(range(lo, hi + 1))
             else:
                 out.append(int(piece))
         except ValueError:
             raise SurgeonError(f"SPEC {spec!r}: bad {what} {piece!r} (expected N, A-B or a comma list)") from None
     return tuple(sorted(set(out)))
+
+
+def parse_layers(text: str | None, num_layers: int | None = None, flag: str = "--layers") -> tuple[int, ...] | None:
+    """A layer SPEC: N, A-B, a comma list, or `all`. None (or `all` without `num_layers`) means every
+    layer; with `num_layers`, `all` is 0..num_layers-1 and a layer past the end is refused."""
+    if text is None or (text.strip() == "all" and num_layers is None):
+        return None
+    if text.strip() == "all":
+        return tuple(range(num_layers))
+    layers = parse_ranges(text, "layer", f"{flag} {text}")
+    bad = [l for l in layers if num_layers is not None and l >= num_layers]
+    if bad:
+        raise SurgeonError(f"{flag} {text}: layer {bad[0]} out of range (the model has {num_layers} layers: "
+                           f"0-{num_layers - 1})")
+    return layers
 
 
 def format_ranges(values) -> str:

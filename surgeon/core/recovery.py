@@ -73,7 +73,7 @@ def orphans(directory: Path | None = None, *, own_pid: int | None = None) -> lis
     found = []
     for p in directory.glob("recovery-*.json"):
         pid = p.stem.split("-", 1)[1]
-        if pid.isdigit() and int(pid) != own_pid and not pid_alive(int(pid)):
+        if pid.isascii() and pid.isdigit() and int(pid) != own_pid and not pid_alive(int(pid)):
             found.append(p)
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 

@@ -15,9 +15,10 @@ from surgeon.core.donor import Donor
 from surgeon.core.gates_sidecar import GATE_KIND, gate_type_of, hidden_size_of
 from surgeon.core.plan import Plan, check_assignment
 from surgeon.errors import SurgeonError
+from surgeon.io.dtypes import CASTS, FLOATS
 
-DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-CONVERTIBLE = {"F16", "BF16", "F32", "F64"}
+DTYPES = {"keep": None, **CASTS}
+CONVERTIBLE = FLOATS
 # Tensors whose precision matters more than their size: they keep their dtype under --dtype.
 # Layer gates are tiny next to their layer and were trained in float32.
 KEEP_PRECISION = ("e_score_correction_bias", f"{GATE_KIND}.weight")

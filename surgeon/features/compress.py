@@ -51,13 +51,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from surgeon.core.architectures import DENSE_TARGETS, DenseTarget
 from surgeon.core.donor import Donor
 from surgeon.core.plan import format_ranges, parse_ranges
 from surgeon.errors import SurgeonError
+from surgeon.jobs import NEVER, Meter
 
 ROLES = ("gate", "up", "down")
 # The disk names' projection -> role, from the architectures' fused-expert tables (half 0 = gate).
@@ -65,29 +66,6 @@ _HALF_ROLE = {0: "gate", 1: "up", None: "down"}
 COPIED_KINDS = ("attention", "norms", "embedding", "final_norm", "lm_head")
 DROPPED_KINDS = ("router", "expert", "shared_expert", "gate")
 REPORT_FILE = "moe-surgeon-compress.json"
-
-
-@dataclass(frozen=True)
-class DenseTarget:
-    model_type: str  # written to config.json
-    architecture: str  # its CausalLM class
-    ffn_prefix: str  # under model.layers.L: where gate_proj/up_proj/down_proj go
-    router: str | None = None  # a one-expert MoE still has a router: a zero [1, H] weight here
-    config: tuple[tuple[str, object], ...] = ()  # config keys set on top of the source's
-    note: str = ""
-
-
-DENSE_TARGETS = {
-    "mixtral": DenseTarget("mistral", "MistralForCausalLM", "mlp"),
-    "qwen2_moe": DenseTarget("qwen2", "Qwen2ForCausalLM", "mlp",
-                             note="the shared expert and its gate are dropped (no dense equivalent of a "
-                                  "per-token sigmoid gate)"),
-    "qwen3_moe": DenseTarget("qwen3", "Qwen3ForCausalLM", "mlp"),
-    "olmoe": DenseTarget("olmoe", "OlmoeForCausalLM", "mlp.experts.0", router="mlp.gate",
-                         config=(("num_experts", 1), ("num_experts_per_tok", 1)),
-                         note="transformers has no dense OLMoE (OLMo2/3 are post-norm), so the output is an "
-                              "OLMoE with one always-selected expert (softmax over one expert = 1.0)"),
-}
 
 
 # ---------------------------------------------------------------- which experts
@@ -277,10 +255,11 @@ def check_ranks(donor: Donor, rank: int | None, hidden_rank: int | None, expert_
 
 def compress(donor: Donor, chosen: dict[int, tuple[int, ...]], *, rank: int | None = None,
              hidden_rank: int | None = None, expert_rank: int | None = None, device: str = "cpu",
-             progress=None) -> list[LayerResult]:
+             progress=None, cancel=NEVER) -> list[LayerResult]:
     """Tucker-compress the chosen experts of every MoE layer (see the module docstring).
 
-    `expert_rank` None (or more than a layer's chosen experts) keeps the full expert mode."""
+    `expert_rank` None (or more than a layer's chosen experts) keeps the full expert mode. A job
+    (surgeon.jobs): Steps in layers, `cancel` checked before each."""
     import torch
 
     from surgeon.live.hybrid import TensorReader
@@ -292,16 +271,17 @@ def compress(donor: Donor, chosen: dict[int, tuple[int, ...]], *, rank: int | No
     reader = TensorReader({"source": donor})
     results = []
     layers = sorted(chosen)
+    meter = Meter(progress, len(layers), "layers", "decomposing")
     with torch.no_grad():
         for i, layer in enumerate(layers):
+            cancel.check()
             experts = chosen[layer]
             if not experts:
                 raise SurgeonError(f"layer {layer}: no experts chosen")
             x = stacked_experts(reader, donor, layer, experts).to(dev, compute)
             results.append(compress_layer(x, layer, experts, rank, hidden_rank, expert_rank or len(experts)))
             del x
-            if progress is not None:
-                progress(i + 1, len(layers))
+            meter(i + 1, detail=f"layer {layer}")
     return results
 
 
@@ -318,10 +298,6 @@ def dense_config(donor: Donor, target: DenseTarget, intermediate: int, dtype_nam
     config.architectures = [target.architecture]
     config.dtype = dtype_name
     return config
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def compact_state_dict(donor: Donor, results: list[LayerResult], config, target: DenseTarget, out_dtype):
@@ -387,26 +363,23 @@ def _check_against_model(state: dict, config, target: DenseTarget, bias_dtype, d
 
 
 def _shards(state: dict, max_shard_size: int) -> list[list[str]]:
-    from surgeon.features.export import split_into_shards
+    from surgeon.io.shards import split_into_shards
 
     return split_into_shards(((n, t.numel() * t.element_size()) for n, t in state.items()), max_shard_size)
 
 
 def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str = "keep", force: bool = False,
-                  max_shard_size: int = 5 * 10**9, report: dict | None = None) -> dict:
+                  max_shard_size: int = 5 * 10**9, report: dict | None = None, cancel=NEVER) -> dict:
     """Write the compact dense checkpoint to `out` atomically (hidden sibling + rename, as export
-    does). Returns what was written."""
+    does); `cancel` is checked before each shard, and a cancelled write leaves nothing. Returns what
+    was written."""
     from safetensors.torch import save_file
 
     from surgeon.core.anatomy import natural_key
-    from surgeon.features.export import (
-        check_target,
-        shard_file_names,
-        staged_directory,
-        write_index,
-    )
-    from surgeon.live.dtypes import TORCH_DTYPES
-    from surgeon.live.hybrid import TORCH_DTYPE_NAMES
+    from surgeon.io.shards import shard_file_names, write_index
+    from surgeon.io.staged import check_target, staged_directory
+    from surgeon.live.dtypes import TORCH_DTYPE_NAMES, TORCH_DTYPES
+    from surgeon.live.dtypes import dtype_name as _dtype_name
 
     target = check_source(donor)
     out = Path(out).absolute()
@@ -423,6 +396,7 @@ def write_compact(donor: Donor, results: list[LayerResult], out, *, dtype: str =
     with staged_directory(out) as tmp:
         weight_map = {}
         for fname, members in zip(files, shards):
+            cancel.check()
             save_file({n: state[n] for n in members}, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in members})
         total = sum(t.numel() * t.element_size() for t in state.values())
@@ -454,17 +428,12 @@ def error_rows(results: list[LayerResult]) -> list[dict]:
 
 
 def model_card(donor: Donor, results: list[LayerResult], target: DenseTarget, report: dict) -> str:
-    from surgeon import __version__
+    from surgeon.io.model_card import built_by, model_card, table
 
     w = report["written"]
     ranks = report.get("ranks", {})
-    lines = [
-        "---",
-        "tags: [moe-surgeon, tucker, xpert]",
-        "---",
-        "# Compact dense checkpoint made by moe-surgeon",
-        "",
-        f"Built by moe-surgeon {__version__} on {time.strftime('%Y-%m-%d', time.gmtime())} with `moe-surgeon compress`:",
+    summary = [
+        f"{built_by()} with `moe-surgeon compress`:",
         "per MoE layer, the chosen experts' gate, up and down matrices were stacked into one tensor per",
         "projection ([experts, intermediate, hidden]) and decomposed by a truncated HOSVD (Tucker); the",
         "reconstruction, averaged over the experts and cut to the highest-leverage neurons, is each layer's",
@@ -478,12 +447,145 @@ def model_card(donor: Donor, results: list[LayerResult], target: DenseTarget, re
         f"- experts chosen by: {report.get('chosen_by', 'all')}",
     ]
     if target.note:
-        lines.append(f"- note: {target.note}")
-    lines += ["", "## Relative reconstruction error ||X - X^|| / ||X|| per layer", "",
-              "| layer | experts | gate | up | down | all |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        e = r.errors
-        lines.append(f"| {r.layer} | {format_ranges(r.experts)} | {e['gate']:.3e} | {e['up']:.3e} | "
-                     f"{e['down']:.3e} | {e['all']:.3e} |")
-    lines += ["", f"Everything `moe-surgeon compress` reported is in `{REPORT_FILE}`.", ""]
-    return "\n".join(lines)
+        summary.append(f"- note: {target.note}")
+    errors = table(["layer", "experts", "gate", "up", "down", "all"],
+                   ([str(r.layer), format_ranges(r.experts), *(f"{r.errors[k]:.3e}" for k in ("gate", "up", "down", "all"))]
+                    for r in results))
+    return model_card("Compact dense checkpoint made by moe-surgeon", ["moe-surgeon", "tucker", "xpert"], summary, [
+        ("Relative reconstruction error ||X - X^|| / ||X|| per layer", errors),
+        (None, ["", f"Everything `moe-surgeon compress` reported is in `{REPORT_FILE}`."]),
+    ])
+
+
+# ---------------------------------------------------------------- the use case
+@dataclass(frozen=True)
+class CompressRequest:
+    """What `moe-surgeon compress` was asked; the flags' names and defaults."""
+
+    out: str
+    source: str  # an MoE checkpoint directory or demo:NAME
+    rank: int | None = None
+    hidden_rank: int | None = None
+    expert_rank: int | None = None
+    experts: tuple[str, ...] = ()  # [LAYERS:]EXPERTS
+    common: tuple[str, ...] | None = None  # corpora; () means the default ones, None: not --common
+    q: float = 25.0
+    max_tokens: int | None = None
+    device: str | None = None
+    dtype: str = "keep"
+    batch_size: int = 32
+    max_shard_size: str = "5GB"
+    force: bool = False
+    check: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class CompressResult:
+    report: dict  # plain JSON: what --json prints, and (less `check`) what the checkpoint's report file holds
+    donor: Donor
+
+
+def run_compress(request: CompressRequest, progress=None, cancel=NEVER) -> CompressResult:
+    """Choose the experts, decompose them, write the compact checkpoint (and, with `check`, load it)."""
+    from surgeon.core.donor import open_donor
+    from surgeon.io.sizes import parse_size
+    from surgeon.io.staged import check_target
+
+    r = request
+    # Every check that needs no weights runs before torch is imported or anything slow starts.
+    if r.experts and r.common is not None:
+        raise SurgeonError("--experts and --common both choose the experts; give one")
+    if r.common is not None and not 0 < r.q <= 100:
+        raise SurgeonError(f"--q {r.q}: expected a percentage in (0, 100]")
+    max_shard = parse_size(r.max_shard_size)
+    donor = open_donor(r.source, allow_pickle=r.allow_pickle)
+    target = check_source(donor)
+    ranks = check_ranks(donor, r.rank, r.hidden_rank, r.expert_rank)
+    chosen = parse_expert_choice(list(r.experts), donor)
+    check_target(Path(r.out).absolute(), {"source": donor}, r.force)
+
+    import torch
+
+    from surgeon.live.devices import check_device, default_device
+
+    device = str(check_device(r.device or default_device()))
+    report: dict = {"source": r.source, "path": str(donor.path), "model_type": donor.model_type,
+                    "fingerprint": donor.fingerprint, "device": device}
+    if r.common is not None:
+        chosen, report["common"] = common_choice(r, donor, device, progress, cancel)
+        report["chosen_by"] = f"--common {' '.join(report['common']['corpora'])} --q {r.q:g}"
+    else:
+        report["chosen_by"] = " ".join(f"--experts {e}" for e in r.experts) or "all experts"
+    try:
+        results = compress(donor, chosen, rank=ranks[0], hidden_rank=ranks[1], expert_rank=ranks[2], device=device,
+                           progress=progress, cancel=cancel)
+    except torch.cuda.OutOfMemoryError:
+        raise SurgeonError(f"out of GPU memory on {device}; try --device cpu") from None
+    inter, hidden = full_sizes(donor)
+    before, after = ffn_parameters(donor, results)
+    report.update(
+        expert_shape={"intermediate": inter, "hidden": hidden},
+        ranks={"intermediate": ranks[0], "hidden": ranks[1], "expert": ranks[2]},
+        layers=error_rows(results),
+        mean_error={k: float(f"{sum(x.errors[k] for x in results) / len(results):.6g}")
+                    for k in ("gate", "up", "down", "all")},
+        ffn_parameters={"experts_before": before, "after": after},
+        target_note=target.note or None,
+    )
+    written = write_compact(donor, results, r.out, dtype=r.dtype, force=r.force, max_shard_size=max_shard,
+                            report=report, cancel=cancel)
+    report["written"] = written
+    report["model_parameters"] = {"before": donor.num_parameters, "after": written["parameters"]}
+    if r.check:
+        report["check"] = check_load(written["path"])
+    return CompressResult(report, donor)
+
+
+def common_choice(r: CompressRequest, donor: Donor, device: str, progress=None, cancel=NEVER) -> tuple[dict, dict]:
+    """Per MoE layer, the experts common to every corpus (routing's common_experts)."""
+    from surgeon.features.routing.corpora import read_corpora
+    from surgeon.features.routing.probe import common_experts, probe_domains
+    from surgeon.features.routing.run import load_model
+    from surgeon.probes.scoring import load_tokenizer
+
+    corpora = read_corpora(r.common, "--common")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # a loading bar between the lines of a report is noise
+    tokenizer = load_tokenizer(donor.path)
+    cancel.check()
+    model = load_model(donor.path, device, "keep")
+    stats = probe_domains(model, tokenizer, corpora, batch_size=r.batch_size, max_tokens=r.max_tokens,
+                          progress=progress, cancel=cancel)
+    del model
+    first = next(iter(stats.values()))
+    common = common_experts({n: s.frequency for n, s in stats.items()}, r.q / 100)
+    chosen = {}
+    for layer, experts in zip(first.layers, common):
+        if not experts:
+            raise SurgeonError(f"--common: layer {layer} has no expert in the top {r.q:g}% of every corpus "
+                               f"({', '.join(corpora)}); raise --q or choose with --experts")
+        chosen[layer] = tuple(experts)
+    info = {"corpora": list(corpora), "q": r.q, "tokens": {n: s.tokens for n, s in stats.items()}}
+    return chosen, info
+
+
+def check_load(path) -> dict:
+    """Load the written checkpoint with transformers and run it on a few tokens."""
+    import torch
+    from transformers.utils import logging
+
+    from surgeon.live.loader import load_model
+
+    logging.disable_progress_bar()  # a bar for loading a few tensors is noise in a report
+    model, info = load_model(path, device="cpu", gates=False, loading_info=True)
+    problems = [f"{k} {v[0]}" for k, v in info.items() if v]
+    if problems:
+        raise SurgeonError(f"{path}: transformers loads it with {problems[0]}")
+    ids = torch.arange(1, min(9, model.config.vocab_size)).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(ids).logits
+    if not torch.isfinite(logits).all():
+        raise SurgeonError(f"{path}: the written model gives non-finite logits")
+    return {"class": type(model).__name__, "tokens": int(ids.shape[1]), "logits_finite": True}

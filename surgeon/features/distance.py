@@ -21,6 +21,7 @@ from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
 from surgeon.io.safetensors_file import TensorInfo
+from surgeon.jobs import NEVER, Meter
 
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
           "I16": np.int16, "I8": np.int8, "U8": np.uint8}
@@ -143,13 +144,37 @@ def component_tensors(base: Donor) -> dict[tuple[int | None, str], list[str]]:
     return cells
 
 
-def distance_map(base: Donor, donor: Donor, cache: DistanceCache, cancelled=lambda: False):
+def distance_map(base: Donor, donor: Donor, cache: DistanceCache, progress=None, cancel=NEVER):
     """Yield ((layer, kind), distance) for every cell: where fine-tuning moved the weights, by
-    component and layer, the view that helps pick what to transplant."""
-    for cell, names in component_tensors(base).items():
-        if cancelled():
-            return
-        if cell[1] == "layer_gate" and any(n not in donor.tensors for n in names):
-            continue  # a donor without that Self-MoE gate: nothing to compare, no distance
-        yield cell, cache.group(base, donor, names)
-    cache.save()
+    component and layer, the view that helps pick what to transplant. A job (surgeon.jobs): Steps in
+    cells, `cancel` checked before each; what was computed is cached even when cancelled."""
+    cells = component_tensors(base)
+    meter = Meter(progress, len(cells), "cells", "distance")
+    try:
+        for i, (cell, names) in enumerate(cells.items()):
+            cancel.check()
+            if cell[1] == "layer_gate" and any(n not in donor.tensors for n in names):
+                continue  # a donor without that Self-MoE gate: nothing to compare, no distance
+            yield cell, cache.group(base, donor, names)
+            meter(i + 1)
+    finally:
+        cache.save()
+
+
+def tensor_distances(base: Donor, donors: dict[str, Donor], names: list[str], cache: DistanceCache, progress=None,
+                     cancel=NEVER):
+    """Yield ((donor, tensor), distance) for every tensor of `names` in every donor; NaN where a donor
+    cannot be compared (no such tensor, another shape, an unreadable file). A job, as distance_map."""
+    meter = Meter(progress, len(names) * len(donors), "tensors", "distance")
+    try:
+        for i, name in enumerate(names):
+            for j, (d, donor) in enumerate(donors.items()):
+                cancel.check()
+                try:
+                    value = cache.tensor(base, donor, name)
+                except (SurgeonError, OSError):
+                    value = math.nan
+                yield (d, name), value
+                meter(i * len(donors) + j + 1)
+    finally:
+        cache.save()

@@ -1,24 +1,25 @@
-"""Stream a resolved hybrid into a new checkpoint directory.
+"""Export: stream a resolved hybrid into a new checkpoint directory, and record it in the session.
+
+`run_export` is the use case the command line (`export`, `replay --export`) and the workbench's
+export dialog both call, so both write the same checkpoint and the same session record.
 
 A same-dtype tensor moves as a byte range from its donor's file with copy_file_range, so an
 export neither imports torch nor holds weights in memory. Only a dtype conversion reads one
 tensor at a time through torch. Everything is written into a hidden sibling directory and
-renamed into place at the end: an interrupted export leaves nothing behind.
+renamed into place at the end (`surgeon.io.staged`): an interrupted or cancelled export leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from surgeon import __version__
 from surgeon.core.donor import Donor
 from surgeon.core.gates_sidecar import (
     GATES_FILE,
@@ -27,39 +28,90 @@ from surgeon.core.gates_sidecar import (
     hidden_size_of,
     sidecar_metadata,
 )
-from surgeon.core.resolve import Resolution
-from surgeon.errors import SurgeonError
-from surgeon.io.process import pid_alive
-from surgeon.io.safetensors_file import DTYPE_SIZES, encode_header
-
-SESSION_FILE = "moe-surgeon-session.json"
-
-
-class ExportCancelled(SurgeonError):
-    """The user cancelled; nothing was left behind."""
+from surgeon.core.plan import Plan
+from surgeon.core.resolve import Resolution, resolve
+from surgeon.core.session import (
+    ExportRecord,
+    Session,
+    make_session,
+    now_utc,
+    record_full_hashes,
+    save_session,
+)
+from surgeon.features.verify import VerifyResult, run_verify
+from surgeon.io import model_card as card
+from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
+from surgeon.io.model_card import SESSION_FILE
+from surgeon.io.safetensors_file import DTYPE_SIZES
+from surgeon.io.shards import (
+    ExportResult,
+    copy_range,
+    shard_file_names,
+    split_into_shards,
+    write_index,
+    write_shard,
+)
+from surgeon.io.staged import check_target, staged_directory
+from surgeon.jobs import NEVER, CancelToken, Meter, Progress
 
 
 @dataclass
-class ExportResult:
-    path: Path
-    shards: list[str]
-    tensors: int
-    bytes: int
-    seconds: float
+class ExportRequest:
+    """What to export, and where to record it: `session` gets the export record appended and is
+    saved to `session_path` when one is given (the command line's --save-session)."""
+
+    plan: Plan
+    donors: dict[str, Donor]
+    out: str | os.PathLike
+    dtype: str = "keep"
+    max_shard_size: int = 5 * 10**9
+    force: bool = False
+    fsync: bool = False
+    session: Session | None = None
+    session_path: str | os.PathLike | None = None
+    replay: dict | None = None  # set by `replay --export`: which session, and how its donors were checked
+    verify: bool = False  # re-read the written checkpoint against its manifest (what `verify OUT` does)
 
 
-def split_into_shards(sizes, max_shard_size: int) -> list[list[str]]:
-    """Consecutive (name, bytes) pairs grouped into shards of at most max_shard_size bytes (a
-    tensor larger than that gets a shard of its own), in the order given."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, nbytes in sizes:
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+@dataclass
+class ExportOutcome:
+    resolution: Resolution
+    result: ExportResult
+    record: ExportRecord
+    verified: VerifyResult | None = None  # with request.verify
+
+
+def run_export(request: ExportRequest, progress: Progress | None = None, cancel: CancelToken = NEVER,
+               warn: Callable[[str], None] | None = None) -> ExportOutcome:
+    """Resolve the plan, write the checkpoint (with the plan's own session embedded, so the
+    checkpoint replays), and record the export. `warn` gets the resolution's warnings before any
+    byte is written."""
+    resolution = resolve(request.plan, request.donors, dtype=request.dtype)
+    for w in resolution.warnings:
+        if warn is not None:
+            warn(w)
+    cancel.check()  # resolving a large plan takes a while; a cancel meanwhile writes nothing
+    if request.session is not None and request.session_path:
+        # A saved session proves its donors by full hashes (read once, cached); then the export's
+        # manifest names them too.
+        record_full_hashes(request.session, request.donors, progress=progress, cancel=cancel)
+    embedded_session = make_session(request.plan, request.donors, None)
+    if request.replay is not None:  # the checkpoint says it was replayed, and whether its donors were proven
+        embedded_session.extensions["replay"] = request.replay
+    embedded = embedded_session.to_json()
+    result = export_hybrid(
+        resolution, request.donors, request.out, dtype=request.dtype, max_shard_size=request.max_shard_size,
+        force=request.force, session_json=embedded, progress=progress, cancel=cancel, fsync=request.fsync,
+    )
+    record = ExportRecord(path=str(result.path), dtype=request.dtype, max_shard_size=request.max_shard_size,
+                          shards=len(result.shards), tensors=result.tensors, bytes=result.bytes, time=now_utc(),
+                          extra={"manifest": MANIFEST_FILE})
+    if request.session is not None:
+        request.session.exports.append(record)
+        if request.session_path:
+            save_session(request.session, request.session_path)
+    verified = run_verify(result.path, cancel=cancel) if request.verify else None
+    return ExportOutcome(resolution, result, record, verified)
 
 
 def plan_shards(resolution: Resolution, max_shard_size: int) -> list[list[str]]:
@@ -73,35 +125,6 @@ def _nbytes(shape, dtype) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def check_target(out: Path, donors: dict[str, Donor], force: bool) -> None:
-    target = out.resolve()
-    for name, d in donors.items():
-        dp = d.path.resolve()
-        if target == dp or dp in target.parents:
-            raise SurgeonError(f"{out}: the export target is inside donor {name} ({d.path}); choose another directory")
-        if target in dp.parents:
-            raise SurgeonError(f"{out}: the export target contains donor {name} ({d.path}); choose another directory")
-    if out.exists():
-        if not out.is_dir():
-            raise SurgeonError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()) and not force:
-            raise SurgeonError(f"{out}: directory is not empty; pass --force to replace it")
-
-
-def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    while count > 0:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, count, offset)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            n = os.write(dst_fd, os.pread(src_fd, min(count, 1 << 24), offset))
-        if n == 0:
-            raise SurgeonError(f"file descriptor {src_fd}: unexpected end of data")
-        offset += n
-        count -= n
 
 
 def converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd: int | None):
@@ -127,14 +150,16 @@ def export_hybrid(
     max_shard_size: int = 5 * 10**9,
     force: bool = False,
     session_json: dict | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+    cancel: CancelToken = NEVER,
     fsync: bool = False,
     before_rename: Callable[[Path], None] | None = None,
 ) -> ExportResult:
     """Write the hybrid to `out`. The rename at the end makes an interrupted export leave nothing;
     `fsync` also flushes every shard to disk before the rename, so the export survives a power
     loss too, at the cost of waiting for the disk (an export can always be replayed).
+    `progress` gets a Step in bytes after every tensor; `cancel` is checked before every tensor
+    (jobs.Cancelled, with nothing left behind).
     `before_rename(tmp_dir)` may add or rewrite files (as `gates add` does) inside the atomic step."""
     out = Path(out).absolute()
     check_target(out, donors, force)
@@ -143,6 +168,7 @@ def export_hybrid(
     total = sum(_nbytes(s.shape, s.dtype) for s in resolution.sources.values())
     names = shard_file_names(len(shards))
     fds: dict[str, int] = {}
+    meter = Meter(progress, total, "bytes", "export")
     done = 0
 
     def write_tensor(n: str, dst_fd: int) -> None:
@@ -160,13 +186,11 @@ def export_hybrid(
         else:
             copy_range(fd, dst_fd, info.start, info.nbytes)
         done += _nbytes(src.shape, src.dtype)
-        if progress is not None:
-            progress(done, total)
+        meter(done)
 
     def write_file(tmp: Path, file_name: str, members: list[str], metadata: dict) -> None:
         entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
-        write_shard(tmp / file_name, entries, metadata, write_tensor, fsync=fsync, cancel=cancel,
-                    cancelled=f"{out}: export cancelled; nothing was written")
+        write_shard(tmp / file_name, entries, metadata, write_tensor, fsync=fsync, cancel=cancel)
 
     try:
         with staged_directory(out) as tmp:
@@ -184,10 +208,63 @@ def export_hybrid(
                 (tmp / SESSION_FILE).write_text(json.dumps(session_json, indent=2) + "\n")
             if before_rename is not None:
                 before_rename(tmp)
+            # Last, so it describes the shards as they will appear: the same rename publishes both.
+            write_manifest(tmp, build_manifest(tmp, manifest_sources(resolution), donor_identities(donors),
+                                               cancel=cancel))
     finally:
         for fd in fds.values():
             os.close(fd)
     return ExportResult(out, names, len(resolution.sources), total, time.perf_counter() - started)
+
+
+def manifest_sources(resolution: Resolution) -> dict[str, dict]:
+    return {name: {"donor": s.donor, "name": s.tensor} for name, s in resolution.sources.items()}
+
+
+def donor_identities(donors: dict[str, Donor]) -> dict[str, dict]:
+    """What a manifest and a model card say of each donor: where it was, its fingerprint, and its full
+    content hashes where they are known (cached) without reading the donor again."""
+    out = {}
+    for name, d in donors.items():
+        entry = {"path": str(d.path), "model_type": d.model_type, "fingerprint": d.fingerprint}
+        hashes = d.cached_full_hashes()
+        if hashes:
+            entry["content_hashes"] = hashes
+        out[name] = entry
+    return out
+
+
+def component_shares_table(resolution: Resolution, donors: dict[str, Donor]) -> list[str]:
+    """Which donor gave what share of each component's parameters: the table a reader of a published
+    hybrid needs to trace a capability back to its donor."""
+    parts = donors[resolution.plan.base].anatomy.parts
+    counts: dict[str, dict[str, int]] = {}
+    for name, s in resolution.sources.items():
+        kind = parts[name].kind if name in parts else "other"
+        n = 1
+        for d in s.shape:
+            n *= d
+        row = counts.setdefault(kind, {})
+        row[s.donor] = row.get(s.donor, 0) + n
+    names = list(donors)
+    rows = []
+    for kind in sorted(counts):
+        total = sum(counts[kind].values()) or 1
+        rows.append([kind, *(f"{100 * counts[kind].get(n, 0) / total:.1f}%" for n in names)])
+    return ["Share of each component's parameters taken from each donor.", "",
+            *card.table(["component", *(f"{n} (base)" if n == resolution.plan.base else n for n in names)], rows)]
+
+
+def donor_hash_lines(donors: dict[str, Donor]) -> list[str]:
+    lines = []
+    for name, d in donors.items():
+        hashes = d.cached_full_hashes()
+        if not hashes:
+            lines.append(f"- {name}: not hashed in full when this was written (its sparse fingerprint is above; "
+                         "`moe-surgeon inspect --verify` hashes it)")
+            continue
+        lines += [f"- {name}: " + ", ".join(f"`{shard}` `{h}`" for shard, h in hashes.items())]
+    return ["Full content hashes of the donors' shards (`moe-surgeon-manifest.json` has every tensor's).", "", *lines]
 
 
 def _gate_bytes(resolution: Resolution) -> int:
@@ -210,75 +287,6 @@ def gates_metadata(resolution: Resolution, donors: dict[str, Donor]) -> dict[str
         origin[str(gate_layer_of(n))] = {"donor": src.donor, "path": str(d.path), "fingerprint": d.fingerprint}
     shapes = {gate_layer_of(n): resolution.sources[n].shape for n in resolution.gate_names()}
     return sidecar_metadata(shapes, hidden_size_of(base.config, str(base.path)), {"origin": origin})
-
-
-def shard_file_names(count: int) -> list[str]:
-    """transformers' names for a checkpoint of `count` shards."""
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
-@contextmanager
-def staged_directory(out: Path):
-    """A hidden sibling of `out` to write a checkpoint into: renamed into place when the block ends,
-    removed when it raises, so an interrupted write leaves nothing (and the next write to `out`
-    removes what a killed one left)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_leftovers(out)
-    tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_shard(path: Path, entries: list, metadata: dict, write_tensor: Callable[[str, int], None], *,
-                fsync: bool = False, cancel: Callable[[], bool] | None = None, cancelled: str = "") -> None:
-    """One safetensors file: the header of `entries` [(name, dtype, shape)], then each tensor's bytes,
-    in that order, from write_tensor(name, fd)."""
-    header, _ = encode_header(entries, metadata)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, header)
-        for name, _, _ in entries:
-            if cancel is not None and cancel():
-                raise ExportCancelled(cancelled)
-            write_tensor(name, fd)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_index(tmp: Path, names: list[str], weight_map: dict, total_size: int) -> None:
-    """model.safetensors.index.json, which a sharded checkpoint needs and a single file does not."""
-    if len(names) > 1:
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def remove_stale_leftovers(out: Path) -> None:
-    """A killed export (SIGKILL, power loss) cannot clean up; the next export to it does."""
-    for p in out.parent.glob(f".{out.name}.moe-surgeon-*-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.moe-surgeon-old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
 
 
 def _write_side_files(resolution: Resolution, donors: dict[str, Donor], tmp: Path, dtype: str) -> None:
@@ -323,35 +331,23 @@ def model_card(resolution: Resolution, donors: dict[str, Donor], dtype: str, gat
     plan = resolution.plan
     params = resolution.parameters_by_donor()
     total = sum(params.values()) or 1
-    lines = [
-        "---",
-        "tags: [moe-surgeon, merge]",
-        "---",
-        "# Hybrid checkpoint made by moe-surgeon",
-        "",
-        f"Built by moe-surgeon {__version__} on {time.strftime('%Y-%m-%d', time.gmtime())} by copying tensors",
-        "from the donors below, unchanged" + ("" if dtype == "keep" else f" except for a cast to {dtype}") + ".",
-        "The session that made it is in `" + SESSION_FILE + "`; `moe-surgeon replay` rebuilds it.",
-        "",
-        "## Donors",
-        "",
-        "| name | path | model_type | fingerprint | share of parameters |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, d in donors.items():
-        share = 100.0 * params.get(name, 0) / total
-        base = " (base)" if name == plan.base else ""
-        lines.append(f"| {name}{base} | `{d.path}` | {d.model_type} | `{d.fingerprint}` | {share:.2f}% |")
-    lines += ["", "## Plan", "", f"Base: donor {plan.base}. Later lines win.", ""]
-    if not plan.assignments:
-        lines.append("- (no transfers: a copy of the base)")
-    for a in plan.assignments:
-        lines.append(f"- `{a.spec}` from donor {a.donor}")
+    percent = {name: 100.0 * params.get(name, 0) / total for name in donors}
+    steps = [f"- `{a.spec}` from donor {a.donor}" for a in plan.assignments] or ["- (no transfers: a copy of the base)"]
     changed = len(resolution.changed())
-    lines += ["", f"{changed} of {len(resolution.sources)} tensors come from donors other than the base.", ""]
-    for w in resolution.warnings:
-        lines.append(f"> Note: {w}")
+    summary = [
+        f"{card.built_by()} by copying tensors",
+        "from the donors below, unchanged" + ("" if dtype == "keep" else f" except for a cast to {dtype}") + ".",
+        card.REPLAY_LINE,
+    ]
+    sections = [
+        ("Donors", card.provenance_table(donors, plan.base, percent)),
+        ("Provenance by component", component_shares_table(resolution, donors)),
+        ("Donor content hashes", donor_hash_lines(donors)),
+        ("Plan", [f"Base: donor {plan.base}. Later lines win.", "", *steps, "",
+                  f"{changed} of {len(resolution.sources)} tensors come from donors other than the base.", "",
+                  *(f"> Note: {w}" for w in resolution.warnings)]),
+    ]
     section = gates_card_section(gate_types(resolution, donors) if gates is None else gates)
     if section:
-        lines += [""] + section
-    return "\n".join(lines) + "\n"
+        sections.append((section[0].removeprefix("## "), section[2:]))
+    return card.model_card("Hybrid checkpoint made by moe-surgeon", ["moe-surgeon", "merge"], summary, sections)

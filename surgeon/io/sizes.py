@@ -29,3 +29,18 @@ def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
     if unit not in _UNITS or value <= 0:
         raise SurgeonError(f"{what} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
     return int(value * _UNITS[unit])
+
+
+def amount_text(n: float, unit: str) -> str:
+    return human_bytes(n) if unit == "bytes" else f"{n:,.0f}"
+
+
+def rate_text(per_second: float, unit: str) -> str:
+    return f"{human_bytes(per_second)}/s" if unit == "bytes" else f"{per_second:,.1f} {unit}/s"
+
+
+def step_text(step) -> str:
+    """A job's progress (`surgeon.jobs.Step`) as the screens show it: amount, rate, ETA."""
+    return (f"{amount_text(step.done, step.unit)} of {amount_text(step.total, step.unit)}"
+            f"{'' if step.unit == 'bytes' else ' ' + step.unit}  ·  {rate_text(step.rate(), step.unit)}"
+            f"  ·  ETA {step.eta():.0f}s")

@@ -1,9 +1,18 @@
-"""The mapping between safetensors dtype names and torch dtypes (imports torch)."""
+"""The torch side of the dtype table in `surgeon.io.dtypes` (imports torch)."""
 
 import torch
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+from surgeon.io.dtypes import CASTS, TORCH_NAMES
+
+TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in TORCH_NAMES.items()}  # safetensors name -> torch
+TORCH_DTYPE_NAMES = {user: TORCH_DTYPES[st] for user, st in CASTS.items()}  # --dtype name -> torch
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype of a --dtype name; "auto" (the checkpoint's own) for keep."""
+    return TORCH_DTYPE_NAMES.get(dtype, "auto")
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype as config.json names it (torch.bfloat16 -> bfloat16)."""
+    return str(dtype).removeprefix("torch.")

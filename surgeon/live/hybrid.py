@@ -7,7 +7,7 @@ straight from the donors' memory maps, including into the fused expert tensors t
 holds in memory (see `architectures.FUSED_QWEN_STYLE`). A sweep then costs probe time, not
 reload time.
 
-Self-MoE layer gates (a sidecar `from_pretrained` does not read, see `gates_file.py`) are attached
+Self-MoE layer gates (a sidecar `from_pretrained` does not read, see `core/gates_sidecar.py`) are attached
 as modules when materialising and re-fitted on every swap: a plan may add, drop or retype them.
 """
 
@@ -25,10 +25,10 @@ from surgeon.core.gates_sidecar import gate_layer_of, gate_tensor_name
 from surgeon.core.plan import Plan
 from surgeon.core.resolve import Resolution, resolve
 from surgeon.errors import SurgeonError
+from surgeon.live.devices import check_device, default_device
 from surgeon.live.dtypes import TORCH_DTYPES
 from surgeon.live.layer_gates import attach_gates, gate_modules
-
-TORCH_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from surgeon.live.loader import load_model
 
 
 @dataclass(frozen=True)
@@ -110,29 +110,10 @@ class TensorReader:
 
 
 def _attach_layer_gates(model, resolution: Resolution) -> None:
-    """Give the live model the layer gates `resolution` has (see surgeon/gates.py); new ones are zero."""
+    """Give the live model the layer gates `resolution` has (see live/layer_gates.py); new ones are zero."""
     shapes = {gate_layer_of(n): tuple(resolution.sources[n].shape) for n in resolution.gate_names()}
     if shapes or gate_modules(model):
         attach_gates(model, shapes)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SurgeonError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SurgeonError(f"--device {device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SurgeonError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps"):
-        raise SurgeonError(f"--device {device}: unsupported device type {dev.type!r}")
-    return dev
 
 
 class Hybrid:
@@ -156,8 +137,6 @@ class Hybrid:
     @classmethod
     def materialize(cls, plan: Plan, donors: dict[str, Donor], *, device: str | None = None,
                     dtype: str = "keep", device_map: str | None = None) -> "Hybrid":
-        from transformers import AutoModelForCausalLM
-
         base = donors[plan.base]
         if base.pickled:
             raise SurgeonError(f"base {base.path}: a pickle-only base cannot be materialised; convert it first")
@@ -166,15 +145,12 @@ class Hybrid:
             device_map, dev = "auto", "auto"
         else:
             dev = check_device(device)
-        torch_dtype = TORCH_DTYPE_NAMES.get(dtype, "auto")
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                base.path, dtype=torch_dtype, device_map=device_map or str(dev), local_files_only=True,
-            )
+            # Without gates: the plan's own (below) may differ from the base's sidecar.
+            model = load_model(base.path, device=str(dev), dtype=dtype, gates=False, device_map=device_map)
         except torch.cuda.OutOfMemoryError:
             raise SurgeonError(f"{base.path}: out of GPU memory materialising on {dev}; "
                                "try --device cpu or a smaller --dtype") from None
-        model.eval()
         start = resolve(Plan(plan.base), donors, dtype=dtype)
         # The base's layer gates (a sidecar from_pretrained does not read): attach them, then load.
         _attach_layer_gates(model, start)

@@ -1,19 +1,77 @@
-"""Probes: quick measurements of a model. One module per probe, one registry here.
+"""Probes: quick measurements of a model. One module per probe kind, one registry here.
 
 A probe takes a model, its tokenizer and a spec, and returns per-item outcomes, so every
 statistic can be recomputed and a replay can be compared item by item.
+
+Each kind's module declares a `KIND` (its name, its metric, which items it reads, whether it is
+measured against each donor) next to its `run`; everything outside that module asks the registry
+(`KINDS`, `metric_of`) instead of testing a kind's name. Adding a kind is one module here plus
+its line in `_KIND_MODULES`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 from surgeon.errors import SurgeonError
 
 
 @dataclass(frozen=True)
+class Metric:
+    """What a probe's per-item outcomes measure, and how its score reads."""
+
+    name: str  # recorded in every result as "metric"
+    higher_is_better: bool = True
+    proportion: bool = False  # 0/1 outcomes: shown in percent, and paired tests (McNemar, z) apply
+    shown_as: str = ""  # what the score is called on screen when not the metric's name ("ppl" for mean nll)
+    to_score: Callable[[float], float] | None = None  # mean outcome (and CI ends) -> reported score
+
+    @property
+    def label(self) -> str:
+        return self.shown_as or self.name
+
+    def score(self, mean: float) -> float:
+        return self.to_score(mean) if self.to_score is not None else mean
+
+    def better(self, delta: float) -> bool:
+        """A score difference `delta` is an improvement."""
+        return delta > 0 if self.higher_is_better else delta < 0
+
+    def score_text(self, score: float) -> str:
+        return f"{100 * score:.1f}%" if self.proportion else f"{score:.3f}"
+
+    def ci_text(self, lo: float, hi: float) -> str:
+        return f"[{100 * lo:.1f}, {100 * hi:.1f}]" if self.proportion else f"[{lo:.3f}, {hi:.3f}]"
+
+    def delta_text(self, delta: float, digits: int = 4) -> str:
+        """A score difference: in points for a proportion, else as is."""
+        return f"{100 * delta:+.1f}" if self.proportion else f"{delta:+.{digits}g}"
+
+
+ACCURACY = Metric("accuracy", proportion=True)  # shared by every kind that marks items right or wrong
+
+
+@dataclass(frozen=True)
+class ProbeKind:
+    """What callers need to know about a probe kind; declared as `KIND` by the kind's module.
+
+    A `per_donor` kind measures the model against each donor (a divergence): its module's `run`
+    returns a measurement of one model, and `versus(mine, theirs, items)` the ProbeOutcome of the
+    model against one donor. Other kinds' `run` returns the ProbeOutcome directly.
+    """
+
+    name: str
+    description: str
+    metric: Metric
+    items: str | None = None  # the Item.kind it needs ("mc", "exact"); None: any item, read as text
+    needs: str = ""  # what those items are, for the error naming a file without them
+    per_donor: bool = False
+
+
+@dataclass(frozen=True)
 class ProbeSpec:
-    kind: str  # a key of PROBES
+    kind: str  # a key of KINDS
     data: str  # a built-in set name or a file path
     limit: int | None = None
     seed: int = 0
@@ -43,7 +101,7 @@ class ProbeOutcome:
     ids: list[str]
     outcomes: list[float]
     outputs: list[str] = field(default_factory=list)  # generated text, for exact match
-    metric: str = "accuracy"
+    metric: str = ACCURACY.name
     extra: dict[str, list[float]] = field(default_factory=dict)  # e.g. acc_norm
 
 
@@ -84,17 +142,28 @@ def spec_from_json(data: dict) -> ProbeSpec:
     return ProbeSpec(**data)
 
 
-PROBES = {
-    "mc": "multiple choice by log-likelihood: acc and acc_norm (by continuation bytes)",
-    "em": "generative exact match: greedy decoding, stop sequences, answer extraction",
-    "ppl": "perplexity on text (item-averaged per-token negative log-likelihood)",
-    "kl": "divergence: mean KL(donor || model) of next-token distributions, per donor (label-free)",
-}
-_MODULES = {"mc": "multiple_choice", "em": "exact_match", "ppl": "perplexity", "kl": "divergence"}
+# The kinds' modules import torch only when they run, so the registry is cheap to load.
+from . import divergence, exact_match, multiple_choice, perplexity  # noqa: E402
+
+_KIND_MODULES = {m.KIND.name: m for m in (multiple_choice, exact_match, perplexity, divergence)}
+KINDS: dict[str, ProbeKind] = {name: m.KIND for name, m in _KIND_MODULES.items()}
+PROBES = {name: k.description for name, k in KINDS.items()}  # name -> what it measures, for --list
 
 
 def probe_module(kind: str):
-    """The module implementing a probe; imported on first use (probes import torch)."""
-    import importlib
+    """The module implementing a probe kind."""
+    return _KIND_MODULES[kind]
 
-    return importlib.import_module(f".{_MODULES[kind]}", __package__)
+
+def metric_of(name: str) -> Metric:
+    """The Metric recorded as `name` in a result; an unknown one (a hand-edited session) reads as a
+    plain higher-is-better score."""
+    for kind in KINDS.values():
+        if kind.metric.name == name:
+            return kind.metric
+    return Metric(name)
+
+
+def single_model_kinds() -> list[str]:
+    """Kinds that score one model on its own (what a sweep can measure per configuration)."""
+    return [name for name, k in KINDS.items() if not k.per_donor]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from surgeon.probes.answers import is_correct
-from surgeon.probes.scoring import greedy_generate
 
-from . import ProbeOutcome
+from . import ACCURACY, ProbeKind, ProbeOutcome
 from .prompts import COT, prompt, shots_prefix, stop_sequences
+
+KIND = ProbeKind("em", "generative exact match: greedy decoding, stop sequences, answer extraction", ACCURACY,
+                 items="exact", needs="items with a gold answer string")
 
 
 def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progress=None) -> ProbeOutcome:
+    from surgeon.probes.scoring import greedy_generate  # torch, only when a probe runs
+
     prefix = shots_prefix(shots, template)
     cot = COT if spec.cot else ""
     prompts = [prompt(item, template) + cot for item in items]

@@ -6,13 +6,16 @@ dividing by the continuation's length in bytes (lm-evaluation-harness's acc_norm
 
 from __future__ import annotations
 
-from surgeon.probes.scoring import loglikelihoods
-
-from . import ProbeOutcome
+from . import ACCURACY, ProbeKind, ProbeOutcome
 from .prompts import answer_sep, prompt, shots_prefix
+
+KIND = ProbeKind("mc", "multiple choice by log-likelihood: acc and acc_norm (by continuation bytes)", ACCURACY,
+                 items="mc", needs="multiple-choice items (choices and an answer index)")
 
 
 def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progress=None) -> ProbeOutcome:
+    from surgeon.probes.scoring import loglikelihoods  # torch, only when a probe runs
+
     sep = answer_sep(template)
     requests, owners = [], []
     for n, item in enumerate(items):

@@ -22,12 +22,11 @@ from surgeon import __version__
 from surgeon.core.plan import Plan
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
-from surgeon.probes import ProbeSpec, probe_module
+from surgeon.jobs import NEVER, CancelToken, Meter
+from surgeon.probes import KINDS, Metric, ProbeSpec, metric_of, probe_module
 from surgeon.probes.data import PROBES_ROOT, load_items, load_text, resolve_set, subset
 from surgeon.probes.prompts import split_shots, template_for
 from surgeon.probes.stats import bootstrap_ci, compare
-
-TEXT_PROBES = ("ppl", "kl")
 
 
 @dataclass
@@ -42,10 +41,9 @@ def load_probe_data(spec: ProbeSpec) -> ProbeData:
     builtin = path.parent.resolve() == PROBES_ROOT.resolve()
     # Text probes read plain text files, and any jsonl set as text (prompt and gold answer together).
     pool = load_text(path) if path.suffix != ".jsonl" else load_items(path, spec.fmt)
-    if spec.kind == "mc" and any(i.kind != "mc" for i in pool):
-        raise SurgeonError(f"{path}: probe mc needs multiple-choice items (choices and an answer index)")
-    if spec.kind == "em" and any(i.kind != "exact" for i in pool):
-        raise SurgeonError(f"{path}: probe em needs items with a gold answer string")
+    kind = KINDS[spec.kind]
+    if kind.items is not None and any(i.kind != kind.items for i in pool):
+        raise SurgeonError(f"{path}: probe {kind.name} needs {kind.needs}")
     items = subset(pool, spec.limit, spec.seed)
     return ProbeData(items, split_shots(items, pool, spec.shots, spec.seed), template_for(spec, builtin))
 
@@ -59,18 +57,15 @@ def library_versions() -> dict[str, str]:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
-def _aggregate(metric: str, outcomes: list[float], seed: int) -> tuple[float, list[float]]:
+def _aggregate(metric: Metric, outcomes: list[float], seed: int) -> tuple[float, list[float]]:
     mean, lo, hi = bootstrap_ci(outcomes, seed=seed)
-    if metric == "nll":  # report perplexity; exp is monotone, so the interval maps through
-        import math
-
-        return math.exp(mean), [math.exp(lo), math.exp(hi)]
-    return mean, [lo, hi]
+    return metric.score(mean), [metric.score(lo), metric.score(hi)]
 
 
 def make_record(spec: ProbeSpec, model_label: str, outcome, *, device: str, dtype: str, batch_size: int,
                 extra_fields: dict | None = None) -> dict:
-    score, ci = _aggregate(outcome.metric, outcome.outcomes, spec.seed)
+    metric = metric_of(outcome.metric)
+    score, ci = _aggregate(metric, outcome.outcomes, spec.seed)
     record = {
         "probe": spec.to_json(), "label": spec.label, "model": model_label, "metric": outcome.metric,
         "n": len(outcome.outcomes), "score": score, "ci": ci,
@@ -81,7 +76,7 @@ def make_record(spec: ProbeSpec, model_label: str, outcome, *, device: str, dtyp
     if outcome.outputs:
         record["outputs"] = outcome.outputs
     for name, values in outcome.extra.items():
-        s, c = _aggregate(outcome.metric, values, spec.seed)
+        s, c = _aggregate(metric, values, spec.seed)
         record.setdefault("extra", {})[name] = {"score": s, "ci": c, "outcomes": values}
     record.update(extra_fields or {})
     return record
@@ -117,53 +112,104 @@ def evaluate(model, tokenizer, spec: ProbeSpec, data: ProbeData, *, batch_size: 
 
 
 def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype: str = "keep",
-               batch_size: int = 16, compare_donors: bool = True, progress=None) -> list[dict]:
+               batch_size: int = 16, compare_donors: bool = True, progress=None,
+               cancel: CancelToken = NEVER) -> list[dict]:
     """Probe the hybrid of `plan`, then every donor (cached). Returns result records; the hybrid is
-    left at `plan`."""
+    left at `plan`, also when cancelled.
+
+    progress: jobs.Steps in items over the whole run (cached donors cost none), the stage as detail.
+    cancel: checked between batches and between stages; a cancelled run returns nothing and caches
+    only the donor scores it had finished.
+    """
     from surgeon.probes.scoring import load_tokenizer
 
     donors = hybrid.donors
     tokenizer = load_tokenizer(donors[plan.base].path)
     datas = [load_probe_data(s) for s in specs]
-    records: list[dict] = []
     plan_json = [{"spec": a.spec, "donor": a.donor} for a in plan.assignments]
-
-    def report(label):
-        return None if progress is None else (lambda done, total: progress(label, done, total))
-
+    # What runs, in order: (stage label, items), and the donor scores the cache already has.
+    stages: list[tuple[str, int]] = []
+    cached: dict[tuple[str, str], dict | None] = {}
     for spec, data in zip(specs, datas):
-        if spec.kind == "kl":
-            records.extend(_divergence(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size))
-            continue
-        out = evaluate(hybrid.model, tokenizer, spec, data, batch_size=batch_size, progress=report(f"hybrid {spec.label}"))
-        records.append(make_record(spec, "hybrid", out, device=device, dtype=dtype, batch_size=batch_size,
-                                   extra_fields={"plan": plan_json}))
+        stages.append((f"hybrid {spec.label}", len(data.items)))
+        if KINDS[spec.kind].per_donor:
+            stages += [(f"donor {name} {spec.label}", len(data.items)) for name in donors]
     if compare_donors:
         for name, donor in donors.items():
-            model = None
             for spec, data in zip(specs, datas):
-                if spec.kind == "kl":
-                    continue
-                key = cache_key(donor.fingerprint, spec, device, dtype, batch_size)
-                record = cached_donor_record(key)
-                cached = record is not None
-                if not cached:
-                    if model is None:
-                        model = _donor_model(hybrid, plan, name, device, dtype)
-                    out = evaluate(model, tokenizer, spec, data, batch_size=batch_size,
-                                   progress=report(f"donor {name} {spec.label}"))
-                    record = make_record(spec, f"donor:{name}", out, device=device, dtype=dtype,
-                                         batch_size=batch_size, extra_fields={"fingerprint": donor.fingerprint})
-                    store_donor_record(key, record)
-                record = {**record, "model": f"donor:{name}", "cached": cached}
-                records.append(record)
-        hybrid.apply(plan, dtype=dtype)
+                if not KINDS[spec.kind].per_donor:
+                    record = cached_donor_record(cache_key(donor.fingerprint, spec, device, dtype, batch_size))
+                    cached[name, spec.label] = record
+                    if record is None:
+                        stages.append((f"donor {name} {spec.label}", len(data.items)))
+    meter = Meter(progress, sum(n for _, n in stages))
+    finished = [0]  # items of the stages done
+
+    def stage(label: str):
+        cancel.check()
+        items = dict(stages)[label]
+        meter(finished[0], detail=label)
+
+        def report(done: int, total: int) -> None:
+            cancel.check()  # between batches: never inside a swap
+            meter(finished[0] + (round(items * done / total) if total else items), detail=label)
+
+        def end() -> None:
+            finished[0] += items
+            meter(finished[0], detail=label)
+
+        return report, end
+
+    def measure(model, spec, data, label):
+        report, end = stage(label)
+        out = evaluate(model, tokenizer, spec, data, batch_size=batch_size, progress=report)
+        end()
+        return out
+
+    records: list[dict] = []
+    try:
+        for spec, data in zip(specs, datas):
+            if KINDS[spec.kind].per_donor:
+                records.extend(_per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure))
+                continue
+            out = measure(hybrid.model, spec, data, f"hybrid {spec.label}")
+            records.append(make_record(spec, "hybrid", out, device=device, dtype=dtype, batch_size=batch_size,
+                                       extra_fields={"plan": plan_json}))
+        if compare_donors:
+            for name, donor in donors.items():
+                model = None
+                for spec, data in zip(specs, datas):
+                    if KINDS[spec.kind].per_donor:
+                        continue
+                    record = cached[name, spec.label]
+                    if record is None:
+                        if model is None:
+                            cancel.check()
+                            model = _donor_model(hybrid, plan, name, device, dtype)
+                        out = measure(model, spec, data, f"donor {name} {spec.label}")
+                        record = make_record(spec, f"donor:{name}", out, device=device, dtype=dtype,
+                                             batch_size=batch_size, extra_fields={"fingerprint": donor.fingerprint})
+                        store_donor_record(cache_key(donor.fingerprint, spec, device, dtype, batch_size), record)
+                    records.append({**record, "model": f"donor:{name}", "cached": cached[name, spec.label] is not None})
+    finally:
+        if hybrid.resolution.plan != plan:
+            hybrid.apply(plan, dtype=dtype)
     run = uuid.uuid4().hex[:12]  # groups the records of one run, for histories and replays
     for r in records:
         r["run"] = run
         if r["model"] == "hybrid":
             r.update(base=plan.base, plan=plan_json)
     return records
+
+
+def record_probe_results(session, specs: list[ProbeSpec], records: list[dict]) -> None:
+    """Add one run to a session (anything with `probes` and `results` lists): the specs it does not
+    list yet, then every record. The one way the CLI and the workbench record probes, so the file
+    reads the same whichever ran them and `replay --probes` re-runs either."""
+    for s in specs:
+        if s.to_json() not in session.probes:
+            session.probes.append(s.to_json())
+    session.results.extend(records)
 
 
 def _swappable(base, donor) -> bool:
@@ -186,17 +232,15 @@ def _donor_model(hybrid, plan: Plan, name: str, device: str, dtype: str):
     return Hybrid.materialize(Plan(name), hybrid.donors, device=device, dtype=dtype).model
 
 
-def _divergence(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size) -> list[dict]:
-    from surgeon.probes import ProbeOutcome
-    from surgeon.probes.divergence import kl_per_item, log_probs
-
-    mine = log_probs(hybrid.model, tokenizer, data.items)
+def _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure) -> list[dict]:
+    """A per-donor kind: the hybrid's measurement against each donor's, one record per donor."""
+    kind = probe_module(spec.kind)
+    mine = measure(hybrid.model, spec, data, f"hybrid {spec.label}")
     records = []
     for name in hybrid.donors:
-        theirs = log_probs(_donor_model(hybrid, plan, name, device, dtype), tokenizer, data.items)
-        out = ProbeOutcome([i.id for i in data.items], kl_per_item(mine, theirs), metric="kl")
-        records.append(make_record(spec, "hybrid", out, device=device, dtype=dtype, batch_size=batch_size,
-                                   extra_fields={"vs": f"donor:{name}"}))
+        theirs = measure(_donor_model(hybrid, plan, name, device, dtype), spec, data, f"donor {name} {spec.label}")
+        records.append(make_record(spec, "hybrid", kind.versus(mine, theirs, data.items), device=device, dtype=dtype,
+                                   batch_size=batch_size, extra_fields={"vs": f"donor:{name}"}))
     hybrid.apply(plan, dtype=dtype)
     return records
 
@@ -214,7 +258,7 @@ def summarize(records: list[dict]) -> list[dict]:
                "metric": r["metric"], "n": r["n"], "score": r["score"], "ci": r["ci"], "vs": {}}
         if "extra" in r:
             row["extra"] = {k: {"score": v["score"], "ci": v["ci"]} for k, v in r["extra"].items()}
-        if r["metric"] == "accuracy" and "vs" not in r:
+        if metric_of(r["metric"]).proportion and "vs" not in r:
             for other_name, other in by_label.get(r["label"], {}).items():
                 if other_name == r["model"] or not other_name.startswith("donor:"):
                     continue

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from surgeon.errors import SurgeonError
 from surgeon.features.gates.train import TextData
+from surgeon.jobs import NEVER, Meter
 from surgeon.live.layer_gates import gate_modules
 
 
@@ -79,8 +80,10 @@ def keep_gate(ppl_without: float, ppl_with: float, min_gain: float = 0.0) -> boo
 
 
 @torch.no_grad()
-def select_gates(model, data: TextData, *, batch_size: int = 16, min_gain: float = 0.0) -> Selection:
-    """p_t1 and p_t2 of every gate of `model` on calibration sequences, and the verdicts."""
+def select_gates(model, data: TextData, *, batch_size: int = 16, min_gain: float = 0.0, progress=None,
+                 cancel=NEVER) -> Selection:
+    """p_t1 and p_t2 of every gate of `model` on calibration sequences, and the verdicts. A job
+    (surgeon.jobs): Steps in sequences, `cancel` checked before every batch."""
     if not 0.0 <= min_gain < 1.0:
         raise SurgeonError(f"--min-gain {min_gain}: must be in [0, 1)")
     gates = gate_modules(model)
@@ -103,14 +106,17 @@ def select_gates(model, data: TextData, *, batch_size: int = 16, min_gain: float
         return seen
 
     tokens = 0
+    meter = Meter(progress, len(data), "sequences", "select")
     try:
         for layer, gate in gates.items():
             gate.observer = observer(layer)
         for i in range(0, len(data), batch_size):
+            cancel.check()
             ids, valid = data.batch(slice(i, i + batch_size), dev)
             targets[:] = [ids[:, 1:].masked_fill(~valid, -100)]
             model(ids[:, :-1], use_cache=False)
             tokens += int(valid.sum())
+            meter(min(i + batch_size, len(data)))
     finally:
         for gate in gates.values():
             gate.observer = None

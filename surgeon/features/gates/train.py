@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from surgeon.errors import SurgeonError
+from surgeon.jobs import NEVER, Meter
 from surgeon.live.layer_gates import gate_parameters
+from surgeon.probes.perplexity import token_nll
 
 
 @dataclass(frozen=True)
@@ -191,26 +192,21 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def token_nll(model, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL (nats) over the valid targets of a batch."""
-    logits = model(ids[:, :-1], use_cache=False).logits.float()
-    targets = ids[:, 1:].masked_fill(~valid, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-
-
 @torch.no_grad()
 def perplexity(model, data: TextData, batch_size: int = 16) -> float:
     """exp of the mean next-token NLL over every valid token of `data`."""
     dev = _device_of(model)
     total = 0.0
     for i in range(0, len(data), batch_size):
-        total += float(token_nll(model, *data.batch(slice(i, i + batch_size), dev)))
+        total += float(token_nll(model, *data.batch(slice(i, i + batch_size), dev), reduction="sum"))
     return math.exp(total / data.tokens)
 
 
 def train_gates(model, data: TextData, settings: TrainSettings, *, held_out: TextData | None = None,
-                progress=None) -> TrainResult:
-    """Train the attached gates in place. `progress(step, steps, loss)` after every step."""
+                progress=None, cancel=NEVER) -> TrainResult:
+    """Train the attached gates in place. A job (surgeon.jobs): a Step after every training step (its
+    loss in the detail), `cancel` checked before each; a cancelled run leaves the gates half-trained
+    in memory only, so the caller writes nothing."""
     settings.check()
     params = gate_parameters(model)
     if not params:
@@ -232,10 +228,12 @@ def train_gates(model, data: TextData, settings: TrainSettings, *, held_out: Tex
     was_training = model.training
     model.eval()  # no dropout: the frozen model is the one the gates will run with
     losses = []
+    meter = Meter(progress, settings.steps, "steps", "train")
     try:
         for step in range(settings.steps):
+            cancel.check()
             ids, valid = data.batch(torch.randint(len(data), (settings.batch_size,), generator=gen), dev)
-            loss = token_nll(model, ids, valid) / valid.sum()
+            loss = token_nll(model, ids, valid, reduction="sum") / valid.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             opt.step()
@@ -244,11 +242,11 @@ def train_gates(model, data: TextData, settings: TrainSettings, *, held_out: Tex
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise SurgeonError(f"gates train: the loss became {losses[-1]} at step {step + 1}; try a smaller --lr")
-            if progress is not None:
-                progress(step + 1, settings.steps, losses[-1])
+            meter(step + 1, detail=f"loss {losses[-1]:.4f}")
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
+    cancel.check()
     eval_after = perplexity(model, held_out, settings.batch_size) if held_out is not None else None
     return TrainResult(settings, losses, len(data), time.perf_counter() - started, eval_before, eval_after)

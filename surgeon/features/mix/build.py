@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
@@ -37,6 +36,7 @@ from surgeon.features.mix.plan import (
     routers_digest,
 )
 from surgeon.features.mix.router_train import TrainSpec, file_sha256
+from surgeon.jobs import NEVER, CancelToken, Progress
 
 EXTENSION = "mix"
 
@@ -65,7 +65,7 @@ def needs_model(layout: MixLayout, settings: MixSettings) -> bool:
 
 
 def compute_routers(layout: MixLayout, donors: dict[str, Donor], settings: MixSettings, *,
-                    progress: Callable[[int, int, float], None] | None = None) -> RouterOutcome:
+                    progress: Progress | None = None, cancel: CancelToken = NEVER) -> RouterOutcome:
     """Initial routers by mode; with hidden mode or training, on a live mix built for the purpose."""
     routers = initial_routers(layout)
     if not needs_model(layout, settings):
@@ -81,13 +81,14 @@ def compute_routers(layout: MixLayout, donors: dict[str, Donor], settings: MixSe
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        live = materialize_mix(layout, donors, routers, device=settings.device, dtype=settings.compute_dtype)
+        live = materialize_mix(layout, donors, routers, device=settings.device, dtype=settings.compute_dtype,
+                               cancel=cancel)
         tokenizer = load_tokenizer(donors[layout.plan.base].path)
         if layout.plan.router.mode == "hidden":
-            hidden_routers(layout, live.model, tokenizer, live.view)
+            hidden_routers(layout, live.model, tokenizer, live.view, progress=progress, cancel=cancel)
         losses = None
         if settings.train is not None:
-            losses = train_routers(live, tokenizer, settings.train, progress=progress)
+            losses = train_routers(live, tokenizer, settings.train, progress=progress, cancel=cancel)
         routers = live.routers()
         compute = {"device": settings.device, "dtype": settings.compute_dtype, "threads": torch.get_num_threads(),
                    "torch": torch.__version__}
@@ -206,11 +207,16 @@ class MixBuild:
 
 def build_mix(plan: MixPlan, donors: dict[str, Donor], out, settings: MixSettings, *,
               session_path=None, force: bool = False, fsync: bool = False,
-              export_progress: Callable[[int, int], None] | None = None,
-              train_progress: Callable[[int, int, float], None] | None = None) -> MixBuild:
-    """Resolve, make the routers, write the export (with its model card, loss curve and session)."""
+              progress: Progress | None = None, cancel: CancelToken = NEVER) -> MixBuild:
+    """Resolve, make the routers, write the export (with its model card, loss curve and session).
+
+    The one mix job of the command line and the workbench: it reports Steps as it goes (the hidden
+    routers by layer, router training by step with its loss curve, the export by bytes; tell them
+    apart by `Step.unit`) and stops at the next layer, step or tensor once `cancel` is set,
+    leaving nothing behind."""
     import time
 
+    from surgeon.core.session import ExportRecord, now_utc
     from surgeon.features.mix.export import (
         TRAINING_CSV,
         export_mix,
@@ -222,7 +228,7 @@ def build_mix(plan: MixPlan, donors: dict[str, Donor], out, settings: MixSetting
     layout = resolve_mix(plan, donors, dtype=settings.dtype)
     if settings.train is not None:
         settings.train.check()
-    outcome = compute_routers(layout, donors, settings, progress=train_progress)
+    outcome = compute_routers(layout, donors, settings, progress=progress, cancel=cancel)
     session = make_mix_session(layout, donors, settings, outcome, session_path)
     embedded = make_mix_session(layout, donors, settings, outcome, None).to_json()
     training = embedded["extensions"][EXTENSION]["train"]
@@ -231,10 +237,10 @@ def build_mix(plan: MixPlan, donors: dict[str, Donor], out, settings: MixSetting
     extra = {TRAINING_CSV: loss_csv(outcome.losses)} if outcome.losses else {}
     result = export_mix(layout, donors, outcome.routers, out, max_shard_size=settings.max_shard_size, force=force,
                         card=mix_model_card(layout, donors, training), session_json=embedded, extra_files=extra,
-                        progress=export_progress, fsync=fsync)
-    session.exports.append({
-        "path": str(result.path), "kind": "mix", "dtype": settings.dtype, "max_shard_size": settings.max_shard_size,
-        "shards": len(result.shards), "tensors": result.tensors, "bytes": result.bytes,
-        "routers_sha256": outcome.digest, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+                        progress=progress, cancel=cancel, fsync=fsync)
+    session.exports.append(ExportRecord(
+        path=str(result.path), kind="mix", dtype=settings.dtype, max_shard_size=settings.max_shard_size,
+        shards=len(result.shards), tensors=result.tensors, bytes=result.bytes, time=now_utc(),
+        extra={"routers_sha256": outcome.digest},
+    ))
     return MixBuild(layout, outcome, result, session, time.perf_counter() - started)

@@ -16,25 +16,30 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
-from surgeon import __version__
 from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
-from surgeon.features.export import (
+from surgeon.features.export import converted_bytes
+from surgeon.features.mix.plan import MixLayout, MixTensor, router_bytes
+from surgeon.io.dtypes import DTYPE_SIZES
+from surgeon.io.model_card import (
+    REPLAY_LINE,
     SESSION_FILE,
+    built_by,
+    model_card,
+    provenance_table,
+    table,
+)
+from surgeon.io.shards import (
     ExportResult,
-    check_target,
-    converted_bytes,
     copy_range,
     shard_file_names,
     split_into_shards,
-    staged_directory,
     write_index,
     write_shard,
 )
-from surgeon.features.mix.plan import MixLayout, MixTensor, router_bytes
-from surgeon.io.safetensors_file import DTYPE_SIZES
+from surgeon.io.staged import check_target, staged_directory
+from surgeon.jobs import NEVER, CancelToken, Meter, Progress
 
 TRAINING_CSV = "router-training.csv"
 
@@ -130,11 +135,14 @@ def export_mix(
     card: str = "",
     session_json: dict | None = None,
     extra_files: dict[str, str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+    cancel: CancelToken = NEVER,
     fsync: bool = False,
 ) -> ExportResult:
-    """Write the mix to `out`; `routers` are float32 weights by name (None: all zero, uniform)."""
+    """Write the mix to `out`; `routers` are float32 weights by name (None: all zero, uniform).
+
+    Reports bytes written as Steps; `cancel` stops it before the next tensor, and the staged
+    directory is removed, so nothing is left behind."""
     out = Path(out).absolute()
     check_target(out, donors, force)
     started = time.perf_counter()
@@ -142,22 +150,22 @@ def export_mix(
     total = sum(nbytes(t) for t in layout.tensors.values())
     names = shard_file_names(len(shards))
     sources = _Sources(donors)
+    meter = Meter(progress, total, "bytes", "mix")
     done = 0
 
     def write_tensor(n: str, dst: int) -> None:
         nonlocal done
+        cancel.check()
         _write_tensor(layout.tensors[n], sources, dst, routers)
         done += nbytes(layout.tensors[n])
-        if progress is not None:
-            progress(done, total)
+        meter(done)
 
     try:
         with staged_directory(out) as tmp:
             weight_map = {}
             for shard_name, members in zip(names, shards):
                 entries = [(n, layout.tensors[n].dtype, layout.tensors[n].shape) for n in members]
-                write_shard(tmp / shard_name, entries, {"format": "pt"}, write_tensor, fsync=fsync, cancel=cancel,
-                            cancelled=f"{out}: mix cancelled; nothing was written")
+                write_shard(tmp / shard_name, entries, {"format": "pt"}, write_tensor, fsync=fsync)
                 weight_map.update(dict.fromkeys(members, shard_name))
             write_index(tmp, names, weight_map, total)
             base = donors[layout.plan.base]
@@ -194,13 +202,8 @@ def mix_model_card(layout: MixLayout, donors: dict[str, Donor], training: dict |
         "hidden": f"hidden top-{layout.top_k}: router row e at layer l is the normalised mean "
                   "post_attention_layernorm output of expert e's prompts at layer l, measured on this mix",
     }[plan.router.mode]
-    lines = [
-        "---",
-        "tags: [moe-surgeon, moe, merge]",
-        "---",
-        "# Mixture of experts mixed from dense donors by moe-surgeon",
-        "",
-        f"Built by moe-surgeon {__version__} on {time.strftime('%Y-%m-%d', time.gmtime())} as a "
+    summary = [
+        f"{built_by()} as a "
         f"`{out.class_name}` ({layout.num_layers} layers, {layout.num_experts} experts per layer, top-{layout.top_k}); "
         "plain `transformers` loads it with `AutoModelForCausalLM.from_pretrained`. Layer l's expert e is "
         "donor e's MLP at layer l, copied unchanged.",
@@ -208,43 +211,34 @@ def mix_model_card(layout: MixLayout, donors: dict[str, Donor], training: dict |
         ("Routing as initialised (the routers were then trained, see below): " if training else "Routing: ")
         + f"{routing}. The router reads the output of post_attention_layernorm; the kept weights "
         "are renormalised to sum to 1.",
-        "",
-        "## Experts",
-        "",
-        "| expert | donor | path | fingerprint |",
-        "| --- | --- | --- | --- |",
     ]
-    for e, name in enumerate(plan.experts):
-        lines.append(f"| {e} | {name} | `{donors[name].path}` | `{donors[name].fingerprint}` |")
+    experts = table(["expert", "donor", "path", "fingerprint"],
+                    ([str(e), name, f"`{donors[name].path}`", f"`{donors[name].fingerprint}`"]
+                     for e, name in enumerate(plan.experts)))
     if plan.always_on:
         d = donors[plan.always_on]
         how = ("the shared expert (its gate is zero, so sigmoid gives 0.5, and its down_proj is doubled, "
                "so it adds exactly the donor's MLP)" if out.shared_expert else
                "folded into every routed expert (expert e's neurons are the always-on MLP's followed by "
                "e's own), since Mixtral has no shared expert")
-        lines += ["", f"Always-on expert: donor {plan.always_on} (`{d.path}`), realised as {how}. "
-                  "The MLP output is A(x) + sum of w_e E_e(x) over the kept experts."]
-    lines += ["", "## Donors", "", "| name | path | model_type | fingerprint | share of parameters |",
-              "| --- | --- | --- | --- | --- |"]
-    for name in plan.donor_names():
-        d = donors[name]
-        base = " (base)" if name == plan.base else ""
-        share = 100.0 * params.get(name, 0) / total
-        lines.append(f"| {name}{base} | `{d.path}` | {d.model_type} | `{d.fingerprint}` | {share:.2f}% |")
-    lines += ["", "## Everything but the MLPs", "", f"From base {plan.base}" +
-              ("." if not plan.assignments else ", then (later lines win):")]
-    for a in plan.assignments:
-        lines.append(f"- `{a.spec}` from donor {a.donor}")
+        experts += ["", f"Always-on expert: donor {plan.always_on} (`{d.path}`), realised as {how}. "
+                    "The MLP output is A(x) + sum of w_e E_e(x) over the kept experts."]
+    percent = {name: 100.0 * params.get(name, 0) / total for name in plan.donor_names()}
+    sections = [
+        ("Experts", experts),
+        ("Donors", provenance_table({n: donors[n] for n in plan.donor_names()}, plan.base, percent)),
+        ("Everything but the MLPs", [f"From base {plan.base}" + ("." if not plan.assignments else ", then (later lines win):"),
+                                     *(f"- `{a.spec}` from donor {a.donor}" for a in plan.assignments)]),
+    ]
     if training:
         losses = training.get("losses") or []
-        lines += ["", "## Router training", "",
-                  f"Only the routers were trained: {training['steps']} steps, batch {training['batch_size']}, "
-                  f"AdamW at a constant learning rate {training['lr']}, seed {training['seed']}, on "
-                  f"`{training['data']}` (sha256 {training['sha256'][:16]}...) on {training['device']}."]
+        lines = [f"Only the routers were trained: {training['steps']} steps, batch {training['batch_size']}, "
+                 f"AdamW at a constant learning rate {training['lr']}, seed {training['seed']}, on "
+                 f"`{training['data']}` (sha256 {training['sha256'][:16]}...) on {training['device']}."]
         if losses:
             lines.append(f"Loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)}; every step is in "
                          f"`{TRAINING_CSV}`.")
-    lines += ["", "The session that made it is in `" + SESSION_FILE + "`; `moe-surgeon replay` rebuilds it."]
-    for w in layout.warnings:
-        lines.append(f"> Note: {w}")
-    return "\n".join(lines) + "\n"
+        sections.append(("Router training", lines))
+    sections.append((None, ["", REPLAY_LINE, *(f"> Note: {w}" for w in layout.warnings)]))
+    return model_card("Mixture of experts mixed from dense donors by moe-surgeon", ["moe-surgeon", "moe", "merge"],
+                      summary, sections)

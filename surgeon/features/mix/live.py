@@ -16,13 +16,10 @@ from surgeon.core.architectures import ARCHITECTURES
 from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
 from surgeon.features.mix.plan import MixLayout, MixTensor
-from surgeon.live.hybrid import (
-    TORCH_DTYPE_NAMES,
-    TensorReader,
-    check_device,
-    live_slice,
-    live_target,
-)
+from surgeon.jobs import NEVER, CancelToken
+from surgeon.live.devices import check_device
+from surgeon.live.dtypes import TORCH_DTYPE_NAMES, TORCH_DTYPES
+from surgeon.live.hybrid import TensorReader, live_slice, live_target
 
 
 class LiveMix:
@@ -64,12 +61,11 @@ def tensor_value(t: MixTensor, reader: TensorReader, routers: dict | None) -> to
 
 
 def materialize_mix(layout: MixLayout, donors: dict[str, Donor], routers: dict | None = None, *,
-                    device: str = "cpu", dtype: str = "float32") -> LiveMix:
-    """Build the mix on `device` in `dtype` (keep: the layout's own dtype)."""
+                    device: str = "cpu", dtype: str = "float32", cancel: CancelToken = NEVER) -> LiveMix:
+    """Build the mix on `device` in `dtype` (keep: the layout's own dtype); `cancel` stops it
+    between tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-
-    from surgeon.live.dtypes import TORCH_DTYPES
 
     dev = check_device(device)
     torch_dtype = TORCH_DTYPE_NAMES.get(dtype) or TORCH_DTYPES[layout.dtype]
@@ -83,6 +79,7 @@ def materialize_mix(layout: MixLayout, donors: dict[str, Donor], routers: dict |
     written = set()
     with torch.no_grad():
         for t in layout.tensors.values():
+            cancel.check()
             view = live.view(t.name)
             value = tensor_value(t, reader, routers)
             if tuple(value.shape) != tuple(view.shape):

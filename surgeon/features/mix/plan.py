@@ -38,46 +38,25 @@ import math
 from dataclasses import dataclass, field
 
 from surgeon.core.anatomy import Part, natural_key
+from surgeon.core.architectures import MIX_OUTPUTS, MIX_SOURCES
+from surgeon.core.architectures import MixOutput as OutputArch
 from surgeon.core.donor import Donor
 from surgeon.core.plan import Assignment, Plan
 from surgeon.core.resolve import Resolution, Source, resolve, source_from
 from surgeon.errors import SurgeonError
+from surgeon.jobs import NEVER, CancelToken, Meter, Progress
 
-DENSE_TYPES = ("llama", "mistral", "qwen2")
+DENSE_TYPES = tuple(MIX_SOURCES)
 ROUTER_MODES = ("uniform", "noisy", "hidden", "random")
 NOISY_STD = 0.02
 RANDOM_STD = 1.0
 DEFAULT_TOP_K = 2
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
-
-@dataclass(frozen=True)
-class OutputArch:
-    """How an MoE architecture names things on disk (what save_pretrained writes)."""
-
-    model_type: str
-    class_name: str
-    block: str  # the MoE block under a layer
-    expert_names: dict  # dense projection -> expert tensor name
-    experts_key: str
-    shared_expert: bool
-
-
-OUTPUTS = {
-    "mixtral": OutputArch("mixtral", "MixtralForCausalLM", "block_sparse_moe",
-                          {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}, "num_local_experts", False),
-    "qwen2_moe": OutputArch("qwen2_moe", "Qwen2MoeForCausalLM", "mlp",
-                            {p: p for p in PROJECTIONS}, "num_experts", True),
-}
-DEFAULT_OUTPUT = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe"}
-
-# What the dense config classes assume when config.json leaves a key out, where the MoE class
-# would assume something else (Mixtral: rms_norm_eps 1e-5, rope_theta 1e6, 8 kv heads).
-SOURCE_DEFAULTS = {
-    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": None},
-    "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 4096},
-    "qwen2": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-}
+# The architectures a mix is made from and written as are data in core/architectures.py.
+OUTPUTS = MIX_OUTPUTS
+DEFAULT_OUTPUT = {dense: source.default_output for dense, source in MIX_SOURCES.items()}
+SOURCE_DEFAULTS = {dense: dict(source.config_defaults) for dense, source in MIX_SOURCES.items()}
 REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 DROP_KEYS = ("architectures", "model_type", "attention_bias", "mlp_bias", "pretraining_tp", "auto_map",
              "transformers_version", "_name_or_path")
@@ -381,17 +360,21 @@ class _Stop(Exception):
     """Raised from a hook once the layer we need has been seen: the rest of the forward is waste."""
 
 
-def hidden_routers(layout: MixLayout, model, tokenizer, live) -> dict:
+def hidden_routers(layout: MixLayout, model, tokenizer, live, *, progress: Progress | None = None,
+                   cancel: CancelToken = NEVER) -> dict:
     """mergekit's "hidden" init, measured on the live mix `model` where its routers read.
 
     For each layer in order: run every expert's prompts up to that layer's post_attention_layernorm,
     average its output over tokens (then prompts), subtract the negative prompts' average, normalise,
     and write the row into the live router before moving on, so later layers see this routing.
-    `live(name)` gives the live view of a disk tensor name (see mix_live).
+    `live(name)` gives the live view of a disk tensor name (see features/mix/live.py). Reports a
+    Step per layer; `cancel` (a jobs.CancelToken) stops it between layers.
     """
     import torch
 
     from surgeon.probes.scoring import encode
+
+    meter = Meter(progress, len(layout.routers), "layers", "hidden routers")
 
     prompts = layout.plan.prompts or []
     layers = model.model.layers
@@ -419,6 +402,7 @@ def hidden_routers(layout: MixLayout, model, tokenizer, live) -> dict:
     out = {}
     with torch.no_grad():
         for layer, name in enumerate(layout.routers):
+            cancel.check()
             rows = []
             for p in prompts:
                 v = mean_at(layer, p.positive)
@@ -428,6 +412,7 @@ def hidden_routers(layout: MixLayout, model, tokenizer, live) -> dict:
             weights = torch.stack(rows).cpu()
             live(name).copy_(weights)
             out[name] = weights
+            meter(layer + 1)
     return out
 
 
@@ -453,7 +438,7 @@ def routers_digest(layout: MixLayout, routers: dict | None) -> str:
 
 
 def _size(dtype: str) -> int:
-    from surgeon.io.safetensors_file import DTYPE_SIZES
+    from surgeon.io.dtypes import DTYPE_SIZES
 
     return DTYPE_SIZES[dtype]
 

@@ -22,9 +22,9 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from surgeon.errors import SurgeonError
+from surgeon.jobs import NEVER, CancelToken, Meter, Progress
 
 TEMPLATES = ("raw", "qa")
 
@@ -113,9 +113,12 @@ def _encode_batch(tokenizer, examples, device):
     return ids.to(device), mask.to(device), lab.to(device)
 
 
-def train_routers(live, tokenizer, spec: TrainSpec, *,
-                  progress: Callable[[int, int, float], None] | None = None) -> list[float]:
-    """Train the routers of `live` (a mix_live.LiveMix) in place; returns the loss of every step."""
+def train_routers(live, tokenizer, spec: TrainSpec, *, progress: Progress | None = None,
+                  cancel: CancelToken = NEVER) -> list[float]:
+    """Train the routers of `live` (a features.mix.live.LiveMix) in place; returns the loss of every step.
+
+    Reports a Step per training step (unit "steps", the losses so far as its series) and stops at
+    the next step when `cancel` is set."""
     import torch
 
     spec.check()
@@ -137,11 +140,13 @@ def train_routers(live, tokenizer, spec: TrainSpec, *,
     rng = random.Random(spec.seed)
     order: list[int] = []
     losses = []
+    meter = Meter(progress, spec.steps, "steps", "train routers")
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         model.eval()  # no dropout, no router jitter: the only randomness is the seeded batch order
         for step in range(spec.steps):
+            cancel.check()
             batch = []
             while len(batch) < spec.batch_size:
                 if not order:
@@ -155,8 +160,7 @@ def train_routers(live, tokenizer, spec: TrainSpec, *,
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(step + 1, spec.steps, losses[-1])
+            meter(step + 1, detail=f"loss {losses[-1]:.4f}", series=tuple(losses))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         for p in params:

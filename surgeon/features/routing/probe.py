@@ -31,6 +31,7 @@ import numpy as np
 
 from surgeon.core.plan import Assignment
 from surgeon.errors import SurgeonError
+from surgeon.jobs import NEVER, Meter
 
 
 # ---------------------------------------------------------------- the model side
@@ -241,25 +242,50 @@ def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
 
 
 def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_tokens: int | None = None,
-                  importance: bool = False, keep_probs: bool = False, progress=None) -> RoutingStats:
+                  importance: bool = False, keep_probs: bool = False, progress=None, cancel=NEVER) -> RoutingStats:
     """Run `texts` through `model` (one forward pass each, batched, right-padded) and record routing."""
-    import torch
+    return probe_domains(model, tokenizer, {"corpus": texts}, batch_size=batch_size, max_tokens=max_tokens,
+                         importance=importance, keep_probs=keep_probs, progress=progress, cancel=cancel)["corpus"]
 
+
+def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size: int = 32,
+                  max_tokens: int | None = None, importance: bool = False, keep_probs: bool = False,
+                  progress=None, cancel=NEVER, label: str = "routing") -> dict[str, RoutingStats]:
+    """Each corpus through `model`, as `probe_routing`; one job: `progress` gets jobs.Steps in sequences
+    over every corpus, `cancel` is checked before every batch."""
     moe = moe_layers(model)
     if not moe:
         raise SurgeonError(f"{getattr(model.config, 'model_type', type(model).__name__)}: the model has no "
                            "routed experts; routing analysis needs an MoE model")
-    E, k = int(moe[0].gate.num_experts), int(moe[0].gate.top_k)
     max_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    seqs = {name: _sequences(tokenizer, texts, max_len, max_tokens) for name, texts in corpora.items()}
+    meter = Meter(progress, sum(len(s) for s in seqs.values()), "sequences", label)
+    out, before = {}, 0
+    for name, s in seqs.items():
+        out[name] = _probe(model, moe, tokenizer, s, batch_size, importance, keep_probs, cancel,
+                           lambda n, name=name, before=before: meter(before + n, detail=name))
+        before += len(s)
+    return out
+
+
+def _sequences(tokenizer, texts: list[str], max_len: int, max_tokens: int | None) -> list[list[int]]:
     seqs = encode_texts(tokenizer, texts, max_len)
-    if max_tokens is not None:
-        kept, total = [], 0
-        for s in seqs:
-            if total >= max_tokens:
-                break
-            kept.append(s[: max_tokens - total])
-            total += len(kept[-1])
-        seqs = kept
+    if max_tokens is None:
+        return seqs
+    kept, total = [], 0
+    for s in seqs:
+        if total >= max_tokens:
+            break
+        kept.append(s[: max_tokens - total])
+        total += len(kept[-1])
+    return kept
+
+
+def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_size: int, importance: bool,
+           keep_probs: bool, cancel, done) -> RoutingStats:
+    import torch
+
+    E, k = int(moe[0].gate.num_experts), int(moe[0].gate.top_k)
     device = next(model.parameters()).device
     rec = _Recorder(moe, E, k, device, importance=importance, keep_probs=keep_probs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -267,6 +293,7 @@ def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, m
     try:
         with torch.no_grad():
             for start in range(0, len(seqs), batch_size):
+                cancel.check()
                 batch = seqs[start:start + batch_size]
                 width = max(len(s) for s in batch)
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -280,8 +307,7 @@ def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, m
                 rec.mask = None if bool(flat.all()) else flat
                 rec._prev = None
                 model(ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                if progress:
-                    progress(min(start + batch_size, len(seqs)), len(seqs))
+                done(min(start + batch_size, len(seqs)))
     finally:
         rec.close()
     n = int(sum(len(t) for t in token_ids))
@@ -295,10 +321,6 @@ def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, m
         importance_sum=None if rec.imp is None else cpu(rec.imp),
         probs=np.stack([torch.cat(p).numpy() for p in rec.probs], axis=1) if keep_probs else None,
     )
-
-
-def probe_domains(model, tokenizer, corpora: dict[str, list[str]], **kw) -> dict[str, RoutingStats]:
-    return {name: probe_routing(model, tokenizer, texts, **kw) for name, texts in corpora.items()}
 
 
 # ---------------------------------------------------------------- common experts (seed 002)

@@ -17,6 +17,7 @@ import io
 from dataclasses import dataclass, field
 
 from surgeon.features.sweep.runner import configuration_name, gray_order, record_groups
+from surgeon.probes import metric_of
 from surgeon.probes.stats import compare, significance_stars
 
 ALPHA = 0.05
@@ -36,7 +37,8 @@ class Cell:
 
     @property
     def accuracy(self) -> bool:
-        return self.metric == "accuracy"
+        """0/1 outcomes: a percentage, with paired tests against the donors."""
+        return metric_of(self.metric).proportion
 
 
 @dataclass
@@ -121,10 +123,6 @@ class SweepAnalysis:
         return f"{name} ({lab})" if lab and lab != name else name
 
 
-def _lower_is_better(metric: str) -> bool:
-    return metric in ("nll", "kl")
-
-
 def _cell(rec: dict, against: dict[str, dict], test: str) -> Cell:
     cell = Cell(rec["metric"], rec["n"], rec["score"], tuple(rec["ci"]))
     if not cell.accuracy:
@@ -194,7 +192,7 @@ def analyze(record: dict, probes: list[str] | None = None, *, test: str = "mcnem
         measured = {m: c[lab] for m, c in by_mask.items() if lab in c}
         if len(measured) < 1 << len(groups):
             continue  # best and recommendation need every configuration
-        sign = -1 if _lower_is_better(metrics.get(lab, "accuracy")) else 1
+        sign = 1 if _metric(metrics, lab).higher_is_better else -1
         mask = max(measured, key=lambda m: (sign * measured[m].score, -bin(m).count("1"), -m))
         cell = measured[mask]
         vs = {n: {"delta": v["delta"], "p": v["p"], "stars": v["stars"]} for n, v in cell.vs.items()}
@@ -264,8 +262,12 @@ def cell_text(cell: Cell | None, alpha: float = ALPHA) -> str:
     return _fmt_score(cell) + (f" {marks}" if marks else "")
 
 
+def _metric(metrics: dict[str, str], probe: str):
+    return metric_of(metrics.get(probe, "accuracy"))  # an unmeasured probe reads as accuracy, as it used to
+
+
 def _points(delta: float, metric: str) -> str:
-    return f"{100 * delta:+.1f}" if metric == "accuracy" else f"{delta:+.4g}"
+    return metric_of(metric).delta_text(delta)
 
 
 def effect_chart(a: SweepAnalysis, width: int = 20) -> str:
@@ -273,38 +275,35 @@ def effect_chart(a: SweepAnalysis, width: int = 20) -> str:
     left (worse) or right (better) of the axis, in points for accuracy probes."""
     if not a.effects:
         return "(no single-group transfers measured yet)"
-    # Accuracy probes share one axis in points (as in the paper's figure); any other metric
+    # Proportions (accuracy) share one axis in points (as in the paper's figure); any other metric
     # (perplexity) is drawn on its own scale, printed beside its name.
-    def metric(p):
-        return a.metrics.get(p, "accuracy")
+    def shared(p) -> bool:
+        return _metric(a.metrics, p).proportion
 
     scales: dict[str, float] = {}
     for e in a.effects:
-        key = "accuracy" if metric(e.probe) == "accuracy" else e.probe
+        key = "accuracy" if shared(e.probe) else e.probe
         scales[key] = max(scales.get(key, 0.0), abs(e.delta))
-    pw = max(len(p) + (0 if metric(p) == "accuracy" else 12) for p in a.probes)
+    pw = max(len(p) + (0 if shared(p) else 12) for p in a.probes)
     gw = max(len(g) for g in a.groups)
     acc = scales.get("accuracy") or 1.0
     head = f"{'':{pw}}  {'':{gw}}  {_points(-acc, 'accuracy'):<{width}}0{_points(acc, 'accuracy'):>{width}}"
     lines = [head.rstrip()]
     for p in a.probes:
         first = True
-        key = "accuracy" if metric(p) == "accuracy" else p
+        key = "accuracy" if shared(p) else p
         scale = scales.get(key) or 1.0
-        title = p if metric(p) == "accuracy" else f"{p} (±{scale:.3g})"
+        title = p if shared(p) else f"{p} (±{scale:.3g})"
         for e in (x for x in a.effects if x.probe == p):
             n = round(width * abs(e.delta) / scale)
-            if _lower_is_better(a.metrics.get(p, "accuracy")):
-                better = e.delta < 0
-            else:
-                better = e.delta > 0
+            better = _metric(a.metrics, p).better(e.delta)
             left = ("█" * n if not better else "").rjust(width)
             right = ("█" * n if better else "").ljust(width)
             value = _points(e.delta, a.metrics.get(p, "accuracy")) + (f" {e.stars}" if e.stars else "")
             lines.append(f"{title if first else '':{pw}}  {e.group:<{gw}}  {left}│{right} {value}")
             first = False
     test = TEST_NAMES[a.test]
-    unit = "points" if all(metric(p) == "accuracy" for p in a.probes) else "points (accuracy) or score"
+    unit = "points" if all(shared(p) for p in a.probes) else "points (accuracy) or score"
     lines.append(f"change against {_display(a.record, a.base)} (the base) in {unit}; left = worse; "
                  f"* p<0.05, ** p<0.01, *** p<0.001 ({test} against the base)")
     return "\n".join(lines)
@@ -330,7 +329,7 @@ def best_markdown(a: SweepAnalysis) -> str:
             rows.append([p, "…", "…", "…"])
             continue
         metric = a.metrics.get(p, "accuracy")
-        score = f"{100 * b.score:.1f}" if metric == "accuracy" else f"{b.score:.3f}"
+        score = f"{100 * b.score:.1f}" if metric_of(metric).proportion else f"{b.score:.3f}"
         vs = ", ".join(f"{_points(v['delta'], metric)} vs {n} (p={v['p']:.2g})" for n, v in b.vs.items())
         rows.append([p, b.name, score + (f" ({vs})" if vs else ""), b.verdict])
     return _md_table(["probe", "best configuration", "score", "verdict"], rows)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from surgeon.core.donor import Donor
 from surgeon.core.plan import Assignment, Plan, check_assignment, parse_spec
 from surgeon.errors import SurgeonError
-from surgeon.probes import ProbeSpec, spec_from_json
+from surgeon.jobs import NEVER, CancelToken, Meter
+from surgeon.probes import KINDS, ProbeSpec, single_model_kinds, spec_from_json
 
 MAX_GROUPS = 6
 DEFAULT_GROUPS = ("router", "attention", "experts")
 EXTENSION_KEY = "sweeps"  # session.extensions[EXTENSION_KEY]: list of sweep records
 RECORD_VERSION = 1
-UNSUPPORTED_PROBES = {"kl": "kl compares one model with each donor; probe the configurations with em, mc or ppl"}
 
 
 # ---------------------------------------------------------------- groups
@@ -203,16 +203,27 @@ def default_probes(recorded: list[dict] | None = None) -> list[ProbeSpec]:
     from surgeon.probes import parse_probe
     from surgeon.probes.data import builtin_sets
 
-    specs = [s for s in map(spec_from_json, recorded or []) if s.kind not in UNSUPPORTED_PROBES]
+    specs = [s for s in map(spec_from_json, recorded or []) if why_not_sweepable(s.kind) is None]
     return specs or [parse_probe(f"{'mc' if name.endswith('_mc') else 'em'}:{name}") for name in builtin_sets()]
+
+
+def why_not_sweepable(kind: str) -> str | None:
+    """Why a sweep cannot measure probes of `kind` on its configurations, or None when it can: a
+    per-donor kind compares a model with each donor, which the donor ceilings already are."""
+    if kind not in KINDS or not KINDS[kind].per_donor:
+        return None
+    usable = single_model_kinds()
+    return (f"{kind} compares one model with each donor; probe the configurations with "
+            f"{', '.join(usable[:-1])} or {usable[-1]}")
 
 
 def check_probes(specs: list[ProbeSpec]) -> None:
     if not specs:
         raise SurgeonError("--probe: a sweep needs at least one probe")
     for s in specs:
-        if s.kind in UNSUPPORTED_PROBES:
-            raise SurgeonError(f"--probe {s.label!r}: {UNSUPPORTED_PROBES[s.kind]}")
+        reason = why_not_sweepable(s.kind)
+        if reason is not None:
+            raise SurgeonError(f"--probe {s.label!r}: {reason}")
     labels = [s.label for s in specs]
     for lab in labels:
         if labels.count(lab) > 1:
@@ -301,8 +312,7 @@ class SweepEvent:
 
     kind: "start" (resumed = configurations already stored), "ceiling" (a donor's probe result,
     cached or measured), "swap" (the hybrid moved to configuration `mask`), "probe" (items done
-    within one probe), "configuration" (one configuration finished and saved: `entry`),
-    "stopped" (should_stop said so), "done".
+    within one probe), "configuration" (one configuration finished and saved: `entry`), "done".
     """
 
     kind: str
@@ -324,7 +334,7 @@ class SweepEvent:
 
 def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None = None, hybrid=None,
               save: Callable[[dict], None] | None = None, on_event: Callable[[SweepEvent], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> dict:
+              progress=None, cancel: CancelToken = NEVER) -> dict:
     """Measure every configuration of `spec` not yet in `record`; return the (updated) record.
 
     record: a stored record to resume (ignored unless its id is this spec's key).
@@ -332,8 +342,11 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
         put back on its own plan at the end. Without one, the base is materialised on spec.device
         (only if anything is left to measure).
     save(record): called after the ceilings and after every configuration; raise to abort.
-    on_event(SweepEvent): progress; an exception from it aborts the sweep (what was saved stays).
-    should_stop(): checked between configurations; True ends the run early (record incomplete).
+    on_event(SweepEvent): what happens, for displays; an exception from it aborts the sweep (what was
+        saved stays).
+    progress: jobs.Steps in items still to measure in this run (cached ceilings cost none).
+    cancel: checked between batches and configurations; Cancelled ends the run, and what `save` was
+        given stays (a later run resumes from it).
     """
     from surgeon.probes.run import (
         cache_key,
@@ -373,6 +386,13 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
     if not need_ceilings and not need_configs:
         emit(SweepEvent("done", total, total, record=record))
         return record
+    cached_ceilings = {(name, label): cached_donor_record(cache_key(donors[name].fingerprint, by_label[label],
+                                                                    spec.device, spec.dtype, spec.batch_size))
+                       for name, todo in need_ceilings.items() for label in todo}
+    items = {label: len(data.items) for label, data in datas.items()}
+    meter = Meter(progress, sum(items[label] for (_, label), rec in cached_ceilings.items() if rec is None)
+                  + sum(items[label] for mask, todo in need_configs.items() if mask != 0 for label in todo))
+    measured = [0]  # items of the probes finished in this run
 
     state: dict = {"hybrid": hybrid, "restore": hybrid.resolution.plan if hybrid is not None else None,
                    "tokenizer": None}
@@ -412,11 +432,19 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
         h = live()
         s = by_label[label]
         t0 = time.perf_counter()
+        n = items[label]
+        where = f"ceiling {name} {label}" if mask is None else f"[{done_count() + 1}/{total}] {name}: {label}"
+        cancel.check()
 
-        def progress(done, items):
-            emit(SweepEvent("probe", done_count(), total, mask, name, label, done, items))
+        def report(done, of):
+            cancel.check()  # between batches; the configuration being measured is not saved
+            emit(SweepEvent("probe", done_count(), total, mask, name, label, done, of))
+            meter(measured[0] + (round(n * done / of) if of else n), detail=where)
 
-        out = evaluate(h.model, state["tokenizer"], s, datas[label], batch_size=spec.batch_size, progress=progress)
+        meter(measured[0], detail=where)
+        out = evaluate(h.model, state["tokenizer"], s, datas[label], batch_size=spec.batch_size, progress=report)
+        measured[0] += n
+        meter(measured[0], detail=where)
         seconds = time.perf_counter() - t0
         run["probe_seconds"] += seconds
         rec = make_record(s, model_label, out, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size,
@@ -437,7 +465,7 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
         for name in (spec.base, spec.donor):
             for label in need_ceilings.get(name, []):
                 ck = cache_key(donors[name].fingerprint, by_label[label], spec.device, spec.dtype, spec.batch_size)
-                rec = cached_donor_record(ck)
+                rec = cached_ceilings[name, label]
                 cached = rec is not None
                 swap = None
                 if not cached:
@@ -460,9 +488,7 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
             todo = need_configs.get(mask)
             if not todo:
                 continue
-            if should_stop is not None and should_stop():
-                emit(SweepEvent("stopped", done_count(), total))
-                break
+            cancel.check()
             name = spec.name(mask)
             entry = configuration_entry(record, mask)
             if entry is None:
@@ -487,8 +513,7 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
             checkpoint()
             emit(SweepEvent("configuration", done_count(), total, mask, name, entry=copy.deepcopy(entry),
                             record=record, seconds=time.perf_counter() - t0))
-        else:
-            emit(SweepEvent("done", done_count(), total, record=record))
+        emit(SweepEvent("done", done_count(), total, record=record))
     finally:
         run["seconds"] = time.perf_counter() - started
         if state["restore"] is not None and state["hybrid"] is not None:

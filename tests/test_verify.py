@@ -1,0 +1,88 @@
+"""An export's manifest and `moe-surgeon verify`: every flipped byte is found and named."""
+
+import json
+import shutil
+
+import pytest
+
+from surgeon.core.donor import DEMO_ROOT
+from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
+from surgeon.io.safetensors_file import read_header
+
+
+@pytest.fixture
+def export_dir(tmp_path):
+    """A checkpoint with a manifest whose every tensor comes from a copy of demo:base (donor A)."""
+    donor = tmp_path / "donor"
+    shutil.copytree(DEMO_ROOT / "base", donor)
+    out = tmp_path / "out"
+    shutil.copytree(donor, out)
+    names = read_header(str(out / "model.safetensors")).tensors
+    manifest = build_manifest(out, {n: {"donor": "A", "name": n} for n in names}, {"A": {"path": str(donor)}})
+    write_manifest(out, manifest)
+    return out, donor
+
+
+def flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def tensor_at(path, where):
+    header = read_header(str(path))
+    tensors = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
+    name, t = {"start": tensors[0], "middle": tensors[len(tensors) // 2], "end": tensors[-1]}[where]
+    offset = {"start": t.start, "middle": (t.start + t.end) // 2, "end": t.end - 1}[where]
+    return name, offset
+
+
+def test_manifest_lists_every_tensor_with_its_source_shape_range_and_hash(export_dir):
+    out, _ = export_dir
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    header = read_header(str(out / "model.safetensors"))
+    assert set(m["tensors"]) == set(header.tensors)
+    name, t = next(iter(header.tensors.items()))
+    entry = m["tensors"][name]
+    assert entry["source"] == {"donor": "A", "name": name}
+    assert entry["shape"] == list(t.shape) and entry["offsets"] == [t.start, t.end] and entry["dtype"] == t.dtype
+    assert set(m["shards"]) == {"model.safetensors"}
+    assert {"python", "safetensors", "xxhash"} <= set(m["libraries"])
+
+
+def test_verify_passes_an_untouched_export_and_its_donor(export_dir, run_cli):
+    out, _ = export_dir
+    r = run_cli("verify", out, "--donors")
+    assert r.returncode == 0, r.stderr
+    assert "verified" in r.stdout and "compared byte for byte" in r.stdout
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_verify_names_the_tensor_with_a_flipped_byte(export_dir, run_cli, where):
+    out, _ = export_dir
+    name, offset = tensor_at(out / "model.safetensors", where)
+    flip(out / "model.safetensors", offset)
+    r = run_cli("verify", out, "--json")
+    assert r.returncode == 1
+    problem = json.loads(r.stdout)["problem"]
+    assert f"tensor {name} differs from the manifest" in problem
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_verify_donors_names_the_tensor_whose_donor_changed(export_dir, run_cli, where):
+    out, donor = export_dir
+    name, offset = tensor_at(donor / "model.safetensors", where)
+    flip(donor / "model.safetensors", offset)
+    assert run_cli("verify", out).returncode == 0  # the export itself is intact
+    r = run_cli("verify", out, "--donors")
+    assert r.returncode == 1
+    assert f"tensor {name} differs from donor A's {name}" in r.stdout
+
+
+def test_verify_without_a_manifest_is_one_line(tmp_path, run_cli):
+    shutil.copytree(DEMO_ROOT / "base", tmp_path / "plain")
+    r = run_cli("verify", tmp_path / "plain")
+    assert r.returncode == 2
+    assert MANIFEST_FILE in r.stderr and len(r.stderr.strip().splitlines()) == 1
