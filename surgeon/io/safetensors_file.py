@@ -14,13 +14,7 @@ from dataclasses import dataclass
 from math import prod
 
 from surgeon.errors import SurgeonError
-
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
+from surgeon.io.dtypes import DTYPE_SIZES
 
 # A header larger than this is not a checkpoint we wrote or transformers wrote: refuse it early
 # instead of trying to allocate it.
@@ -56,8 +50,27 @@ class Header:
 
 
 def read_header(path: str) -> Header:
-    """Parse and validate the header of one safetensors file."""
-    name = os.path.basename(path)
+    """Parse and validate the header of one safetensors file, as strictly as the format reads.
+
+    Only the header is read. Everything the format promises is checked here, once, so nothing
+    downstream can plan surgery on a file that the safetensors library would refuse to load:
+    known dtypes, non-negative integer dims, byte ranges that tile the data exactly (no overlap,
+    no gap, nothing past the end or after the last tensor), unique keys, string metadata.
+    """
+    size, n, raw = _read_raw(path)
+    table = _parse_json(path, raw)
+    metadata = _metadata(path, table.pop("__metadata__", None))
+    data_start = 8 + n
+    tensors = {tname: _tensor_info(path, tname, entry, data_start, size) for tname, entry in table.items()}
+    _check_tiling(path, tensors, size - data_start, data_start)
+    return Header(path=path, raw=raw, size=size, tensors=tensors, metadata=metadata)
+
+
+# The format stores dims and offsets as u64; anything larger cannot come from a real writer.
+U64_MAX = (1 << 64) - 1
+
+
+def _read_raw(path: str) -> tuple[int, int, bytes]:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -69,39 +82,129 @@ def read_header(path: str) -> Header:
                 raise SurgeonError(
                     f"{path}: corrupted safetensors header (declares {n} header bytes, file has {size})"
                 )
-            raw = f.read(n)
+            return size, n, f.read(n)
     except OSError as e:
         raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _parse_json(path: str, raw: bytes) -> dict:
+    def unique(pairs):
+        # json keeps the last of duplicated keys silently; which tensor is meant is then a guess.
+        out: dict = {}
+        for key, value in pairs:
+            for text in (key, value) if isinstance(value, str) else (key,):
+                if not _utf8(text):  # a lone surrogate escape: the reference reader refuses it too
+                    raise SurgeonError(f"{path}: corrupted safetensors header: {_short(text)} is not valid UTF-8")
+            if key in out:
+                raise SurgeonError(
+                    f"{path}: corrupted safetensors header: key {_show(key)} appears twice "
+                    f"(first {_short(out[key])}, then {_short(value)})"
+                )
+            out[key] = value
+        return out
+
     try:
-        table = json.loads(raw)
-        if not isinstance(table, dict):
-            raise ValueError("not an object")
+        # Decoded explicitly: json.loads(bytes) would also guess UTF-16 and UTF-32; the format is UTF-8.
+        table = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
     except (ValueError, UnicodeDecodeError) as e:
         raise SurgeonError(f"{path}: corrupted safetensors header ({e})") from None
-    data_start = 8 + n
-    metadata = table.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorInfo] = {}
-    for tname, entry in table.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, stop = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SurgeonError(f"{path}: corrupted safetensors header at tensor {tname}") from None
-        if dtype not in DTYPE_SIZES:
-            raise SurgeonError(f"{path}: tensor {tname} has unknown dtype {dtype}")
-        if stop - begin != prod(shape) * DTYPE_SIZES[dtype] or begin < 0:
+    except RecursionError:
+        raise SurgeonError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
+    if not isinstance(table, dict):
+        raise SurgeonError(f"{path}: corrupted safetensors header (a {type(table).__name__}, not an object)")
+    return table
+
+
+def _metadata(path: str, metadata) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SurgeonError(
+            f"{path}: corrupted safetensors header: __metadata__ is {_short(metadata)}, "
+            "expected an object of strings"
+        )
+    return metadata
+
+
+def _is_u64(x) -> bool:
+    return type(x) is int and 0 <= x <= U64_MAX  # not bool, not float, not a numeric string
+
+
+def _tensor_info(path: str, tname: str, entry, data_start: int, size: int) -> TensorInfo:
+    where = f"{path}: corrupted safetensors header: tensor {_show(tname)}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise SurgeonError(f"{where} is {_short(entry)}, expected an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise SurgeonError(f"{path}: tensor {_show(tname)} has unknown dtype {_short(dtype)}")
+    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+        raise SurgeonError(f"{where} has shape {_short(shape)}, expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_u64(x) for x in offsets)
+            and offsets[0] <= offsets[1]):
+        raise SurgeonError(f"{where} has data_offsets {_short(offsets)}, expected [begin, end] with begin <= end")
+    numel = 1
+    for d in shape:  # the reference reader refuses a shape whose size overflows u64 on the way
+        numel *= d
+        if numel > U64_MAX:
+            raise SurgeonError(f"{where} has shape {_short(shape)}, whose size overflows 64 bits")
+    begin, stop = offsets
+    need = numel * DTYPE_SIZES[dtype]
+    if stop - begin != need:
+        raise SurgeonError(
+            f"{where} spans {stop - begin} bytes but {dtype}{list(shape)} needs {need}"
+        )
+    if data_start + stop > size:
+        raise SurgeonError(
+            f"{path}: truncated shard: tensor {_show(tname)} ends at byte {data_start + stop} "
+            f"but {os.path.basename(path)} has only {size} bytes"
+        )
+    return TensorInfo(path, dtype, tuple(shape), data_start + begin, data_start + stop)
+
+
+def _check_tiling(path: str, tensors: dict[str, TensorInfo], data_bytes: int, data_start: int) -> None:
+    """The tensors must cover the data exactly, back to back: an overlap means two tensors share
+    bytes, a gap or a tail means bytes no tensor owns; the safetensors library refuses both."""
+    end, last = 0, None
+    for tname, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        begin, stop = t.start - data_start, t.end - data_start
+        if begin < end:
             raise SurgeonError(
-                f"{path}: corrupted safetensors header: tensor {tname} spans {stop - begin} bytes "
-                f"but {dtype}{list(shape)} needs {prod(shape) * DTYPE_SIZES[dtype]}"
+                f"{path}: corrupted safetensors header: tensor {_show(tname)} (bytes {begin}-{stop}) "
+                f"overlaps tensor {_show(last)} (which ends at byte {end})"
             )
-        if data_start + stop > size:
+        if begin > end:
+            after = f"after tensor {_show(last)} (which ends at byte {end})" if last else "at the start of the data"
             raise SurgeonError(
-                f"{path}: truncated shard: tensor {tname} ends at byte {data_start + stop} "
-                f"but {name} has only {size} bytes"
+                f"{path}: corrupted safetensors header: a gap of {begin - end} bytes {after}; "
+                f"tensor {_show(tname)} starts at byte {begin}"
             )
-        tensors[tname] = TensorInfo(path, dtype, shape, data_start + begin, data_start + stop)
-    return Header(path=path, raw=raw, size=size, tensors=tensors, metadata=metadata)
+        end, last = stop, tname
+    if end != data_bytes:
+        raise SurgeonError(
+            f"{path}: corrupted safetensors header: the tensors end at data byte {end} "
+            f"but the file holds {data_bytes} data bytes ({data_bytes - end} bytes no tensor owns)"
+        )
+
+
+def _show(name: str) -> str:
+    """A name from the file, quoted when it would break the one-line error (newlines, controls)."""
+    return name if name.isprintable() and name.strip() == name and name else repr(name)
+
+
+def _short(value, limit: int = 80) -> str:
+    try:
+        text = json.dumps(value)
+    except RecursionError:
+        return "a deeply nested value"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
