@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,21 +26,30 @@ class VerifyResult:
         return self.problem is None
 
 
-class _Maps:
-    """Read-only maps of the files compared, each opened once."""
+class _Files:
+    """The files compared, each opened once; ranges read in chunks, so memory stays one chunk."""
+
+    CHUNK = 1 << 24
 
     def __init__(self):
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
 
-    def bytes(self, path: Path, start: int, end: int):
-        if path not in self._maps:
-            with open(path, "rb") as f:
-                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[path][start:end]
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def same(self, a: Path, a_start: int, b: Path, b_start: int, length: int) -> bool:
+        fa, fb = self._fd(a), self._fd(b)
+        for off in range(0, length, self.CHUNK):
+            n = min(self.CHUNK, length - off)
+            if os.pread(fa, n, a_start + off) != os.pread(fb, n, b_start + off):
+                return False
+        return True
 
     def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
+        for fd in self._fds.values():
+            os.close(fd)
 
 
 def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: Progress | None = None,
@@ -59,7 +67,7 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
         except SurgeonError as e:
             raise SurgeonError(f"verify --donors: donor {name}: {e}") from None
     meter = Meter(progress, len(manifest["tensors"]), "tensors", "comparing with donors")
-    maps = _Maps()
+    files = _Files()
     try:
         for i, (tensor, entry) in enumerate(manifest["tensors"].items()):
             cancel.check()
@@ -76,14 +84,14 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
             if src.dtype != entry["dtype"]:
                 result.converted += 1
                 continue
-            ours = maps.bytes(directory / entry["shard"], *entry["offsets"])
-            theirs = maps.bytes(donor.path / src.file, src.start, src.end)
-            if ours != theirs:
+            start, end = entry["offsets"]
+            if end - start != src.nbytes or not files.same(directory / entry["shard"], start, donor.path / src.file,
+                                                           src.start, src.nbytes):
                 result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
                                   f"{source['donor']}'s {source['name']} ({donor.path / src.file})")
                 return result
             result.donor_tensors += 1
     finally:
-        maps.close()
+        files.close()
     meter(len(manifest["tensors"]))
     return result

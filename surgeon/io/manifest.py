@@ -11,15 +11,15 @@ io/content_hash.py (so a later open of the same file costs a stat).
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import platform
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
-from surgeon.io.content_hash import ALGORITHM, hash_files
+from surgeon.io.content_hash import ALGORITHM, CHUNK, hash_files
 from surgeon.io.safetensors_file import read_header
 from surgeon.jobs import NEVER, CancelToken
 
@@ -40,25 +40,36 @@ def library_versions() -> dict[str, str]:
 
 
 def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
-    """XXH3-128 of every tensor's bytes in one safetensors file, tensors hashed on every core."""
+    """XXH3-128 of every tensor's bytes in one safetensors file, tensors hashed on every core.
+
+    Read with pread into one reused buffer per thread, not through a memory map: mapped pages
+    would count against the process's memory, and an export promises to stay small at any size."""
     import xxhash
 
     header = read_header(str(path))
-    with open(path, "rb") as f:
-        if header.size == 0:
-            return {}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            view = memoryview(m)
-            try:
-                def one(item):
-                    cancel.check()
-                    name, t = item
-                    return name, xxhash.xxh3_128(view[t.start:t.end]).hexdigest()
+    local = threading.local()
+    fd = os.open(path, os.O_RDONLY)
 
-                with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                    return dict(pool.map(one, header.tensors.items()))
-            finally:
-                view.release()
+    def one(item):
+        cancel.check()
+        name, t = item
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(CHUNK)
+        h = xxhash.xxh3_128()
+        for offset in range(t.start, t.end, CHUNK):
+            want = min(CHUNK, t.end - offset)
+            n = os.preadv(fd, [memoryview(buf)[:want]], offset)
+            if n != want:
+                raise SurgeonError(f"{path}: tensor {name}: file shorter than its header says")
+            h.update(memoryview(buf)[:n])
+        return name, h.hexdigest()
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return dict(pool.map(one, header.tensors.items()))
+    finally:
+        os.close(fd)
 
 
 def build_manifest(directory: str | os.PathLike, sources: dict[str, dict], donors: dict[str, dict],
