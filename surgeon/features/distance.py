@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 from pathlib import Path
 
@@ -20,11 +19,20 @@ import numpy as np
 from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
+from surgeon.io.cache import cache_root as user_cache_root
+from surgeon.io.dtypes import TORCH_NAMES
 from surgeon.io.safetensors_file import TensorInfo
 from surgeon.jobs import NEVER, Meter
 
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+
+def _numpy_dtype(name: str):
+    """numpy's dtype for a safetensors dtype (from the one dtype table); None where numpy has none."""
+    try:
+        return np.dtype(TORCH_NAMES.get(name, ""))
+    except TypeError:  # bfloat16, float8: numpy has no such type
+        return None
+
+
 CHUNK = 1 << 22  # elements per read: 16 MB of float32 at a time
 
 
@@ -34,9 +42,10 @@ def _chunks(donor: Donor, info: TensorInfo):
         for i in range(0, info.numel, CHUNK):
             yield (raw[i:i + CHUNK].astype(np.uint32) << 16).view(np.float32)
         return
-    if info.dtype not in _NUMPY:
+    dtype = _numpy_dtype(info.dtype)
+    if dtype is None or info.dtype == "BOOL":
         raise SurgeonError(f"distance: tensor dtype {info.dtype} is not supported")
-    arr = np.memmap(info.file, dtype=_NUMPY[info.dtype], mode="r", offset=info.start, shape=(info.numel,))
+    arr = np.memmap(info.file, dtype=dtype, mode="r", offset=info.start, shape=(info.numel,))
     for i in range(0, info.numel, CHUNK):
         yield arr[i:i + CHUNK]
 
@@ -68,7 +77,7 @@ def relative(diff: float, ref: float) -> float:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MOE_SURGEON_CACHE", Path.home() / ".cache" / "moe-surgeon")) / "distances"
+    return user_cache_root() / "distances"
 
 
 class DistanceCache:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 import uuid
@@ -22,6 +21,7 @@ from surgeon import __version__
 from surgeon.core.plan import Plan
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
+from surgeon.io.cache import cache_root
 from surgeon.jobs import NEVER, CancelToken, Meter
 from surgeon.probes import KINDS, Metric, ProbeSpec, metric_of, probe_module
 from surgeon.probes.data import PROBES_ROOT, load_items, load_text, resolve_set, subset
@@ -84,7 +84,7 @@ def make_record(spec: ProbeSpec, model_label: str, outcome, *, device: str, dtyp
 
 # ---------------------------------------------------------------- donor score cache
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOE_SURGEON_CACHE", Path.home() / ".cache" / "moe-surgeon")) / "scores"
+    return cache_root() / "scores"
 
 
 def cache_key(fingerprint: str, spec: ProbeSpec, device: str, dtype: str, batch_size: int) -> str:
