@@ -47,12 +47,25 @@ def _stat(path: Path) -> os.stat_result:
         raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
 
 
+_memo: tuple[tuple, dict] | None = None  # (the cache file's stat key, its parsed content)
+
+
 def _load() -> dict:
+    """The cache's entries; parsed again only when the cache file changed (the workbench asks on
+    every autosave, so a hit must not cost a parse)."""
+    global _memo
+    path = cache_file()
     try:
-        data = json.loads(cache_file().read_text())
+        st = path.stat()
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if _memo is not None and _memo[0] == key:
+            return _memo[1]
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # no cache yet, or a damaged one: recompute, never fail on the cache
-    return data if isinstance(data, dict) else {}
+    data = data if isinstance(data, dict) else {}
+    _memo = (key, data)
+    return data
 
 
 def cached_hash(path: str | os.PathLike) -> str | None:
@@ -73,7 +86,7 @@ def _still_there(key: str, entry) -> bool:
 
 def _store(found: dict[str, dict]) -> None:
     with _lock:
-        data = _load()  # merge: another process may have hashed other files meanwhile
+        data = dict(_load())  # merge: another process may have hashed other files meanwhile
         data.update(found)
         data = {k: v for k, v in data.items() if _still_there(k, v)}
         try:
