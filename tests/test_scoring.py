@@ -1,5 +1,7 @@
 """Batched, prefix-cached scoring equals plain one-item-at-a-time forward passes."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,3 +64,13 @@ def test_prefix_cached_generation_equals_the_whole_prompt_alone(model_and_tokeni
     cached = greedy_generate(model, tok, prompts, prefix=prefix, max_new_tokens=6, batch_size=3)
     alone = [greedy_generate(model, tok, [prefix + p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert cached == alone
+
+
+def test_prefix_cache_uses_the_current_cache_api(model_and_tokenizer):
+    # transformers 5.24 warns (FutureWarning) that `past_key_values` goes away in 5.40; both cached
+    # paths (scoring and decoding from a shared prefix) must pass the cache by its current name.
+    model, tok = model_and_tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        loglikelihoods(model, tok, [("12+7=", "19"), ("x", "yz")], prefix="1+1=2 ", batch_size=2)
+        greedy_generate(model, tok, ["5+5=", "abc"], prefix="1+1=2\n", max_new_tokens=3, batch_size=2)

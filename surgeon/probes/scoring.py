@@ -2,6 +2,8 @@
 
 Requests are sorted by length so a batch pads little, and a prefix shared by every request (a
 k-shot preamble) is run through the model once: its key/value cache is copied into each batch.
+The cache goes in and comes out as `cache` (transformers 5.x's name; `past_key_values` warns from
+5.24 and is removed in 5.40).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _prefix_cache(model, prefix_ids: list[int]):
         return None, None
     ids = torch.tensor([prefix_ids], device=_device_of(model))
     out = model(ids, use_cache=True)
-    return out.past_key_values, out.logits[0, -1]
+    return out.cache, out.logits[0, -1]
 
 
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, prefix: str = "",
@@ -82,7 +84,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, prefix:
             if cache is not None:
                 batch_cache = copy.deepcopy(cache)
                 batch_cache.batch_repeat_interleave(len(seqs))
-                kwargs["past_key_values"] = batch_cache
+                kwargs["cache"] = batch_cache
             logits = model(ids.to(dev), attention_mask=mask.to(dev), **kwargs).logits.float()
             if prefix_last is not None:  # the prefix's last position predicts each sequence's first token
                 logits = torch.cat([prefix_last.float().expand(len(seqs), 1, -1), logits[:, :-1]], dim=1)
@@ -148,14 +150,14 @@ def _greedy_batch(model, seqs, cache, prefix_len, pad, eos, max_new_tokens, dev)
     if cache is not None:
         batch_cache = copy.deepcopy(cache)
         batch_cache.batch_repeat_interleave(len(seqs))
-        kwargs["past_key_values"] = batch_cache
+        kwargs["cache"] = batch_cache
     ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     new: list[list[int]] = [[] for _ in seqs]
     done = torch.zeros(len(seqs), dtype=torch.bool, device=dev)
     for _ in range(max_new_tokens):
         out = model(ids, attention_mask=mask, position_ids=positions, **kwargs)
         nxt = out.logits[:, -1].argmax(-1)
-        kwargs["past_key_values"] = out.past_key_values
+        kwargs["cache"] = out.cache
         for r in range(len(seqs)):
             if not done[r]:
                 new[r].append(int(nxt[r]))
