@@ -4,7 +4,8 @@ The column-wide view of the layer screen's distance figure: every layer's attent
 experts, norms... at a glance, so a researcher sees where post-training moved the weights most
 before choosing what to transplant. Figures come from a job (screens/job.py) running
 `surgeon.features.distance.distance_map` (memory-mapped reads, cached on disk by fingerprint);
-`n` shows the next donor (replacing the job), enter opens the layer under the cursor.
+`n` shows the next donor (replacing the job), enter opens the layer under the cursor. A cell is
+the parameter-weighted mean of its tensors' relative distances (features/distance.py says why).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Footer, Static
 
 from surgeon.core.workbench import COLUMN_TITLES
+from surgeon.features.distance import AGGREGATE
 
 from .job import JobScreen
 from .layer import format_distance
@@ -74,8 +76,8 @@ class DistanceMapScreen(JobScreen):
         if self.donor is None:
             title.update("Only the base is open: add a donor (d) to see how far its weights are from the base.")
             return
-        title.update(f"Relative L2 distance of donor {self.donor} from the base {wb.base}, per layer and component "
-                     "(n: next donor, enter: open layer, escape: back)")
+        title.update(f"Distance of donor {self.donor} from the base {wb.base} per layer and component: each cell is "
+                     f"the {AGGREGATE} (n: next donor, enter: open layer, escape: back)")
         self.restart_job(self.compute, self.donor, group="map")
 
     def compute(self, donor_name: str, *, progress, cancel) -> None:

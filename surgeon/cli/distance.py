@@ -11,7 +11,7 @@ def cmd_distance(args) -> int:
     """Relative L2 distance of DONOR from BASE per layer and component (the TUI's distance map)."""
     from surgeon.core.architectures import GLOBAL_KINDS, LAYER_KINDS
     from surgeon.core.donor import open_donor
-    from surgeon.features.distance import DistanceCache, distance_map
+    from surgeon.features.distance import AGGREGATE, DistanceCache, distance_map
 
     base, donor = open_donor(args.base), open_donor(args.donor)
     if base.model_type != donor.model_type:
@@ -22,12 +22,13 @@ def cmd_distance(args) -> int:
     with cancel_on_interrupt(CancelToken()) as token:
         cells = dict(distance_map(base, donor, DistanceCache(), progress=StepPrinter("distance"), cancel=token))
     if args.json:
-        out = {"base": str(base.path), "donor": str(donor.path), "cells": [
+        out = {"base": str(base.path), "donor": str(donor.path), "aggregate": AGGREGATE, "cells": [
             {"layer": layer, "component": kind, "distance": value} for (layer, kind), value in cells.items()]}
         print(json.dumps(out, indent=2))
         return 0
     kinds = [k for k in LAYER_KINDS if any(kind == k for _, kind in cells)]
-    print(f"relative L2 distance of {donor.path} from {base.path}")
+    print(f"distance of {donor.path} from {base.path}")
+    print(f"each cell: {AGGREGATE}")
     print("layer " + "".join(f"{k:>14}" for k in kinds))
     for layer in range(base.anatomy.num_layers):
         row = [cells.get((layer, k)) for k in kinds]

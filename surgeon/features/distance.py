@@ -5,6 +5,13 @@ before choosing what to transplant. Tensors are read through numpy memory maps i
 torch, no full copy in memory); results are cached by (base fingerprint, donor fingerprint,
 tensor), in memory and on disk (one small JSON file per pair of donors), because a
 fingerprint changes whenever a shard does: a figure computed once is never computed again.
+
+A part made of several tensors (a layer's attention, an expert) shows the parameter-weighted mean
+of its tensors' relative distances (AGGREGATE). One relative L2 over all of them together would
+let norm weights (values near 1, so a large ||base||) swamp the projections: attention whose
+q/k/v/o all moved 0.7-0.9 would read 0.2. The weighted mean reads as "how far this part's
+parameters moved, on average", so a moved matrix shows; the max would instead let one small
+tensor (a bias, a norm, a router bias) speak for the whole part.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ def _numpy_dtype(name: str):
     except TypeError:  # bfloat16, float8: numpy has no such type
         return None
 
+
+# What a part's figure is, for the screen's title and the CLI's header.
+AGGREGATE = "parameter-weighted mean of per-tensor relative L2 ||donor - base|| / ||base||"
 
 CHUNK = 1 << 22  # elements per read: 16 MB of float32 at a time
 
@@ -129,13 +139,16 @@ class DistanceCache:
         return relative(*self.norms(base, donor, name))
 
     def group(self, base: Donor, donor: Donor, names) -> float:
-        """Distance of several tensors taken together (a part: an expert, a layer's attention)."""
-        diff = ref = 0.0
+        """Distance of a part made of several tensors (an expert, a layer's attention): the
+        parameter-weighted mean of their relative distances (AGGREGATE; the module says why)."""
+        total = weighted = 0.0
         for n in names:
-            d, r = self.norms(base, donor, n)
-            diff += d
-            ref += r
-        return relative(diff, ref)
+            numel = base.tensors[n].numel
+            value = relative(*self.norms(base, donor, n))  # computed (and cached) even when empty
+            if numel:
+                total += numel
+                weighted += numel * value
+        return weighted / total if total else 0.0
 
     def cached(self, base: Donor, donor: Donor, name: str) -> float | None:
         _, memo = self._memo(base, donor)

@@ -1,0 +1,97 @@
+"""The distance map's figure for a part (a layer's attention, an expert...): the parameter-weighted
+mean of its tensors' relative L2 distances, checked against numbers computed here with torch from
+the demo donors' safetensors files, so a moved matrix shows even next to norm weights near 1."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_tui_helpers import screen_text, settle, sync
+
+from screens.app import SurgeonApp
+from surgeon.core.donor import open_donor
+from surgeon.features.distance import (
+    AGGREGATE,
+    DistanceCache,
+    component_tensors,
+    distance_map,
+)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    base, arith = open_donor("demo:base"), open_donor("demo:arith")
+    weights = {"base": {}, "arith": {}}
+    for name, donor in (("base", base), ("arith", arith)):
+        for f in sorted(donor.path.glob("*.safetensors")):
+            weights[name].update(load_file(f))
+    return base, arith, weights
+
+
+def per_tensor(weights, name) -> float:
+    b, d = weights["base"][name].double(), weights["arith"][name].double()
+    return float(torch.linalg.vector_norm(d - b) / torch.linalg.vector_norm(b))
+
+
+def expected_cells(base, weights) -> dict:
+    cells = {}
+    for cell, names in component_tensors(base).items():
+        sizes = [weights["base"][n].numel() for n in names]
+        cells[cell] = sum(s * per_tensor(weights, n) for s, n in zip(sizes, names)) / sum(sizes)
+    return cells
+
+
+def test_every_cell_is_the_parameter_weighted_mean_of_its_tensors(demo, tmp_path):
+    base, arith, weights = demo
+    got = dict(distance_map(base, arith, DistanceCache(tmp_path)))
+    want = expected_cells(base, weights)
+    assert set(got) == set(want)
+    for cell, value in want.items():
+        assert got[cell] == pytest.approx(value, rel=1e-6), cell
+
+
+def test_moved_attention_projections_show_next_to_unmoved_norms(demo, tmp_path):
+    # The case that made one L2 over the whole part misleading: layer 1's q/k/v/o projections
+    # moved 0.7-0.9, its attention norms hardly at all, and the cell read 0.21.
+    base, arith, weights = demo
+    names = component_tensors(base)[(1, "attention")]
+    projections = [n for n in names if n.endswith("_proj.weight")]
+    assert len(projections) == 4
+    moved = [per_tensor(weights, n) for n in projections]
+    assert min(moved) > 0.6
+    cell = DistanceCache(tmp_path).group(base, arith, names)
+    assert min(moved) * 0.9 < cell <= max(moved)
+
+
+def test_cli_says_which_aggregate_it_prints(demo, run_cli):
+    base, arith, weights = demo
+    want = expected_cells(base, weights)
+    r = run_cli("distance", "demo:base", "demo:arith")
+    assert r.returncode == 0, r.stderr
+    assert AGGREGATE in r.stdout.splitlines()[1]
+    row = next(line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["1"])
+    assert float(row[1]) == pytest.approx(want[(1, "attention")], abs=1e-4)
+    r = run_cli("distance", "demo:base", "demo:arith", "--json")
+    out = json.loads(r.stdout)
+    assert out["aggregate"] == AGGREGATE
+    cells = {(c["layer"], c["component"]): c["distance"] for c in out["cells"]}
+    assert cells[(1, "attention")] == pytest.approx(want[(1, "attention")], rel=1e-6)
+
+
+@sync
+async def test_distance_map_screen_names_its_aggregate_and_shows_it(demo, tmp_path):
+    from screens.distance_map import DistanceMapScreen
+
+    base, _, weights = demo
+    want = expected_cells(base, weights)
+    app = SurgeonApp(["demo:base", "demo:arith"], None, state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await pilot.press("m")
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, DistanceMapScreen)
+        assert AGGREGATE in " ".join(screen_text(app).split())  # the title wraps at word boundaries
+        table = screen.query_one("#distance-map")
+        assert float(str(table.get_cell("1", "attention"))) == pytest.approx(want[(1, "attention")], abs=1e-2)
