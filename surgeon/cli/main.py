@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # the last resort: a filesystem fault no engine boundary named is still one line
+        from surgeon.io.fs import os_error_line
+
+        print("moe-surgeon: error: " + " ".join(os_error_line(e).split()), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

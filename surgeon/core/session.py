@@ -14,6 +14,7 @@ from surgeon.core.donor import DEMO_ROOT, DEMO_SCHEME, Donor, open_donor
 from surgeon.core.plan import Assignment, Plan
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
+from surgeon.io.fs import fs_errors
 from surgeon.jobs import NEVER
 
 SCHEMA_VERSION = 1
@@ -185,7 +186,8 @@ def record_full_hashes(session: Session, donors: dict[str, Donor], *, progress=N
 
 
 def save_session(session: Session, path: str | os.PathLike) -> None:
-    write_atomic(path, (json.dumps(session.to_json(), indent=2) + "\n").encode())
+    with fs_errors(path, "save the session"):
+        write_atomic(path, (json.dumps(session.to_json(), indent=2) + "\n").encode())
 
 
 @lru_cache(maxsize=1)

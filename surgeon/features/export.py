@@ -40,6 +40,7 @@ from surgeon.core.session import (
 )
 from surgeon.features.verify import VerifyResult, run_verify
 from surgeon.io import model_card as card
+from surgeon.io.fs import check_writable
 from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
 from surgeon.io.model_card import SESSION_FILE
 from surgeon.io.safetensors_file import DTYPE_SIZES
@@ -86,6 +87,8 @@ def run_export(request: ExportRequest, progress: Progress | None = None, cancel:
     """Resolve the plan, write the checkpoint (with the plan's own session embedded, so the
     checkpoint replays), and record the export. `warn` gets the resolution's warnings before any
     byte is written."""
+    if request.session_path:  # a session that cannot be saved fails now, not after the export is written
+        check_writable(request.session_path, "save the session")
     resolution = resolve(request.plan, request.donors, dtype=request.dtype)
     for w in resolution.warnings:
         if warn is not None:
@@ -102,6 +105,7 @@ def run_export(request: ExportRequest, progress: Progress | None = None, cancel:
     result = export_hybrid(
         resolution, request.donors, request.out, dtype=request.dtype, max_shard_size=request.max_shard_size,
         force=request.force, session_json=embedded, progress=progress, cancel=cancel, fsync=request.fsync,
+        warn=warn,
     )
     record = ExportRecord(path=str(result.path), dtype=request.dtype, max_shard_size=request.max_shard_size,
                           shards=len(result.shards), tensors=result.tensors, bytes=result.bytes, time=now_utc(),
@@ -154,13 +158,15 @@ def export_hybrid(
     cancel: CancelToken = NEVER,
     fsync: bool = False,
     before_rename: Callable[[Path], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Write the hybrid to `out`. The rename at the end makes an interrupted export leave nothing;
     `fsync` also flushes every shard to disk before the rename, so the export survives a power
     loss too, at the cost of waiting for the disk (an export can always be replayed).
     `progress` gets a Step in bytes after every tensor; `cancel` is checked before every tensor
     (jobs.Cancelled, with nothing left behind).
-    `before_rename(tmp_dir)` may add or rewrite files (as `gates add` does) inside the atomic step."""
+    `before_rename(tmp_dir)` may add or rewrite files (as `gates add` does) inside the atomic step.
+    `warn` gets the line saying which leftovers of killed exports were removed (stderr by default)."""
     out = Path(out).absolute()
     check_target(out, donors, force)
     started = time.perf_counter()
@@ -193,7 +199,9 @@ def export_hybrid(
         write_shard(tmp / file_name, entries, metadata, write_tensor, fsync=fsync, cancel=cancel)
 
     try:
-        with staged_directory(out) as tmp:
+        # shards, plus the side files copied from the base; headers, card and manifest are small
+        needed = total + sum(f.stat().st_size for f in donors[resolution.plan.base].side_files())
+        with staged_directory(out, needed_bytes=needed, warn=warn) as tmp:
             weight_map = {}
             for shard_name, members in zip(names, shards):
                 write_file(tmp, shard_name, members, {"format": "pt"})

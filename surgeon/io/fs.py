@@ -1,0 +1,122 @@
+"""The filesystem boundary: OSErrors a user can cause (a read-only or full disk, a missing or
+mistyped directory, a file-size limit) become one SurgeonError line with the path and what to do,
+and a write that cannot fit is refused before it starts.
+
+A write error from os.write carries no file name, so callers say which path they were writing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from surgeon.errors import SurgeonError
+from surgeon.io.sizes import human_bytes
+
+# errno -> what the user can do about it
+FIXES = {
+    errno.EACCES: "choose another directory or fix its permissions",
+    errno.EPERM: "choose another directory or fix its permissions",
+    errno.EROFS: "choose a directory on a writable filesystem",
+    errno.ENOSPC: "free some space or choose another disk",
+    errno.EDQUOT: "free some space or choose another disk",
+    errno.EFBIG: "the filesystem or the file-size limit (ulimit -f) allows no file this large; "
+                 "raise the limit or pass a smaller --max-shard-size",
+    errno.ENOENT: "a directory on the way does not exist (or was removed meanwhile); check the path",
+    errno.ENOTDIR: "part of the path is a file, not a directory; choose another path",
+    errno.EEXIST: "something that is not a directory is in the way; choose another path",
+    errno.EISDIR: "the path is a directory; name a file",
+    errno.EXDEV: "a rename across filesystems is impossible; keep the target on one filesystem",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "the path has a symbolic-link loop; check the path",
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+}
+
+
+def os_error_line(e: OSError, path: str | os.PathLike | None = None, doing: str | None = None) -> str:
+    """One line: the path (the error's own file name first, else `path`), what failed, and the fix."""
+    where = e.filename if e.filename is not None else path
+    name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    reason = f"{e.strerror or e}" + (f" ({name})" if name else "")
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    fix = FIXES.get(e.errno)
+    line = f"{where}: " if where is not None else ""
+    line += f"cannot {doing}: " if doing else ""
+    return line + reason + (f"; {fix}" if fix else "")
+
+
+@contextmanager
+def fs_errors(path: str | os.PathLike, doing: str):
+    """OSErrors of the families in FIXES raised in the block become a SurgeonError naming the path;
+    others (a bug, a broken pipe) pass through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FIXES:
+            raise
+        raise SurgeonError(os_error_line(e, path, doing)) from e
+
+
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """The nearest path at or above `path` that exists (what a mkdir -p would start from)."""
+    p = Path(os.path.abspath(path))
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_free_space(target: str | os.PathLike, needed: int, doing: str = "write") -> None:
+    """Refuse before writing `needed` bytes next to `target` when its filesystem has less free."""
+    anchor = existing_ancestor(Path(target).parent)
+    if not anchor.is_dir():
+        raise SurgeonError(f"{target}: {anchor} is a file, not a directory; choose another path")
+    with fs_errors(anchor, "read its free space"):
+        free = shutil.disk_usage(anchor).free
+    if needed > free:
+        raise SurgeonError(f"{target}: cannot {doing}: it needs {human_bytes(needed)} ({needed} bytes) but {anchor} "
+                           f"has {human_bytes(free)} ({free} bytes) free; free some space or choose another disk")
+
+
+def check_writable(path: str | os.PathLike, doing: str = "write") -> None:
+    """Fail now, not after a long job, when `path` (a file to write later) cannot be created: its
+    nearest existing directory is probed with a real temporary file, which is what root, a read-only
+    mount or a file in the way actually decide (permission bits alone would not say)."""
+    path = Path(path)
+    anchor = existing_ancestor(path.parent)
+    if path.is_dir():
+        raise SurgeonError(f"{path}: cannot {doing}: it is a directory; name a file")
+    if not anchor.is_dir():
+        raise SurgeonError(f"{path}: cannot {doing}: {anchor} is a file, not a directory; choose another path")
+    with fs_errors(path, doing):
+        fd, probe = tempfile.mkstemp(prefix=".moe-surgeon-probe-", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """rmtree that also removes what a read-only directory holds (an old export the user made
+    read-only): it makes each such directory writable, as `rm -rf` by its owner would. Raises the
+    OSError when something still cannot be removed."""
+    def onexc(func, p, exc):
+        parent = os.path.dirname(p)
+        try:
+            os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, stat.S_IMODE(os.lstat(p).st_mode) | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+                shutil.rmtree(p)
+            else:
+                func(p)
+        except FileNotFoundError:
+            pass
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=onexc)
+    else:  # onerror passes (type, value, traceback) as the third argument, which onexc ignores
+        shutil.rmtree(path, onerror=onexc)
