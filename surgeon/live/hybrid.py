@@ -7,6 +7,11 @@ straight from the donors' memory maps, including into the fused expert tensors t
 holds in memory (see `architectures.FUSED_QWEN_STYLE`). A sweep then costs probe time, not
 reload time.
 
+A model larger than its devices (`--device auto` with accelerate offloading layers to disk) is
+swapped through accelerate's offload store: an offloaded tensor is moved once into a file of the
+hybrid's own offload folder and then written there in place, so the next forward pass accelerate
+runs reads the swapped weights; the donors' files are never written.
+
 Self-MoE layer gates (a sidecar `from_pretrained` does not read, see `core/gates_sidecar.py`) are attached
 as modules when materialising and re-fitted on every swap: a plan may add, drop or retype them.
 """
@@ -14,8 +19,10 @@ as modules when materialising and re-fitted on every swap: a plan may add, drop 
 from __future__ import annotations
 
 import mmap
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -116,6 +123,22 @@ def _attach_layer_gates(model, resolution: Resolution) -> None:
         attach_gates(model, shapes)
 
 
+def offload_stores(model) -> dict:
+    """{live tensor name: accelerate's OffloadedWeightsLoader holding it} for every offloaded tensor."""
+    stores = {}
+    for _, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
+            weights = getattr(h, "weights_map", None)
+            if not getattr(h, "offload", False) or weights is None:
+                continue
+            loader, prefix = getattr(weights, "dataset", weights), getattr(weights, "prefix", "")
+            for key in list(loader.state_dict) + list(loader.index):
+                if key.startswith(prefix):
+                    stores[key] = loader
+    return stores
+
+
 class Hybrid:
     def __init__(self, model, donors: dict[str, Donor], resolution: Resolution):
         self.model = model
@@ -126,28 +149,34 @@ class Hybrid:
         self.arch = base.anatomy.architecture
         self._live = dict(model.named_parameters())
         self._live.update(dict(model.named_buffers()))
-        offloaded = [n for n, t in self._live.items() if t.device.type == "meta"]
-        if offloaded:
-            raise SurgeonError(
-                f"{base.path}: {len(offloaded)} tensors were offloaded to disk by device_map=auto "
-                f"(e.g. {offloaded[0]}); hot-swapping needs every weight in GPU or CPU memory"
-            )
+        self._offloaded = offload_stores(model)
+        missing = [n for n, t in self._live.items() if t.device.type == "meta" and n not in self._offloaded]
+        if missing:
+            raise SurgeonError(f"{base.path}: {len(missing)} tensors are on the meta device with no offload store "
+                               f"(e.g. {missing[0]}); hot-swapping needs each weight in memory or offloaded by accelerate")
+        self._offload_views: dict[str, torch.Tensor] = {}
         self._targets: dict[str, LiveTarget] = {}
+        self._offload_dir = None  # a TemporaryDirectory when materialize made one; removed with the hybrid
 
     @classmethod
     def materialize(cls, plan: Plan, donors: dict[str, Donor], *, device: str | None = None,
-                    dtype: str = "keep", device_map: str | None = None) -> "Hybrid":
+                    dtype: str = "keep", device_map: str | None = None, max_memory: dict | None = None) -> "Hybrid":
         base = donors[plan.base]
         if base.pickled:
             raise SurgeonError(f"base {base.path}: a pickle-only base cannot be materialised; convert it first")
         device = device or default_device()
-        if device == "auto":  # larger than one GPU: accelerate spreads it over GPUs (and CPU)
+        offload_dir = None
+        if device == "auto":  # larger than one GPU: accelerate spreads it over GPUs, CPU and disk
             device_map, dev = "auto", "auto"
         else:
             dev = check_device(device)
+        if device_map == "auto":
+            # What does not fit goes to disk here; a folder of the hybrid's own, because swaps write into it.
+            offload_dir = tempfile.TemporaryDirectory(prefix="moe-surgeon-offload-")
         try:
             # Without gates: the plan's own (below) may differ from the base's sidecar.
-            model = load_model(base.path, device=str(dev), dtype=dtype, gates=False, device_map=device_map)
+            model = load_model(base.path, device=str(dev), dtype=dtype, gates=False, device_map=device_map,
+                               max_memory=max_memory, offload_folder=offload_dir.name if offload_dir else None)
         except torch.cuda.OutOfMemoryError:
             raise SurgeonError(f"{base.path}: out of GPU memory materialising on {dev}; "
                                "try --device cpu or a smaller --dtype") from None
@@ -155,6 +184,7 @@ class Hybrid:
         # The base's layer gates (a sidecar from_pretrained does not read): attach them, then load.
         _attach_layer_gates(model, start)
         hybrid = cls(model, donors, start)
+        hybrid._offload_dir = offload_dir
         with torch.no_grad():
             for name in start.gate_names():
                 hybrid._copy(name, start.sources[name])
@@ -184,7 +214,43 @@ class Hybrid:
         return t
 
     def live_view(self, name: str) -> torch.Tensor:
-        return live_slice(self._live, self.target(name))
+        t = self.target(name)
+        if t.name in self._offloaded:
+            return live_slice({t.name: self._offloaded_tensor(t.name)}, t)
+        return live_slice(self._live, t)
+
+    @property
+    def offloaded(self) -> list[str]:
+        """Live tensors accelerate keeps off the devices (loaded into place for each forward pass)."""
+        return sorted(self._offloaded)
+
+    def _offloaded_tensor(self, name: str) -> torch.Tensor:
+        """A writable tensor over what accelerate loads for offloaded `name` on each forward pass."""
+        view = self._offload_views.get(name)
+        if view is not None:
+            return view
+        loader = self._offloaded[name]
+        if name in loader.state_dict:  # offloaded to CPU memory: the tensor itself
+            view = loader.state_dict[name]
+        else:
+            import numpy as np
+            from accelerate.utils import offload_weight
+
+            folder = Path(loader.save_folder)
+            info = loader.index[name]
+            if info.get("safetensors_file") is not None or not (folder / f"{name}.dat").is_file():
+                # accelerate reads this one from a safetensors file, maybe a donor's own: give it a
+                # .dat of its own first (accelerate then reads that), so a swap never writes a donor.
+                offload_weight(loader[name], name, str(folder), index=loader.index)
+                info = loader.index[name]
+            bf16 = info["dtype"] == "bfloat16"  # stored as int16 (numpy has no bfloat16), as accelerate does
+            shape = tuple(info["shape"]) or (1,)
+            arr = np.memmap(folder / f"{name}.dat", dtype="int16" if bf16 else info["dtype"], mode="r+", shape=shape)
+            view = torch.from_numpy(arr)
+            view = view.view(torch.bfloat16) if bf16 else view
+            view = view.view(tuple(info["shape"]))
+        self._offload_views[name] = view
+        return view
 
     def _copy(self, name: str, src) -> int:
         view = self.live_view(name)

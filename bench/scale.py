@@ -1,0 +1,255 @@
+"""Benchmark at real size: a true-shape OLMoE-1B-7B pair end to end, each step a whole process.
+
+Makes two seeded checkpoints with OLMoE-1B-7B's shapes (16 layers, 64 experts of intermediate 1024,
+top-8, hidden 2048, 16 heads, vocab 50304, bf16, one tensor per expert as transformers 5 saves
+them: about 13.8 GB each), streamed tensor by tensor (never a model in memory), or takes two
+existing directories (--donors A B). Then, each step in a process of its own, wall time and peak
+RSS (the parent never imports torch, so a child's peak RSS is its own):
+
+  inspect                         moe-surgeon inspect A
+  export attention / experts@0-7  moe-surgeon export ... against `cp -r` of the same bytes  budget 64 MB
+  materialise                     Hybrid.materialize(A) against reading the bytes once    budget model + 1.5 GB
+  hot-swap                        all attention, then experts@0-7 from B: GB/s against a plain
+                                  tensor copy of the same bytes; RSS growth beyond the swapped bytes
+  probe                           one MC batch (items/s, tokens/s) and one EM batch (items/s,
+                                  generated tokens/s)
+  routing                         moe-surgeon routing over 2,000 tokens
+  sweep                           moe-surgeon sweep, 2 groups, 20 items
+Everything it made is deleted at the end. --scale F scales hidden and intermediate sizes by F
+(a quick try: --scale 0.125 is ~1 GB a donor); the full size needs ~28 GB of free disk.
+Run: python bench/scale.py [--scale F] [--device cpu|cuda|auto] [--donors A B] [--work DIR]
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards  # noqa: E402
+
+DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
+LAYERS, EXPERTS, VOCAB, HIDDEN, INTER = 16, 64, 50304, 2048, 1024
+BATCH = 16
+
+
+def make_donor(path: Path, seed: int, scale: float) -> None:
+    """A true-shape (or scaled) OLMoE donor with a small char tokenizer (probes need one; its ids
+    are a subset of the vocabulary, which is all a byte-movement and throughput bench needs)."""
+    hidden = max(64, int(HIDDEN * scale) // 64 * 64)  # 16 heads of an even head_dim
+    inter = max(16, int(INTER * scale) // 16 * 16)
+    write_bf16_shards(path, list(olmoe_tensors(hidden, inter, LAYERS, EXPERTS, VOCAB)), seed, 5 * 10**9)
+    config = olmoe_config(hidden, inter, LAYERS, EXPERTS, VOCAB)
+    config.update(max_position_embeddings=4096, rope_theta=10000.0, eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_TOKENIZER / f, path / f)
+
+
+# ---- child steps: each runs in its own process (python bench/scale.py --step NAME A B) ----
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.synchronize()
+
+
+def _rss_mb() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _materialize(a: str, b: str, device: str):
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Plan
+    from surgeon.live.hybrid import Hybrid
+
+    donors = {"A": open_donor(a), "B": open_donor(b)}
+    t0 = time.perf_counter()
+    hybrid = Hybrid.materialize(Plan("A"), donors, device=device)
+    _sync(device)
+    return hybrid, time.perf_counter() - t0
+
+
+def step_materialize(a, b, device) -> dict:
+    _, seconds = _materialize(a, b, device)
+    return {"seconds": seconds}
+
+
+def step_swap(a, b, device) -> dict:
+    import torch
+
+    from surgeon.core.plan import Plan, parse_spec
+
+    hybrid, _ = _materialize(a, b, device)
+    out = {}
+    plan = Plan("A")
+    for label, spec in (("attention", "attention"), ("experts@0-7", "experts@0-7")):
+        plan = Plan("A", [*plan.assignments, parse_spec(spec, "B")])
+        old = dict(hybrid.resolution.sources)
+        before = _rss_mb()
+        report = hybrid.apply(plan)
+        grown = _rss_mb() - before
+        names = [n for n, s in hybrid.resolution.sources.items() if s.donor != old[n].donor]
+        # The same bytes as plain tensors already in memory, copied into the same live tensors.
+        sources = [hybrid.reader.read("B", hybrid.resolution.sources[n].tensor).clone() for n in names]
+        views = [hybrid.live_view(n) for n in names]
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for v, s in zip(views, sources):
+                v.copy_(s, non_blocking=True)
+        _sync(device)
+        copy = time.perf_counter() - t0
+        del sources
+        out[label] = {"tensors": report.tensors, "GB": report.bytes / 1e9, "swap_s": report.seconds,
+                      "swap_GBps": report.bytes / 1e9 / report.seconds, "copy_GBps": report.bytes / 1e9 / copy,
+                      "rss_growth_MB": grown, "swapped_MB": report.bytes / 2**20}
+    return out
+
+
+def step_probe(a, b, device) -> dict:
+    from surgeon.probes import parse_probe
+    from surgeon.probes.prompts import shots_prefix
+    from surgeon.probes.run import evaluate, load_probe_data
+    from surgeon.probes.scoring import load_tokenizer
+
+    hybrid, _ = _materialize(a, b, device)
+    tok = load_tokenizer(a)
+    out = {}
+    for kind, data_set in (("mc", "arith_mc"), ("em", "arith")):
+        spec = parse_probe(f"{kind}:{data_set},limit={BATCH}")
+        data = load_probe_data(spec)
+        t0 = time.perf_counter()
+        evaluate(hybrid.model, tok, spec, data, batch_size=BATCH)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        if kind == "mc":  # tokens scored: context and every choice (what a naive scorer would feed)
+            prefix = shots_prefix(data.shots, data.template)
+            tokens = sum(len(tok(prefix + i.question + " " + c, add_special_tokens=False)["input_ids"])
+                         for i in data.items for c in i.choices)
+        else:  # tokens generated: at most max_new_tokens per item (random weights rarely stop early, and
+            # their ids beyond the small char tokenizer decode to nothing, so the outputs cannot be counted)
+            tokens = len(data.items) * spec.max_new_tokens
+        out[kind] = {"items": len(data.items), "seconds": seconds, "items_per_s": len(data.items) / seconds,
+                     "tokens_per_s": tokens / seconds}
+    return out
+
+
+STEPS = {"materialize": step_materialize, "swap": step_swap, "probe": step_probe}
+
+
+# ---- the parent: never imports torch ----
+
+def timed(cmd: list[str], env=None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and stdout of one child process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(p.pid, 0)  # wait4: this child's own peak RSS
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-3000:]}")
+        return wall, usage.ru_maxrss / 1024, out.read().decode()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=float, default=1.0, help="hidden and intermediate sizes times F")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    ap.add_argument("--donors", nargs=2, metavar=("A", "B"), help="two existing checkpoint directories")
+    ap.add_argument("--work", help="scratch directory (default: a temporary one)")
+    ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.step:
+        print(json.dumps(STEPS[args.step](*args.paths, args.device)))
+        return
+    device = args.device or ("cuda" if shutil.which("nvidia-smi") else "cpu")
+    work = Path(args.work or tempfile.mkdtemp(prefix="moe-surgeon-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MOE_SURGEON_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
+    exe = [sys.executable, "-m", "surgeon.cli"]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    rows: list[tuple[str, str]] = []
+
+    def row(name: str, text: str) -> None:
+        rows.append((name, text))
+        print(f"{name:28s} {text}", flush=True)
+
+    try:
+        if args.donors:
+            a, b = (str(Path(p).resolve()) for p in args.donors)
+        else:
+            a, b = str(work / "A"), str(work / "B")
+            for seed, p in ((0, a), (1, b)):
+                t0 = time.perf_counter()
+                # In a child: the parent must stay small for the children's peak RSS to be theirs.
+                code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import scale; " \
+                       f"scale.make_donor(__import__('pathlib').Path({p!r}), {seed}, {args.scale})"
+                subprocess.run([sys.executable, "-c", code], check=True)
+                row(f"make donor {seed}", f"{dir_bytes(Path(p)) / 1e9:6.2f} GB in {time.perf_counter() - t0:6.1f} s")
+        size = dir_bytes(Path(a))
+        print(f"donors: {size / 1e9:.2f} GB each; device {device}", flush=True)
+
+        wall, rss, _ = timed(exe + ["inspect", a], env)
+        row("inspect", f"{wall:6.2f} s  {rss:7.0f} MB")
+        cp, _, _ = timed(["cp", "-r", a, str(work / "cp")])
+        shutil.rmtree(work / "cp")
+        row("cp -r of one donor", f"{cp:6.2f} s  ({size / 1e9 / cp:.2f} GB/s)")
+        for take in ("attention", "experts@0-7"):
+            wall, rss, _ = timed(exe + ["export", str(work / "out"), "--base", a, "--take", f"{take}={b}"], env)
+            shutil.rmtree(work / "out")
+            row(f"export {take} from B", f"{wall:6.2f} s  {rss:7.0f} MB   {wall / cp:5.2f}x cp -r   (budget 64 MB)")
+
+        read, _, _ = timed(["sh", "-c", f"cat {a}/*.safetensors > /dev/null"])
+        row("read the bytes once (cat)", f"{read:6.2f} s  ({size / 1e9 / read:.2f} GB/s; page cache as it is)")
+        wall, rss, out = timed(me + ["--step", "materialize", "--device", device, a, b], env)
+        inner = json.loads(out.splitlines()[-1])["seconds"]
+        row("materialise (process)", f"{wall:6.2f} s  {rss:7.0f} MB   materialize() {inner:.2f} s = "
+            f"{inner / read:.2f}x the read   (budget {size / 2**20 + 1536:.0f} MB on CPU)")
+
+        wall, rss, out = timed(me + ["--step", "swap", "--device", device, a, b], env)
+        for label, r in json.loads(out.splitlines()[-1]).items():
+            row(f"hot-swap {label}", f"{r['tensors']} tensors {r['GB']:.3f} GB in {r['swap_s']:.3f} s = "
+                f"{r['swap_GBps']:.2f} GB/s; plain copy {r['copy_GBps']:.2f} GB/s; RSS +{r['rss_growth_MB']:.0f} MB "
+                f"(swapped {r['swapped_MB']:.0f} MB)")
+        row("  swap process", f"{wall:6.2f} s  {rss:7.0f} MB")
+
+        wall, rss, out = timed(me + ["--step", "probe", "--device", device, a, b], env)
+        for kind, r in json.loads(out.splitlines()[-1]).items():
+            unit = "tokens scored/s" if kind == "mc" else "tokens generated/s (at most)"
+            row(f"{kind} batch of {r['items']}", f"{r['seconds']:6.2f} s  {r['items_per_s']:.2f} items/s  "
+                f"{r['tokens_per_s']:.0f} {unit}")
+        row("  probe process", f"{wall:6.2f} s  {rss:7.0f} MB")
+
+        wall, rss, _ = timed(exe + ["routing", a, "--corpus", "arith", "--max-tokens", "2000", "--device", device,
+                                    "--json"], env)
+        row("routing, 2,000 tokens", f"{wall:6.2f} s  {rss:7.0f} MB")
+
+        wall, rss, _ = timed(exe + ["sweep", str(work / "sweep.json"), "--base", a, "--donor", b, "--group",
+                                    "attention", "--group", "experts@0-7", "--probe", "mc:arith_mc,limit=20",
+                                    "--device", device, "--json"], env)
+        row("sweep, 2 groups, 20 items", f"{wall:6.2f} s  {rss:7.0f} MB")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # a given --work keeps nothing this run made (and never the --donors given)
+            for name in ("cp", "out", "cache", "sweep.json") + (() if args.donors else ("A", "B")):
+                p = work / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
