@@ -1,0 +1,110 @@
+"""`moe-surgeon serve`: the same workbench in a browser, through textual-serve.
+
+textual-serve runs one command per browser connection (here `python -m surgeon.cli DIR ...`, the
+terminal workbench with Textual's web driver) and relays its screen over a websocket. Every
+connection is a full workbench that can edit, save and export with this user's rights, so the
+server binds to localhost unless `--public` says otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+import sys
+from pathlib import Path
+
+from surgeon.errors import SurgeonError
+
+INSTALL_HINT = "textual-serve is not installed: pip install 'moe-surgeon[serve]' (or: pip install textual-serve)"
+
+
+def is_local_host(host: str) -> bool:
+    """Only a loopback address (or the name `localhost`) keeps the port to this machine's users."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # any other host name may resolve to an outside interface
+        return False
+
+
+def app_command(dirs: list[str], session: str | None) -> str:
+    """The shell command textual-serve starts per connection. textual-serve runs it through a
+    shell, so every part is quoted; `exec` makes the workbench the shell's own process, so the quit
+    textual-serve sends when a tab closes ends it; `--` keeps a donor named like a subcommand a donor."""
+    parts = [sys.executable, "-m", "surgeon.cli"]
+    if session:
+        parts += ["--session", session]
+    if dirs:
+        parts += ["--", *dirs]
+    return "exec " + shlex.join(parts)
+
+
+def _check_inputs(dirs: list[str], session: str | None) -> tuple[list[str], str | None]:
+    """Fail here, in the terminal, rather than in every browser tab: the donors open (headers
+    only) and the session file exists. Paths become absolute so the app finds them whatever its
+    working directory."""
+    from surgeon.core.donor import DEMO_SCHEME, open_donor
+
+    out = []
+    for d in dirs:
+        open_donor(d)
+        out.append(d if d.startswith(DEMO_SCHEME) else str(Path(d).resolve()))
+    if session is not None:
+        p = Path(session)
+        if not p.is_file():
+            raise SurgeonError(f"{session}: no such session file")
+        session = str(p.resolve())
+    return out, session
+
+
+def make_server(command: str, host: str, port: int):
+    try:
+        from textual_serve.server import Server
+    except ImportError:
+        raise SurgeonError(INSTALL_HINT) from None
+
+    class _Server(Server):
+        async def handle_index(self, request):
+            # The page embeds the websocket URL: build it from the address the browser used, so a
+            # port forwarded to another port (ssh -L 9000:localhost:8000) or a --public host works.
+            self.public_url = f"{request.scheme}://{request.host}"
+            return await super().handle_index(request)
+
+        async def on_startup(self, app) -> None:
+            pass  # cmd_serve prints the URL and the warning; textual-serve's banner says neither
+
+    return _Server(command, host=host, port=port, title="moe-surgeon")
+
+
+def cmd_serve(args) -> int:
+    if not args.public and not is_local_host(args.host):
+        raise SurgeonError(
+            f"--host {args.host}: not a local address; anyone who can reach it could edit and export "
+            "with your rights. Add --public to serve it anyway"
+        )
+    if not 0 < args.port < 65536:
+        raise SurgeonError(f"--port {args.port}: not a TCP port (1-65535)")
+    dirs, session = _check_inputs(args.dirs, args.session)
+    server = make_server(app_command(dirs, session), args.host, args.port)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"moe-surgeon: serving the workbench on http://{shown}:{args.port}/ (ctrl+c stops it)")
+    print(
+        "moe-surgeon: warning: anyone who can reach this port can open the workbench and edit, save "
+        "and export models with your user's rights"
+        + ("" if is_local_host(args.host) else f" (--public: reachable beyond this machine on {args.host})"),
+        flush=True,
+    )
+    server.serve()
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="the workbench in a browser (textual-serve), on localhost by default")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="donor checkpoints (default: the demo donors)")
+    p.add_argument("--session", metavar="FILE", help="open a saved session in each browser tab")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--public", action="store_true",
+                   help="allow a non-local --host: anyone who can reach it can edit and export")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,419 @@
+"""mergekit recipes both ways: a session's plan as a mergekit 0.1.x config, and such a config as a plan.
+
+A component transfer is, in mergekit's terms, a `linear` merge in which every tensor has weight 1 in
+exactly one model and 0 in the others. The weights are given per model as a list of conditions
+`[{filter: F, value: V}, ..., {value: DEFAULT}]`; mergekit takes the first condition whose filter is
+a substring of the tensor's name (mergekit/config.py, evaluate_setting). So a plan (later wins) becomes,
+per donor, its assignments in reverse order, each as filters with value 1 where the donor gives it and
+0 where another does, then 1 for the base and 0 for the others.
+
+Both directions go through one evaluator of those rules (`_donor_of_tensors`): import reads a config
+with it, and export checks what it wrote with it, so a recipe is only called expressible when
+mergekit's own semantics give every tensor the donor the plan gives it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgeon.core.architectures import (
+    COMMON_LAYER_RULES,
+    GLOBAL_KINDS,
+    GLOBAL_RULES,
+    LAYER_KINDS,
+    LAYER_PREFIX,
+)
+from surgeon.core.donor import Donor, open_donor
+from surgeon.core.plan import Assignment, Plan, next_donor_name
+from surgeon.core.session import Session, make_session, open_session_donors
+from surgeon.errors import SurgeonError
+
+# model_types mergekit 0.1.x defines (mergekit/_data/architectures) among those moe-surgeon knows.
+MERGEKIT_ARCHITECTURES = frozenset({"mixtral", "qwen3_moe", "llama", "mistral", "qwen2", "qwen3"})
+# safetensors dtype -> mergekit's `dtype`: computing in the donors' own dtype keeps 1*x/1 exact.
+MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+METHODS = ("linear", "task_arithmetic", "passthrough")
+OUT_OF_SCOPE = "moe-surgeon imports component transfers only (real weight averaging is out of scope)"
+
+
+@dataclass
+class RecipeExport:
+    config: dict
+    text: str  # the YAML, with a comment per part mergekit cannot express
+    inexpressible: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- mergekit's rules, evaluated
+def _setting(setting, name: str, what: str):
+    """evaluate_setting for one tensor name: the first condition whose filter is in the name."""
+    if setting is None:
+        return None
+    if isinstance(setting, bool) or not isinstance(setting, (int, float, list)):
+        raise SurgeonError(f"{what}: {setting!r} is not a number or a list of conditions")
+    if isinstance(setting, (int, float)):
+        return setting
+    if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        if len(set(setting)) > 1:  # a gradient over the layers blends them
+            raise SurgeonError(f"{what}: gradient {setting} blends weights across layers; {OUT_OF_SCOPE}")
+        return setting[0] if setting else None
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond:
+            raise SurgeonError(f"{what}: {cond!r} is not a condition ({{filter: ..., value: ...}})")
+        f = cond.get("filter")
+        if f is None or f == "*" or str(f) in name:
+            return _setting(cond["value"], name, what)
+    return None
+
+
+def _weight(name: str, scopes: list[tuple[dict | None, str]]):
+    for params, what in scopes:  # model's own, then the slice's, then the config's (ConfigReader.parameter)
+        if params and "weight" in params:
+            value = _setting(params["weight"], name, what)
+            if value is not None:
+                return value
+    return None
+
+
+def _pick(name: str, method: str, entries, base_key, global_params) -> object:
+    """The one model a tensor comes from under `method`; entries are (key, params, slice params)."""
+    ones, seen = [], []
+    for key, params, slice_params in entries:
+        if method == "task_arithmetic" and key == base_key:
+            continue  # task arithmetic adds the others' differences to the base; its weight is unused
+        w = _weight(name, [(params, f"weight of {key}"), (slice_params, "slice weight"), (global_params, "weight")])
+        if w is None:
+            raise SurgeonError(f"tensor {name}: no weight for model {key} (mergekit needs one)")
+        if w not in (0, 1):
+            raise SurgeonError(f"tensor {name}: weight {w} for model {key}; {OUT_OF_SCOPE}")
+        seen.append(key)
+        if w == 1:
+            ones.append(key)
+    if len(ones) > 1:
+        raise SurgeonError(f"tensor {name}: weight 1 in {len(ones)} models ({', '.join(map(str, ones))}) "
+                           f"is a merge of them; {OUT_OF_SCOPE}")
+    if not ones:
+        if method == "task_arithmetic":
+            return base_key
+        raise SurgeonError(f"tensor {name}: weight 0 in every model (a linear merge of nothing)")
+    return ones[0]
+
+
+# ---------------------------------------------------------------- filters for a plan
+def _module_of(name: str, arch) -> str | None:
+    """The module prefix the architecture's rule names for a tensor, e.g. model.layers.1.self_attn;
+    for an expert, the layer's experts (mergekit's fused tensor). Rules are tried in the anatomy's
+    order, first match wins, as in anatomy.classify."""
+    segs = name.split(".")
+    for pattern, _ in GLOBAL_RULES:
+        if segs[: len(pattern.split("."))] == pattern.split("."):
+            return pattern
+    n = len(LAYER_PREFIX)
+    rest = segs[n + 1:]
+    for pattern, _ in COMMON_LAYER_RULES + arch.layer_rules:
+        pat = pattern.split(".")
+        if len(rest) >= len(pat) and all(s == w or (w == "{E}" and s.isdigit()) for s, w in zip(rest, pat)):
+            kept = pat[:-1] if pat[-1] == "{E}" else pat
+            return ".".join(segs[: n + 1 + len(kept)])
+    return None
+
+
+def _filters_for(a: Assignment, base: Donor) -> list[str] | None:
+    """Substring filters that match exactly the base's tensors `a` covers; None if none do."""
+    names = [n for n, p in base.anatomy.parts.items() if a.covers(p)]
+    if not names:
+        return []
+    want = set(names)
+    every = list(base.tensors)
+
+    def exact(filters) -> bool:
+        return {n for n in every if any(f in n for f in filters)} == want
+
+    modules = list(dict.fromkeys(_module_of(n, base.anatomy.architecture) for n in names))
+    if None not in modules:
+        if a.layers is None and all(m.startswith("model.layers.") for m in modules):
+            layerless = list(dict.fromkeys("." + m.split(".", 3)[3] + "." for m in modules))
+            if exact(layerless):
+                return layerless
+        per_module = [m + "." for m in modules]
+        if exact(per_module):
+            return per_module
+    return names if exact(names) else None
+
+
+def _inexpressible_reason(a: Assignment, base: Donor) -> str | None:
+    if a.component == "expert":
+        return (f"{a.spec}: mergekit fuses a layer's experts into one tensor on load, so single experts "
+                "and expert ranges cannot be picked")
+    if a.component == "layer_gate":
+        return f"{a.spec}: layer gates are moe-surgeon's sidecar file; mergekit does not know them"
+    return None
+
+
+def export_recipe(session: Session, donors: dict[str, Donor]) -> RecipeExport:
+    """The plan as a mergekit linear merge with per-tensor 0/1 weights; what it cannot say, as comments."""
+    plan = session.plan
+    base = donors[plan.base]
+    notes: list[str] = []
+    by_type: dict[str, list[str]] = {}
+    for name in dict.fromkeys([plan.base, *(a.donor for a in plan.assignments)]):
+        by_type.setdefault(donors[name].model_type, []).append(name)
+    for mt, names in by_type.items():
+        if mt not in MERGEKIT_ARCHITECTURES:
+            notes.append(f"architecture {mt} (donor {', '.join(names)}): mergekit has no definition for it; "
+                         "the filters below name its tensors as they are on disk")
+    kept: list[tuple[Assignment, list[str]]] = []
+    for a in plan.assignments:
+        reason = _inexpressible_reason(a, base)
+        filters = None if reason else _filters_for(a, base)
+        if filters is None:
+            notes.append((reason or f"{a.spec}: no name filter matches exactly its tensors")
+                         + "; left out of this recipe")
+        elif filters:
+            kept.append((a, filters))
+    used = list(dict.fromkeys([plan.base, *(a.donor for a, _ in kept)]))
+    models = []
+    for name in used:
+        conds: list[dict] = []
+        for a, filters in reversed(kept):
+            conds += [{"filter": f, "value": int(a.donor == name)} for f in filters]
+        default = int(name == plan.base)
+        seen, pruned = set(), []
+        for c in conds:  # a filter seen before never matches again
+            if c["filter"] not in seen:
+                seen.add(c["filter"])
+                pruned.append(c)
+        while pruned and pruned[-1]["value"] == default:  # falling through gives the same value
+            pruned.pop()
+        models.append({"model": str(donors[name].path.resolve()),
+                       "parameters": {"weight": [*pruned, {"value": default}]}})
+    config = {"merge_method": "linear", "base_model": str(base.path.resolve()), "models": models,
+              "parameters": {"normalize": False}}
+    if base.dtype in MERGEKIT_DTYPES:
+        config["dtype"] = MERGEKIT_DTYPES[base.dtype]
+    # The check: mergekit's rules applied to what was written give each tensor the plan's donor.
+    expressible = Plan(plan.base, [a for a, _ in kept])
+    path_to_name = {str(donors[n].path.resolve()): n for n in used}
+    got = _donor_of_tensors(config, base, path_to_name)
+    for tensor, part in base.anatomy.parts.items():
+        if got[tensor] != expressible.donor_for(part):  # a bug here, not a user's mistake: say so loudly
+            notes.append(f"{tensor}: the recipe gives donor {got[tensor]}, the plan {expressible.donor_for(part)}")
+            break
+    return RecipeExport(config, _yaml(config, session, notes), notes)
+
+
+def _yaml(config: dict, session: Session, notes: list[str]) -> str:
+    import yaml
+
+    head = ["# mergekit 0.1.x config written by moe-surgeon `recipe export` from a session's plan:",
+            "# a linear merge in which every tensor has weight 1 in exactly one model (a component transfer).",
+            f"# plan: base {session.plan.base}"
+            + "".join(f"; {a.spec} from {a.donor}" for a in session.plan.assignments)]
+    names = {d.name: d.path for d in session.donors}
+    head += [f"# donor {n}: {p}" for n, p in names.items()]
+    head += [f"# NOT EXPRESSIBLE in mergekit: {n}" for n in notes]
+    return "\n".join(head) + "\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------- import
+def _model_key(ref, what: str) -> str:
+    if isinstance(ref, dict):  # {model: {path: ...}} is ModelReference's long form
+        inner = ref.get("model", ref)
+        ref = inner.get("path") if isinstance(inner, dict) else inner
+        if ref is None:
+            raise SurgeonError(f"{what}: a model reference needs a path")
+    if not isinstance(ref, str) or not ref:
+        raise SurgeonError(f"{what}: {ref!r} is not a model path")
+    if "+" in ref:
+        raise SurgeonError(f"{what}: {ref}: a LoRA applied to a model is not a component transfer")
+    return ref
+
+
+def _donor_of_tensors(config: dict, base: Donor, key_name) -> dict[str, str]:
+    """Every base tensor's donor name under `config` (models form), by mergekit's rules."""
+    method = config.get("merge_method")
+    base_key = _model_key(config["base_model"], "base_model") if config.get("base_model") else None
+    entries = []
+    for i, m in enumerate(config["models"]):
+        if not isinstance(m, dict):
+            raise SurgeonError(f"models/{i}: expected {{model: ..., parameters: ...}}")
+        entries.append((_model_key(m.get("model"), f"models/{i}"), m.get("parameters"), None))
+    if method == "passthrough":
+        if len(entries) != 1:
+            raise SurgeonError(f"passthrough over {len(entries)} models is a merge of them; {OUT_OF_SCOPE}")
+        return {n: key_name[entries[0][0]] for n in base.tensors}
+    params = config.get("parameters")
+    return {n: key_name[_pick(n, method, entries, base_key, params)] for n in base.tensors}
+
+
+def _slices_donor_of_tensors(config: dict, base: Donor, open_key, key_name) -> dict[str, str]:
+    """Per tensor donor for a `slices` config: each output slice keeps its layers where they were."""
+    method = config.get("merge_method")
+    params = config.get("parameters")
+    layer_n = len(LAYER_PREFIX)
+    by_layer: dict[int, tuple] = {}
+    out_layer = 0
+    first = None
+    for i, s in enumerate(config["slices"]):
+        sources = s.get("sources") if isinstance(s, dict) else None
+        if not sources:
+            raise SurgeonError(f"slices/{i}: expected sources")
+        entries, ranges = [], set()
+        for j, src in enumerate(sources):
+            key = _model_key(src.get("model"), f"slices/{i}/sources/{j}")
+            lr = src.get("layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr)):
+                raise SurgeonError(f"slices/{i}/sources/{j}: layer_range must be [start, end]")
+            ranges.add(tuple(lr))
+            entries.append((key, src.get("parameters"), s.get("parameters")))
+            first = first or key
+        if len(ranges) > 1:
+            raise SurgeonError(f"slices/{i}: sources over different layer ranges are merged across layers; "
+                               + OUT_OF_SCOPE)
+        start, end = ranges.pop()
+        if start != out_layer:
+            raise SurgeonError(f"slices/{i}: layers {start}-{end - 1} of the source land at layer {out_layer}: "
+                               "moving or repeating layers is not a component transfer")
+        if method == "passthrough" and len(entries) > 1:
+            raise SurgeonError(f"slices/{i}: passthrough of {len(entries)} sources; {OUT_OF_SCOPE}")
+        for layer in range(start, end):
+            by_layer[layer] = (i, entries)
+        out_layer = end
+    if out_layer != base.anatomy.num_layers:
+        raise SurgeonError(f"the slices make {out_layer} layers, the base has {base.anatomy.num_layers}: "
+                           "not a component transfer")
+    glob = _model_key(config["base_model"], "base_model") if config.get("base_model") else first
+    base_key = glob
+    out = {}
+    for n in base.tensors:
+        segs = n.split(".")
+        if tuple(segs[:layer_n]) == LAYER_PREFIX and len(segs) > layer_n and segs[layer_n].isdigit():
+            _, entries = by_layer[int(segs[layer_n])]
+            out[n] = key_name[entries[0][0] if len(entries) == 1 else _pick(n, method, entries, base_key, params)]
+        else:
+            out[n] = key_name[glob]
+    return out
+
+
+def canonical_plan(base_name: str, base: Donor, donor_of: dict[str, str]) -> Plan:
+    """The shortest plan, in component order, giving each of the base's parts its donor."""
+    anatomy = base.anatomy
+    part_donor: dict = {}
+    for tensor, donor in donor_of.items():
+        part = anatomy.parts.get(tensor)
+        if part is None:
+            if donor != base_name:
+                raise SurgeonError(f"tensor {tensor} from donor {donor}: moe-surgeon does not know which "
+                                   "component it belongs to, so it can only come from the base")
+            continue
+        if part_donor.setdefault(part, donor) != donor:
+            raise SurgeonError(f"the recipe splits {part.label()} between donors {part_donor[part]} and {donor} "
+                               f"(tensor {tensor}): not a component transfer")
+    assignments: list[Assignment] = []
+    for kind in LAYER_KINDS:
+        per_layer: dict[int, str | None] = {}
+        mixed: dict[int, dict] = {}
+        for part, donor in part_donor.items():
+            if part.kind != kind:
+                continue
+            if per_layer.setdefault(part.layer, donor) != donor:
+                per_layer[part.layer] = None  # experts of one layer from several donors
+            if part.expert is not None:
+                mixed.setdefault(part.layer, {}).setdefault(donor, []).append(part.expert)
+        comp = "experts" if kind == "expert" else kind
+        whole = {layer: d for layer, d in per_layer.items() if d is not None}
+        donors_used = set(whole.values())
+        if len(donors_used) == 1 and len(whole) == len(per_layer) == anatomy.num_layers:
+            d = donors_used.pop()
+            if d != base_name:
+                assignments.append(Assignment(comp, d))
+        else:
+            for d in dict.fromkeys(whole.values()):
+                if d != base_name:
+                    assignments.append(Assignment(comp, d, tuple(sorted(l for l, x in whole.items() if x == d))))
+        for layer in sorted(l for l, d in per_layer.items() if d is None):
+            for d, experts in mixed[layer].items():
+                if d != base_name:
+                    assignments.append(Assignment("expert", d, (layer,), tuple(sorted(experts))))
+    for kind in GLOBAL_KINDS:
+        d = next((d for p, d in part_donor.items() if p.kind == kind), base_name)
+        if d != base_name:
+            assignments.append(Assignment(kind, d))
+    return Plan(base_name, assignments)
+
+
+def import_recipe(path: str | os.PathLike, session_path: str | os.PathLike | None = None) -> Session:
+    """A mergekit config that is a component transfer, as a session (its donors opened and fingerprinted)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SurgeonError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SurgeonError(f"{path}: cannot read ({e})") from None
+    except yaml.YAMLError as e:
+        raise SurgeonError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise SurgeonError(f"{path}: a mergekit config is a mapping (merge_method, models or slices, ...)")
+    method = config.get("merge_method")
+    if method not in METHODS:
+        raise SurgeonError(f"{path}: merge_method {method!r} merges weights; {OUT_OF_SCOPE} "
+                           f"(supported: {', '.join(METHODS)} with 0/1 weights)")
+    forms = [k for k in ("models", "slices", "modules") if config.get(k)]
+    if forms != ["models"] and forms != ["slices"]:
+        raise SurgeonError(f"{path}: expected exactly one of models or slices (found: {', '.join(forms) or 'none'})")
+    if method == "task_arithmetic" and not config.get("base_model"):
+        raise SurgeonError(f"{path}: task_arithmetic needs a base_model")
+
+    donors: dict[str, Donor] = {}
+    by_key: dict[str, str] = {}
+    by_path: dict[Path, str] = {}
+
+    def open_key(key: str) -> str:
+        if key not in by_key:
+            rel = Path(key).expanduser()
+            spec = key if key.startswith("demo:") or rel.is_absolute() or rel.exists() else str(path.parent / rel)
+            donor = open_donor(spec)
+            real = donor.path.resolve()
+            if real not in by_path:
+                by_path[real] = next_donor_name(donors)
+                donors[by_path[real]] = donor
+            by_key[key] = by_path[real]
+        return by_key[key]
+
+    keys = []
+    if config.get("base_model"):
+        keys.append(_model_key(config["base_model"], "base_model"))
+    for i, m in enumerate(config.get("models") or []):
+        keys.append(_model_key(m.get("model") if isinstance(m, dict) else m, f"models/{i}"))
+    for i, s in enumerate(config.get("slices") or []):
+        for j, src in enumerate((s or {}).get("sources") or [] if isinstance(s, dict) else []):
+            keys.append(_model_key(src.get("model") if isinstance(src, dict) else src, f"slices/{i}/sources/{j}"))
+    for k in keys:
+        open_key(k)
+    base_name = by_key[keys[0]]
+    base = donors[base_name]
+    for name, d in donors.items():
+        if d.model_type != base.model_type:
+            raise SurgeonError(f"{path}: donor {d.path} is {d.model_type}, the base {base.path} is {base.model_type}")
+    try:
+        if config.get("models"):
+            donor_of = _donor_of_tensors(config, base, by_key)
+        else:
+            donor_of = _slices_donor_of_tensors(config, base, open_key, by_key)
+        plan = canonical_plan(base_name, base, donor_of)
+    except SurgeonError as e:
+        raise SurgeonError(f"{path}: {e}") from None
+    return make_session(plan, donors, session_path)
+
+
+def open_recipe_session(session_path: str | os.PathLike):
+    """A saved session and its donors, for export."""
+    from surgeon.core.session import load_session, refuse_mix_session
+
+    session = load_session(session_path)
+    refuse_mix_session(session, session_path, "export a recipe from")
+    return session, open_session_donors(session, session_path)
