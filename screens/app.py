@@ -81,6 +81,15 @@ class DonorOpened(Message):
         self.spec = spec
 
 
+def _unexpected(e: Exception) -> str:
+    """An exception that is not a SurgeonError (a bug, or a fault the engine does not name yet), in
+    one line: a SurgeonError is already that line."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, SurgeonError):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _label(spec: str) -> str:
     return spec if spec.startswith("demo:") else (os.path.basename(os.path.normpath(spec)) or spec)
 
@@ -137,6 +146,12 @@ class SurgeonApp(App):
 
     @work(thread=True, exit_on_error=False, group="load")
     def load_donors(self, specs: list[str], welcome: bool = False) -> None:
+        try:
+            self._load_donors(specs, welcome)
+        except Exception as e:  # noqa: BLE001 - a worker's exception is silent: the app would wait forever
+            self.post_message(Failed("Cannot open the donors", _unexpected(e)))
+
+    def _load_donors(self, specs: list[str], welcome: bool) -> None:
         from surgeon.core.donor import open_donor
 
         donors, labels, errors = {}, {}, []
@@ -164,6 +179,12 @@ class SurgeonApp(App):
 
     @work(thread=True, exit_on_error=False, group="load")
     def load_session(self, path: str, *, recovered: str | None = None) -> None:
+        try:
+            self._load_session(path, recovered)
+        except Exception as e:  # noqa: BLE001 - as in load_donors: never stay on "opening..."
+            self.post_message(Failed("Cannot open the session", _unexpected(e)))
+
+    def _load_session(self, path: str, recovered: str | None) -> None:
         from surgeon.core.session import load_session, open_session_donors
 
         try:
@@ -282,14 +303,18 @@ class SurgeonApp(App):
             self._offer_recovery()
 
     def _offer_recovery(self) -> None:
+        if self.wb is None:
+            return
         try:
-            found = orphans(self.recovery.directory)
+            # Only the unsaved work of these donors: another donor set's stays for its own start.
+            found = orphans(self.recovery.directory, donors=[d.path for d in self.wb.donors.values()])
+            path = found[0] if found else None
+            when = path and time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
         except OSError:
             return
-        if not found:
+        if path is None:
             return
-        path = found[0]
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        names = ", ".join(sorted(self.labels.get(n, n) for n in self.wb.donors))
 
         def answer(yes: bool | None) -> None:
             if yes:
@@ -301,8 +326,8 @@ class SurgeonApp(App):
                     pass
 
         self.push_screen(ConfirmScreen(
-            f"moe-surgeon did not exit cleanly last time ({when}). Restore the unsaved marks from "
-            f"{path}?", yes="Restore", no="Discard"), answer)
+            f"moe-surgeon did not exit cleanly last time ({when}) with these donors ({names}). Restore "
+            f"the unsaved marks from {path}?", yes="Restore", no="Discard"), answer)
 
     @on(Failed)
     def on_failed(self, message: Failed) -> None:

@@ -183,7 +183,7 @@ def test_each_kind_declares_what_callers_switch_on():
     declared = {n: (k.metric.name, k.metric.higher_is_better, k.metric.proportion, k.per_donor)
                 for n, k in KINDS.items()}
     assert declared == {"mc": ("accuracy", True, True, False), "em": ("accuracy", True, True, False),
-                        "ppl": ("nll", False, False, False), "kl": ("kl", False, False, True)}
+                        "ppl": ("perplexity", False, False, False), "kl": ("kl", False, False, True)}
     assert metric_of("nll").score(1.5) == math.exp(1.5) and metric_of("kl").score(0.25) == 0.25
     assert metric_of("made-up").higher_is_better  # a hand-edited session's metric still reads
     # No kind is special-cased outside its own module (its name is data there, nowhere else).

@@ -2,8 +2,9 @@
 
 One file per running workbench (`recovery-PID.json`) in the state directory. A clean quit
 deletes it; a file whose process is gone is what a crash or a kill left behind, and the next
-start offers to restore it. Writes come from worker threads, so `RecoveryWriter` orders them:
-an older snapshot never overwrites a newer one.
+start that opens the same donors offers to restore it (its session names them: `donor_paths`).
+Writes come from worker threads, so `RecoveryWriter` orders them: an older snapshot never
+overwrites a newer one.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgeon.core.donor import resolve_path
 from surgeon.core.session import Session, parse_session
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
@@ -66,15 +69,32 @@ class RecoveryWriter:
                 pass
 
 
-def orphans(directory: Path | None = None, *, own_pid: int | None = None) -> list[Path]:
-    """Recovery files left by workbenches that are no longer running, newest first."""
+def donor_paths(path: Path) -> frozenset[Path] | None:
+    """The resolved donor directories of a recovery file's session; None when it cannot be read.
+    The autosave writes the session with no session file (absolute paths or demo:NAME), so the
+    paths resolve without knowing where the user was."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+        base = Path(data["session_path"]).parent if data.get("session_path") else None
+        return frozenset(resolve_path(d["path"], base).resolve() for d in data["session"]["donors"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, SurgeonError):
+        return None
+
+
+def orphans(directory: Path | None = None, *, own_pid: int | None = None,
+            donors: Iterable[str | os.PathLike] | None = None) -> list[Path]:
+    """Recovery files left by workbenches that are no longer running, newest first. With `donors`,
+    only those whose session has every one of them: the unsaved work of another donor set is not
+    this start's to offer (it stays for the start that opens those donors)."""
     directory = Path(directory) if directory else state_dir()
+    wanted = None if donors is None else {Path(d).resolve() for d in donors}
     own_pid = os.getpid() if own_pid is None else own_pid
     found = []
     for p in directory.glob("recovery-*.json"):
         pid = p.stem.split("-", 1)[1]
         if pid.isascii() and pid.isdigit() and int(pid) != own_pid and not pid_alive(int(pid)):
-            found.append(p)
+            if wanted is None or (wanted and wanted <= (donor_paths(p) or frozenset())):
+                found.append(p)
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

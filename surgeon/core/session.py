@@ -197,6 +197,9 @@ def _validator():
     return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
 
 
+FINGERPRINT_LENGTH = len("sha256:") + 32  # Donor.fingerprint
+
+
 def parse_session(data, origin: str) -> Session:
     if not isinstance(data, dict):
         raise SurgeonError(f"{origin}: a session is a JSON object")
@@ -209,8 +212,20 @@ def parse_session(data, origin: str) -> Session:
     errors = sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
-        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise SurgeonError(f"{origin}: invalid session: field {where}: {e.message}")
+        path = [str(p) for p in e.absolute_path]
+        message = e.message
+        if e.validator == "required" and isinstance(e.instance, dict):
+            # "'x' is a required property" at the parent reads as if the parent were wrong: name x
+            missing = [k for k in e.validator_value if k not in e.instance][:1]
+            path, message = [*path, *map(str, missing)], "missing"
+        where = "/".join(path) or "(top level)"
+        raise SurgeonError(f"{origin}: invalid session: field {where}: {message}")
+    for i, d in enumerate(data["donors"]):
+        # The schema checks the form; a fingerprint of another length is never a donor's, and would
+        # otherwise surface later as "config.json changed since the session was saved".
+        if len(d["fingerprint"]) != FINGERPRINT_LENGTH:
+            raise SurgeonError(f"{origin}: invalid session: field donors/{i}/fingerprint: malformed "
+                               f"{d['fingerprint'][:80]!r} (expected sha256: and 32 hex digits)")
     names = [d["name"] for d in data["donors"]]
     if len(set(names)) != len(names):
         raise SurgeonError(f"{origin}: invalid session: field donors: donor names repeat")

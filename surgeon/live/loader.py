@@ -12,32 +12,56 @@ from pathlib import Path
 
 from surgeon.core.gates_sidecar import read_gates
 from surgeon.errors import SurgeonError
+from surgeon.io.dtypes import DTYPE_CHOICES
 from surgeon.live.devices import check_device, default_device
 from surgeon.live.dtypes import torch_dtype
 from surgeon.live.layer_gates import attach_gates, gate_modules
 
 
-def load_model(directory: str | os.PathLike, *, device: str | None = None, dtype: str = "keep",
-               gates: bool = True, device_map: str | None = None, loading_info: bool = False):
+def _from_pretrained_dtype(dtype):
+    """What `from_pretrained` gets for `dtype`: a --dtype name (keep: "auto", the checkpoint's own)
+    or a floating torch.dtype as given. Anything else is refused: an unknown name used to read as
+    keep, so torch.float32 silently loaded a bf16 checkpoint as bf16."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise SurgeonError(f"dtype {dtype}: a model loads in a floating dtype (e.g. torch.float32)")
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_CHOICES:
+        return torch_dtype(dtype)
+    raise SurgeonError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)} or a torch dtype")
+
+
+def load_model(directory: str | os.PathLike, *, device: str | None = None, dtype="keep",
+               gates: bool = True, device_map: str | None = None, loading_info: bool = False,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None):
     """`AutoModelForCausalLM` of `directory` on `device` (default: cuda when present) in `dtype`
     (keep: the checkpoint's own), in eval mode, its layer gates attached when `gates` and it has any.
 
     `device="auto"` spreads a model larger than one GPU over every GPU (accelerate's
-    device_map=auto). With `loading_info`, returns (model, what transformers found missing or
+    device_map=auto); what does not fit in `max_memory` (default: the environment variable
+    MOE_SURGEON_MAX_MEMORY, e.g. "0=20GiB,cpu=60GiB", else all free memory) is offloaded to
+    `offload_folder`. With `loading_info`, returns (model, what transformers found missing or
     unexpected) so a caller can check a checkpoint it wrote.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
+    dtype_arg = _from_pretrained_dtype(dtype)
     if not (directory / "config.json").is_file():
         raise SurgeonError(f"{directory}: no config.json (not a checkpoint directory)")
     device = device or default_device()
     dev = "auto" if device == "auto" else str(check_device(device))
     sidecar, _ = read_gates(directory) if gates else ({}, {})
+    split = {}
+    if (device_map or dev) == "auto":
+        split = {"max_memory": max_memory or parse_max_memory(os.environ.get("MOE_SURGEON_MAX_MEMORY", "")),
+                 "offload_folder": offload_folder}
     loaded = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch_dtype(dtype), device_map=device_map or dev, local_files_only=True,
-        output_loading_info=loading_info,
+        directory, dtype=dtype_arg, device_map=device_map or dev, local_files_only=True,
+        output_loading_info=loading_info, **split,
     )
     model, info = loaded if loading_info else (loaded, None)
     model.eval()
@@ -49,6 +73,20 @@ def load_model(directory: str | os.PathLike, *, device: str | None = None, dtype
     return (model, info) if loading_info else model
 
 
-def load_gated(directory: str | os.PathLike, *, device: str | None = None, dtype: str = "keep"):
-    """A checkpoint with its layer gates attached (the name the gates' model cards print)."""
+def parse_max_memory(text: str) -> dict | None:
+    """ "0=20GiB,cpu=60GiB" -> {0: "20GiB", "cpu": "60GiB"} (accelerate's max_memory); "" -> None."""
+    if not text.strip():
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        where, sep, size = part.strip().partition("=")
+        if not sep or not where or not size:
+            raise SurgeonError(f"MOE_SURGEON_MAX_MEMORY {text!r}: use DEVICE=SIZE[,DEVICE=SIZE] (e.g. 0=20GiB,cpu=60GiB)")
+        out[int(where) if where.isdigit() else where] = int(size) if size.isdigit() else size
+    return out
+
+
+def load_gated(directory: str | os.PathLike, *, device: str | None = None, dtype="keep"):
+    """A checkpoint with its layer gates attached (the name the gates' model cards print). `dtype`:
+    a --dtype name or a torch.dtype."""
     return load_model(directory, device=device, dtype=dtype)

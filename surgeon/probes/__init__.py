@@ -24,8 +24,9 @@ class Metric:
     name: str  # recorded in every result as "metric"
     higher_is_better: bool = True
     proportion: bool = False  # 0/1 outcomes: shown in percent, and paired tests (McNemar, z) apply
-    shown_as: str = ""  # what the score is called on screen when not the metric's name ("ppl" for mean nll)
+    shown_as: str = ""  # what the score is called on screen when not the metric's name ("ppl" for perplexity)
     to_score: Callable[[float], float] | None = None  # mean outcome (and CI ends) -> reported score
+    recorded_as: tuple[str, ...] = ()  # older names of this metric in saved results, read as this one
 
     @property
     def label(self) -> str:
@@ -159,7 +160,7 @@ def metric_of(name: str) -> Metric:
     """The Metric recorded as `name` in a result; an unknown one (a hand-edited session) reads as a
     plain higher-is-better score."""
     for kind in KINDS.values():
-        if kind.metric.name == name:
+        if name == kind.metric.name or name in kind.metric.recorded_as:
             return kind.metric
     return Metric(name)
 

@@ -16,8 +16,11 @@ from . import Metric, ProbeKind, ProbeOutcome
 from .prompts import item_text
 
 # Outcomes are mean nll per item; the score is exp of their mean, and exp is monotone, so CIs map through.
+# The metric names the score (lm-eval's "perplexity"), not the outcomes; results saved before it did
+# say "nll" for the same numbers.
 KIND = ProbeKind("ppl", "perplexity on text (item-averaged per-token negative log-likelihood)",
-                 Metric("nll", higher_is_better=False, shown_as="ppl", to_score=math.exp))
+                 Metric("perplexity", higher_is_better=False, shown_as="ppl", to_score=math.exp,
+                        recorded_as=("nll",)))
 WINDOW = 512
 
 

@@ -28,9 +28,15 @@ def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise SurgeonError(f"{path}: no usable tokenizer files ({type(e).__name__}); probes need one") from None
+    # Without tokenizer files transformers builds the config's tokenizer class with an empty
+    # vocabulary (its special tokens only): every text would then encode to nothing, and the
+    # caller would report an empty corpus instead of the missing files.
+    if len(tokenizer.get_vocab()) <= len(getattr(tokenizer, "added_tokens_decoder", {})):
+        raise SurgeonError(f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or vocab file there)")
+    return tokenizer
 
 
 def encode(tokenizer, text: str) -> list[int]:
