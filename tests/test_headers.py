@@ -229,3 +229,14 @@ def test_deepseek_multi_token_prediction_layers_are_allowed(tmp_path):
     assert open_donor(d).anatomy.num_layers == 2
     set_config(d, num_nextn_predict_layers=0)
     refused_config(d, "num_hidden_layers is 2", "layers 0-2")
+
+
+def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from surgeon.io.safetensors_file import read_header
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(SurgeonError, match="not a regular file"):
+        read_header(str(fifo))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -72,7 +73,10 @@ U64_MAX = (1 << 64) - 1
 
 def _read_raw(path: str) -> tuple[int, int, bytes]:
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block the read forever
+            raise SurgeonError(f"{path}: not a regular file, so not a safetensors shard")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
