@@ -7,6 +7,7 @@ import shutil
 import pytest
 from test_tui_helpers import notifications, settle, sync
 from textual.widgets import Input
+from tiny_models import flip_byte
 
 from screens.app import SurgeonApp
 from screens.export import ExportScreen
@@ -18,11 +19,7 @@ DATA = __import__("pathlib").Path(__file__).parent / "data"
 
 
 def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
+    flip_byte(path, offset, 0x01)
 
 
 @pytest.fixture

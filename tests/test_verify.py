@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from tiny_models import flip_byte
 
 from surgeon.core.donor import DEMO_ROOT
 from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
@@ -24,11 +25,7 @@ def export_dir(tmp_path):
 
 
 def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
+    flip_byte(path, offset, 0x40)
 
 
 def tensor_at(path, where):

@@ -75,3 +75,12 @@ def save_char_tokenizer(path: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
     fast.save_pretrained(path)
     return path
+
+
+def flip_byte(path, offset: int, mask: int = 0x01) -> None:
+    """Change one byte of a file in place, as a bit flip on disk or a careless edit would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
