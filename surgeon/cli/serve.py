@@ -15,8 +15,6 @@ from pathlib import Path
 
 from surgeon.errors import SurgeonError
 
-INSTALL_HINT = "textual-serve is not installed: pip install 'moe-surgeon[serve]' (or: pip install textual-serve)"
-
 
 def is_local_host(host: str) -> bool:
     """Only a loopback address (or the name `localhost`) keeps the port to this machine's users."""
@@ -58,25 +56,6 @@ def _check_inputs(dirs: list[str], session: str | None) -> tuple[list[str], str 
     return out, session
 
 
-def make_server(command: str, host: str, port: int):
-    try:
-        from textual_serve.server import Server
-    except ImportError:
-        raise SurgeonError(INSTALL_HINT) from None
-
-    class _Server(Server):
-        async def handle_index(self, request):
-            # The page embeds the websocket URL: build it from the address the browser used, so a
-            # port forwarded to another port (ssh -L 9000:localhost:8000) or a --public host works.
-            self.public_url = f"{request.scheme}://{request.host}"
-            return await super().handle_index(request)
-
-        async def on_startup(self, app) -> None:
-            pass  # cmd_serve prints the URL and the warning; textual-serve's banner says neither
-
-    return _Server(command, host=host, port=port, title="moe-surgeon")
-
-
 def cmd_serve(args) -> int:
     if not args.public and not is_local_host(args.host):
         raise SurgeonError(
@@ -86,6 +65,8 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise SurgeonError(f"--port {args.port}: not a TCP port (1-65535)")
     dirs, session = _check_inputs(args.dirs, args.session)
+    from screens.serve import make_server  # the UI side, as cli/main.py starts the app
+
     server = make_server(app_command(dirs, session), args.host, args.port)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"moe-surgeon: serving the workbench on http://{shown}:{args.port}/ (ctrl+c stops it)")
