@@ -82,14 +82,56 @@ def test_exported_yaml_has_mergekit_config_shape(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mergekit") is None,
-                    reason="mergekit is not installed (optional test dependency); the documented shape is "
-                           "checked by test_exported_yaml_has_mergekit_config_shape")
+                    reason="mergekit is not installed (optional test dependency: moe-surgeon[peers]); the "
+                           "documented shape is checked by test_exported_yaml_has_mergekit_config_shape")
 def test_exported_yaml_validates_against_mergekits_own_model():
     from mergekit.config import MergeConfiguration
 
     donors = demo_donors()
     out = export_recipe(make_session(Plan("A", EXPRESSIBLE), donors), donors)
     MergeConfiguration.model_validate(yaml.safe_load(out.text))
+
+
+needs_mergekit = pytest.mark.skipif(importlib.util.find_spec("mergekit") is None,
+                                    reason="mergekit is not installed (optional test dependency: moe-surgeon[peers])")
+
+
+@needs_mergekit
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "llama"])
+def test_mergekit_running_the_exported_recipe_builds_the_tensors_our_export_writes(tmp_path, donors_of, run_cli,
+                                                                                   model_type):
+    """The peer itself: mergekit-yaml on `recipe export`'s YAML gives, tensor for tensor, the model
+    `replay --export` writes. mergekit names MoE tensors as transformers holds them (fused experts,
+    Mixtral's `mlp.gate`), so this fails if the filters speak disk names."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dirs = donors_of(model_type, 3)
+    donors = {n: open_donor(d) for n, d in zip("ABC", dirs)}
+    moe = model_type != "llama"
+    plan = Plan("A", [Assignment("attention", "C"), Assignment("norms", "B", (1,)), Assignment("lm_head", "C")]
+                + ([Assignment("experts", "B"), Assignment("router", "B", (0,))] if moe else []))
+    session = write_session(tmp_path, plan, donors)
+    assert run_cli("recipe", "export", session, "-o", tmp_path / "r.yml", "--strict").returncode == 0
+    assert run_cli("replay", session, "--export", tmp_path / "ours").returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()",
+                        str(tmp_path / "r.yml"), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def state(d):
+        return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict()
+
+    ours, theirs, base = state(tmp_path / "ours"), state(tmp_path / "theirs"), state(dirs[0])
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    moved = [k for k in ours if not torch.equal(ours[k], base[k])]  # not a copy of the base twice over
+    assert any(".self_attn." in k for k in moved) and (not moe or any(".experts." in k for k in moved))
 
 
 def test_inexpressible_parts_are_commented_and_strict_fails(tmp_path, run_cli):

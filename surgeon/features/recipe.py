@@ -10,6 +10,13 @@ per donor, its assignments in reverse order, each as filters with value 1 where 
 Both directions go through one evaluator of those rules (`_donor_of_tensors`): import reads a config
 with it, and export checks what it wrote with it, so a recipe is only called expressible when
 mergekit's own semantics give every tensor the donor the plan gives it.
+
+mergekit matches filters against the tensor names of its own architecture definitions, and those are
+transformers' in-memory names, not the names on disk: a Mixtral layer's experts are one
+`mlp.experts.gate_up_proj` and one `mlp.experts.down_proj`, its router `mlp.gate.weight`. So filters
+are written and evaluated on those names (`merge_names`, from the same architecture data hot-swap
+uses); a filter on disk names (`block_sparse_moe.experts.`) would match nothing there, and mergekit
+would silently keep the base's experts.
 """
 
 from __future__ import annotations
@@ -101,6 +108,31 @@ def _pick(name: str, method: str, entries, base_key, global_params) -> object:
 
 
 # ---------------------------------------------------------------- filters for a plan
+def merge_names(base: Donor) -> dict[str, str]:
+    """Each of the base's disk tensors -> the name mergekit gives it: transformers' live name, the
+    fused tensor for an expert's projection. Architectures mergekit does not define keep disk names."""
+    arch = base.anatomy.architecture
+    if base.model_type not in MERGEKIT_ARCHITECTURES:
+        return {n: n for n in base.tensors}
+    return {n: _merge_name(n, arch) for n in base.tensors}
+
+
+def _merge_name(disk: str, arch) -> str:
+    segs = disk.split(".")
+    if segs[:2] != list(LAYER_PREFIX) or len(segs) < 4:
+        return disk
+    rest = ".".join(segs[3:])
+    for old, new in arch.live_renames:
+        if rest == old or rest.startswith(old + "."):
+            rest = new + rest[len(old):]
+    segs = segs[:3] + rest.split(".")
+    for i in range(3, len(segs) - 3):
+        if (segs[i] == "experts" and segs[i + 1].isdigit() and arch.fused_experts
+                and segs[i + 2] in arch.fused_experts and segs[i + 3:] == ["weight"]):
+            return ".".join(segs[: i + 1] + [arch.fused_experts[segs[i + 2]][0]])
+    return ".".join(segs)
+
+
 def _module_of(name: str, arch) -> str | None:
     """The module prefix the architecture's rule names for a tensor, e.g. model.layers.1.self_attn;
     for an expert, the layer's experts (mergekit's fused tensor). Rules are tried in the anatomy's
@@ -119,19 +151,26 @@ def _module_of(name: str, arch) -> str | None:
     return None
 
 
-def _filters_for(a: Assignment, base: Donor) -> list[str] | None:
-    """Substring filters that match exactly the base's tensors `a` covers; None if none do."""
-    names = [n for n, p in base.anatomy.parts.items() if a.covers(p)]
-    if not names:
+def _filters_for(a: Assignment, base: Donor, names: dict[str, str]) -> list[str] | None:
+    """Substring filters that match exactly the tensors `a` covers, as mergekit names them (`names`,
+    see merge_names); [] if it covers none, None if no filters can (a fused tensor it covers in part)."""
+    disk = [n for n, p in base.anatomy.parts.items() if a.covers(p)]
+    if not disk:
         return []
-    want = set(names)
-    every = list(base.tensors)
+    want = {names[n] for n in disk}
+    covered = set(disk)
+    if any(names[n] in want and n not in covered for n in base.tensors):
+        return None
+    every = set(names.values())
 
     def exact(filters) -> bool:
         return {n for n in every if any(f in n for f in filters)} == want
 
-    modules = list(dict.fromkeys(_module_of(n, base.anatomy.architecture) for n in names))
+    arch = base.anatomy.architecture
+    modules = list(dict.fromkeys(_module_of(n, arch) for n in disk))
     if None not in modules:
+        if base.model_type in MERGEKIT_ARCHITECTURES:
+            modules = list(dict.fromkeys(_merge_name(m, arch) for m in modules))
         if a.layers is None and all(m.startswith("model.layers.") for m in modules):
             layerless = list(dict.fromkeys("." + m.split(".", 3)[3] + "." for m in modules))
             if exact(layerless):
@@ -139,7 +178,8 @@ def _filters_for(a: Assignment, base: Donor) -> list[str] | None:
         per_module = [m + "." for m in modules]
         if exact(per_module):
             return per_module
-    return names if exact(names) else None
+    listed = sorted(want)
+    return listed if exact(listed) else None
 
 
 def _inexpressible_reason(a: Assignment, base: Donor) -> str | None:
@@ -164,9 +204,10 @@ def export_recipe(session: Session, donors: dict[str, Donor]) -> RecipeExport:
             notes.append(f"architecture {mt} (donor {', '.join(names)}): mergekit has no definition for it; "
                          "the filters below name its tensors as they are on disk")
     kept: list[tuple[Assignment, list[str]]] = []
+    names = merge_names(base)
     for a in plan.assignments:
         reason = _inexpressible_reason(a, base)
-        filters = None if reason else _filters_for(a, base)
+        filters = None if reason else _filters_for(a, base, names)
         if filters is None:
             notes.append((reason or f"{a.spec}: no name filter matches exactly its tensors")
                          + "; left out of this recipe")
@@ -244,7 +285,8 @@ def _donor_of_tensors(config: dict, base: Donor, key_name) -> dict[str, str]:
             raise SurgeonError(f"passthrough over {len(entries)} models is a merge of them; {OUT_OF_SCOPE}")
         return {n: key_name[entries[0][0]] for n in base.tensors}
     params = config.get("parameters")
-    return {n: key_name[_pick(n, method, entries, base_key, params)] for n in base.tensors}
+    names = merge_names(base)
+    return {n: key_name[_pick(names[n], method, entries, base_key, params)] for n in base.tensors}
 
 
 def _slices_donor_of_tensors(config: dict, base: Donor, open_key, key_name) -> dict[str, str]:
@@ -285,12 +327,14 @@ def _slices_donor_of_tensors(config: dict, base: Donor, open_key, key_name) -> d
                            "not a component transfer")
     glob = _model_key(config["base_model"], "base_model") if config.get("base_model") else first
     base_key = glob
+    names = merge_names(base)
     out = {}
     for n in base.tensors:
         segs = n.split(".")
         if tuple(segs[:layer_n]) == LAYER_PREFIX and len(segs) > layer_n and segs[layer_n].isdigit():
             _, entries = by_layer[int(segs[layer_n])]
-            out[n] = key_name[entries[0][0] if len(entries) == 1 else _pick(n, method, entries, base_key, params)]
+            key = entries[0][0] if len(entries) == 1 else _pick(names[n], method, entries, base_key, params)
+            out[n] = key_name[key]
         else:
             out[n] = key_name[glob]
     return out
