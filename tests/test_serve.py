@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -57,57 +59,125 @@ def test_the_command_is_quoted_for_the_shell_textual_serve_uses(tmp_path):
     assert out == [sys.executable, "-m", "surgeon.cli", "--session", str(tmp_path / "s 1.json"), "--", str(odd), "inspect"]
 
 
-@pytest.mark.slow
-def test_served_page_and_websocket_answer_on_localhost_and_ctrl_c_stops_it():
-    aiohttp = pytest.importorskip("aiohttp")
-    pytest.importorskip("textual_serve")
+@contextmanager
+def served(*args, env=None):
+    """`moe-surgeon serve ARGS` on a free localhost port, up and answering; yields (server, port).
+    Its own session (process group): whatever happens, the server and every app it started die."""
     port = _free_port()
-    # Its own session (process group): whatever happens, the server and every app it started die.
     server = subprocess.Popen(
-        [sys.executable, "-m", "surgeon.cli", "serve", "demo:base", "demo:arith", "--port", str(port)],
+        [sys.executable, "-m", "surgeon.cli", "serve", *map(str, args), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         deadline = time.monotonic() + 60
-        page = None
-        while page is None:
+        while True:
             assert server.poll() is None, server.stdout.read()
             assert time.monotonic() < deadline, "the server never answered"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
                     assert resp.status == 200
-                    page = resp.read().decode()
+                    server.page = resp.read().decode()
+                    break
             except OSError:
                 time.sleep(0.3)
-        assert f"ws://127.0.0.1:{port}/ws" in page and "moe-surgeon" in page
-
-        async def first_screen() -> str:
-            got = ""
-            async with aiohttp.ClientSession() as s:
-                async with s.ws_connect(f"ws://127.0.0.1:{port}/ws?width=120&height=40") as ws:
-                    # The grid (donors in its header, the expert column) means the workbench itself
-                    # runs behind the socket, not an error page; escape sequences aside.
-                    while not all(w in re.sub(r"\x1b\[[0-9;?$]*[A-Za-z]", "", got)
-                                  for w in ("demo:arith", "layer", "experts")):
-                        msg = await ws.receive(timeout=90)
-                        if msg.type == aiohttp.WSMsgType.TEXT:
-                            got += msg.data
-                        elif msg.type == aiohttp.WSMsgType.BINARY:
-                            got += msg.data.decode("utf-8", "replace")
-                        else:
-                            raise AssertionError(f"the socket ended first ({msg.type}): {got[-2000:]!r}")
-            return got
-
-        screen = asyncio.run(asyncio.wait_for(first_screen(), 120))
-        assert "\x1b[" in screen  # a terminal screen, drawn with escape sequences
-
-        server.send_signal(signal.SIGINT)
-        out, _ = server.communicate(timeout=30)
-        assert server.returncode == 0, out
-        assert f"http://127.0.0.1:{port}/" in out and "anyone who can reach this port" in out
+        yield server, port
     finally:
         try:  # the group, not only the server: an app it started may outlive it
             os.killpg(server.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         server.wait(timeout=10)
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?$]*[A-Za-z]", "", text)
+
+
+async def _drive(aiohttp, port: int, until_seen: tuple[str, ...], keys: list[str] = (), then=None) -> str:
+    """Open the app's socket, wait until the screen shows every word of `until_seen`, type `keys` (raw
+    terminal input, as the browser's terminal sends it), and wait for `then()` to hold."""
+    got = ""
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(f"ws://127.0.0.1:{port}/ws?width=120&height=40") as ws:
+
+            async def read_one():
+                nonlocal got
+                msg = await ws.receive(timeout=90)
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    got += msg.data
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    got += msg.data.decode("utf-8", "replace")
+                else:
+                    raise AssertionError(f"the socket ended first ({msg.type}): {got[-2000:]!r}")
+
+            while not all(w in _plain(got) for w in until_seen):
+                await read_one()
+            for key in keys:
+                await ws.send_json(["stdin", key])
+                await asyncio.sleep(0.3)
+            deadline = time.monotonic() + 60
+            while then is not None and not then():
+                assert time.monotonic() < deadline, f"never happened; screen: {_plain(got)[-1500:]!r}"
+                try:
+                    await asyncio.wait_for(read_one(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+    return got
+
+
+@pytest.mark.slow
+def test_served_page_and_websocket_answer_on_localhost_and_ctrl_c_stops_it():
+    aiohttp = pytest.importorskip("aiohttp")
+    pytest.importorskip("textual_serve")
+    with served("demo:base", "demo:arith") as (server, port):
+        assert f"ws://127.0.0.1:{port}/ws" in server.page and "moe-surgeon" in server.page
+        # The grid (donors in its header, the expert column) means the workbench itself runs behind
+        # the socket, not an error page; escape sequences aside.
+        screen = asyncio.run(asyncio.wait_for(_drive(aiohttp, port, ("demo:arith", "layer", "experts")), 120))
+        assert "\x1b[" in screen  # a terminal screen, drawn with escape sequences
+
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=30)
+        assert server.returncode == 0, out
+        assert f"http://127.0.0.1:{port}/" in out and "anyone who can reach this port" in out
+
+
+@pytest.mark.slow
+def test_a_session_saved_in_the_browser_is_the_one_saved_in_the_terminal(tmp_path):
+    """The same keys, typed into the served workbench and into the terminal one, save the same file."""
+    aiohttp = pytest.importorskip("aiohttp")
+    pytest.importorskip("textual_serve")
+    from screens.app import SurgeonApp
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Plan
+    from surgeon.core.session import load_session, make_session, save_session
+
+    donors = {n: open_donor(s) for n, s in zip("ABC", ["demo:base", "demo:arith", "demo:reverse"])}
+    web, term = tmp_path / "web.json", tmp_path / "term.json"
+    for path in (web, term):
+        save_session(make_session(Plan("A"), donors, path), path)
+    keys = ["2", "j", "3", "\x13"]  # layer 0 attention -> B, layer 1 attention -> C, ctrl+s
+
+    with served("--session", web, env={"MOE_SURGEON_STATE_DIR": str(tmp_path / "state-web")}) as (_, port):
+        asyncio.run(asyncio.wait_for(_drive(aiohttp, port, ("demo:arith", "layer", "experts"), keys,
+                                            then=lambda: load_session(web).plan.assignments), 180))
+
+    async def in_terminal():
+        app = SurgeonApp(None, str(term), state_dir=tmp_path / "state-term", offer_recovery=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            for _ in range(3):
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+            await pilot.press("2", "j", "3", "ctrl+s")
+            for _ in range(3):
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+
+    asyncio.run(in_terminal())
+    a, b = load_session(web), load_session(term)
+    assert a.plan.assignments and a.plan == b.plan
+    assert [(d.name, d.path, d.fingerprint) for d in a.donors] == [(d.name, d.path, d.fingerprint) for d in b.donors]
+    first, second = json.loads(web.read_text()), json.loads(term.read_text())
+    differ = {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
+    assert differ <= {"saved_at", "updated", "created"}, {k: (first.get(k), second.get(k)) for k in differ}
