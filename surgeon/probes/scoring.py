@@ -1,7 +1,23 @@
 """Batched scoring primitives the probes share: continuation log-likelihoods and greedy decoding.
 
-Requests are sorted by length so a batch pads little, and a prefix shared by every request (a
-k-shot preamble) is run through the model once: its key/value cache is copied into each batch.
+Both see exactly the token sequences lm-evaluation-harness (HFLM, a causal model, default
+arguments) builds, so a probe here agrees with lm-eval item for item: the context's trailing
+whitespace moves to the continuation, the pair is encoded as one string and split where the
+context's own encoding ends, the tokenizer adds its own special tokens (a Llama tokenizer its bos,
+GPT-2's none), an empty context is the bos (else eos) token, and too long a sequence loses tokens
+on the left.
+
+They are cheaper than lm-eval's one forward over context + continuation per request:
+- Requests that share a context (the choices of a multiple-choice item) run that context once.
+  A one-token continuation is read off the context's last logits with no forward of its own; a
+  longer one runs only its own tokens, from rows of the context batch's key/value cache.
+- A token prefix common to every context (a k-shot preamble) runs once; each batch starts from
+  its cache. It is found on token ids, so it is shared only where the tokens really are a prefix.
+- Logits are made only where a token is scored (the model's `logits_to_keep`): never a
+  [batch, length, vocab] tensor.
+- Batches are capped by rows and by padded tokens, longest first, so a batch pads little.
+- A decoding row that has finished leaves the running batch (its cache rows are dropped).
+
 The cache goes in and comes out as `cache` (transformers 5.x's name; `past_key_values` warns from
 5.24 and is removed in 5.40).
 """
@@ -9,12 +25,20 @@ The cache goes in and comes out as `cache` (transformers 5.x's name; `past_key_v
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from surgeon.errors import SurgeonError
+
+MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the forward they save
+DEFAULT_MAX_BATCH_TOKENS = 4096  # padded tokens per forward
+_DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a model that states no length
+_UNSET_MODEL_MAX_LENGTH = 10**29  # transformers' "no limit" placeholder is ~1e30
+# Decoding a few more tokens may still change the last characters of the text (a partial UTF-8
+# sequence, " ." cleaned up to "."): a stop is trusted only this far from the end.
+_DECODE_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -43,144 +67,406 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+# --- lm-eval's token sequences ---------------------------------------------------------------
+
+def encode_like_lm_eval(tokenizer, text: str, marker: str | None) -> list[int]:
+    """The tokenizer's default encoding (its own special tokens), as lm-eval's HFLM does without
+    add_bos_token, except that a text already starting with `marker` (the bos string) gets none."""
+    if marker is not None and text.startswith(marker):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def prefix_token_id(tokenizer) -> int | None:
+    """What an empty context becomes: bos, else eos."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def max_length(model, tokenizer) -> int:
+    """The model's context length, looked up where lm-eval looks: config, then tokenizer, then 2048."""
+    config = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit < _UNSET_MODEL_MAX_LENGTH:
+        return int(limit)
+    return _DEFAULT_MAX_LENGTH
+
+
+def bos_marker(tokenizer) -> str | None:
+    """The text of the token an empty context becomes; a context starting with it gets no other."""
+    first = prefix_token_id(tokenizer)
+    return None if first is None else tokenizer.decode([first])
+
+
+def encode_request(tokenizer, context: str, continuation: str, limit: int,
+                   marker: str | None = None) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) of one log-likelihood request, as lm-eval scores it;
+    `marker` is bos_marker(tokenizer), computed once by a caller with many requests."""
+    if context == "":
+        cont = encode(tokenizer, continuation)
+        first = prefix_token_id(tokenizer)
+        if first is None:
+            raise SurgeonError("a request with an empty context needs a tokenizer with a bos or eos token")
+        # lm-eval: a continuation that itself starts with that token lends it to the context.
+        ctx, cont = ([first], cont) if not cont or cont[0] != first else (cont[:1], cont[1:])
+    else:
+        # A word's leading space belongs to the word: "Answer: " + "Paris" is "Answer:" + " Paris".
+        stripped = context.rstrip()
+        continuation = context[len(stripped):] + continuation
+        if marker is None:
+            marker = bos_marker(tokenizer)
+        ctx = encode_like_lm_eval(tokenizer, stripped, marker)
+        cont = encode_like_lm_eval(tokenizer, stripped + continuation, marker)[len(ctx):]
+    if not cont:
+        raise SurgeonError(f"empty continuation for context {context[-40:]!r}: nothing to score")
+    if not ctx:
+        raise SurgeonError(f"context {context[:40]!r} encodes to no tokens: nothing to condition on")
+    if len(cont) > limit:
+        raise SurgeonError(f"continuation of {len(cont)} tokens is longer than the model's {limit}-token context")
+    # Left-truncated as lm-eval does: the last limit + 1 tokens, of which the last is only a target.
+    keep = limit + 1 - len(cont)
+    return ctx[-keep:], cont
+
+
+# --- batches, caches, forwards -----------------------------------------------------------------
+
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _prefix_cache(model, prefix_ids: list[int]):
-    """Run the shared prefix once; returns (cache, logits of its last position) or (None, None)."""
-    if not prefix_ids:
-        return None, None
-    ids = torch.tensor([prefix_ids], device=_device_of(model))
-    out = model(ids, use_cache=True)
-    return out.cache, out.logits[0, -1]
+def _pad_id(tokenizer) -> int:
+    # Padding is always masked out; any id the embedding has will do.
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
 
 
-def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, prefix: str = "",
-                   batch_size: int = 16, progress=None) -> list[LogLik]:
-    """log P(continuation | prefix + context) for each (context, continuation)."""
-    dev = _device_of(model)
-    prefix_ids = encode(tokenizer, prefix) if prefix else []
-    bos = tokenizer.bos_token_id
-    encoded = []
-    for ctx, cont in requests:
-        ctx_ids, cont_ids = encode(tokenizer, ctx), encode(tokenizer, cont)
-        if not cont_ids:
-            raise SurgeonError(f"empty continuation for context {ctx[:40]!r}")
-        if not ctx_ids and not prefix_ids:
-            if bos is None:
-                raise SurgeonError("a request with no context needs a tokenizer with a bos token")
-            ctx_ids = [bos]
-        encoded.append((ctx_ids, cont_ids))
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+def _check_sizes(batch_size: int, max_batch_tokens: int | None) -> int:
+    if batch_size < 1:
+        raise SurgeonError(f"batch_size must be at least 1, not {batch_size}")
+    tokens = DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
+    if tokens < 1:
+        raise SurgeonError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
+    return tokens
+
+
+def _batches(order: list[int], lengths, batch_size: int, max_tokens: int):
+    """Runs of `order` (longest first) of at most batch_size rows and max_tokens padded tokens; a
+    sequence longer than max_tokens on its own still gets a batch of one."""
+    batch: list[int] = []
+    width = 0
+    for i in order:
+        wider = max(width, lengths[i])
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * wider > max_tokens):
+            yield batch
+            batch, wider = [], lengths[i]
+        batch.append(i)
+        width = wider
+    if batch:
+        yield batch
+
+
+def _shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence starts with, if long enough to be worth a cache;
+    each sequence keeps at least one token of its own, whose logits it needs."""
+    if len(seqs) < 2:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _fork(cache, rows: torch.Tensor):
+    """A cache holding `rows` of `cache` (repeats allowed), which itself stays as it was: a forward
+    rebinds a layer's tensors (torch.cat) rather than writing into them, so copied layer objects
+    over the selected tensors are enough."""
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    forked.batch_select_indices(rows)
+    return forked
+
+
+@dataclass
+class _Base:
+    """What every batch starts from: the shared prefix's cache (or none) and its length."""
+    cache: object = None
+    length: int = 0
+
+    def for_rows(self, n: int, dev):
+        return None if self.cache is None else _fork(self.cache, torch.zeros(n, dtype=torch.long, device=dev))
+
+
+def _run_base(model, seqs: list[list[int]], dev) -> _Base:
+    n = _shared_prefix(seqs)
+    if n == 0:
+        return _Base()
+    out = model(input_ids=torch.tensor([seqs[0][:n]], device=dev), use_cache=True, logits_to_keep=1)
+    return _Base(out.cache, n)
+
+
+@dataclass
+class _Ran:
+    """A left-padded batch of contexts after its forward: what its continuations go on from."""
+    last: torch.Tensor  # [rows, vocab] logits at each context's last token
+    cache: object
+    mask: torch.Tensor  # [rows, base + width] attention mask over the cache
+    next_pos: torch.Tensor  # [rows] position of each row's next token
+
+
+def _left_padded(seqs: list[list[int]], pad: int, base_len: int, dev):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), base_len + width, dtype=torch.long)
+    mask[:, :base_len] = 1
+    for r, s in enumerate(seqs):  # every sequence ends where its continuation starts
+        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[r, base_len + width - len(s):] = 1
+    # Positions count real tokens only, so a padded sequence sits where it would sit alone.
+    positions = (base_len + mask[:, base_len:].cumsum(-1) - 1).clamp(min=base_len)
+    return ids.to(dev), mask.to(dev), positions.to(dev)
+
+
+def _run_contexts(model, seqs: list[list[int]], base: _Base, pad: int, dev) -> _Ran:
+    ids, mask, positions = _left_padded(seqs, pad, base.length, dev)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=base.for_rows(len(seqs), dev),
+                use_cache=True, logits_to_keep=1)
+    next_pos = torch.tensor([base.length + len(s) for s in seqs], device=dev)
+    return _Ran(out.logits[:, -1].float(), out.cache, mask, next_pos)
+
+
+def _token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability, is-argmax) of each row's target; logits [n, vocab], targets [n]."""
+    logits = logits.float()
+    chosen = logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    return chosen, logits.argmax(-1) == targets
+
+
+def _run_continuations(model, ran: _Ran, rows: list[int], tails: list[list[int]], pad: int, dev):
+    """Feed each tail (a continuation less its last token) after its context row's cache; returns
+    per tail the (log-probability, is-argmax) of the continuation tokens after its first."""
+    width = max(len(t) for t in tails) - 1
+    ids = torch.full((len(tails), width), pad, dtype=torch.long)
+    own = torch.zeros(len(tails), width, dtype=torch.bool)
+    targets = []
+    for r, t in enumerate(tails):
+        ids[r, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+        own[r, : len(t) - 1] = True
+        targets.extend(t[1:])
+    index = torch.tensor(rows, device=dev)
+    own = own.to(dev)
+    mask = torch.cat([ran.mask[index], own.long()], dim=1)
+    positions = ran.next_pos[index][:, None] + torch.arange(width, device=dev)
+    # A boolean logits_to_keep returns logits for the real tokens only, flattened row by row.
+    out = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions, cache=_fork(ran.cache, index),
+                use_cache=True, logits_to_keep=own)
+    chosen, argmax = _token_scores(out.logits.reshape(-1, out.logits.shape[-1]), torch.tensor(targets, device=dev))
+    scores, start = [], 0
+    for t in tails:
+        n = len(t) - 1
+        scores.append((float(chosen[start:start + n].sum()), bool(argmax[start:start + n].all())))
+        start += n
+    return scores
+
+
+# --- log-likelihoods ---------------------------------------------------------------------------
+
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
+                   max_batch_tokens: int | None = None, progress=None, prefix: str = "") -> list[LogLik]:
+    """log P(continuation | context) for each (context, continuation), in request order, on the
+    token sequences lm-eval scores. `prefix` (for older callers) is put before every context."""
+    max_tokens = _check_sizes(batch_size, max_batch_tokens)
+    limit = max_length(model, tokenizer)
+    marker = bos_marker(tokenizer)
+    encoded = [encode_request(tokenizer, prefix + ctx, cont, limit, marker) for ctx, cont in requests]
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(encoded):
+        by_context.setdefault(tuple(ctx), []).append(i)
+    contexts = [list(c) for c in by_context]
+    owners = list(by_context.values())
     results: list[LogLik | None] = [None] * len(encoded)
+    dev, pad = _device_of(model), _pad_id(tokenizer)
+    done = 0
     with torch.no_grad():
-        cache, prefix_last = _prefix_cache(model, prefix_ids)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            seqs = [encoded[i][0] + encoded[i][1] for i in idx]
-            width = max(len(s) for s in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), len(prefix_ids) + width, dtype=torch.long)
-            mask[:, : len(prefix_ids)] = 1
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, len(prefix_ids): len(prefix_ids) + len(s)] = 1
-            kwargs = {}
-            if cache is not None:
-                batch_cache = copy.deepcopy(cache)
-                batch_cache.batch_repeat_interleave(len(seqs))
-                kwargs["cache"] = batch_cache
-            logits = model(ids.to(dev), attention_mask=mask.to(dev), **kwargs).logits.float()
-            if prefix_last is not None:  # the prefix's last position predicts each sequence's first token
-                logits = torch.cat([prefix_last.float().expand(len(seqs), 1, -1), logits[:, :-1]], dim=1)
-            else:
-                logits = logits[:, :-1]
-                ids = ids[:, 1:]
-            logprobs = F.log_softmax(logits, dim=-1)
-            ids = ids.to(dev)
-            offset = 0 if prefix_last is not None else 1
-            for r, i in enumerate(idx):
-                ctx_len, cont_len = len(encoded[i][0]), len(encoded[i][1])
-                lo = ctx_len - offset
-                target = ids[r, lo: lo + cont_len]
-                lp = logprobs[r, lo: lo + cont_len]
-                chosen = lp.gather(-1, target[:, None])[:, 0]
-                greedy = bool((lp.argmax(-1) == target).all())
-                results[i] = LogLik(float(chosen.sum()), cont_len, greedy)
+        base = _run_base(model, contexts, dev)
+        lengths = [len(c) - base.length for c in contexts]
+        order = sorted(range(len(contexts)), key=lambda c: -lengths[c])
+        for batch in _batches(order, lengths, batch_size, max_tokens):
+            ran = _run_contexts(model, [contexts[c][base.length:] for c in batch], base, pad, dev)
+            requests_here = [(r, i) for r, c in enumerate(batch) for i in owners[c]]
+            _score_batch(model, ran, requests_here, encoded, results, batch_size, max_tokens, pad, dev)
+            done += len(requests_here)
             if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
+                progress(done, len(encoded))
     return results  # type: ignore[return-value]
 
 
-def greedy_generate(model, tokenizer, prompts: list[str], *, prefix: str = "", max_new_tokens: int = 32,
-                    stop: tuple[str, ...] = (), batch_size: int = 16, progress=None) -> list[str]:
-    """Greedy continuations of prefix + prompt, cut at the first stop sequence (eos always stops).
-
-    The shared prefix (a k-shot preamble) runs once; each batch starts from a copy of its KV
-    cache, with the prompts left-padded after it and positions counted past the padding, so a
-    batched, prefix-cached run decodes what one prompt at a time would.
-    """
-    dev = _device_of(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise SurgeonError("the tokenizer has neither a pad nor an eos token; generation needs one")
-    prefix_ids = encode(tokenizer, prefix) if prefix else []
-    encoded = [encode(tokenizer, p) or ([] if prefix_ids else [tokenizer.bos_token_id]) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    outputs: list[str] = [""] * len(encoded)
-    with torch.no_grad():
-        cache, _ = _prefix_cache(model, prefix_ids)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            new = _greedy_batch(model, [encoded[i] for i in idx], cache, len(prefix_ids), pad,
-                                tokenizer.eos_token_id, max_new_tokens, dev)
-            for r, i in enumerate(idx):
-                outputs[i] = cut_at_stop(tokenizer.decode(new[r], skip_special_tokens=True), stop)
-            if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
-    return outputs
+def _score_batch(model, ran: _Ran, requests_here, encoded, results, batch_size, max_tokens, pad, dev) -> None:
+    """Fill in results for one context batch: each continuation's first token from the context's
+    last logits, the rest (if any) from forwards of the continuations over the batch's cache."""
+    first_lp = torch.log_softmax(ran.last, -1)
+    first_best = ran.last.argmax(-1).tolist()
+    rest: dict[int, tuple[float, bool]] = {}
+    longer = sorted((k for k, (_, i) in enumerate(requests_here) if len(encoded[i][1]) > 1),
+                    key=lambda k: -len(encoded[requests_here[k][1]][1]))
+    tail_lengths = {k: len(encoded[requests_here[k][1]][1]) - 1 for k in longer}
+    for chunk in _batches(longer, tail_lengths, batch_size, max_tokens):
+        tails = [encoded[requests_here[k][1]][1] for k in chunk]
+        scores = _run_continuations(model, ran, [requests_here[k][0] for k in chunk], tails, pad, dev)
+        rest.update(zip(chunk, scores))
+    for k, (row, i) in enumerate(requests_here):
+        cont = encoded[i][1]
+        logprob, greedy = rest.get(k, (0.0, True))
+        logprob += float(first_lp[row, cont[0]])
+        greedy = greedy and first_best[row] == cont[0]
+        results[i] = LogLik(logprob, len(cont), greedy)
 
 
-def _greedy_batch(model, seqs, cache, prefix_len, pad, eos, max_new_tokens, dev) -> list[list[int]]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), prefix_len + width, dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    for r, s in enumerate(seqs):  # left padding after the prefix: every prompt ends where decoding starts
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, prefix_len + width - len(s):] = 1
-    # Positions count real tokens only, so a padded prompt sits where it would sit alone.
-    positions = (prefix_len + mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=prefix_len)
-    kwargs = {"use_cache": True}
-    if cache is not None:
-        batch_cache = copy.deepcopy(cache)
-        batch_cache.batch_repeat_interleave(len(seqs))
-        kwargs["cache"] = batch_cache
-    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
-    new: list[list[int]] = [[] for _ in seqs]
-    done = torch.zeros(len(seqs), dtype=torch.bool, device=dev)
-    for _ in range(max_new_tokens):
-        out = model(ids, attention_mask=mask, position_ids=positions, **kwargs)
-        nxt = out.logits[:, -1].argmax(-1)
-        kwargs["cache"] = out.cache
-        for r in range(len(seqs)):
-            if not done[r]:
-                new[r].append(int(nxt[r]))
-        if eos is not None:
-            done |= nxt == eos
-        if bool(done.all()):
-            break
-        ids = nxt[:, None]
-        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], dim=1)
-        positions = positions[:, -1:] + 1
-    return new
+# --- greedy generation ---------------------------------------------------------------------------
 
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    cut = len(text)
+def cut_at_stop(text: str, stop) -> str:
+    """The text before the first occurrence of each stop string in turn (lm-eval's rule)."""
     for s in stop:
-        pos = text.find(s)
-        if s and pos != -1:
-            cut = min(cut, pos)
-    return text[:cut]
+        if s:
+            text = text.split(s, 1)[0]
+    return text
+
+
+def _stop_terms(tokenizer, until, stop) -> tuple[str, ...]:
+    terms = [until] if isinstance(until, str) else list(until or ())
+    if stop is not None:
+        terms += [stop] if isinstance(stop, str) else list(stop)
+    # lm-eval adds the eos token's text, which matters where decoding keeps it.
+    if tokenizer.eos_token_id is not None:
+        eos_text = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
+        if eos_text not in terms:
+            terms.append(eos_text)
+    return tuple(terms)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a sequence: the model's generation config's (as model.generate uses),
+    else the tokenizer's eos."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _settled(text: str, terms: tuple[str, ...]) -> bool:
+    """Whether no further tokens can change where `text` is cut, so decoding it may stop.
+
+    The cut is settled once some stop string occurs in the text, unless an earlier one in `terms`
+    (which is cut at first) could still appear across the end of the text and leave a different
+    result. The last few characters may still change as tokens arrive, so they are not trusted.
+    """
+    known = text[: max(0, len(text) - _DECODE_SLACK)]
+    live = [t for t in terms if t]
+    for j, term in enumerate(live):
+        if term in known:
+            return True
+        now = cut_at_stop(known, live[j:])
+        for start in range(max(0, len(known) - len(term) + 1), len(known)):
+            if term.startswith(known[start:]) and cut_at_stop(known[:start], live[j + 1:]) != now:
+                return False
+    return False
+
+
+def greedy_generate(model, tokenizer, contexts: list[str], *, until=(), max_new_tokens: int = 256,
+                    batch_size: int = 16, max_batch_tokens: int | None = None, progress=None, prefix: str = "",
+                    stop=None) -> list[str]:
+    """Greedy continuation of each context, as lm-eval's generate_until gives it: at most
+    max_new_tokens, ended by eos, cut at each `until` string in turn (`stop` is the older name).
+
+    A sequence leaves the running batch once it has finished, so later steps compute live rows
+    only; the text does not depend on the batch a context ran in.
+    """
+    max_tokens = _check_sizes(batch_size, max_batch_tokens)
+    if max_new_tokens < 1:
+        raise SurgeonError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    room = max_length(model, tokenizer) - max_new_tokens
+    if room < 1:
+        raise SurgeonError(f"max_new_tokens {max_new_tokens} leaves no room for a context in the model's "
+                           f"{room + max_new_tokens}-token length")
+    terms = _stop_terms(tokenizer, until, stop)
+    # Equal prompts decode to equal texts: each distinct one runs once.
+    distinct: dict[tuple[int, ...], int] = {}
+    slots = [distinct.setdefault(tuple(_encode_prompt(tokenizer, prefix + c)[-room:]), len(distinct))
+             for c in contexts]
+    encoded = [list(ids) for ids in distinct]
+    uses = Counter(slots)
+    texts = [""] * len(encoded)
+    dev, pad = _device_of(model), _pad_id(tokenizer)
+    with torch.no_grad():
+        base = _run_base(model, encoded, dev)
+        lengths = [len(s) - base.length for s in encoded]
+        order = sorted(range(len(encoded)), key=lambda i: -lengths[i])
+        done = 0
+        for batch in _batches(order, lengths, batch_size, max_tokens):
+            decoder = _Decoder(model, tokenizer, terms, _eos_ids(model, tokenizer), max_new_tokens)
+            new = decoder.run([encoded[i][base.length:] for i in batch], base, pad, dev)
+            for i, toks in zip(batch, new):
+                texts[i] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), terms)
+            done += sum(uses[i] for i in batch)
+            if progress is not None:
+                progress(done, len(contexts))
+    return [texts[slot] for slot in slots]
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    ids = encode_like_lm_eval(tokenizer, text, tokenizer.bos_token)
+    if ids:
+        return ids
+    # An empty prompt cannot be run; lm-eval would hand generate() an all-padding row.
+    first = prefix_token_id(tokenizer)
+    if first is None:
+        raise SurgeonError("an empty prompt needs a tokenizer with a bos or eos token")
+    return [first]
+
+
+@dataclass
+class _Decoder:
+    model: object
+    tokenizer: object
+    terms: tuple[str, ...]
+    eos: set[int]
+    max_new: int
+
+    def run(self, seqs: list[list[int]], base: _Base, pad: int, dev) -> list[list[int]]:
+        ran = _run_contexts(self.model, seqs, base, pad, dev)
+        cache, mask, positions = ran.cache, ran.mask, ran.next_pos[:, None]
+        new: list[list[int]] = [[] for _ in seqs]
+        live = list(range(len(seqs)))
+        nxt = ran.last.argmax(-1).tolist()
+        while True:
+            kept = [k for k, r in enumerate(live) if self._extend(new[r], nxt[k])]
+            if not kept:
+                return new
+            if len(kept) < len(live):  # finished rows leave: later steps compute live rows only
+                index = torch.tensor(kept, device=dev)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                live = [live[k] for k in kept]
+            ids = torch.tensor([[nxt[k]] for k in kept], device=dev)
+            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=dev)], dim=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, logits_to_keep=1)
+            cache, positions = out.cache, positions + 1
+            nxt = out.logits[:, -1].argmax(-1).tolist()
+
+    def _extend(self, toks: list[int], token: int) -> bool:
+        """Append the next token; whether the sequence goes on."""
+        toks.append(token)
+        if token in self.eos or len(toks) >= self.max_new:
+            return False
+        return not _settled(self.tokenizer.decode(toks, skip_special_tokens=True), self.terms)
