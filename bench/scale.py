@@ -119,7 +119,7 @@ def step_swap(a, b, device) -> dict:
 
 def step_probe(a, b, device) -> dict:
     from surgeon.probes import parse_probe
-    from surgeon.probes.prompts import shots_prefix
+    from surgeon.probes.prompts import max_new_tokens
     from surgeon.probes.run import evaluate, load_probe_data
     from surgeon.probes.scoring import load_tokenizer
 
@@ -134,12 +134,11 @@ def step_probe(a, b, device) -> dict:
         _sync(device)
         seconds = time.perf_counter() - t0
         if kind == "mc":  # tokens scored: context and every choice (what a naive scorer would feed)
-            prefix = shots_prefix(data.shots, data.template)
-            tokens = sum(len(tok(prefix + i.question + " " + c, add_special_tokens=False)["input_ids"])
-                         for i in data.items for c in i.choices)
+            tokens = sum(len(tok(ctx + " " + c, add_special_tokens=False)["input_ids"])
+                         for ctx, i in zip(data.contexts(), data.items) for c in i.choices)
         else:  # tokens generated: at most max_new_tokens per item (random weights rarely stop early, and
             # their ids beyond the small char tokenizer decode to nothing, so the outputs cannot be counted)
-            tokens = len(data.items) * spec.max_new_tokens
+            tokens = len(data.items) * max_new_tokens(data.template, spec.max_new_tokens)
         out[kind] = {"items": len(data.items), "seconds": seconds, "items_per_s": len(data.items) / seconds,
                      "tokens_per_s": tokens / seconds}
     return out

@@ -12,6 +12,7 @@ from surgeon.probes.data import (
     builtin_sets,
     load_items,
     load_text,
+    read_probe_file,
     resolve_set,
     subset,
 )
@@ -59,7 +60,7 @@ def test_boolq_is_a_two_choice_item_with_the_passage_as_context():
     assert yes.choices == no.choices == BOOLQ_CHOICES
     assert (yes.answer, no.answer) == (1, 0)
     assert yes.context == "The Sun is the star at the centre of the Solar System."
-    assert yes.question == "is the sun a star"
+    assert yes.question == "is the sun a star?"  # lm-eval's prompt asks "{question}?"
     assert yes.kind == "mc"
 
 
@@ -91,7 +92,23 @@ def test_a_mapping_renames_fields_of_a_native_format(tmp_path):
     p = write_jsonl(tmp_path / "boolq_renamed.jsonl",
                     {"q": "is ice cold", "passage": "Ice is frozen water.", "label": True})
     (item,) = load_items(p, fields={"question": "q", "answer": "label"})  # detected through the mapping
-    assert (item.question, item.answer, item.choices) == ("is ice cold", 1, BOOLQ_CHOICES)
+    assert (item.question, item.answer, item.choices) == ("is ice cold?", 1, BOOLQ_CHOICES)
+
+
+def test_boolq_in_lmevals_shape_reads_with_answer_mapped_to_its_int_label(tmp_path):
+    p = write_jsonl(tmp_path / "boolq_lmeval.jsonl",
+                    {"question": "is ice cold", "passage": "Ice is frozen water.", "label": 1},
+                    {"question": "is fire cold", "passage": "Fire is hot.", "label": 0})
+    assert [it.answer for it in load_items(p, fields={"answer": "label"})] == [1, 0]
+    bad = write_jsonl(tmp_path / "bad_label.jsonl", {"question": "q", "passage": "p", "label": 2})
+    with pytest.raises(SurgeonError, match=r"bad_label\.jsonl:1: field 'label' is 2, expected true/false or 0/1"):
+        load_items(bad, fmt="boolq", fields={"answer": "label"})
+
+
+def test_read_probe_file_keeps_the_format_and_each_record():
+    read = read_probe_file(DATA / "boolq.jsonl")
+    assert read.fmt == "boolq" and read.items == load_items(DATA / "boolq.jsonl")
+    assert [json.loads(d)["title"] for d in read.docs] == ["Sun", "Whale"]
 
 
 # ---- detection
@@ -240,7 +257,8 @@ BAD = [
     ("arc", [{"question": "q", "answerKey": "A"}], r"bad\.jsonl:1: field 'choices' is missing"),
     ("arc", [{"question": {"stem": "q"}, "answerKey": "A"}],
      r"bad\.jsonl:1: field 'question' is a dict without a 'stem' string and a 'choices' list"),
-    ("boolq", [{"question": "q", "passage": "p", "answer": "yes"}], r"bad\.jsonl:1: field 'answer' is \"yes\", expected bool"),
+    ("boolq", [{"question": "q", "passage": "p", "answer": "yes"}],
+     r"bad\.jsonl:1: field 'answer' is \"yes\", expected bool or int"),
     ("boolq", [{"question": "q", "answer": True}], r"bad\.jsonl:1: field 'passage' is missing"),
     ("demo", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}], r"bad\.jsonl:2: field 'answer' is missing"),
     ("demo", [{"answer": "2"}], r"bad\.jsonl:1: field 'prompt' is missing"),

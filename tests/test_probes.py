@@ -1,6 +1,7 @@
 """Probes equal independent per-item references; the CLI records, compares and replays them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,32 +32,61 @@ def tiny(donors_of):
 
 
 def plain_logprob(model, tok, context, continuation):
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = tok(continuation, add_special_tokens=False)["input_ids"]
+    """log P(continuation | context) over lm-eval's tokens: the whole string encoded once, the
+    continuation's tokens being what follows the context's."""
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
-        lp = F.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
-    return sum(float(lp[len(ctx) + j - 1, t]) for j, t in enumerate(cont))
+        lp = F.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    return sum(float(lp[j - 1, whole[j]]) for j in range(n_ctx, len(whole)))
 
 
-@pytest.mark.parametrize("shots", [0, 2])
+def numpy_argmax(scores):
+    import numpy as np
+
+    return int(np.argmax(np.array(scores)))
+
+
+@pytest.mark.parametrize("shots", [0, 1])  # prompts within the tiny model's 64 positions: no truncation
 def test_mc_accuracy_equals_plain_forward_reference(tiny, tmp_path, shots):
     model, tok = tiny
-    data_file = write_jsonl(tmp_path / "arc.jsonl", ARC)
-    spec = parse_probe(f"mc:{data_file},limit=3,shots={shots}")
+    rows = ARC + [{"id": "q6", "question": "é", "choices": {"text": ["éé", "ab", "ça"], "label": ["A", "B", "C"]},
+                   "answerKey": "C"}]  # characters and bytes differ: acc_norm and acc_bytes differ in kind
+    data_file = write_jsonl(tmp_path / "arc.jsonl", rows)
+    spec = parse_probe(f"mc:{data_file},limit=4,shots={shots}")
     data = load_probe_data(spec)
     out = evaluate(model, tok, spec, data, batch_size=2)
-    prefix = "".join(f"Question: {s.question}\nAnswer: {s.choices[s.answer]}\n\n" for s in data.shots)
-    assert len(data.shots) == shots and not {s.id for s in data.shots} & {i.id for i in data.items}
-    want_acc, want_norm = [], []
-    for item in data.items:
-        ctx = prefix + f"Question: {item.question}\nAnswer:"
+    assert len(data.shots) == len(data.items)
+    want = {"acc": [], "acc_norm": [], "acc_bytes": []}
+    for item, item_shots in zip(data.items, data.shots):
+        assert len(item_shots) == shots and item not in item_shots
+        ctx = "".join(f"Question: {s.question}\nAnswer: {s.choices[s.answer]}\n\n" for s in item_shots)
+        ctx += f"Question: {item.question}\nAnswer:"
         lls = [plain_logprob(model, tok, ctx, " " + c) for c in item.choices]
-        norm = [ll / len((" " + c).encode()) for ll, c in zip(lls, item.choices)]
-        want_acc.append(float(lls.index(max(lls)) == item.answer))
-        want_norm.append(float(norm.index(max(norm)) == item.answer))
-    assert out.outcomes == want_acc
-    assert out.extra["acc_norm"] == want_norm
+        want["acc"].append(float(numpy_argmax(lls) == item.answer))
+        want["acc_norm"].append(float(numpy_argmax([ll / len(c) for ll, c in zip(lls, item.choices)]) == item.answer))
+        want["acc_bytes"].append(
+            float(numpy_argmax([ll / len(c.encode()) for ll, c in zip(lls, item.choices)]) == item.answer))
+    assert out.outcomes == want["acc"]
+    assert out.extra == {"acc_norm": want["acc_norm"], "acc_bytes": want["acc_bytes"]}
     assert out.ids == [i.id for i in data.items]
+    # One lm-eval-like sample per item, whose metric values are the outcomes.
+    assert [s["doc_id"] for s in out.samples] == out.ids
+    assert [s["acc"] for s in out.samples] == out.outcomes
+    assert [s["acc_norm"] for s in out.samples] == want["acc_norm"]
+    first = out.samples[0]
+    assert first["prompt"] == data.contexts()[0] and first["target"] == data.items[0].answer
+    assert first["arguments"] == [[first["prompt"], " " + c] for c in data.items[0].choices]
+    assert [r[0] for r in first["resps"]] == pytest.approx(
+        [plain_logprob(model, tok, first["prompt"], " " + c) for c in data.items[0].choices], abs=1e-4)
+    assert all(isinstance(r[1], bool) for r in first["resps"])
+
+
+def test_a_tie_goes_to_the_first_choice_as_numpys_argmax():
+    from surgeon.probes.multiple_choice import first_best
+
+    for scores in ([-1.0, -1.0, -2.0], [-3.0, -1.0, -1.0], [0.0], [-2.0, -1.0]):
+        assert first_best(scores) == numpy_argmax(scores)
 
 
 def test_exact_match_scores_the_models_own_greedy_answers_as_correct(tiny, tmp_path):
@@ -77,6 +107,64 @@ def test_exact_match_scores_the_models_own_greedy_answers_as_correct(tiny, tmp_p
     spec = parse_probe(f"em:{write_jsonl(tmp_path / 'em.jsonl', rows)},max_new_tokens=3,template=raw")
     out = evaluate(model, tok, spec, load_probe_data(spec))
     assert out.outcomes == [1.0 if g != "?" else 0.0 for g in golds] + [0.0]
+
+
+def plain_greedy(model, tok, context, max_new_tokens, until):
+    """Greedy decoding one token at a time over the whole prompt, cut as lm-eval cuts (split at each stop)."""
+    ids = tok(context, add_special_tokens=False)["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    text = tok.decode(new, skip_special_tokens=True)
+    for stop in until:
+        text = text.split(stop)[0]
+    return text
+
+
+GSM8K_ROWS = [{"question": q, "answer": f"so {a}\n#### {a}"} for q, a in
+              [("1+2", "3"), ("20+22", "42"), ("7+8", "15"), ("1000+234", "1,234"), ("9", "[invalid]")]]
+
+
+def test_gsm8k_exact_match_is_lmevals_filters_and_metric(tiny, tmp_path):
+    """The outcome is lm-eval's exact_match after its flexible-extract filter, strict-match an extra,
+    both computed by lm-eval's own filter and metric from the same generations."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    from surgeon.probes.answers import is_correct
+
+    model, tok = tiny
+    spec = parse_probe(f"em:{write_jsonl(tmp_path / 'gsm8k.jsonl', GSM8K_ROWS)},max_new_tokens=12")
+    data = load_probe_data(spec)
+    out = evaluate(model, tok, spec, data, batch_size=2)
+    until = ("Question:", "</s>", "<|im_end|>")
+    assert out.outputs == [plain_greedy(model, tok, ctx, 12, until) for ctx in data.contexts()]
+    ignore = {"regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"], "ignore_case": True}
+    strict = RegexFilter(regex_pattern=r"#### (\-?[0-9\.\,]+)")
+    flexible = RegexFilter(regex_pattern=r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1)
+    want = {}
+    for name, f in (("strict-match", strict), ("flexible-extract", flexible)):
+        answers = [r[0] for r in f.apply([[o] for o in out.outputs], [])]
+        want[name] = [float(exact_match_hf_evaluate(predictions=[a], references=[row["answer"]], **ignore)["exact_match"])
+                      for a, row in zip(answers, GSM8K_ROWS)]
+        assert [s["filtered_resps"][name] for s in out.samples] == answers
+    assert out.outcomes == want["flexible-extract"]
+    assert out.extra == {"exact_match,strict-match": want["strict-match"]}
+    assert [s["exact_match,flexible-extract"] for s in out.samples] == want["flexible-extract"]
+    first = out.samples[0]
+    assert first["target"] == GSM8K_ROWS[0]["answer"] and first["resps"] == [out.outputs[0]]
+    assert first["arguments"] == [[data.contexts()[0], {"until": list(until), "max_gen_toks": 12}]]
+    # An explicit extract= mode decides the outcome (against the gold number); lm-eval's both stay extras.
+    spec = parse_probe(f"em:{tmp_path / 'gsm8k.jsonl'},max_new_tokens=12,extract=last_number")
+    again = evaluate(model, tok, spec, data, batch_size=2)
+    assert again.outcomes == [float(is_correct(o, i.answer, "last_number")) for o, i in zip(out.outputs, data.items)]
+    assert again.extra == {"exact_match,strict-match": want["strict-match"],
+                           "exact_match,flexible-extract": want["flexible-extract"]}
 
 
 def test_perplexity_equals_exp_mean_token_nll(tiny, tmp_path):
@@ -183,7 +271,8 @@ def test_each_kind_declares_what_callers_switch_on():
     declared = {n: (k.metric.name, k.metric.higher_is_better, k.metric.proportion, k.per_donor)
                 for n, k in KINDS.items()}
     assert declared == {"mc": ("accuracy", True, True, False), "em": ("accuracy", True, True, False),
-                        "ppl": ("perplexity", False, False, False), "kl": ("kl", False, False, True)}
+                        "ppl": ("perplexity", False, False, False), "kl": ("kl", False, False, True),
+                        "lmeval": ("acc", True, True, False)}
     assert metric_of("nll").score(1.5) == math.exp(1.5) and metric_of("kl").score(0.25) == 0.25
     assert metric_of("made-up").higher_is_better  # a hand-edited session's metric still reads
     # No kind is special-cased outside its own module (its name is data there, nowhere else).
@@ -265,3 +354,77 @@ def test_one_function_records_a_run_in_a_session(tmp_path):
     record_probe_results(target, specs[1:], [{"model": "hybrid"}])
     assert target.probes == [specs[0].to_json(), specs[1].to_json()]  # each spec once, in order
     assert [r["model"] for r in target.results] == ["old", "hybrid", "donor:A", "hybrid"]
+
+
+# ---------------------------------------------------------------- probe options
+def test_options_map_fields_and_round_trip_through_json_and_the_label(tmp_path):
+    from surgeon.probes import spec_from_json
+
+    spec = parse_probe(r"em:qa.jsonl,first=3,until=\n\n|Q\|A:|a\,b|back\\,question=q,answer=a")
+    assert spec.until == ("\n\n", "Q|A:", "a,b", "back\\")
+    assert spec.fields == (("answer", "a"), ("question", "q"))
+    assert spec.to_json()["fields"] == {"answer": "a", "question": "q"}
+    assert spec.to_json()["until"] == ["\n\n", "Q|A:", "a,b", "back\\"]
+    assert spec_from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert parse_probe(spec.label) == spec
+    assert hash(spec) == hash(parse_probe(spec.label))  # hashable: the runner keys caches by spec
+    # The mapping reaches the reader: the error message's own example works.
+    data_file = tmp_path / "qa.jsonl"
+    data_file.write_text('{"q": "Capital of France?", "a": "Paris"}\n{"q": "Two plus two?", "a": "4"}\n')
+    data = load_probe_data(parse_probe(f"em:{data_file},question=q,answer=a"))
+    assert [(i.question, i.answer) for i in data.items] == [("Capital of France?", "Paris"), ("Two plus two?", "4")]
+
+
+def test_an_unset_max_new_tokens_keeps_the_label_and_old_sessions_keep_theirs():
+    from surgeon.probes import spec_from_json
+
+    assert parse_probe("em:arith").label == "em:arith"
+    assert parse_probe("em:arith,max_new_tokens=16").label == "em:arith,max_new_tokens=16"
+    old = {"kind": "em", "data": "arith", "seed": 0, "shots": 0, "cot": False, "extract": "exact",
+           "max_new_tokens": 16}  # as every spec was written before fewshot_order existed
+    assert spec_from_json(old).label == "em:arith"
+    new = parse_probe("em:arith,max_new_tokens=16").to_json()
+    assert spec_from_json(new).max_new_tokens == 16
+
+
+def test_first_takes_the_first_items_in_file_order(tmp_path):
+    data_file = write_jsonl(tmp_path / "arc.jsonl", ARC)
+    assert [i.id for i in load_probe_data(parse_probe(f"mc:{data_file},first=2")).items] == ["q1", "q2"]
+    limited = [i.id for i in load_probe_data(parse_probe(f"mc:{data_file},limit=2,seed=5")).items]
+    assert len(limited) == 2
+
+
+@pytest.mark.parametrize("probe, needle", [
+    ("mc:arith_mc,limit=2,first=2", "limit=N (a seeded subset) and first=N (the first N items) exclude each other"),
+    ("mc:arith_mc,first=0", "first must be at least 1"),
+    ("mc:arith_mc,fewshot=arith_mc", "fewshot=FILE needs shots=K"),
+    ("mc:arith_mc,fewshot_order=random", "fewshot_order must be one of lmeval, fixed"),
+    ("em:arith,template=chat", "template must be one of qa, raw"),
+    ("em:arith,extract=([", "is not exact, gsm8k, last_number or a valid regex"),
+    ("em:arith,until=a||b", "an empty stop string"),
+    (r"em:arith,until=\x", r"unknown escape \x"),
+    ("em:arith,colour=red", "options: cot, extract, fewshot, fewshot_order, first, fmt, limit, max_new_tokens"),
+    ("em:arith,colour=red", "or map a field: question, answer, choices"),
+])
+def test_bad_options_name_themselves(probe, needle):
+    from surgeon.errors import SurgeonError
+
+    with pytest.raises(SurgeonError) as e:
+        parse_probe(probe)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fewshot_file_of_another_kind_and_shots_for_text_probes_are_refused(tmp_path):
+    from surgeon.errors import SurgeonError
+
+    data_file = write_jsonl(tmp_path / "arc.jsonl", ARC)
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}] * 1)
+    # Exemplars are read by the evaluated file's reader: an ARC reader misses ARC's fields ...
+    with pytest.raises(SurgeonError, match=r"qa\.jsonl:1: field 'choices' is missing"):
+        load_probe_data(parse_probe(f"mc:{data_file},shots=1,fewshot={qa}"))
+    # ... and the generic reader reads items of another kind.
+    generic_mc = Path(__file__).parent / "data" / "generic_mc.jsonl"
+    with pytest.raises(SurgeonError, match=r"qa\.jsonl: probe mc needs multiple-choice items"):
+        load_probe_data(parse_probe(f"mc:{generic_mc},shots=1,fewshot={qa}"))
+    with pytest.raises(SurgeonError, match="shots= applies to items with answers; ppl reads text"):
+        load_probe_data(parse_probe(f"ppl:{data_file},shots=1"))

@@ -154,10 +154,10 @@ async def test_results_table_shows_the_engines_numbers_and_ctrl_s_saves_them(olm
         session_path = tmp_path / "s.json"
         await save_as(pilot, session_path)
         saved = load_session(session_path)
-        assert saved.probes == [{"kind": "mc", "data": str(mc), "seed": 0, "shots": 0, "cot": False,
-                                 "extract": "exact", "max_new_tokens": 16},
-                                {"kind": "mc", "data": str(mc), "limit": 8, "seed": 3, "shots": 0, "cot": False,
-                                 "extract": "exact", "max_new_tokens": 16}]
+        assert saved.probes == [{"kind": "mc", "data": str(mc), "seed": 0, "cot": False,
+                                 "extract": "exact", "fewshot_order": "lmeval"},
+                                {"kind": "mc", "data": str(mc), "limit": 8, "seed": 3, "cot": False,
+                                 "extract": "exact", "fewshot_order": "lmeval"}]
         assert saved.results == json.loads(json.dumps(mine))
         assert {"device", "dtype", "seed", "versions", "plan"} <= set(saved.results[0])
 

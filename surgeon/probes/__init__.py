@@ -11,8 +11,10 @@ its line in `_KIND_MODULES`.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from surgeon.errors import SurgeonError
 
@@ -72,26 +74,71 @@ class ProbeKind:
 
 @dataclass(frozen=True)
 class ProbeSpec:
+    """One probe as the user wrote it. Optional fields left at None take the data's defaults, so a
+    spec's label names only what the user set."""
+
     kind: str  # a key of KINDS
     data: str  # a built-in set name or a file path
-    limit: int | None = None
+    limit: int | None = None  # a seeded subset of this many items
     seed: int = 0
-    shots: int = 0
+    shots: int | None = None  # None: the data's default (0, or an lm-eval task's own num_fewshot)
     cot: bool = False  # prepend "Let's think step by step." to the answer (exact match)
     extract: str = "exact"  # exact | gsm8k | last_number | a regex (exact match)
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # None: the template's default (256 for qa, 16 for raw)
     template: str | None = None  # qa ("Question: ...\nAnswer:") or raw (the question as is)
     fmt: str | None = None  # force a data format (gsm8k, arc, boolq, demo, text, jsonl)
+    first: int | None = None  # the first N items in file order (lm-eval's --limit)
+    fewshot: str | None = None  # the file (or built-in set) exemplars come from; None: the probe's own
+    fewshot_order: str = "lmeval"  # lmeval: exemplars sampled per item, as lm-eval does; fixed: one set
+    until: tuple[str, ...] | None = None  # stop strings for exact match; None: the data's defaults
+    fields: tuple[tuple[str, str], ...] = ()  # (Item or format field, the file's field), sorted
 
     @property
     def label(self) -> str:
         defaults = ProbeSpec(self.kind, self.data)
-        extra = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+        extra = [_option_text(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
                  if f.name not in ("kind", "data") and getattr(self, f.name) != getattr(defaults, f.name)]
         return f"{self.kind}:{self.data}" + "".join("," + e for e in extra)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k not in ("until", "fields")}
+        if self.until is not None:
+            out["until"] = list(self.until)
+        if self.fields:
+            out["fields"] = dict(self.fields)
+        return out
+
+    def problem(self) -> str | None:
+        """What makes this spec unusable, in one phrase naming the option; None when it is fine."""
+        for name in ("limit", "first", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                return f"{name} must be at least 1, not {value}"
+        if self.limit is not None and self.first is not None:
+            return "limit=N (a seeded subset) and first=N (the first N items) exclude each other"
+        if self.shots is not None and self.shots < 0:
+            return f"shots must be 0 or more, not {self.shots}"
+        if self.fewshot is not None and not self.shots:
+            return "fewshot=FILE needs shots=K (K at least 1)"
+        if self.fewshot_order not in FEWSHOT_ORDERS:
+            return f"fewshot_order must be one of {', '.join(FEWSHOT_ORDERS)}, not {self.fewshot_order!r}"
+        if self.template not in (None, *TEMPLATES):
+            return f"template must be one of {', '.join(TEMPLATES)}, not {self.template!r}"
+        if self.extract not in ("exact", "gsm8k", "last_number"):
+            try:
+                re.compile(self.extract)
+            except re.error as e:
+                return f"extract {self.extract!r} is not exact, gsm8k, last_number or a valid regex ({e})"
+        for name, _ in self.fields:
+            if name not in FIELD_NAMES:
+                return f"cannot map field {name!r} (mappable: {', '.join(FIELD_NAMES)})"
+        return None
+
+
+FEWSHOT_ORDERS = ("lmeval", "fixed")
+TEMPLATES = ("qa", "raw")
+# Options that map the file's field names: Item's fields and the native formats' own names.
+FIELD_NAMES = ("question", "answer", "choices", "context", "solution", "text", "id", "passage", "answerKey")
 
 
 @dataclass
@@ -104,49 +151,149 @@ class ProbeOutcome:
     outputs: list[str] = field(default_factory=list)  # generated text, for exact match
     metric: str = ACCURACY.name
     extra: dict[str, list[float]] = field(default_factory=dict)  # e.g. acc_norm
+    # One dict per item with lm-eval's --log_samples keys (doc_id, prompt, target, arguments, resps,
+    # filtered_resps, metric values), so a run can be diffed against lm-eval's item by item.
+    samples: list[dict] = field(default_factory=list)
 
 
-_INT_FIELDS = {"limit", "seed", "shots", "max_new_tokens"}
+_INT_FIELDS = {"limit", "seed", "shots", "max_new_tokens", "first"}
+_ESCAPES = {"n": "\n", "t": "\t", "|": "|", ",": ",", "\\": "\\"}
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """`text` cut at each `sep` not preceded by a backslash; escapes stay in the parts."""
+    parts, current, escaped = [], [], False
+    for ch in text:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            current.append(ch)
+            escaped = True
+        elif ch == sep:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_until(value: str) -> tuple[str, ...]:
+    """`\\n\\n|Question:` -> ("\\n\\n", "Question:"): '|' separates, backslash escapes \\n \\t \\| \\, \\\\."""
+    if value == "":
+        return ()
+    stops = []
+    for part in _split_unescaped(value, "|"):
+        out, chars = [], iter(part)
+        for ch in chars:
+            if ch != "\\":
+                out.append(ch)
+                continue
+            nxt = next(chars, "")
+            if nxt not in _ESCAPES:
+                raise SurgeonError(f"until: unknown escape \\{nxt} (use \\n, \\t, \\|, \\, or \\\\)")
+            out.append(_ESCAPES[nxt])
+        if not out:
+            raise SurgeonError(f"until {value!r}: an empty stop string (two '|' in a row, or one at an end)")
+        stops.append("".join(out))
+    return tuple(stops)
+
+
+def until_text(stops: tuple[str, ...]) -> str:
+    """The option text parse_until reads back as `stops`."""
+    def escape(s: str) -> str:
+        return (s.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+                .replace("|", "\\|").replace(",", "\\,"))
+    return "|".join(escape(s) for s in stops)
+
+
+def _option_text(name: str, value) -> str:
+    if name == "until":
+        return f"until={until_text(value)}"
+    if name == "fields":
+        return ",".join(f"{k}={v}" for k, v in value)
+    return f"{name}={value}"
+
+
+def _options_help() -> str:
+    names = sorted(f.name for f in dataclasses.fields(ProbeSpec) if f.name not in ("kind", "data", "fields"))
+    return f"options: {', '.join(names)}; or map a field: {', '.join(FIELD_NAMES)}"
 
 
 def parse_probe(text: str) -> ProbeSpec:
-    """`KIND:DATA[,key=value...]`, e.g. `em:arith,limit=100` or `mc:arc.jsonl,shots=5`."""
+    """`KIND:DATA[,key=value...]`, e.g. `em:arith,limit=100`, `mc:arc.jsonl,shots=5` or
+    `em:qa.jsonl,question=q,answer=a,until=\\n|Q:` (a field name as key maps the file's field)."""
     kind, sep, rest = text.partition(":")
     if not sep or not rest:
         raise SurgeonError(f"--probe {text!r}: expected KIND:DATA[,key=value...], e.g. em:arith")
     if kind not in PROBES:
         raise SurgeonError(f"--probe {text!r}: unknown probe {kind!r} (one of: {', '.join(PROBES)})")
-    data, *opts = rest.split(",")
+    data, *opts = _split_unescaped(rest, ",")
     kwargs: dict = {}
-    names = {f.name for f in fields(ProbeSpec)} - {"kind", "data"}
+    mapped: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(ProbeSpec)} - {"kind", "data", "fields"}
     for opt in opts:
         key, eq, value = opt.partition("=")
-        if not eq or key not in names:
-            raise SurgeonError(f"--probe {text!r}: bad option {opt!r} (options: {', '.join(sorted(names))})")
-        if key in _INT_FIELDS:
+        if not eq or (key not in names and key not in FIELD_NAMES):
+            raise SurgeonError(f"--probe {text!r}: bad option {opt!r} ({_options_help()})")
+        if key in FIELD_NAMES:
+            mapped[key] = value
+        elif key in _INT_FIELDS:
             try:
                 kwargs[key] = int(value)
             except ValueError:
                 raise SurgeonError(f"--probe {text!r}: {key} must be an integer, not {value!r}") from None
         elif key == "cot":
             kwargs[key] = value.lower() in ("1", "true", "yes")
+        elif key == "until":
+            try:
+                kwargs[key] = parse_until(value)
+            except SurgeonError as e:
+                raise SurgeonError(f"--probe {text!r}: {e}") from None
         else:
             kwargs[key] = value
-    return ProbeSpec(kind, data, **kwargs)
+    spec = ProbeSpec(kind, data, fields=tuple(sorted(mapped.items())), **kwargs)
+    if (problem := spec.problem()) is not None:
+        raise SurgeonError(f"--probe {text!r}: {problem}")
+    return spec
+
+
+# Before fewshot_order existed every spec was written with "max_new_tokens": 16, the default then;
+# read as "the default" so that the spec keeps the label its results were recorded under.
+_LEGACY_MAX_NEW_TOKENS = 16
 
 
 def spec_from_json(data: dict) -> ProbeSpec:
-    known = {f.name for f in fields(ProbeSpec)}
+    known = {f.name for f in dataclasses.fields(ProbeSpec)}
     unknown = set(data) - known
     if unknown or "kind" not in data or "data" not in data:
         raise SurgeonError(f"probe spec {data}: fields must be among {', '.join(sorted(known))}")
-    return ProbeSpec(**data)
+    values = dict(data)
+    if "fewshot_order" not in values:  # written before the defaults became "unset": keep its label
+        if values.get("max_new_tokens") == _LEGACY_MAX_NEW_TOKENS:
+            values["max_new_tokens"] = None
+        if values.get("shots") == 0:
+            values["shots"] = None
+    if values.get("until") is not None:
+        if not isinstance(values["until"], list) or not all(isinstance(s, str) for s in values["until"]):
+            raise SurgeonError(f"probe spec {data}: 'until' must be a list of stop strings")
+        values["until"] = tuple(values["until"])
+    if "fields" in values:
+        mapping = values["fields"]
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise SurgeonError(f"probe spec {data}: 'fields' must map field names to the file's names")
+        values["fields"] = tuple(sorted(mapping.items()))
+    spec = ProbeSpec(**values)
+    if (problem := spec.problem()) is not None:
+        raise SurgeonError(f"probe spec {data}: {problem}")
+    return spec
 
 
 # The kinds' modules import torch only when they run, so the registry is cheap to load.
-from . import divergence, exact_match, multiple_choice, perplexity  # noqa: E402
+from . import divergence, exact_match, lmeval, multiple_choice, perplexity
 
-_KIND_MODULES = {m.KIND.name: m for m in (multiple_choice, exact_match, perplexity, divergence)}
+_KIND_MODULES = {m.KIND.name: m for m in (multiple_choice, exact_match, perplexity, divergence, lmeval)}
 KINDS: dict[str, ProbeKind] = {name: m.KIND for name, m in _KIND_MODULES.items()}
 PROBES = {name: k.description for name, k in KINDS.items()}  # name -> what it measures, for --list
 
@@ -157,12 +304,12 @@ def probe_module(kind: str):
 
 
 def metric_of(name: str) -> Metric:
-    """The Metric recorded as `name` in a result; an unknown one (a hand-edited session) reads as a
-    plain higher-is-better score."""
+    """The Metric recorded as `name` in a result: a kind's own, else lm-eval's metric of that name (an
+    `lmeval:` task's), else (a hand-edited session) a plain higher-is-better score."""
     for kind in KINDS.values():
         if name == kind.metric.name or name in kind.metric.recorded_as:
             return kind.metric
-    return Metric(name)
+    return lmeval.metric_for(name)
 
 
 def single_model_kinds() -> list[str]:

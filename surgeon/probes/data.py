@@ -4,12 +4,15 @@ Formats (`fmt`), detected from the first record's fields when not given:
   gsm8k  {"question", "answer": "... #### 42"}            exact match, gold "42" (commas dropped)
   arc    {"id"?, "question", "choices": {"text", "label"}, "answerKey"}   multiple choice
          (AI2's original nesting, "question": {"stem", "choices": [{"text", "label"}]}, works too)
-  boolq  {"question", "passage", "answer": true/false}     multiple choice over ("no", "yes")
+  boolq  {"question", "passage", "answer": true/false}     multiple choice over ("no", "yes"); the
+         question gets lm-eval's "?" (its prompt is "{passage}\nQuestion: {question}?\nAnswer:")
   demo   {"prompt", "answer"}                             exact match (the built-in sets)
   text   {"text"}                                         plain text, for perplexity
   jsonl  any jsonl whose fields are Item's: question, answer, choices (then answer is an index),
          context, solution, id
 `fields` maps a format's field name to the file's, e.g. {"question": "q", "answer": "a"}.
+The readers keep what lm-evaluation-harness's arc_challenge, boolq and gsm8k tasks read, so the
+prompts built from these items are that harness's (see prompts.py).
 
 Choices are stored without a leading space: the multiple-choice probe joins prompt and choice
 with one space, as lm-evaluation-harness's target_delimiter does. Item ids are the record's "id"
@@ -122,8 +125,10 @@ def _arc(r: _Record) -> Item:
 
 
 def _boolq(r: _Record) -> Item:
-    gold = r.need("answer", bool)
-    return Item(r.id(), question=r.need("question"), answer=int(gold), choices=BOOLQ_CHOICES,
+    gold = r.need("answer", (bool, int))  # true/false, or lm-eval's 0/1 "label" mapped as answer=label
+    if gold not in (0, 1):
+        raise r.error("answer", f"is {gold}, expected true/false or 0/1")
+    return Item(r.id(), question=r.need("question") + "?", answer=int(gold), choices=BOOLQ_CHOICES,
                 context=r.need("passage"))
 
 
@@ -157,7 +162,8 @@ def _detect(path: Path, data: dict, fields: dict[str, str]) -> str:
     answer = data.get(fields.get("answer", "answer"))
     if "answerKey" in names:
         return "arc"
-    if "passage" in names and isinstance(answer, bool):
+    # lm-eval's BoolQ has a 0/1 "label" where the native file has true/false (mapped as answer=label)
+    if "passage" in names and (isinstance(answer, bool) or (answer in (0, 1) and "choices" not in names)):
         return "boolq"
     if "question" in names and isinstance(answer, str) and "####" in answer:
         return "gsm8k"
@@ -196,8 +202,19 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def load_items(path, fmt: str | None = None, fields: dict[str, str] | None = None) -> list[Item]:
-    """Every item of a jsonl probe file, in file order."""
+@dataclass(frozen=True)
+class ProbeFile:
+    """A probe file read: its format, its items in file order, and per item its record as canonical
+    JSON (lm-eval tells a few-shot exemplar from the evaluated document by comparing whole records)."""
+
+    fmt: str
+    items: list[Item]
+    docs: list[str]
+
+
+def read_probe_file(path, fmt: str | None = None, fields=None) -> ProbeFile:
+    """Every item of a jsonl probe file, in file order, with the format it was read in.
+    `fields`: a dict or (format's name, file's name) pairs."""
     path, fields = Path(path), dict(fields or {})
     records = _read_jsonl(path)
     fmt = fmt or _detect(path, records[0][1], fields)
@@ -211,7 +228,12 @@ def load_items(path, fmt: str | None = None, fields: dict[str, str] | None = Non
             raise SurgeonError(f"{path}:{n}: id {item.id!r} repeats line {lines[item.id]}")
         lines[item.id] = n
         items.append(item)
-    return items
+    return ProbeFile(fmt, items, [json.dumps(data, sort_keys=True) for _, data in records])
+
+
+def load_items(path, fmt: str | None = None, fields=None) -> list[Item]:
+    """Every item of a jsonl probe file, in file order."""
+    return read_probe_file(path, fmt, fields).items
 
 
 def load_text(path) -> list[Item]:

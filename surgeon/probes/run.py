@@ -22,30 +22,83 @@ from surgeon.core.plan import Plan
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
 from surgeon.io.cache import cache_root
+from surgeon.io.fs import fs_errors
 from surgeon.jobs import NEVER, CancelToken, Meter
 from surgeon.probes import KINDS, Metric, ProbeSpec, metric_of, probe_module
-from surgeon.probes.data import PROBES_ROOT, load_items, load_text, resolve_set, subset
-from surgeon.probes.prompts import split_shots, template_for
+from surgeon.probes.data import (
+    PROBES_ROOT,
+    ProbeFile,
+    load_text,
+    read_probe_file,
+    resolve_set,
+    subset,
+)
+from surgeon.probes.prompts import (
+    Template,
+    context,
+    fixed_shots,
+    lmeval_shots,
+    template_for,
+)
 from surgeon.probes.stats import bootstrap_ci, compare
 
 
 @dataclass
 class ProbeData:
+    """A probe's items in evaluation order, each one's exemplars, and how they are written."""
+
     items: list
-    shots: list
-    template: str
+    shots: list  # per item (parallel to items): its k-shot exemplars, a list of Items
+    template: Template
+
+    def contexts(self, cot: bool = False) -> list[str]:
+        """Each item's whole prompt: its exemplars, then its own prompt."""
+        return [context(item, shots, self.template, cot) for item, shots in zip(self.items, self.shots)]
 
 
 def load_probe_data(spec: ProbeSpec) -> ProbeData:
+    if (problem := spec.problem()) is not None:
+        raise SurgeonError(f"--probe {spec.label!r}: {problem}")
+    module = probe_module(spec.kind)
+    if hasattr(module, "load_task"):  # a kind that builds its own requests from its own task files
+        return ProbeData(module.load_task(spec), [], None)
     path = resolve_set(spec.data)
     builtin = path.parent.resolve() == PROBES_ROOT.resolve()
-    # Text probes read plain text files, and any jsonl set as text (prompt and gold answer together).
-    pool = load_text(path) if path.suffix != ".jsonl" else load_items(path, spec.fmt)
     kind = KINDS[spec.kind]
-    if kind.items is not None and any(i.kind != kind.items for i in pool):
+    # Text probes read plain text files, and any jsonl set as text (prompt and gold answer together).
+    if path.suffix == ".jsonl":
+        probe_file = read_probe_file(path, spec.fmt, spec.fields)
+    else:
+        probe_file = ProbeFile("text", load_text(path), [])
+    _check_kind(kind, path, probe_file.items)
+    pool = probe_file.items
+    items = pool[:spec.first] if spec.first is not None else subset(pool, spec.limit, spec.seed)
+    shots = _exemplars(spec, kind, path, probe_file, items)
+    return ProbeData(items, shots, template_for(spec, builtin, probe_file.fmt))
+
+
+def _check_kind(kind, path, items) -> None:
+    if kind.items is not None and any(i.kind != kind.items for i in items):
         raise SurgeonError(f"{path}: probe {kind.name} needs {kind.needs}")
-    items = subset(pool, spec.limit, spec.seed)
-    return ProbeData(items, split_shots(items, pool, spec.shots, spec.seed), template_for(spec, builtin))
+
+
+def _exemplars(spec: ProbeSpec, kind, path: Path, probe_file: ProbeFile, items: list) -> list[list]:
+    """Each item's exemplars: from the probe's own file, or from fewshot=FILE read the same way."""
+    if not spec.shots:
+        return [[] for _ in items]
+    if kind.items is None:
+        raise SurgeonError(f"--probe {spec.label!r}: shots= applies to items with answers; {kind.name} reads text")
+    source, pool_file = path, probe_file
+    if spec.fewshot is not None:
+        source = resolve_set(spec.fewshot)
+        if source.resolve() != path.resolve():
+            pool_file = read_probe_file(source, probe_file.fmt, spec.fields)
+            _check_kind(kind, source, pool_file.items)
+    same_file = pool_file is probe_file
+    if spec.fewshot_order == "fixed":
+        return fixed_shots(items, pool_file.items, spec.shots, spec.seed, same_file=same_file, source=str(source))
+    return lmeval_shots(items, pool_file.items, spec.shots, same_file=same_file,
+                        docs=dict(zip(pool_file.items, pool_file.docs)), source=str(source))
 
 
 def library_versions() -> dict[str, str]:
@@ -60,6 +113,11 @@ def library_versions() -> dict[str, str]:
 def _aggregate(metric: Metric, outcomes: list[float], seed: int) -> tuple[float, list[float]]:
     mean, lo, hi = bootstrap_ci(outcomes, seed=seed)
     return metric.score(mean), [metric.score(lo), metric.score(hi)]
+
+
+# A record's per-item samples (lm-eval's --log_samples fields), present only when run_probes is asked
+# for them: kept out of sessions and score records, which they would swell.
+SAMPLES = "samples"
 
 
 def make_record(spec: ProbeSpec, model_label: str, outcome, *, device: str, dtype: str, batch_size: int,
@@ -101,8 +159,24 @@ def cached_donor_record(key: str) -> dict | None:
         return None
 
 
-def store_donor_record(key: str, record: dict) -> None:
+def store_donor_record(key: str, record: dict, samples: list[dict] | None = None) -> None:
+    # The per-item samples go beside the record, so reading a score (the sweep's ceilings) never
+    # parses them; written first, so a record in the cache has its samples when it had any.
+    if samples:
+        write_atomic(_samples_file(key), json.dumps(samples).encode(), fsync=False)
     write_atomic(cache_dir() / f"{key}.json", json.dumps(record).encode())
+
+
+def cached_donor_samples(key: str) -> list[dict] | None:
+    try:
+        samples = json.loads(_samples_file(key).read_text())
+    except (OSError, ValueError):
+        return None
+    return samples if isinstance(samples, list) else None
+
+
+def _samples_file(key: str) -> Path:
+    return cache_dir() / f"{key}.samples.json"
 
 
 # ---------------------------------------------------------------- running
@@ -112,10 +186,13 @@ def evaluate(model, tokenizer, spec: ProbeSpec, data: ProbeData, *, batch_size: 
 
 
 def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype: str = "keep",
-               batch_size: int = 16, compare_donors: bool = True, progress=None,
+               batch_size: int = 16, compare_donors: bool = True, keep_samples: bool = False, progress=None,
                cancel: CancelToken = NEVER) -> list[dict]:
     """Probe the hybrid of `plan`, then every donor (cached). Returns result records; the hybrid is
     left at `plan`, also when cancelled.
+
+    keep_samples: give every record its per-item samples under SAMPLES (see sample_lines); a cached
+    donor's come from the cache, or are empty when it has none. record_probe_results drops them.
 
     progress: jobs.Steps in items over the whole run (cached donors cost none), the stage as detail.
     cancel: checked between batches and between stages; a cancelled run returns nothing and caches
@@ -130,6 +207,7 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
     # What runs, in order: (stage label, items), and the donor scores the cache already has.
     stages: list[tuple[str, int]] = []
     cached: dict[tuple[str, str], dict | None] = {}
+    keys: dict[tuple[str, str], str] = {}
     for spec, data in zip(specs, datas):
         stages.append((f"hybrid {spec.label}", len(data.items)))
         if KINDS[spec.kind].per_donor:
@@ -138,25 +216,32 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
         for name, donor in donors.items():
             for spec, data in zip(specs, datas):
                 if not KINDS[spec.kind].per_donor:
-                    record = cached_donor_record(cache_key(donor.fingerprint, spec, device, dtype, batch_size))
+                    keys[name, spec.label] = cache_key(donor.fingerprint, spec, device, dtype, batch_size)
+                    record = cached_donor_record(keys[name, spec.label])
                     cached[name, spec.label] = record
                     if record is None:
                         stages.append((f"donor {name} {spec.label}", len(data.items)))
     meter = Meter(progress, sum(n for _, n in stages))
     finished = [0]  # items of the stages done
+    shown: list = [None]  # the last (done, stage) reported: a renderer prints a finished step every time
+
+    def show(done: int, label: str) -> None:
+        if shown[0] != (done, label):
+            shown[0] = (done, label)
+            meter(done, detail=label)
 
     def stage(label: str):
         cancel.check()
         items = dict(stages)[label]
-        meter(finished[0], detail=label)
+        show(finished[0], label)  # at once, so a log has a line (and the stage) before the first batch
 
         def report(done: int, total: int) -> None:
             cancel.check()  # between batches: never inside a swap
-            meter(finished[0] + (round(items * done / total) if total else items), detail=label)
+            show(finished[0] + (round(items * done / total) if total else items), label)
 
         def end() -> None:
             finished[0] += items
-            meter(finished[0], detail=label)
+            show(finished[0], label)
 
         return report, end
 
@@ -166,22 +251,26 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
         end()
         return out
 
+    def kept(samples: list[dict] | None) -> dict:
+        return {SAMPLES: samples or []} if keep_samples else {}
+
     records: list[dict] = []
     try:
         for spec, data in zip(specs, datas):
             if KINDS[spec.kind].per_donor:
-                records.extend(_per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure))
+                records.extend({**r, **kept(None)} for r in
+                               _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure))
                 continue
             out = measure(hybrid.model, spec, data, f"hybrid {spec.label}")
             records.append(make_record(spec, "hybrid", out, device=device, dtype=dtype, batch_size=batch_size,
-                                       extra_fields={"plan": plan_json}))
+                                       extra_fields={"plan": plan_json, **kept(out.samples)}))
         if compare_donors:
             for name, donor in donors.items():
                 model = None
                 for spec, data in zip(specs, datas):
                     if KINDS[spec.kind].per_donor:
                         continue
-                    record = cached[name, spec.label]
+                    record, key = cached[name, spec.label], keys[name, spec.label]
                     if record is None:
                         if model is None:
                             cancel.check()
@@ -189,8 +278,13 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                         out = measure(model, spec, data, f"donor {name} {spec.label}")
                         record = make_record(spec, f"donor:{name}", out, device=device, dtype=dtype,
                                              batch_size=batch_size, extra_fields={"fingerprint": donor.fingerprint})
-                        store_donor_record(cache_key(donor.fingerprint, spec, device, dtype, batch_size), record)
-                    records.append({**record, "model": f"donor:{name}", "cached": cached[name, spec.label] is not None})
+                        # Always with its samples: a later --samples run must not measure it again.
+                        store_donor_record(key, record, out.samples)
+                        samples = out.samples
+                    else:
+                        samples = cached_donor_samples(key) if keep_samples else None
+                    records.append({**record, "model": f"donor:{name}", "cached": cached[name, spec.label] is not None,
+                                    **kept(samples)})
     finally:
         if hybrid.resolution.plan != plan:
             hybrid.apply(plan, dtype=dtype)
@@ -209,7 +303,7 @@ def record_probe_results(session, specs: list[ProbeSpec], records: list[dict]) -
     for s in specs:
         if s.to_json() not in session.probes:
             session.probes.append(s.to_json())
-    session.results.extend(records)
+    session.results.extend({k: v for k, v in r.items() if k != SAMPLES} for r in records)  # samples can be large
 
 
 def _swappable(base, donor) -> bool:
@@ -245,6 +339,39 @@ def _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, m
     return records
 
 
+# ---------------------------------------------------------------- per-item output
+def sample_lines(record: dict) -> list[dict]:
+    """One dict per item of a record: which model and probe, the item's sample as the kind gave it
+    (lm-eval's --log_samples fields: doc_id, prompt, target, arguments, resps, filtered_resps and
+    its metrics), and the record's own per-item `outcome` (and extra metrics the sample lacks). A
+    kind without samples, or a cached donor whose cache has none, gives doc_id and outcomes only."""
+    head = {"model": record["model"], "probe": record["label"]}
+    if "vs" in record:
+        head["vs"] = record["vs"]
+    if record.get("cached"):
+        head["cached"] = True
+    ids = record["ids"]
+    samples = record.get(SAMPLES) or [{"doc_id": i} for i in ids]
+    if len(samples) != len(ids):
+        raise ValueError(f"{record['label']}: {len(samples)} samples for {len(ids)} items")
+    extra = {name: e["outcomes"] for name, e in record.get("extra", {}).items()}
+    lines = []
+    for i, sample in enumerate(samples):
+        line = {**head, **sample, "outcome": record["outcomes"][i]}
+        for name, values in extra.items():
+            line.setdefault(name, values[i])
+        lines.append(line)
+    return lines
+
+
+def write_samples(path: str | Path, records: list[dict]) -> int:
+    """The records' sample lines as JSONL at `path`, atomically; returns the number of lines."""
+    lines = [json.dumps(line) for r in records for line in sample_lines(r)]
+    with fs_errors(path, "write the samples"):
+        write_atomic(path, "".join(line + "\n" for line in lines).encode())
+    return len(lines)
+
+
 # ---------------------------------------------------------------- summaries
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (model, probe) with deltas and p-values against every donor on the same items."""
@@ -257,14 +384,21 @@ def summarize(records: list[dict]) -> list[dict]:
         row = {"model": r["model"] if "vs" not in r else f"{r['model']} vs {r['vs']}", "probe": r["label"],
                "metric": r["metric"], "n": r["n"], "score": r["score"], "ci": r["ci"], "vs": {}}
         if "extra" in r:
-            row["extra"] = {k: {"score": v["score"], "ci": v["ci"]} for k, v in r["extra"].items()}
+            row["extra"] = {k: {"score": v["score"], "ci": v["ci"], "vs": {}} for k, v in r["extra"].items()}
         if metric_of(r["metric"]).proportion and "vs" not in r:
             for other_name, other in by_label.get(r["label"], {}).items():
                 if other_name == r["model"] or not other_name.startswith("donor:"):
                     continue
                 if other["ids"] != r["ids"]:
                     continue
-                c = compare(r["outcomes"], other["outcomes"])
-                row["vs"][other_name] = {"delta": c["delta"], "mcnemar_p": c["mcnemar_p"], "z_p": c["z_p"]}
+                row["vs"][other_name] = _paired(r["outcomes"], other["outcomes"])
+                for name, e in row.get("extra", {}).items():  # acc_norm against the donors' acc_norm
+                    if name in other.get("extra", {}):
+                        e["vs"][other_name] = _paired(r["extra"][name]["outcomes"], other["extra"][name]["outcomes"])
         rows.append(row)
     return rows
+
+
+def _paired(mine: list[float], theirs: list[float]) -> dict:
+    c = compare(mine, theirs)
+    return {"delta": c["delta"], "mcnemar_p": c["mcnemar_p"], "z_p": c["z_p"]}

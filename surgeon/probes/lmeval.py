@@ -1,0 +1,414 @@
+"""lm-evaluation-harness tasks scored by our engine: `--probe lmeval:TASK[,first=N|limit=N][,shots=K]`.
+
+lm-eval builds everything that defines the task: its documents, prompts, few-shot exemplars
+(sampled with its default fewshot seed, as `simple_evaluate` does), the requests, the filters and
+the per-document metrics. Only the model calls are ours (batched, shared-context scoring and
+greedy decoding in `scoring.py`), so per-item results are lm-eval's by construction and a
+difference can only come from the model's numbers.
+
+TASK is a name in lm-eval's task registry or a path to a task YAML. Nothing is downloaded: a
+dataset that is not on disk is an error that says how to point a local YAML at a data file.
+A relative `data_files` path in a local YAML is read from the YAML's folder unless the working
+directory has it (lm-eval reads it from the working directory only, where it rarely is).
+
+lm-eval is an optional extra (`pip install 'moe-surgeon[lmeval]'`), imported only here, only
+when a probe of this kind is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from surgeon.errors import SurgeonError
+
+from . import Metric, ProbeKind, ProbeOutcome, ProbeSpec
+
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed in simple_evaluate
+_PROPORTIONS = {"acc", "acc_norm", "acc_bytes", "acc_mutual_info", "exact_match", "em"}  # 0/1 per item
+_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter"}
+_DIRECT_OPTIONS = {"kind", "data", "limit", "first", "shots", "seed"}  # every other option is the task's own
+
+
+def metric_for(name: str) -> Metric:
+    """The Metric an lm-eval metric name reads as; `name` may carry its filter ("exact_match,strict-match").
+
+    lm-eval's 0/1 metrics are proportions, so the paired tests for proportions (McNemar) apply.
+    """
+    base = name.split(",")[0]
+    return Metric(name, higher_is_better=base not in _LOWER_IS_BETTER, proportion=base in _PROPORTIONS)
+
+
+KIND = ProbeKind("lmeval", "an lm-evaluation-harness task (its prompts, filters and metrics; our scoring)",
+                 metric_for("acc"), items=None)
+
+
+@dataclass
+class LmevalTask:
+    """A loaded lm-eval task and which of its documents a probe evaluates: the "items" of this
+    kind (its length is the number of documents, what the runner counts progress in)."""
+
+    name: str  # lm-eval's task name
+    label: str  # what the user wrote, for messages
+    task: Any  # lm_eval.api.task.Task, configured (num_fewshot, fewshot seed)
+    first: int | None  # lm-eval's --limit: the first N documents
+    indices: list[int] | None  # lm-eval's --samples: the documents limit= chose, in order
+    docs: int
+
+    def __len__(self) -> int:
+        return self.docs
+
+
+# ---------------------------------------------------------------- loading
+def _lm_eval():
+    """Import lm-eval offline: every dataset must come from disk (never a download)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import lm_eval.tasks
+    except ImportError:
+        raise SurgeonError("probe lmeval needs lm-evaluation-harness: pip install 'moe-surgeon[lmeval]'") from None
+    return lm_eval
+
+
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval and datasets draw progress bars and log warnings on stderr while they build
+    requests; our own progress reports stand for them."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(folder: str | None):
+    """lm-eval indexes its whole registry (thousands of YAMLs, seconds) per TaskManager: keep one.
+    A local YAML needs only its own folder."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet():
+        if folder is None:
+            return TaskManager()
+        return TaskManager(include_path=folder, include_defaults=False)
+
+
+def _is_path(data: str) -> bool:
+    return data.endswith((".yaml", ".yml")) or os.sep in data or Path(data).is_file()
+
+
+def _local_config(label: str, path: Path) -> dict:
+    """The YAML's full config (includes merged, !function resolved), data files made absolute."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not path.is_file():
+        raise SurgeonError(f"{label}: no such task YAML {path}")
+    try:
+        cfg = load_yaml(path, resolve_func=True)
+    except Exception as e:  # noqa: BLE001 -- yaml errors, a missing include or !function module
+        raise SurgeonError(f"{label}: cannot read {path}: {_first_line(e)}") from None
+    if isinstance(cfg.get("group"), str) or not isinstance(cfg.get("task"), str) or "class" in cfg:
+        raise SurgeonError(f"{path}: a task YAML with `task: NAME` is needed (groups and Python tasks are not)")
+    kwargs = cfg.get("dataset_kwargs") or {}
+    if "data_files" in kwargs:
+        cfg["dataset_kwargs"] = {**kwargs, "data_files": _beside(kwargs["data_files"], path.parent)}
+    return cfg
+
+
+def _beside(files, folder: Path):
+    """Relative data files read from the YAML's folder unless the working directory has them
+    (where lm-eval looks), so a missing one is reported where the user meant it to be."""
+    if isinstance(files, dict):
+        return {k: _beside(v, folder) for k, v in files.items()}
+    if isinstance(files, list):
+        return [_beside(v, folder) for v in files]
+    if isinstance(files, str) and not Path(files).is_absolute() and not Path(files).exists():
+        return str(folder / files)
+    return files
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _dataset_of(tm, name: str, cfg: dict | None) -> str:
+    """`path[/name]` of a task's dataset, for messages; read without instantiating the task."""
+    if cfg is None:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        entry = tm.task_index.get(name)
+        try:
+            cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry and entry.yaml_path else {}
+        except Exception:  # noqa: BLE001 -- only for a message
+            cfg = {}
+    path, sub = cfg.get("dataset_path"), cfg.get("dataset_name")
+    return f"{path}/{sub}" if path and sub else str(path or "?")
+
+
+def _build_task(label: str, data: str):
+    """(task name, lm-eval Task) for a registry name or a YAML path."""
+    cfg = None
+    if _is_path(data):
+        path = Path(data).expanduser().resolve()
+        cfg = _local_config(label, path)
+        tm, spec, name = _task_manager(str(path.parent)), cfg, cfg["task"]
+    else:
+        tm, spec, name = _task_manager(None), data, data
+        if name not in tm.task_index:
+            raise SurgeonError(f"{label}: {name!r} is not an lm-eval task (nor a task YAML path); "
+                               "`lm-eval ls tasks` lists them")
+    try:
+        with _quiet():
+            loaded = tm.load([spec])
+    except (ConnectionError, FileNotFoundError) as e:
+        dataset = _dataset_of(tm, name, cfg)
+        if isinstance(e, FileNotFoundError) and dataset.startswith(("json", "csv", "parquet", "text")):
+            raise SurgeonError(f"{label}: task {name}: data file not found: {_first_line(e)}") from None
+        raise SurgeonError(
+            f"{label}: task {name} needs dataset {dataset}, which is not on this machine (probes never "
+            "download); write a local task YAML with `dataset_path: json` and "
+            "`dataset_kwargs: {data_files: {test: FILE.jsonl}}` and pass its path") from None
+    except SurgeonError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- lm-eval's own errors: a bad config, template or metric
+        raise SurgeonError(f"{label}: lm-eval cannot load task {name}: {type(e).__name__}: {_first_line(e)}") from None
+    tasks = loaded["tasks"]
+    if len(tasks) != 1:
+        raise SurgeonError(f"{label}: {name} is a group of {len(tasks)} tasks; name one of them "
+                           f"(e.g. {', '.join(sorted(tasks)[:3])})")
+    (name, task), = tasks.items()
+    return name, task
+
+
+def _configure_shots(label: str, task, shots: int | None) -> None:
+    """num_fewshot and the fewshot seed as lm-eval's simple_evaluate sets them."""
+    default = task.get_config("num_fewshot")
+    if shots is not None:
+        if default == 0 and shots != 0:
+            # lm-eval ignores --num_fewshot for such a task; saying so beats a silent 0-shot.
+            raise SurgeonError(f"{label}: task {task.config.task} fixes num_fewshot: 0 in its config; "
+                               "drop shots= (lm-eval would ignore it too)")
+        task.set_config(key="num_fewshot", value=shots)
+    elif default is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    k = task.get_config("num_fewshot")
+    if k:
+        try:
+            pool = len(task.fewshot_docs() or [])
+        except Exception:  # noqa: BLE001 -- lm-eval falls back on its own rule; its error, if any, comes when building
+            return
+        # Exemplars come from the evaluated split itself: the document is left out of its own.
+        need = k + 1 if task.fewshot_cfg.split == task.config.test_split else k
+        if pool < need:
+            raise SurgeonError(f"{label}: shots={k} needs {need} few-shot documents; task "
+                               f"{task.config.task} has {pool}")
+
+
+def _chosen_docs(spec, total: int) -> list[int] | None:
+    """The documents limit= picks: our seeded subset (surgeon.probes.data.subset) over doc ids."""
+    if spec.limit is None:
+        return None
+    from surgeon.probes.data import Item, subset
+
+    chosen = subset([Item(str(i)) for i in range(total)], spec.limit, spec.seed)
+    return None if len(chosen) == total else [int(it.id) for it in chosen]
+
+
+def _check_options(spec, label: str) -> None:
+    defaults = ProbeSpec(spec.kind, spec.data)
+    own = [f.name for f in fields(spec) if f.name not in _DIRECT_OPTIONS
+           and getattr(spec, f.name) != getattr(defaults, f.name)]
+    if own:
+        raise SurgeonError(f"{label}: option {own[0]} does not apply to lmeval (the task's config sets it); "
+                           "options: first, limit, seed, shots")
+    first = spec.first
+    if first is not None and spec.limit is not None:
+        raise SurgeonError(f"{label}: first= and limit= together; first=N takes the first N documents, "
+                           "limit=N a seeded subset")
+    if first is not None and first < 1:
+        raise SurgeonError(f"{label}: first must be at least 1, got {first}")
+    if spec.limit is not None and spec.limit < 1:
+        raise SurgeonError(f"{label}: limit must be at least 1, got {spec.limit}")
+    if spec.shots is not None and spec.shots < 0:
+        raise SurgeonError(f"{label}: shots must be at least 0, got {spec.shots}")
+
+
+def load_task(spec) -> LmevalTask:
+    """Load and check the task of `spec` (before any model is loaded): its dataset, its output
+    type, greedy generation, and that its requests build for the documents chosen."""
+    label = f"lmeval:{spec.data}"
+    _check_options(spec, label)
+    _lm_eval()
+    name, task = _build_task(label, spec.data)
+    output_type = task.get_config("output_type")
+    if output_type == "loglikelihood_rolling":
+        raise SurgeonError(f"{label}: task {name} scores rolling log-likelihoods (perplexity), "
+                           "which the lmeval probe does not support yet; use a ppl probe")
+    if output_type == "generate_until":
+        _generation(label, task.get_config("generation_kwargs") or {})
+    _configure_shots(label, task, spec.shots)
+    try:
+        total = len(task.eval_docs)
+    except Exception as e:  # noqa: BLE001
+        raise SurgeonError(f"{label}: task {name} has no documents to evaluate: {_first_line(e)}") from None
+    loaded = LmevalTask(name, label, task, spec.first, _chosen_docs(spec, total), 0)
+    _build_requests(loaded)
+    loaded.docs = len({inst.doc_id for inst in task.instances})
+    return loaded
+
+
+def _build_requests(t: LmevalTask) -> None:
+    """Fresh instances (no responses) with the few-shot sampler reseeded, so every model a probe
+    measures (hybrid, donors) gets the same prompts, as separate lm-eval runs would."""
+    t.task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    try:
+        with _quiet():
+            t.task.build_all_requests(limit=t.first, samples=t.indices, rank=0, world_size=1)
+    except Exception as e:  # noqa: BLE001 -- a template error, too few few-shot documents for shots=
+        raise SurgeonError(f"{t.label}: lm-eval cannot build the requests of {t.name}: "
+                           f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _generation(label: str, gen_kwargs: dict) -> tuple[tuple[str, ...], int]:
+    """(until, max new tokens) of a generate_until request, read with lm-eval's own rules
+    (aliases of max_gen_toks, do_sample vs temperature); only greedy decoding is supported."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)  # 256: lm-eval's HFLM.max_gen_toks
+    if kwargs.get("do_sample") or int(kwargs.get("num_beams", 1) or 1) > 1:
+        raise SurgeonError(f"{label}: the task samples or beam-searches ({gen_kwargs}); only greedy "
+                           "decoding is supported (do_sample: false, temperature: 0)")
+    return tuple(kwargs["until"]), int(kwargs["max_gen_toks"])
+
+
+# ---------------------------------------------------------------- running
+def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progress=None) -> ProbeOutcome:
+    """Score the task's requests with our engine, then let lm-eval filter and score each document.
+    `items` is what load_task returned (loaded again when it is not); shots and template are the
+    task's own."""
+    loaded = items if isinstance(items, LmevalTask) else load_task(spec)
+    _build_requests(loaded)
+    instances = loaded.task.instances
+    _respond(model, tokenizer, loaded.label, instances, batch_size, progress)
+    return _outcome(loaded)
+
+
+def _respond(model, tokenizer, label, instances, batch_size, progress) -> None:
+    """Fill each instance's responses as lm-eval's evaluator does (one per repeat)."""
+    from surgeon.probes.scoring import (  # torch, only when a probe runs
+        greedy_generate,
+        loglikelihoods,
+    )
+
+    by_type: dict[str, list] = {}
+    for inst in instances:
+        by_type.setdefault(inst.request_type, []).append(inst)
+    unknown = set(by_type) - {"loglikelihood", "generate_until"}
+    if unknown:
+        raise SurgeonError(f"{label}: requests of type {', '.join(sorted(unknown))} are not supported yet")
+    total, done = len(instances), [0]
+
+    def step(n: int):
+        start = done[0]
+
+        def report(d: int, t: int) -> None:
+            if progress is not None:
+                progress(start + (round(n * d / t) if t else n), total)
+        done[0] += n
+        return report
+
+    lls = by_type.get("loglikelihood", [])
+    if lls:
+        results = loglikelihoods(model, tokenizer, [inst.args[:2] for inst in lls], batch_size=batch_size,
+                                 progress=step(len(lls)))
+        for inst, r in zip(lls, results):
+            inst.resps = [(float(r.logprob), bool(r.greedy))] * inst.repeats
+    # One batched call per (stop strings, max tokens): requests of a task usually share both.
+    groups: dict[tuple, list] = {}
+    for inst in by_type.get("generate_until", []):
+        groups.setdefault(_generation(label, inst.args[1]), []).append(inst)
+    for (until, max_new), group in groups.items():
+        texts = greedy_generate(model, tokenizer, [inst.args[0] for inst in group], until=until,
+                                max_new_tokens=max_new, batch_size=batch_size, progress=step(len(group)))
+        for inst, text in zip(group, texts):
+            inst.resps = [text] * inst.repeats  # greedy: every repeat is the same
+    if progress is not None:
+        progress(total, total)
+
+
+def _outcome(loaded: LmevalTask) -> ProbeOutcome:
+    """lm-eval's filters and process_results per document, as its evaluator runs them."""
+    task = loaded.task
+    with _quiet():
+        task.apply_filters()
+    by_doc: dict[int, list] = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    for reqs in by_doc.values():
+        reqs.sort(key=lambda inst: inst.idx)
+    filters = list(task.instances[0].filtered_resps)
+    docs = list(task.doc_iterator(rank=0, limit=loaded.first, world_size=1, samples=loaded.indices))
+    per_metric: dict[str, list] = {}
+    samples = []
+    for doc_id, doc in docs:
+        reqs = by_doc[doc_id]
+        true_id = loaded.indices[doc_id] if loaded.indices else doc_id
+        sample = {"doc_id": true_id, "doc": doc, "target": _plain(task.doc_to_target(doc)),
+                  "arguments": [_plain(r.args) for r in reqs], "resps": [_plain(r.resps) for r in reqs]}
+        filtered, values = {}, {}
+        for key in filters:
+            responses = [r.filtered_resps[key] for r in reqs]
+            filtered[key] = _plain(responses)
+            try:
+                metrics = task.process_results(doc, responses)
+            except Exception as e:  # noqa: BLE001
+                raise SurgeonError(f"{loaded.label}: lm-eval cannot score document {true_id}: "
+                                   f"{type(e).__name__}: {_first_line(e)}") from None
+            for metric, value in metrics.items():
+                name = metric if key == "none" else f"{metric},{key}"
+                per_metric.setdefault(name, []).append(value)
+                values[name] = _plain(value)
+        sample["filtered_resps"] = filtered["none"] if filters == ["none"] else filtered
+        samples.append({**sample, **values})
+    means = [name for name in per_metric if _per_item(task, name, per_metric[name])]
+    if not means:
+        raise SurgeonError(f"{loaded.label}: none of task {loaded.name}'s metrics ({', '.join(per_metric)}) "
+                           "is a mean over documents, so none has per-item outcomes")
+    outcomes = {name: [float(v) for v in per_metric[name]] for name in means}
+    primary = means[0]
+    outputs = []
+    if task.get_config("output_type") == "generate_until":
+        outputs = [str(by_doc[doc_id][0].resps[0]) for doc_id, _ in docs]
+    return ProbeOutcome([str(s["doc_id"]) for s in samples], outcomes.pop(primary), outputs=outputs,
+                        metric=primary, extra=outcomes, samples=samples)
+
+
+def _per_item(task, name: str, values: list) -> bool:
+    """A metric whose score is the mean of its per-document numbers (acc, exact_match), unlike
+    corpus metrics (f1, bleu, perplexity) that lm-eval aggregates another way."""
+    agg = task.aggregation().get(name.split(",")[0])
+    if getattr(agg, "__name__", agg) != "mean":
+        return False
+    try:
+        return all(math.isfinite(float(v)) for v in values)
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain(value):
+    """JSON-ready: numpy scalars to Python numbers, tuples to lists."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
