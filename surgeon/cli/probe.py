@@ -14,27 +14,59 @@ from surgeon.errors import SurgeonError
 from surgeon.jobs import CancelToken, cancel_on_interrupt
 
 
+def _vs_text(vs: dict) -> str:
+    """One line per donor: a cell of short lines never needs rich to wrap it."""
+    from surgeon.probes.stats import significance_stars
+
+    return "\n".join(
+        f"{name.split(':')[1]}: {100 * v['delta']:+.1f} p={v['mcnemar_p']:.3g}{significance_stars(v['mcnemar_p'])}"
+        f" z={v['z_p']:.3g}"
+        for name, v in vs.items()
+    )
+
+
 def _print_probe_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from surgeon.probes import metric_of
-    from surgeon.probes.stats import significance_stars
 
+    headers = ("model", "probe", "n", "score", "95% CI", "vs donors (delta, McNemar p, z p)")
     table = Table(show_edge=False, header_style="bold")
-    for col in ("model", "probe", "n", "score", "95% CI", "vs donors (delta, McNemar p, z p)"):
-        table.add_column(col, justify="right" if col in ("n", "score") else "left")
+    for col in headers:
+        table.add_column(col, justify="right" if col in ("n", "score") else "left", no_wrap=True)
+    lines = []
     for r in rows:
         metric = metric_of(r["metric"])
-        score, ci = metric.score_text(r["score"]), metric.ci_text(*r["ci"])
-        vs = "  ".join(
-            f"{name.split(':')[1]}: {100 * v['delta']:+.1f} p={v['mcnemar_p']:.3g}{significance_stars(v['mcnemar_p'])}"
-            f" z={v['z_p']:.3g}"
-            for name, v in r["vs"].items()
-        )
-        table.add_row(r["model"], r["probe"] + ("" if metric.proportion else f" ({metric.name})"),
-                      str(r["n"]), score, ci, vs)
-    Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
+        lines.append((r["model"], r["probe"] + ("" if metric.proportion else f" ({metric.name})"), str(r["n"]),
+                      metric.score_text(r["score"]), metric.ci_text(*r["ci"]), _vs_text(r["vs"])))
+        for name, e in r.get("extra", {}).items():  # acc_norm and the like, on rows of their own under it
+            lines.append(("", f"  {name}", str(r["n"]), metric.score_text(e["score"]), metric.ci_text(*e["ci"]),
+                          _vs_text(e.get("vs", {}))))
+    for line in lines:
+        table.add_row(*line)
+    # Wide enough for every cell: a probe label is what a reader looks a row up by, and a cut one
+    # (or a cut p-value) misleads; a terminal narrower than that wraps the lines instead.
+    cells = [max(len(part) for part in text.split("\n")) for text in headers]
+    for line in lines:
+        cells = [max(w, *(len(part) for part in text.split("\n"))) for w, text in zip(cells, line)]
+    Console(width=max(120, shutil.get_terminal_size().columns, sum(cells) + 3 * len(cells))).print(table)
+
+
+def _named(records: list[dict], name: str) -> list[dict]:
+    """A checkpoint probed on its own is called by its name, not "hybrid" (which sessions keep)."""
+    return [{**r, "model": name} if r["model"] == "hybrid" else r for r in records]
+
+
+def _json_rows(rows: list[dict], records: list[dict]) -> list[dict]:
+    """summarize() rows (one per record, in order) with each record's per-item outcomes."""
+    out = []
+    for row, r in zip(rows, records, strict=True):
+        row = {**row, "ids": r["ids"], "outcomes": r["outcomes"]}
+        if "extra" in row:
+            row["extra"] = {k: {**v, "outcomes": r["extra"][k]["outcomes"]} for k, v in row["extra"].items()}
+        out.append(row)
+    return out
 
 
 def _open_probe_target(target: str, allow_pickle: bool):
@@ -65,6 +97,10 @@ def cmd_probe(args) -> int:
         specs = [spec_from_json(p) for p in session.probes]
     if not specs:
         raise SurgeonError("probe: no --probe given and the session records none (see probe --list)")
+    if args.samples:
+        from surgeon.io.fs import check_writable
+
+        check_writable(args.samples, "write the samples")  # now, not after the run
     from surgeon.live.devices import default_device
     from surgeon.live.hybrid import Hybrid
     from surgeon.probes.run import (
@@ -81,16 +117,22 @@ def cmd_probe(args) -> int:
     with out_of_memory_is_an_error(device), cancel_on_interrupt(CancelToken()) as cancel:
         records = run_probes(hybrid, plan, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
                              compare_donors=session is not None and not args.no_donors,
-                             progress=StepPrinter("probe"), cancel=cancel)
+                             keep_samples=bool(args.samples), progress=StepPrinter("probe"), cancel=cancel)
     if session is not None and not args.no_save:
         from surgeon.core.session import record_full_hashes, save_session
 
         record_probe_results(session, specs, records)
         record_full_hashes(session, donors, progress=StepPrinter("hashing donors"))  # upgrades an old session
         save_session(session, args.target)
+    if session is None:
+        records = _named(records, donors["A"].path.resolve().name)
+    if args.samples:
+        from surgeon.probes.run import write_samples
+
+        write_samples(args.samples, records)
     rows = summarize(records)
     if args.json:
-        print(json.dumps({"device": device, "dtype": args.dtype, "results": rows}, indent=2))
+        print(json.dumps({"device": device, "dtype": args.dtype, "results": _json_rows(rows, records)}, indent=2))
     else:
         _print_probe_table(rows)
     return 0
@@ -146,5 +188,8 @@ def register(sub) -> None:
     add_model_options(p)
     p.add_argument("--no-donors", action="store_true", help="probe the hybrid only")
     p.add_argument("--no-save", action="store_true", help="do not record results in the session")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--samples", metavar="FILE",
+                   help="write every item's prompt, answers and outcome as JSONL (lm-eval's --log_samples "
+                        "fields), one line per item per model and probe")
+    p.add_argument("--json", action="store_true", help="print the results with their per-item outcomes as JSON")
     p.set_defaults(func=cmd_probe)
