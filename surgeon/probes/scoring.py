@@ -301,14 +301,14 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
         for batch in _batches(order, lengths, batch_size, max_tokens):
             ran = _run_contexts(model, [contexts[c][base.length:] for c in batch], base, pad, dev)
             requests_here = [(r, i) for r, c in enumerate(batch) for i in owners[c]]
-            _score_batch(model, ran, requests_here, encoded, results, batch_size, max_tokens, pad, dev)
+            _score_batch(model, ran, requests_here, encoded, results, max_tokens, pad, dev)
             done += len(requests_here)
             if progress is not None:
                 progress(done, len(encoded))
     return results  # type: ignore[return-value]
 
 
-def _score_batch(model, ran: _Ran, requests_here, encoded, results, batch_size, max_tokens, pad, dev) -> None:
+def _score_batch(model, ran: _Ran, requests_here, encoded, results, max_tokens, pad, dev) -> None:
     """Fill in results for one context batch: each continuation's first token from the context's
     last logits, the rest (if any) from forwards of the continuations over the batch's cache."""
     first_lp = torch.log_softmax(ran.last, -1)
@@ -316,8 +316,13 @@ def _score_batch(model, ran: _Ran, requests_here, encoded, results, batch_size, 
     rest: dict[int, tuple[float, bool]] = {}
     longer = sorted((k for k, (_, i) in enumerate(requests_here) if len(encoded[i][1]) > 1),
                     key=lambda k: -len(encoded[requests_here[k][1]][1]))
-    tail_lengths = {k: len(encoded[requests_here[k][1]][1]) - 1 for k in longer}
-    for chunk in _batches(longer, tail_lengths, batch_size, max_tokens):
+    # A continuation row costs its own few tokens plus a view of its context's cache, so the rows of
+    # every choice of the batch's items go in as few forwards as the token cap allows: batch_size
+    # counts contexts (what it bounds in lm-eval too), and one forward per 8 short choices would spend
+    # more on 30 layers of per-call overhead than on the tokens.
+    cached = ran.mask.shape[1]
+    row_tokens = {k: cached + len(encoded[requests_here[k][1]][1]) - 1 for k in longer}
+    for chunk in _batches(longer, row_tokens, max(1, len(longer)), max_tokens):
         tails = [encoded[requests_here[k][1]][1] for k in chunk]
         scores = _run_continuations(model, ran, [requests_here[k][0] for k in chunk], tails, pad, dev)
         rest.update(zip(chunk, scores))
