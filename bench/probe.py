@@ -4,7 +4,10 @@
       a naive loop with one forward pass per (item, choice) and no cache      goal >= 3x
   (b) hot-swap of every attention tensor of a medium OLMoE-shaped model against a plain copy
       of the same bytes from CPU tensors into the live ones                   goal <= 3x
+  --vs-lmeval: moe-surgeon's probes against lm-evaluation-harness, whole process against whole
+      process on a real small model (SmolLM2-135M), per-item agreement too (bench/vs_lmeval.py)
 Run: python bench/probe.py [--device cuda] [--small]
+     python bench/probe.py --vs-lmeval [--small] [--case arc-0shot] [--ours native|lmeval]
 """
 
 from __future__ import annotations
@@ -22,26 +25,37 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+import vs_lmeval
+
 
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def naive_mc(model, tok, prefix, items, device):
-    """One forward per (item, choice), whole string each time: what a first script would do."""
+def lmeval_pair(ctx: str, cont: str) -> tuple[str, str]:
+    """lm-eval moves a context's trailing spaces to the front of the continuation."""
+    spaces = len(ctx) - len(ctx.rstrip(" "))
+    return (ctx[:-spaces], ctx[-spaces:] + cont) if spaces else (ctx, cont)
+
+
+def naive_mc(model, tok, contexts, items, sep, device):
+    """One forward per (item, choice), whole string each time: what a first script would do.
+    Tokenized as lm-eval does, so its answers must equal the scorer's: the whole string at once,
+    the continuation being what follows the context's own tokens."""
     tokens = 0
     correct = 0
-    for item in items:
-        ctx = tok(prefix + item.question, add_special_tokens=False)["input_ids"]
+    for ctx_text, item in zip(contexts, items):
         scores = []
         for choice in item.choices:
-            cont = tok(choice, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([ctx + cont], device=device)
+            ctx, cont = lmeval_pair(ctx_text, sep + choice)
+            whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+            n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor([whole], device=device)
             with torch.no_grad():
                 lp = F.log_softmax(model(ids).logits[0].float(), -1)
-            scores.append(sum(float(lp[len(ctx) + j - 1, t]) for j, t in enumerate(cont)))
-            tokens += len(ctx) + len(cont)
+            scores.append(sum(float(lp[j - 1, whole[j]]) for j in range(n_ctx, len(whole))))
+            tokens += len(whole)
         correct += scores.index(max(scores)) == item.answer
     return tokens, correct
 
@@ -51,7 +65,7 @@ def bench_mc(device, shots, limit):
     from surgeon.core.plan import Plan
     from surgeon.live.hybrid import Hybrid
     from surgeon.probes import parse_probe
-    from surgeon.probes.prompts import shots_prefix
+    from surgeon.probes.prompts import answer_sep, context
     from surgeon.probes.run import evaluate, load_probe_data
     from surgeon.probes.scoring import load_tokenizer
 
@@ -66,9 +80,9 @@ def bench_mc(device, shots, limit):
     out = evaluate(model, tok, spec, data, batch_size=64)
     sync(device)
     fast = time.perf_counter() - t0
-    prefix = shots_prefix(data.shots, data.template)
+    contexts = [context(item, item_shots, data.template) for item, item_shots in zip(data.items, data.shots)]
     t0 = time.perf_counter()
-    tokens, correct = naive_mc(model, tok, prefix, data.items, device)
+    tokens, correct = naive_mc(model, tok, contexts, data.items, answer_sep(data.template), device)
     sync(device)
     slow = time.perf_counter() - t0
     assert correct == sum(out.outcomes), "the two scorers disagree"
@@ -118,7 +132,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")
+    vs_lmeval.add_arguments(ap)
     args = ap.parse_args()
+    if args.vs_lmeval:
+        raise SystemExit(vs_lmeval.main(args))
     torch.manual_seed(0)
     bench_mc(args.device, shots=3, limit=50 if args.small else 200)
     bench_swap(args.device, args.small)
