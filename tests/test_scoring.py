@@ -90,20 +90,33 @@ def test_loglikelihoods_equal_a_plain_forward_per_request(model_and_tokenizer, b
     assert got[3].greedy and got[3].tokens == 3  # the model's own greedy continuation is recognised
 
 
-def test_each_distinct_context_runs_once_and_one_token_choices_need_no_forward(model_and_tokenizer):
+def test_each_context_and_its_choices_run_in_one_row_once(model_and_tokenizer):
     model, tok = model_and_tokenizer
     single = [(ctx, c) for ctx in ("12+7=", "3+3=", "rev:ab=") for c in "0123"]
     with fed(model) as shapes:
         got = loglikelihoods(model, tok, single, batch_size=16)
-    assert shapes == [(3, 7)]  # three contexts, one left-padded forward, nothing per choice
+    assert shapes == [(3, 7)]  # three contexts, one forward, nothing per one-token choice
     assert_like_reference(model, tok, single, got)
 
     multi = [(ctx, c) for ctx in ("12+7=", "3+3=") for c in ("19", "6", "123", "7")]
     with fed(model) as shapes:
         got = loglikelihoods(model, tok, multi, batch_size=16)
-    # the contexts, then only the multi-token choices' own tokens (all but the last) from the cache
-    assert shapes == [(2, 5), (4, 2)]
+    # one row per context: its 5 tokens, then each choice but its last token ("1", "12"): 8 wide
+    assert shapes == [(2, 8)]
     assert_like_reference(model, tok, multi, got)
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "llama",
+                                        "mistral", "qwen2"])
+def test_every_architecture_honours_the_tree_mask(donors_of, model_type):
+    """Packing a context with all its choices relies on the model taking a custom 4D attention mask
+    and explicit positions as given: a model that rebuilt its own causal mask would let one choice
+    see another, and its scores would drift from the one-request-at-a-time reference."""
+    path = donors_of(model_type, 1)[0]
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    requests = [(ctx, c) for ctx in ("12+7=", "rev:abc=") for c in ("19", "cba", "1", "2345")]
+    got = loglikelihoods(model, tok, requests, batch_size=2)
+    assert_like_reference(model, tok, requests, got)
 
 
 def test_a_common_token_prefix_runs_once_and_changes_no_score(model_and_tokenizer):

@@ -249,31 +249,82 @@ def _token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return chosen, logits.argmax(-1) == targets
 
 
-def _run_continuations(model, ran: _Ran, rows: list[int], tails: list[list[int]], pad: int, dev):
-    """Feed each tail (a continuation less its last token) after its context row's cache; returns
-    per tail the (log-probability, is-argmax) of the continuation tokens after its first."""
-    width = max(len(t) for t in tails) - 1
-    ids = torch.full((len(tails), width), pad, dtype=torch.long)
-    own = torch.zeros(len(tails), width, dtype=torch.bool)
-    targets = []
-    for r, t in enumerate(tails):
-        ids[r, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
-        own[r, : len(t) - 1] = True
-        targets.extend(t[1:])
-    index = torch.tensor(rows, device=dev)
-    own = own.to(dev)
-    mask = torch.cat([ran.mask[index], own.long()], dim=1)
-    positions = ran.next_pos[index][:, None] + torch.arange(width, device=dev)
-    # A boolean logits_to_keep returns logits for the real tokens only, flattened row by row.
-    out = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions, cache=_fork(ran.cache, index),
-                use_cache=True, logits_to_keep=own)
-    chosen, argmax = _token_scores(out.logits.reshape(-1, out.logits.shape[-1]), torch.tensor(targets, device=dev))
-    scores, start = [], 0
-    for t in tails:
-        n = len(t) - 1
-        scores.append((float(chosen[start:start + n].sum()), bool(argmax[start:start + n].all())))
+@dataclass
+class _Packed:
+    """One context and all of its continuations in one row: the context, then each continuation but
+    its last token, each continuation seeing the context and itself only (a tree of attention), its
+    positions counted on from the context's as if it ran alone."""
+    tokens: list[int]
+    positions: list[int]
+    segment: list[int]  # 0: the context; j: the j-th continuation
+    scored: list[tuple[int, list[int], list[int]]]  # (request, row indices whose logits predict, its tokens)
+
+
+def _pack(ctx: list[int], requests: list[int], encoded, start: int) -> _Packed:
+    tokens, positions, segment = list(ctx), list(range(start, start + len(ctx))), [0] * len(ctx)
+    scored = []
+    for j, i in enumerate(requests, 1):
+        cont = encoded[i][1]
+        predicts = [len(ctx) - 1]  # the context's last token predicts every continuation's first
+        for k, t in enumerate(cont[:-1]):
+            predicts.append(len(tokens))
+            tokens.append(t)
+            positions.append(start + len(ctx) + k)
+            segment.append(j)
+        scored.append((i, predicts, cont))
+    return _Packed(tokens, positions, segment, scored)
+
+
+def _tree_mask(rows: list[_Packed], width: int, base_len: int, dtype, dev) -> torch.Tensor:
+    """[rows, 1, width, base + width] additive mask: a token sees the shared prefix, and, causally, the
+    row's context and its own continuation. Padding queries see themselves only (no empty softmax)."""
+    allowed = torch.zeros(len(rows), width, base_len + width, dtype=torch.bool)
+    allowed[:, :, :base_len] = True
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for r, row in enumerate(rows):
+        n = len(row.tokens)
+        seg = torch.tensor(row.segment)
+        same = (seg[:, None] == seg[None, :]) | (seg[None, :] == 0)
+        allowed[r, :n, base_len:base_len + n] = causal[:n, :n] & same
+        pads = torch.arange(n, width)
+        allowed[r, pads, base_len + pads] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None].to(dev)
+
+
+def _score_packed(model, rows: list[_Packed], base: _Base, pad: int, dev, results) -> None:
+    """One forward for a batch of packed rows; fills in results for every request they hold."""
+    width = max(len(r.tokens) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    keep = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        n = len(row.tokens)
+        ids[r, :n] = torch.tensor(row.tokens)
+        positions[r, :n] = torch.tensor(row.positions)
+        positions[r, n:] = row.positions[-1]  # padding: anywhere, it is seen by nobody
+        for _, predicts, _ in row.scored:
+            keep[r, predicts] = True
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    mask = _tree_mask(rows, width, base.length, dtype, dev)
+    out = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
+                cache=base.for_rows(len(rows), dev), use_cache=base.cache is not None, logits_to_keep=keep.to(dev))
+    # The kept logits come flattened row by row, in position order: map (row, position) to its line.
+    line = torch.full((len(rows), width), -1, dtype=torch.long)
+    line[keep] = torch.arange(int(keep.sum()))
+    at, targets, owners = [], [], []
+    for r, row in enumerate(rows):
+        for i, predicts, cont in row.scored:
+            at += line[r, predicts].tolist()
+            targets += cont
+            owners.append((i, len(cont)))
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    chosen, argmax = _token_scores(logits[torch.tensor(at, device=dev)], torch.tensor(targets, device=dev))
+    chosen, argmax, start = chosen.tolist(), argmax.tolist(), 0
+    for i, n in owners:
+        results[i] = LogLik(sum(chosen[start:start + n]), n, all(argmax[start:start + n]))
         start += n
-    return scores
 
 
 # --- log-likelihoods ---------------------------------------------------------------------------
@@ -281,7 +332,11 @@ def _run_continuations(model, ran: _Ran, rows: list[int], tails: list[list[int]]
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
                    max_batch_tokens: int | None = None, progress=None, prefix: str = "") -> list[LogLik]:
     """log P(continuation | context) for each (context, continuation), in request order, on the
-    token sequences lm-eval scores. `prefix` (for older callers) is put before every context."""
+    token sequences lm-eval scores. `prefix` (for older callers) is put before every context.
+
+    Each distinct context runs once, in one row with all of its continuations (see `_Packed`), so a
+    multiple-choice item costs one forward over its context and its choices' tokens; rows are
+    batched longest first, capped by batch_size rows and max_batch_tokens padded tokens."""
     max_tokens = _check_sizes(batch_size, max_batch_tokens)
     limit = max_length(model, tokenizer)
     marker = bos_marker(tokenizer)
@@ -296,42 +351,15 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     done = 0
     with torch.no_grad():
         base = _run_base(model, contexts, dev)
-        lengths = [len(c) - base.length for c in contexts]
-        order = sorted(range(len(contexts)), key=lambda c: -lengths[c])
+        packed = [_pack(c[base.length:], owners[n], encoded, base.length) for n, c in enumerate(contexts)]
+        lengths = [len(p.tokens) for p in packed]
+        order = sorted(range(len(packed)), key=lambda n: -lengths[n])
         for batch in _batches(order, lengths, batch_size, max_tokens):
-            ran = _run_contexts(model, [contexts[c][base.length:] for c in batch], base, pad, dev)
-            requests_here = [(r, i) for r, c in enumerate(batch) for i in owners[c]]
-            _score_batch(model, ran, requests_here, encoded, results, max_tokens, pad, dev)
-            done += len(requests_here)
+            _score_packed(model, [packed[n] for n in batch], base, pad, dev, results)
+            done += sum(len(owners[n]) for n in batch)
             if progress is not None:
                 progress(done, len(encoded))
     return results  # type: ignore[return-value]
-
-
-def _score_batch(model, ran: _Ran, requests_here, encoded, results, max_tokens, pad, dev) -> None:
-    """Fill in results for one context batch: each continuation's first token from the context's
-    last logits, the rest (if any) from forwards of the continuations over the batch's cache."""
-    first_lp = torch.log_softmax(ran.last, -1)
-    first_best = ran.last.argmax(-1).tolist()
-    rest: dict[int, tuple[float, bool]] = {}
-    longer = sorted((k for k, (_, i) in enumerate(requests_here) if len(encoded[i][1]) > 1),
-                    key=lambda k: -len(encoded[requests_here[k][1]][1]))
-    # A continuation row costs its own few tokens plus a view of its context's cache, so the rows of
-    # every choice of the batch's items go in as few forwards as the token cap allows: batch_size
-    # counts contexts (what it bounds in lm-eval too), and one forward per 8 short choices would spend
-    # more on 30 layers of per-call overhead than on the tokens.
-    cached = ran.mask.shape[1]
-    row_tokens = {k: cached + len(encoded[requests_here[k][1]][1]) - 1 for k in longer}
-    for chunk in _batches(longer, row_tokens, max(1, len(longer)), max_tokens):
-        tails = [encoded[requests_here[k][1]][1] for k in chunk]
-        scores = _run_continuations(model, ran, [requests_here[k][0] for k in chunk], tails, pad, dev)
-        rest.update(zip(chunk, scores))
-    for k, (row, i) in enumerate(requests_here):
-        cont = encoded[i][1]
-        logprob, greedy = rest.get(k, (0.0, True))
-        logprob += float(first_lp[row, cont[0]])
-        greedy = greedy and first_best[row] == cont[0]
-        results[i] = LogLik(logprob, len(cont), greedy)
 
 
 # --- greedy generation ---------------------------------------------------------------------------
