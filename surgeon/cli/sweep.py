@@ -4,6 +4,8 @@ The engine is `features/sweep/runner.py` (groups, Gray-code walk, resumable runn
 `features/sweep/report.py` (tables and verdicts); this module parses arguments, keeps the session
 file up to date after every configuration, prints progress on stderr and the report on stdout.
 The first ctrl+c stops the sweep at its next batch; the configurations saved so far stay.
+With --workers N or --ray ADDRESS the grid runs on a Ray cluster (`features/sweep/distributed.py`):
+the same record, saved after every configuration, with progress per worker.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def register(sub) -> None:
     p.add_argument("--test", choices=["mcnemar", "z"], default="mcnemar",
                    help="significance test: McNemar's paired test (default) or the paper's two-proportion z-test")
     add_model_options(p)
+    ray = p.add_argument_group("on a Ray cluster (pip install \"moe-surgeon[ray]\")")
+    ray.add_argument("--workers", type=int, metavar="N",
+                     help="run the sweep on N Ray workers: a local cluster started for it, or N workers on the "
+                     "--ray cluster (default there: one per GPU, else one per node); each walks a segment of the "
+                     "Gray-code order on one GPU or its share of the CPU cores")
+    ray.add_argument("--ray", metavar="ADDRESS",
+                     help="join an existing Ray cluster (auto, ray://head:10001, head:6379); every node needs "
+                     "this moe-surgeon version and the donors at the same paths (a shared filesystem)")
     p.add_argument("--restart", action="store_true", help="discard this sweep's stored results and measure again")
     p.add_argument("--ignore-fingerprints", action="store_true", help="run even if a donor changed since the session")
     p.set_defaults(func=cmd_sweep)
@@ -116,8 +126,8 @@ class _Progress:
         self.spec, self.donors, self.session_path = spec, donors, session_path
         self.printer = StepPrinter("sweep")
         self.t0 = time.perf_counter()
-        self.swap = None
-        self.prev = 0  # the configuration the hybrid is on: a run starts from the base
+        self.swap = {}  # worker (None when serial) -> its last swap
+        self.prev = {}  # worker -> the configuration its hybrid is on: a run starts from the base
 
     def step(self, step) -> None:
         self.printer(step)
@@ -135,23 +145,30 @@ class _Progress:
                        f"{len(s.groups)} group(s), {e.total} configurations, {len(s.probes)} probe(s) on {s.device}")
             if e.done:
                 self._line(f"resuming: {e.done} of {e.total} configurations already in {self.session_path}")
+        elif e.kind == "worker":
+            self._line(f"worker {e.worker} on {e.name}: ready in {e.seconds:.1f}s, {e.items} unit(s) to measure")
         elif e.kind == "ceiling":
-            how = "from the score cache" if e.cached else f"measured in {e.seconds:.1f}s"
+            how = "from the score cache" if e.cached else f"measured in {e.seconds:.1f}s{_on(e.worker)}"
             self._line(f"ceiling {e.name} {e.probe}: {how}")
         elif e.kind == "swap":
-            self.swap = e.swap
+            self.swap[e.worker] = e.swap
         elif e.kind == "configuration":
             scores = "  ".join(f"{lab} {_score(r)}" for lab, r in e.entry["results"].items())
             moved = ""
-            if self.swap is not None and e.mask:
+            swap, prev = self.swap.pop(e.worker, None), self.prev.get(e.worker, 0)
+            if swap is not None and e.mask:
                 flipped = ", ".join(("+" if e.mask >> j & 1 else "-") + g.name
-                                    for j, g in enumerate(s.groups) if (self.prev ^ e.mask) >> j & 1)
-                moved = (f"swap {flipped} ({self.swap.tensors} tensors, {human_bytes(self.swap.bytes, 1)}, "
-                         f"{1000 * self.swap.seconds:.0f} ms); ")
-            self.swap, self.prev = None, e.mask
-            self._line(f"[{e.done}/{e.total}] {e.name}: {moved}{scores}; {e.seconds:.1f}s; saved")
+                                    for j, g in enumerate(s.groups) if (prev ^ e.mask) >> j & 1)
+                moved = (f"swap {flipped} ({swap.tensors} tensors, {human_bytes(swap.bytes, 1)}, "
+                         f"{1000 * swap.seconds:.0f} ms); ")
+            self.prev[e.worker] = e.mask
+            self._line(f"[{e.done}/{e.total}] {e.name}: {moved}{scores}; {e.seconds:.1f}s{_on(e.worker)}; saved")
         elif e.kind == "done":
             self._line(f"sweep complete ({time.perf_counter() - self.t0:.1f}s)")
+
+
+def _on(worker: int | None) -> str:
+    return "" if worker is None else f" on worker {worker}"
 
 
 def _score(rec: dict) -> str:
@@ -163,15 +180,9 @@ def _score(rec: dict) -> str:
 def cmd_sweep(args) -> int:
     from surgeon.features.sweep.runner import (
         MAX_GROUPS,
-        SweepSpec,
         check_groups,
-        check_probes,
         default_groups,
-        default_probes,
-        find_sweep,
         parse_group,
-        record_probes,
-        store_sweep,
     )
     from surgeon.probes import parse_probe
 
@@ -182,15 +193,49 @@ def cmd_sweep(args) -> int:
     specs = [parse_probe(p) for p in args.probe]
     if args.batch_size < 1:
         raise SurgeonError(f"--batch-size {args.batch_size}: must be at least 1")
+    distributed = args.workers is not None or args.ray is not None
+    if distributed:
+        from surgeon.features.sweep.distributed import import_ray
+
+        import_ray()  # without Ray: one line saying how to install it, before any work
+        if args.workers is not None and args.workers < 1:
+            raise SurgeonError(f"--workers {args.workers}: must be at least 1")
     session, donors, created = _open_session(args)
     base, donor = _choose_donors(args, session, donors)
     for w in check_groups(groups, donors, base, donor):
         print(f"moe-surgeon: warning: {w}", file=sys.stderr)
-    from surgeon.live.devices import check_device, default_device
+    from surgeon.probes.run import load_probe_data
 
-    device = args.device or default_device()
-    if device != "auto":  # auto: accelerate spreads a large hybrid over every GPU
-        check_device(device)
+    for s in specs:
+        load_probe_data(s)  # refuse bad probe data before starting anything
+    if not distributed:
+        from surgeon.live.devices import check_device, default_device
+
+        device = args.device or default_device()
+        if device != "auto":  # auto: accelerate spreads a large hybrid over every GPU
+            check_device(device)
+        spec, record = _run(args, session, donors, created, base, donor, groups, specs, device, None)
+    else:
+        from surgeon.features.sweep.distributed import ray_cluster
+
+        with ray_cluster(workers=args.workers, address=args.ray) as cluster:
+            spec, record = _run(args, session, donors, created, base, donor, groups, specs,
+                                cluster.device(args.device), cluster)
+    _print_report(args, record, [s.label for s in spec.probes])
+    return 0
+
+
+def _run(args, session, donors, created, base, donor, groups, specs, device, cluster):
+    """Run (or resume) the sweep on `device`, serially or on `cluster`'s workers: (spec, record)."""
+    from surgeon.features.sweep.runner import (
+        SweepSpec,
+        check_probes,
+        default_probes,
+        find_sweep,
+        record_probes,
+        store_sweep,
+    )
+
     spec = SweepSpec(base, donor, groups, specs, device=device, dtype=args.dtype, batch_size=args.batch_size)
     record = None if args.restart else find_sweep(session, spec.key(donors))
     if not specs:  # the stored sweep's probes (a plain re-run resumes or reprints it), else the defaults
@@ -215,11 +260,19 @@ def cmd_sweep(args) -> int:
 
     shown = _Progress(spec, donors, args.session)
     with out_of_memory_is_an_error(device), cancel_on_interrupt(CancelToken()) as cancel:
-        record = run_sweep(spec, donors, record=record, save=save, on_event=shown, progress=shown.step, cancel=cancel)
+        if cluster is None:
+            return spec, run_sweep(spec, donors, record=record, save=save, on_event=shown, progress=shown.step,
+                                   cancel=cancel)
+        from surgeon.features.sweep.distributed import run_distributed_sweep
 
+        return spec, run_distributed_sweep(spec, donors, cluster, record=record, save=save, on_event=shown,
+                                           progress=shown.step, cancel=cancel)
+
+
+def _print_report(args, record: dict, labels: list[str]) -> None:
     from surgeon.features.sweep.report import analyze, to_csv, to_json, to_markdown
 
-    analysis = analyze(record, [s.label for s in spec.probes], test=args.test)
+    analysis = analyze(record, labels, test=args.test)
     if args.format == "json":
         import json
 
@@ -234,4 +287,3 @@ def cmd_sweep(args) -> int:
         write_atomic(args.output, text.encode())
     else:
         sys.stdout.write(text)
-    return 0

@@ -312,7 +312,9 @@ class SweepEvent:
 
     kind: "start" (resumed = configurations already stored), "ceiling" (a donor's probe result,
     cached or measured), "swap" (the hybrid moved to configuration `mask`), "probe" (items done
-    within one probe), "configuration" (one configuration finished and saved: `entry`), "done".
+    within one probe), "configuration" (one configuration finished and saved: `entry`), "done";
+    distributed sweeps add "worker" (worker `worker` is ready on host `name`; `items`: the units of
+    work in its segment: configurations and donor ceilings).
     """
 
     kind: str
@@ -330,6 +332,139 @@ class SweepEvent:
     cached: bool = False
     seconds: float = 0.0
     resumed: int = 0
+    worker: int | None = None  # the distributed worker (1-based) that measured it; None when serial
+
+
+def new_run_stats() -> dict:
+    """The counters one run of a sweep adds to its record's "runs"."""
+    return {"started": _now(), "seconds": 0.0, "materialize_seconds": 0.0, "surgery_seconds": 0.0,
+            "swaps": 0, "tensors_swapped": 0, "bytes_swapped": 0, "probe_seconds": 0.0,
+            "configurations_measured": 0, "ceilings_measured": 0}
+
+
+class Walker:
+    """One live hybrid moved through a sweep's configurations and probed on each.
+
+    The serial runner and every distributed worker measure through this class (and
+    `measure_configuration` / `measure_ceiling`), so a configuration is measured one way only.
+    The base is materialised on first use; `run` collects the counters of `new_run_stats`.
+    """
+
+    def __init__(self, spec: SweepSpec, donors: dict[str, Donor], datas: dict, run: dict, hybrid=None):
+        self.spec, self.donors, self.datas, self.run = spec, donors, datas, run
+        self.hybrid = hybrid
+        self.tokenizer = None
+
+    def live(self):
+        if self.hybrid is None:
+            from surgeon.live.hybrid import Hybrid
+
+            t0 = time.perf_counter()
+            self.hybrid = Hybrid.materialize(Plan(self.spec.base), self.donors, device=self.spec.device,
+                                             dtype=self.spec.dtype)
+            self.run["materialize_seconds"] += time.perf_counter() - t0
+        if self.tokenizer is None:
+            from surgeon.probes.scoring import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.donors[self.spec.base].path)
+        return self.hybrid
+
+    def move(self, plan: Plan):
+        from surgeon.live.hybrid import SwapReport
+
+        h = self.live()
+        if h.resolution.plan == plan:
+            return SwapReport(0, 0, 0.0)
+        report = h.apply(plan, dtype=self.spec.dtype)
+        self.run["surgery_seconds"] += report.seconds
+        self.run["swaps"] += 1
+        self.run["tensors_swapped"] += report.tensors
+        self.run["bytes_swapped"] += report.bytes
+        return report
+
+    def probe(self, label: str, model_label: str, extra: dict, progress=None) -> dict:
+        """The probe `label` on the hybrid as it stands: a result record (with its seconds)."""
+        from surgeon.probes.run import evaluate, make_record
+
+        h = self.live()
+        s = next(p for p in self.spec.probes if p.label == label)
+        spec = self.spec
+        t0 = time.perf_counter()
+        out = evaluate(h.model, self.tokenizer, s, self.datas[label], batch_size=spec.batch_size, progress=progress)
+        seconds = time.perf_counter() - t0
+        self.run["probe_seconds"] += seconds
+        rec = make_record(s, model_label, out, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size,
+                          extra_fields=extra)
+        rec["seconds"] = seconds
+        return rec
+
+
+# probe(label, model_label, extra) -> record: Walker.probe with the caller's progress and cancel
+ProbeFn = Callable[[str, str, dict], dict]
+
+
+def measure_configuration(walker: Walker, mask: int, labels: list[str], probe: ProbeFn,
+                          on_swap: Callable[[object], None] | None = None) -> tuple[object, dict]:
+    """Move the hybrid to configuration `mask` (mask != 0) and probe it: (SwapReport, label -> record)."""
+    spec = walker.spec
+    report = walker.move(spec.plan(mask))
+    if on_swap is not None:
+        on_swap(report)
+    name = spec.name(mask)
+    plan_json = [{"spec": a.spec, "donor": a.donor} for a in spec.plan(mask).assignments]
+    return report, {label: probe(label, f"sweep:{name}", {"plan": plan_json}) for label in labels}
+
+
+def measure_ceiling(walker: Walker, name: str, label: str, probe: ProbeFn):
+    """Probe the donor `name` whole: (SwapReport or None when it is the base, record). The base is
+    measured where the hybrid starts; the donor by swapping the whole model over."""
+    swap = walker.move(Plan(name))
+    if name == walker.spec.base:
+        swap = None
+    return swap, probe(label, f"donor:{name}", {"fingerprint": walker.donors[name].fingerprint})
+
+
+def swap_json(report) -> dict:
+    return {"tensors": report.tensors, "bytes": report.bytes, "seconds": report.seconds}
+
+
+def configuration_slot(record: dict, groups: list[Group], mask: int) -> dict:
+    """The record's entry of configuration `mask`, added (in Gray-code order) when missing, so a
+    record filled out of order (by parallel workers) reads like one filled serially."""
+    entry = configuration_entry(record, mask)
+    if entry is None:
+        entry = {"mask": mask, "groups": [g.name for g in mask_groups(groups, mask)], "results": {},
+                 "swap": None, "seconds": 0.0}
+        rank = {m: i for i, m in enumerate(gray_order(len(groups)))}
+        at = next((i for i, c in enumerate(record["configurations"]) if rank.get(c["mask"], -1) > rank[mask]),
+                  len(record["configurations"]))
+        record["configurations"].insert(at, entry)
+    return entry
+
+
+def base_configuration_results(record: dict, labels: list[str]) -> dict:
+    """The empty configuration is the base, weight for weight: its ceiling is its score."""
+    base = record["base"]
+    return {label: {**record["ceilings"][base][label], "model": "sweep:none", "same_as": f"donor:{base}"}
+            for label in labels}
+
+
+def open_record(spec: SweepSpec, donors: dict[str, Donor], record: dict | None) -> dict:
+    """Check `spec` and return the record to fill: `record` when it is this sweep's, else a new one;
+    the spec's groups' names and probes join it."""
+    check_probes(spec.probes)
+    for n in (spec.base, spec.donor):
+        if n not in donors:
+            raise SurgeonError(f"sweep: no donor named {n!r} (donors: {', '.join(donors)})")
+    if spec.base == spec.donor:
+        raise SurgeonError(f"sweep: the donor {spec.donor!r} is the base; choose another donor")
+    if record is None or record.get("id") != spec.key(donors):
+        record = new_record(spec, donors)
+    record["groups"] = [g.to_json() for g in spec.groups]  # names may change; specs are in the key
+    for s in spec.probes:
+        if s.to_json() not in record["probes"]:
+            record["probes"].append(s.to_json())
+    return record
 
 
 def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None = None, hybrid=None,
@@ -355,26 +490,12 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
         store_donor_record,
     )
 
-    check_probes(spec.probes)
-    for n in (spec.base, spec.donor):
-        if n not in donors:
-            raise SurgeonError(f"sweep: no donor named {n!r} (donors: {', '.join(donors)})")
-    if spec.base == spec.donor:
-        raise SurgeonError(f"sweep: the donor {spec.donor!r} is the base; choose another donor")
-    key = spec.key(donors)
-    if record is None or record.get("id") != key:
-        record = new_record(spec, donors)
-    record["groups"] = [g.to_json() for g in spec.groups]  # names may change; specs are in the key
-    for s in spec.probes:
-        if s.to_json() not in record["probes"]:
-            record["probes"].append(s.to_json())
+    record = open_record(spec, donors, record)
     labels = [s.label for s in spec.probes]
     by_label = {s.label: s for s in spec.probes}
     emit = on_event or (lambda e: None)
     total = spec.size
-    run = {"started": _now(), "seconds": 0.0, "materialize_seconds": 0.0, "surgery_seconds": 0.0,
-           "swaps": 0, "tensors_swapped": 0, "bytes_swapped": 0, "probe_seconds": 0.0,
-           "configurations_measured": 0, "ceilings_measured": 0}
+    run = new_run_stats()
     started = time.perf_counter()
 
     def done_count() -> int:
@@ -394,44 +515,10 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
                   + sum(items[label] for mask, todo in need_configs.items() if mask != 0 for label in todo))
     measured = [0]  # items of the probes finished in this run
 
-    state: dict = {"hybrid": hybrid, "restore": hybrid.resolution.plan if hybrid is not None else None,
-                   "tokenizer": None}
-
-    def live():
-        if state["hybrid"] is None:
-            from surgeon.live.hybrid import Hybrid
-
-            t0 = time.perf_counter()
-            state["hybrid"] = Hybrid.materialize(Plan(spec.base), donors, device=spec.device, dtype=spec.dtype)
-            run["materialize_seconds"] += time.perf_counter() - t0
-        if state["tokenizer"] is None:
-            from surgeon.probes.scoring import load_tokenizer
-
-            state["tokenizer"] = load_tokenizer(donors[spec.base].path)
-        return state["hybrid"]
-
-    def move(plan: Plan):
-        from surgeon.live.hybrid import SwapReport
-
-        h = live()
-        if h.resolution.plan == plan:
-            return SwapReport(0, 0, 0.0)
-        report = h.apply(plan, dtype=spec.dtype)
-        run["surgery_seconds"] += report.seconds
-        run["swaps"] += 1
-        run["tensors_swapped"] += report.tensors
-        run["bytes_swapped"] += report.bytes
-        return report
-
-    def at_base() -> None:
-        move(Plan(spec.base))
+    restore = hybrid.resolution.plan if hybrid is not None else None
+    walker = Walker(spec, donors, datas, run, hybrid)
 
     def measure(label: str, model_label: str, mask: int | None, name: str, extra: dict) -> dict:
-        from surgeon.probes.run import evaluate, make_record
-
-        h = live()
-        s = by_label[label]
-        t0 = time.perf_counter()
         n = items[label]
         where = f"ceiling {name} {label}" if mask is None else f"[{done_count() + 1}/{total}] {name}: {label}"
         cancel.check()
@@ -442,14 +529,9 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
             meter(measured[0] + (round(n * done / of) if of else n), detail=where)
 
         meter(measured[0], detail=where)
-        out = evaluate(h.model, state["tokenizer"], s, datas[label], batch_size=spec.batch_size, progress=report)
+        rec = walker.probe(label, model_label, extra, progress=report)
         measured[0] += n
         meter(measured[0], detail=where)
-        seconds = time.perf_counter() - t0
-        run["probe_seconds"] += seconds
-        rec = make_record(s, model_label, out, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size,
-                          extra_fields=extra)
-        rec["seconds"] = seconds
         return rec
 
     def checkpoint():
@@ -469,11 +551,8 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
                 cached = rec is not None
                 swap = None
                 if not cached:
-                    if name != spec.base:
-                        swap = move(Plan(name))
-                    else:
-                        at_base()
-                    rec = measure(label, f"donor:{name}", None, name, {"fingerprint": donors[name].fingerprint})
+                    swap, rec = measure_ceiling(walker, name, label, lambda lab, model, extra, name=name:
+                                                measure(lab, model, None, name, extra))
                     store_donor_record(ck, rec)
                     run["ceilings_measured"] += 1
                 record["ceilings"].setdefault(name, {})[label] = {**rec, "model": f"donor:{name}", "cached": cached}
@@ -481,8 +560,8 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
                                 seconds=rec.get("seconds", 0.0) if not cached else 0.0, record=record))
         if need_ceilings:
             checkpoint()
-        if state["hybrid"] is not None:
-            at_base()  # the walk starts from the empty configuration: one group per step from here
+        if walker.hybrid is not None:
+            walker.move(Plan(spec.base))  # the walk starts from the empty configuration: one group per step
 
         for mask in spec.order():
             todo = need_configs.get(mask)
@@ -490,24 +569,19 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
                 continue
             cancel.check()
             name = spec.name(mask)
-            entry = configuration_entry(record, mask)
-            if entry is None:
-                entry = {"mask": mask, "groups": [g.name for g in mask_groups(spec.groups, mask)], "results": {},
-                         "swap": None, "seconds": 0.0}
-                record["configurations"].append(entry)
+            entry = configuration_slot(record, spec.groups, mask)
             t0 = time.perf_counter()
             if mask == 0:
-                # The empty configuration is the base, weight for weight: its ceiling is its score.
-                for label in todo:
-                    entry["results"][label] = {**record["ceilings"][spec.base][label], "model": "sweep:none",
-                                               "same_as": f"donor:{spec.base}"}
+                entry["results"].update(base_configuration_results(record, todo))
             else:
-                report = move(spec.plan(mask))
-                entry["swap"] = {"tensors": report.tensors, "bytes": report.bytes, "seconds": report.seconds}
-                emit(SweepEvent("swap", done_count(), total, mask, name, swap=report))
-                plan_json = [{"spec": a.spec, "donor": a.donor} for a in spec.plan(mask).assignments]
-                for label in todo:
-                    entry["results"][label] = measure(label, f"sweep:{name}", mask, name, {"plan": plan_json})
+                def on_swap(report, mask=mask, name=name):
+                    emit(SweepEvent("swap", done_count(), total, mask, name, swap=report))
+
+                report, results = measure_configuration(
+                    walker, mask, todo, lambda lab, model, extra, mask=mask, name=name:
+                    measure(lab, model, mask, name, extra), on_swap)
+                entry["swap"] = swap_json(report)
+                entry["results"].update(results)
             entry["seconds"] += time.perf_counter() - t0
             run["configurations_measured"] += 1
             checkpoint()
@@ -516,8 +590,8 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
         emit(SweepEvent("done", done_count(), total, record=record))
     finally:
         run["seconds"] = time.perf_counter() - started
-        if state["restore"] is not None and state["hybrid"] is not None:
-            state["hybrid"].apply(state["restore"], dtype=spec.dtype)
+        if restore is not None and walker.hybrid is not None:
+            walker.hybrid.apply(restore, dtype=spec.dtype)
     return record
 
 
