@@ -8,9 +8,10 @@ GPT-2's none), an empty context is the bos (else eos) token, and too long a sequ
 on the left.
 
 They are cheaper than lm-eval's one forward over context + continuation per request:
-- Requests that share a context (the choices of a multiple-choice item) run that context once.
-  A one-token continuation is read off the context's last logits with no forward of its own; a
-  longer one runs only its own tokens, from rows of the context batch's key/value cache.
+- Requests that share a context (the choices of a multiple-choice item) run in one row: the
+  context once, then each continuation's tokens but its last, under an attention mask that lets a
+  continuation see the context and itself only, with positions counted on from the context's as
+  if it ran alone. A one-token continuation costs nothing beyond the context.
 - A token prefix common to every context (a k-shot preamble) runs once; each batch starts from
   its cache. It is found on token ids, so it is shared only where the tokens really are a prefix.
 - Logits are made only where a token is scored (the model's `logits_to_keep`): never a
@@ -214,7 +215,7 @@ def _run_base(model, seqs: list[list[int]], dev) -> _Base:
 
 @dataclass
 class _Ran:
-    """A left-padded batch of contexts after its forward: what its continuations go on from."""
+    """A left-padded batch of contexts after its forward: what greedy decoding goes on from."""
     last: torch.Tensor  # [rows, vocab] logits at each context's last token
     cache: object
     mask: torch.Tensor  # [rows, base + width] attention mask over the cache
