@@ -89,3 +89,20 @@ def test_entries_of_deleted_files_are_dropped(tmp_path):
     CH.hash_file(b)
     text = CH.cache_file().read_text()
     assert "a.bin" not in text and "b.bin" in text
+
+
+def test_the_hash_is_its_documented_definition(tmp_path, monkeypatch):
+    """XXH3-128 of each whole 16 MiB chunk, then of the digests in order and the size: what another
+    tool recomputes, and what sessions recorded, however the chunks are read (in 1 MiB pieces)."""
+    import random
+
+    import xxhash
+
+    monkeypatch.setenv("MOE_SURGEON_CACHE", str(tmp_path / "cache"))
+    data = random.Random(7).randbytes(CH.CHUNK + 3 * CH.READ + 12345)
+    (tmp_path / "f.bin").write_bytes(data)
+    outer = xxhash.xxh3_128()
+    for at in range(0, len(data), CH.CHUNK):
+        outer.update(xxhash.xxh3_128(data[at:at + CH.CHUNK]).digest())
+    outer.update(len(data).to_bytes(8, "little"))
+    assert CH.hash_file(tmp_path / "f.bin") == f"xxh3-128-tree16m:{outer.hexdigest()}"
