@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards  # noqa: E402
+from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards
 
 DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
 LAYERS, EXPERTS, VOCAB, HIDDEN, INTER = 16, 64, 50304, 2048, 1024

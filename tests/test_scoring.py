@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surgeon.errors import SurgeonError
-from surgeon.probes.scoring import MIN_SHARED_PREFIX, _settled, cut_at_stop, greedy_generate, loglikelihoods
+from surgeon.probes.scoring import (
+    MIN_SHARED_PREFIX,
+    _settled,
+    cut_at_stop,
+    greedy_generate,
+    loglikelihoods,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -19,7 +19,14 @@ def bpe_tokenizer(adds_bos: bool):
     """A small byte-level BPE (spaces merge into the next word, as GPT-2's do), trained here.
     adds_bos: the tokenizer puts <bos> first on its own, as Llama's does; otherwise it has no
     bos at all and an empty context becomes eos."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

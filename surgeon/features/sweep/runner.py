@@ -50,7 +50,7 @@ class Group:
         return {"name": self.name, "specs": list(self.specs)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Group":
+    def from_json(cls, data: dict) -> Group:
         return cls(data["name"], tuple(data["specs"]))
 
 
