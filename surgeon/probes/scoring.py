@@ -441,19 +441,21 @@ def greedy_generate(model, tokenizer, contexts: list[str], *, until=(), max_new_
     uses = Counter(slots)
     texts = [""] * len(encoded)
     dev, pad = _device_of(model), _pad_id(tokenizer)
+    done = [0]
+
+    def finished(i: int, toks: list[int]) -> None:
+        texts[i] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), terms)
+        done[0] += uses[i]
+        if progress is not None:
+            progress(done[0], len(contexts))
+
     with torch.no_grad():
         base = _run_base(model, encoded, dev)
         lengths = [len(s) - base.length for s in encoded]
         order = sorted(range(len(encoded)), key=lambda i: -lengths[i])
-        done = 0
-        for batch in _batches(order, lengths, batch_size, max_tokens):
-            decoder = _Decoder(model, tokenizer, terms, _eos_ids(model, tokenizer), max_new_tokens)
-            new = decoder.run([encoded[i][base.length:] for i in batch], base, pad, dev)
-            for i, toks in zip(batch, new):
-                texts[i] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), terms)
-            done += sum(uses[i] for i in batch)
-            if progress is not None:
-                progress(done, len(contexts))
+        decoder = _Decoder(model, tokenizer, terms, _eos_ids(model, tokenizer), max_new_tokens)
+        decoder.run_all({i: encoded[i][base.length:] for i in order}, base, pad, dev, batch_size, max_tokens,
+                        finished)
     return [texts[slot] for slot in slots]
 
 
@@ -476,27 +478,56 @@ class _Decoder:
     eos: set[int]
     max_new: int
 
-    def run(self, seqs: list[list[int]], base: _Base, pad: int, dev) -> list[list[int]]:
-        ran = _run_contexts(self.model, seqs, base, pad, dev)
-        cache, mask, positions = ran.cache, ran.mask, ran.next_pos[:, None]
-        new: list[list[int]] = [[] for _ in seqs]
-        live = list(range(len(seqs)))
-        nxt = ran.last.argmax(-1).tolist()
-        while True:
-            kept = [k for k, r in enumerate(live) if self._extend(new[r], nxt[k])]
-            if not kept:
-                return new
-            if len(kept) < len(live):  # finished rows leave: later steps compute live rows only
-                index = torch.tensor(kept, device=dev)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                live = [live[k] for k in kept]
-            ids = torch.tensor([[nxt[k]] for k in kept], device=dev)
+    def run_all(self, seqs: dict[int, list[int]], base: _Base, pad: int, dev, slots: int, max_tokens: int,
+                finished) -> None:
+        """Decode every sequence (in the dict's order) with at most `slots` rows per step, calling
+        finished(key, tokens) as each ends. A finished row leaves at once and, where the cache can be
+        merged, a waiting sequence takes its slot (continuous batching): a step costs about the same
+        for 1 row as for 8, so a batch that waits on its one long row wastes the others' slots."""
+        waiting = list(seqs)
+        toks: dict[int, list[int]] = {i: [] for i in seqs}
+        live: list[int] = []
+        last: list[int] = []
+        cache = mask = positions = None
+        while waiting or live:
+            free = slots - len(live)
+            if waiting and free > 0 and (cache is None or _mergeable(cache)):
+                take = _admit(waiting, seqs, free, max_tokens)
+                ran = _run_contexts(self.model, [seqs[i] for i in take], base, pad, dev)
+                firsts = ran.last.argmax(-1).tolist()
+                keep = []
+                for k, i in enumerate(take):
+                    if self._extend(toks[i], firsts[k]):
+                        keep.append(k)
+                    else:
+                        finished(i, toks[i])
+                if keep:
+                    rows = torch.tensor(keep, dtype=torch.long, device=dev)
+                    ran.cache.batch_select_indices(rows)
+                    cache, mask, positions = _merge(cache, mask, positions, ran.cache, ran.mask[rows],
+                                                    ran.next_pos[rows][:, None])
+                    live += [take[k] for k in keep]
+                    last += [firsts[k] for k in keep]
+                continue
+            ids = torch.tensor([[t] for t in last], device=dev)
             mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=dev)], dim=1)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True, logits_to_keep=1)
             cache, positions = out.cache, positions + 1
             nxt = out.logits[:, -1].argmax(-1).tolist()
+            kept = []
+            for k, i in enumerate(live):
+                if self._extend(toks[i], nxt[k]):
+                    kept.append(k)
+                else:
+                    finished(i, toks[i])
+            if kept and len(kept) < len(live):  # finished rows leave: later steps compute live rows only
+                index = torch.tensor(kept, dtype=torch.long, device=dev)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+            live, last = [live[k] for k in kept], [nxt[k] for k in kept]
+            if not live:
+                cache = mask = positions = None
 
     def _extend(self, toks: list[int], token: int) -> bool:
         """Append the next token; whether the sequence goes on."""
@@ -504,3 +535,43 @@ class _Decoder:
         if token in self.eos or len(toks) >= self.max_new:
             return False
         return not _settled(self.tokenizer.decode(toks, skip_special_tokens=True), self.terms)
+
+
+def _admit(waiting: list[int], seqs: dict[int, list[int]], free: int, max_tokens: int) -> list[int]:
+    """The next waiting sequences to prefill together: at most `free`, and at most max_tokens padded."""
+    take = [waiting.pop(0)]
+    width = len(seqs[take[0]])
+    while waiting and len(take) < free and (len(take) + 1) * max(width, len(seqs[waiting[0]])) <= max_tokens:
+        width = max(width, len(seqs[waiting[0]]))
+        take.append(waiting.pop(0))
+    return take
+
+
+def _mergeable(cache) -> bool:
+    """Rows of two caches of this kind can be joined (plain full-length layers only: a sliding window
+    layer keeps a different span per length, so joining it would misplace keys)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+def _merge(cache, mask, positions, new_cache, new_mask, new_positions):
+    """Running rows and newly prefilled ones as one batch: both left-padded to the longer cache, the
+    padding masked out; positions are explicit, so where a row's keys sit in the cache does not matter."""
+    if cache is None:
+        return new_cache, new_mask, new_positions
+    width = max(mask.shape[1], new_mask.shape[1])
+    for mine, theirs in zip(cache.layers, new_cache.layers):
+        mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)], dim=0)
+        mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)], dim=0)
+    mask = torch.cat([_left_pad(mask, width, 1), _left_pad(new_mask, width, 1)], dim=0)
+    return cache, mask, torch.cat([positions, new_positions], dim=0)
