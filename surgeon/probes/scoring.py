@@ -17,7 +17,8 @@ They are cheaper than lm-eval's one forward over context + continuation per requ
 - Logits are made only where a token is scored (the model's `logits_to_keep`): never a
   [batch, length, vocab] tensor.
 - Batches are capped by rows and by padded tokens, longest first, so a batch pads little.
-- A decoding row that has finished leaves the running batch (its cache rows are dropped).
+- A decoding row that has finished leaves the running batch (its cache rows are dropped) and a
+  waiting prompt, prefilled, joins in its slot (continuous batching).
 
 The cache goes in and comes out as `cache` (transformers 5.x's name; `past_key_values` warns from
 5.24 and is removed in 5.40).
