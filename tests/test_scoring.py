@@ -239,6 +239,20 @@ def test_a_finished_row_leaves_the_running_batch(model_and_tokenizer):
     assert rows == sorted(rows, reverse=True)
 
 
+def test_a_waiting_prompt_takes_the_slot_of_a_finished_row(model_and_tokenizer):
+    """Continuous batching: with two slots and five prompts, a prompt is prefilled while another row is
+    still decoding, and the next step runs them together; every text is still the one-at-a-time one."""
+    model, tok = model_and_tokenizer
+    raw = [plain_greedy(model, tok, p, 20) for p in PROMPTS]
+    until = (raw[0][2:4], raw[1][3:4])
+    with fed(model) as shapes:
+        got = greedy_generate(model, tok, PROMPTS, until=until, max_new_tokens=20, batch_size=2)
+    assert got == [plain_greedy(model, tok, p, 20, until) for p in PROMPTS]
+    joined = [j for j in range(1, len(shapes) - 1)
+              if shapes[j][1] > 1 and shapes[j + 1][1] == 1 and shapes[j + 1][0] > shapes[j][0]]
+    assert joined, shapes
+
+
 def test_equal_prompts_decode_once(model_and_tokenizer):
     model, tok = model_and_tokenizer
     seen = []
