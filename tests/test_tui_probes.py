@@ -242,7 +242,7 @@ async def test_bad_probe_input_is_an_error_and_leaves_the_results_alone(olmoe3, 
 
 @sync
 async def test_cancel_stops_a_run_and_records_nothing(olmoe3, tmp_path, monkeypatch):
-    big = write_mc(tmp_path / "big.jsonl", 400, seed=2)
+    big = write_mc(tmp_path / "big.jsonl", 3000, seed=2)
     small = write_mc(tmp_path / "small.jsonl", 6, seed=4)
     app = make_app(tmp_path, olmoe3)
     async with app.run_test(size=SIZE) as pilot:
@@ -256,7 +256,7 @@ async def test_cancel_stops_a_run_and_records_nothing(olmoe3, tmp_path, monkeypa
             if screen.items_done > 0 or not screen.running:
                 seen = str(screen.query_one("#probe-stats").render())
                 break
-        assert screen.running and "items/s" in seen and "ETA" in seen and "of 1,600 items" in seen
+        assert screen.running and "items/s" in seen and "ETA" in seen and "of 12,000 items" in seen
         await pilot.press("escape")  # cancels; a second escape would go back
         await settle(pilot)
         assert not screen.running and app.screen is screen
