@@ -106,3 +106,22 @@ def test_the_hash_is_its_documented_definition(tmp_path, monkeypatch):
         outer.update(xxhash.xxh3_128(data[at:at + CH.CHUNK]).digest())
     outer.update(len(data).to_bytes(8, "little"))
     assert CH.hash_file(tmp_path / "f.bin") == f"xxh3-128-tree16m:{outer.hexdigest()}"
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 2 * 4096, 3 * 4096 + 123])
+def test_the_streaming_hash_equals_the_hash_of_the_file_however_its_bytes_arrive(tmp_path, monkeypatch, size):
+    """An export hashes shards as it writes them and never reads them back: the manifest is only
+    right if the streamed hash is the file's hash, for every size and every way of cutting it."""
+    monkeypatch.setattr(CH, "CHUNK", 4096)  # many chunk borders, exact multiples and a last partial chunk
+    data = os.urandom(size)
+    want = CH.hash_file(write(tmp_path / "f.bin", data), use_cache=False)
+    for pieces in (1, 7, 4096, 5000):
+        h = CH.TreeHasher()
+        for at in range(0, size, pieces):
+            h.update(data[at:at + pieces])
+        assert h.hexdigest() == want, pieces
+    h = CH.TreeHasher()
+    h.update(data[: size // 2])
+    h.hexdigest()  # asking midway changes nothing that follows
+    h.update(data[size // 2:])
+    assert h.hexdigest() == want

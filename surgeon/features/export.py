@@ -3,11 +3,11 @@
 `run_export` is the use case the command line (`export`, `replay --export`) and the workbench's
 export dialog both call, so both write the same checkpoint and the same session record.
 
-A same-dtype tensor moves as a byte range from its donor's file with copy_file_range, so an
-export neither imports torch nor holds weights in memory. Only a dtype conversion reads one
-tensor at a time through torch. Everything is written into a hidden sibling directory and
-renamed into place at the end (`surgeon.io.staged`): an interrupted or cancelled export leaves
-nothing behind.
+A same-dtype tensor moves as a byte range from its donor's file through one small reused buffer,
+hashed on the way (so the manifest needs no second read of the output), and an export neither
+imports torch nor holds weights in memory. Only a dtype conversion reads one tensor at a time
+through torch. Everything is written into a hidden sibling directory and renamed into place at
+the end (`surgeon.io.staged`): an interrupted or cancelled export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
 from surgeon.io.model_card import SESSION_FILE
 from surgeon.io.safetensors_file import DTYPE_SIZES
 from surgeon.io.shards import (
+    COPY_BUFFER,
     ExportResult,
-    copy_range,
+    HashingSink,
     shard_file_names,
     split_into_shards,
+    write_hashed_shard,
     write_index,
-    write_shard,
 )
 from surgeon.io.staged import check_target, staged_directory
 from surgeon.jobs import NEVER, CancelToken, Meter, Progress
@@ -176,8 +177,10 @@ def export_hybrid(
     fds: dict[str, int] = {}
     meter = Meter(progress, total, "bytes", "export")
     done = 0
+    buffer = bytearray(COPY_BUFFER)  # every copied byte passes through it, for the whole export
+    written = {}  # shard file name -> what its writer hashed
 
-    def write_tensor(n: str, dst_fd: int) -> None:
+    def write_tensor(n: str, sink: HashingSink) -> None:
         nonlocal done
         src = resolution.sources[n]
         donor = donors[src.donor]
@@ -188,15 +191,16 @@ def export_hybrid(
             if fd is None:
                 fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
         if src.converts or src.tensor in donor.pickled:
-            os.write(dst_fd, converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd))
+            sink.write(converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd))
         else:
-            copy_range(fd, dst_fd, info.start, info.nbytes)
+            sink.copy(fd, info.start, info.nbytes, info.file)
         done += _nbytes(src.shape, src.dtype)
         meter(done)
 
     def write_file(tmp: Path, file_name: str, members: list[str], metadata: dict) -> None:
         entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
-        write_shard(tmp / file_name, entries, metadata, write_tensor, fsync=fsync, cancel=cancel)
+        written[file_name] = write_hashed_shard(tmp / file_name, entries, metadata, write_tensor, buffer,
+                                                fsync=fsync, cancel=cancel)
 
     try:
         # shards, plus the side files copied from the base; headers, card and manifest are small
@@ -217,8 +221,9 @@ def export_hybrid(
             if before_rename is not None:
                 before_rename(tmp)
             # Last, so it describes the shards as they will appear: the same rename publishes both.
+            # Shards before_rename left alone are not read again; any it rewrote or added are.
             write_manifest(tmp, build_manifest(tmp, manifest_sources(resolution), donor_identities(donors),
-                                               cancel=cancel))
+                                               known=written, cancel=cancel))
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -5,7 +5,9 @@ with the export or not at all. `check_manifest` re-reads an export and names the
 bytes no longer match; `surgeon.features.verify` builds the `verify` command on it.
 
 Tensor hashes are XXH3-128 of the tensor's bytes; shard hashes are the content hashes of
-io/content_hash.py (so a later open of the same file costs a stat).
+io/content_hash.py (so a later open of the same file costs a stat). An export hashes its shards as
+it writes them (`ShardHashes`), so building its manifest reads from disk only the files that
+changed after they were written, or that it was told nothing about.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import os
 import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
-from surgeon.io.content_hash import ALGORITHM, CHUNK, hash_files
+from surgeon.io.content_hash import ALGORITHM, READ, hash_files, identity
 from surgeon.io.safetensors_file import read_header
 from surgeon.jobs import NEVER, CancelToken
 
@@ -39,13 +42,29 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class ShardHashes:
+    """What a writer learnt of one shard while writing it: its content hash, every tensor's hash, and
+    the file's identity (content_hash.identity) right after it was closed, which tells whether the
+    hashes still describe the file."""
+
+    content: str
+    tensors: dict[str, str]
+    identity: tuple[int, int, int, int]
+
+
+def tensor_hasher():
+    """A fresh hasher of one tensor's bytes (TENSOR_HASH)."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
 def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
     """XXH3-128 of every tensor's bytes in one safetensors file, tensors hashed on every core.
 
-    Read with pread into one reused buffer per thread, not through a memory map: mapped pages
+    Read with pread into one reused 1 MiB buffer per thread, not through a memory map: mapped pages
     would count against the process's memory, and an export promises to stay small at any size."""
-    import xxhash
-
     header = read_header(str(path))
     local = threading.local()
     fd = os.open(path, os.O_RDONLY)
@@ -55,10 +74,10 @@ def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
         name, t = item
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = bytearray(CHUNK)
-        h = xxhash.xxh3_128()
-        for offset in range(t.start, t.end, CHUNK):
-            want = min(CHUNK, t.end - offset)
+            buf = local.buf = bytearray(READ)
+        h = tensor_hasher()
+        for offset in range(t.start, t.end, READ):
+            want = min(READ, t.end - offset)
             n = os.preadv(fd, [memoryview(buf)[:want]], offset)
             if n != want:
                 raise SurgeonError(f"{path}: tensor {name}: file shorter than its header says")
@@ -73,19 +92,24 @@ def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
 
 
 def build_manifest(directory: str | os.PathLike, sources: dict[str, dict], donors: dict[str, dict],
-                   *, cancel: CancelToken = NEVER) -> dict:
+                   *, known: dict[str, ShardHashes] | None = None, cancel: CancelToken = NEVER) -> dict:
     """The manifest of the checkpoint in `directory` (its shards already written).
 
     `sources` maps an output tensor to {"donor": NAME, "name": SOURCE_NAME} (absent for tensors the
     tool made itself, e.g. a mix's routers); `donors` maps a donor name to what identifies it
-    (path, fingerprint, content hashes)."""
+    (path, fingerprint, content hashes). `known` maps a shard's file name to the hashes its writer
+    computed; a shard absent from it, or changed since (another identity), is hashed from disk."""
     directory = Path(directory)
     shards = sorted(p for p in directory.glob("*.safetensors"))
-    shard_hashes = hash_files(shards, cancel=cancel, use_cache=False, remember=False)  # staged files move next
+    given = known or {}
+    trusted = {p: given[p.name] for p in shards if p.name in given and _unchanged(p, given[p.name])}
+    from_disk = [p for p in shards if p not in trusted]
+    shard_hashes = hash_files(from_disk, cancel=cancel, use_cache=False, remember=False)  # staged files move next
+    shard_hashes.update({p: k.content for p, k in trusted.items()})
     tensors = {}
     for shard in shards:
         header = read_header(str(shard))
-        hashes = tensor_hashes(shard, cancel)
+        hashes = trusted[shard].tensors if shard in trusted else tensor_hashes(shard, cancel)
         for name, t in header.tensors.items():
             entry = {"shard": shard.name, "dtype": t.dtype, "shape": list(t.shape),
                      "offsets": [t.start, t.end], "hash": hashes[name]}
@@ -103,10 +127,20 @@ def build_manifest(directory: str | os.PathLike, sources: dict[str, dict], donor
     }
 
 
+def _unchanged(path: Path, known: ShardHashes) -> bool:
+    """Whether the file is still the one `known` describes (the same identity)."""
+    try:
+        return identity(path.stat()) == known.identity
+    except OSError:
+        return False
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     path = Path(directory) / MANIFEST_FILE
     try:
-        path.write_text(json.dumps(manifest, indent=1) + "\n")
+        with open(path, "w") as f:  # streamed: the whole text of thousands of tensors is the export's peak memory
+            json.dump(manifest, f, indent=1)
+            f.write("\n")
     except OSError as e:
         raise SurgeonError(f"{path}: cannot write ({e.strerror})") from None
     return path
