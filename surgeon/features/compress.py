@@ -555,7 +555,7 @@ def common_choice(r: CompressRequest, donor: Donor, device: str, progress=None, 
     logging.disable_progress_bar()  # a loading bar between the lines of a report is noise
     tokenizer = load_tokenizer(donor.path)
     cancel.check()
-    model = load_model(donor.path, device, "keep")
+    model = load_model(donor, device, "keep")
     stats = probe_domains(model, tokenizer, corpora, batch_size=r.batch_size, max_tokens=r.max_tokens,
                           progress=progress, cancel=cancel)
     del model

@@ -19,7 +19,11 @@ as modules when materialising and re-fitted on every swap: a plan may add, drop 
 from __future__ import annotations
 
 import mmap
+import os
 import tempfile
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +39,10 @@ from surgeon.errors import SurgeonError
 from surgeon.live.devices import check_device, default_device
 from surgeon.live.dtypes import TORCH_DTYPES
 from surgeon.live.layer_gates import attach_gates, gate_modules
-from surgeon.live.loader import load_model
+from surgeon.live.loader import build_empty, load_model
+
+
+FILL_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -90,16 +97,22 @@ def live_slice(live: dict, t: LiveTarget):
 
 
 class TensorReader:
-    """Zero-copy tensor views of the donors' files through one memory map per file.
+    """Donor tensors read straight from the donors' files.
 
-    A view reads straight from the page cache, so a hot-swap costs one copy (map -> live tensor)
-    instead of two (map -> fresh tensor -> live tensor). The maps are copy-on-write so torch gets
-    a writable buffer without any chance of writing to a donor.
+    Into CPU memory of the same dtype a tensor is read with one pread into its place: no map, no
+    temporary. Otherwise (another device or dtype, a strided slice) through a zero-copy view of one
+    memory map per file, so a copy costs one pass (map -> live tensor) instead of two; the maps are
+    copy-on-write so torch gets a writable buffer without any chance of writing to a donor, and a
+    tensor's mapped pages are dropped once it is copied (`release`): mapped pages count as this
+    process's memory for as long as the map lives, and a 7B model read through maps would count twice.
     """
 
     def __init__(self, donors: dict[str, Donor]):
         self.donors = donors
         self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
+        self._opening = threading.Lock()  # materialising reads from several threads
+        weakref.finalize(self, _close_all, self._fds)  # a sweep makes and drops many readers
 
     def read(self, donor_name: str, tensor: str) -> torch.Tensor:
         donor = self.donors[donor_name]
@@ -108,12 +121,70 @@ class TensorReader:
         info = donor.tensors[tensor]
         mm = self._maps.get(info.file)
         if mm is None:
-            with open(info.file, "rb") as f:
-                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            with self._opening:
+                mm = self._maps.get(info.file)
+                if mm is None:
+                    try:
+                        with open(info.file, "rb") as f:
+                            mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    except OSError as e:
+                        raise SurgeonError(f"{info.file}: cannot read tensor {tensor} ({e.strerror})") from None
         if info.numel == 0:
             return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
         flat = torch.frombuffer(mm, dtype=TORCH_DTYPES[info.dtype], count=info.numel, offset=info.start)
         return flat.view(info.shape)
+
+    def release(self, donor_name: str, tensor: str) -> None:
+        """Unmap the pages `read` mapped for a tensor (the page cache keeps them: a later read is cheap)."""
+        donor = self.donors[donor_name]
+        mm = None if tensor in donor.pickled else self._maps.get(donor.tensors[tensor].file)
+        if mm is not None and donor.tensors[tensor].nbytes:
+            info = donor.tensors[tensor]
+            start = info.start - info.start % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+    def read_into(self, view: torch.Tensor, donor_name: str, tensor: str) -> bool:
+        """Read a donor tensor into `view` with pread when `view` is contiguous CPU memory of the
+        tensor's dtype and size; False (nothing read) otherwise."""
+        donor = self.donors[donor_name]
+        if tensor in donor.pickled or view.device.type != "cpu" or not view.is_contiguous():
+            return False
+        info = donor.tensors[tensor]
+        if TORCH_DTYPES[info.dtype] != view.dtype or view.numel() != info.numel:
+            return False
+        if info.nbytes == 0:
+            return True
+        buf = memoryview(view.detach().reshape(-1).view(torch.uint8).numpy())
+        try:
+            with self._opening:
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            done = 0
+            while done < info.nbytes:  # one read returns at most ~2 GiB
+                n = os.preadv(fd, [buf[done:]], info.start + done)
+                if n == 0:
+                    raise SurgeonError(f"{info.file}: tensor {tensor}: file shorter than its header says")
+                done += n
+        except OSError as e:
+            raise SurgeonError(f"{info.file}: cannot read tensor {tensor} ({e.strerror})") from None
+        return True
+
+    def close(self) -> None:
+        _close_all(self._fds)
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def _file_order(donors: dict[str, Donor], src) -> tuple:
+    """Where a source tensor's bytes lie: reading in this order reads each file front to back, which
+    the kernel's read-ahead turns into streaming (in the model's order a cold 7B load took 4x the disk read)."""
+    info = donors[src.donor].tensors.get(src.tensor)
+    return (src.donor, info.file, info.start) if info is not None else (src.donor, "", 0)
 
 
 def _attach_layer_gates(model, resolution: Resolution) -> None:
@@ -157,6 +228,7 @@ class Hybrid:
         self._offload_views: dict[str, torch.Tensor] = {}
         self._targets: dict[str, LiveTarget] = {}
         self._offload_dir = None  # a TemporaryDirectory when materialize made one; removed with the hybrid
+        self.filled_from_files = False  # True: built empty and filled by the reader, not from_pretrained
 
     @classmethod
     def materialize(cls, plan: Plan, donors: dict[str, Donor], *, device: str | None = None,
@@ -174,6 +246,10 @@ class Hybrid:
             # What does not fit goes to disk here; a folder of the hybrid's own, because swaps write into it.
             offload_dir = tempfile.TemporaryDirectory(prefix="moe-surgeon-offload-")
         try:
+            if device_map is None:
+                hybrid = cls._filled(plan, donors, str(dev), dtype)
+                if hybrid is not None:
+                    return hybrid
             # Without gates: the plan's own (below) may differ from the base's sidecar.
             model = load_model(base.path, device=str(dev), dtype=dtype, gates=False, device_map=device_map,
                                max_memory=max_memory, offload_folder=offload_dir.name if offload_dir else None)
@@ -189,6 +265,37 @@ class Hybrid:
             for name in start.gate_names():
                 hybrid._copy(name, start.sources[name])
         hybrid.apply(plan, dtype=dtype)
+        return hybrid
+
+    @classmethod
+    def _filled(cls, plan: Plan, donors: dict[str, Donor], device: str, dtype: str) -> "Hybrid | None":
+        """The hybrid built empty and filled tensor by tensor from the donors' files, each tensor
+        read once from the donor the plan takes it from: one copy of the model in memory, where
+        from_pretrained's memory maps of the base would count a second time, and the plan's swaps
+        are not a second pass. None when the files do not fill every weight of the live model (a
+        name transformers renames in a way the architecture table does not know): then
+        from_pretrained loads the base instead."""
+        base = donors[plan.base]
+        first = next((TORCH_DTYPES[t.dtype] for t in base.tensors.values()
+                      if t.dtype in TORCH_DTYPES and TORCH_DTYPES[t.dtype].is_floating_point), None)
+        model = build_empty(base.path, device=device, dtype=dtype, first_dtype=first)
+        resolution = resolve(plan, donors, dtype=dtype)
+        _attach_layer_gates(model, resolution)
+        hybrid = cls(model, donors, resolution)
+        if not hybrid._fills_every_weight(resolution):
+            return None
+        order = sorted(resolution.sources.items(), key=lambda item: _file_order(donors, item[1]))
+
+        def copy(item) -> None:
+            with torch.no_grad():
+                hybrid._copy(*item)
+
+        # A few reads in flight: while one waits for the disk another takes its page faults (reads
+        # and copies let go of the GIL).
+        with ThreadPoolExecutor(max_workers=FILL_THREADS) as pool:
+            for _ in pool.map(copy, order):
+                pass
+        hybrid.filled_from_files = True
         return hybrid
 
     def _fit_layer_gates(self, resolution: Resolution) -> set[str]:
@@ -254,11 +361,31 @@ class Hybrid:
 
     def _copy(self, name: str, src) -> int:
         view = self.live_view(name)
+        info = self.donors[src.donor].tensors.get(src.tensor)
+        if info is not None and tuple(info.shape) != tuple(view.shape):
+            raise SurgeonError(f"tensor {name}: shape {list(info.shape)} does not fit live {list(view.shape)}")
+        if self.reader.read_into(view, src.donor, src.tensor):
+            return info.nbytes
         data = self.reader.read(src.donor, src.tensor)
         if tuple(data.shape) != tuple(view.shape):
             raise SurgeonError(f"tensor {name}: shape {list(data.shape)} does not fit live {list(view.shape)}")
         view.copy_(data, non_blocking=True)
+        if view.is_cuda:  # the copy must have read the mapped pages before they are dropped
+            torch.cuda.current_stream(view.device).synchronize()
+        self.reader.release(src.donor, src.tensor)
         return data.numel() * data.element_size()
+
+    def _fills_every_weight(self, resolution: Resolution) -> bool:
+        """Whether copying every tensor of `resolution` writes every element of every live parameter
+        (a fused expert tensor counts once all its experts' slices are there)."""
+        written: dict[str, int] = {}
+        try:
+            for name in resolution.sources:
+                t = self.target(name)
+                written[t.name] = written.get(t.name, 0) + live_slice(self._live, t).numel()
+        except SurgeonError:
+            return False  # a tensor with no live place: from_pretrained knows what to do with it
+        return all(written.get(n, 0) == p.numel() for n, p in self.model.named_parameters())
 
     def apply(self, plan: Plan, *, dtype: str = "keep") -> SwapReport:
         """Move to `plan`, copying only tensors whose source changed. Returns what moved."""

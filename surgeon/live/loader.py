@@ -73,6 +73,67 @@ def load_model(directory: str | os.PathLike, *, device: str | None = None, dtype
     return (model, info) if loading_info else model
 
 
+def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", first_dtype=None):
+    """The checkpoint's model on `device` with its weights allocated but not initialised, in eval
+    mode: what `from_pretrained` would build before it reads a byte. A caller that fills every
+    weight itself (Hybrid.materialize, straight from the donors' files) thus holds one copy of the
+    model and no memory map, where `from_pretrained` also maps every file it reads.
+
+    The dtype is `from_pretrained`'s: a --dtype name, or for keep the config's own, else
+    `first_dtype` (the checkpoint's first floating tensor's, a torch.dtype). Modules the class keeps
+    in float32 under bf16/fp16 (`_keep_in_fp32_modules_strict`) are upcast as `from_pretrained` does.
+    Buffers the constructor computes (rotary frequencies) are computed as usual."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise SurgeonError(f"{directory}: no config.json (not a checkpoint directory)")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    dt = _from_pretrained_dtype(dtype)
+    if dt == "auto":
+        dt = getattr(config, "dtype", None) or first_dtype or torch.float32
+    dt = getattr(torch, dt) if isinstance(dt, str) else dt
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    model.tie_weights()  # no_init_weights skips init_weights, which is where tying happens
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    if keep and dt in (torch.float16, torch.bfloat16):
+        import re
+
+        pattern = re.compile("|".join(rf"(^|\.){re.escape(k)}($|\.)" for k in keep))
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if pattern.search(name) and t.is_floating_point():
+                    t.data = t.data.float()
+    if torch.device(device).type == "cpu":
+        _prefer_huge_pages(model)
+    return model.eval()
+
+
+def _prefer_huge_pages(model) -> None:
+    """Ask Linux for 2 MiB pages under each weight not yet written: a model filled through 4 KiB
+    pages spends most of its load time in page faults (bench/scale.py: about 3x slower at 7B).
+    Only a hint: anywhere it is not available nothing changes."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    huge, advice = 1 << 21, 14  # MADV_HUGEPAGE
+    for param in model.parameters():
+        start = (param.data_ptr() + huge - 1) & ~(huge - 1)
+        end = (param.data_ptr() + param.numel() * param.element_size()) & ~(huge - 1)
+        if end > start:
+            madvise(start, end - start, advice)
+
+
 def parse_max_memory(text: str) -> dict | None:
     """ "0=20GiB,cpu=60GiB" -> {0: "20GiB", "cpu": "60GiB"} (accelerate's max_memory); "" -> None."""
     if not text.strip():

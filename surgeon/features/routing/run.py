@@ -67,10 +67,12 @@ def require_moe(donor) -> None:
         raise SurgeonError(f"{donor.path}: {donor.model_type} has no routed experts; routing analysis needs an MoE model")
 
 
-def load_model(path, device: str, dtype: str):
-    from surgeon.live.loader import load_model
+def load_model(donor, device: str, dtype: str):
+    """One donor's model, loaded as a hybrid is (one copy in memory, straight from its files)."""
+    from surgeon.core.plan import Plan
+    from surgeon.live.hybrid import Hybrid
 
-    return load_model(path, device=device, dtype=dtype, gates=False)
+    return Hybrid.materialize(Plan("D"), {"D": donor}, device=device, dtype=dtype).model
 
 
 def probe_hybrid(plan, donors: dict, corpora: dict[str, list[str]], *, tokenizer, device: str, dtype: str = "keep",
@@ -220,13 +222,13 @@ def _probe(r: RoutingRequest, session, donors, base, against, corpora, progress,
                                  keep_probs=keep, **kw)
         else:
             cancel.check()
-            model = load_model(base.path, device, r.dtype)
+            model = load_model(base, device, r.dtype)
             stats = probe_domains(model, tokenizer, corpora, keep_probs=keep, **kw)
             del model
         drift, by_name = [], {}
         for other_name, other in others:
             cancel.check()
-            model = load_model(other.path, device, r.dtype)
+            model = load_model(other, device, r.dtype)
             theirs = by_name[other_name] = probe_domains(model, tokenizer, corpora, keep_probs=True,
                                                          label=f"routing {other_name}", **kw)
             del model
