@@ -2,6 +2,7 @@
 what it builds must be what from_pretrained loads, on every architecture, dtype and tying."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +83,36 @@ def test_a_tensor_the_model_has_no_place_for_falls_back_to_from_pretrained(tmp_p
     assert not hybrid.filled_from_files
     assert_same_model(hybrid.model, load_model(a, device="cpu"))
     assert json.loads((a / "config.json").read_text())["model_type"] == "llama"
+
+
+def mapped_kb(path) -> int:
+    """Resident kB of this process's mappings of the file `path` (/proc/self/smaps)."""
+    total, current = 0, None
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:  # a mapping's first line; anonymous ones name no file
+            current = head[5] if len(head) >= 6 else None
+        elif head[0] == "Rss:" and current == str(path):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.parametrize("dtype", ["keep", "float32"])
+def test_loads_and_swaps_leave_no_donor_pages_in_this_process(dtype, tmp_path):
+    # Mapped donor pages count as the process's memory: a 7B hybrid would count its donors twice.
+    # The kernel maps up to 64 kB around each page fault ("fault-around"), so the last read of a
+    # file may leave that much; without the release every page read would stay.
+    size = dict(hidden_size=64, intermediate_size=128, num_experts=8, vocab_size=1024)
+    a = make_donor(tmp_path / "a", "olmoe", seed=0, dtype=torch.bfloat16, **size)
+    b = make_donor(tmp_path / "b", "olmoe", seed=1, dtype=torch.bfloat16, **size)
+    donors = {"A": open_donor(a), "B": open_donor(b)}
+    files = [a / "model.safetensors", b / "model.safetensors"]
+    assert all(f.stat().st_size > 1_000_000 for f in files)
+    hybrid = Hybrid.materialize(Plan("A"), donors, device="cpu", dtype=dtype)
+    assert mapped_kb(files[0]) <= 64
+    report = hybrid.apply(Plan("A", [parse_spec("experts", "B"), parse_spec("attention", "B")]))
+    assert report.bytes > 500_000 and all(mapped_kb(f) <= 64 for f in files)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    live = hybrid.live_view(name)
+    assert torch.equal(live, load_file(files[1])[name].to(live.dtype))

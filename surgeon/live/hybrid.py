@@ -143,6 +143,12 @@ class TensorReader:
             start = info.start - info.start % mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
+    def release_all(self) -> None:
+        """Unmap every page of every map: reads in parallel fault neighbours' pages back in (the
+        kernel maps up to 64 kB around a fault) after those neighbours released theirs."""
+        for mm in self._maps.values():
+            mm.madvise(mmap.MADV_DONTNEED)
+
     def read_into(self, view: torch.Tensor, donor_name: str, tensor: str) -> bool:
         """Read a donor tensor into `view` with pread when `view` is contiguous CPU memory of the
         tensor's dtype and size; False (nothing read) otherwise."""
@@ -295,6 +301,7 @@ class Hybrid:
         with ThreadPoolExecutor(max_workers=FILL_THREADS) as pool:
             for _ in pool.map(copy, order):
                 pass
+        hybrid.reader.release_all()
         hybrid.filled_from_files = True
         return hybrid
 
@@ -416,5 +423,7 @@ class Hybrid:
                 raise
         if changed and any(p.is_cuda for p in self._live.values()):
             torch.cuda.synchronize()
+        if changed:
+            self.reader.release_all()  # what fault-around mapped next to each released tensor
         self.resolution = new
         return SwapReport(len(changed), moved, time.perf_counter() - started)
