@@ -11,8 +11,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from surgeon.io.safetensors_file import encode_header
 
 
@@ -55,6 +53,8 @@ def write_donor(path: Path, seed: int, *, hidden=640, inter=320, layers=16, expe
 
 def write_bf16_shards(path: Path, entries: list, seed: int, shard_bytes: int) -> None:
     """Shards and index of (name, shape) entries, small random bf16 values, written without torch."""
+    import numpy as np  # here: bench/scale.py's parent imports this module and must stay small
+
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     shards, size = [[]], 0

@@ -26,6 +26,7 @@ from surgeon.core.recovery import RecoveryWriter, load_recovery, orphans
 from surgeon.core.session import SessionRecords
 from surgeon.core.workbench import Workbench
 from surgeon.errors import SurgeonError
+from surgeon.jobs import Cancelled, CancelToken
 
 from .dialogs import ConfirmScreen, ErrorScreen, PathScreen
 from .surgery import SurgeryScreen
@@ -120,6 +121,7 @@ class SurgeonApp(App):
         self.records = SessionRecords()
         self.dirty = False
         self.recovery = RecoveryWriter(state_dir)
+        self.hash_token = CancelToken()  # the running hash's: a new donor set or quitting stops it
         self.offer_recovery = offer_recovery
         self._generation = 0
         self.ready = False  # the first grid is on screen (tests and the benchmark wait for it)
@@ -255,14 +257,24 @@ class SurgeonApp(App):
             self.notify(f"opened {message.session_path}", timeout=3)
         if self.wb is not None and message.wb is not None:
             self.recorded_hashes = message.recorded_hashes
-            self.hash_donors(dict(self.wb.donors))
+            self.start_hashing()
         if first:
             self.ready = True
             self.call_after_refresh(self._after_first_frame)
 
     # ------------------------------------------------------------ full content hashes
+    def start_hashing(self) -> None:
+        self.hash_token.cancel()  # a thread cannot be stopped from outside: it checks this token
+        self.hash_token = CancelToken()
+        self.hash_donors(dict(self.wb.donors), self.hash_token)
+
+    def on_unmount(self) -> None:
+        # Two 7B donors take minutes to read: quitting must not wait for that (what was hashed of
+        # a file is lost; a later start hashes it again).
+        self.hash_token.cancel()
+
     @work(thread=True, exit_on_error=False, group="hash", exclusive=True)
-    def hash_donors(self, donors: dict) -> None:
+    def hash_donors(self, donors: dict, cancel: CancelToken) -> None:
         """Hash every open donor in full, in the background, so a saved session can prove its donors
         (replay checks them). Marking and browsing never wait for it; a donor hashed before costs a
         stat per shard. Progress shows on the status line only when hashing takes over a second."""
@@ -275,7 +287,9 @@ class SurgeonApp(App):
                 if time.perf_counter() - started > 1.0:
                     self.post_message(Hashing(f"hashing donors {100 * (before + step.done) / total:.0f}%"))
             try:
-                done[name] = donor.full_hashes(progress=progress)
+                done[name] = donor.full_hashes(progress=progress, cancel=cancel)
+            except Cancelled:
+                return
             except SurgeonError as e:
                 self.post_message(Failed(f"Cannot hash donor {name}", str(e)))
             before += sum(h.size for h in donor.shards.values())
@@ -560,7 +574,7 @@ class SurgeonApp(App):
             self.push_screen(ErrorScreen("Cannot add the donor", str(e)))
             return
         self.labels[name] = _label(message.spec)
-        self.hash_donors(dict(self.wb.donors))
+        self.start_hashing()
         problem = self.wb.problem(name)
         if problem:
             self.notify(problem, title=f"Donor {name} is incompatible with the base", severity="warning", timeout=10)

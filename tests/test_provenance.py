@@ -128,3 +128,17 @@ async def test_the_workbench_verifies_the_export_it_just_made(tmp_path):
         await settle(pilot)
         assert any("verified: every byte matches its manifest" in n for n in notifications(app))
     assert (tmp_path / "out" / MANIFEST_FILE).is_file()
+
+
+@sync
+async def test_quitting_or_reopening_stops_the_background_hashing(tmp_path):
+    # Two 7B donors take minutes to hash: a quit that waited for the hashing thread would hang.
+    app = SurgeonApp(["demo:arith", "demo:reverse"], None, state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(pilot)
+        first = app.hash_token
+        app.start_hashing()  # what opening another donor set does
+        assert first.cancelled and not app.hash_token.cancelled
+        running = app.hash_token
+        await settle(pilot)
+    assert running.cancelled
