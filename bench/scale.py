@@ -20,7 +20,7 @@ Reads and copies start from a dropped page cache where the bench may drop it (ro
 `cat` and the tool read the same disk; `cp -r` runs before and after the exports. Everything it
 made is deleted at the end. --scale F scales hidden and intermediate sizes by F
 (a quick try: --scale 0.125 is ~1 GB a donor); the full size needs ~28 GB of free disk.
-Run: python bench/scale.py [--scale F] [--device cpu|cuda|auto] [--donors A B] [--work DIR]
+Run: python bench/scale.py [--scale F] [--device cpu|cuda|auto] [--donors A B] [--work DIR] [--keep-cache]
 Not part of the test suite.
 """
 
@@ -208,8 +208,13 @@ def timed(cmd: list[str], env=None) -> tuple[float, float, str]:
         return wall, usage.ru_maxrss / 1024, out.read().decode()
 
 
+KEEP_CACHE = False
+
+
 def drop_caches() -> bool:
     """Empty the page cache, so a read and a load both start from the disk (root on Linux only)."""
+    if KEEP_CACHE:
+        return False
     try:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -224,6 +229,8 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     ap.add_argument("--donors", nargs=2, metavar=("A", "B"), help="two existing checkpoint directories")
     ap.add_argument("--work", help="scratch directory (default: a temporary one)")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="never drop the page cache (a small --scale whose donors it holds, or a throttled disk)")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -231,6 +238,8 @@ def main() -> None:
         print(json.dumps(STEPS[args.step](*args.paths, args.device)))
         return
     device = args.device or ("cuda" if shutil.which("nvidia-smi") else "cpu")
+    global KEEP_CACHE
+    KEEP_CACHE = args.keep_cache
     work = Path(args.work or tempfile.mkdtemp(prefix="moe-surgeon-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MOE_SURGEON_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
@@ -284,7 +293,7 @@ def main() -> None:
             row(f"export {take} from B", f"{wall:6.2f} s  {rss:7.0f} MB   {wall / cp:5.2f}x cp -r   (budget 64 MB)")
 
         cold = drop_caches()
-        state = "cold: page cache dropped" if cold else "page cache as it is (dropping it needs root)"
+        state = "cold: page cache dropped" if cold else "page cache as it is (--keep-cache, or not root)"
         read, _, _ = timed(["sh", "-c", f"cat {a}/*.safetensors > /dev/null"])
         row("read the bytes once (cat)", f"{read:6.2f} s  ({size / 1e9 / read:.2f} GB/s; {state})")
         drop_caches()
