@@ -2,7 +2,7 @@
 
 Each figure is a whole process measured in this one run:
   (a) `moe-surgeon inspect` wall time                      goal < 0.3 s
-  (b) export wall time as a ratio to `cp -r` of one donor   goal <= 1x (the same bytes, hashed too)
+  (b) export wall time as a ratio to `cp -r` of one donor   goal <= 2x (the same bytes, hashed too)
   (c) export peak RSS                                       goal <= 64 MB at any size
   (d) the naive way (transformers loads both models, copies the state dict, save_pretrained)
       as a ratio to the export.
@@ -131,7 +131,7 @@ def main() -> None:
         shutil.rmtree(work / "out")
         durable, _ = timed(exe + ["export", str(work / "out"), "--base", str(a), *take, "--fsync"])
         print(f"(a) inspect wall time        {inspect:8.3f} s    goal < 0.3 s")
-        print(f"(b) export / cp -r           {export / cp:8.2f} x    ({export:.2f} s vs {cp:.2f} s; goal <= 1x)")
+        print(f"(b) export / cp -r           {export / cp:8.2f} x    ({export:.2f} s vs {cp:.2f} s; goal <= 2x)")
         print(f"    with --fsync / cp -r     {durable / cp:8.2f} x    ({durable:.2f} s: waits for the disk, cp does not)")
         print(f"(c) export peak RSS          {rss:8.1f} MB   goal <= 64 MB")
         if not args.skip_naive:
