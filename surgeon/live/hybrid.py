@@ -1,9 +1,11 @@
 """A live hybrid: a transformers model on a device with a plan applied, hot-swappable.
 
-Materialising loads the base with transformers' own `from_pretrained` (memory-mapped, and
-`device_map="auto"` for models larger than one GPU), then copies in every tensor the plan takes
-from other donors. Changing the plan copies only the tensors whose source changed, in place,
-straight from the donors' memory maps, including into the fused expert tensors transformers
+Materialising builds the model empty on its device and reads every tensor once, from the donor
+the plan takes it from, into its place (one copy in memory: a 7B bf16 model peaks at its own
+bytes plus the runtime). A model larger than its devices (`device_map="auto"`), or one whose files
+do not fill every weight, is loaded with transformers' own `from_pretrained` instead and the
+plan's tensors copied in. Changing the plan copies only the tensors whose source changed, in place,
+straight from the donors' files, including into the fused expert tensors transformers
 holds in memory (see `architectures.FUSED_QWEN_STYLE`). A sweep then costs probe time, not
 reload time.
 

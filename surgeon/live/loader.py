@@ -1,4 +1,5 @@
-"""Loading a checkpoint as a live transformers model: the one place `from_pretrained` is called.
+"""Loading a checkpoint as a live transformers model: the one place `from_pretrained` is called,
+and where an empty model is built for a hybrid to fill from the donors' files (`build_empty`).
 
 Local files only (a path is never a Hub id here), eval mode, and the Self-MoE layer gates of a
 sidecar `from_pretrained` does not read attached as forward hooks (see `layer_gates.py`), in
