@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import CONFIGS, make_donor
 
 from surgeon.core.donor import open_donor
 from surgeon.core.plan import Plan, parse_spec
 from surgeon.live.hybrid import Hybrid
 from surgeon.live.loader import load_model
-from tiny_models import CONFIGS, make_donor
 
 
 def assert_same_model(got, want):

@@ -24,9 +24,9 @@ import mmap
 import os
 import tempfile
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +43,7 @@ from surgeon.live.dtypes import TORCH_DTYPES
 from surgeon.live.layer_gates import attach_gates, gate_modules
 from surgeon.live.loader import build_empty, load_model
 
-
-FILL_THREADS = 4
+FILL_THREADS = 4  # reads in flight while materialising: enough to keep a disk and the page faults busy
 
 
 @dataclass(frozen=True)
