@@ -105,8 +105,8 @@ def swaps(hybrid, device) -> dict:
         hybrid.apply(before_plan)
         again = hybrid.apply(plan)  # B's bytes just read: from the page cache where they still fit
         names = [n for n, s in hybrid.resolution.sources.items() if s.donor != old[n].donor]
-        # The same bytes as plain tensors already in memory, copied into the same live tensors; in
-        # groups of at most 512 MB so the baseline does not hold a second copy of what it copies.
+        # The same bytes as plain tensors already in memory (on the GPU, in its memory), copied into
+        # the same live tensors; in groups of at most 512 MB so the baseline holds no second copy.
         copy, group, size = 0.0, [], 0
         for i, n in enumerate(names):
             info = hybrid.donors["B"].tensors[hybrid.resolution.sources[n].tensor]
@@ -114,10 +114,12 @@ def swaps(hybrid, device) -> dict:
             size += info.nbytes
             if size < 512 * 2**20 and i + 1 < len(names):
                 continue
-            sources = [hybrid.reader.read("B", hybrid.resolution.sources[m].tensor).clone() for m in group]
+            views = [hybrid.live_view(m) for m in group]
+            # on the live tensors' device: on a GPU the baseline is a device-to-device copy
+            sources = [hybrid.reader.read("B", hybrid.resolution.sources[m].tensor).to(v.device, copy=True)
+                       for m, v in zip(group, views)]
             for m in group:
                 hybrid.reader.release("B", hybrid.resolution.sources[m].tensor)
-            views = [hybrid.live_view(m) for m in group]
             _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
