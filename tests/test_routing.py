@@ -243,3 +243,22 @@ def test_cli_bad_input_gives_one_line_errors(run_cli, donors_of, tmp_path):
     assert r.returncode == 2 and "no routed experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("routing", moe, "--expert", "nine")
     assert r.returncode == 2 and "LAYER:EXPERT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_routes_a_pickle_only_donor_like_its_safetensors_twin(run_cli, donors_of, tmp_path):
+    import shutil
+
+    path = donors_of("olmoe", 2)[0]
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in path.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, pickled / f.name)
+    torch.save(load_file(path / "model.safetensors"), pickled / "pytorch_model.bin")
+    (tmp_path / "a.txt").write_text("12+7=19\n\n3+4=7\n")
+    rows = []
+    for target, extra in ((path, []), (pickled, ["--allow-pickle"])):
+        r = run_cli("routing", target, "--corpus", f"sums={tmp_path / 'a.txt'}", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        rows.append([row["frequency"] for row in json.loads(r.stdout)["domains"]["sums"]["layers"]])
+    assert rows[0] == rows[1]

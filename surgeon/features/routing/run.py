@@ -68,10 +68,15 @@ def require_moe(donor) -> None:
 
 
 def load_model(donor, device: str, dtype: str):
-    """One donor's model, loaded as a hybrid is (one copy in memory, straight from its files)."""
+    """One donor's model, loaded as a hybrid is (one copy in memory, straight from its files); a
+    pickle-only donor (--allow-pickle) through transformers, which reads its .bin files."""
     from surgeon.core.plan import Plan
     from surgeon.live.hybrid import Hybrid
 
+    if donor.pickled:
+        from surgeon.live.loader import load_model as from_pretrained
+
+        return from_pretrained(donor.path, device=device, dtype=dtype, gates=False)
     return Hybrid.materialize(Plan("D"), {"D": donor}, device=device, dtype=dtype).model
 
 
