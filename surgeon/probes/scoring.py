@@ -496,12 +496,7 @@ class _Decoder:
                 take = _admit(waiting, seqs, free, max_tokens)
                 ran = _run_contexts(self.model, [seqs[i] for i in take], base, pad, dev)
                 firsts = ran.last.argmax(-1).tolist()
-                keep = []
-                for k, i in enumerate(take):
-                    if self._extend(toks[i], firsts[k]):
-                        keep.append(k)
-                    else:
-                        finished(i, toks[i])
+                keep = self._advance(take, firsts, toks, finished)
                 if keep:
                     rows = torch.tensor(keep, dtype=torch.long, device=dev)
                     ran.cache.batch_select_indices(rows)
@@ -516,12 +511,7 @@ class _Decoder:
                              use_cache=True, logits_to_keep=1)
             cache, positions = out.cache, positions + 1
             nxt = out.logits[:, -1].argmax(-1).tolist()
-            kept = []
-            for k, i in enumerate(live):
-                if self._extend(toks[i], nxt[k]):
-                    kept.append(k)
-                else:
-                    finished(i, toks[i])
+            kept = self._advance(live, nxt, toks, finished)
             if kept and len(kept) < len(live):  # finished rows leave: later steps compute live rows only
                 index = torch.tensor(kept, dtype=torch.long, device=dev)
                 cache.batch_select_indices(index)
@@ -529,6 +519,17 @@ class _Decoder:
             live, last = [live[k] for k in kept], [nxt[k] for k in kept]
             if not live:
                 cache = mask = positions = None
+
+    def _advance(self, rows: list[int], tokens: list[int], toks: dict, finished) -> list[int]:
+        """Give each row its next token; the positions (in `rows`) of those that go on, the others
+        handed to `finished`."""
+        going = []
+        for k, i in enumerate(rows):
+            if self._extend(toks[i], tokens[k]):
+                going.append(k)
+            else:
+                finished(i, toks[i])
+        return going
 
     def _extend(self, toks: list[int], token: int) -> bool:
         """Append the next token; whether the sequence goes on."""
