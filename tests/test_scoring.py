@@ -2,21 +2,16 @@
 running each distinct context (and a common token prefix) once and dropping finished rows."""
 
 import warnings
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import fed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surgeon.errors import SurgeonError
-from surgeon.probes.scoring import (
-    MIN_SHARED_PREFIX,
-    _settled,
-    cut_at_stop,
-    greedy_generate,
-    loglikelihoods,
-)
+from surgeon.probes.generation import greedy_generate
+from surgeon.probes.scoring import MIN_SHARED_PREFIX, loglikelihoods
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,18 +22,6 @@ MAX_LEN = 64  # the tiny donors' max_position_embeddings
 def model_and_tokenizer(donors_of):
     path = donors_of("olmoe", 1)[0]  # saved with the character tokenizer (bos 1, eos 2)
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
-@contextmanager
-def fed(model):
-    """The shape of input_ids of every forward the model runs."""
-    shapes = []
-    handle = model.register_forward_pre_hook(lambda _m, _a, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-                                             with_kwargs=True)
-    try:
-        yield shapes
-    finally:
-        handle.remove()
 
 
 def lm_eval_tokens(tok, ctx, cont):
@@ -186,117 +169,6 @@ def test_progress_counts_requests_then_contexts_up_to_the_total(model_and_tokeni
     greedy_generate(model, tok, ["1=", "22=", "333="], max_new_tokens=2, batch_size=2,
                     progress=lambda d, t: seen.append((d, t)))
     assert seen == [(1, 3), (2, 3), (3, 3)]  # each prompt as it finishes
-
-
-# --- greedy generation -------------------------------------------------------------------------
-
-def plain_greedy(model, tok, prompt, max_new, until=(), eos=2):
-    """One prompt, no cache, no padding: a full forward per token, then lm-eval's cut."""
-    ids = tok(prompt)["input_ids"][-(MAX_LEN - max_new):]
-    new = []
-    with torch.no_grad():
-        while len(new) < max_new:
-            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
-            new.append(token)
-            if token == eos:
-                break
-    return cut_at_stop(tok.decode(new, skip_special_tokens=True), (*until, "<eos>"))
-
-
-PROMPTS = ["12+7=", "rev:abcd=", "5+5=", "abc", "a much longer prompt than the others="]
-
-
-def test_greedy_generate_equals_plain_decoding_one_prompt_at_a_time(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    raw = [plain_greedy(model, tok, p, 20) for p in PROMPTS]
-    # stop strings that really occur, so some rows finish early and others run to the limit
-    until = (raw[0][2:4], raw[1][3:4])
-    want = [plain_greedy(model, tok, p, 20, until) for p in PROMPTS]
-    assert want != raw
-    for batch_size, max_batch_tokens in ((16, None), (3, 20), (1, None)):
-        with fed(model) as shapes:
-            got = greedy_generate(model, tok, PROMPTS, until=until, max_new_tokens=20, batch_size=batch_size,
-                                  max_batch_tokens=max_batch_tokens)
-        assert got == want
-        assert sum(rows for rows, _ in shapes) < 20 * len(PROMPTS)  # stopped rows ran no further
-    assert greedy_generate(model, tok, PROMPTS, stop=until, max_new_tokens=20) == want  # the older keyword
-
-
-def test_a_finished_row_leaves_the_running_batch(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    first = tok(plain_greedy(model, tok, PROMPTS[0], 3), add_special_tokens=False)["input_ids"]
-    old_eos = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = first[1]  # the first prompt now ends at its second token
-    try:
-        want = [plain_greedy(model, tok, p, 6, eos=first[1]) for p in PROMPTS]
-        with fed(model) as shapes:
-            got = greedy_generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=16)
-    finally:
-        model.generation_config.eos_token_id = old_eos
-    assert got == want
-    rows = [b for b, _ in shapes]
-    assert rows[0] == len(PROMPTS) and min(rows) < len(PROMPTS)  # later steps run fewer rows
-    assert rows == sorted(rows, reverse=True)
-
-
-def test_a_waiting_prompt_takes_the_slot_of_a_finished_row(model_and_tokenizer):
-    """Continuous batching: with two slots and five prompts, a prompt is prefilled while another row is
-    still decoding, and the next step runs them together; every text is still the one-at-a-time one."""
-    model, tok = model_and_tokenizer
-    raw = [plain_greedy(model, tok, p, 20) for p in PROMPTS]
-    until = (raw[0][2:4], raw[1][3:4])
-    with fed(model) as shapes:
-        got = greedy_generate(model, tok, PROMPTS, until=until, max_new_tokens=20, batch_size=2)
-    assert got == [plain_greedy(model, tok, p, 20, until) for p in PROMPTS]
-    joined = [j for j in range(1, len(shapes) - 1)
-              if shapes[j][1] > 1 and shapes[j + 1][1] == 1 and shapes[j + 1][0] > shapes[j][0]]
-    assert joined, shapes
-
-
-def test_equal_prompts_decode_once(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    seen = []
-    with fed(model) as shapes:
-        got = greedy_generate(model, tok, ["1+1=", "2+2=", "1+1="], max_new_tokens=3,
-                              progress=lambda d, t: seen.append((d, t)))
-    assert shapes[0] == (2, 4) and got[0] == got[2] == plain_greedy(model, tok, "1+1=", 3)
-    assert seen[-1] == (3, 3) and {d for d, _ in seen} <= {1, 2, 3}
-
-
-def test_a_long_prompt_keeps_its_last_tokens_like_lm_eval(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    prompts = ["abcdefghij" * 7 + "=", "1+1="]  # 71 tokens: only the last 64 - 8 are seen
-    want = [plain_greedy(model, tok, p, 8) for p in prompts]
-    assert greedy_generate(model, tok, prompts, max_new_tokens=8, batch_size=2) == want
-
-
-def test_cut_at_stop_cuts_at_each_stop_in_turn():
-    assert cut_at_stop("42\nQuestion: next", ("\n", "Question:")) == "42"
-    assert cut_at_stop("no stop here", ("\n",)) == "no stop here"
-    # lm-eval splits on each string in turn: "bc" is searched only in what "cd" left
-    assert cut_at_stop("abcd", ("cd", "bc")) == "ab"
-
-
-def test_decoding_stops_only_once_more_tokens_cannot_change_the_cut():
-    slack = "...."  # the last characters of a decoded text may still change
-    assert _settled("42\n\nQuestion: 7" + slack, ("\n\n", "Question:"))
-    assert not _settled("42\n\n", ("\n\n",))  # too close to the end to trust
-    assert not _settled("no stop yet" + slack, ("\n\n",))
-    # "qcd" is found, but "cdX" (cut at first) may still appear across the end and cut at 1
-    assert not _settled("qcd" + slack, ("cdX", "qcd"))
-    assert _settled("qcdY" + slack, ("cdX", "qcd"))
-    assert _settled("q\n\nab" + slack, ("abc", "\n\n"))  # "abc" may come, but would cut after "\n\n"
-
-
-def test_prefix_cached_generation_equals_the_whole_prompt_alone(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    prefix = "1+1=2\nrev:ab=ba\n"
-    prompts = ["12+7=", "rev:abcd=", "5+5=", "x"]
-    with fed(model) as shapes:
-        cached = greedy_generate(model, tok, prompts, prefix=prefix, max_new_tokens=6, batch_size=3)
-    assert shapes[0] == (1, len(prefix))
-    alone = [plain_greedy(model, tok, prefix + p, 6) for p in prompts]
-    assert cached == alone
 
 
 def test_cached_paths_use_the_current_cache_api(model_and_tokenizer):

@@ -4,7 +4,8 @@ and texts our scorer gives, request for request: the token sequences are lm-eval
 import pytest
 from tiny_models import make_donor
 
-from surgeon.probes.scoring import MIN_SHARED_PREFIX, greedy_generate, loglikelihoods
+from surgeon.probes.generation import greedy_generate
+from surgeon.probes.scoring import MIN_SHARED_PREFIX, loglikelihoods
 
 lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")
 from lm_eval.api.instance import Instance

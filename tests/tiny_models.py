@@ -7,6 +7,7 @@ only in their weights.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 _COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
@@ -84,3 +85,15 @@ def flip_byte(path, offset: int, mask: int = 0x01) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ mask]))
+
+
+@contextmanager
+def fed(model):
+    """The shape of input_ids of every forward the model runs."""
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        yield shapes
+    finally:
+        handle.remove()

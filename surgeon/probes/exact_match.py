@@ -31,7 +31,7 @@ STRICT, FLEXIBLE = "exact_match,strict-match", "exact_match,flexible-extract"  #
 
 
 def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progress=None) -> ProbeOutcome:
-    from surgeon.probes.scoring import greedy_generate  # torch, only when a probe runs
+    from surgeon.probes.generation import greedy_generate  # torch, only when a probe runs
 
     contexts = [context(item, item_shots, template, spec.cot) for item, item_shots in zip(items, shots)]
     until = stop_sequences(template, spec.until)

@@ -2,9 +2,9 @@
 
 lm-eval builds everything that defines the task: its documents, prompts, few-shot exemplars
 (sampled with its default fewshot seed, as `simple_evaluate` does), the requests, the filters and
-the per-document metrics. Only the model calls are ours (batched, shared-context scoring and
-greedy decoding in `scoring.py`), so per-item results are lm-eval's by construction and a
-difference can only come from the model's numbers.
+the per-document metrics. Only the model calls are ours (batched, shared-context scoring in
+`scoring.py`, greedy decoding in `generation.py`), so per-item results are lm-eval's by
+construction and a difference can only come from the model's numbers.
 
 TASK is a name in lm-eval's task registry or a path to a task YAML. Nothing is downloaded: a
 dataset that is not on disk is an error that says how to point a local YAML at a data file.
@@ -301,10 +301,9 @@ def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progre
 
 def _respond(model, tokenizer, label, instances, batch_size, progress) -> None:
     """Fill each instance's responses as lm-eval's evaluator does (one per repeat)."""
-    from surgeon.probes.scoring import (  # torch, only when a probe runs
-        greedy_generate,
-        loglikelihoods,
-    )
+    # torch, only when a probe runs
+    from surgeon.probes.generation import greedy_generate
+    from surgeon.probes.scoring import loglikelihoods
 
     by_type: dict[str, list] = {}
     for inst in instances:

@@ -1,4 +1,5 @@
-"""Batched scoring primitives the probes share: continuation log-likelihoods and greedy decoding.
+"""Batched scoring primitives the probes share: continuation log-likelihoods (greedy decoding, which
+starts from the same prefill, is in `generation.py`).
 
 Both see exactly the token sequences lm-evaluation-harness (HFLM, a causal model, default
 arguments) builds, so a probe here agrees with lm-eval item for item: the context's trailing
@@ -17,8 +18,6 @@ They are cheaper than lm-eval's one forward over context + continuation per requ
 - Logits are made only where a token is scored (the model's `logits_to_keep`): never a
   [batch, length, vocab] tensor.
 - Batches are capped by rows and by padded tokens, longest first, so a batch pads little.
-- A decoding row that has finished leaves the running batch (its cache rows are dropped) and a
-  waiting prompt, prefilled, joins in its slot (continuous batching).
 
 The cache goes in and comes out as `cache` (transformers 5.x's name; `past_key_values` warns from
 5.24 and is removed in 5.40).
@@ -27,20 +26,17 @@ The cache goes in and comes out as `cache` (transformers 5.x's name; `past_key_v
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.probes.attention import grouped_kv_on_cpu
 
 MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the forward they save
 DEFAULT_MAX_BATCH_TOKENS = 4096  # padded tokens per forward
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a model that states no length
 _UNSET_MODEL_MAX_LENGTH = 10**29  # transformers' "no limit" placeholder is ~1e30
-# Decoding a few more tokens may still change the last characters of the text (a partial UTF-8
-# sequence, " ." cleaned up to "."): a stop is trusted only this far from the end.
-_DECODE_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -351,7 +347,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     results: list[LogLik | None] = [None] * len(encoded)
     dev, pad = _device_of(model), _pad_id(tokenizer)
     done = 0
-    with torch.no_grad():
+    with torch.no_grad(), grouped_kv_on_cpu(dev):
         base = _run_base(model, contexts, dev)
         packed = [_pack(c[base.length:], owners[n], encoded, base.length) for n, c in enumerate(contexts)]
         lengths = [len(p.tokens) for p in packed]
@@ -362,218 +358,3 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
             if progress is not None:
                 progress(done, len(encoded))
     return results  # type: ignore[return-value]
-
-
-# --- greedy generation ---------------------------------------------------------------------------
-
-def cut_at_stop(text: str, stop) -> str:
-    """The text before the first occurrence of each stop string in turn (lm-eval's rule)."""
-    for s in stop:
-        if s:
-            text = text.split(s, 1)[0]
-    return text
-
-
-def _stop_terms(tokenizer, until, stop) -> tuple[str, ...]:
-    terms = [until] if isinstance(until, str) else list(until or ())
-    if stop is not None:
-        terms += [stop] if isinstance(stop, str) else list(stop)
-    # lm-eval adds the eos token's text, which matters where decoding keeps it.
-    if tokenizer.eos_token_id is not None:
-        eos_text = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
-        if eos_text not in terms:
-            terms.append(eos_text)
-    return tuple(terms)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    """The tokens that end a sequence: the model's generation config's (as model.generate uses),
-    else the tokenizer's eos."""
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None) if config is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
-
-
-def _settled(text: str, terms: tuple[str, ...]) -> bool:
-    """Whether no further tokens can change where `text` is cut, so decoding it may stop.
-
-    The cut is settled once some stop string occurs in the text, unless an earlier one in `terms`
-    (which is cut at first) could still appear across the end of the text and leave a different
-    result. The last few characters may still change as tokens arrive, so they are not trusted.
-    """
-    known = text[: max(0, len(text) - _DECODE_SLACK)]
-    live = [t for t in terms if t]
-    for j, term in enumerate(live):
-        if term in known:
-            return True
-        now = cut_at_stop(known, live[j:])
-        for start in range(max(0, len(known) - len(term) + 1), len(known)):
-            if term.startswith(known[start:]) and cut_at_stop(known[:start], live[j + 1:]) != now:
-                return False
-    return False
-
-
-def greedy_generate(model, tokenizer, contexts: list[str], *, until=(), max_new_tokens: int = 256,
-                    batch_size: int = 16, max_batch_tokens: int | None = None, progress=None, prefix: str = "",
-                    stop=None) -> list[str]:
-    """Greedy continuation of each context, as lm-eval's generate_until gives it: at most
-    max_new_tokens, ended by eos, cut at each `until` string in turn (`stop` is the older name).
-
-    A sequence leaves the running batch once it has finished, so later steps compute live rows
-    only; the text does not depend on the batch a context ran in.
-    """
-    max_tokens = _check_sizes(batch_size, max_batch_tokens)
-    if max_new_tokens < 1:
-        raise SurgeonError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    room = max_length(model, tokenizer) - max_new_tokens
-    if room < 1:
-        raise SurgeonError(f"max_new_tokens {max_new_tokens} leaves no room for a context in the model's "
-                           f"{room + max_new_tokens}-token length")
-    terms = _stop_terms(tokenizer, until, stop)
-    # Equal prompts decode to equal texts: each distinct one runs once.
-    distinct: dict[tuple[int, ...], int] = {}
-    slots = [distinct.setdefault(tuple(_encode_prompt(tokenizer, prefix + c)[-room:]), len(distinct))
-             for c in contexts]
-    encoded = [list(ids) for ids in distinct]
-    uses = Counter(slots)
-    texts = [""] * len(encoded)
-    dev, pad = _device_of(model), _pad_id(tokenizer)
-    done = [0]
-
-    def finished(i: int, toks: list[int]) -> None:
-        texts[i] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), terms)
-        done[0] += uses[i]
-        if progress is not None:
-            progress(done[0], len(contexts))
-
-    with torch.no_grad():
-        base = _run_base(model, encoded, dev)
-        lengths = [len(s) - base.length for s in encoded]
-        order = sorted(range(len(encoded)), key=lambda i: -lengths[i])
-        decoder = _Decoder(model, tokenizer, terms, _eos_ids(model, tokenizer), max_new_tokens)
-        decoder.run_all({i: encoded[i][base.length:] for i in order}, base, pad, dev, batch_size, max_tokens,
-                        finished)
-    return [texts[slot] for slot in slots]
-
-
-def _encode_prompt(tokenizer, text: str) -> list[int]:
-    ids = encode_like_lm_eval(tokenizer, text, tokenizer.bos_token)
-    if ids:
-        return ids
-    # An empty prompt cannot be run; lm-eval would hand generate() an all-padding row.
-    first = prefix_token_id(tokenizer)
-    if first is None:
-        raise SurgeonError("an empty prompt needs a tokenizer with a bos or eos token")
-    return [first]
-
-
-@dataclass
-class _Decoder:
-    model: object
-    tokenizer: object
-    terms: tuple[str, ...]
-    eos: set[int]
-    max_new: int
-
-    def run_all(self, seqs: dict[int, list[int]], base: _Base, pad: int, dev, slots: int, max_tokens: int,
-                finished) -> None:
-        """Decode every sequence (in the dict's order) with at most `slots` rows per step, calling
-        finished(key, tokens) as each ends. A finished row leaves at once and, where the cache can be
-        merged, a waiting sequence takes its slot (continuous batching): a step costs about the same
-        for 1 row as for 8, so a batch that waits on its one long row wastes the others' slots."""
-        waiting = list(seqs)
-        toks: dict[int, list[int]] = {i: [] for i in seqs}
-        live: list[int] = []
-        last: list[int] = []
-        cache = mask = positions = None
-        while waiting or live:
-            free = slots - len(live)
-            if waiting and free > 0 and (cache is None or _mergeable(cache)):
-                take = _admit(waiting, seqs, free, max_tokens)
-                ran = _run_contexts(self.model, [seqs[i] for i in take], base, pad, dev)
-                firsts = ran.last.argmax(-1).tolist()
-                keep = self._advance(take, firsts, toks, finished)
-                if keep:
-                    rows = torch.tensor(keep, dtype=torch.long, device=dev)
-                    ran.cache.batch_select_indices(rows)
-                    cache, mask, positions = _merge(cache, mask, positions, ran.cache, ran.mask[rows],
-                                                    ran.next_pos[rows][:, None])
-                    live += [take[k] for k in keep]
-                    last += [firsts[k] for k in keep]
-                continue
-            ids = torch.tensor([[t] for t in last], device=dev)
-            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=dev)], dim=1)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1)
-            cache, positions = out.cache, positions + 1
-            nxt = out.logits[:, -1].argmax(-1).tolist()
-            kept = self._advance(live, nxt, toks, finished)
-            if kept and len(kept) < len(live):  # finished rows leave: later steps compute live rows only
-                index = torch.tensor(kept, dtype=torch.long, device=dev)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-            live, last = [live[k] for k in kept], [nxt[k] for k in kept]
-            if not live:
-                cache = mask = positions = None
-
-    def _advance(self, rows: list[int], tokens: list[int], toks: dict, finished) -> list[int]:
-        """Give each row its next token; the positions (in `rows`) of those that go on, the others
-        handed to `finished`."""
-        going = []
-        for k, i in enumerate(rows):
-            if self._extend(toks[i], tokens[k]):
-                going.append(k)
-            else:
-                finished(i, toks[i])
-        return going
-
-    def _extend(self, toks: list[int], token: int) -> bool:
-        """Append the next token; whether the sequence goes on."""
-        toks.append(token)
-        if token in self.eos or len(toks) >= self.max_new:
-            return False
-        return not _settled(self.tokenizer.decode(toks, skip_special_tokens=True), self.terms)
-
-
-def _admit(waiting: list[int], seqs: dict[int, list[int]], free: int, max_tokens: int) -> list[int]:
-    """The next waiting sequences to prefill together: at most `free`, and at most max_tokens padded."""
-    take = [waiting.pop(0)]
-    width = len(seqs[take[0]])
-    while waiting and len(take) < free and (len(take) + 1) * max(width, len(seqs[waiting[0]])) <= max_tokens:
-        width = max(width, len(seqs[waiting[0]]))
-        take.append(waiting.pop(0))
-    return take
-
-
-def _mergeable(cache) -> bool:
-    """Rows of two caches of this kind can be joined (plain full-length layers only: a sliding window
-    layer keeps a different span per length, so joining it would misplace keys)."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
-
-
-def _merge(cache, mask, positions, new_cache, new_mask, new_positions):
-    """Running rows and newly prefilled ones as one batch: both left-padded to the longer cache, the
-    padding masked out; positions are explicit, so where a row's keys sit in the cache does not matter."""
-    if cache is None:
-        return new_cache, new_mask, new_positions
-    width = max(mask.shape[1], new_mask.shape[1])
-    for mine, theirs in zip(cache.layers, new_cache.layers):
-        mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)], dim=0)
-        mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)], dim=0)
-    mask = torch.cat([_left_pad(mask, width, 1), _left_pad(new_mask, width, 1)], dim=0)
-    return cache, mask, torch.cat([positions, new_positions], dim=0)
