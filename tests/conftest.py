@@ -101,6 +101,15 @@ def donors_of(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def char_olmoe(donors_of):
+    """(model, tokenizer) of a tiny OLMoE donor saved with the character tokenizer (bos 1, eos 2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = donors_of("olmoe", 1)[0]
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
 class CliResult(NamedTuple):
     """What `moe-surgeon ARGS` did; the attributes of subprocess.CompletedProcess, also unpackable."""
 

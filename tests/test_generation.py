@@ -19,12 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MAX_LEN = 64  # the tiny donors' max_position_embeddings
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(donors_of):
-    path = donors_of("olmoe", 1)[0]  # saved with the character tokenizer (bos 1, eos 2)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 def plain_greedy(model, tok, prompt, max_new, until=(), eos=2):
     """One prompt, no cache, no padding: a full forward per token, then lm-eval's cut."""
     ids = tok(prompt)["input_ids"][-(MAX_LEN - max_new):]
@@ -41,8 +35,8 @@ def plain_greedy(model, tok, prompt, max_new, until=(), eos=2):
 PROMPTS = ["12+7=", "rev:abcd=", "5+5=", "abc", "a much longer prompt than the others="]
 
 
-def test_greedy_generate_equals_plain_decoding_one_prompt_at_a_time(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_greedy_generate_equals_plain_decoding_one_prompt_at_a_time(char_olmoe):
+    model, tok = char_olmoe
     raw = [plain_greedy(model, tok, p, 20) for p in PROMPTS]
     # stop strings that really occur, so some rows finish early and others run to the limit
     until = (raw[0][2:4], raw[1][3:4])
@@ -57,8 +51,8 @@ def test_greedy_generate_equals_plain_decoding_one_prompt_at_a_time(model_and_to
     assert greedy_generate(model, tok, PROMPTS, stop=until, max_new_tokens=20) == want  # the older keyword
 
 
-def test_a_finished_row_leaves_the_running_batch(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_a_finished_row_leaves_the_running_batch(char_olmoe):
+    model, tok = char_olmoe
     first = tok(plain_greedy(model, tok, PROMPTS[0], 3), add_special_tokens=False)["input_ids"]
     old_eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = first[1]  # the first prompt now ends at its second token
@@ -74,10 +68,10 @@ def test_a_finished_row_leaves_the_running_batch(model_and_tokenizer):
     assert rows == sorted(rows, reverse=True)
 
 
-def test_a_waiting_prompt_takes_the_slot_of_a_finished_row(model_and_tokenizer):
+def test_a_waiting_prompt_takes_the_slot_of_a_finished_row(char_olmoe):
     """Continuous batching: with two slots and five prompts, a prompt is prefilled while another row is
     still decoding, and the next step runs them together; every text is still the one-at-a-time one."""
-    model, tok = model_and_tokenizer
+    model, tok = char_olmoe
     raw = [plain_greedy(model, tok, p, 20) for p in PROMPTS]
     until = (raw[0][2:4], raw[1][3:4])
     with fed(model) as shapes:
@@ -88,8 +82,8 @@ def test_a_waiting_prompt_takes_the_slot_of_a_finished_row(model_and_tokenizer):
     assert joined, shapes
 
 
-def test_equal_prompts_decode_once(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_equal_prompts_decode_once(char_olmoe):
+    model, tok = char_olmoe
     seen = []
     with fed(model) as shapes:
         got = greedy_generate(model, tok, ["1+1=", "2+2=", "1+1="], max_new_tokens=3,
@@ -98,8 +92,8 @@ def test_equal_prompts_decode_once(model_and_tokenizer):
     assert seen[-1] == (3, 3) and {d for d, _ in seen} <= {1, 2, 3}
 
 
-def test_a_long_prompt_keeps_its_last_tokens_like_lm_eval(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_a_long_prompt_keeps_its_last_tokens_like_lm_eval(char_olmoe):
+    model, tok = char_olmoe
     prompts = ["abcdefghij" * 7 + "=", "1+1="]  # 71 tokens: only the last 64 - 8 are seen
     want = [plain_greedy(model, tok, p, 8) for p in prompts]
     assert greedy_generate(model, tok, prompts, max_new_tokens=8, batch_size=2) == want
@@ -123,8 +117,8 @@ def test_decoding_stops_only_once_more_tokens_cannot_change_the_cut():
     assert _settled("q\n\nab" + slack, ("abc", "\n\n"))  # "abc" may come, but would cut after "\n\n"
 
 
-def test_prefix_cached_generation_equals_the_whole_prompt_alone(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_prefix_cached_generation_equals_the_whole_prompt_alone(char_olmoe):
+    model, tok = char_olmoe
     prefix = "1+1=2\nrev:ab=ba\n"
     prompts = ["12+7=", "rev:abcd=", "5+5=", "x"]
     with fed(model) as shapes:
@@ -148,10 +142,10 @@ def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_last_toke
     assert lookup.draft(0) == [] and PromptLookup([3]).draft(2) == []
 
 
-def test_draft_tokens_keep_the_text_and_save_forwards(model_and_tokenizer):
+def test_draft_tokens_keep_the_text_and_save_forwards(char_olmoe):
     """A tiny random model repeats itself, so drafts looked up in its own tokens are often right: the
     text is the one-token-per-step text, in fewer forwards, some of them several tokens wide."""
-    model, tok = model_and_tokenizer
+    model, tok = char_olmoe
     prompts = ["ab" * 6, "12+17=", "rev:abcd=", "xyzxyzxyz", "15+25="]
     want = [plain_greedy(model, tok, p, 40) for p in prompts]
     forwards = {}

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MAX_LEN = 64  # the tiny donors' max_position_embeddings
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(donors_of):
-    path = donors_of("olmoe", 1)[0]  # saved with the character tokenizer (bos 1, eos 2)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 def lm_eval_tokens(tok, ctx, cont):
     """lm-eval's split, written out: trailing whitespace to the continuation, encode whole and
     context, an empty context is bos, then left truncation."""
@@ -64,8 +58,8 @@ def assert_like_reference(model, tok, requests, got):
 
 
 @pytest.mark.parametrize("batch_size,max_batch_tokens", [(16, None), (3, 12), (1, 1)])
-def test_loglikelihoods_equal_a_plain_forward_per_request(model_and_tokenizer, batch_size, max_batch_tokens):
-    model, tok = model_and_tokenizer
+def test_loglikelihoods_equal_a_plain_forward_per_request(char_olmoe, batch_size, max_batch_tokens):
+    model, tok = char_olmoe
     best = greedy_continuation(model, tok, "12+7=", 3)
     requests = [
         ("12+7=", "19"), ("12+7=", "1"), ("12+7=", "2"), ("12+7=", best),  # one context, short and long choices
@@ -79,8 +73,8 @@ def test_loglikelihoods_equal_a_plain_forward_per_request(model_and_tokenizer, b
     assert got[3].greedy and got[3].tokens == 3  # the model's own greedy continuation is recognised
 
 
-def test_each_context_and_its_choices_run_in_one_row_once(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_each_context_and_its_choices_run_in_one_row_once(char_olmoe):
+    model, tok = char_olmoe
     single = [(ctx, c) for ctx in ("12+7=", "3+3=", "rev:ab=") for c in "0123"]
     with fed(model) as shapes:
         got = loglikelihoods(model, tok, single, batch_size=16)
@@ -108,8 +102,8 @@ def test_every_architecture_honours_the_tree_mask(donors_of, model_type):
     assert_like_reference(model, tok, requests, got)
 
 
-def test_a_common_token_prefix_runs_once_and_changes_no_score(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_a_common_token_prefix_runs_once_and_changes_no_score(char_olmoe):
+    model, tok = char_olmoe
     preamble = "1+1=2\nrev:ab=ba\n3+4=7\n"  # 22 tokens shared by every context
     requests = [(preamble + q, a) for q, a in (("12+7=", "19"), ("5+5=", "10"), ("rev:abc=", "cba"), ("9+1=", "1"))]
     with fed(model) as shapes:
@@ -119,8 +113,8 @@ def test_a_common_token_prefix_runs_once_and_changes_no_score(model_and_tokenize
     assert_like_reference(model, tok, requests, got)
 
 
-def test_short_common_prefixes_are_not_cached(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_short_common_prefixes_are_not_cached(char_olmoe):
+    model, tok = char_olmoe
     requests = [("ab" + q, "1") for q in ("c=", "de=", "f=")]  # 4, 5 and 4 tokens
     assert len("ab") < MIN_SHARED_PREFIX
     with fed(model) as shapes:
@@ -129,16 +123,16 @@ def test_short_common_prefixes_are_not_cached(model_and_tokenizer):
     assert_like_reference(model, tok, requests, got)
 
 
-def test_the_prefix_keyword_is_put_before_every_context(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_the_prefix_keyword_is_put_before_every_context(char_olmoe):
+    model, tok = char_olmoe
     prefix = "1+1=2 ab:ba "
     requests = [("12+7=", "19"), ("x", "yz"), ("", "q")]
     got = loglikelihoods(model, tok, requests, prefix=prefix, batch_size=2)
     assert_like_reference(model, tok, [(prefix + c, x) for c, x in requests], got)
 
 
-def test_too_long_a_request_loses_tokens_on_the_left_like_lm_eval(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_too_long_a_request_loses_tokens_on_the_left_like_lm_eval(char_olmoe):
+    model, tok = char_olmoe
     long_ctx = "abcdefghij" * 8 + "="  # 81 tokens, the model holds 64
     requests = [(long_ctx, "42"), (long_ctx, "7"), ("short=", "1")]
     got = loglikelihoods(model, tok, requests, batch_size=2)
@@ -147,8 +141,8 @@ def test_too_long_a_request_loses_tokens_on_the_left_like_lm_eval(model_and_toke
         loglikelihoods(model, tok, [("a", "1" * 65)])
 
 
-def test_bad_input_is_a_one_line_error(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_bad_input_is_a_one_line_error(char_olmoe):
+    model, tok = char_olmoe
     with pytest.raises(SurgeonError, match="empty continuation"):
         loglikelihoods(model, tok, [("12+7=", "")])
     with pytest.raises(SurgeonError, match="batch_size"):
@@ -159,8 +153,8 @@ def test_bad_input_is_a_one_line_error(model_and_tokenizer):
         greedy_generate(model, tok, ["1+"], max_new_tokens=64)
 
 
-def test_progress_counts_requests_then_contexts_up_to_the_total(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+def test_progress_counts_requests_then_contexts_up_to_the_total(char_olmoe):
+    model, tok = char_olmoe
     seen = []
     requests = [(ctx, c) for ctx in ("1=", "22=", "333=", "4444=", "5") for c in ("1", "23")]
     loglikelihoods(model, tok, requests, batch_size=2, progress=lambda d, t: seen.append((d, t)))
@@ -171,10 +165,10 @@ def test_progress_counts_requests_then_contexts_up_to_the_total(model_and_tokeni
     assert seen == [(1, 3), (2, 3), (3, 3)]  # each prompt as it finishes
 
 
-def test_cached_paths_use_the_current_cache_api(model_and_tokenizer):
+def test_cached_paths_use_the_current_cache_api(char_olmoe):
     # transformers 5.24 warns (FutureWarning) that `past_key_values` goes away in 5.40; every
     # cached path (prefix, context rows, decoding) must pass the cache by its current name.
-    model, tok = model_and_tokenizer
+    model, tok = char_olmoe
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         loglikelihoods(model, tok, [("1+1=2 12+7=", "19"), ("1+1=2 12+8=", "20")], prefix="0+0=0 ", batch_size=2)
