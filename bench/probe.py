@@ -26,11 +26,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 import vs_lmeval
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+from copy_timing import copy_seconds, sync
 
 
 def lmeval_pair(ctx: str, cont: str) -> tuple[str, str]:
@@ -114,16 +110,7 @@ def bench_swap(device, small):
     sources = [hybrid.reader.read("B", n).clone() for n in names]
     views = [hybrid.live_view(n) for n in names]
     nbytes = sum(s.numel() * s.element_size() for s in sources)
-    copies = []
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for v, s in zip(views, sources):
-                v.copy_(s, non_blocking=True)
-        sync(device)
-        copies.append(time.perf_counter() - t0)
-    copy = min(copies)
+    copy = min(copy_seconds(views, sources, device) for _ in range(3))
     print(f"(b) hot-swap of {len(names)} attention tensors ({nbytes / 1e6:.0f} MB) on {device}")
     print(f"    swap {swap * 1e3:8.1f} ms   plain copy {copy * 1e3:8.1f} ms   ratio {swap / copy:5.2f}x   (goal <= 3x)")
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from copy_timing import copy_seconds, sync
 from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards
 
 DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
@@ -60,13 +61,6 @@ def make_donor(path: Path, seed: int, scale: float) -> None:
 
 # ---- child steps: each runs in its own process (python bench/scale.py --step NAME A B) ----
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        torch.cuda.synchronize()
-
-
 def _rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -79,7 +73,7 @@ def _materialize(a: str, b: str, device: str):
     donors = {"A": open_donor(a), "B": open_donor(b)}
     t0 = time.perf_counter()
     hybrid = Hybrid.materialize(Plan("A"), donors, device=device)
-    _sync(device)
+    sync(device)
     return hybrid, time.perf_counter() - t0
 
 
@@ -89,8 +83,6 @@ def step_materialize(a, b, device) -> dict:
 
 
 def swaps(hybrid, device) -> dict:
-    import torch
-
     from surgeon.core.plan import Plan, parse_spec
 
     out = {}
@@ -120,13 +112,7 @@ def swaps(hybrid, device) -> dict:
                        for m, v in zip(group, views)]
             for m in group:
                 hybrid.reader.release("B", hybrid.resolution.sources[m].tensor)
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for v, src in zip(views, sources):
-                    v.copy_(src, non_blocking=True)
-            _sync(device)
-            copy += time.perf_counter() - t0
+            copy += copy_seconds(views, sources, device)
             del sources
             group, size = [], 0
         gb = first.bytes / 1e9
@@ -149,7 +135,7 @@ def probes(hybrid, a, device) -> dict:
         data = load_probe_data(spec)
         t0 = time.perf_counter()
         evaluate(hybrid.model, tok, spec, data, batch_size=BATCH)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         if kind == "mc":  # tokens scored: context and every choice (what a naive scorer would feed)
             tokens = sum(len(tok(ctx + " " + c, add_special_tokens=False)["input_ids"])
