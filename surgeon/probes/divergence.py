@@ -19,11 +19,11 @@ def log_probs(model, tokenizer, items, progress=None) -> list:
     import torch
     import torch.nn.functional as F
 
-    from surgeon.probes.scoring import encode
+    from surgeon.probes.scoring import encode, probe_forwards
 
     dev = next(model.parameters()).device
     out = []
-    with torch.no_grad():
+    with probe_forwards(model, dev):
         for n, item in enumerate(items):
             ids = encode(tokenizer, item_text(item))
             if tokenizer.bos_token_id is not None:

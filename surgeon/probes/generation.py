@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.probes.attention import grouped_kv_on_cpu
 from surgeon.probes.kv_slots import SlotCache, plain_layers
 from surgeon.probes.lookup import PromptLookup
 from surgeon.probes.scoring import (
@@ -38,6 +37,7 @@ from surgeon.probes.scoring import (
     encode_like_lm_eval,
     max_length,
     prefix_token_id,
+    probe_forwards,
 )
 
 # Draft tokens checked per row and step. A step is as wide as its widest row, so every row pays
@@ -134,7 +134,7 @@ def greedy_generate(model, tokenizer, contexts: list[str], *, until=(), max_new_
             progress(done[0], len(contexts))
 
     dev = _device_of(model)
-    with torch.no_grad(), grouped_kv_on_cpu(dev):
+    with probe_forwards(model, dev):
         base = _run_base(model, encoded, dev)
         lengths = [len(s) - base.length for s in encoded]
         order = sorted(range(len(encoded)), key=lambda i: -lengths[i])

@@ -39,7 +39,7 @@ def text_nll(model, tokenizer, text: str):
     """Negative log-likelihood of every token of `text` after the first, in windows of WINDOW tokens."""
     import torch
 
-    from surgeon.probes.scoring import encode
+    from surgeon.probes.scoring import encode, probe_forwards
 
     ids = encode(tokenizer, text)
     if tokenizer.bos_token_id is not None:
@@ -47,7 +47,7 @@ def text_nll(model, tokenizer, text: str):
     if len(ids) < 2:
         raise SurgeonError(f"text {text[:40]!r}: too short to score")
     dev = next(model.parameters()).device
-    with torch.no_grad():
+    with probe_forwards(model, dev):
         return torch.cat([token_nll(model, torch.tensor([ids[start:start + WINDOW + 1]], device=dev))
                           for start in range(0, len(ids) - 1, WINDOW)])
 

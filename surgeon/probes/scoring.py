@@ -26,12 +26,14 @@ The cache goes in and comes out as `cache` (transformers 5.x's name; `past_key_v
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from surgeon.errors import SurgeonError
 from surgeon.probes.attention import grouped_kv_on_cpu
+from surgeon.probes.linear_kernels import onednn_linears
 
 MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the forward they save
 DEFAULT_MAX_BATCH_TOKENS = 4096  # padded tokens per forward
@@ -129,6 +131,15 @@ def encode_request(tokenizer, context: str, continuation: str, limit: int,
 
 
 # --- batches, caches, forwards -----------------------------------------------------------------
+
+@contextmanager
+def probe_forwards(model, dev: torch.device):
+    """The setting every probe forward runs in: no autograd, and on the CPU the faster kernels
+    that compute the same numbers (grouped-head attention) or the same products in another order
+    (oneDNN linears)."""
+    with torch.no_grad(), grouped_kv_on_cpu(dev), onednn_linears(model):
+        yield
+
 
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
@@ -347,7 +358,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     results: list[LogLik | None] = [None] * len(encoded)
     dev, pad = _device_of(model), _pad_id(tokenizer)
     done = 0
-    with torch.no_grad(), grouped_kv_on_cpu(dev):
+    with probe_forwards(model, dev):
         base = _run_base(model, contexts, dev)
         packed = [_pack(c[base.length:], owners[n], encoded, base.length) for n, c in enumerate(contexts)]
         lengths = [len(p.tokens) for p in packed]
