@@ -38,7 +38,8 @@ def test_samples_and_json_give_the_same_per_item_outcomes_under_the_checkpoints_
     # progress on a stderr that is no terminal: plain lines in items, with rate and ETA
     progress = [line for line in r.stderr.splitlines() if line.startswith("probe:")]
     assert progress and all("items" in line and "ETA" in line for line in progress)
-    assert any("items/s" in line and "mc:arith_mc" in line for line in progress)
+    assert any("items/s" in line and "arith mc:arith_mc" in line for line in progress)
+    assert not any("hybrid" in line for line in progress)  # one checkpoint is called by its name
     assert len(progress) == len(set(progress))  # no line printed twice
 
     rows = json.loads(r.stdout)["results"]

@@ -114,18 +114,20 @@ def cmd_probe(args) -> int:
         load_probe_data(s)  # refuse bad probe data before loading any model
     device = args.device or default_device()
     hybrid = Hybrid.materialize(plan, donors, device=device, dtype=args.dtype)
+    alone = None if session is not None else donors["A"].path.resolve().name
     with out_of_memory_is_an_error(device), cancel_on_interrupt(CancelToken()) as cancel:
         records = run_probes(hybrid, plan, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
                              compare_donors=session is not None and not args.no_donors,
-                             keep_samples=bool(args.samples), progress=StepPrinter("probe"), cancel=cancel)
+                             keep_samples=bool(args.samples), progress=StepPrinter("probe"), cancel=cancel,
+                             shown_as=alone or "hybrid")
     if session is not None and not args.no_save:
         from surgeon.core.session import record_full_hashes, save_session
 
         record_probe_results(session, specs, records)
         record_full_hashes(session, donors, progress=StepPrinter("hashing donors"))  # upgrades an old session
         save_session(session, args.target)
-    if session is None:
-        records = _named(records, donors["A"].path.resolve().name)
+    if alone:
+        records = _named(records, alone)
     if args.samples:
         from surgeon.probes.run import write_samples
 

@@ -187,14 +187,15 @@ def evaluate(model, tokenizer, spec: ProbeSpec, data: ProbeData, *, batch_size: 
 
 def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype: str = "keep",
                batch_size: int = 16, compare_donors: bool = True, keep_samples: bool = False, progress=None,
-               cancel: CancelToken = NEVER) -> list[dict]:
+               cancel: CancelToken = NEVER, shown_as: str = "hybrid") -> list[dict]:
     """Probe the hybrid of `plan`, then every donor (cached). Returns result records; the hybrid is
     left at `plan`, also when cancelled.
 
     keep_samples: give every record its per-item samples under SAMPLES (see sample_lines); a cached
     donor's come from the cache, or are empty when it has none. record_probe_results drops them.
 
-    progress: jobs.Steps in items over the whole run (cached donors cost none), the stage as detail.
+    progress: jobs.Steps in items over the whole run (cached donors cost none), the stage as detail,
+    naming the hybrid `shown_as` (a checkpoint probed alone: its name; the records say "hybrid").
     cancel: checked between batches and between stages; a cancelled run returns nothing and caches
     only the donor scores it had finished.
     """
@@ -209,7 +210,7 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
     cached: dict[tuple[str, str], dict | None] = {}
     keys: dict[tuple[str, str], str] = {}
     for spec, data in zip(specs, datas):
-        stages.append((f"hybrid {spec.label}", len(data.items)))
+        stages.append((f"{shown_as} {spec.label}", len(data.items)))
         if KINDS[spec.kind].per_donor:
             stages += [(f"donor {name} {spec.label}", len(data.items)) for name in donors]
     if compare_donors:
@@ -259,9 +260,10 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
         for spec, data in zip(specs, datas):
             if KINDS[spec.kind].per_donor:
                 records.extend({**r, **kept(None)} for r in
-                               _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure))
+                               _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure,
+                                          shown_as))
                 continue
-            out = measure(hybrid.model, spec, data, f"hybrid {spec.label}")
+            out = measure(hybrid.model, spec, data, f"{shown_as} {spec.label}")
             records.append(make_record(spec, "hybrid", out, device=device, dtype=dtype, batch_size=batch_size,
                                        extra_fields={"plan": plan_json, **kept(out.samples)}))
         if compare_donors:
@@ -326,10 +328,11 @@ def _donor_model(hybrid, plan: Plan, name: str, device: str, dtype: str):
     return Hybrid.materialize(Plan(name), hybrid.donors, device=device, dtype=dtype).model
 
 
-def _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure) -> list[dict]:
+def _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure,
+               shown_as: str) -> list[dict]:
     """A per-donor kind: the hybrid's measurement against each donor's, one record per donor."""
     kind = probe_module(spec.kind)
-    mine = measure(hybrid.model, spec, data, f"hybrid {spec.label}")
+    mine = measure(hybrid.model, spec, data, f"{shown_as} {spec.label}")
     records = []
     for name in hybrid.donors:
         theirs = measure(_donor_model(hybrid, plan, name, device, dtype), spec, data, f"donor {name} {spec.label}")
