@@ -6,8 +6,11 @@ import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import surgeon.probes.linear_kernels as kernels
+from surgeon.probes import ProbeOutcome, parse_probe
 from surgeon.probes.generation import greedy_generate
 from surgeon.probes.linear_kernels import onednn_linears, onednn_usable, routed_linears
+from surgeon.probes.run import cache_key, make_record
 from surgeon.probes.scoring import loglikelihoods
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -71,3 +74,15 @@ def test_probes_run_routed_and_leave_the_model_as_it_was(llama):
     greedy_generate(model, tok, ["5+5="], max_new_tokens=4, progress=lambda *_: during.append(routed_linears(model)))
     assert during and set(during) == {linears(model)}
     assert routed_linears(model) == 0
+
+
+def test_results_say_which_kernel_and_donor_scores_are_cached_apart_by_it(monkeypatch):
+    spec = parse_probe("mc:arith_mc,limit=4")
+    outcome = ProbeOutcome(["1", "2"], [1.0, 0.0], metric="acc")
+    assert make_record(spec, "hybrid", outcome, device="cpu", dtype="float32", batch_size=8)["cpu_linears"] == "onednn"
+    assert "cpu_linears" not in make_record(spec, "hybrid", outcome, device="cuda:0", dtype="float32", batch_size=8)
+    with_onednn = cache_key("f", spec, "cpu", "float32", 8)
+    monkeypatch.setattr(kernels, "_usable", False)  # a torch without oneDNN: plain MKL linears
+    assert make_record(spec, "hybrid", outcome, device="cpu", dtype="float32", batch_size=8)["cpu_linears"] == "mkl"
+    assert cache_key("f", spec, "cpu", "float32", 8) != with_onednn
+    assert cache_key("f", spec, "cuda", "float32", 8) == cache_key("f", spec, "cuda:1", "float32", 8)

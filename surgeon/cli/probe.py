@@ -140,6 +140,12 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _where(record: dict) -> str:
+    """The device, and on the CPU the kernel of its float32 linears (older records do not say)."""
+    kernel = record.get("cpu_linears")
+    return f"{record['device']} ({kernel} linears)" if kernel else record["device"]
+
+
 def replay_probes(session, donors, args) -> int:
     """Re-run the recorded hybrid probes; report every per-item difference from the recording."""
     from surgeon.live.devices import default_device
@@ -169,7 +175,7 @@ def replay_probes(session, donors, args) -> int:
         for item, value in zip(new["ids"], new["outcomes"]):
             if before.get(item) != value:
                 differences.append({"probe": new["label"], "item": item, "recorded": before.get(item), "now": value})
-        devices = f"recorded on {old['device']}, replayed on {device}"
+        devices = f"recorded on {_where(old)}, replayed on {_where(new)}"
         if not args.json:
             print(f"{new['label']}: {new['n']} items, score {new['score']:.4f} (recorded {old['score']:.4f}); {devices}")
     if args.json:

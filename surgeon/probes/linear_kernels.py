@@ -47,6 +47,14 @@ def onednn_usable() -> bool:
     return _usable
 
 
+def cpu_linears(device) -> str | None:
+    """The kernel a probe on `device` multiplies float32 linears with ("onednn" or "mkl"; None off
+    the CPU). The two round differently, so results record it and donor scores are cached by it."""
+    if str(device).split(":")[0] != "cpu":
+        return None
+    return "onednn" if onednn_usable() else "mkl"
+
+
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or torch.is_grad_enabled():
         return F.linear(x, module.weight, module.bias)  # the op has no backward

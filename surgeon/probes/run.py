@@ -120,6 +120,13 @@ def _aggregate(metric: Metric, outcomes: list[float], seed: int) -> tuple[float,
 SAMPLES = "samples"
 
 
+def cpu_linears(device) -> str | None:
+    # Imported here: it imports torch, which this module leaves to the probes that run.
+    from surgeon.probes.linear_kernels import cpu_linears as kernel
+
+    return kernel(device)
+
+
 def make_record(spec: ProbeSpec, model_label: str, outcome, *, device: str, dtype: str, batch_size: int,
                 extra_fields: dict | None = None) -> dict:
     metric = metric_of(outcome.metric)
@@ -131,6 +138,9 @@ def make_record(spec: ProbeSpec, model_label: str, outcome, *, device: str, dtyp
         "device": device, "dtype": dtype, "batch_size": batch_size, "seed": spec.seed,
         "versions": library_versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    kernel = cpu_linears(device)
+    if kernel:
+        record["cpu_linears"] = kernel
     if outcome.outputs:
         record["outputs"] = outcome.outputs
     for name, values in outcome.extra.items():
@@ -146,8 +156,8 @@ def cache_dir() -> Path:
 
 
 def cache_key(fingerprint: str, spec: ProbeSpec, device: str, dtype: str, batch_size: int) -> str:
-    payload = json.dumps([fingerprint, spec.to_json(), device.split(":")[0], dtype, batch_size, __version__],
-                         sort_keys=True)
+    payload = json.dumps([fingerprint, spec.to_json(), device.split(":")[0], dtype, batch_size, __version__,
+                          cpu_linears(device)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
