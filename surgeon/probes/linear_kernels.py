@@ -2,10 +2,10 @@
 
 PyTorch runs a float32 `nn.Linear` on the CPU through MKL's sgemm. Torch also ships oneDNN's
 matmul for the same products (`mkldnn._linear_pointwise`, the op its own compiler emits for CPU
-linears). On the AMD EPYC the benches run on, oneDNN computed SmolLM2-135M's forwards 1.2-1.45x
-faster than MKL, from one decoding token per row to 2,000-token prefills (bench/probe.py). The
-products are the same float32 products summed in another order, so the logits differ from MKL's
-in float rounding only (README: "Agreement with lm-evaluation-harness").
+linears). On the AMD EPYC the benches run on, oneDNN computed SmolLM2-135M's forwards 1.16-1.31x
+faster than MKL, from a decoding step of 8 rows x 1 token to 8 x 278-token prefills
+(bench/cpu_linears.py). The products are the same float32 products summed in another order, so
+the logits differ from MKL's in float rounding only (README: "Against lm-evaluation-harness").
 
 While a probe runs, each plain float32 `nn.Linear` on the CPU calls that op from its `forward`
 (an attribute on the module that shadows the class's method, removed afterwards), so nothing is
@@ -72,17 +72,20 @@ def _route(model: nn.Module) -> None:
             module.forward = partial(_forward, module)
 
 
+def _routed(module: nn.Module) -> bool:
+    forward = vars(module).get("forward")
+    return isinstance(forward, partial) and forward.func is _forward
+
+
 def _unroute(model: nn.Module) -> None:
     for module in model.modules():
-        routed = vars(module).get("forward")
-        if isinstance(routed, partial) and routed.func is _forward:
+        if _routed(module):
             del module.forward
 
 
 def routed_linears(model: nn.Module) -> int:
     """How many of the model's linear layers run through oneDNN now."""
-    return sum(1 for m in model.modules()
-               if isinstance(vars(m).get("forward"), partial) and vars(m)["forward"].func is _forward)
+    return sum(map(_routed, model.modules()))
 
 
 @contextmanager
