@@ -94,12 +94,16 @@ def test_each_context_and_its_choices_run_in_one_row_once(char_olmoe):
 def test_every_architecture_honours_the_tree_mask(donors_of, model_type):
     """Packing a context with all its choices relies on the model taking a custom 4D attention mask
     and explicit positions as given: a model that rebuilt its own causal mask would let one choice
-    see another, and its scores would drift from the one-request-at-a-time reference."""
+    see another, and its scores would drift from the one-request-at-a-time reference. Rows with no
+    branches rely on the model's causal mask keeping real tokens from the padding after them."""
     path = donors_of(model_type, 1)[0]
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     requests = [(ctx, c) for ctx in ("12+7=", "rev:abc=") for c in ("19", "cba", "1", "2345")]
     got = loglikelihoods(model, tok, requests, batch_size=2)
     assert_like_reference(model, tok, requests, got)
+    # Rows without branches run under the model's own causal mask, padded on the right.
+    plain = [(ctx, c) for ctx in ("12+7=", "rev:abcdef=", "1") for c in "19"]
+    assert_like_reference(model, tok, plain, loglikelihoods(model, tok, plain, batch_size=3))
 
 
 def test_a_common_token_prefix_runs_once_and_changes_no_score(char_olmoe):
@@ -110,6 +114,57 @@ def test_a_common_token_prefix_runs_once_and_changes_no_score(char_olmoe):
         got = loglikelihoods(model, tok, requests, batch_size=2)
     assert shapes[0] == (1, len(preamble))  # the preamble alone, once
     assert all(width <= len("rev:abc=") + 2 for _, width in shapes[1:])  # then only what follows it
+    assert_like_reference(model, tok, requests, got)
+
+
+def test_contexts_that_share_a_passage_run_in_one_row_with_the_passage_once(char_olmoe):
+    """Several questions on one passage (BoolQ, RACE, MultiRC): the passage runs once, each question
+    after it sees the passage and itself only, and every score stays the one-at-a-time score."""
+    model, tok = char_olmoe
+    passage = "rev:abcdef=fedcba;"  # 18 tokens, longer than each question
+    questions = ["1+2=", "12+7=", "3+3="]
+    requests = [(passage + q, c) for q in questions for c in "0123"]
+    requests += [(passage, c) for c in "rx"]  # a context that is the shared prefix itself
+    requests += [("9+9=", c) for c in "18"]  # and one that shares nothing
+    with fed(model) as shapes:
+        got = loglikelihoods(model, tok, requests, batch_size=16)
+    assert shapes == [(2, len(passage) + sum(map(len, questions)))]
+    assert_like_reference(model, tok, requests, got)
+
+
+def masks_given(model):
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    return seen, hook
+
+
+def test_rows_without_branches_leave_the_causal_mask_to_the_model(char_olmoe):
+    """A batch of plain contexts with one-token choices (BoolQ) needs no tree mask: the model's own
+    causal one lets SDPA skip the blocks above the diagonal. Any branch (a choice of several tokens
+    next to another, a shared passage) or a cached prefix keeps the tree mask."""
+    model, tok = char_olmoe
+    plain = [(ctx, c) for ctx in ("12+7=", "rev:abcdef=", "9=") for c in ("1", "2")]
+    branched = plain + [("3+3=", "12"), ("3+3=", "61")]
+    seen, hook = masks_given(model)
+    try:
+        got_plain = loglikelihoods(model, tok, plain, batch_size=16)
+        got_branched = loglikelihoods(model, tok, branched, batch_size=16)
+    finally:
+        hook.remove()
+    assert seen[0] is None
+    assert seen[1] is not None and seen[1].dim() == 4
+    assert_like_reference(model, tok, plain, got_plain)
+    assert_like_reference(model, tok, branched, got_branched)
+
+
+def test_a_short_shared_start_does_not_merge_long_contexts(char_olmoe):
+    model, tok = char_olmoe
+    start = "abcdefghij"  # 10 shared tokens: less than half of each context
+    contexts = [start + tail * 2 + "=" for tail in ("0123456789", "9876543210")] + ["9+9="]
+    requests = [(ctx, c) for ctx in contexts for c in "01"]
+    with fed(model) as shapes:
+        got = loglikelihoods(model, tok, requests, batch_size=16)
+    assert shapes == [(3, len(contexts[0]))]  # a row each: merging would save too little
     assert_like_reference(model, tok, requests, got)
 
 
