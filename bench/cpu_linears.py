@@ -4,11 +4,16 @@ and the least time any scorer needs for the BoolQ-style case of --vs-lmeval.
   (a) SmolLM2-135M forwards at decoding and prefill shapes, the two kernels alternating in one
       process; prints each one's best time, the ratio and the largest logit difference
   (b) the BoolQ floor: one forward over every item's context tokens (batch 8, longest first, logits
-      at the last position only: nothing any scorer of one-token choices can skip), with either
-      kernel. With a finished `--vs-lmeval` run, prints lm-eval's time over these forwards' time:
-      about the most such a scorer can gain on lm-eval at the same model, dtype and batch size
+      at the last position only: all that a scorer which runs each context once, as lm-eval does,
+      cannot skip), with either kernel. With a finished `--vs-lmeval` run, prints lm-eval's time
+      over these forwards' time: about the most such a scorer can gain on lm-eval at the same
+      model, dtype and batch size (ours also shares passages between contexts: see (c))
+  (c) the arithmetic bound: the linear FLOPs each distinct token prefix of those contexts needs
+      (what a scorer must run even if it shares every common prefix), divided by the best
+      float32 matmul rate this machine reaches at the model's own shapes with either kernel: no
+      exact float32 scorer can take less, so lm-eval's time over it bounds any speed-up
 
-Run: python bench/cpu_linears.py [--items N] [--repeat R]
+Run: python bench/cpu_linears.py [--items N] [--repeat R] [--skip-floor]
 """
 
 from __future__ import annotations
@@ -91,25 +96,83 @@ def bench_floor(model, tokenizer, n: int) -> None:
     secs = {use: floor_seconds(model, contexts, use) for use in (False, True)}
     for use, label in ((False, "MKL"), (True, "oneDNN")):
         print(f"  {label:<7} {secs[use]:7.1f} s  ({tokens / secs[use]:.0f} tokens/s)")
+    lm = lmeval_boolq_seconds(len(contexts))
+    if lm is not None:
+        print(f"  lm-eval took {lm:.1f} s for these items (whole process, --vs-lmeval):\n"
+              f"  {lm / secs[False]:.2f}x these forwards alone with MKL, {lm / secs[True]:.2f}x with oneDNN. A scorer"
+              " that runs each context once gains on lm-eval at most that, and what it pads less")
+    else:
+        print(f"  (no full --vs-lmeval BoolQ run of {len(contexts)} items to compare with)")
+
+
+def lmeval_boolq_seconds(n: int) -> float | None:
     report = WORK / "vs_lmeval" / "full" / "native" / "results.json"
     try:
         runs = {r["case"]: r for r in json.loads(report.read_text())}
     except (OSError, ValueError):
-        runs = {}
+        return None
     case = runs.get("boolq-0shot")
-    if case and case["n"] == len(contexts):
-        lm = case["lmeval"]["seconds"]
-        print(f"  lm-eval took {lm:.1f} s for these items (whole process, {report}):\n"
-              f"  {lm / secs[False]:.2f}x these forwards alone with MKL, {lm / secs[True]:.2f}x with oneDNN. A scorer"
-              " that runs each context once gains on lm-eval at most that, and what it pads less")
-    else:
-        print(f"  (no full --vs-lmeval BoolQ run of {len(contexts)} items in {report} to compare with)")
+    return case["lmeval"]["seconds"] if case and case["n"] == n else None
+
+
+def best_matmul_rate(model, repeat: int) -> tuple[float, str]:
+    """The highest float32 GFLOP/s of the decoder's own linears on a BoolQ batch (8 x 278 rows), MKL
+    or oneDNN, best of `repeat`; and a large square product, the usual peak reading."""
+    best, where = 0.0, ""
+    seen = set()
+    for module in model.model.modules():
+        if not isinstance(module, torch.nn.Linear) or module.weight.shape in seen:
+            continue
+        seen.add(module.weight.shape)
+        x = torch.randn(8 * 278, module.in_features)
+        flops = 2 * x.shape[0] * module.weight.numel()
+        for use in (False, True):
+            with torch.no_grad(), (kernels.onednn_linears(model) if use else nullcontext()):
+                module(x)
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    module(x)
+                    rate = flops / (time.perf_counter() - t0) / 1e9
+                    if rate > best:
+                        best, where = rate, f"{tuple(module.weight.shape)} via {'oneDNN' if use else 'MKL'}"
+    a, b = torch.randn(3072, 3072), torch.randn(3072, 3072)
+    a @ b
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        rate = 2 * 3072**3 / (time.perf_counter() - t0) / 1e9
+        if rate > best:
+            best, where = rate, "3072 x 3072 square"
+    return best, where
+
+
+def bench_bound(model, tokenizer, n: int, repeat: int) -> None:
+    contexts = boolq_contexts(tokenizer, n)
+    prefixes = {tuple(c[:k]) for c in contexts for k in range(1, len(c) + 1)}
+    def weights(module) -> int:
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+    # Every token needs every layer but the last, and there only its keys and values (whose
+    # outputs other tokens attend to); the last positions' own few FLOPs are left out.
+    last = model.model.layers[-1].self_attn
+    linear = weights(model.model) - weights(model.model.layers[-1]) + weights(last.k_proj) + weights(last.v_proj)
+    flops = 2 * linear * len(prefixes)
+    rate, where = best_matmul_rate(model, repeat)
+    least = flops / (rate * 1e9)
+    print(f"\n(c) arithmetic bound: {sum(map(len, contexts))} context tokens, {len(prefixes)} distinct prefixes;"
+          f" {linear / 1e6:.1f}M linear weights per token -> {flops / 1e12:.2f} TFLOP (attention not counted)")
+    print(f"  best float32 matmul rate here: {rate:.0f} GFLOP/s ({where}); those FLOPs take at least {least:.1f} s")
+    lm = lmeval_boolq_seconds(len(contexts))
+    if lm is not None:
+        print(f"  lm-eval's {lm:.1f} s is {lm / least:.2f}x that: no exact float32 scorer on this machine can be faster"
+              " than lm-eval by more")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=300, help="BoolQ-style items for (b)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--skip-floor", action="store_true", help="skip (b), the slowest part (minutes)")
     args = ap.parse_args()
     if not kernels.onednn_usable():
         raise SystemExit("this torch has no oneDNN linear: nothing to compare")
@@ -119,7 +182,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     bench_shapes(model, args.repeat)
-    bench_floor(model, tokenizer, args.items)
+    if not args.skip_floor:
+        bench_floor(model, tokenizer, args.items)
+    bench_bound(model, tokenizer, args.items, args.repeat)
 
 
 if __name__ == "__main__":
