@@ -131,6 +131,13 @@ def test_contexts_that_share_a_passage_run_in_one_row_with_the_passage_once(char
     assert shapes == [(2, len(passage) + sum(map(len, questions)))]
     assert_like_reference(model, tok, requests, got)
 
+    # A family's row, its choices' tokens included, stays within the cap on tokens per forward.
+    requests = [(passage + q, c) for q in questions for c in ("123", "456")] + [("9+9=", "18")]
+    with fed(model) as shapes:
+        got = loglikelihoods(model, tok, requests, max_batch_tokens=30)
+    assert all(rows * width <= 30 for rows, width in shapes), shapes
+    assert_like_reference(model, tok, requests, got)
+
 
 def masks_given(model):
     seen = []

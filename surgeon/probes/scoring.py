@@ -265,11 +265,12 @@ def _token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return chosen, logits.argmax(-1) == targets
 
 
-def _families(contexts: list[list[int]], max_tokens: int) -> list[tuple[list[int], int]]:
+def _families(contexts: list[list[int]], extra: list[int], max_tokens: int) -> list[tuple[list[int], int]]:
     """Contexts that share a long token prefix (one passage, several questions), as (members, shared
     length): each family runs in one row with the prefix once. A context joins its neighbour in
-    token order only if that saves at least half of its own tokens and the row stays within a batch's
-    token cap, so a family row is never much wider than its members would be apart."""
+    token order only if that saves at least half of its own tokens and the row, with each member's
+    `extra` tokens (its continuations'), stays within a batch's token cap, so a family row is
+    never much wider than its members would be apart."""
     families: list[tuple[list[int], int]] = []
     for n in sorted(range(len(contexts)), key=lambda n: contexts[n]):
         ctx = contexts[n]
@@ -278,7 +279,8 @@ def _families(contexts: list[list[int]], max_tokens: int) -> list[tuple[list[int
             joint = min(shared, _common_length(contexts[members[-1]], ctx))
             apart = shared + sum(len(contexts[m]) - shared for m in members)
             together = joint + sum(len(contexts[m]) - joint for m in [*members, n])
-            if joint >= MIN_SHARED_PREFIX and together - apart <= len(ctx) // 2 and together <= max_tokens:
+            row = together + sum(extra[m] for m in [*members, n])
+            if joint >= MIN_SHARED_PREFIX and together - apart <= len(ctx) // 2 and row <= max_tokens:
                 families[-1] = ([*members, n], joint)
                 continue
         families.append(([n], len(ctx)))
@@ -421,7 +423,8 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     with probe_forwards(model, dev):
         base = _run_base(model, contexts, dev)
         tails = [c[base.length:] for c in contexts]
-        families = _families(tails, max_tokens)
+        extra = [sum(len(encoded[i][1]) - 1 for i in owners[n]) for n in range(len(tails))]
+        families = _families(tails, extra, max_tokens)
         packed = [_pack([tails[m] for m in members], [owners[m] for m in members], shared, encoded, base.length)
                   for members, shared in families]
         lengths = [len(p.tokens) for p in packed]
