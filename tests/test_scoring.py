@@ -106,6 +106,20 @@ def test_every_architecture_honours_the_tree_mask(donors_of, model_type):
     assert_like_reference(model, tok, plain, loglikelihoods(model, tok, plain, batch_size=3))
 
 
+def test_a_sliding_window_shorter_than_a_request_is_the_models_to_apply(donors_of):
+    """A packed row's tree mask reaches the model as given, so it would let a token see past a
+    sliding window; where a request is longer than the window, each runs in a causal row of its own
+    and the model applies its window, as it does for lm-eval."""
+    path = donors_of("mistral", 1)[0]
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    model.config.sliding_window = 4
+    requests = [(ctx, c) for ctx in ("12+7=", "rev:abcdef=") for c in ("19", "cba", "1")]
+    with fed(model) as shapes:
+        got = loglikelihoods(model, tok, requests, batch_size=16)
+    assert sum(rows for rows, _ in shapes) == len(requests)
+    assert_like_reference(model, tok, requests, got)
+
+
 def test_a_common_token_prefix_runs_once_and_changes_no_score(char_olmoe):
     model, tok = char_olmoe
     preamble = "1+1=2\nrev:ab=ba\n3+4=7\n"  # 22 tokens shared by every context

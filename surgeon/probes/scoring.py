@@ -397,6 +397,15 @@ def _score_packed(model, rows: list[_Packed], base: _Base, pad: int, dev, result
         start += n
 
 
+def _window_reaches(model, encoded) -> bool:
+    """Could the model's sliding window (Mistral's, say) cut into one of these requests?"""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return False
+    return max(len(ctx) + len(cont) for ctx, cont in encoded) > window
+
+
 # --- log-likelihoods ---------------------------------------------------------------------------
 
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
@@ -421,12 +430,18 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     dev, pad = _device_of(model), _pad_id(tokenizer)
     done = 0
     with probe_forwards(model, dev):
-        base = _run_base(model, contexts, dev)
-        tails = [c[base.length:] for c in contexts]
-        extra = [sum(len(encoded[i][1]) - 1 for i in owners[n]) for n in range(len(tails))]
-        families = _families(tails, extra, max_tokens)
-        packed = [_pack([tails[m] for m in members], [owners[m] for m in members], shared, encoded, base.length)
-                  for members, shared in families]
+        if _window_reaches(model, encoded):
+            # The tree mask goes to the model as given, without its sliding window: run each request
+            # in a causal row of its own, as lm-eval does, and let the model apply the window.
+            base = _Base()
+            packed = [_pack([ctx], [[i]], len(ctx), encoded, 0) for i, (ctx, _) in enumerate(encoded)]
+        else:
+            base = _run_base(model, contexts, dev)
+            tails = [c[base.length:] for c in contexts]
+            extra = [sum(len(encoded[i][1]) - 1 for i in owners[n]) for n in range(len(tails))]
+            families = _families(tails, extra, max_tokens)
+            packed = [_pack([tails[m] for m in members], [owners[m] for m in members], shared, encoded, base.length)
+                      for members, shared in families]
         lengths = [len(p.tokens) for p in packed]
         order = sorted(range(len(packed)), key=lambda n: -lengths[n])
         for batch in _batches(order, lengths, batch_size, max_tokens):
