@@ -403,7 +403,7 @@ def _window_reaches(model, encoded) -> bool:
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", True) is False:
         return False
-    return max(len(ctx) + len(cont) for ctx, cont in encoded) > window
+    return max((len(ctx) + len(cont) for ctx, cont in encoded), default=0) > window
 
 
 # --- log-likelihoods ---------------------------------------------------------------------------
@@ -416,7 +416,8 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     Each distinct context runs once, in one row with all of its continuations (see `_Packed`), so a
     multiple-choice item costs one forward over its context and its choices' tokens; contexts that
     share a long prefix share a row and the prefix (`_families`); rows are batched longest first,
-    capped by batch_size rows and max_batch_tokens padded tokens."""
+    capped by batch_size rows and max_batch_tokens padded tokens. Where a request is longer than
+    the model's sliding window, every request runs alone instead (`_window_reaches`)."""
     max_tokens = _check_sizes(batch_size, max_batch_tokens)
     limit = max_length(model, tokenizer)
     marker = bos_marker(tokenizer)
