@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 
 from surgeon.core.architectures import (
     COMMON_LAYER_RULES,
-    GLOBAL_RULES,
-    LAYER_PREFIX,
     Architecture,
     architecture_for,
 )
@@ -26,9 +24,14 @@ class Part:
     kind: str
     layer: int | None = None
     expert: int | None = None
+    # A routed-expert tensor holding every expert of its layer, expert axis first (gpt-oss, Llama 4):
+    # expert is None and a plan may take each expert's slice from another donor (resolve.py).
+    fused: bool = False
 
     def label(self) -> str:
         where = "" if self.layer is None else f"layer {self.layer} "
+        if self.fused:
+            return where + "experts (fused)"
         return where + (f"expert {self.expert}" if self.expert is not None else self.kind)
 
 
@@ -40,6 +43,7 @@ class Anatomy:
     unclassified: list[str]
     num_layers: int
     experts_per_layer: dict[int, int] = field(default_factory=dict)
+    mixers: dict[int, str] = field(default_factory=dict)  # layer -> its sequence mixer where not full attention
 
     @property
     def num_experts(self) -> int:
@@ -70,37 +74,56 @@ def _match(segments: list[str], pattern: str) -> tuple[bool, int | None]:
     return True, expert
 
 
+def layer_of(name: str, arch: Architecture) -> tuple[int, list[str]] | None:
+    """(layer, the segments after it) for a decoder layer's tensor under the family's layer prefix."""
+    segments = name.split(".")
+    n = len(arch.layer_prefix)
+    if (tuple(segments[:n]) != arch.layer_prefix or len(segments) <= n + 1
+            or not (segments[n].isascii() and segments[n].isdigit())):
+        return None
+    return int(segments[n]), segments[n + 1:]
+
+
 def classify(name: str, arch: Architecture) -> Part | None:
     segments = name.split(".")
-    for pattern, kind in GLOBAL_RULES:
+    for pattern, kind in arch.global_rules:
         if _match(segments, pattern)[0]:
             return Part(kind)
-    n = len(LAYER_PREFIX)
-    if tuple(segments[:n]) != LAYER_PREFIX or len(segments) <= n + 1 or not (segments[n].isascii() and segments[n].isdigit()):
+    found = layer_of(name, arch)
+    if found is None:
         return None
-    layer = int(segments[n])
-    rest = segments[n + 1:]
+    layer, rest = found
     for pattern, kind in COMMON_LAYER_RULES + arch.layer_rules:
         ok, expert = _match(rest, pattern)
         if ok:
-            return Part(kind, layer, expert)
+            return Part(kind, layer, expert, fused=kind == "expert" and expert is None)
     return None
 
 
-def build_anatomy(model_type: str, tensor_names: list[str], config: dict) -> Anatomy:
+def build_anatomy(model_type: str, tensor_names: list[str], config: dict,
+                  shapes: dict[str, tuple] | None = None) -> Anatomy:
+    """`shapes` (tensor name -> shape) counts the experts a fused tensor holds (its first axis)."""
     arch, known = architecture_for(model_type)
     parts: dict[str, Part] = {}
     unclassified = []
+    mixers: dict[int, str] = {}
     for name in tensor_names:
         part = classify(name, arch)
         if part is None:
             unclassified.append(name)
-        else:
-            parts[name] = part
+            continue
+        parts[name] = part
+        if part.kind == "attention" and arch.mixers:
+            rest = layer_of(name, arch)[1]
+            for pattern, mixer in arch.mixers:
+                if _match(rest, pattern)[0]:
+                    mixers[part.layer] = mixer
     experts: dict[int, set[int]] = defaultdict(set)
-    for p in parts.values():
+    for name, p in parts.items():
         if p.expert is not None:
             experts[p.layer].add(p.expert)
+        elif p.fused and shapes and shapes.get(name):
+            experts[p.layer].update(range(shapes[name][0]))
     layers_seen = {p.layer for p in parts.values() if p.layer is not None}
     num_layers = int(config.get("num_hidden_layers") or (max(layers_seen) + 1 if layers_seen else 0))
     return Anatomy(
@@ -110,6 +133,7 @@ def build_anatomy(model_type: str, tensor_names: list[str], config: dict) -> Ana
         unclassified=sorted(unclassified),
         num_layers=num_layers,
         experts_per_layer={layer: len(e) for layer, e in sorted(experts.items())},
+        mixers=dict(sorted(mixers.items())),
     )
 
 

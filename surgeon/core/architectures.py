@@ -18,7 +18,7 @@ from dataclasses import dataclass
 LAYER_PREFIX = ("model", "layers")
 
 # Component kinds, in the order the TUI shows them as columns. `layer_gate` is a Self-MoE gate
-# between decoder layers (seed 003); it lives in a sidecar file, see surgeon/gates_file.py.
+# between decoder layers (Self-MoE); it lives in a sidecar file, see surgeon/core/gates_sidecar.py.
 LAYER_KINDS = ("attention", "router", "expert", "shared_expert", "gate", "norms", "mlp", "layer_gate")
 GLOBAL_KINDS = ("embedding", "final_norm", "lm_head")
 
@@ -33,14 +33,49 @@ GLOBAL_RULES = (
 COMMON_LAYER_RULES = (("layer_gate", "layer_gate"),)
 
 _ATTENTION_AND_NORMS = (
-    ("self_attn", "attention"),  # q/k/v/o, q_norm/k_norm, MLA's q_a/q_b/kv_a/kv_b and their norms
+    ("self_attn", "attention"),  # q/k/v/o, q_norm/k_norm, sinks, MLA's q_a/q_b/kv_a/kv_b, DSA's indexer
     ("input_layernorm", "norms"),
     ("post_attention_layernorm", "norms"),
 )
+# Norms around the feed-forward block under the names families give them (Gemma-style sandwich norms,
+# Jamba's pre_ff_layernorm, DeepSeek-V4's attn_norm/ffn_norm, NemotronH's per-layer `norm`).
+_MORE_NORMS = tuple((n, "norms") for n in (
+    "pre_feedforward_layernorm", "post_feedforward_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm",
+    "pre_ff_layernorm", "post_attn_norm", "post_ffn_norm", "attn_norm", "ffn_norm", "norm"))
 _QWEN_STYLE_MOE = (
     ("mlp.gate", "router"),
     ("mlp.experts.{E}", "expert"),
 )
+
+
+def _moe_block(block: str) -> tuple[tuple[str, str], ...]:
+    """The rules for an MoE block under `block` (mlp, block_sparse_moe, feed_forward, ffn, mixer), in
+    every spelling transformers' families use; first match wins, so the specific names come first.
+    A routed-expert rule without `{E}` matches tensors that hold every expert, expert axis first
+    (gpt-oss and Llama 4 store experts fused: `experts.gate_up_proj` [E, ...])."""
+    b = block
+    return (
+        # Router biases move with their router (e_score_correction_bias, expert_bias, ERNIE's moe_statics),
+        # wherever the family keeps them: under the gate, beside it, or even under `experts` (Laguna).
+        (f"{b}.experts.e_score_correction_bias", "router"),
+        (f"{b}.e_score_correction_bias", "router"),
+        (f"{b}.expert_bias", "router"),
+        (f"{b}.moe_statics", "router"),
+        (f"{b}.gate", "router"),
+        (f"{b}.router", "router"),
+        (f"{b}.shared_expert_gate", "gate"),
+        (f"{b}.shared_experts", "shared_expert"),
+        (f"{b}.shared_expert", "shared_expert"),
+        (f"{b}.shared_mlp", "shared_expert"),
+        (f"{b}.experts.{{E}}", "expert"),
+        (f"{b}.experts", "expert"),  # fused: [E, ...]
+        (f"{b}.input_linear", "expert"),  # Granite/JetMoE: fused [E, 2I, H]
+        (f"{b}.output_linear", "expert"),  # fused [E, H, I]
+        (b, "mlp"),  # a dense layer (first_k_dense_replace, mlp_only_layers, MoE every other layer)
+    )
+
+
+_STANDARD = _ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("mlp")
 
 
 # How transformers 5 holds routed experts in memory: fused per layer, `gate_up_proj` [E, 2I, H]
@@ -55,15 +90,35 @@ class Architecture:
     layer_rules: tuple[tuple[str, str], ...]
     experts_key: str | None  # config key holding the routed-expert count
     moe: bool = True
-    # Live (in-memory) layout, for hot-swapping into a materialised model.
+    # Live (in-memory) layout, for hot-swapping into a materialised model. Families not described here
+    # take transformers' own conversion mapping (live/layout.py), which is what from_pretrained applies.
     live_renames: tuple[tuple[str, str], ...] = ()  # disk segment prefix -> live, under a layer
     fused_experts: dict | None = None  # see FUSED_QWEN_STYLE
+    top_k_key: str | None = "num_experts_per_tok"  # config key holding how many experts a token takes
+    layer_prefix: tuple[str, ...] = LAYER_PREFIX  # where the decoder layers live (NemotronH: backbone.layers)
+    global_rules: tuple[tuple[str, str], ...] = GLOBAL_RULES
+    # Which sequence mixer a layer has, by the tensor prefix that shows it; a layer with none of these
+    # has full attention. Shown per layer in the grid; every mixer is the `attention` component.
+    mixers: tuple[tuple[str, str], ...] = ()
+    covers: str = ""  # the releases a user knows this family by (README's architecture list)
 
+
+_LINEAR_ATTN = (("linear_attn", "attention"),)
+_MAMBA = (("mamba", "attention"),)
+
+
+def _family(model_type: str, experts_key: str | None, *, rules=_STANDARD, extra=(), **kw) -> Architecture:
+    """A family whose layers follow `rules` (the shared spellings), with its own rules `extra` tried first."""
+    return Architecture(model_type, tuple(extra) + tuple(rules), experts_key, **kw)
+
+
+_WORD_EMBEDDINGS = GLOBAL_RULES + (("model.word_embeddings", "embedding"),)
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
-        Architecture("olmoe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE, "num_experts", fused_experts=FUSED_QWEN_STYLE),
+        Architecture("olmoe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE, "num_experts", fused_experts=FUSED_QWEN_STYLE,
+                     covers="OLMoE-1B-7B"),
         Architecture(
             "mixtral",
             _ATTENTION_AND_NORMS
@@ -71,6 +126,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "num_local_experts",
             live_renames=(("block_sparse_moe", "mlp"),),  # Mixtral's live module is `mlp`
             fused_experts=FUSED_MIXTRAL,
+            covers="Mixtral-8x7B, Mixtral-8x22B",
         ),
         Architecture(
             "qwen2_moe",
@@ -83,9 +139,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             ),
             "num_experts",
             fused_experts=FUSED_QWEN_STYLE,
+            covers="Qwen1.5-MoE, Qwen2-57B-A14B",
         ),
         Architecture("qwen3_moe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE + (("mlp", "mlp"),), "num_experts",
-                     fused_experts=FUSED_QWEN_STYLE),
+                     fused_experts=FUSED_QWEN_STYLE, covers="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder"),
         Architecture(
             "deepseek_v3",
             _ATTENTION_AND_NORMS
@@ -93,7 +150,107 @@ ARCHITECTURES: dict[str, Architecture] = {
             + (("mlp.shared_experts", "shared_expert"), ("mlp", "mlp")),  # first_k_dense_replace layers
             "n_routed_experts",
             fused_experts=FUSED_QWEN_STYLE,
+            covers="DeepSeek-V3, DeepSeek-R1, Kimi-K2 (FP8 releases: weight_scale_inv moves with its weight)",
         ),
+        # ---- every other text MoE family transformers knows, as data
+        _family("deepseek_v2", "n_routed_experts", covers="DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-Coder-V2"),
+        _family("deepseek_v32", "n_routed_experts", covers="DeepSeek-V3.2 (sparse-attention indexer: attention)"),
+        _family("glm4_moe", "n_routed_experts", covers="GLM-4.5, GLM-4.5-Air, GLM-4.6"),
+        _family("glm4_moe_lite", "n_routed_experts", covers="GLM-4.7-Flash"),
+        _family("glm_moe_dsa", "n_routed_experts", covers="GLM-5"),
+        _family("dots1", "n_routed_experts", covers="dots.llm1"),
+        _family("solar_open", "n_routed_experts", covers="Solar Open"),
+        _family("sarvam_mla", "n_routed_experts", covers="Sarvam-M MLA"),
+        _family("axk1", "n_routed_experts", covers="A.X K1"),
+        _family("axk2", "n_routed_experts", covers="A.X K2",
+                extra=(("input_layernorm", "norms"), ("post_attention_layernorm", "norms"))),
+        _family("mimo_v2_flash", "n_routed_experts", covers="MiMo-V2-Flash"),
+        _family("afmoe", "num_experts", covers="AFMoE (Arcee Trinity)"),
+        _family("cohere2_moe", "num_experts", covers="Cohere Command MoE"),
+        _family("exaone_moe", "num_experts", covers="EXAONE MoE"),
+        _family("flex_olmo", "num_experts", covers="FlexOlmo (experts trained apart)"),
+        _family("mellum", "num_local_experts", covers="Mellum MoE"),
+        _family("hunyuan_v1_moe", "num_experts", top_k_key="moe_topk", covers="Hunyuan-A13B"),
+        _family("hy_v3", "num_experts", covers="Hunyuan v3"),
+        _family("kolibri1", "num_local_experts", covers="Kolibri",
+                extra=(("moe.router", "router"),)),
+        _family("laguna", "num_experts", covers="Laguna"),
+        _family("ernie4_5_moe", "moe_num_experts", top_k_key="moe_k", covers="ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B"),
+        _family("aria_text", "moe_num_experts", top_k_key="moe_topk", covers="Aria (text model)"),
+        _family("qwen3_next", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN,
+                covers="Qwen3-Next-80B-A3B (linear-attention layers marked)"),
+        _family("qwen3_5_moe_text", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN,
+                covers="Qwen3.5-MoE (text model)"),
+        _family("lara_mini", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN, covers="Lara mini"),
+        _family("gpt_oss", "num_local_experts", covers="gpt-oss-20b, gpt-oss-120b (fused experts; MXFP4 blocks+scales)"),
+        _family("llama4_text", "num_local_experts", rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("feed_forward"),
+                covers="Llama-4-Scout, Llama-4-Maverick (text model; fused experts, MoE on some layers)"),
+        _family("minimax", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
+                live_renames=(("block_sparse_moe", "mlp"),), fused_experts=FUSED_MIXTRAL, covers="MiniMax-Text-01"),
+        _family("minimax_m2", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
+                covers="MiniMax-M2"),
+        _family("minimax_m3_vl_text", "num_local_experts", covers="MiniMax-M3 (text model; fused experts)"),
+        _family("phimoe", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
+                covers="Phi-3.5-MoE"),
+        _family("granitemoe", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
+                covers="Granite 3.0 MoE (fused input/output linears)"),
+        _family("granitemoeshared", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
+                covers="Granite MoE with a shared expert"),
+        _family("granitemoe_swa", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
+                covers="Granite MoE with sliding-window attention"),
+        _family("granitemoehybrid", "num_local_experts", mixers=_MAMBA,
+                rules=_ATTENTION_AND_NORMS + _MAMBA + _moe_block("block_sparse_moe") + _moe_block("shared_mlp"),
+                covers="Granite 4.0 (Mamba layers marked)"),
+        _family("jetmoe", "num_local_experts",
+                extra=(("self_attention", "attention"), ("mlp.bias", "mlp")),  # attention has its own experts (MoA)
+                covers="JetMoE-8B (mixture-of-attention counts as attention)"),
+        _family("jamba", "num_experts", mixers=_MAMBA,
+                rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _MAMBA + _moe_block("feed_forward"),
+                global_rules=GLOBAL_RULES + (("model.final_layernorm", "final_norm"),),
+                covers="Jamba (Mamba layers marked; MoE every other layer)"),
+        _family("kimi_linear", "num_experts", top_k_key="num_experts_per_token",
+                rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
+                mixers=(("self_attn.A_log", "linear"),), covers="Kimi-Linear-48B-A3B"),
+        _family("bailing_hybrid", "num_experts", top_k_key="num_experts_per_token",
+                extra=(("attention", "attention"),), global_rules=_WORD_EMBEDDINGS,
+                mixers=(("attention.A_log", "linear"),), covers="Ling/Ring hybrid (linear-attention layers marked)"),
+        _family("sarvam_moe", "n_routed_experts", extra=(("attention", "attention"),), global_rules=_WORD_EMBEDDINGS,
+                covers="Sarvam MoE"),
+        _family("nemotron_h", "n_routed_experts", layer_prefix=("backbone", "layers"),
+                rules=(("norm", "norms"),) + _moe_block("mixer")[:-1] + tuple(
+                    (f"mixer.{p}", "attention") for p in ("q_proj", "k_proj", "v_proj", "o_proj")) + (
+                    ("mixer.up_proj", "mlp"), ("mixer.down_proj", "mlp"), ("mixer", "attention")),
+                global_rules=(("backbone.embeddings", "embedding"), ("backbone.norm_f", "final_norm"),
+                              ("lm_head", "lm_head")),
+                mixers=(("mixer.A_log", "mamba"),), covers="Nemotron-H / Nemotron 3 Nano (Mamba layers marked)"),
+        _family("longcat_flash", "n_routed_experts", top_k_key="moe_topk",
+                extra=(("self_attn", "attention"), ("mlps", "mlp"), ("input_layernorm", "norms"),
+                       ("post_attention_layernorm", "norms")), covers="LongCat-Flash"),
+        _family("dbrx", None, extra=(("norm_attn_norm", "attention"), ("ffn.router", "router"),
+                                     ("ffn.experts", "expert")),
+                global_rules=(("transformer.wte", "embedding"), ("transformer.norm_f", "final_norm"),
+                              ("lm_head", "lm_head")),
+                layer_prefix=("transformer", "blocks"), covers="DBRX"),
+        _family("lfm2_moe", "num_experts", extra=(("conv", "attention"), ("operator_norm", "norms"),
+                                                  ("ffn_norm", "norms"), ("feed_forward.expert_bias", "router")),
+                rules=_ATTENTION_AND_NORMS + _moe_block("feed_forward"), mixers=(("conv", "conv"),),
+                global_rules=GLOBAL_RULES + (("model.embedding_norm", "final_norm"),), covers="LFM2-8B-A1B"),
+        _family("deepseek_v4", "n_routed_experts",
+                extra=(("attn", "attention"), ("hc_attn_base", "norms"), ("hc_attn_fn", "norms"),
+                       ("hc_attn_scale", "norms"), ("hc_ffn_base", "norms"), ("hc_ffn_fn", "norms"),
+                       ("hc_ffn_scale", "norms")),
+                rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("ffn"),
+                global_rules=GLOBAL_RULES + (("model.hc_head", "final_norm"), ("head", "lm_head")),
+                covers="DeepSeek-V4"),
+        _family("hy_v4", "n_routed_experts", extra=(("hc_pre", "norms"),),
+                global_rules=GLOBAL_RULES + (("model.hc_pre", "final_norm"),), covers="Hunyuan v4"),
+        _family("inkling_text", "n_routed_experts", extra=(("attn_sconv", "attention"), ("mlp_sconv", "mlp")),
+                covers="Inkling (text model)"),
+        _family("qwen4_exp_text", "num_experts", mixers=_LINEAR_ATTN,
+                extra=_LINEAR_ATTN + (("attn_hyper_connection", "norms"), ("mlp_hyper_connection", "norms")),
+                global_rules=GLOBAL_RULES + (("model.hyper_connection_mixer", "final_norm"),),
+                covers="Qwen4 experimental (text model)"),
+        # ---- dense donors, for mixing (features/mix) and as compress targets
         Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
         Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
         Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
@@ -105,20 +262,16 @@ ARCHITECTURES: dict[str, Architecture] = {
 # specific names come before the catch-all `mlp`.
 FALLBACK = Architecture(
     "unknown",
-    _ATTENTION_AND_NORMS
-    + _QWEN_STYLE_MOE
-    + (
-        ("block_sparse_moe.gate", "router"),
-        ("block_sparse_moe.experts.{E}", "expert"),
-        ("mlp.shared_expert_gate", "gate"),
-        ("mlp.shared_experts", "shared_expert"),
-        ("mlp.shared_expert", "shared_expert"),
-        ("mlp", "mlp"),
-    ),
+    _ATTENTION_AND_NORMS + _MORE_NORMS + _LINEAR_ATTN + _MAMBA + _moe_block("mlp") + _moe_block("block_sparse_moe")
+    + _moe_block("feed_forward"),
     None,
     live_renames=(("block_sparse_moe", "mlp"),),
     fused_experts={**FUSED_QWEN_STYLE, **FUSED_MIXTRAL},
 )
+
+# Every config key some family keeps its routed-expert count under: how an unknown family is read.
+EXPERT_COUNT_KEYS = tuple(dict.fromkeys(["num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                                         *(a.experts_key for a in ARCHITECTURES.values() if a.experts_key)]))
 
 
 def architecture_for(model_type: str) -> tuple[Architecture, bool]:

@@ -79,7 +79,8 @@ class Donor:
 
     @cached_property
     def anatomy(self) -> Anatomy:
-        return build_anatomy(self.model_type, list(self.tensors), self.config)
+        return build_anatomy(self.model_type, list(self.tensors), self.config,
+                             {n: t.shape for n, t in self.tensors.items()})
 
     @cached_property
     def ordered_names(self) -> list[str]:
@@ -208,7 +209,6 @@ def _read_config(path: Path) -> tuple[dict, bytes]:
 # null counts as absent: transformers' own defaults then apply.
 COUNT_FIELDS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_experts", "num_local_experts",
                 "n_routed_experts", "num_experts_per_tok", "num_nextn_predict_layers")
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def _check_config_types(config: dict, cfg_path: Path) -> None:
@@ -230,7 +230,10 @@ def check_config(donor: Donor) -> Donor:
     checkpoint (or fills the difference with random weights), and so would every export of it."""
     cfg_path = donor.path / "config.json"
     config = donor.config
-    layers = sorted({int(name.split(".")[2]) for name in donor.tensors if _LAYER_NAME.match(name)})
+    from surgeon.core.anatomy import layer_of
+
+    arch = donor.anatomy.architecture
+    layers = sorted({found[0] for name in donor.tensors if (found := layer_of(name, arch)) is not None})
     declared = config.get("num_hidden_layers")
     if declared is not None:
         # DeepSeek-V3 keeps its multi-token-prediction layers after the decoder layers.
@@ -247,24 +250,22 @@ def check_config(donor: Donor) -> Donor:
     return donor
 
 
-# A decoder layer's tensor: `model.layers.N.` with N in ASCII digits, as every writer spells it.
-_LAYER_NAME = re.compile(r"model\.layers\.[0-9]+\.", re.ASCII)
-
-
 def _check_expert_count(donor: Donor, cfg_path: Path) -> None:
-    from surgeon.core.architectures import architecture_for
+    from surgeon.core.architectures import EXPERT_COUNT_KEYS, architecture_for
     from surgeon.core.plan import format_ranges
 
     arch, known = architecture_for(donor.model_type)
-    keys = (arch.experts_key,) if known else EXPERT_COUNT_FIELDS
+    keys = (arch.experts_key,) if known else EXPERT_COUNT_KEYS
     key = next((k for k in keys if k is not None and donor.config.get(k) is not None), None)
     if key is None:
         return
     declared = donor.config[key]
     held: dict[int, set[int]] = {}
-    for part in donor.anatomy.parts.values():
+    for name, part in donor.anatomy.parts.items():
         if part.expert is not None:
             held.setdefault(part.layer, set()).add(part.expert)
+        elif part.fused and donor.tensors[name].shape:  # every expert of the layer, expert axis first
+            held.setdefault(part.layer, set()).update(range(donor.tensors[name].shape[0]))
     for layer, experts in sorted(held.items()):
         if len(experts) != declared or max(experts) != declared - 1:  # not range(declared): it may be huge
             raise SurgeonError(

@@ -32,10 +32,31 @@ class Source:
     dtype: str  # dtype written to the hybrid
     shape: tuple[int, ...]
     src_dtype: str
+    # A fused expert tensor ([E, ...], expert axis first) spliced from several donors: (first expert,
+    # end, donor) runs covering 0..E, each a contiguous byte range of that donor's tensor. Empty: the
+    # whole tensor comes from `donor`.
+    runs: tuple[tuple[int, int, str], ...] = ()
 
     @property
     def converts(self) -> bool:
         return self.dtype != self.src_dtype
+
+    @property
+    def origin(self) -> tuple:
+        """What the bytes are: equal origins mean equal contents (a swap can skip the tensor)."""
+        return (self.donor, self.tensor, self.runs)
+
+    def donors_by_numel(self) -> dict[str, int]:
+        n = 1
+        for d in self.shape:
+            n *= d
+        if not self.runs:
+            return {self.donor: n}
+        per_expert = n // self.shape[0]
+        out: dict[str, int] = {}
+        for lo, hi, donor in self.runs:
+            out[donor] = out.get(donor, 0) + (hi - lo) * per_expert
+        return out
 
 
 @dataclass
@@ -48,14 +69,11 @@ class Resolution:
     def parameters_by_donor(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
         for s in self.sources.values():
-            n = 1
-            for d in s.shape:
-                n *= d
-            counts[s.donor] += n
+            counts.update(s.donors_by_numel())
         return dict(counts)
 
     def changed(self) -> list[str]:
-        return [n for n, s in self.sources.items() if s.donor != self.plan.base]
+        return [n for n, s in self.sources.items() if s.donor != self.plan.base or s.runs]
 
     def gate_names(self) -> list[str]:
         """The hybrid's layer-gate tensors: they go to the gates sidecar, not the model's shards."""
@@ -108,6 +126,12 @@ def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Res
 
     sources = dict(_base_sources(base, plan.base, dtype))
     for part, names in base.part_groups.items():
+        if part.fused:
+            for name in names:
+                spliced = fused_source(name, part, plan, base, donors, dtype)
+                if spliced is not None:
+                    sources[name] = spliced
+            continue
         donor_name = plan.donor_for(part)
         if donor_name == plan.base or part.kind == GATE_KIND:
             continue
@@ -157,6 +181,27 @@ def gate_sources(plan: Plan, donors: dict[str, Donor], sources: dict[str, Source
             sources[name] = Source(donor_name, name, out_dtype(name, info.dtype, dtype), info.shape, info.dtype)
             parts[name] = part
     return parts
+
+
+def fused_source(name: str, part: Part, plan: Plan, base: Donor, donors: dict[str, Donor], dtype: str) -> Source | None:
+    """The source of a fused expert tensor: each expert's slice from the donor the plan takes that
+    expert from, as runs of consecutive experts. None when every expert stays with the base."""
+    count = base.tensors[name].shape[0] if base.tensors[name].shape else 0
+    runs: list[list] = []
+    for e in range(count):
+        d = plan.donor_for(Part("expert", part.layer, e))
+        if runs and runs[-1][2] == d:
+            runs[-1][1] = e + 1
+        else:
+            runs.append([e, e + 1, d])
+    if not runs or (len(runs) == 1 and runs[0][2] == plan.base):
+        return None
+    checked = {d: source_from(name, part, base, plan.base, donors[d], d, dtype) for d in {r[2] for r in runs}}
+    if len(runs) == 1:
+        return checked[runs[0][2]]
+    first = checked[runs[0][2]]
+    return Source(plan.base, name, first.dtype, first.shape, first.src_dtype,
+                  runs=tuple((lo, hi, d) for lo, hi, d in runs))
 
 
 def _gates_by_layer(donor: Donor) -> dict[int, list[str]]:

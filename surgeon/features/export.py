@@ -132,16 +132,24 @@ def _nbytes(shape, dtype) -> int:
     return n
 
 
-def converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd: int | None):
+def converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd: int | None,
+                    rows: tuple[int, int] | None = None):
+    """A donor tensor (or rows [lo, hi) of its first axis) cast to `dst_dtype`, as bytes."""
     import torch  # only a dtype conversion or a pickle donor needs torch
 
     from surgeon.live.dtypes import TORCH_DTYPES
 
     if name in donor.pickled:
         t = donor.pickled[name]
+        if rows is not None:
+            t = t[rows[0]:rows[1]]
     else:
         info = donor.tensors[name]
-        t = torch.frombuffer(bytearray(os.pread(fd, info.nbytes, info.start)), dtype=TORCH_DTYPES[src_dtype])
+        start, nbytes = info.start, info.nbytes
+        if rows is not None:
+            row = info.nbytes // info.shape[0]
+            start, nbytes = start + rows[0] * row, (rows[1] - rows[0]) * row
+        t = torch.frombuffer(bytearray(os.pread(fd, nbytes, start)), dtype=TORCH_DTYPES[src_dtype])
     t = t.to(TORCH_DTYPES[dst_dtype]).contiguous()
     return t.reshape(-1).view(torch.uint8).numpy()
 
@@ -180,20 +188,30 @@ def export_hybrid(
     buffer = bytearray(COPY_BUFFER)  # every copied byte passes through it, for the whole export
     written = {}  # shard file name -> what its writer hashed
 
+    def fd_of(donor: Donor, tensor: str) -> int | None:
+        if tensor in donor.pickled:
+            return None
+        file = donor.tensors[tensor].file
+        if file not in fds:
+            fds[file] = os.open(file, os.O_RDONLY)
+        return fds[file]
+
     def write_tensor(n: str, sink: HashingSink) -> None:
         nonlocal done
         src = resolution.sources[n]
-        donor = donors[src.donor]
-        info = donor.tensors[src.tensor]
-        fd = None
-        if src.tensor not in donor.pickled:
-            fd = fds.get(info.file)
-            if fd is None:
-                fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
-        if src.converts or src.tensor in donor.pickled:
-            sink.write(converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd))
-        else:
-            sink.copy(fd, info.start, info.nbytes, info.file)
+        # A spliced fused expert tensor is its runs of experts, each a byte range of one donor's tensor.
+        for lo, hi, donor_name in src.runs or ((None, None, src.donor),):
+            donor = donors[donor_name]
+            info = donor.tensors[src.tensor]
+            fd = fd_of(donor, src.tensor)
+            rows = None if lo is None else (lo, hi)
+            if src.converts or src.tensor in donor.pickled:
+                sink.write(converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd, rows))
+            elif rows is None:
+                sink.copy(fd, info.start, info.nbytes, info.file)
+            else:
+                row = info.nbytes // info.shape[0]
+                sink.copy(fd, info.start + lo * row, (hi - lo) * row, info.file)
         done += _nbytes(src.shape, src.dtype)
         meter(done)
 
@@ -231,7 +249,12 @@ def export_hybrid(
 
 
 def manifest_sources(resolution: Resolution) -> dict[str, dict]:
-    return {name: {"donor": s.donor, "name": s.tensor} for name, s in resolution.sources.items()}
+    out = {}
+    for name, s in resolution.sources.items():
+        out[name] = {"donor": s.donor, "name": s.tensor}
+        if s.runs:  # which donor each range of experts (first axis) came from
+            out[name]["experts"] = [{"from": lo, "to": hi, "donor": d} for lo, hi, d in s.runs]
+    return out
 
 
 def donor_identities(donors: dict[str, Donor]) -> dict[str, dict]:
@@ -254,11 +277,9 @@ def component_shares_table(resolution: Resolution, donors: dict[str, Donor]) -> 
     counts: dict[str, dict[str, int]] = {}
     for name, s in resolution.sources.items():
         kind = parts[name].kind if name in parts else "other"
-        n = 1
-        for d in s.shape:
-            n *= d
         row = counts.setdefault(kind, {})
-        row[s.donor] = row.get(s.donor, 0) + n
+        for donor, n in s.donors_by_numel().items():
+            row[donor] = row.get(donor, 0) + n
     names = list(donors)
     rows = []
     for kind in sorted(counts):

@@ -85,11 +85,22 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
                 result.converted += 1
                 continue
             start, end = entry["offsets"]
-            if end - start != src.nbytes or not files.same(directory / entry["shard"], start, donor.path / src.file,
-                                                           src.start, src.nbytes):
+            if end - start != src.nbytes:
                 result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
                                   f"{source['donor']}'s {source['name']} ({donor.path / src.file})")
                 return result
+            # A spliced fused expert tensor: each range of experts against the donor it came from.
+            row = src.nbytes // src.shape[0] if src.shape and src.shape[0] else 0
+            pieces = [(r["donor"], r["from"] * row, (r["to"] - r["from"]) * row) for r in source.get("experts", ())]
+            for donor_name, offset, count in pieces or [(source["donor"], 0, src.nbytes)]:
+                d = opened.get(donor_name)
+                piece = d.tensors.get(source["name"]) if d else None
+                if piece is None or not files.same(directory / entry["shard"], start + offset, d.path / piece.file,
+                                                   piece.start + offset, count):
+                    result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
+                                      f"{donor_name}'s {source['name']}"
+                                      + (f" ({d.path / piece.file})" if piece is not None else " (not in the donor)"))
+                    return result
             result.donor_tensors += 1
     finally:
         files.close()

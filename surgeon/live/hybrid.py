@@ -41,18 +41,10 @@ from surgeon.errors import SurgeonError
 from surgeon.live.devices import check_device, default_device
 from surgeon.live.dtypes import TORCH_DTYPES
 from surgeon.live.layer_gates import attach_gates, gate_modules
+from surgeon.live.layout import ConversionLayout, LiveTarget, live_slice
 from surgeon.live.loader import build_empty, load_model
 
 FILL_THREADS = 4  # reads in flight while materialising: enough to keep a disk and the page faults busy
-
-
-@dataclass(frozen=True)
-class LiveTarget:
-    """Where a disk tensor lives in the model: a parameter or buffer, maybe a slice of a fused one."""
-
-    name: str
-    expert: int | None = None  # index along dim 0 of a fused expert tensor
-    half: int | None = None  # 0: first half of dim 1 (gate), 1: second half (up)
 
 
 @dataclass
@@ -62,7 +54,10 @@ class SwapReport:
     seconds: float
 
 
-def live_target(disk_name: str, arch: Architecture, live_names: set[str], expert: int | None) -> LiveTarget:
+def live_target(disk_name: str, arch: Architecture, live_names: set[str], expert: int | None,
+                layout: ConversionLayout | None = None) -> LiveTarget:
+    """The live place of a disk tensor: by the architecture's own table where it describes the family,
+    else by transformers' conversion mapping (`layout`, see live/layout.py)."""
     if disk_name in live_names:
         return LiveTarget(disk_name)
     segs = disk_name.split(".")
@@ -81,20 +76,11 @@ def live_target(disk_name: str, arch: Architecture, live_names: set[str], expert
                 name = ".".join(segs[: i + 1] + [fused])
                 if name in live_names and segs[i + 3:] == ["weight"]:
                     return LiveTarget(name, expert, half)
+    if layout is not None:
+        found = layout.target(disk_name)
+        if found is not None:
+            return found
     raise SurgeonError(f"tensor {disk_name}: no matching tensor in the live {arch.model_type} model")
-
-
-def live_slice(live: dict, t: LiveTarget):
-    """The part of a live parameter a disk tensor maps to: the whole tensor, one expert of a fused
-    one, or the gate or up half of that expert's gate_up_proj (gate first)."""
-    p = live[t.name]
-    if t.expert is None:
-        return p
-    p = p[t.expert]
-    if t.half is None:
-        return p
-    n = p.shape[0] // 2
-    return p[:n] if t.half == 0 else p[n:]
 
 
 class TensorReader:
@@ -235,6 +221,7 @@ class Hybrid:
         self._offload_views: dict[str, torch.Tensor] = {}
         self._targets: dict[str, LiveTarget] = {}
         self._offload_dir = None  # a TemporaryDirectory when materialize made one; removed with the hybrid
+        self._layout: ConversionLayout | None = None
         self.filled_from_files = False  # True: built empty and filled by the reader, not from_pretrained
 
     @classmethod
@@ -325,7 +312,10 @@ class Hybrid:
         t = self._targets.get(name)
         if t is None:
             part = self.resolution.parts.get(name)
-            t = self._targets[name] = live_target(name, self.arch, set(self._live), part.expert if part else None)
+            if self._layout is None:
+                self._layout = ConversionLayout(self.model, set(self._live))
+            t = self._targets[name] = live_target(name, self.arch, set(self._live), part.expert if part else None,
+                                                  self._layout)
         return t
 
     def live_view(self, name: str) -> torch.Tensor:
@@ -369,6 +359,16 @@ class Hybrid:
 
     def _copy(self, name: str, src) -> int:
         view = self.live_view(name)
+        if src.runs:  # a fused expert tensor spliced from several donors: each run of experts in place
+            moved = 0
+            for lo, hi, donor in src.runs:
+                data = self.reader.read(donor, src.tensor)
+                if tuple(data.shape) != tuple(view.shape):
+                    raise SurgeonError(f"tensor {name}: shape {list(data.shape)} does not fit live {list(view.shape)}")
+                view[lo:hi].copy_(data[lo:hi])
+                moved += data[lo:hi].numel() * data.element_size()
+                self.reader.release(donor, src.tensor)
+            return moved
         info = self.donors[src.donor].tensors.get(src.tensor)
         if info is not None and tuple(info.shape) != tuple(view.shape):
             raise SurgeonError(f"tensor {name}: shape {list(info.shape)} does not fit live {list(view.shape)}")
@@ -404,7 +404,7 @@ class Hybrid:
         # every gate that was (re)attached is zero and is then copied like a changed tensor.
         fresh = self._fit_layer_gates(new)
         changed = [n for n, s in new.sources.items()
-                   if n in fresh or (s is not old[n] and (old[n].donor, old[n].tensor) != (s.donor, s.tensor))]
+                   if n in fresh or (s is not old[n] and old[n].origin != s.origin)]
         moved = 0
         done: list[str] = []
         with torch.no_grad():
