@@ -7,7 +7,9 @@ only in their weights.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 _COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
@@ -97,3 +99,63 @@ def fed(model):
         yield shapes
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------- every text MoE family (test_conformance.py)
+def text_moe_types() -> list[str]:
+    """The model types transformers registers for causal LM whose config speaks of experts, routers or
+    MoE: enumerated from its own auto mapping, so a family added upstream is seen here."""
+    import dataclasses
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = []
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        cls = CONFIG_MAPPING[model_type]
+        try:
+            names = [f.name for f in dataclasses.fields(cls)]
+        except TypeError:
+            names = list(inspect.signature(cls.__init__).parameters)
+        if any(w in n for n in names for w in ("expert", "moe", "router")):
+            found.append(model_type)
+    return found
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A family's tiny config: `overrides` on top of _TINY_COMMON, and the routed experts per MoE layer."""
+
+    overrides: dict
+    experts: int = 4
+
+
+_TINY_COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                    max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                    tie_word_embeddings=False)
+# One entry per family, found by building each with its own config class: sizes shrunk, MoE switched on
+# where the default is dense, and one layer of each kind the family mixes (dense, linear attention, Mamba).
+_CONFIGS = Path(__file__).parent / "data" / "tiny_moe_configs.json"
+CONFORMANCE: dict[str, Tiny] = {
+    t: Tiny(c["overrides"], c.get("experts", 4)) for t, c in json.loads(_CONFIGS.read_text()).items()
+}
+
+
+def conformance_donor(path: Path, model_type: str, seed: int) -> Path:
+    """A tiny random checkpoint of `model_type` (every tensor seed-specific), saved with save_pretrained."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**_TINY_COMMON, **CONFORMANCE[model_type].overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for name, buf in model.named_buffers():
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                buf.copy_(torch.randn_like(buf))
+    model.save_pretrained(path)
+    return path
+

@@ -159,11 +159,17 @@ def check_assignment(a: Assignment, anatomy: Anatomy, base_label: str) -> None:
             )
     if a.component in OPTIONAL_COMPONENTS:
         return  # resolve checks these against the donor, which may bring what the base lacks
-    if not any(a.covers(p) for p in anatomy.parts.values()):
+    if not any(a.covers(p) or _covers_fused(a, p) for p in anatomy.parts.values()):
         raise SurgeonError(
             f"SPEC {a.spec!r}: base {base_label} ({anatomy.architecture.model_type}) has no "
             f"{a.component} tensors" + ("" if a.layers is None else " in those layers")
         )
+
+
+def _covers_fused(a: Assignment, part: Part) -> bool:
+    """Whether `a` takes some experts of a fused expert tensor (resolve splices them)."""
+    return (a.component == "expert" and part.fused
+            and (a.layers is None or part.layer in a.layers))
 
 
 def parse_take(take: str, donor_for) -> Assignment:

@@ -71,13 +71,22 @@ class BaseIndex:
         anatomy = base.anatomy
         self.num_layers = anatomy.num_layers
         self.tensors_of: dict[Part, list[str]] = {}
+        share: dict[str, int] = {}  # fused expert tensor -> how many experts it holds
         for name, part in anatomy.parts.items():
+            if part.fused and base.tensors[name].shape:
+                # One unit per expert, as for experts stored apart: each owns a slice of the tensor.
+                share[name] = base.tensors[name].shape[0]
+                for e in range(share[name]):
+                    self.tensors_of.setdefault(Part("expert", part.layer, e), []).append(name)
+                continue
             self.tensors_of.setdefault(part, []).append(name)
         for layer in gate_layers:
             if layer < self.num_layers:
                 self.tensors_of.setdefault(Part(GATE_KIND, layer), [])
         self.units: list[Part] = sorted(self.tensors_of, key=_unit_key)
-        self.params_of = {p: sum(base.tensors[n].numel for n in names) for p, names in self.tensors_of.items()}
+        self.params_of = {p: sum(base.tensors[n].numel // share.get(n, 1) for n in names)
+                          for p, names in self.tensors_of.items()}
+        self.mixers = anatomy.mixers  # layer -> linear / mamba / ..., shown beside the layer number
         self.unclassified_params = sum(base.tensors[n].numel for n in anatomy.unclassified)
         self.unclassified_tensors = len(anatomy.unclassified)
         self.cells: dict[Cell, list[Part]] = {}
@@ -468,7 +477,9 @@ def surgery_sheet(wb: Workbench) -> Sheet:
     idx = wb.index
     items = [[Cell(layer, k) if Cell(layer, k) in idx.cells else None for k in idx.columns]
              for layer in range(idx.num_layers)]
-    labels = [str(layer) for layer in range(idx.num_layers)]
+    # A layer whose sequence mixer is not full attention says which it is (Qwen3-Next's linear attention,
+    # Jamba's Mamba), so a transfer of `attention` there is read as what it moves.
+    labels = [f"{layer} {idx.mixers[layer]}" if layer in idx.mixers else str(layer) for layer in range(idx.num_layers)]
     titles = [COLUMN_TITLES[k] for k in idx.columns]
     gaps = frozenset()
     if idx.globals:

@@ -41,7 +41,7 @@ from surgeon.errors import SurgeonError
 from surgeon.live.devices import check_device, default_device
 from surgeon.live.dtypes import TORCH_DTYPES
 from surgeon.live.layer_gates import attach_gates, gate_modules
-from surgeon.live.layout import ConversionLayout, LiveTarget, live_slice
+from surgeon.live.layout import ConversionLayout, LiveTarget, live_slice, load_converted
 from surgeon.live.loader import build_empty, load_model
 
 FILL_THREADS = 4  # reads in flight while materialising: enough to keep a disk and the page faults busy
@@ -308,15 +308,47 @@ class Hybrid:
             self._live[gate_tensor_name(layer)] = gate.weight
         return {n for n, shape in want.items() if before.get(n) != shape}
 
+    @property
+    def layout(self) -> ConversionLayout:
+        if self._layout is None:
+            self._layout = ConversionLayout(self.model, set(self._live))
+        return self._layout
+
     def target(self, name: str) -> LiveTarget:
         t = self._targets.get(name)
         if t is None:
             part = self.resolution.parts.get(name)
-            if self._layout is None:
-                self._layout = ConversionLayout(self.model, set(self._live))
             t = self._targets[name] = live_target(name, self.arch, set(self._live), part.expert if part else None,
-                                                  self._layout)
+                                                  self.layout)
         return t
+
+    def in_place(self, name: str) -> bool:
+        """Whether a disk tensor has a place in the live model to be copied into (else it is converted)."""
+        try:
+            self.target(name)
+        except SurgeonError:
+            return False
+        return True
+
+    def _convert(self, names: list[str], resolution: Resolution) -> int:
+        """Load tensors that transformers converts on load (concatenated, split) through its own loader,
+        with every disk tensor that feeds the same live tensor, each from its source in `resolution`."""
+        feeds: dict[str, list[str]] = {}
+        for n in resolution.sources:
+            if n not in self._targets and not self.in_place(n):
+                feeds.setdefault(self.layout.renamed(n), []).append(n)
+        wanted = sorted({m for n in names for m in feeds.get(self.layout.renamed(n), [n])})
+        tensors = {n: self._source_tensor(resolution.sources[n]) for n in wanted}
+        load_converted(self.model, tensors)
+        for src in (resolution.sources[n] for n in wanted):
+            for _, _, donor in src.runs or ((0, 0, src.donor),):
+                self.reader.release(donor, src.tensor)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _source_tensor(self, src) -> torch.Tensor:
+        if not src.runs:
+            return self.reader.read(src.donor, src.tensor)
+        return torch.cat([self.reader.read(donor, src.tensor)[lo:hi] for lo, hi, donor in src.runs])
 
     def live_view(self, name: str) -> torch.Tensor:
         t = self.target(name)
@@ -407,11 +439,15 @@ class Hybrid:
                    if n in fresh or (s is not old[n] and old[n].origin != s.origin)]
         moved = 0
         done: list[str] = []
+        converted = [n for n in changed if not self.in_place(n)]
         with torch.no_grad():
             try:
                 for name in changed:
-                    moved += self._copy(name, new.sources[name])
-                    done.append(name)
+                    if name not in converted:
+                        moved += self._copy(name, new.sources[name])
+                        done.append(name)
+                if converted:
+                    moved += self._convert(converted, new)
             except BaseException:
                 # All or nothing: put back what was already swapped, so the live weights match
                 # the plan the hybrid says it holds and a later swap skips nothing.
@@ -421,6 +457,8 @@ class Hybrid:
                         self._copy(name, old[name])
                 for name in refit:
                     self._copy(name, old[name])
+                if converted:
+                    self._convert(converted, self.resolution)
                 raise
         if changed and any(p.is_cuda for p in self._live.values()):
             torch.cuda.synchronize()

@@ -6,8 +6,9 @@ and keeps the rules as data (`transformers.conversion_mapping`). A hot-swap must
 from_pretrained would have put the bytes, so for a family whose live layout is not described in
 `core/architectures.py` the rules are read from transformers itself: renamings, then stacking along
 the expert axis (MergeModulelist) and concatenating the projections (Concatenate) become a slice of
-the live tensor. Any other conversion (a transpose, an interleave) has no slice to write in place;
-such a tensor has no target here, and the caller says so.
+the live tensor. Any other conversion (a concatenation of q/k/v convolutions, a split of a fused
+projection) has no slice to write in place: such tensors go through transformers' own loader,
+`load_converted`, with every disk tensor that feeds the same live tensor.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ class ConversionLayout:
         self._prefix = getattr(model, "base_model_prefix", None)
         self._live = dict.fromkeys(live_names, True)
 
+    def renamed(self, disk_name: str) -> str:
+        """The live name transformers gives a disk tensor (for a converted one, its converter's first target)."""
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(disk_name, self._renamings, self._converters, self._prefix, self._live)[0]
+
     def target(self, disk_name: str) -> LiveTarget | None:
         from transformers.core_model_loading import Concatenate, MergeModulelist, rename_source_key
 
@@ -78,3 +85,29 @@ def _expert_index(disk_name: str, pattern: str) -> int | None:
     regex = re.escape(pattern).replace(r"\*", r"(\d+)")
     m = re.search(regex, disk_name)
     return int(m.group(1)) if m and m.groups() else None
+
+
+def load_converted(model, tensors: dict) -> None:
+    """Load disk-named `tensors` into `model` through transformers' own loader (its renamings and
+    converters), then put the values into the model's existing tensors: the loader assigns new
+    parameters, and a hybrid keeps its own (their memory, and every reference to them)."""
+    import torch
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    before = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    convert_and_load_state_dict_in_model(
+        model, dict(tensors), LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model)))
+    with torch.no_grad():
+        for name, new in [*model.named_parameters(), *model.named_buffers()]:
+            old = before.get(name)
+            if old is None or new is old:
+                continue
+            old.copy_(new)
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            if attr in module._parameters:
+                module._parameters[attr] = old
+            else:
+                module._buffers[attr] = old
