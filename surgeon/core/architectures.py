@@ -101,6 +101,15 @@ class Architecture:
     # has full attention. Shown per layer in the grid; every mixer is the `attention` component.
     mixers: tuple[tuple[str, str], ...] = ()
     covers: str = ""  # the releases a user knows this family by (README's architecture list)
+    # Config keys whose values add experts the checkpoint stores beside `experts_key`'s (LongCat-Flash's
+    # zero-computation experts are stored and routed like the others).
+    added_experts_keys: tuple[str, ...] = ()
+
+    def expert_count(self, config: dict) -> int | None:
+        """How many experts a MoE layer stores, from the family's config keys (None: not stated)."""
+        if self.experts_key is None or config.get(self.experts_key) is None:
+            return None
+        return config[self.experts_key] + sum(config.get(k) or 0 for k in self.added_experts_keys)
 
 
 _LINEAR_ATTN = (("linear_attn", "attention"),)
@@ -153,78 +162,78 @@ ARCHITECTURES: dict[str, Architecture] = {
             covers="DeepSeek-V3, DeepSeek-R1, Kimi-K2 (FP8 releases: weight_scale_inv moves with its weight)",
         ),
         # ---- every other text MoE family transformers knows, as data
-        _family("deepseek_v2", "n_routed_experts", covers="DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-Coder-V2"),
-        _family("deepseek_v32", "n_routed_experts", covers="DeepSeek-V3.2 (sparse-attention indexer: attention)"),
+        _family("deepseek_v2", "n_routed_experts", covers="DeepSeek-V2, DeepSeek-V2-Lite"),
+        _family("deepseek_v32", "n_routed_experts", covers="DeepSeek-V3.2-Exp (its sparse-attention indexer is attention)"),
         _family("glm4_moe", "n_routed_experts", covers="GLM-4.5, GLM-4.5-Air, GLM-4.6"),
-        _family("glm4_moe_lite", "n_routed_experts", covers="GLM-4.7-Flash"),
+        _family("glm4_moe_lite", "n_routed_experts", covers="GLM-4.5 family, MLA attention"),
         _family("glm_moe_dsa", "n_routed_experts", covers="GLM-5"),
         _family("dots1", "n_routed_experts", covers="dots.llm1"),
-        _family("solar_open", "n_routed_experts", covers="Solar Open"),
-        _family("sarvam_mla", "n_routed_experts", covers="Sarvam-M MLA"),
-        _family("axk1", "n_routed_experts", covers="A.X K1"),
-        _family("axk2", "n_routed_experts", covers="A.X K2",
+        _family("solar_open", "n_routed_experts", covers="Solar-Open-100B"),
+        _family("sarvam_mla", "n_routed_experts", covers="Sarvam-105B"),
+        _family("axk1", "n_routed_experts", covers="A.X-K1"),
+        _family("axk2", "n_routed_experts", covers="A.X-K2",
                 extra=(("input_layernorm", "norms"), ("post_attention_layernorm", "norms"))),
         _family("mimo_v2_flash", "n_routed_experts", covers="MiMo-V2-Flash"),
-        _family("afmoe", "num_experts", covers="AFMoE (Arcee Trinity)"),
-        _family("cohere2_moe", "num_experts", covers="Cohere Command MoE"),
-        _family("exaone_moe", "num_experts", covers="EXAONE MoE"),
-        _family("flex_olmo", "num_experts", covers="FlexOlmo (experts trained apart)"),
-        _family("mellum", "num_local_experts", covers="Mellum MoE"),
+        _family("afmoe", "num_experts", covers="Arcee Trinity-Mini"),
+        _family("cohere2_moe", "num_experts", covers="Command A Plus"),
+        _family("exaone_moe", "num_experts", covers="K-EXAONE-236B-A23B"),
+        _family("flex_olmo", "num_experts", covers="FlexOlmo-7x7B-1T (experts trained apart)"),
+        _family("mellum", "num_local_experts", covers="Mellum2-12B-A2.5B"),
         _family("hunyuan_v1_moe", "num_experts", top_k_key="moe_topk", covers="Hunyuan-A13B"),
-        _family("hy_v3", "num_experts", covers="Hunyuan v3"),
-        _family("kolibri1", "num_local_experts", covers="Kolibri",
+        _family("hy_v3", "num_experts", covers="Hy3-preview"),
+        _family("kolibri1", "num_local_experts", covers="Kolibri-1",
                 extra=(("moe.router", "router"),)),
-        _family("laguna", "num_experts", covers="Laguna"),
+        _family("laguna", "num_experts", covers="Laguna XS.2"),
         _family("ernie4_5_moe", "moe_num_experts", top_k_key="moe_k", covers="ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B"),
-        _family("aria_text", "moe_num_experts", top_k_key="moe_topk", covers="Aria (text model)"),
+        _family("aria_text", "moe_num_experts", top_k_key="moe_topk", covers="Aria (its text model)"),
         _family("qwen3_next", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN,
                 covers="Qwen3-Next-80B-A3B (linear-attention layers marked)"),
         _family("qwen3_5_moe_text", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN,
-                covers="Qwen3.5-MoE (text model)"),
-        _family("lara_mini", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN, covers="Lara mini"),
-        _family("gpt_oss", "num_local_experts", covers="gpt-oss-20b, gpt-oss-120b (fused experts; MXFP4 blocks+scales)"),
+                covers="Qwen3.5-35B-A3B (its text model)"),
+        _family("lara_mini", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN, covers="Lara-4-Mini"),
+        _family("gpt_oss", "num_local_experts", covers="gpt-oss-20b, gpt-oss-120b (fused experts)"),
         _family("llama4_text", "num_local_experts", rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("feed_forward"),
                 covers="Llama-4-Scout, Llama-4-Maverick (text model; fused experts, MoE on some layers)"),
         _family("minimax", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
                 live_renames=(("block_sparse_moe", "mlp"),), fused_experts=FUSED_MIXTRAL, covers="MiniMax-Text-01"),
         _family("minimax_m2", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
                 covers="MiniMax-M2"),
-        _family("minimax_m3_vl_text", "num_local_experts", covers="MiniMax-M3 (text model; fused experts)"),
+        _family("minimax_m3_vl_text", "num_local_experts", covers="MiniMax-M3 (its text model; fused experts)"),
         _family("phimoe", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
                 covers="Phi-3.5-MoE"),
         _family("granitemoe", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
-                covers="Granite 3.0 MoE (fused input/output linears)"),
+                covers="Granite 3 MoE (fused input/output linears)"),
         _family("granitemoeshared", "num_local_experts", extra=(("shared_mlp", "shared_expert"),),
                 rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
                 covers="Granite MoE with a shared expert"),
         _family("granitemoe_swa", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
-                covers="Granite MoE with sliding-window attention"),
+                covers="granite-swash-3b-a600m"),
         _family("granitemoehybrid", "num_local_experts", mixers=_MAMBA,
                 extra=(("shared_mlp", "shared_expert"),), rules=_ATTENTION_AND_NORMS + _MAMBA + _moe_block("block_sparse_moe"),
                 covers="Granite 4.0 (Mamba layers marked)"),
         _family("jetmoe", "num_local_experts",
                 extra=(("self_attention", "attention"), ("mlp.bias", "mlp")),  # attention has its own experts (MoA)
-                covers="JetMoE-8B (mixture-of-attention counts as attention)"),
+                covers="JetMoE-8B (its mixture of attention heads is attention)"),
         _family("jamba", "num_experts", mixers=_MAMBA,
                 rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _MAMBA + _moe_block("feed_forward"),
                 global_rules=GLOBAL_RULES + (("model.final_layernorm", "final_norm"),),
                 covers="Jamba (Mamba layers marked; MoE every other layer)"),
         _family("kimi_linear", "num_experts", top_k_key="num_experts_per_token",
                 rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
-                mixers=(("self_attn.A_log", "linear"),), covers="Kimi-Linear-48B-A3B"),
+                mixers=(("self_attn.A_log", "linear"),), covers="Kimi-Linear-48B-A3B (linear-attention layers marked)"),
         _family("bailing_hybrid", "num_experts", top_k_key="num_experts_per_token",
                 extra=(("attention", "attention"),), global_rules=_WORD_EMBEDDINGS,
-                mixers=(("attention.A_log", "linear"),), covers="Ling/Ring hybrid (linear-attention layers marked)"),
+                mixers=(("attention.A_log", "linear"),), covers="Ling-3.0-Flash (linear-attention layers marked)"),
         _family("sarvam_moe", "n_routed_experts", extra=(("attention", "attention"),), global_rules=_WORD_EMBEDDINGS,
-                covers="Sarvam MoE"),
+                covers="Sarvam-30B"),
         _family("nemotron_h", "n_routed_experts", layer_prefix=("backbone", "layers"),
                 rules=(("norm", "norms"),) + _moe_block("mixer")[:-1] + tuple(
                     (f"mixer.{p}", "attention") for p in ("q_proj", "k_proj", "v_proj", "o_proj")) + (
                     ("mixer.up_proj", "mlp"), ("mixer.down_proj", "mlp"), ("mixer", "attention")),
                 global_rules=(("backbone.embeddings", "embedding"), ("backbone.norm_f", "final_norm"),
                               ("lm_head", "lm_head")),
-                mixers=(("mixer.A_log", "mamba"),), covers="Nemotron-H / Nemotron 3 Nano (Mamba layers marked)"),
-        _family("longcat_flash", "n_routed_experts", top_k_key="moe_topk",
+                mixers=(("mixer.A_log", "mamba"),), covers="NVIDIA Nemotron 3 Nano 30B-A3B (Mamba layers marked)"),
+        _family("longcat_flash", "n_routed_experts", top_k_key="moe_topk", added_experts_keys=("zero_expert_num",),
                 extra=(("self_attn", "attention"), ("mlps", "mlp"), ("input_layernorm", "norms"),
                        ("post_attention_layernorm", "norms")), covers="LongCat-Flash"),
         _family("lfm2_moe", "num_experts", extra=(("conv", "attention"), ("operator_norm", "norms"),
@@ -237,18 +246,18 @@ ARCHITECTURES: dict[str, Architecture] = {
                        ("hc_ffn_scale", "norms")),
                 rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("ffn"),
                 global_rules=GLOBAL_RULES + (("model.hc_head", "final_norm"), ("head", "lm_head")),
-                covers="DeepSeek-V4"),
+                covers="DeepSeek-V4-Flash"),
         _family("hy_v4", "n_routed_experts", extra=(("hc_pre", "norms"),),
-                global_rules=GLOBAL_RULES + (("model.hc_pre", "final_norm"),), covers="Hunyuan v4"),
+                global_rules=GLOBAL_RULES + (("model.hc_pre", "final_norm"),), covers="Hy4-preview"),
         _family("inkling_text", "n_routed_experts", extra=(("attn_sconv", "attention"), ("mlp_sconv", "mlp")),
-                covers="Inkling (text model)"),
+                covers="Inkling (its text model)"),
         _family("qwen4_exp_text", "num_experts", mixers=_LINEAR_ATTN,
                 extra=_LINEAR_ATTN + (("attn_hyper_connection", "norms"), ("mlp_hyper_connection", "norms")),
                 global_rules=GLOBAL_RULES + (("model.hyper_connection_mixer", "final_norm"),),
-                covers="Qwen4 experimental (text model)"),
-        _family("beam", "num_experts", covers="Beam"),
-        _family("flint", "num_experts", covers="Flint (attention sinks as softmax_offset)"),
-        _family("dots3_note_text", "n_routed_experts", covers="dots.llm3 (text model)"),
+                covers="Qwen4-Exp (its text model)"),
+        _family("beam", "num_experts", covers="Beam-1.0-501B-A23B"),
+        _family("flint", "num_experts", covers="flint (attention sinks as softmax_offset)"),
+        _family("dots3_note_text", "n_routed_experts", covers="dots3-note (its text model)"),
         _family("gemma4_text", "num_experts", top_k_key="top_k_experts",
                 extra=(("experts", "expert"), ("router", "router"),  # experts beside a dense MLP, every layer
                        ("post_feedforward_layernorm_1", "norms"), ("post_feedforward_layernorm_2", "norms"),
@@ -257,13 +266,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                 global_rules=GLOBAL_RULES + (("model.embed_tokens_per_layer", "embedding"),
                                              ("model.per_layer_model_projection", "embedding"),
                                              ("model.per_layer_projection_norm", "embedding")),
-                covers="Gemma 4 MoE (text model)"),
+                covers="Gemma 4 with its MoE block (text model)"),
         _family("doge", "num_experts",
                 # Doge's cross-domain MoE keeps its experts as rows of two embedding tables (product-key
                 # retrieval): row e of up_embed and down_embed is expert e.
                 extra=(("mlp.router_gate", "router"), ("mlp.up_embed", "expert"), ("mlp.down_embed", "expert"),
                        ("input_residual", "norms"), ("post_attention_residual", "norms")),
-                covers="Doge (with is_moe)"),
+                covers="Doge with is_moe (experts as embedding rows)"),
         _family("inkling2_text", "n_routed_experts", layer_prefix=("model", "llm", "layers"),
                 rules=(("attn", "attention"), ("attn_sconv", "attention"), ("mlp_sconv", "mlp"),
                        ("attn_norm", "norms"), ("mlp_norm", "norms"), ("q_input_norm", "norms"),
@@ -271,7 +280,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 global_rules=(("model.llm.embed", "embedding"), ("model.llm.embed_norm", "embedding"),
                               ("model.llm.norm", "final_norm"), ("model.llm.attn_res", "final_norm"),
                               ("model.llm.unembed", "lm_head")),
-                covers="Inkling 2 (text model)"),
+                covers="Inkling-2-Small (its text model)"),
         _family("inkling2_loop_text", "n_routed_experts", layer_prefix=("model", "llm", "layers"),
                 rules=(("controllers.mlp", "mlp"), ("controllers", "attention"),  # the loop layers' controllers
                        ("attn", "attention"), ("attn_sconv", "attention"), ("mlp_sconv", "mlp"),
@@ -282,7 +291,12 @@ ARCHITECTURES: dict[str, Architecture] = {
                               ("model.llm.unembed", "lm_head"),
                               ("model.llm.middle_cycle_cross_pass_kv_queries", "final_norm"),
                               ("model.llm.middle_cycle_cross_pass_queries", "final_norm")),
-                covers="Inkling 2 Loop (text model)"),
+                covers="Inkling-2-Mini (its text model)"),
+        _family("zaya", "num_experts", extra=(("post_attention_residual_scale", "norms"),
+                                              ("post_mlp_residual_scale", "norms")),
+                global_rules=GLOBAL_RULES + (("model.input_hidden_states_bias", "embedding"),
+                                             ("model.input_hidden_states_scale", "embedding")),
+                covers="ZAYA (MLP router; fused experts)"),
         # ---- dense donors, for mixing (features/mix) and as compress targets
         Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
         Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
@@ -386,3 +400,21 @@ DENSE_TARGETS = {
 def dense_targets_text() -> str:
     """`mixtral -> mistral, ..., olmoe -> one-expert olmoe`, for help texts."""
     return ", ".join(f"{moe} -> {'one-expert ' if t.router else ''}{t.model_type}" for moe, t in DENSE_TARGETS.items())
+
+
+# ---------------------------------------------------------------- the list users read
+def architecture_list_markdown() -> str:
+    """The README's list of families, made from the descriptions above (tests check it is current;
+    `python scripts/architecture_list.py --write` rewrites it)."""
+    lines = ["| model_type | what it covers | expert count | top-k | mixers marked |", "|---|---|---|---|---|"]
+    for a in sorted(ARCHITECTURES.values(), key=lambda a: a.model_type):
+        if not a.moe:
+            continue
+        mixers = ", ".join(sorted({m for _, m in a.mixers})) or "-"
+        lines.append(f"| `{a.model_type}` | {a.covers} | `{a.experts_key}` | `{a.top_k_key}` | {mixers} |")
+    dense = ", ".join(f"`{a.model_type}`" for a in ARCHITECTURES.values() if not a.moe)
+    lines += ["", f"Dense donors (for mixing, and as compress targets): {dense}.", ""]
+    if UNSUPPORTED:
+        lines += ["Not supported yet:", ""]
+        lines += [f"- `{t}`: {why}" for t, why in sorted(UNSUPPORTED.items())]
+    return "\n".join(lines) + "\n"

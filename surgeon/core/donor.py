@@ -255,11 +255,14 @@ def _check_expert_count(donor: Donor, cfg_path: Path) -> None:
     from surgeon.core.plan import format_ranges
 
     arch, known = architecture_for(donor.model_type)
-    keys = (arch.experts_key,) if known else EXPERT_COUNT_KEYS
-    key = next((k for k in keys if k is not None and donor.config.get(k) is not None), None)
-    if key is None:
+    if known:
+        key, declared = arch.experts_key, arch.expert_count(donor.config)
+        key = " + ".join((key, *arch.added_experts_keys)) if arch.added_experts_keys else key
+    else:
+        key = next((k for k in EXPERT_COUNT_KEYS if donor.config.get(k) is not None), None)
+        declared = donor.config.get(key) if key else None
+    if declared is None:
         return
-    declared = donor.config[key]
     held: dict[int, set[int]] = {}
     for name, part in donor.anatomy.parts.items():
         if part.expert is not None:
