@@ -75,3 +75,35 @@ def test_features_read_the_table(donors_of):
     assert output_arch("auto", llama, "A") is MIX_OUTPUTS[MIX_SOURCES["llama"].default_output]
     mixtral = open_donor(donors_of("mixtral", 1)[0])
     assert check_source(mixtral) is DENSE_TARGETS["mixtral"]
+
+
+def test_readme_lists_the_architectures_as_described():
+    """The README's list is generated from the descriptions (scripts/architecture_list.py --write)."""
+    from pathlib import Path
+
+    from surgeon.core.architectures import architecture_list_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = "<!-- architectures:start -->\n", "<!-- architectures:end -->"
+    assert readme.split(start, 1)[1].split(end, 1)[0] == architecture_list_markdown()
+    for a in ARCHITECTURES.values():
+        if a.moe:
+            assert a.covers, f"{a.model_type} says nothing of what it covers"
+
+
+def test_nothing_outside_the_descriptions_names_a_model_type():
+    """Architectures are data in one place: no other module of the engine or the app spells a
+    model_type, so a new family never needs a branch elsewhere."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    names = set(ARCHITECTURES)
+    found = []
+    for f in sorted([*(root / "surgeon").rglob("*.py"), *(root / "screens").rglob("*.py")]):
+        if f.relative_to(root).as_posix() == "surgeon/core/architectures.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.append(f"{f.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert not found, found

@@ -154,3 +154,58 @@ def _save_oracle(directory, base_dir, tensors):
     shutil.copyfile(base_dir / "config.json", directory / "config.json")
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
+
+
+def test_one_expert_of_a_fused_tensor_is_a_grid_unit_and_a_byte_range(pairs, tmp_path):
+    """gpt-oss keeps a layer's experts in one [E, ...] tensor: the grid still offers each expert, the
+    export splices the chosen expert's rows from its donor, the manifest says which rows came from
+    where, and `verify --donors` compares each range with the donor it names (and only that one)."""
+    import json
+    import shutil
+
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Assignment
+    from surgeon.core.workbench import Workbench, layer_sheet
+    from surgeon.features.export import ExportRequest, run_export
+    from surgeon.features.verify import run_verify
+    from tests.tiny_models import flip_byte
+
+    a_dir, b_dir = pairs("gpt_oss")
+    b_copy = tmp_path / "b"
+    shutil.copytree(b_dir, b_copy)
+    donors = {"A": open_donor(a_dir), "B": open_donor(b_copy)}
+    wb = Workbench(donors, "A")
+    assert [p.expert for p in wb.index.experts_of[1]] == [0, 1, 2, 3]
+    assert layer_sheet(wb, 1).labels[-4:] == ["expert 0", "expert 1", "expert 2", "expert 3"]
+    wb.set_parts([wb.index.experts_of[1][2]], "B")
+    plan = wb.plan()
+    assert plan.assignments == [Assignment("expert", "B", (1,), (2,))]
+
+    out = tmp_path / "out"
+    run_export(ExportRequest(plan, donors, out))
+    manifest = json.loads((out / "moe-surgeon-manifest.json").read_text())
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    assert manifest["tensors"][name]["source"]["experts"] == [
+        {"from": 0, "to": 2, "donor": "A"}, {"from": 2, "to": 3, "donor": "B"}, {"from": 3, "to": 4, "donor": "A"}]
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in [n for n, t in manifest["tensors"].items()
+                                                            if "experts" in t.get("source", {})]
+    assert run_verify(out, donors=True).problem is None
+
+    info = donors["B"].tensors[name]
+    row = info.nbytes // info.shape[0]
+    flip_byte(b_copy / info.file, info.start + 0 * row + 5)  # expert 0 of B: not in the hybrid
+    assert run_verify(out, donors=True).problem is None
+    flip_byte(b_copy / info.file, info.start + 2 * row + 5)  # expert 2 of B: in the hybrid
+    problem = run_verify(out, donors=True).problem
+    assert problem is not None and name in problem and "donor B" in problem
+
+
+def test_mixers_are_marked_per_layer_in_the_grid(pairs):
+    """Qwen3-Next mixes linear-attention layers with full attention: the grid says which is which."""
+    from surgeon.core.donor import open_donor
+    from surgeon.core.workbench import Workbench, surgery_sheet
+
+    a_dir, b_dir = pairs("qwen3_next")
+    donors = {"A": open_donor(a_dir), "B": open_donor(b_dir)}
+    assert donors["A"].anatomy.mixers == {0: "linear"}
+    assert surgery_sheet(Workbench(donors, "A")).labels[:2] == ["0 linear", "1"]

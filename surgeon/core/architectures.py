@@ -101,6 +101,7 @@ class Architecture:
     # has full attention. Shown per layer in the grid; every mixer is the `attention` component.
     mixers: tuple[tuple[str, str], ...] = ()
     covers: str = ""  # the releases a user knows this family by (README's architecture list)
+    mergekit: bool = False  # mergekit 0.1.x defines it (mergekit/_data/architectures): recipes use its names
     # Config keys whose values add experts the checkpoint stores beside `experts_key`'s (LongCat-Flash's
     # zero-computation experts are stored and routed like the others).
     added_experts_keys: tuple[str, ...] = ()
@@ -112,8 +113,10 @@ class Architecture:
         return config[self.experts_key] + sum(config.get(k) or 0 for k in self.added_experts_keys)
 
 
-_LINEAR_ATTN = (("linear_attn", "attention"),)
+_LINEAR_ATTN = (("linear_attn", "attention"),)  # rules: every sequence mixer is the attention component
 _MAMBA = (("mamba", "attention"),)
+_LINEAR_MIXER = (("linear_attn", "linear"),)  # how the grid labels such a layer
+_MAMBA_MIXER = (("mamba", "mamba"),)
 
 
 def _family(model_type: str, experts_key: str | None, *, rules=_STANDARD, extra=(), **kw) -> Architecture:
@@ -135,6 +138,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "num_local_experts",
             live_renames=(("block_sparse_moe", "mlp"),),  # Mixtral's live module is `mlp`
             fused_experts=FUSED_MIXTRAL,
+            mergekit=True,
             covers="Mixtral-8x7B, Mixtral-8x22B",
         ),
         Architecture(
@@ -151,7 +155,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             covers="Qwen1.5-MoE, Qwen2-57B-A14B",
         ),
         Architecture("qwen3_moe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE + (("mlp", "mlp"),), "num_experts",
-                     fused_experts=FUSED_QWEN_STYLE, covers="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder"),
+                     fused_experts=FUSED_QWEN_STYLE, mergekit=True, covers="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder"),
         Architecture(
             "deepseek_v3",
             _ATTENTION_AND_NORMS
@@ -186,11 +190,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         _family("laguna", "num_experts", covers="Laguna XS.2"),
         _family("ernie4_5_moe", "moe_num_experts", top_k_key="moe_k", covers="ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B"),
         _family("aria_text", "moe_num_experts", top_k_key="moe_topk", covers="Aria (its text model)"),
-        _family("qwen3_next", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN,
+        _family("qwen3_next", "num_experts", mixers=_LINEAR_MIXER, extra=_LINEAR_ATTN,
                 covers="Qwen3-Next-80B-A3B (linear-attention layers marked)"),
-        _family("qwen3_5_moe_text", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN,
+        _family("qwen3_5_moe_text", "num_experts", mixers=_LINEAR_MIXER, extra=_LINEAR_ATTN,
                 covers="Qwen3.5-35B-A3B (its text model)"),
-        _family("lara_mini", "num_experts", mixers=_LINEAR_ATTN, extra=_LINEAR_ATTN, covers="Lara-4-Mini"),
+        _family("lara_mini", "num_experts", mixers=_LINEAR_MIXER, extra=_LINEAR_ATTN, covers="Lara-4-Mini"),
         _family("gpt_oss", "num_local_experts", covers="gpt-oss-20b, gpt-oss-120b (fused experts)"),
         _family("llama4_text", "num_local_experts", rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("feed_forward"),
                 covers="Llama-4-Scout, Llama-4-Maverick (text model; fused experts, MoE on some layers)"),
@@ -208,13 +212,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                 covers="Granite MoE with a shared expert"),
         _family("granitemoe_swa", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
                 covers="granite-swash-3b-a600m"),
-        _family("granitemoehybrid", "num_local_experts", mixers=_MAMBA,
+        _family("granitemoehybrid", "num_local_experts", mixers=_MAMBA_MIXER,
                 extra=(("shared_mlp", "shared_expert"),), rules=_ATTENTION_AND_NORMS + _MAMBA + _moe_block("block_sparse_moe"),
                 covers="Granite 4.0 (Mamba layers marked)"),
         _family("jetmoe", "num_local_experts",
                 extra=(("self_attention", "attention"), ("mlp.bias", "mlp")),  # attention has its own experts (MoA)
                 covers="JetMoE-8B (its mixture of attention heads is attention)"),
-        _family("jamba", "num_experts", mixers=_MAMBA,
+        _family("jamba", "num_experts", mixers=_MAMBA_MIXER,
                 rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _MAMBA + _moe_block("feed_forward"),
                 global_rules=GLOBAL_RULES + (("model.final_layernorm", "final_norm"),),
                 covers="Jamba (Mamba layers marked; MoE every other layer)"),
@@ -251,7 +255,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 global_rules=GLOBAL_RULES + (("model.hc_pre", "final_norm"),), covers="Hy4-preview"),
         _family("inkling_text", "n_routed_experts", extra=(("attn_sconv", "attention"), ("mlp_sconv", "mlp")),
                 covers="Inkling (its text model)"),
-        _family("qwen4_exp_text", "num_experts", mixers=_LINEAR_ATTN,
+        _family("qwen4_exp_text", "num_experts", mixers=_LINEAR_MIXER,
                 extra=_LINEAR_ATTN + (("attn_hyper_connection", "norms"), ("mlp_hyper_connection", "norms")),
                 global_rules=GLOBAL_RULES + (("model.hyper_connection_mixer", "final_norm"),),
                 covers="Qwen4-Exp (its text model)"),
@@ -298,10 +302,10 @@ ARCHITECTURES: dict[str, Architecture] = {
                                              ("model.input_hidden_states_scale", "embedding")),
                 covers="ZAYA (MLP router; fused experts)"),
         # ---- dense donors, for mixing (features/mix) and as compress targets
-        Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
-        Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
-        Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),
-        Architecture("qwen3", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False),  # compress's qwen3_moe target
+        Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
+        Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
+        Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
+        Architecture("qwen3", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),  # compress's qwen3_moe target
     )
 }
 
@@ -342,6 +346,7 @@ def architecture_for(model_type: str) -> tuple[Architecture, bool]:
 class MixSource:
     default_output: str  # a key of MIX_OUTPUTS
     config_defaults: tuple[tuple[str, object], ...] = ()
+    window_on_every_layer: bool = False  # a set sliding_window applies to every layer (Mistral)
 
 
 @dataclass(frozen=True)
@@ -353,21 +358,25 @@ class MixOutput:
     block: str  # the MoE block under a layer
     expert_names: dict  # dense projection -> expert tensor name
     experts_key: str
-    shared_expert: bool
+    shared_expert: bool  # False: the always-on expert is folded into every expert's width (Mixtral)
+    attention_biases: tuple[str, ...] = ()  # the attention projections that may carry a bias
+    window_on_every_layer: bool = False  # can express a sliding window on every layer
 
 
 _DENSE_DEFAULTS = (("rms_norm_eps", 1e-6), ("rope_theta", 10000.0))
 MIX_SOURCES = {
     "llama": MixSource("mixtral", _DENSE_DEFAULTS + (("sliding_window", None),)),
-    "mistral": MixSource("mixtral", _DENSE_DEFAULTS + (("sliding_window", 4096),)),
+    "mistral": MixSource("mixtral", _DENSE_DEFAULTS + (("sliding_window", 4096),), window_on_every_layer=True),
     "qwen2": MixSource("qwen2_moe", _DENSE_DEFAULTS),
 }
 _DENSE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MIX_OUTPUTS = {
     "mixtral": MixOutput("mixtral", "MixtralForCausalLM", "block_sparse_moe",
-                         {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}, "num_local_experts", False),
+                         {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}, "num_local_experts", False,
+                         window_on_every_layer=True),
     "qwen2_moe": MixOutput("qwen2_moe", "Qwen2MoeForCausalLM", "mlp",
-                           {p: p for p in _DENSE_PROJECTIONS}, "num_experts", True),
+                           {p: p for p in _DENSE_PROJECTIONS}, "num_experts", True,
+                           attention_biases=("q_proj", "k_proj", "v_proj")),
 }
 MIX_ARCH_CHOICES = ["auto", *MIX_OUTPUTS]  # `mix --arch` and the mix form's arch field
 

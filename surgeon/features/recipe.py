@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgeon.core.architectures import (
+    ARCHITECTURES,
     COMMON_LAYER_RULES,
     GLOBAL_KINDS,
     GLOBAL_RULES,
@@ -38,7 +39,7 @@ from surgeon.core.session import Session, make_session, open_session_donors
 from surgeon.errors import SurgeonError
 
 # model_types mergekit 0.1.x defines (mergekit/_data/architectures) among those moe-surgeon knows.
-MERGEKIT_ARCHITECTURES = frozenset({"mixtral", "qwen3_moe", "llama", "mistral", "qwen2", "qwen3"})
+MERGEKIT_ARCHITECTURES = frozenset(t for t, a in ARCHITECTURES.items() if a.mergekit)
 # safetensors dtype -> mergekit's `dtype`: computing in the donors' own dtype keeps 1*x/1 exact.
 MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 METHODS = ("linear", "task_arithmetic", "passthrough")

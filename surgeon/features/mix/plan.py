@@ -190,20 +190,24 @@ def output_arch(arch: str, base: Donor, base_name: str) -> OutputArch:
         raise SurgeonError(f"--arch {arch!r}: one of auto, {', '.join(OUTPUTS)}")
     attn_bias = {n.rsplit(".", 2)[-2] for n in base.tensors
                  if ".self_attn." in n and n.endswith(".bias")}
-    if name == "mixtral" and attn_bias:
+    out = OUTPUTS[name]
+    refused = sorted(attn_bias - set(out.attention_biases))
+    if refused:
+        other = next((o for o in OUTPUTS.values() if attn_bias <= set(o.attention_biases)), None)
         raise SurgeonError(
             f"base {_label(base_name, base)} has attention biases ({', '.join(sorted(attn_bias))}); "
-            "Mixtral's attention has none" + ("; use --arch qwen2_moe" if "o_proj" not in attn_bias else "")
+            f"{out.class_name}'s attention has " + (", ".join(out.attention_biases) + " biases only"
+                                                    if out.attention_biases else "none")
+            + (f"; use --arch {other.model_type}" if other is not None else "")
         )
-    if name == "qwen2_moe":
-        if "o_proj" in attn_bias:
-            raise SurgeonError(f"base {_label(base_name, base)} has an o_proj bias; Qwen2-MoE's attention has none")
-        if base.model_type == "mistral" and base.config.get("sliding_window") is not None:
-            raise SurgeonError(
-                f"base {_label(base_name, base)} uses a sliding window on every layer, which Qwen2-MoE "
-                "expresses differently; use --arch mixtral"
-            )
-    return OUTPUTS[name]
+    if (MIX_SOURCES[base.model_type].window_on_every_layer and base.config.get("sliding_window") is not None
+            and not out.window_on_every_layer):
+        other = next(o for o in OUTPUTS.values() if o.window_on_every_layer)
+        raise SurgeonError(
+            f"base {_label(base_name, base)} uses a sliding window on every layer, which {out.class_name} "
+            f"expresses differently; use --arch {other.model_type}"
+        )
+    return out
 
 
 def _config(base: Donor, out: OutputArch, n_experts: int, top_k: int, expert_inter: int, always_inter: int,
@@ -222,7 +226,7 @@ def _config(base: Donor, out: OutputArch, n_experts: int, top_k: int, expert_int
     cfg.update(architectures=[out.class_name], model_type=out.model_type, num_experts_per_tok=top_k,
                output_router_logits=False)
     cfg[out.experts_key] = n_experts
-    if out.model_type == "mixtral":
+    if not out.shared_expert:  # the always-on expert is folded into each expert's width (see module doc)
         cfg.update(intermediate_size=always_inter + expert_inter, router_jitter_noise=0.0)
     else:
         cfg.update(moe_intermediate_size=expert_inter, shared_expert_intermediate_size=always_inter,
