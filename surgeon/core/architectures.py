@@ -19,7 +19,7 @@ LAYER_PREFIX = ("model", "layers")
 
 # Component kinds, in the order the TUI shows them as columns. `layer_gate` is a Self-MoE gate
 # between decoder layers (Self-MoE); it lives in a sidecar file, see surgeon/core/gates_sidecar.py.
-LAYER_KINDS = ("attention", "router", "expert", "shared_expert", "gate", "norms", "mlp", "layer_gate")
+LAYER_KINDS = ("attention", "router", "expert", "shared_expert", "gate", "norms", "mlp", "mtp", "layer_gate")
 GLOBAL_KINDS = ("embedding", "final_norm", "lm_head")
 
 GLOBAL_RULES = (
@@ -75,7 +75,11 @@ def _moe_block(block: str) -> tuple[tuple[str, str], ...]:
     )
 
 
-_STANDARD = _ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("mlp")
+# A multi-token-prediction layer after the decoder layers (DeepSeek-V3, GLM-4.5: num_nextn_predict_layers)
+# is a decoder layer plus these, its own: transformers does not load them, an export keeps them.
+_MTP = tuple((n, "mtp") for n in ("eh_proj", "enorm", "hnorm", "embed_tokens", "shared_head"))
+
+_STANDARD = _ATTENTION_AND_NORMS + _MORE_NORMS + _MTP + _moe_block("mlp")
 
 
 # How transformers 5 holds routed experts in memory: fused per layer, `gate_up_proj` [E, 2I, H]
@@ -160,7 +164,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             "deepseek_v3",
             _ATTENTION_AND_NORMS
             + _QWEN_STYLE_MOE
-            + (("mlp.shared_experts", "shared_expert"), ("mlp", "mlp")),  # first_k_dense_replace layers
+            + (("mlp.shared_experts", "shared_expert"), ("mlp", "mlp"))  # first_k_dense_replace layers
+            + _MTP,
             "n_routed_experts",
             fused_experts=FUSED_QWEN_STYLE,
             covers="DeepSeek-V3, DeepSeek-R1, Kimi-K2 (FP8 releases: weight_scale_inv moves with its weight)",

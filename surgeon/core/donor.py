@@ -232,8 +232,10 @@ def check_config(donor: Donor) -> Donor:
     config = donor.config
     from surgeon.core.anatomy import layer_of
 
-    arch = donor.anatomy.architecture
-    layers = sorted({found[0] for name in donor.tensors if (found := layer_of(name, arch)) is not None})
+    anatomy = donor.anatomy
+    layers = sorted({p.layer for p in set(anatomy.parts.values()) if p.layer is not None}
+                    | {found[0] for name in anatomy.unclassified
+                       if (found := layer_of(name, anatomy.architecture)) is not None})
     declared = config.get("num_hidden_layers")
     if declared is not None:
         # DeepSeek-V3 keeps its multi-token-prediction layers after the decoder layers.
@@ -299,14 +301,28 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _shard_names(path: Path) -> list[str] | None:
+def _weight_map(path: Path) -> dict | None:
+    """The index's weight_map (tensor -> shard file), or None without an index; read once per donor
+    (DeepSeek-V3's maps 92,000 tensors)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+        return weight_map
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SurgeonError(f"{index}: invalid index (expected a JSON object with a weight_map)") from None
+
+
+def _shard_names(path: Path, weight_map: dict | None) -> list[str] | None:
     """Shard files named by the index, or the single file; None when there are no safetensors."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if weight_map is not None:
         try:
-            weight_map = json.loads(index.read_bytes())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except TypeError:
             raise SurgeonError(f"{index}: invalid index (expected a JSON object with a weight_map)") from None
         for n in names:
             if not (path / n).is_file():
@@ -345,7 +361,8 @@ def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool 
     if not path.is_dir():
         raise SurgeonError(f"{path}: not a directory (a donor is a checkpoint directory)")
     config, config_bytes = _read_config(path)
-    names = _shard_names(path)
+    weight_map = _weight_map(path)
+    names = _shard_names(path, weight_map)
     if names is None:
         return check_config(_open_pickled(path, config, config_bytes, allow_pickle))
     shards = {n: read_header(str(path / n)) for n in names}
@@ -355,11 +372,11 @@ def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool 
             if tname in tensors:
                 raise SurgeonError(f"{path / n}: tensor {tname} also appears in {Path(tensors[tname].file).name}")
             tensors[tname] = info
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        for tname, shard in json.loads(index.read_bytes())["weight_map"].items():
+    if weight_map is not None:
+        for tname, shard in weight_map.items():
             if tname not in shards[shard].tensors:
-                raise SurgeonError(f"{index}: maps {tname} to {shard}, which does not contain it")
+                raise SurgeonError(f"{path / 'model.safetensors.index.json'}: maps {tname} to {shard}, "
+                                   "which does not contain it")
     _add_gates_sidecar(path, config, shards, tensors)
     return check_config(Donor(path, config, config_bytes, shards, tensors))
 

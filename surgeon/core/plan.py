@@ -23,7 +23,7 @@ def next_donor_name(taken) -> str:
             return letter
     raise SurgeonError(f"at most {len(DONOR_LETTERS)} donors can be open at once")
 
-LAYER_COMPONENTS = ("attention", "router", "experts", "shared_expert", "gate", "norms", "mlp", "layer_gate")
+LAYER_COMPONENTS = ("attention", "router", "experts", "shared_expert", "gate", "norms", "mlp", "mtp", "layer_gate")
 # Components a layer may lack in the base and take from a donor all the same (the donor decides
 # whether the layer has one): the Self-MoE layer gates, see resolve.gate_sources.
 OPTIONAL_COMPONENTS = ("layer_gate",)

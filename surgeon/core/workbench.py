@@ -28,7 +28,7 @@ from surgeon.errors import SurgeonError
 # Column headers: the part kind `expert` is shown as the whole `experts` column.
 COLUMN_TITLES = {
     "attention": "attention", "router": "router", "expert": "experts", "shared_expert": "shared",
-    "gate": "gate", "norms": "norms", "mlp": "mlp", "layer_gate": "layer gate",
+    "gate": "gate", "norms": "norms", "mlp": "mlp", "mtp": "mtp", "layer_gate": "layer gate",
     "embedding": "embedding", "final_norm": "final norm", "lm_head": "lm_head",
 }
 
