@@ -39,8 +39,8 @@ class Part:
 class Anatomy:
     architecture: Architecture
     known: bool  # False: the model_type had no table and names were matched by the fallback
-    parts: dict[str, Part]  # tensor name -> part
-    unclassified: list[str]
+    parts: dict[str, Part] = field(repr=False)  # tensor name -> part (tens of thousands)
+    unclassified: list[str] = field(repr=False)
     num_layers: int
     experts_per_layer: dict[int, int] = field(default_factory=dict)
     mixers: dict[int, str] = field(default_factory=dict)  # layer -> its sequence mixer where not full attention
@@ -156,6 +156,26 @@ class _Classifier:
 def build_anatomy(model_type: str, tensor_names: list[str], config: dict,
                   shapes: dict[str, tuple] | None = None) -> Anatomy:
     """`shapes` (tensor name -> shape) counts the experts a fused tensor holds (its first axis)."""
+    # Donors of one family often have the same names and shapes (a pair in the workbench): the
+    # second is classified once, here, by what decides the outcome.
+    # A shape matters only by its first axis (a fused tensor's expert count).
+    key = (model_type, config.get("num_hidden_layers"), tuple(tensor_names),
+           tuple(s[0] if (s := shapes.get(n)) else None for n in tensor_names) if shapes else None)
+    cached = _ANATOMIES.get(key)
+    if cached is not None:
+        return cached
+    anatomy = _build_anatomy(model_type, tensor_names, config, shapes)
+    if len(_ANATOMIES) >= 8:
+        _ANATOMIES.clear()
+    _ANATOMIES[key] = anatomy
+    return anatomy
+
+
+_ANATOMIES: dict[tuple, Anatomy] = {}
+
+
+def _build_anatomy(model_type: str, tensor_names: list[str], config: dict,
+                   shapes: dict[str, tuple] | None = None) -> Anatomy:
     arch, known = architecture_for(model_type)
     parts: dict[str, Part] = {}
     unclassified = []

@@ -61,12 +61,14 @@ def resolve_path(spec: str, relative_to: str | os.PathLike | None = None) -> Pat
 
 @dataclass
 class Donor:
+    # Only the path in its repr: a donor holds up to ~90,000 tensor entries, and Textual describes a
+    # worker by the repr of its arguments (1.3 s for two DeepSeek-V3 donors).
     path: Path
-    config: dict
-    config_bytes: bytes
-    shards: dict[str, Header]  # shard file name -> header
-    tensors: dict[str, TensorInfo]
-    pickled: dict = field(default_factory=dict)  # name -> torch tensor, only with --allow-pickle
+    config: dict = field(repr=False)
+    config_bytes: bytes = field(repr=False)
+    shards: dict[str, Header] = field(repr=False)  # shard file name -> header
+    tensors: dict[str, TensorInfo] = field(repr=False)
+    pickled: dict = field(default_factory=dict, repr=False)  # name -> torch tensor, only with --allow-pickle
     memo: dict = field(default_factory=dict, repr=False, compare=False)  # derived tables, see resolve
 
     @property

@@ -107,7 +107,8 @@ class BaseIndex:
 
 def _gate_layers(donors: dict[str, Donor]) -> set[int]:
     """Layers where any of `donors` has a layer gate."""
-    return {p.layer for d in donors.values() for p in d.part_groups if p.kind == GATE_KIND}
+    # The anatomy's distinct parts, not part_groups: that sorts every tensor name (0.8 s at 92,000).
+    return {p.layer for d in donors.values() for p in set(d.anatomy.parts.values()) if p.kind == GATE_KIND}
 
 
 def _unit_key(p: Part):
