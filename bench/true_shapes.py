@@ -238,12 +238,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--make", help=argparse.SUPPRESS)  # write one model's pair (in a child process)
     args = parser.parse_args()
+    if args.make:
+        for i in range(2):
+            write_donor(WORK / args.make / f"donor{i}", MODELS[args.make])
+        return 0
     print(f"{'model':<38}{'tensors':>9}{'shards':>8}{'inspect':>10}{'workbench ready':>17}{'peak RSS':>10}")
     for key in args.models.split(","):
         spec = MODELS[key]
         pair = [WORK / key / f"donor{i}" for i in range(2)]
-        counts = [write_donor(p, spec) for p in pair]
+        # Made in a child: this process must never hold torch, or every process it forks would
+        # start from that memory and report it as its own peak (ru_maxrss survives exec).
+        subprocess.run([sys.executable, __file__, "--make", key], check=True)
+        counts = [write_donor(p, spec) for p in pair]  # read back from the index
         seconds = inspect_time(pair[0], args.runs)
         ready, rss = workbench_ready(pair, args.runs)
         tensors, shards = counts[0]

@@ -209,3 +209,34 @@ def test_mixers_are_marked_per_layer_in_the_grid(pairs):
     donors = {"A": open_donor(a_dir), "B": open_donor(b_dir)}
     assert donors["A"].anatomy.mixers == {0: "linear"}
     assert surgery_sheet(Workbench(donors, "A")).labels[:2] == ["0 linear", "1"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_routing_reads_every_family_with_a_router(model_type, pairs, tmp_path):
+    """The routing analysis finds each MoE layer's router through transformers' own declaration of
+    it, and counts exactly top-k choices per token in every MoE layer."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgeon.core.donor import open_donor
+    from surgeon.errors import SurgeonError
+    from surgeon.features.routing.probe import probe_routing
+    from tests.tiny_models import save_char_tokenizer
+
+    a_dir, _ = pairs(model_type)
+    model = AutoModelForCausalLM.from_pretrained(a_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(save_char_tokenizer(tmp_path / "tok"))
+    texts = ["12+30=42", "the cat sat on the mat", "abc def ghi"]
+    if model_type in ROUTING_UNREADABLE:
+        with pytest.raises(SurgeonError, match=ROUTING_UNREADABLE[model_type]):
+            probe_routing(model, tokenizer, texts)
+        return
+    stats = probe_routing(model, tokenizer, texts)
+    assert stats.layers == sorted(open_donor(a_dir).anatomy.experts_per_layer)
+    assert stats.tokens == sum(len(t) for t in texts)
+    assert np.allclose(stats.frequency.sum(axis=1), stats.top_k)  # each token picks exactly k experts
+
+
+# Doge routes by product keys over its expert tables: no per-token logits over experts to read.
+# Inkling 2 Loop runs its looped layers (and their routers) several times per token.
+ROUTING_UNREADABLE = {"doge": "no per-token logits", "inkling2_loop_text": "more than once per token"}

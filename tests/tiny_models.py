@@ -156,6 +156,9 @@ def conformance_donor(path: Path, model_type: str, seed: int) -> Path:
         for name, buf in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buf.copy_(torch.randn_like(buf))
+            if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: distinct experts per token id
+                experts = int(buf.max()) + 1 if buf.numel() and int(buf.max()) > 0 else CONFORMANCE[model_type].experts
+                buf.copy_(torch.stack([torch.randperm(experts)[: buf.shape[1]] for _ in range(buf.shape[0])]))
     model.save_pretrained(path)
     return path
 

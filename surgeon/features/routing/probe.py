@@ -1,6 +1,7 @@
 """Expert routing analysis: which experts fire, for which text, and how much they matter.
 
-The probe hooks each MoE layer's router module (`mlp.gate`), which in transformers 5 returns
+The probe hooks each MoE layer's router module (the class transformers records router logits from:
+`mlp.gate` in most families, `mlp.router` in gpt-oss, `block_sparse_moe.router` in Granite), which returns
 (router_logits, top-k combine weights, top-k indices): the selection the model really makes, so
 no top-k is re-derived here. Its input is the output of post_attention_layernorm, the hidden state
 the router and the experts actually see, which is what the importance score recomputes experts on.
@@ -38,27 +39,59 @@ from surgeon.jobs import NEVER, Meter
 @dataclass(frozen=True)
 class MoeLayer:
     layer: int  # decoder layer index in the model
-    mlp: object
-    gate: object
+    mlp: object  # the module holding the router and the experts
+    gate: object  # the router
+
+
+def router_class(model) -> tuple[type | None, int]:
+    """The module class transformers records router logits from (`_can_record_outputs`), and which
+    of its outputs the logits are, for every family that declares one: which module routes is
+    transformers' own word, not a name we guess."""
+    for module in model.modules():
+        recorder = (getattr(module, "_can_record_outputs", None) or {}).get("router_logits")
+        cls = getattr(recorder, "target_class", None)
+        if cls is not None:
+            return cls, int(getattr(recorder, "index", 0) or 0)
+    return None, 0
 
 
 def moe_layers(model) -> list[MoeLayer]:
-    """The decoder layers that route: their MoE block has a router `gate` and `experts`.
+    """The decoder layers that route: each router module with the experts beside it, by layer.
 
-    Dense layers (DeepSeek-V3's first_k_dense_replace, Qwen's mlp_only_layers) are skipped.
+    Dense layers (DeepSeek-V3's first_k_dense_replace, Qwen's mlp_only_layers) have no router and
+    are skipped; so are routers inside attention (JetMoE's mixture of attention heads).
     Mixtral's block is `mlp` in memory even though its checkpoint says block_sparse_moe.
     """
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise SurgeonError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
-    out = []
-    for i, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        gate = getattr(mlp, "gate", None)
-        if gate is not None and getattr(mlp, "experts", None) is not None and hasattr(gate, "top_k"):
-            out.append(MoeLayer(i, mlp, gate))
-    return out
+    cls, _ = router_class(model)
+    out: dict[int, MoeLayer] = {}
+    places: dict[str, set[str]] = {}  # layer list -> where a router sits in its layers (e.g. mlp.gate)
+    for name, module in model.named_modules():
+        if cls is not None:
+            if not isinstance(module, cls):
+                continue
+        elif not (name.endswith("mlp.gate") and hasattr(module, "top_k")):
+            continue
+        found = _layer_path(name)
+        if found is not None and found[1] not in out:
+            prefix, layer, rest = found
+            out[layer] = MoeLayer(layer, model.get_submodule(name.rpartition(".")[0]), module)
+            places.setdefault(prefix, set()).add(rest)
+    # A layer may route with another class at the same place (DeepSeek-V4's hash-routed layers).
+    for name, module in model.named_modules():
+        found = _layer_path(name)
+        if found is not None and found[1] not in out and found[2] in places.get(found[0], ()):
+            out[found[1]] = MoeLayer(found[1], model.get_submodule(name.rpartition(".")[0]), module)
+    return [out[k] for k in sorted(out)]
+
+
+def _layer_path(name: str) -> tuple[str, int, str] | None:
+    """(the layer list, layer index, the path inside the layer) of a router's module name; None outside
+    decoder layers and inside attention (JetMoE routes attention heads too: that is not the MoE)."""
+    segs = name.split(".")
+    at = next((i for i in range(len(segs) - 1) if segs[i] in ("layers", "blocks") and segs[i + 1].isdigit()), None)
+    if at is None or any("attn" in s or "attention" in s for s in segs):
+        return None
+    return ".".join(segs[:at + 1]), int(segs[at + 1]), ".".join(segs[at + 2:])
 
 
 def router_probs(gate, logits):
@@ -169,23 +202,52 @@ def _r(a) -> list[float]:
 class _Recorder:
     """Forward hooks on every router; accumulates one batch at a time on the model's device."""
 
-    def __init__(self, moe: list[MoeLayer], num_experts: int, top_k: int, device, *, importance: bool,
-                 keep_probs: bool):
+    def __init__(self, moe: list[MoeLayer], device, *, importance: bool, keep_probs: bool, logits_at: int = 0):
         import torch
 
         self.torch = torch
-        self.moe, self.E, self.k = moe, num_experts, top_k
+        self.logits_at = logits_at  # which output of the router holds its logits (transformers' recorder)
+        self.derived = False
+        self.batch = 0  # counts forward passes; `called` says which pass each router last ran in
+        self.called = [-1] * len(moe)
+        self.moe, self.device = moe, device
+        self.E = self.k = None  # the router's outputs say, on the first batch
         self.importance, self.keep_probs = importance, keep_probs
-        L, E = len(moe), num_experts
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        self.counts, self.top1, self.prob_sum, self.weight_sum = z(L, E), z(L, E), z(L, E), z(L, E)
-        self.cofire, self.cofire_next = z(L, E, E), z(max(L - 1, 0), E, E)
-        self.imp = z(L, E) if importance else None
         self.mask = None  # bool [B*T] of real (not padding) tokens in the current batch
         self.sel: list[list] = [[] for _ in moe]
         self.probs: list[list] = [[] for _ in moe]
         self._prev = None
         self.handles = [m.gate.register_forward_hook(self._hook(li)) for li, m in enumerate(moe)]
+
+    def _selection(self, module, output):
+        """(logits [T, E], combine weights [T, k], expert indices [T, k]) of one router call. Most
+        routers return exactly that. Llama 4's and JetMoE's return their logits among other things
+        and choose the top k of them: there the choice is taken the same way (torch.topk on the
+        same logits), and the weights are the softmax of the chosen logits (`derived` in the stats)."""
+        torch = self.torch
+        out = output if isinstance(output, tuple) else (output,)
+        if (len(out) >= 3 and all(torch.is_tensor(t) for t in out[:3]) and out[0].dim() == 2
+                and not out[2].is_floating_point()):
+            return out[0], out[1], out[2]
+        logits = out[self.logits_at] if self.logits_at < len(out) else None
+        k = getattr(module, "top_k", None)
+        if not (torch.is_tensor(logits) and logits.dim() == 2 and logits.is_floating_point() and isinstance(k, int)):
+            raise SurgeonError(f"{type(module).__name__}: this router gives no per-token logits over its "
+                               "experts and top-k choice, which routing analysis reads")
+        self.derived = True
+        top, idx = logits.topk(k, dim=-1)
+        return logits, top.float().softmax(-1), idx
+
+    def _allocate(self, num_experts: int, top_k: int) -> None:
+        """Sized by the first router call: its logits have a column per expert the router scores
+        (LongCat-Flash's zero-computation experts included) and its indices one per chosen expert."""
+        torch = self.torch
+        self.E, self.k = num_experts, top_k
+        L, E = len(self.moe), num_experts
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.counts, self.top1, self.prob_sum, self.weight_sum = z(L, E), z(L, E), z(L, E), z(L, E)
+        self.cofire, self.cofire_next = z(L, E, E), z(max(L - 1, 0), E, E)
+        self.imp = z(L, E) if self.importance else None
 
     def close(self):
         for h in self.handles:
@@ -195,7 +257,13 @@ class _Recorder:
         torch = self.torch
 
         def fn(module, args, output):
-            logits, weights, idx = output[0], output[1], output[2]
+            if self.called[li] == self.batch:
+                raise SurgeonError(f"layer {self.moe[li].layer}: its router runs more than once per token (a "
+                                   "looped layer); routing analysis counts one choice per token and layer")
+            self.called[li] = self.batch
+            logits, weights, idx = self._selection(module, output)
+            if self.E is None:
+                self._allocate(logits.shape[-1], idx.shape[-1])
             x = args[0].reshape(-1, args[0].shape[-1])
             if self.mask is not None:
                 logits, weights, idx, x = logits[self.mask], weights[self.mask], idx[self.mask], x[self.mask]
@@ -219,6 +287,9 @@ class _Recorder:
                 self.probs[li].append(probs.half().cpu())
             if self.imp is not None:
                 experts = self.moe[li].mlp.experts
+                if not hasattr(experts, "gate_up_proj"):
+                    raise SurgeonError(f"{type(experts).__name__}: the importance score needs experts held as "
+                                       "gate_up_proj/down_proj; run routing without it")
                 with torch.no_grad():
                     for e in torch.unique(idx).tolist():
                         rows = (idx == e).any(1).nonzero().flatten()
@@ -285,9 +356,8 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
            keep_probs: bool, cancel, done) -> RoutingStats:
     import torch
 
-    E, k = int(moe[0].gate.num_experts), int(moe[0].gate.top_k)
     device = next(model.parameters()).device
-    rec = _Recorder(moe, E, k, device, importance=importance, keep_probs=keep_probs)
+    rec = _Recorder(moe, device, importance=importance, keep_probs=keep_probs, logits_at=router_class(model)[1])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     token_ids, docs = [], []
     try:
@@ -306,20 +376,26 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
                 flat = mask.flatten().bool().to(device)
                 rec.mask = None if bool(flat.all()) else flat
                 rec._prev = None
+                rec.batch += 1
                 model(ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 done(min(start + batch_size, len(seqs)))
     finally:
         rec.close()
     n = int(sum(len(t) for t in token_ids))
+    if rec.E is None:
+        raise SurgeonError("routing: no router ran (the corpus gave no batch)")
     cpu = lambda t: t.cpu().numpy()  # noqa: E731
     return RoutingStats(
-        layers=[m.layer for m in moe], num_experts=E, top_k=k, tokens=n,
+        layers=[m.layer for m in moe], num_experts=rec.E, top_k=rec.k, tokens=n,
         counts=cpu(rec.counts), top1_counts=cpu(rec.top1), prob_sum=cpu(rec.prob_sum),
         weight_sum=cpu(rec.weight_sum), cofire=cpu(rec.cofire), cofire_next=cpu(rec.cofire_next),
         token_ids=np.concatenate(token_ids), doc=np.concatenate(docs),
         selected=np.stack([torch.cat(s).numpy() for s in rec.sel], axis=1),
         importance_sum=None if rec.imp is None else cpu(rec.imp),
         probs=np.stack([torch.cat(p).numpy() for p in rec.probs], axis=1) if keep_probs else None,
+        # The router returned logits only: its top-k choice was taken again from them, and the combine
+        # weights are the softmax of the chosen logits, not necessarily what the model applied.
+        meta={"weights_derived_from_logits": True} if rec.derived else {},
     )
 
 
