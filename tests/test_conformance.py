@@ -240,3 +240,63 @@ def test_routing_reads_every_family_with_a_router(model_type, pairs, tmp_path):
 # Doge routes by product keys over its expert tables: no per-token logits over experts to read.
 # Inkling 2 Loop runs its looped layers (and their routers) several times per token.
 ROUTING_UNREADABLE = {"doge": "no per-token logits", "inkling2_loop_text": "more than once per token"}
+
+
+# ---------------------------------------------------------------- quantized storage
+@pytest.fixture(scope="module")
+def fp8_pair(tmp_path_factory):
+    from tests.tiny_models import fp8_donor
+
+    root = tmp_path_factory.mktemp("fp8")
+    return fp8_donor(root / "a", "deepseek_v3", 0), fp8_donor(root / "b", "deepseek_v3", 1)
+
+
+def test_fp8_weights_move_with_their_scales_and_load(fp8_pair, tmp_path):
+    """DeepSeek-V3-style FP8: each block scale is part of its weight's component, the export keeps
+    bytes and quantization_config as they were, transformers loads it, and a hot-swapped hybrid on
+    the CPU (dequantized the way from_pretrained dequantizes) gives the export's logits."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Assignment, Plan
+    from surgeon.features.export import ExportRequest, run_export
+    from surgeon.features.verify import run_verify
+    from surgeon.live.hybrid import Hybrid
+
+    a_dir, b_dir = fp8_pair
+    donors = {"A": open_donor(a_dir), "B": open_donor(b_dir)}
+    anatomy = donors["A"].anatomy
+    assert anatomy.unclassified == []
+    scales = [n for n in donors["A"].tensors if n.endswith("_scale_inv")]
+    assert scales and all(anatomy.parts[n] == anatomy.parts[n.removesuffix("_scale_inv")] for n in scales)
+
+    plan = Plan("A", [Assignment("attention", "B", (0,)), Assignment("expert", "B", None, (1,))])
+    out = tmp_path / "out"
+    run_export(ExportRequest(plan, donors, out))
+    assert run_verify(out, donors=True).problem is None
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        json.loads((a_dir / "config.json").read_text())["quantization_config"]
+    exported, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected = _logits(exported.eval(), 64)
+    assert not torch.equal(expected, _logits(AutoModelForCausalLM.from_pretrained(a_dir).eval(), 64))
+
+    swapped = Hybrid.materialize(Plan("A"), donors, device="cpu")
+    swapped.apply(plan)
+    assert torch.equal(_logits(swapped.model, 64), expected)
+    fresh = Hybrid.materialize(plan, donors, device="cpu")
+    assert torch.equal(_logits(fresh.model, 64), expected)
+
+
+def test_donors_stored_differently_are_refused(fp8_pair, pairs):
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Assignment, Plan
+    from surgeon.core.resolve import resolve
+    from surgeon.errors import SurgeonError
+
+    donors = {"A": open_donor(fp8_pair[0]), "B": open_donor(pairs("deepseek_v3")[1])}
+    with pytest.raises(SurgeonError, match=r"stored unquantized, base .* fp8 in 128x128 blocks"):
+        resolve(Plan("A", [Assignment("attention", "B", (0,))]), donors)

@@ -162,3 +162,36 @@ def conformance_donor(path: Path, model_type: str, seed: int) -> Path:
     model.save_pretrained(path)
     return path
 
+
+
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def fp8_donor(path: Path, model_type: str, seed: int) -> Path:
+    """A tiny checkpoint stored as DeepSeek-V3's and Kimi-K2's releases are: every linear weight of the
+    decoder layers in float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block, the rest as
+    it was, and `quantization_config` in config.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    plain = conformance_donor(path.with_name(path.name + "-bf16"), model_type, seed)
+    tensors = {}
+    for name, t in load_file(plain / "model.safetensors").items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight") and t.dim() == 2):
+            tensors[name] = t
+            continue
+        rows, cols = -(-t.shape[0] // 128), -(-t.shape[1] // 128)
+        scale = torch.empty(rows, cols)
+        q = torch.empty(t.shape, dtype=torch.float8_e4m3fn)
+        for r in range(rows):
+            for c in range(cols):
+                block = t[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128]
+                scale[r, c] = block.abs().max().clamp(min=1e-12) / 448.0  # e4m3's largest value
+                q[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128] = (block / scale[r, c]).to(torch.float8_e4m3fn)
+        tensors[name], tensors[name + "_scale_inv"] = q, scale
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = FP8_CONFIG
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

@@ -21,7 +21,8 @@ DTYPES = {"keep": None, **CASTS}
 CONVERTIBLE = FLOATS
 # Tensors whose precision matters more than their size: they keep their dtype under --dtype.
 # Layer gates are tiny next to their layer and were trained in float32.
-KEEP_PRECISION = ("e_score_correction_bias", f"{GATE_KIND}.weight")
+# FP8 block scales (`weight_scale_inv`) are what the 8-bit weights mean: a cast would change them.
+KEEP_PRECISION = ("e_score_correction_bias", f"{GATE_KIND}.weight", "weight_scale_inv")
 
 
 
@@ -246,6 +247,16 @@ def source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor
     return Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
 
 
+def storage(donor: Donor) -> str:
+    """How a donor stores its weights: `quant_method` and block size of its quantization_config
+    (FP8 with 128x128 blocks, MXFP4), or "unquantized"."""
+    q = donor.config.get("quantization_config")
+    if not isinstance(q, dict) or not q.get("quant_method"):
+        return "unquantized"
+    block = q.get("weight_block_size")
+    return str(q["quant_method"]) + (f" in {'x'.join(map(str, block))} blocks" if isinstance(block, list) else "")
+
+
 def _check_donor(a, base: Donor, donor: Donor, base_name: str) -> None:
     if donor is base:
         return
@@ -253,6 +264,11 @@ def _check_donor(a, base: Donor, donor: Donor, base_name: str) -> None:
         raise SurgeonError(
             f"donor {_label(a.donor, donor)} is {donor.model_type}, base {_label(base_name, base)} "
             f"is {base.model_type}: components move only between checkpoints of one architecture"
+        )
+    if storage(donor) != storage(base):  # an FP8 weight means nothing without its scales' convention
+        raise SurgeonError(
+            f"donor {_label(a.donor, donor)} is stored {storage(donor)}, base {_label(base_name, base)} "
+            f"{storage(base)}: components move only between checkpoints stored the same way"
         )
     if a.component in ("experts", "expert", "router"):
         nb, nd = base.anatomy.num_experts, donor.anatomy.num_experts

@@ -402,6 +402,13 @@ class Hybrid:
                 self.reader.release(donor, src.tensor)
             return moved
         info = self.donors[src.donor].tensors.get(src.tensor)
+        scale = self._scale_of(src, view)
+        if scale is not None:  # an FP8 weight into the dequantized live model: as from_pretrained does
+            data = dequantize_fp8(self.reader.read(src.donor, src.tensor), self.reader.read(src.donor, scale),
+                                  view.dtype)
+            view.copy_(data)
+            self.reader.release(src.donor, src.tensor)
+            return info.nbytes
         if info is not None and tuple(info.shape) != tuple(view.shape):
             raise SurgeonError(f"tensor {name}: shape {list(info.shape)} does not fit live {list(view.shape)}")
         if self.reader.read_into(view, src.donor, src.tensor):
@@ -414,6 +421,20 @@ class Hybrid:
             torch.cuda.current_stream(view.device).synchronize()
         self.reader.release(src.donor, src.tensor)
         return data.numel() * data.element_size()
+
+    def _scale_of(self, src, view: torch.Tensor) -> str | None:
+        """The block-scale tensor of an FP8 source weight when the live model holds it dequantized."""
+        info = self.donors[src.donor].tensors.get(src.tensor)
+        scale = src.tensor + "_scale_inv"
+        if (info is None or not info.dtype.startswith("F8_") or scale not in self.donors[src.donor].tensors
+                or view.element_size() == 1):
+            return None
+        return scale
+
+    def _rides_along(self, name: str, resolution: Resolution) -> bool:
+        """An FP8 scale the live model does not hold: it was applied when its weight was copied."""
+        weight = name.removesuffix("_scale_inv")
+        return weight != name and weight in resolution.sources and not self.in_place(name)
 
     def _fills_every_weight(self, resolution: Resolution) -> bool:
         """Whether copying every tensor of `resolution` writes every element of every live parameter
@@ -439,6 +460,7 @@ class Hybrid:
                    if n in fresh or (s is not old[n] and old[n].origin != s.origin)]
         moved = 0
         done: list[str] = []
+        changed = [n for n in changed if not self._rides_along(n, new)]
         converted = [n for n in changed if not self.in_place(n)]
         with torch.no_grad():
             try:
@@ -466,3 +488,11 @@ class Hybrid:
             self.reader.release_all()  # what fault-around mapped next to each released tensor
         self.resolution = new
         return SwapReport(len(changed), moved, time.perf_counter() - started)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 weight times its per-block scales, in `dtype`: transformers' own dequantization (what
+    from_pretrained does on a machine without FP8 kernels), so a swap gives the bytes a load would."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    return Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=dtype)
