@@ -300,3 +300,48 @@ def test_donors_stored_differently_are_refused(fp8_pair, pairs):
     donors = {"A": open_donor(fp8_pair[0]), "B": open_donor(pairs("deepseek_v3")[1])}
     with pytest.raises(SurgeonError, match=r"stored unquantized, base .* fp8 in 128x128 blocks"):
         resolve(Plan("A", [Assignment("attention", "B", (0,))]), donors)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_pair(tmp_path_factory):
+    from tests.tiny_models import mxfp4_donor
+
+    root = tmp_path_factory.mktemp("mxfp4")
+    return mxfp4_donor(root / "a", 0), mxfp4_donor(root / "b", 1)
+
+
+def test_mxfp4_experts_transfer_one_by_one_and_swap_through_transformers(mxfp4_pair, tmp_path):
+    """gpt-oss stores its experts in MXFP4, fused: one expert is a byte range of the blocks and of the
+    scales alike, the export loads with transformers, and a CPU hybrid swapped to it (blocks and scales
+    dequantized by transformers' own MXFP4 loader) gives the export's logits."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Assignment, Plan
+    from surgeon.features.export import ExportRequest, run_export
+    from surgeon.live.hybrid import Hybrid
+
+    a_dir, b_dir = mxfp4_pair
+    donors = {"A": open_donor(a_dir), "B": open_donor(b_dir)}
+    anatomy = donors["A"].anatomy
+    assert anatomy.unclassified == [] and set(anatomy.experts_per_layer.values()) == {4}
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    for suffix in ("_blocks", "_scales", "_bias"):
+        assert anatomy.parts[name + suffix].fused
+
+    plan = Plan("A", [Assignment("expert", "B", (1,), (2,))])
+    out = tmp_path / "out"
+    run_export(ExportRequest(plan, donors, out))
+    manifest = json.loads((out / "moe-surgeon-manifest.json").read_text())
+    for suffix in ("_blocks", "_scales", "_bias"):
+        assert [r["donor"] for r in manifest["tensors"][name + suffix]["source"]["experts"]] == ["A", "B", "A"]
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = _logits(exported, 64)
+    assert not torch.equal(expected, _logits(AutoModelForCausalLM.from_pretrained(a_dir).eval(), 64))
+
+    swapped = Hybrid.materialize(Plan("A"), donors, device="cpu")
+    swapped.apply(plan)
+    assert torch.equal(_logits(swapped.model, 64), expected)

@@ -142,12 +142,12 @@ CONFORMANCE: dict[str, Tiny] = {
 }
 
 
-def conformance_donor(path: Path, model_type: str, seed: int) -> Path:
+def conformance_donor(path: Path, model_type: str, seed: int, **overrides) -> Path:
     """A tiny random checkpoint of `model_type` (every tensor seed-specific), saved with save_pretrained."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **{**_TINY_COMMON, **CONFORMANCE[model_type].overrides})
+    config = AutoConfig.for_model(model_type, **{**_TINY_COMMON, **CONFORMANCE[model_type].overrides, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -193,5 +193,46 @@ def fp8_donor(path: Path, model_type: str, seed: int) -> Path:
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((plain / "config.json").read_text())
     config["quantization_config"] = FP8_CONFIG
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def _mxfp4(w):
+    """[..., rows, cols] -> (blocks [..., rows, cols/32, 16] uint8, scales [..., rows, cols/32] uint8): each run
+    of 32 values as an E8M0 power of two (biased by 127) and 32 FP4 (e2m1) codes, two per byte, low nibble first."""
+    import torch
+
+    groups = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exp = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0 ** -126) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exp).unsqueeze(-1)
+    lut = torch.tensor(FP4_VALUES)
+    codes = (scaled.unsqueeze(-1) - lut).abs().argmin(-1).to(torch.uint8)  # the nearest FP4 value
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8)
+
+
+def mxfp4_donor(path: Path, seed: int) -> Path:
+    """A tiny gpt-oss checkpoint stored as the gpt-oss releases are: experts in MXFP4 (`*_blocks` and
+    `*_scales`, rows of the transposed projection), their biases and everything else in bfloat16, and
+    `quantization_config` in config.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    plain = conformance_donor(path.with_name(path.name + "-bf16"), "gpt_oss", seed, intermediate_size=32)
+    tensors = {}
+    for name, t in load_file(plain / "model.safetensors").items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = _mxfp4(t.transpose(1, 2))
+        else:
+            tensors[name] = t.to(torch.bfloat16)
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = MXFP4_CONFIG
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path

@@ -339,7 +339,7 @@ class Hybrid:
                 feeds.setdefault(self.layout.renamed(n), []).append(n)
         wanted = sorted({m for n in names for m in feeds.get(self.layout.renamed(n), [n])})
         tensors = {n: self._source_tensor(resolution.sources[n]) for n in wanted}
-        load_converted(self.model, tensors)
+        load_converted(self.model, tensors, self.donors[resolution.plan.base].config.get("quantization_config"))
         for src in (resolution.sources[n] for n in wanted):
             for _, _, donor in src.runs or ((0, 0, src.donor),):
                 self.reader.release(donor, src.tensor)

@@ -87,18 +87,29 @@ def _expert_index(disk_name: str, pattern: str) -> int | None:
     return int(m.group(1)) if m and m.groups() else None
 
 
-def load_converted(model, tensors: dict) -> None:
+def load_converted(model, tensors: dict, quantization_config: dict | None = None) -> None:
     """Load disk-named `tensors` into `model` through transformers' own loader (its renamings and
     converters), then put the values into the model's existing tensors: the loader assigns new
-    parameters, and a hybrid keeps its own (their memory, and every reference to them)."""
+    parameters, and a hybrid keeps its own (their memory, and every reference to them).
+
+    `quantization_config` (the checkpoint's, e.g. gpt-oss's MXFP4): its quantizer joins the loader
+    as in from_pretrained, which on a machine without the kernels dequantizes `*_blocks` and
+    `*_scales` into the model's weights."""
     import torch
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
 
+    quantizer = None
+    if quantization_config:
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(dict(quantization_config), pre_quantized=True)
+        quantizer.validate_environment(device_map=None)
     before = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     convert_and_load_state_dict_in_model(
-        model, dict(tensors), LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model)))
+        model, dict(tensors), LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model, hf_quantizer=quantizer),
+                                                  hf_quantizer=quantizer))
     with torch.no_grad():
         for name, new in [*model.named_parameters(), *model.named_buffers()]:
             old = before.get(name)
