@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import pty
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from tui import launch_to_ready  # noqa: E402
 
 from surgeon.io.dtypes import DTYPE_SIZES  # noqa: E402
 from surgeon.io.safetensors_file import encode_header  # noqa: E402
@@ -191,23 +192,6 @@ def _layer_order(name: str):
     return (int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1, name)
 
 
-def run_pty(argv: list[str], env: dict) -> tuple[float, int]:
-    """Run argv in a pseudo-terminal until it exits: (seconds, peak RSS in MiB)."""
-    t0 = time.time()
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execvpe(argv[0], argv, env)
-    while True:
-        try:
-            if not os.read(fd, 65536):
-                break
-        except OSError:
-            break
-    _, _, usage = os.wait4(pid, 0)
-    os.close(fd)
-    return time.time() - t0, usage.ru_maxrss // 1024
-
-
 def inspect_time(path: Path, runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -219,19 +203,8 @@ def inspect_time(path: Path, runs: int) -> float:
 
 
 def workbench_ready(paths: list[Path], runs: int) -> tuple[float, int]:
-    ready = WORK / "ready"
-    times, rss = [], []
-    for _ in range(runs):
-        ready.unlink(missing_ok=True)
-        env = {**os.environ, "MOE_SURGEON_READY_FILE": str(ready), "MOE_SURGEON_STATE_DIR": str(WORK / "state"),
-               "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
-        t0 = time.time()
-        _, peak = run_pty([sys.executable, "-m", "surgeon.cli", *map(str, paths)], env)
-        if not ready.is_file():
-            raise SystemExit("the app did not report ready (MOE_SURGEON_READY_FILE, screens/app.py)")
-        times.append(float(ready.read_text()) - t0)
-        rss.append(peak)
-    return statistics.median(times), max(rss)
+    times, peaks = launch_to_ready(paths, runs, WORK)
+    return statistics.median(times), max(peaks)
 
 
 def main() -> int:

@@ -43,8 +43,9 @@ def donors() -> list[Path]:
     return out
 
 
-def in_pty(argv: list[str], env: dict) -> float:
-    """Run argv in a pseudo-terminal until it exits; seconds from spawn to exit."""
+def in_pty(argv: list[str], env: dict) -> tuple[float, int]:
+    """Run argv in a pseudo-terminal until it exits: (seconds from spawn to exit, its peak RSS in MiB).
+    The peak counts from the fork, so call it from a process that holds no large memory."""
     t0 = time.time()
     pid, fd = pty.fork()
     if pid == 0:
@@ -55,24 +56,26 @@ def in_pty(argv: list[str], env: dict) -> float:
                 break
         except OSError:
             break
-    os.waitpid(pid, 0)
+    _, _, usage = os.wait4(pid, 0)
     os.close(fd)
-    return time.time() - t0
+    return time.time() - t0, usage.ru_maxrss // 1024
 
 
-def launch_to_ready(paths: list[Path], runs: int) -> list[float]:
-    times = []
-    ready = WORK / "ready"
+def launch_to_ready(paths: list[Path], runs: int, work: Path = WORK) -> tuple[list[float], list[int]]:
+    """`moe-surgeon A B` in a pseudo-terminal, `runs` times: seconds to the first grid, and peak RSS (MiB)."""
+    times, peaks = [], []
+    ready = work / "ready"
     for _ in range(runs):
         ready.unlink(missing_ok=True)
-        env = {**os.environ, "MOE_SURGEON_READY_FILE": str(ready), "MOE_SURGEON_STATE_DIR": str(WORK / "state"),
+        env = {**os.environ, "MOE_SURGEON_READY_FILE": str(ready), "MOE_SURGEON_STATE_DIR": str(work / "state"),
                "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
         t0 = time.time()
-        in_pty([sys.executable, "-m", "surgeon.cli", *map(str, paths)], env)
+        _, peak = in_pty([sys.executable, "-m", "surgeon.cli", *map(str, paths)], env)
         if not ready.is_file():
             raise SystemExit("the app did not report ready (see MOE_SURGEON_READY_FILE in screens/app.py)")
         times.append(float(ready.read_text()) - t0)
-    return times
+        peaks.append(peak)
+    return times, peaks
 
 
 def import_time(code: str, runs: int) -> float:
@@ -147,7 +150,7 @@ def main() -> int:
     python = import_time("pass", args.runs)
     textual = import_time("import textual.app", args.runs)
     torch = import_time("import torch", 1)
-    ready = launch_to_ready(paths, args.runs)
+    ready, _ = launch_to_ready(paths, args.runs)
     med = statistics.median(ready)
     print(f"launch to grid ready  median {med:.3f} s  (min {min(ready):.3f}, max {max(ready):.3f}, {args.runs} runs; goal < 1.0 s)")
     print(f"  baselines: python -c pass {python:.3f} s, import textual.app {textual:.3f} s, import torch {torch:.3f} s")

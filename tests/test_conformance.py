@@ -345,3 +345,21 @@ def test_mxfp4_experts_transfer_one_by_one_and_swap_through_transformers(mxfp4_p
     swapped = Hybrid.materialize(Plan("A"), donors, device="cpu")
     swapped.apply(plan)
     assert torch.equal(_logits(swapped.model, 64), expected)
+
+
+def test_expert_similarity_reads_one_expert_of_a_fused_tensor(pairs, tmp_path):
+    """Per-expert similarity indexes fused tensors by their expert axis: a donor whose expert 2 is
+    another donor's expert 2 has similarity 1 there, and less for every other expert."""
+    import numpy as np
+
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Assignment, Plan
+    from surgeon.features.export import ExportRequest, run_export
+    from surgeon.features.routing.probe import expert_similarity
+
+    a_dir, b_dir = pairs("gpt_oss")
+    donors = {"A": open_donor(a_dir), "B": open_donor(b_dir)}
+    run_export(ExportRequest(Plan("A", [Assignment("expert", "B", None, (2,))]), donors, tmp_path / "h"))
+    sim = expert_similarity(open_donor(tmp_path / "h"), donors["B"])
+    for layer, m in sim.items():
+        assert np.isclose(m[2, 2], 1.0) and all(m[e, e] < 0.99 for e in (0, 1, 3)), layer

@@ -172,7 +172,7 @@ def fp8_donor(path: Path, model_type: str, seed: int) -> Path:
     decoder layers in float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block, the rest as
     it was, and `quantization_config` in config.json."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     plain = conformance_donor(path.with_name(path.name + "-bf16"), model_type, seed)
     tensors = {}
@@ -189,10 +189,17 @@ def fp8_donor(path: Path, model_type: str, seed: int) -> Path:
                 scale[r, c] = block.abs().max().clamp(min=1e-12) / 448.0  # e4m3's largest value
                 q[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128] = (block / scale[r, c]).to(torch.float8_e4m3fn)
         tensors[name], tensors[name + "_scale_inv"] = q, scale
+    return _save_quantized(path, plain, tensors, FP8_CONFIG)
+
+
+def _save_quantized(path: Path, plain: Path, tensors: dict, quantization_config: dict) -> Path:
+    """`tensors` as the checkpoint at `path`, with `plain`'s config plus `quantization_config`."""
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((plain / "config.json").read_text())
-    config["quantization_config"] = FP8_CONFIG
+    config["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
@@ -221,7 +228,7 @@ def mxfp4_donor(path: Path, seed: int) -> Path:
     `*_scales`, rows of the transposed projection), their biases and everything else in bfloat16, and
     `quantization_config` in config.json."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     plain = conformance_donor(path.with_name(path.name + "-bf16"), "gpt_oss", seed, intermediate_size=32)
     tensors = {}
@@ -230,9 +237,4 @@ def mxfp4_donor(path: Path, seed: int) -> Path:
             tensors[name + "_blocks"], tensors[name + "_scales"] = _mxfp4(t.transpose(1, 2))
         else:
             tensors[name] = t.to(torch.bfloat16)
-    path.mkdir(parents=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((plain / "config.json").read_text())
-    config["quantization_config"] = MXFP4_CONFIG
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return path
+    return _save_quantized(path, plain, tensors, MXFP4_CONFIG)

@@ -7,7 +7,7 @@ a part or lands in `unclassified`, which callers must show: nothing is silently 
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from surgeon.core.architectures import (
@@ -51,6 +51,18 @@ class Anatomy:
 
     def layer_kinds(self, layer: int) -> list[str]:
         return sorted({p.kind for p in self.parts.values() if p.layer == layer})
+
+    def expert_slices(self, layer: int, expert: int) -> list[tuple[str, int | None]]:
+        """The tensors holding one routed expert, in name order: (name, None) for a tensor of its own,
+        (name, expert) for a fused tensor whose row `expert` it is (gpt-oss, Llama 4)."""
+        index = self.__dict__.get("_experts")
+        if index is None:
+            index = self.__dict__["_experts"] = {}
+            for name, p in self.parts.items():
+                if p.kind == "expert":
+                    index.setdefault((p.layer, "fused" if p.fused else p.expert), []).append(name)
+        own = [(n, None) for n in index.get((layer, expert), ())]
+        return sorted(own + [(n, expert) for n in index.get((layer, "fused"), ())])
 
     def tensors_of(self, kind: str, layer: int | None = None, expert: int | None = None) -> list[str]:
         return [

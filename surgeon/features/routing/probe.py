@@ -511,8 +511,9 @@ def expert_similarity(donor_a, donor_b, layers=None) -> dict[int, np.ndarray]:
                 raise SurgeonError(f"{d.path}: layer {layer} has no routed experts")
             rows = []
             for e in range(n):
-                names = sorted(d.anatomy.tensors_of("expert", layer, e))
-                rows.append(torch.cat([reader.read(key, t).float().flatten() for t in names]))
+                pieces = [reader.read(key, t) if row is None else reader.read(key, t)[row]
+                          for t, row in d.anatomy.expert_slices(layer, e)]
+                rows.append(torch.cat([p.float().flatten() for p in pieces]))
             mats.append(torch.stack(rows))
         if mats[0].shape[1] != mats[1].shape[1]:
             raise SurgeonError(f"layer {layer}: experts have different sizes in {donor_a.path} and {donor_b.path}")
