@@ -363,3 +363,30 @@ def test_expert_similarity_reads_one_expert_of_a_fused_tensor(pairs, tmp_path):
     sim = expert_similarity(open_donor(tmp_path / "h"), donors["B"])
     for layer, m in sim.items():
         assert np.isclose(m[2, 2], 1.0) and all(m[e, e] < 0.99 for e in (0, 1, 3)), layer
+
+
+def test_distances_compare_dequantized_values(fp8_pair, mxfp4_pair):
+    """The distance of a quantized weight is the distance of the values it stands for: the same
+    figure as the same weights dequantized by transformers' own routines."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from surgeon.core.donor import open_donor
+    from surgeon.features.distance import relative, squared_norms
+
+    def rel(a, b):
+        return float((b.double() - a.double()).norm() / a.double().norm())
+
+    a, b = (open_donor(d) for d in fp8_pair)
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    raw = [load_file(d / "model.safetensors") for d in fp8_pair]
+    want = rel(*(Fp8Dequantize(None)._dequantize_one(r[name], r[name + "_scale_inv"], torch.float32) for r in raw))
+    assert relative(*squared_norms(a, b, name)) == pytest.approx(want, rel=1e-6)
+
+    a, b = (open_donor(d) for d in mxfp4_pair)
+    name = "model.layers.0.mlp.experts.down_proj"
+    raw = [load_file(d / "model.safetensors") for d in mxfp4_pair]
+    want = rel(*(convert_moe_packed_tensors(r[name + "_blocks"], r[name + "_scales"], dtype=torch.float32) for r in raw))
+    assert relative(*squared_norms(a, b, name + "_blocks")) == pytest.approx(want, rel=1e-6)

@@ -46,6 +46,55 @@ AGGREGATE = "parameter-weighted mean of per-tensor relative L2 ||donor - base|| 
 CHUNK = 1 << 22  # elements per read: 16 MB of float32 at a time
 
 
+def _e4m3_values() -> np.ndarray:
+    """float32 value of every float8_e4m3fn byte: sign, 4 exponent bits (bias 7), 3 mantissa bits;
+    exponent 0 is subnormal, and 0x7f/0xff are NaN (the format has no infinity)."""
+    b = np.arange(256)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, b & 0x7
+    value = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp - 7.0)) * sign
+    return np.where((b & 0x7F) == 0x7F, np.nan, value).astype(np.float32)
+
+
+_E4M3 = _e4m3_values()
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def _quantized_chunks(donor: Donor, name: str, info: TensorInfo):
+    """The values a quantized weight stands for, block row by block row: an FP8 weight times its
+    `weight_scale_inv` blocks (DeepSeek-V3's layout), MXFP4 `*_blocks` times 2^(scale - 127) per 32
+    values (gpt-oss's). None for a tensor stored as plain numbers."""
+    if info.dtype.startswith("F8_") and name + "_scale_inv" in donor.tensors and len(info.shape) == 2:
+        scale_info = donor.tensors[name + "_scale_inv"]
+        scales = np.asarray(next(_chunks(donor, scale_info)), dtype=np.float32).reshape(scale_info.shape)
+        rows, cols = info.shape
+        block_r, block_c = -(-rows // scales.shape[0]), -(-cols // scales.shape[1])
+        raw = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(rows, cols))
+
+        def fp8():
+            for r in range(0, rows, block_r):
+                per_col = np.repeat(scales[r // block_r], block_c)[:cols]
+                yield (_E4M3[raw[r:r + block_r]] * per_col).reshape(-1)
+
+        return fp8()
+    scales_name = name.removesuffix("_blocks") + "_scales"
+    if name.endswith("_blocks") and info.dtype == "U8" and scales_name in donor.tensors:
+        s_info = donor.tensors[scales_name]
+        groups = info.numel // 16
+        raw = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(groups, 16))
+        exps = np.memmap(s_info.file, dtype=np.uint8, mode="r", offset=s_info.start, shape=(groups,))
+
+        def mxfp4():
+            step = CHUNK // 32
+            for g in range(0, groups, step):
+                b = raw[g:g + step]
+                values = np.stack([_E2M1[b & 0x0F], _E2M1[b >> 4]], axis=-1).reshape(len(b), 32)
+                yield (values * np.exp2(exps[g:g + step].astype(np.float32) - 127.0)[:, None]).reshape(-1)
+
+        return mxfp4()
+    return None
+
+
 def _chunks(donor: Donor, info: TensorInfo):
     if info.dtype == "BF16":
         raw = np.memmap(info.file, dtype=np.uint16, mode="r", offset=info.start, shape=(info.numel,))
@@ -72,7 +121,11 @@ def squared_norms(base: Donor, donor: Donor, name: str) -> tuple[float, float]:
     if base.pickled or donor.pickled:
         raise SurgeonError("distance: pickle donors are not supported")
     diff = ref = 0.0
-    for b, d in zip(_chunks(base, b_info), _chunks(donor, d_info)):
+    # Quantized weights compare by the values they stand for (both donors stored alike: resolve refuses
+    # a mix), so a distance reads the same whether a checkpoint is stored in FP8, MXFP4 or bf16.
+    pairs = zip(_quantized_chunks(base, name, b_info) or _chunks(base, b_info),
+                _quantized_chunks(donor, name, d_info) or _chunks(donor, d_info))
+    for b, d in pairs:
         b = b.astype(np.float64)
         delta = d.astype(np.float64) - b
         diff += float(np.dot(delta, delta))
