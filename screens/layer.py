@@ -96,7 +96,8 @@ class LayerScreen(MarkingMixin, JobScreen):
 
     def _tensor_names(self) -> list[str]:
         wb = self.app.wb
-        names = [n for p, ns in wb.index.tensors_of.items() if p.layer == self.layer_no for n in ns]
+        # A fused expert tensor belongs to every expert's unit: listed once.
+        names = dict.fromkeys(n for p, ns in wb.index.tensors_of.items() if p.layer == self.layer_no for n in ns)
         return sorted(names, key=natural_key)
 
     def _others(self) -> list[str]:
@@ -117,10 +118,9 @@ class LayerScreen(MarkingMixin, JobScreen):
         prefix = f"model.layers.{self.layer_no}."
         for name in self._tensor_names():
             info = base.tensors[name]
-            part = base.anatomy.parts[name]
-            src = wb.state[part]
+            src, colour = wb.tensor_origin(name)
             row = [name[len(prefix):], "×".join(map(str, info.shape)), info.dtype,
-                   Text(f" {src} ", donor_style(wb, src))]
+                   Text(f" {src} ", donor_style(wb, colour))]
             row += [format_distance(self.distances.get((d, name))) for d in self._others()]
             table.add_row(*row, key=name)
 
@@ -128,11 +128,10 @@ class LayerScreen(MarkingMixin, JobScreen):
         wb = self.app.wb
         self.grid.refresh_cells()
         table = self.query_one("#tensors", DataTable)
-        base = wb.donors[wb.base]
         for name in self._tensor_names():
-            src = wb.state[base.anatomy.parts[name]]
+            src, colour = wb.tensor_origin(name)
             try:
-                table.update_cell(name, "from", Text(f" {src} ", donor_style(wb, src)))
+                table.update_cell(name, "from", Text(f" {src} ", donor_style(wb, colour)))
             except Exception:  # the table was rebuilt for another layer meanwhile
                 pass
         self.refresh_status()

@@ -231,6 +231,16 @@ class Workbench:
             return " ".join(f"{d}×{n}" for d, n in donors)
         return donors[0][0]
 
+    def tensor_origin(self, name: str) -> tuple[str, str]:
+        """(text, the donor to colour it by) for one of the base's tensors under the current marks: the
+        donor it comes from, or for a fused expert tensor the donors of its experts' rows (`A×3 B×1`)."""
+        part = self.donors[self.base].anatomy.parts[name]
+        if part.fused:
+            donors = self.cell_donors(Cell(part.layer, "expert"))
+            text = " ".join(f"{d}×{n}" for d, n in donors) if len(donors) > 1 else donors[0][0]
+            return text, donors[0][0]
+        return self.state[part], self.state[part]
+
     def donor_of(self, cell) -> str | None:
         donors = self.cell_donors(cell)
         return donors[0][0] if donors else None
