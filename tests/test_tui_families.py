@@ -65,3 +65,7 @@ async def test_one_expert_of_a_fused_tensor_is_marked_in_the_layer_detail(pair_o
         await settle(pilot)
         assert wb.cell_text(Cell(1, "expert")) == "A×3 B×1"
         assert "A×3 B×1" in screen_text(app)
+        from surgeon.core.resolve import resolve
+
+        r = resolve(wb.plan(), wb.donors)  # the status line counts tensors as resolve does
+        assert f"{len(r.changed())} of {len(r.sources)} tensors changed" in screen_text(app)

@@ -86,6 +86,13 @@ class BaseIndex:
         self.units: list[Part] = sorted(self.tensors_of, key=_unit_key)
         self.params_of = {p: sum(base.tensors[n].numel // share.get(n, 1) for n in names)
                           for p, names in self.tensors_of.items()}
+        # Tensors each unit counts as its own: a fused tensor is counted once per layer, not per expert
+        # (Workbench._recount adds it, changed when any of its experts is).
+        self.own_tensors = {p: sum(1 for n in names if n not in share) for p, names in self.tensors_of.items()}
+        self.fused_count: dict[int, int] = {}
+        for name in share:
+            layer = anatomy.parts[name].layer
+            self.fused_count[layer] = self.fused_count.get(layer, 0) + 1
         self.mixers = anatomy.mixers  # layer -> linear / mamba / ..., shown beside the layer number
         self.unclassified_params = sum(base.tensors[n].numel for n in anatomy.unclassified)
         self.unclassified_tensors = len(anatomy.unclassified)
@@ -262,7 +269,7 @@ class Workbench:
         """(parameters, tensors) that `donor` gives the hybrid for unit p. The base's figures, except
         for a layer gate, which the donor brings itself (a base may have none there)."""
         if p.kind != GATE_KIND or donor == self.base:
-            return self.index.params_of[p], len(self.index.tensors_of[p])
+            return self.index.params_of[p], self.index.own_tensors[p]
         d = self.donors[donor]
         names = d.part_groups.get(p, ())
         return sum(d.tensors[n].numel for n in names), len(names)
@@ -276,6 +283,10 @@ class Workbench:
             tensors += t
             if d != self.base:
                 changed += t
+        for layer, count in self.index.fused_count.items():
+            tensors += count
+            if any(self.state[p] != self.base for p in self.index.experts_of.get(layer, ())):
+                changed += count
         self._params, self._changed_tensors, self._tensors = params, changed, tensors
 
     @property
@@ -312,6 +323,8 @@ class Workbench:
             self.state[p] = donor
             self._cell_donors.pop(Cell(p.layer, p.kind), None)
             self._cell_donors.pop((p,), None)
+        if any(p.kind == "expert" and p.layer in self.index.fused_count for p in parts):
+            self._params = None  # a fused tensor changes with any of its experts: counted afresh
         self.version += 1
         return True
 
