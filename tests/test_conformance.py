@@ -390,3 +390,10 @@ def test_distances_compare_dequantized_values(fp8_pair, mxfp4_pair):
     raw = [load_file(d / "model.safetensors") for d in mxfp4_pair]
     want = rel(*(convert_moe_packed_tensors(r[name + "_blocks"], r[name + "_scales"], dtype=torch.float32) for r in raw))
     assert relative(*squared_norms(a, b, name + "_blocks")) == pytest.approx(want, rel=1e-6)
+
+
+def test_inspect_says_how_a_donor_is_stored_and_mixed(mxfp4_pair, pairs, run_cli):
+    out = run_cli("inspect", str(mxfp4_pair[0])).stdout
+    assert "stored mxfp4" in out and "(fused:" in out and " as stored in " in out
+    out = run_cli("inspect", str(pairs("qwen3_next")[0])).stdout
+    assert "linear attention on layers 0, full attention elsewhere" in out and "parameters" in out

@@ -10,6 +10,7 @@ from surgeon.io.sizes import human_bytes
 
 def inspect_summary(donor, verify: bool = False) -> dict:
     from surgeon.core.anatomy import parameters_by_kind
+    from surgeon.core.resolve import storage
 
     anatomy = donor.anatomy
     numel = {n: t.numel for n, t in donor.tensors.items()}
@@ -21,6 +22,9 @@ def inspect_summary(donor, verify: bool = False) -> dict:
         "layers": anatomy.num_layers,
         "experts_per_layer": {str(k): v for k, v in anatomy.experts_per_layer.items()},
         "experts": anatomy.num_experts,
+        "experts_fused": any(p.fused for p in set(anatomy.parts.values())),
+        "mixers": {str(k): v for k, v in anatomy.mixers.items()},
+        "storage": storage(donor),
         "tied_embeddings": donor.tied_embeddings,
         "dtype": donor.dtype,
         "tensors": len(donor.tensors),
@@ -38,6 +42,7 @@ def inspect_summary(donor, verify: bool = False) -> dict:
 
 def cmd_inspect(args) -> int:
     from surgeon.core.donor import open_donor
+    from surgeon.core.plan import format_ranges
 
     donor = open_donor(args.dir, allow_pickle=args.allow_pickle)
     s = inspect_summary(donor, verify=args.verify)
@@ -51,9 +56,19 @@ def cmd_inspect(args) -> int:
     print(f"{s['path']}")
     print(f"  architecture  {s['model_type']} ({', '.join(s['architectures']) or 'no architectures field'})")
     print(f"  layers        {s['layers']}" + (f" ({moe_layers} MoE)" if moe_layers and moe_layers != s["layers"] else ""))
-    print(f"  experts       {', '.join(map(str, experts)) or 'none (dense)'} per layer")
-    print(f"  dtype         {s['dtype']}")
-    print(f"  parameters    {s['parameters']:,} in {s['tensors']} tensors, {human_bytes(s['bytes'])} in {s['shards']} shard(s)")
+    fused = " (fused: one tensor holds a layer's experts, expert axis first)" if s["experts_fused"] else ""
+    print(f"  experts       {', '.join(map(str, experts)) or 'none (dense)'} per layer{fused}")
+    by_mixer: dict[str, list[int]] = {}
+    for layer, mixer in s["mixers"].items():
+        by_mixer.setdefault(mixer, []).append(int(layer))
+    for mixer, layers in by_mixer.items():
+        print(f"  mixers        {mixer} attention on layers {format_ranges(layers)}, full attention elsewhere")
+    print(f"  dtype         {s['dtype']}" + ("" if s["storage"] == "unquantized" else f", stored {s['storage']}"))
+    # Quantized storage counts elements as stored (an FP8 byte is one weight, an MXFP4 byte two, and
+    # scales are elements too): not the model's parameter count, so it is not called that.
+    counted, note = ("parameters", "") if s["storage"] == "unquantized" else ("elements", " as stored")
+    print(f"  {counted:<14}{s['parameters']:,}{note} in {s['tensors']} tensors, {human_bytes(s['bytes'])} "
+          f"in {s['shards']} shard(s)")
     for kind, n in sorted(s["parameters_by_kind"].items(), key=lambda kv: -kv[1]):
         print(f"    {kind:<14}{n:>16,}  {100 * n / max(1, s['parameters']):5.1f}%")
     if s["tied_embeddings"]:
