@@ -61,14 +61,16 @@ def in_pty(argv: list[str], env: dict) -> tuple[float, int]:
     return time.time() - t0, usage.ru_maxrss // 1024
 
 
-def launch_to_ready(paths: list[Path], runs: int, work: Path = WORK) -> tuple[list[float], list[int]]:
+def launch_to_ready(paths: list[Path], runs: int, work: Path = WORK, env: dict | None = None
+                    ) -> tuple[list[float], list[int]]:
     """`moe-surgeon A B` in a pseudo-terminal, `runs` times: seconds to the first grid, and peak RSS (MiB)."""
     times, peaks = [], []
     ready = work / "ready"
+    extra = env or {}
     for _ in range(runs):
         ready.unlink(missing_ok=True)
         env = {**os.environ, "MOE_SURGEON_READY_FILE": str(ready), "MOE_SURGEON_STATE_DIR": str(work / "state"),
-               "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+               "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40", **extra}
         t0 = time.time()
         _, peak = in_pty([sys.executable, "-m", "surgeon.cli", *map(str, paths)], env)
         if not ready.is_file():

@@ -13,7 +13,6 @@ def inspect_summary(donor, verify: bool = False) -> dict:
     from surgeon.core.resolve import storage
 
     anatomy = donor.anatomy
-    numel = {n: t.numel for n, t in donor.tensors.items()}
     summary = {
         "path": str(donor.path),
         "model_type": donor.model_type,
@@ -29,7 +28,7 @@ def inspect_summary(donor, verify: bool = False) -> dict:
         "dtype": donor.dtype,
         "tensors": len(donor.tensors),
         "parameters": donor.num_parameters,
-        "parameters_by_kind": parameters_by_kind(anatomy, numel),
+        "parameters_by_kind": parameters_by_kind(anatomy, donor.numel),
         "bytes": donor.total_bytes,
         "shards": len(donor.shards),
         "fingerprint": donor.fingerprint,

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -105,17 +104,22 @@ class Donor:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @cached_property
+    def numel(self) -> dict[str, int]:
+        """Elements per tensor, counted once (a donor may hold 90,000 tensors)."""
+        return {n: t.numel for n, t in self.tensors.items()}
+
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
+        return sum(self.numel.values())
 
     @property
     def dtype(self) -> str:
         """The dtype holding most parameters (checkpoints often keep a few fp32 tensors)."""
-        counts: Counter[str] = Counter()
-        for t in self.tensors.values():
-            counts[t.dtype] += t.numel
-        return counts.most_common(1)[0][0] if counts else "none"
+        counts: dict[str, int] = {}
+        for n, t in self.tensors.items():
+            counts[t.dtype] = counts.get(t.dtype, 0) + self.numel[n]
+        return max(counts, key=counts.get) if counts else "none"
 
     @cached_property
     def shard_fingerprints(self) -> dict[str, str]:

@@ -17,6 +17,7 @@ from math import prod
 from typing import NamedTuple
 
 from surgeon.errors import SurgeonError
+from surgeon.io import header_cache
 from surgeon.io.dtypes import DTYPE_SIZES
 
 # A header larger than this is not a checkpoint we wrote or transformers wrote: refuse it early
@@ -68,6 +69,12 @@ def read_header(path: str) -> Header:
         metadata, layout = known
         tensors = {tname: TensorInfo(path, *rest) for tname, rest in layout.items()}
         return Header(path=path, raw=raw, size=size, tensors=tensors, metadata=dict(metadata))
+    kept = header_cache.load(raw, size) if n > _KEEP_FROM else None
+    if kept is not None:  # checked in an earlier run: the cache is keyed by these very bytes
+        metadata, entries = kept
+        tensors = {name: TensorInfo(path, *rest) for name, *rest in entries}
+        _remember(raw, size, metadata, tensors)
+        return Header(path=path, raw=raw, size=size, tensors=tensors, metadata=metadata)
     table = _parse_json(path, raw)
     metadata = _metadata(path, table.pop("__metadata__", None))
     tensors = _tensor_infos(path, table, data_start, size)
@@ -75,10 +82,20 @@ def read_header(path: str) -> Header:
         tensors = {tname: _tensor_info(path, tname, entry, data_start, size) for tname, entry in table.items()}
     if not _tiles(tensors, size - data_start, data_start):
         _check_tiling(path, tensors, size - data_start, data_start)  # says where it does not
+    _remember(raw, size, metadata, tensors)
+    if n > _KEEP_FROM:
+        header_cache.store(raw, size, metadata, tensors)
+    return Header(path=path, raw=raw, size=size, tensors=tensors, metadata=metadata)
+
+
+def _remember(raw: bytes, size: int, metadata: dict, tensors: dict[str, TensorInfo]) -> None:
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.clear()
     _CHECKED[(raw, size)] = (dict(metadata), {tname: t[1:] for tname, t in tensors.items()})
-    return Header(path=path, raw=raw, size=size, tensors=tensors, metadata=metadata)
+
+
+# Headers shorter than this (about 256 tensor entries) are parsed: faster than opening a cache file.
+_KEEP_FROM = 256 * 80
 
 
 # Headers already parsed and checked in this process, by their exact bytes and file size: everything
