@@ -397,3 +397,41 @@ def test_inspect_says_how_a_donor_is_stored_and_mixed(mxfp4_pair, pairs, run_cli
     assert "stored mxfp4" in out and "(fused:" in out and " as stored in " in out
     out = run_cli("inspect", str(pairs("qwen3_next")[0])).stdout
     assert "linear attention on layers 0, full attention elsewhere" in out and "parameters" in out
+
+
+def test_a_multi_token_prediction_layer_is_a_layer_of_the_grid(tmp_path):
+    """DeepSeek-V3 keeps a multi-token-prediction layer after its decoder layers: every tensor of it is
+    classified (its own as `mtp`), the grid shows it as a row, a SPEC names it, the export keeps it,
+    and a swap that takes it changes nothing transformers runs (it does not load that layer)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.core.donor import open_donor
+    from surgeon.core.plan import Assignment, Plan, parse_spec
+    from surgeon.core.workbench import Workbench, surgery_sheet
+    from surgeon.features.export import ExportRequest, run_export
+    from surgeon.features.verify import run_verify
+    from surgeon.live.hybrid import Hybrid
+    from tests.tiny_models import mtp_donor
+
+    donors = {"A": open_donor(mtp_donor(tmp_path / "a", 0)), "B": open_donor(mtp_donor(tmp_path / "b", 1))}
+    anatomy = donors["A"].anatomy
+    assert anatomy.unclassified == [] and anatomy.num_layers == 3 and anatomy.extra_layers == (2,)
+    assert {n for n, p in anatomy.parts.items() if p.kind == "mtp"} == {
+        f"model.layers.2.{k}.weight" for k in ("enorm", "hnorm", "eh_proj", "embed_tokens", "shared_head.norm",
+                                                 "shared_head.head")}
+    wb = Workbench(donors, "A")
+    assert surgery_sheet(wb).labels[:3] == ["0", "1", "2 mtp"] and "mtp" in wb.columns
+
+    plan = Plan("A", [parse_spec("mtp@2", "B"), Assignment("attention", "B")])
+    run_export(ExportRequest(plan, donors, tmp_path / "out"))
+    manifest = json.loads((tmp_path / "out" / "moe-surgeon-manifest.json").read_text())
+    assert manifest["tensors"]["model.layers.2.eh_proj.weight"]["source"] == {"donor": "B",
+                                                                             "name": "model.layers.2.eh_proj.weight"}
+    assert run_verify(tmp_path / "out", donors=True).problem is None  # byte for byte from B
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    swapped = Hybrid.materialize(Plan("A"), donors, device="cpu")
+    swapped.apply(plan)
+    assert torch.equal(_logits(swapped.model, 64), _logits(exported, 64))

@@ -238,3 +238,29 @@ def mxfp4_donor(path: Path, seed: int) -> Path:
         else:
             tensors[name] = t.to(torch.bfloat16)
     return _save_quantized(path, plain, tensors, MXFP4_CONFIG)
+
+
+def mtp_donor(path: Path, seed: int) -> Path:
+    """A tiny DeepSeek-V3 checkpoint with a multi-token-prediction layer after its decoder layers, as
+    the DeepSeek-V3 releases store one (`num_nextn_predict_layers`): a copy of the last layer's kind
+    plus its own embedding, enorm/hnorm, eh_proj and shared_head. transformers does not load it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    plain = conformance_donor(path.with_name(path.name + "-plain"), "deepseek_v3", seed)
+    tensors = load_file(plain / "model.safetensors")
+    config = json.loads((plain / "config.json").read_text())
+    last, hidden = config["num_hidden_layers"], config["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    prefix = f"model.layers.{last - 1}."
+    extra = {f"model.layers.{last}." + k[len(prefix):]: v + 0.01 * torch.randn(v.shape, generator=g)
+             for k, v in tensors.items() if k.startswith(prefix)}
+    mine = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
+            "embed_tokens.weight": tensors["model.embed_tokens.weight"].shape,
+            "shared_head.norm.weight": (hidden,), "shared_head.head.weight": tensors["lm_head.weight"].shape}
+    extra.update({f"model.layers.{last}.{k}": torch.randn(shape, generator=g) for k, shape in mine.items()})
+    path.mkdir(parents=True)
+    save_file({**tensors, **extra}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

@@ -44,6 +44,7 @@ class Anatomy:
     num_layers: int
     experts_per_layer: dict[int, int] = field(default_factory=dict)
     mixers: dict[int, str] = field(default_factory=dict)  # layer -> its sequence mixer where not full attention
+    extra_layers: tuple[int, ...] = ()  # layers past num_hidden_layers (multi-token prediction)
 
     @property
     def num_experts(self) -> int:
@@ -195,8 +196,11 @@ def _build_anatomy(model_type: str, tensor_names: list[str], config: dict,
             experts[p.layer].add(p.expert)
         elif p.fused and shapes and shapes.get(name):
             experts[p.layer].update(range(shapes[name][0]))
-    layers_seen = {p.layer for p in parts.values() if p.layer is not None}
-    num_layers = int(config.get("num_hidden_layers") or (max(layers_seen) + 1 if layers_seen else 0))
+    layers_seen = {p.layer for p in set(parts.values()) if p.layer is not None}
+    decoder = int(config.get("num_hidden_layers") or (max(layers_seen) + 1 if layers_seen else 0))
+    # Layers after the decoder's (DeepSeek-V3's and GLM-4.5's multi-token prediction) are layers all
+    # the same: shown, addressed by SPECs and transferred like the others.
+    num_layers = max(decoder, max(layers_seen) + 1 if layers_seen else 0)
     return Anatomy(
         architecture=arch,
         known=known,
@@ -205,6 +209,7 @@ def _build_anatomy(model_type: str, tensor_names: list[str], config: dict,
         num_layers=num_layers,
         experts_per_layer={layer: len(e) for layer, e in sorted(experts.items())},
         mixers=dict(sorted(mixers.items())),
+        extra_layers=tuple(range(decoder, num_layers)),
     )
 
 

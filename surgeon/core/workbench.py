@@ -93,7 +93,8 @@ class BaseIndex:
         for name in share:
             layer = anatomy.parts[name].layer
             self.fused_count[layer] = self.fused_count.get(layer, 0) + 1
-        self.mixers = anatomy.mixers  # layer -> linear / mamba / ..., shown beside the layer number
+        # Shown beside the layer number: linear / mamba / ... and `mtp` for a layer past the decoder's.
+        self.layer_notes = {**anatomy.mixers, **dict.fromkeys(anatomy.extra_layers, "mtp")}
         self.unclassified_params = sum(base.tensors[n].numel for n in anatomy.unclassified)
         self.unclassified_tensors = len(anatomy.unclassified)
         self.cells: dict[Cell, list[Part]] = {}
@@ -503,7 +504,8 @@ def surgery_sheet(wb: Workbench) -> Sheet:
              for layer in range(idx.num_layers)]
     # A layer whose sequence mixer is not full attention says which it is (Qwen3-Next's linear attention,
     # Jamba's Mamba), so a transfer of `attention` there is read as what it moves.
-    labels = [f"{layer} {idx.mixers[layer]}" if layer in idx.mixers else str(layer) for layer in range(idx.num_layers)]
+    labels = [f"{layer} {idx.layer_notes[layer]}" if layer in idx.layer_notes else str(layer)
+              for layer in range(idx.num_layers)]
     titles = [COLUMN_TITLES[k] for k in idx.columns]
     gaps = frozenset()
     if idx.globals:
