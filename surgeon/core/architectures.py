@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 LAYER_PREFIX = ("model", "layers")
 
-# Component kinds, in the order the TUI shows them as columns. `layer_gate` is a Self-MoE gate
-# between decoder layers (Self-MoE); it lives in a sidecar file, see surgeon/core/gates_sidecar.py.
+# Component kinds, in the order the TUI shows them as columns. `layer_gate` is a gate between decoder
+# layers (Self-MoE); it lives in a sidecar file, see surgeon/core/gates_sidecar.py.
 LAYER_KINDS = ("attention", "router", "expert", "shared_expert", "gate", "norms", "mlp", "mtp", "layer_gate")
 GLOBAL_KINDS = ("embedding", "final_norm", "lm_head")
 
@@ -168,13 +168,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             + _MTP,
             "n_routed_experts",
             fused_experts=FUSED_QWEN_STYLE,
-            covers="DeepSeek-V3, DeepSeek-R1, Kimi-K2 (FP8 releases: weight_scale_inv moves with its weight)",
+            covers="DeepSeek-V3, DeepSeek-R1 (FP8 releases: weight_scale_inv moves with its weight)",
         ),
         # ---- every other text MoE family transformers knows, as data
         _family("deepseek_v2", "n_routed_experts", covers="DeepSeek-V2, DeepSeek-V2-Lite"),
         _family("deepseek_v32", "n_routed_experts", covers="DeepSeek-V3.2-Exp (its sparse-attention indexer is attention)"),
         _family("glm4_moe", "n_routed_experts", covers="GLM-4.5, GLM-4.5-Air, GLM-4.6"),
-        _family("glm4_moe_lite", "n_routed_experts", covers="GLM-4.5 family, MLA attention"),
+        _family("glm4_moe_lite", "n_routed_experts", covers="GLM MoE with MLA attention"),
         _family("glm_moe_dsa", "n_routed_experts", covers="GLM-5"),
         _family("dots1", "n_routed_experts", covers="dots.llm1"),
         _family("solar_open", "n_routed_experts", covers="Solar-Open-100B"),
