@@ -226,7 +226,8 @@ def test_non_integer_field_on_the_command_line(donor_dir, capsys):
 def test_deepseek_multi_token_prediction_layers_are_allowed(tmp_path):
     d = make_donor(tmp_path / "ds", "deepseek_v3", seed=0)  # 3 layers
     set_config(d, num_hidden_layers=2, num_nextn_predict_layers=1)
-    assert open_donor(d).anatomy.num_layers == 2
+    anatomy = open_donor(d).anatomy
+    assert anatomy.num_layers == 3 and anatomy.extra_layers == (2,)  # the MTP layer is a layer of its own
     set_config(d, num_nextn_predict_layers=0)
     refused_config(d, "num_hidden_layers is 2", "layers 0-2")
 
