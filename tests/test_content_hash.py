@@ -69,6 +69,21 @@ def test_a_changed_size_or_mtime_invalidates_the_cache(tmp_path):
     assert CH.cached_hash(f) is None
 
 
+def test_an_edit_with_its_mtime_set_back_is_not_served_from_the_cache(tmp_path):
+    """The attack on a cache keyed by mtime: change bytes in place (same size), then put the mtime back
+    exactly, as `touch -r` or `rsync -t` would. ctime moved, so the old hash is not served."""
+    f = write(tmp_path / "a.bin", b"x" * 5000)
+    h = CH.hash_file(f)
+    st = f.stat()
+    with open(f, "r+b") as g:  # conv=notrunc: same file, same inode, same size
+        g.seek(100)
+        g.write(b"y")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns
+    assert CH.cached_hash(f) is None
+    assert CH.hash_file(f) != h
+
+
 def test_a_damaged_cache_is_recomputed_not_an_error(tmp_path):
     f = write(tmp_path / "a.bin", b"abc")
     h = CH.hash_file(f)

@@ -241,3 +241,29 @@ def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(SurgeonError, match="not a regular file"):
         read_header(str(fifo))
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/hostname", "sub/../../outside.safetensors"])
+def test_an_index_cannot_point_outside_the_donor(tmp_path, target):
+    """An index whose weight_map names a file outside the donor directory is refused before that file
+    is opened: nothing of it (not even 8 bytes read as a header length) reaches the error."""
+    d = make_donor(tmp_path / "d", "olmoe", seed=0)
+    (tmp_path / "outside.safetensors").write_bytes(b"secret!!" * 4)
+    tensors = list(read_header(str(d / "model.safetensors")).tensors)
+    index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in tensors}}
+    index["weight_map"][tensors[0]] = target
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SurgeonError) as e:
+        open_donor(d)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and "not a file inside" in message and "secret" not in message
+
+
+def test_a_shard_that_is_a_symlink_still_opens(tmp_path):
+    """A Hugging Face cache snapshot holds its shards as symlinks into ../../blobs: that stays allowed."""
+    d = make_donor(tmp_path / "blobs-src", "olmoe", seed=0)
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    for f in d.iterdir():
+        (snap / f.name).symlink_to(f)
+    assert open_donor(snap).tensors

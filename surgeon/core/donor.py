@@ -307,6 +307,13 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _inside(name: str) -> bool:
+    """Whether an index's shard name stays inside the donor directory: relative, no `..`, no NUL.
+    (A shard that is itself a symlink, as in a Hugging Face cache snapshot, is fine: the name is.)"""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\0" not in name
+
+
 def _weight_map(path: Path) -> dict | None:
     """The index's weight_map (tensor -> shard file), or None without an index; read once per donor
     (DeepSeek-V3's maps 92,000 tensors)."""
@@ -331,6 +338,8 @@ def _shard_names(path: Path, weight_map: dict | None) -> list[str] | None:
         except TypeError:
             raise SurgeonError(f"{index}: invalid index (expected a JSON object with a weight_map)") from None
         for n in names:
+            if not isinstance(n, str) or not _inside(n):
+                raise SurgeonError(f"{index}: names shard {_short(n)}, which is not a file inside {path}")
             if not (path / n).is_file():
                 raise SurgeonError(f"{index}: names shard {n}, which does not exist")
         return names

@@ -42,9 +42,11 @@ def _key(st: os.stat_result) -> str:
     return ":".join(map(str, identity(st)))
 
 
-def identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What says a file is still the one that was hashed: (device, inode, size, mtime_ns)."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What says a file is still the one that was hashed: (device, inode, size, mtime_ns, ctime_ns).
+    mtime alone can be set back after an edit (`touch -r`, `rsync -t`, os.utime); ctime cannot: the
+    kernel sets it on every change, the utime call included."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _stat(path: Path) -> os.stat_result:

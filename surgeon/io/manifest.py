@@ -50,7 +50,7 @@ class ShardHashes:
 
     content: str
     tensors: dict[str, str]
-    identity: tuple[int, int, int, int]
+    identity: tuple[int, int, int, int, int]
 
 
 def tensor_hasher():
