@@ -83,3 +83,22 @@ def test_verify_without_a_manifest_is_one_line(tmp_path, run_cli):
     r = run_cli("verify", tmp_path / "plain")
     assert r.returncode == 2
     assert MANIFEST_FILE in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_verify_donors_with_relative_donor_paths_from_anywhere(tmp_path, run_cli):
+    """The README's pattern: `export OUT --base D0 ...` with relative paths, then `verify OUT --donors`,
+    from the same directory and from another one: the manifest says where each donor is from the export."""
+    from tiny_models import make_donor
+
+    work = tmp_path / "work"
+    make_donor(work / "D0", "olmoe", seed=0)
+    make_donor(work / "D1", "olmoe", seed=1)
+    assert run_cli("export", "outr", "--base", "D0", "--take", "attention@0=D1", cwd=work).returncode == 0
+    manifest = json.loads((work / "outr" / MANIFEST_FILE).read_text())
+    assert manifest["donors"]["A"]["path"] == "D0" and manifest["donors"]["A"]["path_from_export"] == "../D0"
+    r = run_cli("verify", "outr", "--donors", cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = run_cli("verify", work / "outr", "--donors", cwd=elsewhere)
+    assert r.returncode == 0, r.stdout + r.stderr

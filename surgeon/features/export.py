@@ -240,7 +240,7 @@ def export_hybrid(
                 before_rename(tmp)
             # Last, so it describes the shards as they will appear: the same rename publishes both.
             # Shards before_rename left alone are not read again; any it rewrote or added are.
-            write_manifest(tmp, build_manifest(tmp, manifest_sources(resolution), donor_identities(donors),
+            write_manifest(tmp, build_manifest(tmp, manifest_sources(resolution), donor_identities(donors, out),
                                                known=written, cancel=cancel))
     finally:
         for fd in fds.values():
@@ -257,12 +257,15 @@ def manifest_sources(resolution: Resolution) -> dict[str, dict]:
     return out
 
 
-def donor_identities(donors: dict[str, Donor]) -> dict[str, dict]:
+def donor_identities(donors: dict[str, Donor], export: Path | None = None) -> dict[str, dict]:
     """What a manifest and a model card say of each donor: where it was, its fingerprint, and its full
-    content hashes where they are known (cached) without reading the donor again."""
+    content hashes where they are known (cached) without reading the donor again. With `export` (the
+    output directory), also where each donor is from there (`verify --donors` run from anywhere)."""
     out = {}
     for name, d in donors.items():
         entry = {"path": str(d.path), "model_type": d.model_type, "fingerprint": d.fingerprint}
+        if export is not None:
+            entry["path_from_export"] = os.path.relpath(d.path.absolute(), Path(export).absolute())
         hashes = d.cached_full_hashes()
         if hashes:
             entry["content_hashes"] = hashes

@@ -62,8 +62,13 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
         return result
     opened = {}
     for name, ref in manifest.get("donors", {}).items():
+        # A relative donor path was given from where the export ran; the manifest also says where the
+        # donor is from the export itself, which holds wherever verify is run from.
+        path = ref["path"]
+        if not Path(path).is_absolute() and ref.get("path_from_export"):
+            path = str(directory / ref["path_from_export"])
         try:
-            opened[name] = open_donor(ref["path"], allow_pickle=allow_pickle)
+            opened[name] = open_donor(path, allow_pickle=allow_pickle)
         except SurgeonError as e:
             raise SurgeonError(f"verify --donors: donor {name}: {e}") from None
     meter = Meter(progress, len(manifest["tensors"]), "tensors", "comparing with donors")
@@ -87,7 +92,7 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
             start, end = entry["offsets"]
             if end - start != src.nbytes:
                 result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
-                                  f"{source['donor']}'s {source['name']} ({donor.path / src.file})")
+                                  f"{source['donor']}'s {source['name']} ({src.file})")
                 return result
             # A spliced fused expert tensor: each range of experts against the donor it came from.
             row = src.nbytes // src.shape[0] if src.shape and src.shape[0] else 0
@@ -95,11 +100,11 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
             for donor_name, offset, count in pieces or [(source["donor"], 0, src.nbytes)]:
                 d = opened.get(donor_name)
                 piece = d.tensors.get(source["name"]) if d else None
-                if piece is None or not files.same(directory / entry["shard"], start + offset, d.path / piece.file,
+                if piece is None or not files.same(directory / entry["shard"], start + offset, Path(piece.file),
                                                    piece.start + offset, count):
                     result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
                                       f"{donor_name}'s {source['name']}"
-                                      + (f" ({d.path / piece.file})" if piece is not None else " (not in the donor)"))
+                                      + (f" ({piece.file})" if piece is not None else " (not in the donor)"))
                     return result
             result.donor_tensors += 1
     finally:
