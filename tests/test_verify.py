@@ -102,3 +102,15 @@ def test_verify_donors_with_relative_donor_paths_from_anywhere(tmp_path, run_cli
     elsewhere.mkdir()
     r = run_cli("verify", work / "outr", "--donors", cwd=elsewhere)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_verify_checks_config_and_the_other_files(export_dir, run_cli):
+    """config.json is in the manifest: an edited num_experts_per_tok is a changed model, not verified."""
+    out, _ = export_dir
+    assert "config.json" in json.loads((out / MANIFEST_FILE).read_text())["files"]
+    config = json.loads((out / "config.json").read_text())
+    config["num_experts_per_tok"] = config["num_experts_per_tok"] + 1
+    (out / "config.json").write_text(json.dumps(config))
+    r = run_cli("verify", out, "--json")
+    assert r.returncode == 1
+    assert "config.json: differs from the manifest" in json.loads(r.stdout)["problem"]

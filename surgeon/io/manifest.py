@@ -116,6 +116,7 @@ def build_manifest(directory: str | os.PathLike, sources: dict[str, dict], donor
             if name in sources:
                 entry["source"] = sources[name]
             tensors[name] = entry
+    others = side_files(directory)
     return {
         "manifest_version": MANIFEST_VERSION,
         "tensor_hash": TENSOR_HASH,
@@ -123,8 +124,28 @@ def build_manifest(directory: str | os.PathLike, sources: dict[str, dict], donor
         "libraries": library_versions(),
         "donors": donors,
         "shards": {p.name: shard_hashes[p] for p in shards},
+        # config.json, generation_config.json, the tokenizer's files, the model card: a changed
+        # num_experts_per_tok changes the model as surely as a changed weight.
+        "files": {p.name: _file_hash(p) for p in others},
         "tensors": dict(sorted(tensors.items())),
     }
+
+
+def _file_hash(path: Path) -> str:
+    """XXH3-128 of a small file (a config, a tokenizer), read whole: the shards' chunked hash is for
+    files of gigabytes."""
+    import xxhash
+
+    try:
+        return xxhash.xxh3_128_hexdigest(path.read_bytes())
+    except OSError as e:
+        raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def side_files(directory: Path) -> list[Path]:
+    """The export's files other than its shards and the manifest itself."""
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and p.suffix != ".safetensors" and p.name != MANIFEST_FILE)
 
 
 def _unchanged(path: Path, known: ShardHashes) -> bool:
@@ -168,6 +189,10 @@ def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: Ca
     (or the shard, when a tensor is missing or the shard itself is gone or new). Reads every byte
     unless `use_cache`: a proof should not rest on file times."""
     directory = Path(directory)
+    if isinstance(manifest.get("files"), dict):  # manifests before 2026-12 listed shards only
+        problem = _side_file_difference(directory, manifest["files"], cancel)
+        if problem:
+            return problem
     on_disk = sorted(p.name for p in directory.glob("*.safetensors"))
     for name in sorted(set(manifest["shards"]) - set(on_disk)):
         return f"{directory / name}: shard listed in the manifest is missing"
@@ -194,4 +219,18 @@ def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: Ca
             if hashes[tensor] != want["hash"]:
                 return f"{p}: tensor {tensor} differs from the manifest (hash {hashes[tensor]}, expected {want['hash']})"
         return f"{p}: shard hash differs from the manifest, outside every tensor (header or padding)"
+    return None
+
+
+def _side_file_difference(directory: Path, files: dict, cancel: CancelToken) -> str | None:
+    present = {p.name: p for p in side_files(directory)}
+    for name in sorted(set(files) - set(present)):
+        return f"{directory / name}: file listed in the manifest is missing"
+    for name in sorted(set(present) - set(files)):
+        return f"{directory / name}: file not in the manifest"
+    for name, p in sorted(present.items()):
+        cancel.check()
+        now = _file_hash(p)
+        if now != files[name]:
+            return f"{p}: differs from the manifest (hash {now}, expected {files[name]})"
     return None
