@@ -137,14 +137,27 @@ def test_killed_export_is_cleaned_by_the_next(donors_of, tmp_path, cli):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_force_replaces_target(donors_of, tmp_path, cli):
+def test_force_replaces_an_export_of_ours(donors_of, tmp_path, cli):
     a, b = donors_of("olmoe", 2)
     out = tmp_path / "out"
-    out.mkdir()
+    assert cli("export", out, "--base", a).returncode == 0
     (out / "old.txt").write_text("old")
-    assert cli("export", out, "--base", a, "--force").returncode == 0
+    assert cli("export", out, "--base", a, "--take", f"attention@0={b}", "--force").returncode == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_force_never_replaces_a_directory_we_did_not_write(donors_of, tmp_path, cli):
+    """`export DIR --force` onto an ordinary directory used to delete its files; now it refuses."""
+    a, _ = donors_of("olmoe", 2)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    r = cli("export", out, "--base", a, "--force")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "not a checkpoint moe-surgeon wrote" in r.stderr
+    assert (out / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert sorted(os.listdir(tmp_path)) == ["mine"]  # no staging directory left either
 
 
 def test_model_card_and_embedded_session(donors_of, tmp_path, cli):

@@ -208,6 +208,8 @@ def _unprivileged() -> list[str]:
 def test_force_over_an_output_with_read_only_parts_leaves_no_old_directory(donors_of, tmp_path):
     a, _ = donors_of("olmoe", 2)
     out = tmp_path / "out"
+    # An earlier export of ours (--force replaces nothing else), with a read-only part added since.
+    subprocess.run([*CLI, "export", str(out), "--base", a], check=True, capture_output=True, cwd=REPO, timeout=300)
     (out / "locked").mkdir(parents=True)
     (out / "locked" / "old.bin").write_bytes(b"old")
     (out / "locked").chmod(0o555)

@@ -17,6 +17,27 @@ REPLAY_LINE = f"The session that made it is in `{SESSION_FILE}`; `moe-surgeon re
 Section = tuple[str | None, list[str]]
 
 
+CARD_TAG = "moe-surgeon"  # the first tag of every card's front matter
+
+
+def written_by_us(directory) -> bool:
+    """Whether `directory` holds a checkpoint moe-surgeon wrote: its manifest, its embedded session, or
+    a model card of ours. `--force` replaces only such a directory (nothing we did not write)."""
+    from pathlib import Path
+
+    from surgeon.io.manifest import MANIFEST_FILE
+
+    directory = Path(directory)
+    if (directory / MANIFEST_FILE).is_file() or (directory / SESSION_FILE).is_file():
+        return True
+    try:
+        with open(directory / "README.md", encoding="utf-8", errors="replace") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return head.startswith(f"---\ntags: [{CARD_TAG}")
+
+
 def built_by() -> str:
     """The start of every card's first sentence; the writer says how it built the checkpoint."""
     return f"Built by moe-surgeon {__version__} on {time.strftime('%Y-%m-%d', time.gmtime())}"

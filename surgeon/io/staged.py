@@ -17,6 +17,7 @@ from typing import Callable
 
 from surgeon.errors import SurgeonError
 from surgeon.io.fs import check_free_space, fs_errors, os_error_line, remove_tree
+from surgeon.io.model_card import written_by_us
 from surgeon.io.process import pid_alive
 from surgeon.io.sizes import human_bytes
 
@@ -35,8 +36,13 @@ def check_target(out: Path, sources: dict, force: bool) -> None:
         if out.exists():
             if not out.is_dir():
                 raise SurgeonError(f"{out}: exists and is not a directory")
-            if any(out.iterdir()) and not force:
-                raise SurgeonError(f"{out}: directory is not empty; pass --force to replace it")
+            if any(out.iterdir()):
+                if not force:
+                    raise SurgeonError(f"{out}: directory is not empty; pass --force to replace it")
+                if not written_by_us(out):  # --force replaces what moe-surgeon wrote, nothing else
+                    raise SurgeonError(f"{out}: not a checkpoint moe-surgeon wrote (no moe-surgeon manifest, "
+                                       "session or model card), so --force will not replace it; choose another "
+                                       "directory or empty this one")
 
 
 STAGING = re.compile(r"^\.(?P<name>.+)\.moe-surgeon-(?P<kind>tmp|old)-(?P<pid>[0-9]+)$")
