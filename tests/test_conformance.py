@@ -209,6 +209,9 @@ def test_mixers_are_marked_per_layer_in_the_grid(pairs):
     donors = {"A": open_donor(a_dir), "B": open_donor(b_dir)}
     assert donors["A"].anatomy.mixers == {0: "linear"}
     assert surgery_sheet(Workbench(donors, "A")).labels[:2] == ["0 linear", "1"]
+    for model_type, want in (("minimax", {0: "linear"}), ("jamba", {0: "mamba", 2: "mamba"}),
+                             ("nemotron_h", {0: "mamba"})):
+        assert open_donor(pairs(model_type)[0]).anatomy.mixers == want, model_type
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -204,7 +204,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         _family("llama4_text", "num_local_experts", rules=_ATTENTION_AND_NORMS + _MORE_NORMS + _moe_block("feed_forward"),
                 covers="Llama-4-Scout, Llama-4-Maverick (text model; fused experts, MoE on some layers)"),
         _family("minimax", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
-                live_renames=(("block_sparse_moe", "mlp"),), fused_experts=FUSED_MIXTRAL, covers="MiniMax-Text-01"),
+                live_renames=(("block_sparse_moe", "mlp"),), fused_experts=FUSED_MIXTRAL,
+                mixers=(("self_attn.slope_rate", "linear"),),  # lightning attention layers
+                covers="MiniMax-Text-01 (linear-attention layers marked)"),
         _family("minimax_m2", "num_local_experts", rules=_ATTENTION_AND_NORMS + _moe_block("block_sparse_moe"),
                 covers="MiniMax-M2"),
         _family("minimax_m3_vl_text", "num_local_experts", covers="MiniMax-M3 (its text model; fused experts)"),
