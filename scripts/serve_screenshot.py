@@ -91,13 +91,14 @@ def main() -> int:
         sys.exit("serve_screenshot: no chromium found (Debian: apt-get install -y chromium; or --chromium PATH)")
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}/"
     server = subprocess.Popen(
         [sys.executable, "-m", "surgeon.cli", "serve", "demo:base", "demo:arith", "demo:reverse",
          "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         start_new_session=True,  # one process group: the server and the app it starts per browser
     )
+    # The first line is the URL with this start's token (the page is refused without it).
+    url = server.stdout.readline().split(" on ", 1)[-1].split()[0]
     out = Path(args.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

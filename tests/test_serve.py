@@ -70,17 +70,22 @@ def served(*args, env=None):
         env={**os.environ, **(env or {})},
     )
     try:
+        first = server.stdout.readline()  # printed before the port is bound: the URL with its token
+        found = re.search(r"\?token=(\S+)", first)
+        assert found, first + server.stdout.read()
+        server.token = found.group(1)
         deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None, server.stdout.read()
             assert time.monotonic() < deadline, "the server never answered"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/?token={server.token}", timeout=5) as resp:
                     assert resp.status == 200
                     server.page = resp.read().decode()
                     break
             except OSError:
                 time.sleep(0.3)
+        server.ws_url = re.search(r'data-session-websocket-url="([^"]+)"', server.page).group(1)
         yield server, port
     finally:
         try:  # the group, not only the server: an app it started may outlive it
@@ -94,12 +99,13 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;?$]*[A-Za-z]", "", text)
 
 
-async def _drive(aiohttp, port: int, until_seen: tuple[str, ...], keys: list[str] = (), then=None) -> str:
-    """Open the app's socket, wait until the screen shows every word of `until_seen`, type `keys` (raw
-    terminal input, as the browser's terminal sends it), and wait for `then()` to hold."""
+async def _drive(aiohttp, ws_url: str, until_seen: tuple[str, ...], keys: list[str] = (), then=None) -> str:
+    """Open the app's socket (the URL the served page gives), wait until the screen shows every word of
+    `until_seen`, type `keys` (raw terminal input, as the browser's terminal sends it), and wait for
+    `then()` to hold."""
     got = ""
     async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(f"ws://127.0.0.1:{port}/ws?width=120&height=40") as ws:
+        async with s.ws_connect(f"{ws_url}?width=120&height=40") as ws:
 
             async def read_one():
                 nonlocal got
@@ -131,16 +137,16 @@ def test_served_page_and_websocket_answer_on_localhost_and_ctrl_c_stops_it():
     aiohttp = pytest.importorskip("aiohttp")
     pytest.importorskip("textual_serve")
     with served("demo:base", "demo:arith") as (server, port):
-        assert f"ws://127.0.0.1:{port}/ws" in server.page and "moe-surgeon" in server.page
+        assert server.ws_url == f"ws://127.0.0.1:{port}/ws/{server.token}" and "moe-surgeon" in server.page
         # The grid (donors in its header, the expert column) means the workbench itself runs behind
         # the socket, not an error page; escape sequences aside.
-        screen = asyncio.run(asyncio.wait_for(_drive(aiohttp, port, ("demo:arith", "layer", "experts")), 120))
+        screen = asyncio.run(asyncio.wait_for(_drive(aiohttp, server.ws_url, ("demo:arith", "layer", "experts")), 120))
         assert "\x1b[" in screen  # a terminal screen, drawn with escape sequences
 
         server.send_signal(signal.SIGINT)
         out, _ = server.communicate(timeout=30)
         assert server.returncode == 0, out
-        assert f"http://127.0.0.1:{port}/" in out and "anyone who can reach this port" in out
+        assert "anyone who has this URL and can reach this port" in out
 
 
 @pytest.mark.slow
@@ -159,8 +165,8 @@ def test_a_session_saved_in_the_browser_is_the_one_saved_in_the_terminal(tmp_pat
         save_session(make_session(Plan("A"), donors, path), path)
     keys = ["2", "j", "3", "\x13"]  # layer 0 attention -> B, layer 1 attention -> C, ctrl+s
 
-    with served("--session", web, env={"MOE_SURGEON_STATE_DIR": str(tmp_path / "state-web")}) as (_, port):
-        asyncio.run(asyncio.wait_for(_drive(aiohttp, port, ("demo:arith", "layer", "experts"), keys,
+    with served("--session", web, env={"MOE_SURGEON_STATE_DIR": str(tmp_path / "state-web")}) as (server, _):
+        asyncio.run(asyncio.wait_for(_drive(aiohttp, server.ws_url, ("demo:arith", "layer", "experts"), keys,
                                             then=lambda: load_session(web).plan.assignments), 180))
 
     async def in_terminal():
@@ -181,3 +187,33 @@ def test_a_session_saved_in_the_browser_is_the_one_saved_in_the_terminal(tmp_pat
     first, second = json.loads(web.read_text()), json.loads(term.read_text())
     differ = {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
     assert differ <= {"saved_at", "updated", "created"}, {k: (first.get(k), second.get(k)) for k in differ}
+
+
+@pytest.mark.slow
+def test_the_page_and_the_socket_need_this_starts_token_and_refuse_other_origins():
+    """What a web page the user visits could try: load the page, open the socket without the token,
+    with a wrong one, or with the right one from its own origin. All refused; nothing runs."""
+    aiohttp = pytest.importorskip("aiohttp")
+    pytest.importorskip("textual_serve")
+    import urllib.error
+
+    with served("demo:base") as (server, port):
+        for query in ("", "?token=", "?token=wrong"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/{query}", timeout=10)
+            assert e.value.code == 403
+
+        async def attempt(url, headers=None):
+            async with aiohttp.ClientSession() as s:
+                try:
+                    async with s.ws_connect(url, headers=headers or {}):
+                        return "connected"
+                except aiohttp.WSServerHandshakeError as e:
+                    return e.status
+
+        base = f"ws://127.0.0.1:{port}"
+        assert asyncio.run(attempt(f"{base}/ws?width=80&height=24")) == 403
+        assert asyncio.run(attempt(f"{base}/ws/wrong?width=80&height=24")) == 403
+        assert asyncio.run(attempt(f"{server.ws_url}?width=80&height=24", {"Origin": "https://evil.example"})) == 403
+        assert asyncio.run(attempt(f"{server.ws_url}?width=80&height=24",
+                                   {"Origin": f"http://127.0.0.1:{port}"})) == "connected"

@@ -3,7 +3,8 @@
 textual-serve runs one command per browser connection (here `python -m surgeon.cli DIR ...`, the
 terminal workbench with Textual's web driver) and relays its screen over a websocket. Every
 connection is a full workbench that can edit, save and export with this user's rights, so the
-server binds to localhost unless `--public` says otherwise.
+server binds to localhost unless `--public` says otherwise, and serves only whoever presents the
+token printed with its URL (a new one each start; screens/serve.py checks it and the Origin).
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ def cmd_serve(args) -> int:
     dirs, session = _check_inputs(args.dirs, args.session)
     from screens.serve import make_server  # the UI side, as cli/main.py starts the app
 
-    server = make_server(app_command(dirs, session), args.host, args.port)
+    import secrets
+
+    token = secrets.token_urlsafe(24)  # a new one each start: the page and the socket require it
+    server = make_server(app_command(dirs, session), args.host, args.port, token)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"moe-surgeon: serving the workbench on http://{shown}:{args.port}/ (ctrl+c stops it)")
+    print(f"moe-surgeon: serving the workbench on http://{shown}:{args.port}/?token={token} (ctrl+c stops it)")
     print(
-        "moe-surgeon: warning: anyone who can reach this port can open the workbench and edit, save "
-        "and export models with your user's rights"
+        "moe-surgeon: warning: anyone who has this URL and can reach this port can open the workbench "
+        "and edit, save and export models with your user's rights"
         + ("" if is_local_host(args.host) else f" (--public: reachable beyond this machine on {args.host})"),
         flush=True,
     )
