@@ -88,10 +88,13 @@ def check_writable(path: str | os.PathLike, doing: str = "write") -> None:
     """Fail now, not after a long job, when `path` (a file to write later) cannot be created: its
     nearest existing directory is probed with a real temporary file, which is what root, a read-only
     mount or a file in the way actually decide (permission bits alone would not say)."""
+    from surgeon.io.atomic import regular_target
+
     path = Path(path)
-    anchor = existing_ancestor(path.parent)
     if path.is_dir():
         raise SurgeonError(f"{path}: cannot {doing}: it is a directory; name a file")
+    path = regular_target(path, say=False)  # a device, a FIFO: refused before the job, not after
+    anchor = existing_ancestor(path.parent)
     if not anchor.is_dir():
         raise SurgeonError(f"{path}: cannot {doing}: {anchor} is a file, not a directory; choose another path")
     with fs_errors(path, doing):
