@@ -216,3 +216,9 @@ def test_orphans_filters_by_donor_set(donors_of, tmp_path):
     bad = tmp_path / "state" / f"recovery-{dead_pid()}.json"
     bad.write_text("{not json")
     assert donor_paths(bad) is None and orphans(tmp_path / "state", donors=olmoe) == [left]
+
+
+def test_probe_list_and_sweep_help_read_as_written(run_cli):
+    out = run_cli("probe", "--list").stdout
+    assert "lmevalan" not in out and "  lmeval  an lm-evaluation-harness task" in out
+    assert "95%%" not in run_cli("sweep", "--help").stdout and "95% CIs" in run_cli("sweep", "--help").stdout

@@ -83,8 +83,9 @@ def cmd_probe(args) -> int:
         from surgeon.probes.data import builtin_sets
 
         print("probes:")
+        width = max(map(len, PROBES)) + 2  # `lmeval` is six letters: a fixed 6 ran it into its text
         for name, text in PROBES.items():
-            print(f"  {name:<6}{text}")
+            print(f"  {name:<{width}}{text}")
         print("built-in probe sets (use as DATA, e.g. em:arith):")
         for name, path in builtin_sets().items():
             print(f"  {name:<14}{path}")

@@ -26,7 +26,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "sweep", help="the component-transfer grid: every subset of component groups from a donor",
         description="Transfer every subset of up to 6 component groups from a donor into the base, probe each "
-        "configuration (visited in Gray-code order, one hot-swap per step), and report accuracy with 95%% CIs, "
+        "configuration (visited in Gray-code order, one hot-swap per step), and report accuracy with 95% CIs, "
         "significance against both donors, single-group effects, the best configuration per probe and which "
         "donor each group should come from. Results are saved in SESSION after every configuration; running "
         "the same sweep again resumes it (and only reprints a finished one).",
