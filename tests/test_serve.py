@@ -70,9 +70,11 @@ def served(*args, env=None):
         env={**os.environ, **(env or {})},
     )
     try:
-        first = server.stdout.readline()  # printed before the port is bound: the URL with its token
-        found = re.search(r"\?token=(\S+)", first)
-        assert found, first + server.stdout.read()
+        # Printed before the port is bound: the URL with its token, then the warning. Read here, as
+        # lines: a later communicate() reads the pipe itself and would miss what readline buffered.
+        server.banner = server.stdout.readline() + server.stdout.readline()
+        found = re.search(r"\?token=(\S+)", server.banner)
+        assert found, server.banner + server.stdout.read()
         server.token = found.group(1)
         deadline = time.monotonic() + 60
         while True:
@@ -146,7 +148,7 @@ def test_served_page_and_websocket_answer_on_localhost_and_ctrl_c_stops_it():
         server.send_signal(signal.SIGINT)
         out, _ = server.communicate(timeout=30)
         assert server.returncode == 0, out
-        assert "anyone who has this URL and can reach this port" in out
+        assert "anyone who has this URL and can reach this port" in server.banner
 
 
 @pytest.mark.slow
