@@ -101,6 +101,23 @@ def donors_of(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def moe_pair(tmp_path_factory):
+    """moe_pair(model_type) -> two tiny random donors of any text MoE family (seeds 0 and 1), made with
+    its own config class (tiny_models.conformance_donor) and built once per session."""
+    from tiny_models import conformance_donor
+
+    made = {}
+
+    def get(model_type: str):
+        if model_type not in made:
+            root = tmp_path_factory.mktemp(f"pair-{model_type}")
+            made[model_type] = tuple(conformance_donor(root / f"d{seed}", model_type, seed) for seed in (0, 1))
+        return made[model_type]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def char_olmoe(donors_of):
     """(model, tokenizer) of a tiny OLMoE donor saved with the character tokenizer (bos 1, eos 2)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from surgeon.core.architectures import ARCHITECTURES, UNSUPPORTED
-from tests.tiny_models import CONFORMANCE, conformance_donor, text_moe_types
+from tiny_models import CONFORMANCE, text_moe_types
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,17 +28,9 @@ def test_every_registered_text_moe_is_described_or_listed_as_unsupported():
     assert set(CONFORMANCE) >= set(FAMILIES)  # every family has its tiny config
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    cache = {}
-
-    def get(model_type):
-        if model_type not in cache:
-            root = tmp_path_factory.mktemp(model_type)
-            cache[model_type] = tuple(conformance_donor(root / f"d{seed}", model_type, seed) for seed in (0, 1))
-        return cache[model_type]
-
-    return get
+@pytest.fixture
+def pairs(moe_pair):
+    return moe_pair
 
 
 def _plan_for(anatomy):
@@ -168,7 +160,7 @@ def test_one_expert_of_a_fused_tensor_is_a_grid_unit_and_a_byte_range(pairs, tmp
     from surgeon.core.workbench import Workbench, layer_sheet
     from surgeon.features.export import ExportRequest, run_export
     from surgeon.features.verify import run_verify
-    from tests.tiny_models import flip_byte
+    from tiny_models import flip_byte
 
     a_dir, b_dir = pairs("gpt_oss")
     b_copy = tmp_path / "b"
@@ -224,7 +216,7 @@ def test_routing_reads_every_family_with_a_router(model_type, pairs, tmp_path):
     from surgeon.core.donor import open_donor
     from surgeon.errors import SurgeonError
     from surgeon.features.routing.probe import probe_routing
-    from tests.tiny_models import save_char_tokenizer
+    from tiny_models import save_char_tokenizer
 
     a_dir, _ = pairs(model_type)
     model = AutoModelForCausalLM.from_pretrained(a_dir).eval()
@@ -248,7 +240,7 @@ ROUTING_UNREADABLE = {"doge": "no per-token logits", "inkling2_loop_text": "more
 # ---------------------------------------------------------------- quantized storage
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory):
-    from tests.tiny_models import fp8_donor
+    from tiny_models import fp8_donor
 
     root = tmp_path_factory.mktemp("fp8")
     return fp8_donor(root / "a", "deepseek_v3", 0), fp8_donor(root / "b", "deepseek_v3", 1)
@@ -307,7 +299,7 @@ def test_donors_stored_differently_are_refused(fp8_pair, pairs):
 
 @pytest.fixture(scope="module")
 def mxfp4_pair(tmp_path_factory):
-    from tests.tiny_models import mxfp4_donor
+    from tiny_models import mxfp4_donor
 
     root = tmp_path_factory.mktemp("mxfp4")
     return mxfp4_donor(root / "a", 0), mxfp4_donor(root / "b", 1)
@@ -417,7 +409,7 @@ def test_a_multi_token_prediction_layer_is_a_layer_of_the_grid(tmp_path):
     from surgeon.features.export import ExportRequest, run_export
     from surgeon.features.verify import run_verify
     from surgeon.live.hybrid import Hybrid
-    from tests.tiny_models import mtp_donor
+    from tiny_models import mtp_donor
 
     donors = {"A": open_donor(mtp_donor(tmp_path / "a", 0)), "B": open_donor(mtp_donor(tmp_path / "b", 1))}
     anatomy = donors["A"].anatomy

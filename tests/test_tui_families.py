@@ -4,7 +4,6 @@ fused expert tensor still offers one unit per expert."""
 
 import pytest
 from test_tui_helpers import screen_text, settle, sync
-from tiny_models import conformance_donor
 
 from screens.app import SurgeonApp
 from screens.layer import LayerScreen
@@ -14,17 +13,9 @@ from surgeon.core.workbench import Cell
 SIZE = (110, 32)
 
 
-@pytest.fixture(scope="module")
-def pair_of(tmp_path_factory):
-    made = {}
-
-    def get(model_type):
-        if model_type not in made:
-            root = tmp_path_factory.mktemp(model_type)
-            made[model_type] = [str(conformance_donor(root / f"d{seed}", model_type, seed)) for seed in (0, 1)]
-        return made[model_type]
-
-    return get
+@pytest.fixture
+def pair_of(moe_pair):
+    return lambda model_type: [str(p) for p in moe_pair(model_type)]
 
 
 def make_app(tmp_path, specs):
