@@ -264,14 +264,16 @@ def parse_session(data, origin: str) -> Session:
     )
 
 
+# A session with every item of every probe of a large sweep is tens of megabytes; anything far past
+# that is not a session (and `replay /dev/zero` must not read forever).
+MAX_SESSION_BYTES = 512 * 2**20
+
+
 def load_session(path: str | os.PathLike) -> Session:
+    from surgeon.io.fs import read_bounded
+
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SurgeonError(f"{path}: no such session file") from None
-    except OSError as e:
-        raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+    raw = read_bounded(path, "session", MAX_SESSION_BYTES, "MOE_SURGEON_MAX_SESSION_BYTES")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep

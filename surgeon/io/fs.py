@@ -123,3 +123,30 @@ def remove_tree(path: str | os.PathLike) -> None:
         shutil.rmtree(path, onexc=onexc)
     else:  # onerror passes (type, value, traceback) as the third argument, which onexc ignores
         shutil.rmtree(path, onerror=onexc)
+
+
+def read_bounded(path: str | os.PathLike, what: str, limit: int, env: str) -> bytes:
+    """A small input file's bytes (a session, a recipe), refused in one line when it is not a regular
+    file (a FIFO would block the read forever, a device never ends: /dev/zero filled 22 GB) or is
+    larger than `limit` bytes; `env` names the variable that raises the limit."""
+    path = Path(path)
+    limit = int(os.environ.get(env) or limit)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SurgeonError(f"{path}: no such {what} file") from None
+    except OSError as e:
+        raise SurgeonError(os_error_line(e, path, f"read the {what}")) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SurgeonError(f"{path}: not a regular file, so not a {what} (a device, a FIFO or a directory)")
+    if st.st_size > limit:
+        raise SurgeonError(f"{path}: {human_bytes(st.st_size)}, more than a {what} may be ({human_bytes(limit)}; "
+                           f"set {env} to raise it)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise SurgeonError(os_error_line(e, path, f"read the {what}")) from None
+    if len(data) > limit:  # it grew while it was read
+        raise SurgeonError(f"{path}: more than a {what} may be ({human_bytes(limit)}; set {env} to raise it)")
+    return data

@@ -62,7 +62,7 @@ def load(raw: bytes, size: int) -> tuple[dict, list[tuple[str, str, tuple[int, .
         metadata = json.loads(body[at:at + meta_len].decode("utf-8")); at += meta_len
     except (ValueError, UnicodeDecodeError):
         return None
-    if at != len(body) or len(names) != n or len(dims) != sum(ndim):
+    if at != len(body) or len(names) != n or len(dims) != sum(ndim) or max(codes, default=0) >= len(types):
         return None
     dims_list, entries, d = dims.tolist(), [], 0
     for name, k, code, start, end in zip(names, ndim, codes, starts.tolist(), ends.tolist()):

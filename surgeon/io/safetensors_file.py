@@ -195,7 +195,8 @@ def _tensor_infos(path: str, table: dict, data_start: int, size: int) -> dict[st
         offsets = [e["data_offsets"] for e in entries]
     except KeyError:
         return None
-    if not set(dtypes) <= DTYPE_SIZES.keys() or any(type(x) is not list for x in shapes) \
+    if any(type(d) is not str for d in dtypes) or not set(dtypes) <= DTYPE_SIZES.keys() \
+            or any(type(x) is not list for x in shapes) \
             or any(type(x) is not list or len(x) != 2 for x in offsets):
         return None
     dims = [d for shape in shapes for d in shape]
