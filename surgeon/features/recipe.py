@@ -389,48 +389,12 @@ def canonical_plan(base_name: str, base: Donor, donor_of: dict[str, str]) -> Pla
 
 
 MAX_RECIPE_BYTES = 16 * 2**20  # a mergekit config is a page of YAML
-MAX_RECIPE_NODES = 1_000_000
-
-
-def _expanded_nodes(root) -> int:
-    """How many values a composed YAML document holds once its aliases are expanded (an alias is the
-    same node object again), counted without expanding: each node's size once, by identity."""
-    sizes: dict[int, int] = {}
-
-    def size(node) -> int:
-        if id(node) not in sizes:
-            sizes[id(node)] = 0  # a node inside itself (a recursive alias) counts as nothing more
-            children = node.value if isinstance(node.value, list) else []
-            items = [c for pair in children for c in pair] if children and isinstance(children[0], tuple) else children
-            sizes[id(node)] = 1 + sum(size(c) for c in items)
-        return sizes[id(node)]
-
-    return size(root) if root is not None else 0
-
-
-def _excerpt(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def import_recipe(path: str | os.PathLike, session_path: str | os.PathLike | None = None) -> Session:
     """A mergekit config that is a component transfer, as a session (its donors opened and fingerprinted)."""
-    import yaml
-
-    from surgeon.io.fs import read_bounded
+    from surgeon.io.yaml_file import load_yaml_file
 
     path = Path(path)
-    raw = read_bounded(path, "recipe", MAX_RECIPE_BYTES, "MOE_SURGEON_MAX_RECIPE_BYTES")
-    try:
-        text = raw.decode("utf-8")
-        nodes = _expanded_nodes(yaml.compose(text, Loader=yaml.SafeLoader))
-        if nodes > MAX_RECIPE_NODES:  # an alias bomb: a few lines whose aliases expand to gigabytes
-            raise SurgeonError(f"{path}: its YAML aliases expand to {nodes:,} values, more than a recipe has "
-                               f"(at most {MAX_RECIPE_NODES:,}); refused before expanding them")
-        config = yaml.safe_load(text)
-    except UnicodeDecodeError as e:
-        raise SurgeonError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise SurgeonError(f"{path}: not valid YAML ({_excerpt(' '.join(str(e).split()))})") from None
+    config = load_yaml_file(path, "recipe", MAX_RECIPE_BYTES, "MOE_SURGEON_MAX_RECIPE_BYTES")
     if not isinstance(config, dict):
         raise SurgeonError(f"{path}: a mergekit config is a mapping (merge_method, models or slices, ...)")
     method = config.get("merge_method")
