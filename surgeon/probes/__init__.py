@@ -92,16 +92,21 @@ class ProbeSpec:
     fewshot_order: str = "lmeval"  # lmeval: exemplars sampled per item, as lm-eval does; fixed: one set
     until: tuple[str, ...] | None = None  # stop strings for exact match; None: the data's defaults
     fields: tuple[tuple[str, str], ...] = ()  # (Item or format field, the file's field), sorted
+    # The user's --trust-task-code for this run: a task may run the Python it carries (an lm-eval
+    # YAML's !function). Never part of the label, the JSON or a probe string, so a recorded probe
+    # never grants it and a replay must be given it again; not compared, so results match up.
+    trust_code: bool = field(default=False, compare=False, repr=False)
 
     @property
     def label(self) -> str:
         defaults = ProbeSpec(self.kind, self.data)
         extra = [_option_text(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                 if f.name not in ("kind", "data") and getattr(self, f.name) != getattr(defaults, f.name)]
+                 if f.name not in ("kind", "data", *_UNRECORDED) and getattr(self, f.name) != getattr(defaults, f.name)]
         return f"{self.kind}:{self.data}" + "".join("," + e for e in extra)
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k not in ("until", "fields")}
+        out = {k: v for k, v in dataclasses.asdict(self).items()
+               if v is not None and k not in ("until", "fields", *_UNRECORDED)}
         if self.until is not None:
             out["until"] = list(self.until)
         if self.fields:
@@ -135,6 +140,7 @@ class ProbeSpec:
         return None
 
 
+_UNRECORDED = ("trust_code",)  # ProbeSpec fields that are the run's, not the probe's
 FEWSHOT_ORDERS = ("lmeval", "fixed")
 TEMPLATES = ("qa", "raw")
 # Options that map the file's field names: Item's fields and the native formats' own names.
@@ -217,7 +223,7 @@ def _option_text(name: str, value) -> str:
 
 
 def _options_help() -> str:
-    names = sorted(f.name for f in dataclasses.fields(ProbeSpec) if f.name not in ("kind", "data", "fields"))
+    names = sorted(f.name for f in dataclasses.fields(ProbeSpec) if f.name not in ("kind", "data", "fields", *_UNRECORDED))
     return f"options: {', '.join(names)}; or map a field: {', '.join(FIELD_NAMES)}"
 
 
@@ -232,7 +238,7 @@ def parse_probe(text: str) -> ProbeSpec:
     data, *opts = _split_unescaped(rest, ",")
     kwargs: dict = {}
     mapped: dict[str, str] = {}
-    names = {f.name for f in dataclasses.fields(ProbeSpec)} - {"kind", "data", "fields"}
+    names = {f.name for f in dataclasses.fields(ProbeSpec)} - {"kind", "data", "fields", *_UNRECORDED}
     for opt in opts:
         key, eq, value = opt.partition("=")
         if not eq or (key not in names and key not in FIELD_NAMES):
@@ -265,7 +271,7 @@ _LEGACY_MAX_NEW_TOKENS = 16
 
 
 def spec_from_json(data: dict) -> ProbeSpec:
-    known = {f.name for f in dataclasses.fields(ProbeSpec)}
+    known = {f.name for f in dataclasses.fields(ProbeSpec)} - set(_UNRECORDED)
     unknown = set(data) - known
     if unknown or "kind" not in data or "data" not in data:
         raise SurgeonError(f"probe spec {data}: fields must be among {', '.join(sorted(known))}")
@@ -310,6 +316,18 @@ def metric_of(name: str) -> Metric:
         if name == kind.metric.name or name in kind.metric.recorded_as:
             return kind.metric
     return lmeval.metric_for(name)
+
+
+def task_code(spec: ProbeSpec) -> str | None:
+    """What code beyond the installed engine the task of `spec` would run (an lm-eval task YAML's
+    own Python), in a phrase; None when none."""
+    check = getattr(probe_module(spec.kind), "task_code", None)
+    return check(spec) if check is not None else None
+
+
+def trusting(specs: list[ProbeSpec], trust: bool) -> list[ProbeSpec]:
+    """`specs` with the user's --trust-task-code applied to each."""
+    return [dataclasses.replace(s, trust_code=trust) for s in specs]
 
 
 def single_model_kinds() -> list[str]:

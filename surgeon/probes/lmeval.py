@@ -6,7 +6,12 @@ the per-document metrics. Only the model calls are ours (batched, shared-context
 `scoring.py`, greedy decoding in `generation.py`), so per-item results are lm-eval's by
 construction and a difference can only come from the model's numbers.
 
-TASK is a name in lm-eval's task registry or a path to a task YAML. Nothing is downloaded: a
+TASK is a name in lm-eval's task registry or a path to a task YAML. A local task YAML (and each file
+it includes) is first read by our bounded, safe loader; one that would run code (a `!function`, a
+dataset's `trust_remote_code`, a metric lm-eval loads from HF evaluate) is refused unless the user
+passed --trust-task-code (ProbeSpec.trust_code), and only then does lm-eval's own loader import
+anything. Templates render in Jinja's sandbox, since an unsandboxed one runs Python from a string.
+Nothing is downloaded: a
 dataset that is not on disk is an error that says how to point a local YAML at a data file.
 A relative `data_files` path in a local YAML is read from the YAML's folder unless the working
 directory has it (lm-eval reads it from the working directory only, where it rarely is).
@@ -27,13 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.errors import SurgeonError
+from surgeon.io.yaml_file import excerpt, load_yaml_file
 
 from . import Metric, ProbeKind, ProbeOutcome, ProbeSpec
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed in simple_evaluate
 _PROPORTIONS = {"acc", "acc_norm", "acc_bytes", "acc_mutual_info", "exact_match", "em"}  # 0/1 per item
 _LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter"}
-_DIRECT_OPTIONS = {"kind", "data", "limit", "first", "shots", "seed"}  # every other option is the task's own
+_DIRECT_OPTIONS = {"kind", "data", "limit", "first", "shots", "seed", "trust_code"}  # the rest are the task's own
+# lm-eval's own task YAMLs are a few kilobytes (the largest under 100 KB); far past that is not a task.
+MAX_TASK_BYTES = 4 * 2**20
+TASK_BYTES_ENV = "MOE_SURGEON_MAX_TASK_BYTES"
 
 
 def metric_for(name: str) -> Metric:
@@ -72,9 +81,25 @@ def _lm_eval():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import lm_eval.tasks
+        import lm_eval.utils
     except ImportError:
         raise SurgeonError("probe lmeval needs lm-evaluation-harness: pip install 'moe-surgeon[lmeval]'") from None
+    _sandbox_templates(lm_eval.utils)
     return lm_eval
+
+
+def _sandbox_templates(utils) -> None:
+    """lm-eval renders doc_to_text and the like in a plain Jinja Environment, where
+    `{{ cycler.__init__.__globals__.os.system(...) }}` runs a shell command: a task YAML's template
+    is code too. Its sandbox renders every ordinary template the same and refuses such access."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    if isinstance(utils.env, SandboxedEnvironment):
+        return
+    env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    env.filters.update(utils.env.filters)  # lm-eval's regex_replace among them
+    utils.env = env  # apply_template looks the module's env up at each call
 
 
 @contextlib.contextmanager
@@ -85,35 +110,153 @@ def _quiet():
         yield
 
 
-@functools.lru_cache(maxsize=4)
-def _task_manager(folder: str | None):
+@functools.lru_cache(maxsize=2)
+def _task_manager(registry: bool):
     """lm-eval indexes its whole registry (thousands of YAMLs, seconds) per TaskManager: keep one.
-    A local YAML needs only its own folder."""
+    A local YAML is loaded from its config, already read and merged, so it needs no index: indexing
+    its folder would read every *.yaml below it unbounded (a FIFO there hangs, an alias bomb fills
+    memory), none of which the task uses."""
     from lm_eval.tasks import TaskManager
 
     with _quiet():
-        if folder is None:
-            return TaskManager()
-        return TaskManager(include_path=folder, include_defaults=False)
+        return TaskManager() if registry else TaskManager(include_defaults=False)
 
 
 def _is_path(data: str) -> bool:
     return data.endswith((".yaml", ".yml")) or os.sep in data or Path(data).is_file()
 
 
-def _local_config(label: str, path: Path) -> dict:
-    """The YAML's full config (includes merged, !function resolved), data files made absolute."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+class _Function:
+    """A `!function NAME` read as data: what the task would import and run, never imported here."""
 
-    if not path.is_file():
-        raise SurgeonError(f"{label}: no such task YAML {path}")
+    def __init__(self, name: str):
+        self.name = name
+
+
+@functools.cache
+def _task_loader():
+    import yaml
+
+    class TaskLoader(yaml.SafeLoader):
+        """YAML as lm-eval's task loader reads it, minus the import its `!function` tag does."""
+
+    TaskLoader.add_constructor("!function", lambda loader, node: _Function(loader.construct_scalar(node)))
+    return TaskLoader
+
+
+def _functions_in(value, path: Path) -> list[tuple[str, Path]]:
+    """Every `!function` in a config, with the file it is written in; shared (aliased) values are
+    visited once, so a recursive alias ends."""
+    found, seen, todo = [], set(), [value]
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, _Function):
+            found.append((v.name, path))
+        elif isinstance(v, dict):
+            todo.extend(reversed([*v.keys(), *v.values()]))
+        elif isinstance(v, list):
+            todo.extend(reversed(v))
+    return found
+
+
+def _read_task_yaml(path: Path, chain: tuple[Path, ...] = (), seen: set | None = None):
+    """(config with its includes merged as lm-eval's load_yaml merges them, the `!function`s of every
+    file read) for a local task YAML, read with our size cap and alias limit and nothing imported."""
+    seen = set() if seen is None else seen
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(path):], path))
+        raise SurgeonError(f"{chain[0]}: include cycle ({cycle})")
+    if path in seen:  # lm-eval's own loader refuses a file read twice too
+        raise SurgeonError(f"{chain[-1]}: includes {path} a second time; lm-eval reads each file once")
+    seen.add(path)
+    cfg = load_yaml_file(path, "task YAML", MAX_TASK_BYTES, TASK_BYTES_ENV, loader=_task_loader())
+    if not isinstance(cfg, dict):
+        raise SurgeonError(f"{path}: a task YAML is a mapping of config keys, not a {type(cfg).__name__}")
+    functions = _functions_in(cfg, path)
+    if "include" not in cfg:
+        return cfg, functions
+    includes = cfg.pop("include")
+    merged: dict = {}
+    for inc in includes if isinstance(includes, list) else [includes]:
+        if not isinstance(inc, str) or not inc or "\0" in inc:
+            raise SurgeonError(f"{path}: include names a YAML file, not {excerpt(repr(inc), 60)}")
+        try:
+            target = (Path(inc) if Path(inc).is_absolute() else path.parent / inc).expanduser().resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop before Python 3.13
+            raise SurgeonError(f"{path}: include {excerpt(inc, 80)}: {e}") from None
+        sub, more = _read_task_yaml(target, (*chain, path), seen)
+        sub.pop("task_list", None)  # as lm-eval: a task list belongs to the file that has it
+        merged.update(sub)
+        functions += more
+    merged.update(cfg)  # the including file's own keys win
+    return merged, functions
+
+
+def _code_it_runs(cfg: dict, functions: list[tuple[str, Path]], path: Path) -> str | None:
+    """What Python a local task would run beyond lm-eval's own, in a phrase; None when none."""
+    if functions:
+        name, where = functions[0]
+        return f"Python from its folder (!function {excerpt(str(name), 80)} in {where})"
+    kwargs = cfg.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and kwargs.get("trust_remote_code"):
+        return f"its dataset's own code (dataset_kwargs.trust_remote_code: true in {path})"
+    import importlib
+
+    importlib.import_module("lm_eval.api.metrics")  # fills the registry, as lm-eval's get_metric does
+    from lm_eval.api.registry import metric_registry
+
+    for entry in cfg.get("metric_list") or []:
+        metric = entry.get("metric") if isinstance(entry, dict) else None
+        # A name lm-eval does not know is handed to HF evaluate.load, which runs a local script
+        # such as ./m.py (and would fetch one from the Hub online).
+        if isinstance(metric, str) and (metric not in metric_registry or entry.get("hf_evaluate") is True):
+            return f"an HF evaluate metric's script (metric {excerpt(metric, 80)} in {path} is not one of lm-eval's own)"
+    return None
+
+
+def _local_path(label: str, data: str) -> Path:
     try:
-        cfg = load_yaml(path, resolve_func=True)
-    except Exception as e:  # noqa: BLE001 -- yaml errors, a missing include or !function module
-        raise SurgeonError(f"{label}: cannot read {path}: {_first_line(e)}") from None
+        return Path(data).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SurgeonError(f"{label}: not a usable path ({e})") from None
+
+
+def task_code(spec) -> str | None:
+    """What code the task of `spec` runs beyond lm-eval's installed own (see _code_it_runs): only a
+    local task YAML can carry any. For the CLI, to record in a session that a run trusted it."""
+    if not _is_path(spec.data):
+        return None
+    _lm_eval()
+    path = _local_path(f"lmeval:{spec.data}", spec.data)
+    return _code_it_runs(*_read_task_yaml(path), path)
+
+
+def _local_config(label: str, path: Path, trusted: bool) -> dict:
+    """The YAML's full config (includes merged, !function resolved), data files made absolute.
+    Code the task carries is refused here unless `trusted`; only then does lm-eval's own loader read
+    the files (and import what their !function tags name)."""
+    try:
+        cfg, functions = _read_task_yaml(path)
+    except SurgeonError as e:
+        raise SurgeonError(f"{label}: {e}") from None
     if isinstance(cfg.get("group"), str) or not isinstance(cfg.get("task"), str) or "class" in cfg:
         raise SurgeonError(f"{path}: a task YAML with `task: NAME` is needed (groups and Python tasks are not)")
+    code = _code_it_runs(cfg, functions, path)
+    if code is not None and not trusted:
+        raise SurgeonError(f"{label}: the task runs {code}; pass --trust-task-code to run it")
+    if code is not None:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        try:
+            cfg = load_yaml(path, resolve_func=True)
+        except Exception as e:  # noqa: BLE001 -- the !function's module: missing, or failing on import
+            raise SurgeonError(f"{label}: cannot read {path}: {_first_line(e)}") from None
     kwargs = cfg.get("dataset_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise SurgeonError(f"{path}: dataset_kwargs is a mapping, not {excerpt(repr(kwargs), 60)}")
     if "data_files" in kwargs:
         cfg["dataset_kwargs"] = {**kwargs, "data_files": _beside(kwargs["data_files"], path.parent)}
     return cfg
@@ -150,15 +293,16 @@ def _dataset_of(tm, name: str, cfg: dict | None) -> str:
     return f"{path}/{sub}" if path and sub else str(path or "?")
 
 
-def _build_task(label: str, data: str):
-    """(task name, lm-eval Task) for a registry name or a YAML path."""
+def _build_task(label: str, data: str, trusted: bool = False):
+    """(task name, lm-eval Task) for a registry name or a YAML path; a YAML's own code runs only
+    when `trusted` (lm-eval's registry is its installed code, trusted as lm-eval itself is)."""
     cfg = None
     if _is_path(data):
-        path = Path(data).expanduser().resolve()
-        cfg = _local_config(label, path)
-        tm, spec, name = _task_manager(str(path.parent)), cfg, cfg["task"]
+        path = _local_path(label, data)
+        cfg = _local_config(label, path, trusted)
+        tm, spec, name = _task_manager(False), cfg, cfg["task"]
     else:
-        tm, spec, name = _task_manager(None), data, data
+        tm, spec, name = _task_manager(True), data, data
         if name not in tm.task_index:
             raise SurgeonError(f"{label}: {name!r} is not an lm-eval task (nor a task YAML path); "
                                "`lm-eval ls tasks` lists them")
@@ -245,7 +389,7 @@ def load_task(spec) -> LmevalTask:
     label = f"lmeval:{spec.data}"
     _check_options(spec, label)
     _lm_eval()
-    name, task = _build_task(label, spec.data)
+    name, task = _build_task(label, spec.data, spec.trust_code)
     output_type = task.get_config("output_type")
     if output_type == "loglikelihood_rolling":
         raise SurgeonError(f"{label}: task {name} scores rolling log-likelihoods (perplexity), "
