@@ -292,7 +292,7 @@ def test_missing_file(tmp_path):
         load_items(tmp_path / "nothere.jsonl")
     with pytest.raises(SurgeonError, match=r"nothere\.txt: no such text file"):
         load_text(tmp_path / "nothere.txt")
-    with pytest.raises(SurgeonError, match="no such probe file"):
+    with pytest.raises(SurgeonError, match="not a regular file"):
         load_items(tmp_path)  # a directory is not a probe file
 
 

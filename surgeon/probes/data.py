@@ -22,15 +22,27 @@ where it has one, else its line number, so per-item outcomes stay keyed across s
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
+from surgeon.io.fs import read_bounded
+from surgeon.io.yaml_file import excerpt
 
 PROBES_ROOT = Path(__file__).parent.parent / "demo" / "probes"
 BOOLQ_CHOICES = ("no", "yes")
+# GSM8K's and ARC's test sets are about a megabyte, a perplexity corpus some hundreds; a probe file
+# is held in memory whole, so far past that is a mistake (/dev/zero, a checkpoint) to refuse.
+MAX_PROBE_BYTES = 2**30
+PROBE_BYTES_ENV = "MOE_SURGEON_MAX_PROBE_BYTES"
+
+
+def _read_probe_bytes(path: Path) -> bytes:
+    """A probe file's bytes: only a regular file (a FIFO would block, a device never ends) under the cap."""
+    return read_bounded(path, "probe", MAX_PROBE_BYTES, PROBE_BYTES_ENV)
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,7 @@ def _arc(r: _Record) -> Item:
     labels = [str(label) for label in labels]
     key = str(r.need("answerKey", (str, int)))
     if key not in labels:
-        raise r.error("answerKey", f"is {key!r}, not among the labels {', '.join(labels)}")
+        raise r.error("answerKey", f"is {excerpt(repr(key), 40)}, not among the labels {excerpt(', '.join(labels), 80)}")
     return Item(r.id(), question=stem, answer=labels.index(key), choices=tuple(texts))
 
 
@@ -174,17 +186,18 @@ def _detect(path: Path, data: dict, fields: dict[str, str]) -> str:
     if "text" in names:
         return "text"
     raise SurgeonError(
-        f"{path}: cannot tell the probe format from the fields {', '.join(sorted(data)) or '(none)'}; "
+        f"{path}: cannot tell the probe format from the fields {excerpt(', '.join(sorted(data))) or '(none)'}; "
         f"name one ({', '.join(PARSERS)}) or map the fields, e.g. question=q,answer=a"
     )
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise SurgeonError(f"{path}: no such probe file")
+    raw = _read_probe_bytes(path)
     records = []
     try:
-        with path.open(encoding="utf-8-sig") as f:
+        # Lines as a text file gives them (\n, \r\n, \r), not str.splitlines, which also cuts at
+        # U+2028 and the like inside a JSON string.
+        with io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -219,13 +232,13 @@ def read_probe_file(path, fmt: str | None = None, fields=None) -> ProbeFile:
     records = _read_jsonl(path)
     fmt = fmt or _detect(path, records[0][1], fields)
     if fmt not in PARSERS:
-        raise SurgeonError(f"{path}: unknown probe format {fmt!r}; known: {', '.join(PARSERS)}")
+        raise SurgeonError(f"{path}: unknown probe format {excerpt(repr(fmt), 60)}; known: {', '.join(PARSERS)}")
     fields = {**_DEFAULT_FIELDS.get(fmt, {}), **fields}
     items, lines = [], {}
     for n, data in records:
         item = PARSERS[fmt](_Record(path, n, data, fields))
         if item.id in lines:
-            raise SurgeonError(f"{path}:{n}: id {item.id!r} repeats line {lines[item.id]}")
+            raise SurgeonError(f"{path}:{n}: id {excerpt(repr(item.id), 80)} repeats line {lines[item.id]}")
         lines[item.id] = n
         items.append(item)
     return ProbeFile(fmt, items, [json.dumps(data, sort_keys=True) for _, data in records])
@@ -242,10 +255,12 @@ def load_text(path) -> list[Item]:
     path = Path(path)
     if path.suffix == ".jsonl":
         return load_items(path, fmt="text")
-    if not path.is_file():
+    if not path.exists():
         raise SurgeonError(f"{path}: no such text file")
+    raw = _read_probe_bytes(path)
     try:
-        content = path.read_text(encoding="utf-8-sig")
+        content = raw.decode("utf-8-sig")
+        content = content.replace("\r\n", "\n").replace("\r", "\n")  # as read_text reads newlines
     except UnicodeDecodeError:
         raise SurgeonError(f"{path}: not UTF-8 text") from None
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", content) if p.strip()]
@@ -284,6 +299,8 @@ def resolve_set(name_or_path: str, root: Path = PROBES_ROOT) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.exists():  # a directory, a FIFO, a device: named as what it is, never opened
+        raise SurgeonError(f"{path}: not a regular file, so not a probe file (a device, a FIFO or a directory)")
     raise SurgeonError(
         f"{name_or_path}: neither a probe file nor a built-in probe set ({', '.join(sets) or 'none installed'})"
     )
