@@ -73,6 +73,10 @@ def cmd_replay(args) -> int:
     from surgeon.core.session import load_session, open_session_donors
 
     session = load_session(args.session)
+    if args.probes:
+        from surgeon.cli.probe import check_replay_trust
+
+        check_replay_trust(session, args)  # before the donors are opened and hashed
     donors = open_session_donors(
         session, args.session, ignore_fingerprints=args.ignore_fingerprints, allow_pickle=args.allow_pickle,
     )
@@ -124,6 +128,9 @@ def register(sub) -> None:
                    help="kept for old scripts: full content hashes are always checked where the session records them")
     p.add_argument("--probes", action="store_true",
                    help="re-run the recorded probes and report per-item differences (exit 1 if any)")
+    from surgeon.cli.probe import add_trust_option
+
+    add_trust_option(p)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     common_export_options(p)
     p.set_defaults(func=cmd_replay)

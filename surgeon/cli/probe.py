@@ -76,8 +76,32 @@ def _open_probe_target(target: str, allow_pickle: bool):
     return open_target(target, "probe", allow_pickle=allow_pickle)
 
 
+TRUST_HELP = ("let lm-eval task YAMLs run the Python they carry (!function, a dataset's trust_remote_code, an HF "
+              "evaluate metric), like transformers' trust_remote_code; without it such a task is refused")
+
+
+def add_trust_option(p) -> None:
+    p.add_argument("--trust-task-code", action="store_true", help=TRUST_HELP)
+
+
+def record_trust(session, specs, args) -> None:
+    """Mark `session` as having run task code when this run trusted a task that carries some, so a
+    replay asks for --trust-task-code again (the flag itself is never recorded in a probe)."""
+    from surgeon.probes import task_code
+
+    if args.trust_task_code and any(task_code(s) for s in specs):
+        session.trust_task_code = True
+
+
+def check_replay_trust(session, args) -> None:
+    """Before anything is read or run: a session whose probes ran task code replays only when trusted again."""
+    if session.trust_task_code and not args.trust_task_code:
+        raise SurgeonError(f"{args.session}: the session's probes ran code their lm-eval tasks carry; "
+                           "pass --trust-task-code to run it again")
+
+
 def cmd_probe(args) -> int:
-    from surgeon.probes import PROBES, parse_probe, spec_from_json
+    from surgeon.probes import PROBES, parse_probe, spec_from_json, trusting
 
     if args.list:
         from surgeon.probes.data import builtin_sets
@@ -96,6 +120,7 @@ def cmd_probe(args) -> int:
     specs = [parse_probe(p) for p in args.probe]
     if not specs and session is not None:
         specs = [spec_from_json(p) for p in session.probes]
+    specs = trusting(specs, args.trust_task_code)
     if not specs:
         raise SurgeonError("probe: no --probe given and the session records none (see probe --list)")
     if args.samples:
@@ -125,6 +150,7 @@ def cmd_probe(args) -> int:
         from surgeon.core.session import record_full_hashes, save_session
 
         record_probe_results(session, specs, records)
+        record_trust(session, specs, args)
         record_full_hashes(session, donors, progress=StepPrinter("hashing donors"))  # upgrades an old session
         save_session(session, args.target)
     if alone:
@@ -151,9 +177,10 @@ def replay_probes(session, donors, args) -> int:
     """Re-run the recorded hybrid probes; report every per-item difference from the recording."""
     from surgeon.live.devices import default_device
     from surgeon.live.hybrid import Hybrid
-    from surgeon.probes import spec_from_json
+    from surgeon.probes import spec_from_json, trusting
     from surgeon.probes.run import run_probes
 
+    check_replay_trust(session, args)
     recorded = {}
     for r in session.results:
         if r.get("model") == "hybrid" and "vs" not in r:
@@ -161,7 +188,7 @@ def replay_probes(session, donors, args) -> int:
     if not recorded:
         raise SurgeonError(f"{args.session}: the session records no hybrid probe results to replay")
     device = args.device or default_device()
-    specs = [spec_from_json(r["probe"]) for r in recorded.values()]
+    specs = trusting([spec_from_json(r["probe"]) for r in recorded.values()], args.trust_task_code)
     dtypes = {r["dtype"] for r in recorded.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else args.dtype
     hybrid = Hybrid.materialize(session.plan, donors, device=device, dtype=dtype)
@@ -201,4 +228,5 @@ def register(sub) -> None:
                    help="write every item's prompt, answers and outcome as JSONL (lm-eval's --log_samples "
                         "fields), one line per item per model and probe")
     p.add_argument("--json", action="store_true", help="print the results with their per-item outcomes as JSON")
+    add_trust_option(p)
     p.set_defaults(func=cmd_probe)

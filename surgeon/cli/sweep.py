@@ -55,6 +55,9 @@ def register(sub) -> None:
     p.add_argument("--test", choices=["mcnemar", "z"], default="mcnemar",
                    help="significance test: McNemar's paired test (default) or the paper's two-proportion z-test")
     add_model_options(p)
+    from surgeon.cli.probe import add_trust_option
+
+    add_trust_option(p)
     ray = p.add_argument_group("on a Ray cluster (pip install \"moe-surgeon[ray]\")")
     ray.add_argument("--workers", type=int, metavar="N",
                      help="run the sweep on N Ray workers: a local cluster started for it, or N workers on the "
@@ -184,13 +187,13 @@ def cmd_sweep(args) -> int:
         default_groups,
         parse_group,
     )
-    from surgeon.probes import parse_probe
+    from surgeon.probes import parse_probe, trusting
 
     groups = [parse_group(g) for g in args.group] or default_groups()
     if len(groups) > MAX_GROUPS:
         raise SurgeonError(f"--group: {len(groups)} groups given; a sweep takes at most {MAX_GROUPS} "
                            f"(2^{MAX_GROUPS} = {2 ** MAX_GROUPS} configurations)")
-    specs = [parse_probe(p) for p in args.probe]
+    specs = trusting([parse_probe(p) for p in args.probe], args.trust_task_code)
     if args.batch_size < 1:
         raise SurgeonError(f"--batch-size {args.batch_size}: must be at least 1")
     distributed = args.workers is not None or args.ray is not None
@@ -240,6 +243,9 @@ def _run(args, session, donors, created, base, donor, groups, specs, device, clu
     record = None if args.restart else find_sweep(session, spec.key(donors))
     if not specs:  # the stored sweep's probes (a plain re-run resumes or reprints it), else the defaults
         spec.probes = record_probes(record) if record and record["probes"] else default_probes(session.probes)
+    from surgeon.probes import trusting
+
+    spec.probes = trusting(spec.probes, args.trust_task_code)  # recorded ones too: a record never grants it
     check_probes(spec.probes)
     from surgeon.probes.run import load_probe_data
 
@@ -253,6 +259,9 @@ def _run(args, session, donors, created, base, donor, groups, specs, device, clu
     from surgeon.features.sweep.runner import run_sweep
 
     record_full_hashes(session, donors, progress=StepPrinter("hashing donors"))  # read once, then cached
+    from surgeon.cli.probe import record_trust
+
+    record_trust(session, spec.probes, args)
 
     def save(rec: dict) -> None:
         store_sweep(session, rec)

@@ -81,15 +81,18 @@ class SessionRecords:
     exports: list[ExportRecord] = field(default_factory=list)
     extensions: dict = field(default_factory=dict)
     created: str = ""
+    trust_task_code: bool = False
 
     @classmethod
     def of(cls, session: Session) -> SessionRecords:
-        return cls(session.probes, session.results, session.exports, session.extensions, session.created)
+        return cls(session.probes, session.results, session.exports, session.extensions, session.created,
+                   session.trust_task_code)
 
     def fill(self, session: Session) -> None:
         """Put these records into `session` (one made from the grid's plan)."""
         session.probes, session.results, session.exports = self.probes, self.results, self.exports
         session.extensions, session.created = self.extensions, self.created
+        session.trust_task_code = self.trust_task_code
 
 
 @dataclass
@@ -101,6 +104,8 @@ class Session:
     exports: list[ExportRecord] = field(default_factory=list)
     extensions: dict = field(default_factory=dict)
     created: str = ""
+    # Its probes ran code their tasks carry (--trust-task-code): a replay asks the user for it again.
+    trust_task_code: bool = False
 
     def donor(self, name: str) -> DonorRef:
         for d in self.donors:
@@ -126,7 +131,7 @@ class Session:
             if a.experts is not None:
                 entry["experts"] = list(a.experts)
             plan.append(entry)
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "tool_version": __version__,
             "created": self.created or now_utc(),
@@ -138,6 +143,9 @@ class Session:
             "exports": [r.to_json() for r in self.exports],
             "extensions": self.extensions,
         }
+        if self.trust_task_code:  # absent otherwise, so sessions without task code read as before
+            out["trust_task_code"] = True
+        return out
 
 
 def donor_path_for_session(donor: Donor, session_dir: Path | None) -> str:
@@ -261,6 +269,7 @@ def parse_session(data, origin: str) -> Session:
         exports=[ExportRecord.from_json(r) for r in data.get("exports", [])],
         extensions=data.get("extensions", {}),
         created=data.get("created", ""),
+        trust_task_code=data.get("trust_task_code", False),
     )
 
 
