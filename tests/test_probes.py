@@ -229,6 +229,57 @@ def test_donor_scores_come_from_the_cache_the_second_time(session, tmp_path, run
     assert donors and all(x["cached"] for x in donors)
 
 
+def test_donor_scores_are_measured_again_when_the_probe_file_or_a_donor_changes(donors_of, tmp_path, run_cli):
+    """The score cache is keyed by content: an edited probe file, or donor bytes changed where the
+    sparse fingerprint does not look (mtime set back, as `touch -r` does), is a new measurement."""
+    import os
+    import shutil
+
+    from surgeon.core.donor import SAMPLE_BLOCKS, SAMPLE_BYTES, open_donor
+
+    a, b = (shutil.copytree(d, tmp_path / f"d{i}") for i, d in enumerate(donors_of("olmoe", 2)))
+    s = tmp_path / "s.json"
+    assert run_cli("export", tmp_path / "out", "--base", a, "--take", f"experts={b}",
+                   "--save-session", s).returncode == 0
+    arc = write_jsonl(tmp_path / "arc.jsonl", ARC)
+
+    def donor_records() -> dict:
+        r = run_cli("probe", s, "--probe", f"mc:{arc}", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        results = json.loads(s.read_text())["results"]
+        run = results[-1]["run"]
+        return {x["model"]: x for x in results if x["run"] == run and x["model"].startswith("donor:")}
+
+    assert not any(x["cached"] for x in donor_records().values())
+    assert all(x["cached"] for x in donor_records().values())
+
+    edited = [dict(item, answerKey="B") if item["id"] == "q1" else item for item in ARC]
+    write_jsonl(arc, edited)  # the same path, edited in place
+    assert not any(x["cached"] for x in donor_records().values())
+    assert all(x["cached"] for x in donor_records().values())
+
+    shard = Path(b) / "model.safetensors"
+    size = shard.stat().st_size
+    step = (size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
+    sampled = [(i * step, i * step + SAMPLE_BYTES) for i in range(SAMPLE_BLOCKS)]
+    start = 8 + int.from_bytes(shard.read_bytes()[:8], "little")  # tensor bytes start after the header
+    # 16 bytes of weights between two sampled blocks: the lowest byte of each float flipped.
+    gap = next((lo_end, hi_start) for (_, lo_end), (hi_start, _) in zip(sampled, sampled[1:])
+               if hi_start - lo_end >= 64 and lo_end >= start)
+    at = gap[0] + 16 - gap[0] % 4
+    before_fp = open_donor(b).fingerprint
+    st = shard.stat()
+    with open(shard, "r+b") as fh:
+        fh.seek(at)
+        old = fh.read(16)
+        fh.seek(at)
+        fh.write(bytes(x ^ 1 if i % 4 == 0 else x for i, x in enumerate(old)))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert open_donor(b).fingerprint == before_fp  # what the old cache key rested on did not change
+    after = donor_records()
+    assert after["donor:A"]["cached"] and not after["donor:B"]["cached"]
+
+
 def test_probe_list(run_cli):
     r = run_cli("probe", "--list")
     assert r.returncode == 0

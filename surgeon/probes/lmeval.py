@@ -555,3 +555,41 @@ def _plain(value):
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+def content_digest(t: LmevalTask) -> str:
+    """What the task evaluates, as a hash (the donor score cache's key, see run.ScoreCache): lm-eval's
+    version, the task's whole config (a function as its source, as lm-eval dumps it, and the bytes
+    of the file it is written in, so a helper it calls counts too), the documents scored and the
+    few-shot pool. A value that cannot be written out stably (an object's address) can only cost a
+    cache miss, never a stale hit."""
+    import hashlib
+    import inspect
+    import json
+
+    lm_eval = _lm_eval()
+    digest = hashlib.sha256(json.dumps([getattr(lm_eval, "__version__", "?"), t.name, t.first, t.indices,
+                                        t.task.get_config("num_fewshot")]).encode())
+    config = t.task.config
+    digest.update(json.dumps(config.to_dict(), sort_keys=True, default=repr).encode())
+    sources = set()
+    for value in [*vars(config).values(), *(m.get("metric") for m in config.metric_list or [] if isinstance(m, dict))]:
+        if callable(value):
+            try:
+                sources.add(inspect.getsourcefile(value))
+            except TypeError:
+                pass
+    for source in sorted(s for s in sources if s):
+        try:
+            digest.update(Path(source).read_bytes())
+        except OSError:
+            digest.update(f"{source}: unreadable".encode())
+    with _quiet():
+        docs = [t.task.eval_docs]
+        with contextlib.suppress(Exception):  # a task without a few-shot split: lm-eval's own rule applies
+            docs.append(t.task.fewshot_docs() or [])
+    for part in docs:
+        for doc in part:
+            digest.update(json.dumps(doc, sort_keys=True, default=repr).encode())
+        digest.update(b";")
+    return digest.hexdigest()

@@ -1,8 +1,9 @@
 """Run probes on a hybrid and its donors, keep per-item outcomes, compare with statistics.
 
 Donors are measured by hot-swapping the live hybrid to each donor in turn (no second model in
-memory), and their scores are cached by fingerprint, probe spec, device type and dtype, so a
-donor is measured once however many hybrids are compared with it. A donor whose tensors are not
+memory), and their scores are cached by content (ScoreCache: the donor's every byte, the tokenizer,
+what the probe evaluates) and by how they were measured, so a donor is measured once however many
+hybrids are compared with it, and again whenever any of that changed. A donor whose tensors are not
 the base's (the dense donors beside the MoE mixed from them, any incompatible donor) cannot be
 swapped in, so it gets a model of its own for the time it is measured.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 import uuid
@@ -50,6 +52,16 @@ class ProbeData:
     items: list
     shots: list  # per item (parallel to items): its k-shot exemplars, a list of Items
     template: Template
+    kind: str | None = None  # set for a kind that loads its own task (ProbeKind's load_task)
+
+    @property
+    def digest(self) -> str:
+        """A hash of what is evaluated: the items, their exemplars and how they are written (a kind
+        that loads its own task says what that is: `content_digest`). Fields of a file no item
+        reads do not change it; anything scored does."""
+        if self.kind is not None:
+            return probe_module(self.kind).content_digest(self.items)
+        return hashlib.sha256(repr((self.items, self.shots, self.template)).encode()).hexdigest()
 
     def contexts(self, cot: bool = False) -> list[str]:
         """Each item's whole prompt: its exemplars, then its own prompt."""
@@ -61,7 +73,7 @@ def load_probe_data(spec: ProbeSpec) -> ProbeData:
         raise SurgeonError(f"--probe {spec.label!r}: {problem}")
     module = probe_module(spec.kind)
     if hasattr(module, "load_task"):  # a kind that builds its own requests from its own task files
-        return ProbeData(module.load_task(spec), [], None)
+        return ProbeData(module.load_task(spec), [], None, spec.kind)
     path = resolve_set(spec.data)
     builtin = path.parent.resolve() == PROBES_ROOT.resolve()
     kind = KINDS[spec.kind]
@@ -151,22 +163,115 @@ def make_record(spec: ProbeSpec, model_label: str, outcome, *, device: str, dtyp
 
 
 # ---------------------------------------------------------------- donor score cache
+# Bump when a change to scoring changes what a stored score means, so no score of the old code is served.
+SCORING_VERSION = 2
+# The files a tokenizer (and generation's defaults) are read from, beside the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
 def cache_dir() -> Path:
     return cache_root() / "scores"
 
 
-def cache_key(fingerprint: str, spec: ProbeSpec, device: str, dtype: str, batch_size: int) -> str:
-    payload = json.dumps([fingerprint, spec.to_json(), device.split(":")[0], dtype, batch_size, __version__,
-                          cpu_linears(device)], sort_keys=True)
+def cache_key(content: str, spec: ProbeSpec, device: str, dtype: str, batch_size: int) -> str:
+    """The key of a donor's score: `content` says what was measured (see ScoreCache.content); the
+    rest, how."""
+    payload = json.dumps([content, spec.to_json(), device.split(":")[0], dtype, batch_size, __version__,
+                          SCORING_VERSION, cpu_linears(device)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class ScoreCache:
+    """Donor scores keyed by content: every byte of the donor (its shards' full hashes and its
+    config), every file the tokenizer is read from, and what the probe evaluates (ProbeData.digest),
+    besides device, dtype, batch size and the scoring code's version. A donor edited in place, a
+    probe file edited, a new tokenizer: each is a new key, so nothing stale is served.
+
+    A lookup costs a stat per shard (the hashes come from io/content_hash.py's cache while the
+    files are unchanged); a donor not hashed yet is a miss, and is hashed when its score is stored,
+    right after measuring read its bytes, so hashing finds them in the page cache instead of on disk.
+    """
+
+    def __init__(self, tokenizer_dir: str | Path, device: str, dtype: str, batch_size: int):
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.tokenizer = _files_digest(Path(tokenizer_dir), TOKENIZER_FILES)
+        self._before: dict[tuple[str, str], tuple] = {}  # (donor path, probe label) -> shard identities
+
+    def key(self, donor, spec: ProbeSpec, data: ProbeData, hashes: dict[str, str]) -> str:
+        content = hashlib.sha256(donor.config_bytes)
+        for name, h in sorted(hashes.items()):
+            content.update(f"{name}:{h};".encode())
+        content.update(f"tokenizer:{self.tokenizer};probe:{data.digest}".encode())
+        return cache_key(content.hexdigest(), spec, self.device, self.dtype, self.batch_size)
+
+    def get(self, donor, spec: ProbeSpec, data: ProbeData) -> dict | None:
+        """The stored record, or None; remembers the donor's files as they are now for `put`."""
+        self._before[str(donor.path), spec.label] = _identities(donor)
+        hashes = _cached_hashes(donor)
+        return None if hashes is None else cached_donor_record(self.key(donor, spec, data, hashes))
+
+    def samples(self, donor, spec: ProbeSpec, data: ProbeData) -> list[dict] | None:
+        hashes = _cached_hashes(donor)
+        return None if hashes is None else cached_donor_samples(self.key(donor, spec, data, hashes))
+
+    def put(self, donor, spec: ProbeSpec, data: ProbeData, record: dict, samples: list[dict] | None = None) -> bool:
+        """Store a score just measured, unless a shard changed since `get` (the score may be of
+        either content then): False when not stored."""
+        before = self._before.get((str(donor.path), spec.label))
+        try:
+            hashes = donor.full_hashes()
+        except SurgeonError:  # gone or unreadable since it was measured: the score stands, uncached
+            return False
+        if before is None or _identities(donor) != before:
+            return False
+        store_donor_record(self.key(donor, spec, data, hashes), record, samples)
+        return True
+
+
+def _cached_hashes(donor) -> dict[str, str] | None:
+    """The donor's full hashes if known for its files as they are now; None where they are not
+    (or a file is gone: measuring it will say so, in the words of whatever reads it)."""
+    try:
+        return donor.cached_full_hashes()
+    except SurgeonError:
+        return None
+
+
+def _identities(donor) -> tuple:
+    from surgeon.io.content_hash import identity
+
+    out = []
+    for name in sorted(donor.shards):
+        try:
+            out.append((name, identity(os.stat(donor.path / name))))
+        except OSError:
+            out.append((name, None))
+    return tuple(out)
+
+
+def _files_digest(folder: Path, names) -> str:
+    """A hash of the named small files in `folder` that exist (a missing one counts as missing)."""
+    digest = hashlib.sha256()
+    for name in names:
+        try:
+            data = (folder / name).read_bytes()
+        except OSError:
+            digest.update(f"{name}:-;".encode())
+            continue
+        digest.update(f"{name}:{len(data)}:".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def cached_donor_record(key: str) -> dict | None:
     path = cache_dir() / f"{key}.json"
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def store_donor_record(key: str, record: dict, samples: list[dict] | None = None) -> None:
@@ -218,17 +323,16 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
     # What runs, in order: (stage label, items), and the donor scores the cache already has.
     stages: list[tuple[str, int]] = []
     cached: dict[tuple[str, str], dict | None] = {}
-    keys: dict[tuple[str, str], str] = {}
     for spec, data in zip(specs, datas):
         stages.append((f"{shown_as} {spec.label}", len(data.items)))
         if KINDS[spec.kind].per_donor:
             stages += [(f"donor {name} {spec.label}", len(data.items)) for name in donors]
+    scores = ScoreCache(donors[plan.base].path, device, dtype, batch_size)
     if compare_donors:
         for name, donor in donors.items():
             for spec, data in zip(specs, datas):
                 if not KINDS[spec.kind].per_donor:
-                    keys[name, spec.label] = cache_key(donor.fingerprint, spec, device, dtype, batch_size)
-                    record = cached_donor_record(keys[name, spec.label])
+                    record = scores.get(donor, spec, data)
                     cached[name, spec.label] = record
                     if record is None:
                         stages.append((f"donor {name} {spec.label}", len(data.items)))
@@ -282,7 +386,7 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                 for spec, data in zip(specs, datas):
                     if KINDS[spec.kind].per_donor:
                         continue
-                    record, key = cached[name, spec.label], keys[name, spec.label]
+                    record = cached[name, spec.label]
                     if record is None:
                         if model is None:
                             cancel.check()
@@ -291,10 +395,10 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                         record = make_record(spec, f"donor:{name}", out, device=device, dtype=dtype,
                                              batch_size=batch_size, extra_fields={"fingerprint": donor.fingerprint})
                         # Always with its samples: a later --samples run must not measure it again.
-                        store_donor_record(key, record, out.samples)
+                        scores.put(donor, spec, data, record, out.samples)
                         samples = out.samples
                     else:
-                        samples = cached_donor_samples(key) if keep_samples else None
+                        samples = scores.samples(donor, spec, data) if keep_samples else None
                     records.append({**record, "model": f"donor:{name}", "cached": cached[name, spec.label] is not None,
                                     **kept(samples)})
     finally:

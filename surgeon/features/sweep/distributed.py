@@ -323,6 +323,10 @@ class _Driver:
         self.progress = progress
         self.labels = [s.label for s in spec.probes]
         self.items = {lab: len(d.items) for lab, d in datas.items()}
+        self.datas = datas
+        from surgeon.probes.run import ScoreCache
+
+        self.scores = ScoreCache(donors[spec.base].path, spec.device, spec.dtype, spec.batch_size)
         self.need_ceilings, self.need_configs = missing(record, self.labels)
         self.run = {**new_run_stats(), "workers": 0}
         self.started = time.perf_counter()
@@ -342,12 +346,8 @@ class _Driver:
         if self.save is not None:
             self.save(self.record)
 
-    def ceiling_key(self, name: str, label: str) -> str:
-        from surgeon.probes.run import cache_key
-
-        s = self.spec
-        probe = next(p for p in s.probes if p.label == label)
-        return cache_key(self.donors[name].fingerprint, probe, s.device, s.dtype, s.batch_size)
+    def probe(self, label: str):
+        return next(p for p in self.spec.probes if p.label == label)
 
     def store_ceiling(self, name, label, rec, cached, swap=None, worker=None) -> None:
         self.record["ceilings"].setdefault(name, {})[label] = {**rec, "model": f"donor:{name}", "cached": cached}
@@ -356,12 +356,10 @@ class _Driver:
 
     def cached_ceilings(self) -> dict[str, list[str]]:
         """Take the ceilings the donor score cache has, as the serial runner does; return the rest."""
-        from surgeon.probes.run import cached_donor_record
-
         todo: dict[str, list[str]] = {}
         for name, labels in self.need_ceilings.items():
             for label in labels:
-                rec = cached_donor_record(self.ceiling_key(name, label))
+                rec = self.scores.get(self.donors[name], self.probe(label), self.datas[label])
                 if rec is None:
                     todo.setdefault(name, []).append(label)
                 else:
@@ -391,8 +389,6 @@ class _Driver:
 
     def finish(self, w: _Worker, unit: Unit, out: dict) -> None:
         """Store one unit a worker finished, save, and tell."""
-        from surgeon.probes.run import store_donor_record
-
         for k in SUMMED:
             self.run[k] += out["stats"][k]
         w.finished += 1
@@ -400,7 +396,7 @@ class _Driver:
         swap = _swap_report(out["swap"])
         if unit.is_ceiling:
             for label, rec in out["results"].items():
-                store_donor_record(self.ceiling_key(unit.name, label), rec)
+                self.scores.put(self.donors[unit.name], self.probe(label), self.datas[label], rec)
                 self.run["ceilings_measured"] += 1
                 self.store_ceiling(unit.name, label, rec, False, swap, w.index)
             self.checkpoint()

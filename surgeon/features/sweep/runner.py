@@ -483,12 +483,7 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
     cancel: checked between batches and configurations; Cancelled ends the run, and what `save` was
         given stays (a later run resumes from it).
     """
-    from surgeon.probes.run import (
-        cache_key,
-        cached_donor_record,
-        load_probe_data,
-        store_donor_record,
-    )
+    from surgeon.probes.run import ScoreCache, load_probe_data
 
     record = open_record(spec, donors, record)
     labels = [s.label for s in spec.probes]
@@ -507,8 +502,8 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
     if not need_ceilings and not need_configs:
         emit(SweepEvent("done", total, total, record=record))
         return record
-    cached_ceilings = {(name, label): cached_donor_record(cache_key(donors[name].fingerprint, by_label[label],
-                                                                    spec.device, spec.dtype, spec.batch_size))
+    scores = ScoreCache(donors[spec.base].path, spec.device, spec.dtype, spec.batch_size)
+    cached_ceilings = {(name, label): scores.get(donors[name], by_label[label], datas[label])
                        for name, todo in need_ceilings.items() for label in todo}
     items = {label: len(data.items) for label, data in datas.items()}
     meter = Meter(progress, sum(items[label] for (_, label), rec in cached_ceilings.items() if rec is None)
@@ -546,14 +541,13 @@ def run_sweep(spec: SweepSpec, donors: dict[str, Donor], *, record: dict | None 
         # where the hybrid starts; the donor by swapping the whole model over and back.
         for name in (spec.base, spec.donor):
             for label in need_ceilings.get(name, []):
-                ck = cache_key(donors[name].fingerprint, by_label[label], spec.device, spec.dtype, spec.batch_size)
                 rec = cached_ceilings[name, label]
                 cached = rec is not None
                 swap = None
                 if not cached:
                     swap, rec = measure_ceiling(walker, name, label, lambda lab, model, extra, name=name:
                                                 measure(lab, model, None, name, extra))
-                    store_donor_record(ck, rec)
+                    scores.put(donors[name], by_label[label], datas[label], rec)
                     run["ceilings_measured"] += 1
                 record["ceilings"].setdefault(name, {})[label] = {**rec, "model": f"donor:{name}", "cached": cached}
                 emit(SweepEvent("ceiling", done_count(), total, None, name, label, swap=swap, cached=cached,
