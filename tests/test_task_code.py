@@ -139,3 +139,24 @@ def test_a_fifo_or_an_oversized_probe_file_is_refused_without_reading_it(session
     r = run_cli("probe", session, "--probe", f"mc:{big}", "--device", "cpu",
                 env={"MOE_SURGEON_MAX_PROBE_BYTES": "1000"})
     assert r.returncode != 0 and "MOE_SURGEON_MAX_PROBE_BYTES" in r.stderr
+
+
+def test_the_donor_score_key_of_a_task_follows_its_documents_and_code(tmp_path):
+    """What the score cache keys a task by: stable for the same files, new when a document or the
+    code a trusted task runs changes."""
+    yaml_path = task_folder(tmp_path, "process_docs: !function utils.process_docs\n")
+    marker_module(tmp_path)
+    spec = ProbeSpec("lmeval", str(yaml_path), trust_code=True)
+
+    def digest() -> str:
+        return probe.content_digest(probe.load_task(spec))
+
+    first = digest()
+    assert digest() == first
+    data = tmp_path / "arc_tiny_test.jsonl"
+    data.write_text(data.read_text().replace("closest to the sun", "nearest the sun"))
+    edited = digest()
+    assert edited != first
+    utils = tmp_path / "utils.py"
+    utils.write_text(utils.read_text() + "\n# a helper changed\n")
+    assert digest() != edited
