@@ -20,7 +20,11 @@ Terms, per MoE layer l and expert e, over N tokens with top-k routing:
   top1[l, e]        share of tokens whose highest-weighted expert is e (seed 004, Figures 6-7)
   entropy[l]        load-balance entropy of usage, divided by log(E): 1 is perfectly balanced
   importance[l, e]  mean over the tokens routed to e of router probability x ||expert output||
-                    (the router-weighted activation score expert-pruning work ranks experts by)
+                    (the router-weighted activation score expert-pruning work ranks experts by),
+                    the experts recomputed on their tokens
+  reap[l, e]        REAP's score: mean over the tokens routed to e of the combine weight the model
+                    applied x ||expert output||, the norms read from the forward pass itself
+                    (expert_outputs.py), so it costs no second pass
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ class RoutingStats:
     doc: np.ndarray  # [N]
     selected: np.ndarray  # [N, L, k] int16 expert indices
     importance_sum: np.ndarray | None = None  # [L, E] sum of p * ||out|| over routed tokens
+    reap_sum: np.ndarray | None = None  # [L, E] sum of applied weight * ||out|| over routed tokens (reap=True)
+    norm_sum: np.ndarray | None = None  # [L, E] sum of ||out|| over routed tokens (reap=True)
     probs: np.ndarray | None = None  # [N, L, E] float16 per-token router distributions (keep_probs)
     meta: dict = field(default_factory=dict)
 
@@ -169,6 +175,12 @@ class RoutingStats:
             return None
         return self.importance_sum / np.maximum(self.counts, 1)
 
+    @property
+    def reap(self) -> np.ndarray | None:
+        if self.reap_sum is None:
+            return None
+        return self.reap_sum / np.maximum(self.counts, 1)
+
     def layer_index(self, layer: int) -> int:
         if layer not in self.layers:
             raise SurgeonError(f"layer {layer}: not an MoE layer (MoE layers: {', '.join(map(str, self.layers))})")
@@ -190,6 +202,8 @@ class RoutingStats:
             }
             if imp is not None:
                 row["importance"] = _r(imp[li])
+            if self.reap is not None:
+                row["reap"] = _r(self.reap[li])
             out["layers"].append(row)
         return out
 
@@ -202,7 +216,8 @@ def _r(a) -> list[float]:
 class _Recorder:
     """Forward hooks on every router; accumulates one batch at a time on the model's device."""
 
-    def __init__(self, moe: list[MoeLayer], device, *, importance: bool, keep_probs: bool, logits_at: int = 0):
+    def __init__(self, moe: list[MoeLayer], device, *, importance: bool, keep_probs: bool, logits_at: int = 0,
+                 reap: bool = False):
         import torch
 
         self.torch = torch
@@ -217,7 +232,37 @@ class _Recorder:
         self.sel: list[list] = [[] for _ in moe]
         self.probs: list[list] = [[] for _ in moe]
         self._prev = None
+        self.last: list[tuple | None] = [None] * len(moe)  # each router's latest (indices, weights), unmasked
         self.handles = [m.gate.register_forward_hook(self._hook(li)) for li, m in enumerate(moe)]
+        self.undo = []
+        self.reap = reap
+        if reap:
+            self._record_expert_outputs()
+
+    def _record_expert_outputs(self) -> None:
+        from surgeon.features.routing.expert_outputs import record_expert_norms, unsupported_line
+
+        for li, m in enumerate(self.moe):
+            experts = getattr(m.mlp, "experts", None)
+            undo = None if experts is None else record_expert_norms(
+                experts, lambda idx, w, n, li=li: self._slots(li, idx, w, n), lambda li=li: self.last[li])
+            if undo is None:
+                self.close()
+                raise SurgeonError(f"layer {m.layer}: " + (unsupported_line(experts) if experts is not None else
+                                   f"{type(m.mlp).__name__} has no `experts` module whose outputs REAP reads"))
+            self.undo.append(undo)
+
+    def _slots(self, li: int, idx, weights, norms) -> None:
+        """One experts call: per routed slot its expert, applied weight (None: the gate is already inside
+        the output, Llama 4) and output norm; padding tokens are dropped as everywhere else."""
+        if self.E is None:
+            return  # the router has not run: nothing to attribute the slots to
+        if self.mask is not None:
+            idx, norms = idx[self.mask], norms[self.mask]
+            weights = None if weights is None else weights[self.mask]
+        score = norms if weights is None else weights.float() * norms
+        self.reap_sum[li].index_add_(0, idx.flatten(), score.flatten().double())
+        self.norm_sum[li].index_add_(0, idx.flatten(), norms.flatten().double())
 
     def _selection(self, module, output):
         """(logits [T, E], combine weights [T, k], expert indices [T, k]) of one router call. Most
@@ -248,10 +293,14 @@ class _Recorder:
         self.counts, self.top1, self.prob_sum, self.weight_sum = z(L, E), z(L, E), z(L, E), z(L, E)
         self.cofire, self.cofire_next = z(L, E, E), z(max(L - 1, 0), E, E)
         self.imp = z(L, E) if self.importance else None
+        self.reap_sum, self.norm_sum = (z(L, E), z(L, E)) if self.reap else (None, None)
 
     def close(self):
         for h in self.handles:
             h.remove()
+        for undo in self.undo:
+            undo()
+        self.handles, self.undo = [], []
 
     def _hook(self, li: int):
         torch = self.torch
@@ -264,6 +313,7 @@ class _Recorder:
             logits, weights, idx = self._selection(module, output)
             if self.E is None:
                 self._allocate(logits.shape[-1], idx.shape[-1])
+            self.last[li] = (idx, weights)
             x = args[0].reshape(-1, args[0].shape[-1])
             if self.mask is not None:
                 logits, weights, idx, x = logits[self.mask], weights[self.mask], idx[self.mask], x[self.mask]
@@ -313,15 +363,17 @@ def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
 
 
 def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_tokens: int | None = None,
-                  importance: bool = False, keep_probs: bool = False, progress=None, cancel=NEVER) -> RoutingStats:
+                  importance: bool = False, keep_probs: bool = False, reap: bool = False, progress=None,
+                  cancel=NEVER) -> RoutingStats:
     """Run `texts` through `model` (one forward pass each, batched, right-padded) and record routing."""
     return probe_domains(model, tokenizer, {"corpus": texts}, batch_size=batch_size, max_tokens=max_tokens,
-                         importance=importance, keep_probs=keep_probs, progress=progress, cancel=cancel)["corpus"]
+                         importance=importance, keep_probs=keep_probs, reap=reap, progress=progress,
+                         cancel=cancel)["corpus"]
 
 
 def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size: int = 32,
                   max_tokens: int | None = None, importance: bool = False, keep_probs: bool = False,
-                  progress=None, cancel=NEVER, label: str = "routing") -> dict[str, RoutingStats]:
+                  reap: bool = False, progress=None, cancel=NEVER, label: str = "routing") -> dict[str, RoutingStats]:
     """Each corpus through `model`, as `probe_routing`; one job: `progress` gets jobs.Steps in sequences
     over every corpus, `cancel` is checked before every batch."""
     moe = moe_layers(model)
@@ -334,7 +386,7 @@ def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size
     out, before = {}, 0
     for name, s in seqs.items():
         out[name] = _probe(model, moe, tokenizer, s, batch_size, importance, keep_probs, cancel,
-                           lambda n, name=name, before=before: meter(before + n, detail=name))
+                           lambda n, name=name, before=before: meter(before + n, detail=name), reap=reap)
         before += len(s)
     return out
 
@@ -353,11 +405,12 @@ def _sequences(tokenizer, texts: list[str], max_len: int, max_tokens: int | None
 
 
 def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_size: int, importance: bool,
-           keep_probs: bool, cancel, done) -> RoutingStats:
+           keep_probs: bool, cancel, done, reap: bool = False) -> RoutingStats:
     import torch
 
     device = next(model.parameters()).device
-    rec = _Recorder(moe, device, importance=importance, keep_probs=keep_probs, logits_at=router_class(model)[1])
+    rec = _Recorder(moe, device, importance=importance, keep_probs=keep_probs, logits_at=router_class(model)[1],
+                    reap=reap)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     token_ids, docs = [], []
     try:
@@ -392,6 +445,8 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
         token_ids=np.concatenate(token_ids), doc=np.concatenate(docs),
         selected=np.stack([torch.cat(s).numpy() for s in rec.sel], axis=1),
         importance_sum=None if rec.imp is None else cpu(rec.imp),
+        reap_sum=None if rec.reap_sum is None else cpu(rec.reap_sum),
+        norm_sum=None if rec.norm_sum is None else cpu(rec.norm_sum),
         probs=np.stack([torch.cat(p).numpy() for p in rec.probs], axis=1) if keep_probs else None,
         # The router returned logits only: its top-k choice was taken again from them, and the combine
         # weights are the softmax of the chosen logits, not necessarily what the model applied.
