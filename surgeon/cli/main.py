@@ -17,7 +17,7 @@ from surgeon.jobs import Cancelled
 COMMANDS = {
     "inspect": "inspect", "export": "export", "replay": "export", "verify": "verify", "probe": "probe",
     "demo": "demo", "distance": "distance", "sweep": "sweep", "routing": "routing", "compress": "compress",
-    "mix": "mix", "gates": "gates", "serve": "serve", "recipe": "recipe",
+    "mix": "mix", "gates": "gates", "serve": "serve", "recipe": "recipe", "prune": "prune",
 }
 SUBCOMMANDS = tuple(COMMANDS)
 

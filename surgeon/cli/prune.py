@@ -1,0 +1,92 @@
+"""`moe-surgeon prune`: drop the routed experts a calibration corpus needs least (REAP, frequency, gate, random).
+
+The engine is `surgeon.features.prune` (`run_prune`); this file parses and prints. torch and
+transformers are imported only inside the command, so `moe-surgeon --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from surgeon.cli.options import add_model_options
+from surgeon.features.prune.saliency import CRITERIA
+from surgeon.features.routing.corpora import DEFAULT_CORPORA
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="prune routed experts per MoE layer by REAP, frequency, gate or at random",
+        description="Score every routed expert on calibration corpora in one forward pass and write a smaller "
+        "MoE that keeps the best N per layer: kept experts are byte ranges of the original, renumbered in "
+        "order, router rows sliced to match, the expert count in config.json set to N. REAP is 'REAP the "
+        "Experts: Why Pruning Prevails for One-Shot MoE Compression' (arXiv 2510.13999).",
+    )
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--base", required=True, metavar="DIR", help="the MoE checkpoint to prune (a directory or demo:NAME)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=int, metavar="N", help="experts kept per MoE layer")
+    size.add_argument("--ratio", type=float, metavar="R", help="share of each layer's experts pruned, e.g. 0.5")
+    p.add_argument("--by", default="reap", choices=CRITERIA,
+                   help="reap: gate weight x output norm over routed tokens (default); frequency: share of tokens "
+                   "routed; gate: mean gate weight when routed; random: seeded, a baseline")
+    p.add_argument("--seed", type=int, default=0, help="--by random: the seed (default 0)")
+    p.add_argument("--corpus", action="append", default=[], metavar="NAME=FILE",
+                   help="a calibration corpus: a built-in probe set name, a .jsonl probe file or a text file "
+                   f"(paragraphs); repeatable, pooled (default: {', '.join(DEFAULT_CORPORA)})")
+    p.add_argument("--max-tokens", type=int, default=None, help="read at most this many tokens per corpus")
+    add_model_options(p)
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an output directory moe-surgeon wrote")
+    p.add_argument("--fsync", action="store_true", help="flush every shard to disk before the final rename")
+    p.add_argument("--json", action="store_true", help="print the record (scores, kept experts) as JSON")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args) -> int:
+    from surgeon.cli.progress import StepPrinter, warn
+    from surgeon.features.prune.run import PruneRequest, run_prune
+    from surgeon.jobs import CancelToken, cancel_on_interrupt
+
+    request = PruneRequest(
+        out=args.out, base=args.base, keep=args.keep, ratio=args.ratio, by=args.by, seed=args.seed,
+        corpora=tuple(args.corpus), max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force, fsync=args.fsync,
+        allow_pickle=args.allow_pickle)
+    with cancel_on_interrupt(CancelToken()) as token:
+        result = run_prune(request, progress=StepPrinter("prune"), cancel=token, warn=warn)
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        _print_text(result)
+    return 0
+
+
+def _print_text(result) -> None:
+    from surgeon.core.plan import format_ranges
+    from surgeon.io.sizes import human_bytes
+
+    r = result.report
+    s = result.saliency
+    top = f", top-{r['top_k']}" if r["top_k"] is not None else ""
+    print(f"prune {r['base']['spec']} ({r['base']['model_type']}, {len(r['kept'])} MoE layers x "
+          f"{r['num_experts']} experts{top}): keep {r['keep']} per layer by {r['criterion']}")
+    if r["corpora"]:
+        print("  calibration: " + ", ".join(f"{c['name']} ({c['tokens']} tokens)" for c in r["corpora"])
+              + f" on {r['device']}")
+    elif r["seed"] is not None:
+        print(f"  seed {r['seed']}")
+    width = max(len(format_ranges(k)) for k in r["kept"].values())
+    print(f"  {'layer':>5}  {'kept':<{width}}  pruned" + ("  (lowest kept / highest pruned score)" if s else ""))
+    for i, (layer, kept) in enumerate(r["kept"].items()):
+        line = f"  {layer:>5}  {format_ranges(kept):<{width}}  {format_ranges(r['pruned'][layer])}"
+        if s is not None:
+            scores = s.scores(r["criterion"])[i]
+            low = min(float(scores[e]) for e in kept)
+            high = max((float(scores[e]) for e in r["pruned"][layer]), default=0.0)
+            line += f"  ({low:.4g} / {high:.4g})"
+        print(line)
+    w = r["written"]
+    print(f"wrote {w['path']}: {w['tensors']} tensors in {len(w['shards'])} file(s), {human_bytes(w['bytes'])}; "
+          f"parameters {w['parameters_before']:,} -> {w['parameters_after']:,}")
+    sys.stdout.flush()

@@ -1,0 +1,179 @@
+"""`run_prune`: score every expert on a calibration corpus, keep the N best per MoE layer, write the smaller MoE.
+
+The command line (`moe-surgeon prune`) calls this. Every check that needs no weights runs first
+(the family, --keep/--ratio against the expert count and top-k, the corpora, the output
+directory), then one forward pass scores the experts (saliency.py), and the checkpoint is written
+by the export's streaming writer (features/export.py): kept experts move as byte ranges of the
+original, renumbered in order, so nothing is cast or held in memory, and the write is atomic.
+
+Beside the weights it writes `moe-surgeon-prune.json` (criterion, corpora with their content
+hashes, settings, every saliency figure and the kept experts per layer), the model card, and the
+manifest, which `moe-surgeon verify --donors` checks range by range against the original.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from surgeon import __version__
+from surgeon.errors import SurgeonError
+from surgeon.features.prune.choose import choose, keep_count
+from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape, pruned_config, pruned_resolution
+from surgeon.features.prune.saliency import CRITERIA, Saliency
+from surgeon.jobs import NEVER
+
+PRUNE_FILE = "moe-surgeon-prune.json"
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What `moe-surgeon prune` was asked; the flags' names and defaults."""
+
+    out: str
+    base: str
+    keep: int | None = None
+    ratio: float | None = None  # the share of experts pruned
+    by: str = "reap"
+    seed: int = 0  # --by random
+    corpora: tuple[str, ...] = ()  # NAME=FILE, a built-in set or a file; none: the routing defaults
+    max_tokens: int | None = None  # per corpus
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str = "keep"  # compute dtype of the saliency pass; the written bytes are the original's
+    max_shard_size: str = "5GB"
+    force: bool = False
+    fsync: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class PruneResult:
+    report: dict  # what --json prints; also the record written beside the weights
+    saliency: Saliency | None
+    kept: dict[int, tuple[int, ...]]
+
+
+def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
+              warn: Callable[[str], None] | None = None) -> PruneResult:
+    from surgeon.core.donor import open_donor
+    from surgeon.features.export import export_hybrid
+    from surgeon.io.sizes import parse_size
+    from surgeon.io.staged import check_target
+
+    r = request
+    if r.by not in CRITERIA:
+        raise SurgeonError(f"--by {r.by}: expected one of {', '.join(CRITERIA)}")
+    if r.by == "random" and r.corpora:
+        raise SurgeonError("--by random reads no corpus; drop --corpus (or choose another criterion)")
+    if r.batch_size < 1:
+        raise SurgeonError(f"--batch-size {r.batch_size}: expected at least 1")
+    max_shard = parse_size(r.max_shard_size)
+    donor = open_donor(r.base, allow_pickle=r.allow_pickle)
+    layers, num_experts = moe_shape(donor)
+    keep = keep_count(num_experts, r.keep, r.ratio)
+    top_k = check_top_k(donor, keep)
+    keys = count_keys(donor, num_experts)
+    out = Path(r.out).absolute()
+    check_target(out, {"A": donor}, r.force)
+    pruned_resolution(donor, {layer: tuple(range(keep)) for layer in layers}, num_experts)  # every slice is possible
+    corpora = _read_corpora(r.corpora) if r.by != "random" else []
+    cancel.check()
+
+    saliency, device = None, None
+    if r.by != "random":
+        saliency, device = _measure(donor, {c["name"]: c.pop("texts") for c in corpora}, r, progress, cancel)
+        if saliency.layers != layers or saliency.num_experts != num_experts:
+            raise SurgeonError(f"{donor.path}: the model routes over {saliency.num_experts} experts in layers "
+                               f"{saliency.layers}, but its files hold {num_experts} in layers {layers}")
+        for c in corpora:
+            c["tokens"] = saliency.corpora[c["name"]]
+        kept = choose(layers, num_experts, keep, scores=saliency.scores(r.by))
+    else:
+        kept = choose(layers, num_experts, keep, seed=r.seed)
+
+    report = {
+        "moe_surgeon": __version__,
+        "base": {"spec": r.base, "path": str(donor.path), "model_type": donor.model_type,
+                 "fingerprint": donor.fingerprint},
+        "criterion": r.by, "num_experts": num_experts, "keep": keep, "ratio": r.ratio,
+        "experts_keys": keys,
+        "top_k": top_k, "top_k_key": donor.anatomy.architecture.top_k_key,
+        "seed": r.seed if r.by == "random" else None,
+        "corpora": corpora, "max_tokens": r.max_tokens, "batch_size": r.batch_size, "device": device,
+        "dtype": r.dtype,
+        "kept": {str(layer): list(e) for layer, e in kept.items()},
+        "pruned": {str(layer): [e for e in range(num_experts) if e not in kept[layer]] for layer in layers},
+        "saliency": None if saliency is None else saliency.to_json(),
+        "command": command_line(r),
+    }
+    resolution = pruned_resolution(donor, kept, num_experts)
+
+    def finish(tmp: Path) -> None:
+        from surgeon.features.prune.card import prune_card
+
+        (tmp / "config.json").write_text(json.dumps(pruned_config(donor, num_experts, keep), indent=2) + "\n")
+        (tmp / "README.md").write_text(prune_card(report, donor, resolution))
+        (tmp / PRUNE_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+    written = export_hybrid(resolution, {"A": donor}, out, max_shard_size=max_shard, force=r.force, fsync=r.fsync,
+                            progress=progress, cancel=cancel, before_rename=finish, warn=warn)
+    report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
+                         "bytes": written.bytes, "parameters_before": donor.num_parameters,
+                         "parameters_after": sum(resolution.parameters_by_donor().values())}
+    return PruneResult(report, saliency, kept)
+
+
+def _read_corpora(args: tuple[str, ...]) -> list[dict]:
+    """Each corpus with what identifies it in the record: its file and the hash of its bytes."""
+    from surgeon.features.routing.corpora import DEFAULT_CORPORA, corpus_texts, parse_corpus
+
+    out: list[dict] = []
+    for arg in args or DEFAULT_CORPORA:
+        name, path = parse_corpus(arg)
+        if any(c["name"] == name for c in out):
+            raise SurgeonError(f"--corpus {arg!r}: corpus name {name!r} given twice")
+        out.append({"name": name, "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                    "texts": corpus_texts(path)})
+    return out
+
+
+def _measure(donor, corpora: dict[str, list[str]], r: PruneRequest, progress, cancel) -> tuple[Saliency, str]:
+    from transformers.utils import logging
+
+    from surgeon.features.prune.saliency import collect_saliency
+    from surgeon.features.routing.run import load_model
+    from surgeon.live.devices import check_device, default_device
+    from surgeon.probes.scoring import load_tokenizer
+
+    device = str(check_device(r.device or default_device()))
+    logging.disable_progress_bar()  # a loading bar between the lines of a report is noise
+    tokenizer = load_tokenizer(donor.path)
+    cancel.check()
+    model = load_model(donor, device, r.dtype)
+    try:
+        saliency = collect_saliency(model, tokenizer, corpora, reap=r.by == "reap", batch_size=r.batch_size,
+                                    max_tokens=r.max_tokens, progress=progress, cancel=cancel)
+    finally:
+        del model
+    return saliency, device
+
+
+def command_line(r: PruneRequest) -> str:
+    """The command that makes this pruning again (the output directory aside)."""
+    parts = ["moe-surgeon prune OUT", f"--base {r.base}"]
+    parts.append(f"--keep {r.keep}" if r.keep is not None else f"--ratio {r.ratio:g}")
+    parts.append(f"--by {r.by}")
+    if r.by == "random":
+        parts.append(f"--seed {r.seed}")
+    parts += [f"--corpus {c}" for c in r.corpora]
+    if r.max_tokens is not None:
+        parts.append(f"--max-tokens {r.max_tokens}")
+    if r.by != "random":
+        parts.append(f"--batch-size {r.batch_size}")
+        if r.dtype != "keep":
+            parts.append(f"--dtype {r.dtype}")
+    return " ".join(parts)
