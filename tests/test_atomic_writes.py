@@ -51,3 +51,31 @@ def test_the_cli_says_so_in_one_line(run_cli, tmp_path, donors_of):
     r = run_cli("export", tmp_path / "out", "--base", a, "--save-session", "/dev/null")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "/dev/null" in r.stderr
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_no_output_reaches_a_donor_file_through_a_link(run_cli, tmp_path, donors_of):
+    """A donor whose shard is a link into an old export of ours: `export OLD --force` would replace
+    the donor's bytes, and a session or samples path linked to a donor file would overwrite it."""
+    import shutil
+
+    a, b = (shutil.copytree(d, tmp_path / f"d{i}") for i, d in enumerate(donors_of("olmoe", 2)))
+    old = tmp_path / "old"
+    assert run_cli("export", old, "--base", a, "--take", f"experts={b}").returncode == 0
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in os.listdir(a):
+        if f != "model.safetensors":
+            shutil.copy(os.path.join(a, f), linked / f)
+    (linked / "model.safetensors").symlink_to(old / "model.safetensors")
+    before = (old / "model.safetensors").read_bytes()
+
+    r = run_cli("export", old, "--base", linked, "--take", f"experts={b}", "--force")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "through a link" in r.stderr
+    assert (old / "model.safetensors").read_bytes() == before
+
+    config = tmp_path / "session-link.json"
+    config.symlink_to(os.path.join(a, "config.json"))
+    was = config.read_bytes()
+    r = run_cli("export", tmp_path / "new", "--base", a, "--take", f"experts={b}", "--save-session", config)
+    assert r.returncode == 2 and "which this run reads" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert config.read_bytes() == was and not (tmp_path / "new").exists()

@@ -221,8 +221,8 @@ def test_a_donor_sees_the_sidecar_as_layer_gate_parts_and_fingerprints_it(llama3
     assert donor.anatomy.tensors_of("layer_gate") == [gate_tensor_name(1)]
     assert not donor.anatomy.unclassified
     before = donor.fingerprint
-    write_gates(out, {1: torch.ones(1)}, 32)
-    assert open_donor(out).fingerprint != before
+    other = _gated_dir(llama3[0], tmp_path / "g2", {1: torch.ones(1)}, 32)  # only the gate's values differ
+    assert open_donor(other).fingerprint != before
     assert open_donor(llama3[0]).anatomy.tensors_of("layer_gate") == []
     save_file({"model.layers.1.mlp.gate_proj.weight": torch.zeros(2)}, str(out / GATES_FILE),
               metadata={"format": "moe-surgeon-layer-gates", "format_version": "1"})

@@ -19,6 +19,7 @@ from surgeon.core.gates_sidecar import GATES_FILE, check_sidecar
 from surgeon.errors import SurgeonError
 from surgeon.io.dtypes import FROM_TORCH
 from surgeon.io.safetensors_file import Header, TensorInfo, read_header
+from surgeon.io.sources import register_sources
 
 DEMO_SCHEME = "demo:"
 DEMO_ROOT = Path(__file__).parent.parent / "demo" / "data"
@@ -393,7 +394,10 @@ def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool 
                 raise SurgeonError(f"{path / 'model.safetensors.index.json'}: maps {tname} to {shard}, "
                                    "which does not contain it")
     _add_gates_sidecar(path, config, shards, tensors)
-    return check_config(Donor(path, config, config_bytes, shards, tensors))
+    donor = check_config(Donor(path, config, config_bytes, shards, tensors))
+    register_sources([*(path / n for n in shards), *donor.side_files(), path / "model.safetensors.index.json"],
+                     f"donor {path}")
+    return donor
 
 
 def _add_gates_sidecar(path: Path, config: dict, shards: dict, tensors: dict) -> None:

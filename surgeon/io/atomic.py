@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
+from surgeon.io.sources import source_at
 
 _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
@@ -27,7 +28,11 @@ def _warn(msg: str) -> None:
 
 def regular_target(path: Path, *, say: bool = True) -> Path:
     """Where an atomic write of `path` goes: `path` itself, or a symlink's target when that is a
-    regular file or does not exist yet (said on stderr unless not `say`); SurgeonError for anything else."""
+    regular file or does not exist yet (said on stderr unless not `say`); SurgeonError for anything
+    else, and for a file this run reads as a source (a donor's shard or config, however reached)."""
+    if (source := source_at(path)) is not None:
+        raise SurgeonError(f"{path}: is {source}, which this run reads; moe-surgeon never writes over a "
+                           "donor's files; choose another path")
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):  # not there: the write itself says what is wrong

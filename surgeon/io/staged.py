@@ -20,6 +20,7 @@ from surgeon.io.fs import check_free_space, fs_errors, os_error_line, remove_tre
 from surgeon.io.model_card import written_by_us
 from surgeon.io.process import pid_alive
 from surgeon.io.sizes import human_bytes
+from surgeon.io.sources import sources_under
 
 
 def check_target(out: Path, sources: dict, force: bool) -> None:
@@ -32,6 +33,10 @@ def check_target(out: Path, sources: dict, force: bool) -> None:
             raise SurgeonError(f"{out}: the export target is inside donor {name} ({d.path}); choose another directory")
         if target in dp.parents:
             raise SurgeonError(f"{out}: the export target contains donor {name} ({d.path}); choose another directory")
+    inside = sources_under(out)
+    if inside:
+        raise SurgeonError(f"{out}: holds {inside[0]} (reached through a link), which this run reads; "
+                           "choose another directory")
     with fs_errors(out, "look at the export target"):
         if out.exists():
             if not out.is_dir():
