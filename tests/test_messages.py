@@ -222,3 +222,13 @@ def test_probe_list_and_sweep_help_read_as_written(run_cli):
     out = run_cli("probe", "--list").stdout
     assert "lmevalan" not in out and "  lmeval  an lm-evaluation-harness task" in out
     assert "95%%" not in run_cli("sweep", "--help").stdout and "95% CIs" in run_cli("sweep", "--help").stdout
+
+
+def test_control_characters_in_a_path_are_shown_escaped_and_usage_mistakes_are_one_line(tmp_path, run_cli):
+    """A terminal acts on ANSI sequences it is sent: a hostile file name must be shown, not obeyed."""
+    r = run_cli("inspect", tmp_path / "a\x1b[2Jb\x07")
+    assert r.returncode == 2 and "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert "a\\x1b[2Jb\\x07" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("export", tmp_path / "out", "--no-such-option")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--base" in r.stderr and "see moe-surgeon export --help" in r.stderr

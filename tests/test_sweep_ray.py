@@ -8,6 +8,7 @@ Ray's reason (the SurgeonError `ray_cluster` raises).
 
 import itertools
 import json
+import os
 import re
 import shutil
 import socket
@@ -137,6 +138,18 @@ def test_an_address_nothing_answers_at_is_one_line_in_seconds(run_cli, tmp_path)
                 "--ray", f"ray://127.0.0.1:{port}")
     assert_one_line_error(r, f"--ray ray://127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}")
     assert not (tmp_path / "s.json").exists()
+
+
+def test_more_workers_than_cores_is_refused_before_ray_starts(run_cli, tmp_path):
+    pytest.importorskip("ray", reason=RAY_EXTRA)
+    cores = os.cpu_count() or 1
+    r = run_cli("sweep", tmp_path / "s.json", "--base", "demo:arith", "--donor", "demo:reverse",
+                "--workers", str(cores + 1))
+    assert_one_line_error(r, f"--workers {cores + 1}: this machine has {cores} core")
+    assert not (tmp_path / "s.json").exists()
+    for bad in ("abc", "-"):
+        r = run_cli("sweep", tmp_path / "s.json", "--workers", bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--workers" in r.stderr
 
 
 # ---------------------------------------------------------------- on the cluster

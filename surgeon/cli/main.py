@@ -23,13 +23,28 @@ SUBCOMMANDS = tuple(COMMANDS)
 
 
 # ---------------------------------------------------------------- parsers
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other error (argparse prints its usage block first),
+    naming where the options are listed."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
+def printable(text: str) -> str:
+    """`text` on one line, with control characters written as escapes: a path or a value the user
+    gave may hold ANSI sequences or a NUL, which a terminal would act on rather than show."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every subcommand's parser, or only `command`'s: a command starts without importing the
     modules (and the defaults they read from the features) of every other one."""
     import importlib
 
-    parser = argparse.ArgumentParser(prog="moe-surgeon", description="Mixture-of-Experts model surgery.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="moe-surgeon", description="Mixture-of-Experts model surgery.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for name in modules:
         importlib.import_module(f"surgeon.cli.{name}").register(sub)
@@ -37,7 +52,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def build_tui_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moe-surgeon",
         description="Mixture-of-Experts model surgery. With no subcommand, opens the workbench "
         f"(subcommands: {', '.join(SUBCOMMANDS)}; see moe-surgeon SUBCOMMAND --help).",
@@ -58,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_app(args.dirs, args.session)
     except SurgeonError as e:
-        print("moe-surgeon: error: " + " ".join(str(e).split()), file=sys.stderr)
+        print("moe-surgeon: error: " + printable(str(e)), file=sys.stderr)
         return 2
     except Cancelled:
         print("moe-surgeon: cancelled; what it had started to write was removed", file=sys.stderr)
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the last resort: a filesystem fault no engine boundary named is still one line
         from surgeon.io.fs import os_error_line
 
-        print("moe-surgeon: error: " + " ".join(os_error_line(e).split()), file=sys.stderr)
+        print("moe-surgeon: error: " + printable(os_error_line(e)), file=sys.stderr)
         return 2
 
 

@@ -114,6 +114,11 @@ def ray_cluster(*, workers: int | None = None, address: str | None = None) -> It
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
         _check_reachable(address)
+    elif workers is not None and workers > (cores := os.cpu_count() or 1):
+        # A worker holds a model and a core or more; more than the cores only queue up (1000 asked
+        # for on two cores started 1000 processes and did nothing for a minute).
+        raise SurgeonError(f"--workers {workers}: this machine has {cores} core{'s' * (cores != 1)}, so a local "
+                           f"cluster runs at most {cores} workers")
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -129,6 +134,9 @@ def ray_cluster(*, workers: int | None = None, address: str | None = None) -> It
         cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
         if workers is None:
             workers = gpus or max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+        elif workers > max(cpus, 1):
+            raise SurgeonError(f"--workers {workers}: the cluster at {address} has {cpus} CPUs, so at most {cpus} "
+                               "workers can run")
         yield Cluster(address, workers, max(cpus, 1), gpus)
     finally:
         ray.shutdown()
