@@ -173,14 +173,18 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(donors_of, tmp_path):
 
 # ---------------------------------------------------------------- leftovers
 def test_stale_staging_directories_of_any_name_are_removed_and_reported(donors_of, tmp_path, run_cli):
+    """A killed writer's partial output is removed; the earlier output a killed --force had moved
+    aside (`-old-`) is a user's: it goes back where it was, or stays where it is, never deleted."""
     a, _ = donors_of("olmoe", 2)
     dead = dead_pid()
     live = subprocess.Popen(["sleep", "60"])
     try:
-        stale = [tmp_path / f".other.moe-surgeon-tmp-{dead}", tmp_path / f".x.y.moe-surgeon-old-{dead}"]
-        for s in stale:
+        stale = [tmp_path / f".other.moe-surgeon-tmp-{dead}", tmp_path / f".z.moe-surgeon-tmp-{dead}"]
+        moved = [tmp_path / f".x.y.moe-surgeon-old-{dead}", tmp_path / f".kept.moe-surgeon-old-{dead}"]
+        for s in stale + moved:
             (s / "sub").mkdir(parents=True)
             (s / "sub" / "model.safetensors").write_bytes(b"partial" * 1000)
+        (tmp_path / "kept").mkdir()  # its name was taken again: the moved-aside one stays hidden
         busy = tmp_path / f".busy.moe-surgeon-tmp-{live.pid}"
         busy.mkdir()
         unrelated = tmp_path / ".notes.moe-surgeon-tmp-abc"
@@ -190,7 +194,10 @@ def test_stale_staging_directories_of_any_name_are_removed_and_reported(donors_o
         warnings = [line for line in r.stderr.splitlines() if "leftover" in line]
         assert len(warnings) == 1 and "removed 2 leftover" in warnings[0], r.stderr
         assert all(s.name in warnings[0] for s in stale)
-        assert visible(tmp_path) == sorted(["out", busy.name, unrelated.name])  # a live writer's stays
+        assert (tmp_path / "x.y" / "sub" / "model.safetensors").read_bytes() == b"partial" * 1000
+        assert f"restored {tmp_path / 'x.y'}" in r.stderr and f"{moved[1]} holds an earlier output" in r.stderr
+        # a live writer's stays, and so does the moved-aside output whose name is taken
+        assert visible(tmp_path) == sorted(["out", "x.y", "kept", moved[1].name, busy.name, unrelated.name])
     finally:
         live.kill()
         live.wait()
@@ -269,3 +276,15 @@ def test_an_export_killed_at_random_points_leaves_no_output_and_the_next_cleans_
     assert r.returncode == 0, r.stderr
     assert f"removed {len(leftovers)} leftover" in r.stderr
     assert visible(parent) == ["final"]
+
+
+def test_an_output_name_near_the_filesystem_limit_is_written(donors_of, tmp_path, run_cli):
+    """A legal 250-byte name: the staging name and a session's temporary name must fit too."""
+    a, _ = donors_of("olmoe", 2)
+    out, session = tmp_path / ("o" * 250), tmp_path / ("s" * 245 + ".json")
+    r = run_cli("export", out, "--base", a, "--save-session", session)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and session.is_file()
+    r = run_cli("export", out, "--base", a, "--force")
+    assert r.returncode == 0, r.stderr
+    assert visible(tmp_path) == sorted([out.name, session.name])

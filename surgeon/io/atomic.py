@@ -9,6 +9,7 @@ the link stays a link.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import sys
@@ -59,12 +60,25 @@ def regular_target(path: Path, *, say: bool = True) -> Path:
     return target
 
 
+SHORTENED = "~"  # marks a name cut to fit, followed by a hash of the whole name
+
+
+def short_name(name: str, room: int) -> str:
+    """`name`, or when its UTF-8 bytes pass `room`, its start, SHORTENED and a hash of the whole."""
+    if len(name.encode()) <= room:
+        return name
+    tag = SHORTENED + hashlib.sha256(name.encode()).hexdigest()[:12]
+    head = name.encode()[:room - len(tag)].decode("utf-8", "ignore")
+    return head + tag
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
     """`fsync=False` for files that can be recomputed (caches): still never half-written, but a
     crash may lose the latest version."""
     path = regular_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp adds 8 characters: a name near the 255-byte limit would fail on its temporary name
+    fd, tmp = tempfile.mkstemp(prefix=f".{short_name(path.name, 240)}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); a session is an ordinary document, so keep the
         # mode of the file it replaces, or the usual 0644.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from surgeon.errors import SurgeonError
+from surgeon.io.atomic import SHORTENED, short_name
 from surgeon.io.fs import check_free_space, fs_errors, os_error_line, remove_tree
 from surgeon.io.model_card import written_by_us
 from surgeon.io.process import pid_alive
@@ -52,6 +53,15 @@ def check_target(out: Path, sources: dict, force: bool) -> None:
 
 STAGING = re.compile(r"^\.(?P<name>.+)\.moe-surgeon-(?P<kind>tmp|old)-(?P<pid>[0-9]+)$")
 WRITE = "write the checkpoint"
+NAME_MAX = 255  # bytes in one file name on every filesystem we write to
+
+
+def staging_path(out: Path, kind: str, pid: int | None = None) -> Path:
+    """The hidden sibling `.{name}.moe-surgeon-{kind}-{pid}` of `out`. A name long enough that the
+    suffix would pass the filesystem's 255-byte limit is cut and given a hash of the whole, so a
+    legal output name never fails on its staging name."""
+    suffix = f".moe-surgeon-{kind}-{os.getpid() if pid is None else pid}"
+    return out.parent / f".{short_name(out.name, NAME_MAX - 1 - len(suffix))}{suffix}"
 
 
 def _stderr_warning(msg: str) -> None:
@@ -71,7 +81,7 @@ def staged_directory(out: Path, needed_bytes: int | None = None, warn: Callable[
     with fs_errors(out, WRITE):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_leftovers(out, warn)
-        tmp = out.parent / f".{out.name}.moe-surgeon-tmp-{os.getpid()}"
+        tmp = staging_path(out, "tmp")
         try:
             tmp.mkdir()
             yield tmp
@@ -97,7 +107,8 @@ def stale_leftovers(parent: Path, out_name: str | None = None) -> list[Path]:
         if not m or not entry.is_dir(follow_symlinks=False):
             continue
         pid = int(m["pid"])
-        if pid == os.getpid() and m["name"] == out_name or pid != os.getpid() and not pid_alive(pid):
+        mine = out_name is not None and entry.name == staging_path(parent / out_name, m["kind"]).name
+        if pid == os.getpid() and mine or pid != os.getpid() and not pid_alive(pid):
             found.append(Path(entry.path))
     return sorted(found)
 
@@ -119,6 +130,9 @@ def remove_stale_leftovers(out: Path, warn: Callable[[str], None] | None = None)
     warn = warn or _stderr_warning
     removed, failed, size = [], [], 0
     for p in stale_leftovers(out.parent, out.name):
+        if STAGING.match(p.name)["kind"] == "old":
+            _put_back(p, warn)  # a user's earlier output, never ours to delete
+            continue
         n = _tree_bytes(p)
         try:
             remove_tree(p)
@@ -136,11 +150,28 @@ def remove_stale_leftovers(out: Path, warn: Callable[[str], None] | None = None)
     return removed
 
 
+def _put_back(old: Path, warn: Callable[[str], None]) -> None:
+    """A `-old-` directory is an earlier output that a killed --force export had moved aside. Where
+    its name is free again (the kill came before the new output took it), it goes back there;
+    otherwise it stays, and the warning says where it is."""
+    name = STAGING.match(old.name)["name"]
+    home = old.parent / name
+    if SHORTENED not in name and not home.exists():
+        try:
+            os.rename(old, home)
+            warn(f"restored {home}, which a killed export had moved aside to {old.name}")
+            return
+        except OSError:
+            pass
+    warn(f"{old} holds an earlier output a killed export had moved aside; it is kept: remove it, or move it "
+         "back, by hand")
+
+
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`; an old non-empty `out` (--force) is moved aside first and removed
     after, and if it cannot be removed that is an error, never a silent hidden leftover."""
     if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.moe-surgeon-old-{os.getpid()}"
+        old = staging_path(out, "old")
         os.rename(out, old)
         try:
             os.rename(tmp, out)
