@@ -291,6 +291,7 @@ def test_probe_list(run_cli):
     ("bogus:arith", "unknown probe 'bogus'"),
     ("em:arith,limit=x", "limit must be an integer"),
     ("mc:arith", "needs multiple-choice items"),
+    ("em:arith,limit=5,limit=50", "option limit is given twice"),
 ])
 def test_bad_probe_specs(session, run_cli, probe, needle):
     before = session.read_bytes()

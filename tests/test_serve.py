@@ -43,6 +43,18 @@ def test_bad_donor_or_session_fails_before_serving(run_cli, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "gone.json" in r.stderr
 
 
+def test_a_port_in_use_is_one_line_and_no_url_is_printed(run_cli):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = run_cli("serve", "--port", port)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in r.stderr
+    assert "serving" not in r.stdout and "token" not in r.stdout
+
+
 def test_without_textual_serve_one_line_says_how_to_install(run_cli, monkeypatch):
     # A None entry in sys.modules is how Python itself marks a module as unimportable.
     monkeypatch.setitem(sys.modules, "textual_serve", None)

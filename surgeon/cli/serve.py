@@ -57,6 +57,24 @@ def _check_inputs(dirs: list[str], session: str | None) -> tuple[list[str], str 
     return out, session
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind the address once, as the server will (SO_REUSEADDR, as aiohttp sets it), and let it go:
+    a port in use or a host this machine does not have is one line now."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SurgeonError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise SurgeonError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+
+
 def cmd_serve(args) -> int:
     if not args.public and not is_local_host(args.host):
         raise SurgeonError(
@@ -66,6 +84,7 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise SurgeonError(f"--port {args.port}: not a TCP port (1-65535)")
     dirs, session = _check_inputs(args.dirs, args.session)
+    _check_can_listen(args.host, args.port)  # before the URL is printed: a URL nothing serves misleads
     from screens.serve import make_server  # the UI side, as cli/main.py starts the app
 
     import secrets

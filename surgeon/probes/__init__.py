@@ -243,6 +243,8 @@ def parse_probe(text: str) -> ProbeSpec:
         key, eq, value = opt.partition("=")
         if not eq or (key not in names and key not in FIELD_NAMES):
             raise SurgeonError(f"--probe {text!r}: bad option {opt!r} ({_options_help()})")
+        if key in kwargs or key in mapped:  # which one was meant? taking the last would hide the other
+            raise SurgeonError(f"--probe {text!r}: option {key} is given twice")
         if key in FIELD_NAMES:
             mapped[key] = value
         elif key in _INT_FIELDS:
