@@ -97,6 +97,11 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
             # A spliced fused expert tensor: each range of experts against the donor it came from.
             row = src.nbytes // src.shape[0] if src.shape and src.shape[0] else 0
             pieces = [(r["donor"], r["from"] * row, (r["to"] - r["from"]) * row) for r in source.get("experts", ())]
+            if any(offset + count > src.nbytes for _, offset, count in pieces):  # read past it, it would never end
+                result.problem = (f"{directory}: tensor {tensor}: its source's expert ranges "
+                                  f"{[(r['from'], r['to']) for r in source['experts']]} go past the tensor's "
+                                  f"{src.shape[0] if src.shape else 0} experts")
+                return result
             for donor_name, offset, count in pieces or [(source["donor"], 0, src.nbytes)]:
                 d = opened.get(donor_name)
                 piece = d.tensors.get(source["name"]) if d else None

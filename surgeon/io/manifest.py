@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
-from surgeon.io.content_hash import ALGORITHM, READ, hash_files, identity
+from surgeon.io.content_hash import ALGORITHM, READ, TreeHasher, cached_hash, hash_files, identity
 from surgeon.io.safetensors_file import read_header
 from surgeon.jobs import NEVER, CancelToken
 
@@ -177,17 +177,78 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
     except ValueError as e:
         raise SurgeonError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise SurgeonError(f"{path}: JSON nested too deeply to be a manifest") from None
     if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION \
             or not isinstance(data.get("tensors"), dict) or not isinstance(data.get("shards"), dict):
         raise SurgeonError(f"{path}: not a moe-surgeon manifest of version {MANIFEST_VERSION}")
+    problem = _malformed(data)
+    if problem:
+        raise SurgeonError(f"{path}: {problem}")
     return data
+
+
+def _malformed(m: dict) -> str | None:
+    """The first field of a manifest whose type or form is not what build_manifest writes (a hand
+    edit, a truncated copy, another tool's file), named by its path; None when all are."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    for key, want in (("tensor_hash", TENSOR_HASH), ("shard_hash", ALGORITHM)):
+        if key in m and m[key] != want:
+            return f"{key}: {m[key]!r} (this moe-surgeon computes {want})"
+    for key in ("shards", "files"):  # manifests before 2026-12 have no files
+        table = m.get(key, {})
+        if not isinstance(table, dict):
+            return f"{key}: expected a mapping of file name to hash"
+        for name, digest in table.items():
+            if not isinstance(digest, str):
+                return f"{key}/{name}: hash {digest!r} is not a string"
+    donors = m.get("donors", {})
+    if not isinstance(donors, dict):
+        return "donors: expected a mapping of donor name to its path and fingerprint"
+    for name, ref in donors.items():
+        if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) \
+                or not isinstance(ref.get("path_from_export", ""), str):
+            return f"donors/{name}: expected {{path: ..., path_from_export: ...}}"
+    for name, e in m["tensors"].items():
+        where = f"tensors/{name}"
+        if not isinstance(e, dict):
+            return f"{where}: expected {{shard, dtype, shape, offsets, hash}}"
+        for key in ("shard", "dtype", "hash"):
+            if not isinstance(e.get(key), str):
+                return f"{where}/{key}: {e.get(key)!r} is not a string"
+        shape, offsets = e.get("shape"), e.get("offsets")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            return f"{where}/shape: {shape!r} is not a list of sizes"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            return f"{where}/offsets: {offsets!r} is not [start, end]"
+        source = e.get("source")
+        if source is None:
+            continue
+        if not isinstance(source, dict) or not isinstance(source.get("donor"), str) \
+                or not isinstance(source.get("name"), str):
+            return f"{where}/source: expected {{donor: NAME, name: TENSOR}}"
+        experts = source.get("experts", [])
+        if not isinstance(experts, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("donor"), str) and is_int(r.get("from"))
+                and is_int(r.get("to")) and 0 <= r["from"] <= r["to"] for r in experts):
+            return f"{where}/source/experts: expected a list of {{donor, from, to}} expert ranges"
+    return None
 
 
 def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: CancelToken = NEVER,
                      use_cache: bool = False) -> str | None:
-    """None when every shard matches the manifest; else one line naming the first tensor that differs
-    (or the shard, when a tensor is missing or the shard itself is gone or new). Reads every byte
-    unless `use_cache`: a proof should not rest on file times."""
+    """None when the export matches every claim of its manifest; else one line naming the first tensor
+    that differs (or the file, when a file is missing or new, or differs outside every tensor).
+
+    Every claim is checked: each side file's hash, each shard's hash, and each tensor's range, dtype,
+    shape and hash. A shard's own hash and its tensors' hashes come from one read of its bytes
+    (shards read in parallel), so checking the tensors costs no second pass; a manifest edited to
+    claim another tensor hash fails even where the shard hash still holds. With `use_cache`, a shard
+    whose cached hash matches is taken on trust, tensors and all: not a proof, since that rests on
+    file times."""
     directory = Path(directory)
     if isinstance(manifest.get("files"), dict):  # manifests before 2026-12 listed shards only
         problem = _side_file_difference(directory, manifest["files"], cancel)
@@ -198,17 +259,19 @@ def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: Ca
         return f"{directory / name}: shard listed in the manifest is missing"
     for name in sorted(set(on_disk) - set(manifest["shards"])):
         return f"{directory / name}: shard not in the manifest"
-    paths = [directory / n for n in on_disk]
-    now = hash_files(paths, cancel=cancel, use_cache=use_cache)
     by_shard: dict[str, list[str]] = {}
     for tensor, entry in manifest["tensors"].items():
         by_shard.setdefault(entry["shard"], []).append(tensor)
-    for p in paths:
-        if now[p] == manifest["shards"][p.name]:
-            continue
-        header = read_header(str(p))
-        hashes = tensor_hashes(p, cancel)
-        for tensor in sorted(by_shard.get(p.name, []), key=lambda n: manifest["tensors"][n]["offsets"][0]):
+    for name in sorted(set(by_shard) - set(on_disk)):
+        return f"{directory}: tensor {by_shard[name][0]}: its shard {name} is not one of the manifest's shards"
+    paths = [directory / n for n in on_disk]
+    headers = {}
+    for p in paths:  # the layout first: a header read, before any tensor's bytes
+        header = headers[p] = read_header(str(p))
+        listed = set(by_shard.get(p.name, []))
+        for tensor in sorted(set(header.tensors) - listed):
+            return f"{p}: tensor {tensor} is not in the manifest"
+        for tensor in sorted(listed, key=lambda n: manifest["tensors"][n]["offsets"][0]):
             want = manifest["tensors"][tensor]
             t = header.tensors.get(tensor)
             if t is None:
@@ -216,10 +279,57 @@ def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: Ca
             if [t.start, t.end] != want["offsets"] or t.dtype != want["dtype"] or list(t.shape) != want["shape"]:
                 return (f"{p}: tensor {tensor}: {t.dtype}{list(t.shape)} at {t.start}-{t.end}, the manifest says "
                         f"{want['dtype']}{want['shape']} at {want['offsets'][0]}-{want['offsets'][1]}")
-            if hashes[tensor] != want["hash"]:
-                return f"{p}: tensor {tensor} differs from the manifest (hash {hashes[tensor]}, expected {want['hash']})"
-        return f"{p}: shard hash differs from the manifest, outside every tensor (header or padding)"
+    todo = [p for p in paths if not (use_cache and cached_hash(p) == manifest["shards"][p.name])]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        hashed = dict(zip(todo, pool.map(lambda p: shard_and_tensor_hashes(p, headers[p], cancel), todo)))
+    for p in todo:
+        content, hashes = hashed[p]
+        for tensor in sorted(headers[p].tensors, key=lambda n: headers[p].tensors[n].start):
+            want = manifest["tensors"][tensor]["hash"]
+            if hashes[tensor] != want:
+                return f"{p}: tensor {tensor} differs from the manifest (hash {hashes[tensor]}, expected {want})"
+        if content != manifest["shards"][p.name]:
+            return f"{p}: shard hash differs from the manifest, outside every tensor (header or padding)"
     return None
+
+
+def shard_and_tensor_hashes(path: Path, header, cancel: CancelToken = NEVER) -> tuple[str, dict[str, str]]:
+    """The shard's content hash (content_hash's, as hash_files gives it) and every tensor's hash
+    (TENSOR_HASH), from one sequential read of the file into one reused 1 MiB buffer. The tensors
+    tile the data after the header (read_header checks that), so each piece read feeds the shard's
+    hasher and the hasher of the tensor(s) it falls in."""
+    tree = TreeHasher()
+    spans = sorted((t.start, t.end, name) for name, t in header.tensors.items())
+    hashers = {name: tensor_hasher() for _, _, name in spans}
+    buf = bytearray(READ)
+    k = 0  # the first span not yet wholly read
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        for at in range(0, header.size, READ):
+            cancel.check()
+            want = min(READ, header.size - at)
+            n = os.preadv(fd, [memoryview(buf)[:want]], at)
+            if n != want:
+                raise SurgeonError(f"{path}: changed while it was being hashed (short read at byte {at})")
+            piece = memoryview(buf)[:n]
+            tree.update(piece)
+            i = k
+            while i < len(spans) and spans[i][0] < at + n:
+                start, end, name = spans[i]
+                lo, hi = max(start, at), min(end, at + n)
+                if lo < hi:
+                    hashers[name].update(piece[lo - at:hi - at])
+                if end <= at + n and i == k:
+                    k += 1
+                i += 1
+    except OSError as e:
+        raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    return tree.hexdigest(), {name: h.hexdigest() for name, h in hashers.items()}
 
 
 def _side_file_difference(directory: Path, files: dict, cancel: CancelToken) -> str | None:
