@@ -37,6 +37,7 @@ from surgeon.core.donor import Donor, open_donor
 from surgeon.core.plan import Assignment, Plan, next_donor_name
 from surgeon.core.session import Session, make_session, open_session_donors
 from surgeon.errors import SurgeonError
+from surgeon.io.yaml_file import excerpt
 
 # model_types mergekit 0.1.x defines (mergekit/_data/architectures) among those moe-surgeon knows.
 MERGEKIT_ARCHITECTURES = frozenset(t for t, a in ARCHITECTURES.items() if a.mergekit)
@@ -77,6 +78,8 @@ def _setting(setting, name: str, what: str):
 
 def _weight(name: str, scopes: list[tuple[dict | None, str]]):
     for params, what in scopes:  # model's own, then the slice's, then the config's (ConfigReader.parameter)
+        if params is not None and not isinstance(params, dict):
+            raise SurgeonError(f"{what}: parameters {excerpt(repr(params), 80)} is not a mapping")
         if params and "weight" in params:
             value = _setting(params["weight"], name, what)
             if value is not None:
@@ -320,6 +323,9 @@ def _slices_donor_of_tensors(config: dict, base: Donor, open_key, key_name) -> d
                                "moving or repeating layers is not a component transfer")
         if method == "passthrough" and len(entries) > 1:
             raise SurgeonError(f"slices/{i}: passthrough of {len(entries)} sources; {OUT_OF_SCOPE}")
+        if not start < end <= base.anatomy.num_layers:  # before a loop over the range: it may hold 2**64 layers
+            raise SurgeonError(f"slices/{i}: layer_range [{start}, {end}] is not a range of the base's "
+                               f"{base.anatomy.num_layers} layers")
         for layer in range(start, end):
             by_layer[layer] = (i, entries)
         out_layer = end
@@ -404,6 +410,8 @@ def import_recipe(path: str | os.PathLike, session_path: str | os.PathLike | Non
     forms = [k for k in ("models", "slices", "modules") if config.get(k)]
     if forms != ["models"] and forms != ["slices"]:
         raise SurgeonError(f"{path}: expected exactly one of models or slices (found: {', '.join(forms) or 'none'})")
+    if not isinstance(config[forms[0]], list):
+        raise SurgeonError(f"{path}: {forms[0]}: expected a list, not {type(config[forms[0]]).__name__}")
     if method == "task_arithmetic" and not config.get("base_model"):
         raise SurgeonError(f"{path}: task_arithmetic needs a base_model")
 
@@ -424,13 +432,18 @@ def import_recipe(path: str | os.PathLike, session_path: str | os.PathLike | Non
         return by_key[key]
 
     keys = []
-    if config.get("base_model"):
-        keys.append(_model_key(config["base_model"], "base_model"))
-    for i, m in enumerate(config.get("models") or []):
-        keys.append(_model_key(m.get("model") if isinstance(m, dict) else m, f"models/{i}"))
-    for i, s in enumerate(config.get("slices") or []):
-        for j, src in enumerate((s or {}).get("sources") or [] if isinstance(s, dict) else []):
-            keys.append(_model_key(src.get("model") if isinstance(src, dict) else src, f"slices/{i}/sources/{j}"))
+    try:
+        if config.get("base_model"):
+            keys.append(_model_key(config["base_model"], "base_model"))
+        for i, m in enumerate(config.get("models") or []):
+            keys.append(_model_key(m.get("model") if isinstance(m, dict) else m, f"models/{i}"))
+        for i, s in enumerate(config.get("slices") or []):
+            for j, src in enumerate((s or {}).get("sources") or [] if isinstance(s, dict) else []):
+                keys.append(_model_key(src.get("model") if isinstance(src, dict) else src, f"slices/{i}/sources/{j}"))
+    except SurgeonError as e:
+        raise SurgeonError(f"{path}: {e}") from None
+    if not keys:
+        raise SurgeonError(f"{path}: names no model (no base_model, and no model in its {forms[0]})")
     for k in keys:
         open_key(k)
     base_name = by_key[keys[0]]
