@@ -11,6 +11,7 @@ import pytest
 from tiny_models import make_donor, save_char_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never downloads
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nor does lm-eval's datasets (it sets this itself too)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored in
