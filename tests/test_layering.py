@@ -34,3 +34,27 @@ def test_inspect_export_replay_import_no_torch_transformers_or_textual():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_module_imports_back_from_its_own_package():
+    """`from . import X` (or `from surgeon.pkg import X`) inside surgeon/pkg/, for an X that is not a
+    submodule, imports the package's __init__, which imports that module: a cycle import-linter's
+    sibling contract cannot see. The package's __init__ only re-exports; its modules import each
+    other by name."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "surgeon").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        package = path.parent
+        dotted = ".".join(package.relative_to(ROOT).parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            own = (node.level == 1 and not node.module) or (node.level == 0 and node.module == dotted)
+            if own:
+                for alias in node.names:
+                    if not (package / f"{alias.name}.py").exists() and not (package / alias.name).is_dir():
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from its package")
+    assert not found, "\n".join(found)

@@ -7,7 +7,7 @@ model's, swaps the hybrid to each donor in turn, and `versus` compares the two.
 
 from __future__ import annotations
 
-from . import Metric, ProbeKind, ProbeOutcome
+from .types import Metric, ProbeKind, ProbeOutcome
 from .prompts import item_text
 
 KIND = ProbeKind("kl", "divergence: mean KL(donor || model) of next-token distributions, per donor (label-free)",

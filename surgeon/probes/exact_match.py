@@ -20,7 +20,7 @@ from surgeon.probes.answers import (
     lmeval_exact_match,
 )
 
-from . import ACCURACY, ProbeKind, ProbeOutcome
+from .types import ACCURACY, ProbeKind, ProbeOutcome
 from .prompts import context, max_new_tokens, stop_sequences
 
 KIND = ProbeKind("em", "generative exact match: greedy decoding to stop strings; GSM8K as lm-evaluation-harness "

@@ -34,7 +34,7 @@ from typing import Any
 from surgeon.errors import SurgeonError
 from surgeon.io.yaml_file import excerpt, load_yaml_file
 
-from . import Metric, ProbeKind, ProbeOutcome, ProbeSpec
+from .types import Metric, ProbeKind, ProbeOutcome, ProbeSpec
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed in simple_evaluate
 _PROPORTIONS = {"acc", "acc_norm", "acc_bytes", "acc_mutual_info", "exact_match", "em"}  # 0/1 per item

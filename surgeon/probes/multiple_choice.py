@@ -9,7 +9,7 @@ UTF-8 bytes (lm-eval's acc_bytes). A tie goes to the first choice, as numpy's ar
 
 from __future__ import annotations
 
-from . import ACCURACY, ProbeKind, ProbeOutcome
+from .types import ACCURACY, ProbeKind, ProbeOutcome
 from .prompts import answer_sep, context
 
 KIND = ProbeKind("mc", "multiple choice by log-likelihood: acc, acc_norm (by choice characters) and acc_bytes, "

@@ -12,7 +12,7 @@ import math
 
 from surgeon.errors import SurgeonError
 
-from . import Metric, ProbeKind, ProbeOutcome
+from .types import Metric, ProbeKind, ProbeOutcome
 from .prompts import item_text
 
 # Outcomes are mean nll per item; the score is exp of their mean, and exp is monotone, so CIs map through.

@@ -26,7 +26,8 @@ from surgeon.io.atomic import write_atomic
 from surgeon.io.cache import cache_root
 from surgeon.io.fs import fs_errors
 from surgeon.jobs import NEVER, CancelToken, Meter
-from surgeon.probes import KINDS, Metric, ProbeSpec, metric_of, probe_module
+from surgeon.probes.registry import KINDS, metric_of, probe_module
+from surgeon.probes.types import Metric, ProbeSpec
 from surgeon.probes.data import (
     PROBES_ROOT,
     ProbeFile,
