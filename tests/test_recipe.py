@@ -2,6 +2,7 @@
 `recipe import` reads one back; import(export(s)) is the same plan for what mergekit can express."""
 
 import importlib.util
+import json
 
 import pytest
 import yaml
@@ -178,6 +179,16 @@ def test_import_passthrough_slices_and_task_arithmetic(tmp_path):
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "demo:base", "layer_range": [0, 2]}]},
                                                 {"sources": [{"model": "demo:base", "layer_range": [0, 2]}]}]},
      "not a component transfer"),
+    ({"merge_method": "passthrough", "models": [{"model": "demo:base"}], "dtype": "float8"},
+     "dtype 'float8' is not a dtype moe-surgeon writes"),
+    ({"merge_method": "passthrough", "models": [{"model": "demo:base"}], "out_dtype": 16},
+     "out_dtype 16 is not a dtype"),
+    ({"merge_method": "passthrough", "models": [{"model": "demo:base"}], "tokenizer_source": "union"},
+     "tokenizer_source 'union'"),
+    ({"merge_method": "passthrough", "models": [{"model": "demo:base"}],
+      "tokenizer": {"source": "base", "tokens": {"<x>": {"source": "demo:base"}}}}, "tokenizer: tokens builds"),
+    ({"merge_method": "passthrough", "models": [{"model": "demo:base"}], "chat_template": "chatml"},
+     "chat_template"),
 ])
 def test_import_refuses_what_is_not_a_component_transfer_in_one_line(tmp_path, run_cli, config, message):
     (tmp_path / "r.yml").write_text(yaml.safe_dump(config))
@@ -186,3 +197,25 @@ def test_import_refuses_what_is_not_a_component_transfer_in_one_line(tmp_path, r
     r = run_cli("recipe", "import", tmp_path / "r.yml", "-o", tmp_path / "s.json")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_import_keeps_the_recipes_output_dtype_for_the_sessions_exports(tmp_path, run_cli):
+    """mergekit writes `out_dtype` (else `dtype`): the imported session's replay --export writes that
+    too unless --dtype says otherwise; a tokenizer_source of base is what an export does anyway."""
+    from safetensors import safe_open
+
+    config = {"merge_method": "passthrough", "models": [{"model": "demo:base"}], "dtype": "bfloat16",
+              "out_dtype": "float32", "tokenizer_source": "base"}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(config))
+    r = run_cli("recipe", "import", tmp_path / "r.yml", "-o", tmp_path / "s.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["extensions"]["recipe"]["dtype"] == "float32"
+    r = run_cli("replay", tmp_path / "s.json", "--export", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "writing float32, as the mergekit recipe" in r.stderr
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {str(f.get_slice(n).get_dtype()) for n in f.keys()} == {"F32"}
+    r = run_cli("replay", tmp_path / "s.json", "--export", tmp_path / "kept", "--dtype", "keep")
+    assert r.returncode == 0, r.stderr
+    with safe_open(tmp_path / "kept" / "model.safetensors", "pt") as f:
+        assert "BF16" in {str(f.get_slice(n).get_dtype()) for n in f.keys()}

@@ -9,6 +9,7 @@ from surgeon.cli.options import (
     common_export_options,
 )
 from surgeon.cli.progress import StepPrinter, warn
+from surgeon.io.dtypes import DTYPE_CHOICES
 from surgeon.io.sizes import human_bytes
 from surgeon.jobs import CancelToken, cancel_on_interrupt
 
@@ -68,11 +69,22 @@ def check_replay_donors(session, donors, args):
                                     cancel=token)
 
 
+def _recipe_dtype(session) -> str | None:
+    recipe = session.extensions.get("recipe")
+    dtype = recipe.get("dtype") if isinstance(recipe, dict) else None
+    return dtype if dtype in DTYPE_CHOICES else None
+
+
 def cmd_replay(args) -> int:
     from surgeon.core.resolve import resolve
     from surgeon.core.session import load_session, open_session_donors
 
     session = load_session(args.session)
+    if args.dtype is None:  # not given: what the session's recipe writes, else the donors' own
+        args.dtype = _recipe_dtype(session) or "keep"
+        if args.dtype != "keep" and args.export:
+            print(f"moe-surgeon: writing {args.dtype}, as the mergekit recipe this session was imported from "
+                  "does (--dtype keep writes the donors' own)", file=sys.stderr)
     if args.probes:
         from surgeon.cli.probe import check_replay_trust
 
@@ -133,4 +145,4 @@ def register(sub) -> None:
     add_trust_option(p)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     common_export_options(p)
-    p.set_defaults(func=cmd_replay)
+    p.set_defaults(func=cmd_replay, dtype=None)  # None: the session's recipe dtype, else keep

@@ -414,6 +414,7 @@ def import_recipe(path: str | os.PathLike, session_path: str | os.PathLike | Non
         raise SurgeonError(f"{path}: {forms[0]}: expected a list, not {type(config[forms[0]]).__name__}")
     if method == "task_arithmetic" and not config.get("base_model"):
         raise SurgeonError(f"{path}: task_arithmetic needs a base_model")
+    out_dtype = _output_dtype(config, path)
 
     donors: dict[str, Donor] = {}
     by_key: dict[str, str] = {}
@@ -459,7 +460,52 @@ def import_recipe(path: str | os.PathLike, session_path: str | os.PathLike | Non
         plan = canonical_plan(base_name, base, donor_of)
     except SurgeonError as e:
         raise SurgeonError(f"{path}: {e}") from None
-    return make_session(plan, donors, session_path)
+    _check_tokenizer(config, path, base_name, by_key)
+    session = make_session(plan, donors, session_path)
+    if out_dtype is not None and MERGEKIT_DTYPES.get(base.dtype) != out_dtype:
+        # What mergekit would write: the session's exports default to it (replay --export).
+        session.extensions["recipe"] = {"dtype": out_dtype, "from": str(path)}
+    return session
+
+
+# mergekit's dtype names (its dtype_from_name) -> ours
+RECIPE_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+                 "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _output_dtype(config: dict, path: Path) -> str | None:
+    """The dtype mergekit would write (`out_dtype`, else `dtype`), as ours; None when it names none.
+    For 0/1 weights the compute dtype changes no value the output dtype keeps, so only the output's
+    counts; a dtype we cannot write is refused, naming the field."""
+    found = {}
+    for key in ("dtype", "out_dtype"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or value.lower() not in RECIPE_DTYPES:
+            raise SurgeonError(f"{path}: {key} {excerpt(repr(value), 40)} is not a dtype moe-surgeon writes "
+                               f"(one of {', '.join(sorted(set(RECIPE_DTYPES.values())))})")
+        found[key] = RECIPE_DTYPES[value.lower()]
+    return found.get("out_dtype") or found.get("dtype")
+
+
+def _check_tokenizer(config: dict, path: Path, base_name: str, by_key: dict[str, str]) -> None:
+    """An export keeps the base's tokenizer files: a recipe asking for another tokenizer or chat
+    template is refused rather than written without it."""
+    tokenizer = config.get("tokenizer")
+    source = config.get("tokenizer_source")
+    if isinstance(tokenizer, dict):
+        if set(tokenizer) - {"source"}:
+            raise SurgeonError(f"{path}: tokenizer: {', '.join(sorted(set(tokenizer) - {'source'}))} builds a "
+                               "tokenizer; moe-surgeon keeps the base model's")
+        source = tokenizer.get("source", source)
+    elif tokenizer is not None:
+        raise SurgeonError(f"{path}: tokenizer is a mapping (source: base), not {excerpt(repr(tokenizer), 40)}")
+    if source is not None and source != "base" and by_key.get(source if isinstance(source, str) else "") != base_name:
+        raise SurgeonError(f"{path}: tokenizer_source {excerpt(repr(source), 60)}: an export keeps the base model's "
+                           "tokenizer; use `base` (or leave it out)")
+    if config.get("chat_template") is not None:
+        raise SurgeonError(f"{path}: chat_template: an export keeps the base model's chat template; leave it out")
 
 
 def open_recipe_session(session_path: str | os.PathLike):
