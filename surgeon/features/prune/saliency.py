@@ -84,5 +84,5 @@ def collect_saliency(model, tokenizer, corpora: dict[str, list[str]], *, reap: b
     from surgeon.features.routing.probe import probe_domains
 
     stats = probe_domains(model, tokenizer, corpora, batch_size=batch_size, max_tokens=max_tokens, reap=reap,
-                          progress=progress, cancel=cancel, label="saliency")
+                          trace=False, progress=progress, cancel=cancel, label="saliency")
     return from_routing(stats)

@@ -217,7 +217,7 @@ class _Recorder:
     """Forward hooks on every router; accumulates one batch at a time on the model's device."""
 
     def __init__(self, moe: list[MoeLayer], device, *, importance: bool, keep_probs: bool, logits_at: int = 0,
-                 reap: bool = False):
+                 reap: bool = False, trace: bool = True):
         import torch
 
         self.torch = torch
@@ -229,6 +229,10 @@ class _Recorder:
         self.E = self.k = None  # the router's outputs say, on the first batch
         self.importance, self.keep_probs = importance, keep_probs
         self.mask = None  # bool [B*T] of real (not padding) tokens in the current batch
+        self.rows = None  # their indices: one index_select per tensor is several times cheaper than a mask
+        # False: only counts, combine weights and REAP (saliency): no router distribution, top-1, co-firing
+        # or token trace, which on a small model cost as much as its forward pass
+        self.trace = trace
         self.sel: list[list] = [[] for _ in moe]
         self.probs: list[list] = [[] for _ in moe]
         self._prev = None
@@ -257,9 +261,9 @@ class _Recorder:
         the output, Llama 4) and output norm; padding tokens are dropped as everywhere else."""
         if self.E is None:
             return  # the router has not run: nothing to attribute the slots to
-        if self.mask is not None:
-            idx, norms = idx[self.mask], norms[self.mask]
-            weights = None if weights is None else weights[self.mask]
+        if self.rows is not None:
+            idx, norms = idx.index_select(0, self.rows), norms.index_select(0, self.rows)
+            weights = None if weights is None else weights.index_select(0, self.rows)
         score = norms if weights is None else weights.float() * norms
         self.reap_sum[li].index_add_(0, idx.flatten(), score.flatten().double())
         self.norm_sum[li].index_add_(0, idx.flatten(), norms.flatten().double())
@@ -314,11 +318,17 @@ class _Recorder:
             if self.E is None:
                 self._allocate(logits.shape[-1], idx.shape[-1])
             self.last[li] = (idx, weights)
-            x = args[0].reshape(-1, args[0].shape[-1])
-            if self.mask is not None:
-                logits, weights, idx, x = logits[self.mask], weights[self.mask], idx[self.mask], x[self.mask]
-            probs = router_probs(module, logits)
+            if self.rows is not None:
+                weights, idx = weights.index_select(0, self.rows), idx.index_select(0, self.rows)
             weights = weights.float()
+            if not self.trace:
+                self.counts[li].index_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.float64,
+                                                                        device=idx.device))
+                self.weight_sum[li].index_add_(0, idx.flatten(), weights.flatten().double())
+                return
+            if self.rows is not None:
+                logits = logits.index_select(0, self.rows)
+            probs = router_probs(module, logits)
             # float32 counts are exact (a batch has far fewer than 2^24 tokens) and its matmuls are
             # several times faster than float64's; the running sums stay float64.
             onehot = torch.zeros(idx.shape[0], self.E, dtype=torch.float32, device=idx.device)
@@ -336,6 +346,9 @@ class _Recorder:
             if self.keep_probs:
                 self.probs[li].append(probs.half().cpu())
             if self.imp is not None:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                if self.rows is not None:
+                    x = x.index_select(0, self.rows)
                 experts = self.moe[li].mlp.experts
                 if not hasattr(experts, "gate_up_proj"):
                     raise SurgeonError(f"{type(experts).__name__}: the importance score needs experts held as "
@@ -363,19 +376,21 @@ def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
 
 
 def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_tokens: int | None = None,
-                  importance: bool = False, keep_probs: bool = False, reap: bool = False, progress=None,
-                  cancel=NEVER) -> RoutingStats:
+                  importance: bool = False, keep_probs: bool = False, reap: bool = False, trace: bool = True,
+                  progress=None, cancel=NEVER) -> RoutingStats:
     """Run `texts` through `model` (one forward pass each, batched, right-padded) and record routing."""
     return probe_domains(model, tokenizer, {"corpus": texts}, batch_size=batch_size, max_tokens=max_tokens,
-                         importance=importance, keep_probs=keep_probs, reap=reap, progress=progress,
-                         cancel=cancel)["corpus"]
+                         importance=importance, keep_probs=keep_probs, reap=reap, trace=trace,
+                         progress=progress, cancel=cancel)["corpus"]
 
 
 def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size: int = 32,
                   max_tokens: int | None = None, importance: bool = False, keep_probs: bool = False,
-                  reap: bool = False, progress=None, cancel=NEVER, label: str = "routing") -> dict[str, RoutingStats]:
+                  reap: bool = False, trace: bool = True, progress=None, cancel=NEVER,
+                  label: str = "routing") -> dict[str, RoutingStats]:
     """Each corpus through `model`, as `probe_routing`; one job: `progress` gets jobs.Steps in sequences
-    over every corpus, `cancel` is checked before every batch."""
+    over every corpus, `cancel` is checked before every batch. `trace=False` records only counts,
+    combine weights and (with `reap`) REAP: top1, mean_prob, co-firing and the token trace stay empty."""
     moe = moe_layers(model)
     if not moe:
         raise SurgeonError(f"{getattr(model.config, 'model_type', type(model).__name__)}: the model has no "
@@ -386,7 +401,8 @@ def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size
     out, before = {}, 0
     for name, s in seqs.items():
         out[name] = _probe(model, moe, tokenizer, s, batch_size, importance, keep_probs, cancel,
-                           lambda n, name=name, before=before: meter(before + n, detail=name), reap=reap)
+                           lambda n, name=name, before=before: meter(before + n, detail=name), reap=reap,
+                           trace=trace)
         before += len(s)
     return out
 
@@ -405,12 +421,14 @@ def _sequences(tokenizer, texts: list[str], max_len: int, max_tokens: int | None
 
 
 def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_size: int, importance: bool,
-           keep_probs: bool, cancel, done, reap: bool = False) -> RoutingStats:
+           keep_probs: bool, cancel, done, reap: bool = False, trace: bool = True) -> RoutingStats:
     import torch
 
     device = next(model.parameters()).device
+    if importance and not trace:
+        raise SurgeonError("routing: importance needs the router distributions (trace)")
     rec = _Recorder(moe, device, importance=importance, keep_probs=keep_probs, logits_at=router_class(model)[1],
-                    reap=reap)
+                    reap=reap, trace=trace)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     token_ids, docs = [], []
     try:
@@ -428,6 +446,7 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
                     docs.append(np.full(len(s), start + r, dtype=np.int64))
                 flat = mask.flatten().bool().to(device)
                 rec.mask = None if bool(flat.all()) else flat
+                rec.rows = None if rec.mask is None else flat.nonzero().squeeze(1)
                 rec._prev = None
                 rec.batch += 1
                 model(ids.to(device), attention_mask=mask.to(device), use_cache=False)
@@ -443,7 +462,8 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
         counts=cpu(rec.counts), top1_counts=cpu(rec.top1), prob_sum=cpu(rec.prob_sum),
         weight_sum=cpu(rec.weight_sum), cofire=cpu(rec.cofire), cofire_next=cpu(rec.cofire_next),
         token_ids=np.concatenate(token_ids), doc=np.concatenate(docs),
-        selected=np.stack([torch.cat(s).numpy() for s in rec.sel], axis=1),
+        selected=(np.stack([torch.cat(s).numpy() for s in rec.sel], axis=1) if trace
+                  else np.zeros((0, len(moe), rec.k), dtype=np.int16)),
         importance_sum=None if rec.imp is None else cpu(rec.imp),
         reap_sum=None if rec.reap_sum is None else cpu(rec.reap_sum),
         norm_sum=None if rec.norm_sum is None else cpu(rec.norm_sum),
