@@ -90,23 +90,27 @@ def run_verify(directory: str | os.PathLike, *, donors: bool = False, progress: 
                 result.converted += 1
                 continue
             start, end = entry["offsets"]
-            if end - start != src.nbytes:
-                result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
-                                  f"{source['donor']}'s {source['name']} ({src.file})")
-                return result
-            # A spliced fused expert tensor: each range of experts against the donor it came from.
+            # Ranges of experts (rows of the first axis) written one after another, each from the donor it
+            # names: a spliced fused tensor's ranges cover every row, a pruned one's only the kept rows.
             row = src.nbytes // src.shape[0] if src.shape and src.shape[0] else 0
-            pieces = [(r["donor"], r["from"] * row, (r["to"] - r["from"]) * row) for r in source.get("experts", ())]
-            if any(offset + count > src.nbytes for _, offset, count in pieces):  # read past it, it would never end
+            pieces, at = [], 0  # (donor, offset in the output, offset in the donor's tensor, bytes)
+            for r in source.get("experts", ()):
+                pieces.append((r["donor"], at, r["from"] * row, (r["to"] - r["from"]) * row))
+                at += (r["to"] - r["from"]) * row
+            if any(offset + count > src.nbytes for _, _, offset, count in pieces):  # read past it, it would never end
                 result.problem = (f"{directory}: tensor {tensor}: its source's expert ranges "
                                   f"{[(r['from'], r['to']) for r in source['experts']]} go past the tensor's "
                                   f"{src.shape[0] if src.shape else 0} experts")
                 return result
-            for donor_name, offset, count in pieces or [(source["donor"], 0, src.nbytes)]:
+            if end - start != (at if pieces else src.nbytes):
+                result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
+                                  f"{source['donor']}'s {source['name']} ({src.file})")
+                return result
+            for donor_name, offset, src_offset, count in pieces or [(source["donor"], 0, 0, src.nbytes)]:
                 d = opened.get(donor_name)
                 piece = d.tensors.get(source["name"]) if d else None
                 if piece is None or not files.same(directory / entry["shard"], start + offset, Path(piece.file),
-                                                   piece.start + offset, count):
+                                                   piece.start + src_offset, count):
                     result.problem = (f"{directory / entry['shard']}: tensor {tensor} differs from donor "
                                       f"{donor_name}'s {source['name']}"
                                       + (f" ({piece.file})" if piece is not None else " (not in the donor)"))
