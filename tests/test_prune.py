@@ -1,0 +1,295 @@
+"""Expert pruning (`moe-surgeon prune`): saliency from one forward pass, and a smaller MoE that plain
+transformers loads and that computes what the original computes with the pruned experts unreachable.
+
+The oracle of a pruned model is the original model whose router can no longer choose the pruned
+experts: their router logits set to -inf before the router's softmax and top-k (OLMoE, Mixtral,
+Qwen-MoE: softmax over the logits, top-k, optional renormalisation, so a softmax over all logits with
+the pruned ones at -inf equals a softmax over the kept ones, with or without norm_topk_prob);
+for routers that choose by logits plus a bias (gpt-oss's router bias, DeepSeek-V3's
+e_score_correction_bias, whose sigmoid weights are taken from the chosen experts only) the bias of
+the pruned experts is -inf, which removes them from the choice and from nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import EXPERTS_PREFIX, conformance_donor, make_donor, mtp_donor, save_char_tokenizer
+
+from surgeon.features.prune.run import PRUNE_FILE, PruneRequest, run_prune
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CORPUS = "12+34=46\n\n7+8=15\n\nrev abc = cba\n\n55+45=100\n\nrev hello = olleh\n\n3+4=7\n\n19+23=42\n"
+
+
+def _model(path):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    return model.eval()
+
+
+def _routers(model):
+    from surgeon.features.routing.probe import moe_layers
+
+    return {m.layer: m.gate for m in moe_layers(model)}
+
+
+@contextmanager
+def pruned_experts_unreachable(model, pruned: dict[int, list[int]]):
+    """The oracle: `model` whose routers cannot choose the `pruned` experts (layer -> original indices)."""
+    undo = []
+    for layer, router in _routers(model).items():
+        gone = torch.tensor(pruned[layer], dtype=torch.long)
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is None and isinstance(getattr(router, "bias", None), torch.nn.Parameter):
+            bias = router.bias
+        if bias is not None:
+            saved = bias.detach().clone()
+            with torch.no_grad():
+                bias[gone] = float("-inf")
+            undo.append(lambda b=bias, s=saved: b.data.copy_(s))
+            continue
+        # The router's logits come from F.linear on its weight: mask them as they leave it.
+        linear = torch.nn.functional.linear
+
+        def masked(*args, gone=gone, **kwargs):
+            out = linear(*args, **kwargs)
+            out[..., gone] = float("-inf")
+            return out
+
+        pre = router.register_forward_pre_hook(lambda *_a, m=masked: setattr(torch.nn.functional, "linear", m))
+        post = router.register_forward_hook(lambda *_a: setattr(torch.nn.functional, "linear", linear))
+        undo += [pre.remove, post.remove]
+    try:
+        yield model
+    finally:
+        for u in undo:
+            u()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(3, vocab, (3, 12), generator=g)
+
+
+def _record(out) -> dict:
+    return json.loads((out / PRUNE_FILE).read_text())
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _check_bytes_and_logits(donor, out, record, experts_prefix="mlp.experts", router="mlp.gate"):
+    """Kept experts and router rows are the original's bytes, renumbered; the model loads and computes
+    what the oracle computes."""
+    before = load_file(donor / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    for layer, kept in record["kept"].items():
+        for new, old in enumerate(kept):
+            prefix = f"model.layers.{layer}.{experts_prefix}."
+            mine = {k[len(prefix + str(new)) + 1:]: v for k, v in after.items() if k.startswith(f"{prefix}{new}.")}
+            theirs = {k[len(prefix + str(old)) + 1:]: v for k, v in before.items() if k.startswith(f"{prefix}{old}.")}
+            assert mine and mine.keys() == theirs.keys()
+            assert all(_bits(mine[k]) == _bits(theirs[k]) for k in mine), (layer, old, new)
+        assert not any(k.startswith(f"model.layers.{layer}.{experts_prefix}.{len(kept)}.") for k in after)
+        for name, t in before.items():
+            if name.startswith(f"model.layers.{layer}.{router}."):
+                assert _bits(after[name]) == _bits(t[torch.tensor(kept)]), name
+    _check_oracle(donor, out, record)
+
+
+def _check_oracle(donor, out, record):
+    """Every token takes the same experts (original indices) in the pruned model as in the oracle, and the
+    logits agree to float rounding: the router's matmul over fewer rows may round a logit differently
+    in the last bit, and DeepSeek-V3 takes its top-k unsorted, so a token's expert outputs may be summed
+    in another order. A wrong expert or router row shows as a difference of 1e-2, not 1e-7."""
+    from transformers import AutoTokenizer
+
+    from surgeon.features.routing.probe import probe_routing
+
+    original, pruned = _model(donor), _model(out)
+    tok = AutoTokenizer.from_pretrained(donor)
+    texts = CORPUS.split("\n\n")
+    ids = _ids(original.config.vocab_size)
+    with pruned_experts_unreachable(original, {int(k): v for k, v in record["pruned"].items()}):
+        expected = _logits(original, ids)
+        want = probe_routing(original, tok, texts, batch_size=4).selected
+    got = probe_routing(pruned, tok, texts, batch_size=4).selected
+    kept = np.array(list(record["kept"].values()))  # [MoE layers, kept]: new index -> original
+    mapped = kept[np.arange(len(kept))[None, :, None], got.astype(np.int64)]
+    assert np.array_equal(np.sort(mapped, -1), np.sort(want, -1))
+    torch.testing.assert_close(_logits(pruned, ids), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- saliency
+@pytest.fixture(scope="module")
+def olmoe_donor(tmp_path_factory):
+    """A tiny OLMoE (8 experts, top-2, norm_topk_prob off: applied weights are router probabilities)."""
+    root = tmp_path_factory.mktemp("prune-olmoe")
+    return save_char_tokenizer(make_donor(root / "d", "olmoe", seed=3, num_experts=8, norm_topk_prob=False))
+
+
+def _saliency(model, tokenizer, **kw):
+    from surgeon.features.prune.saliency import collect_saliency
+
+    return collect_saliency(model, tokenizer, {"c": [t for t in CORPUS.split("\n\n")]}, batch_size=3, **kw)
+
+
+def test_reap_from_the_forward_pass_equals_recomputing_every_expert(olmoe_donor):
+    """REAP's norms are read from the experts' own forward; the routing probe's importance recomputes
+    each expert on its tokens. With norm_topk_prob off the applied weight is the router probability,
+    so the two must agree; and the pass computes the model's own logits."""
+    from transformers import AutoTokenizer
+
+    from surgeon.features.routing.probe import probe_routing
+
+    model, tok = _model(olmoe_donor), AutoTokenizer.from_pretrained(olmoe_donor)
+    texts = CORPUS.split("\n\n")
+    stats = probe_routing(model, tok, texts, batch_size=3, reap=True, importance=True)
+    assert stats.reap is not None and (stats.reap > 0).any()
+    np.testing.assert_allclose(stats.reap, stats.importance, rtol=1e-5, atol=1e-7)
+    s = _saliency(model, tok)
+    np.testing.assert_allclose(s.frequency, stats.frequency)
+    np.testing.assert_allclose(s.gate, stats.mean_weight)
+    np.testing.assert_allclose(s.frequency.sum(1), s.top_k)  # every token takes top-k experts
+
+    from surgeon.features.routing.probe import _Recorder, moe_layers
+
+    ids = _ids(model.config.vocab_size)
+    plain = _logits(model, ids)
+    rec = _Recorder(moe_layers(model), "cpu", importance=False, keep_probs=False, reap=True)
+    try:
+        assert torch.equal(_logits(model, ids), plain)
+        assert rec.reap_sum.sum() > 0
+    finally:
+        rec.close()
+    assert "forward" not in vars(model.model.layers[0].mlp.experts)  # the experts' own forward is back
+
+
+def test_an_expert_no_token_routes_to_scores_zero(olmoe_donor):
+    from transformers import AutoTokenizer
+
+    model, tok = _model(olmoe_donor), AutoTokenizer.from_pretrained(olmoe_donor)
+    layers = sorted(_routers(model))
+    with pruned_experts_unreachable(model, {layer: [5] for layer in layers}):
+        s = _saliency(model, tok)
+    assert (s.frequency[:, 5] == 0).all() and (s.reap[:, 5] == 0).all() and (s.gate[:, 5] == 0).all()
+    assert (np.delete(s.reap, 5, axis=1).sum(1) > 0).all()
+
+
+# ---------------------------------------------------------------- the pruned checkpoint
+def test_prune_command_writes_a_smaller_moe_with_the_originals_bytes_and_the_oracles_logits(olmoe_donor, tmp_path,
+                                                                                         cli):
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "pruned"
+    r = cli("prune", out, "--base", olmoe_donor, "--ratio", "0.5", "--by", "reap", "--corpus", f"calib={corpus}",
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "keep 4 per layer by reap" in r.stdout and "calib (" in r.stdout
+    record = _record(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts"] == 4 and config["num_experts_per_tok"] == 2
+    assert record["criterion"] == "reap" and record["corpora"][0]["name"] == "calib"
+    assert all(len(k) == 4 for k in record["kept"].values())
+    # what was chosen is what the saliency says: the kept experts have the highest REAP scores
+    reap = np.array(record["saliency"]["reap"])
+    for i, kept in enumerate(record["kept"].values()):
+        assert set(kept) == set(np.argsort(-reap[i], kind="stable")[:4].tolist())
+    _check_bytes_and_logits(olmoe_donor, out, record)
+    card = (out / "README.md").read_text()
+    assert "REAP" in card and "calib" in card and "| 0 | " in card
+    # the manifest says which rows of which original tensor each sliced one is, and verify checks them
+    assert cli("verify", out, "--donors").returncode == 0
+    # the same command on the same inputs writes the same weights
+    again = tmp_path / "again"
+    r = cli("prune", again, "--base", olmoe_donor, "--ratio", "0.5", "--by", "reap", "--corpus", f"calib={corpus}",
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert _record(again)["kept"] == record["kept"]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_every_described_expert_layout_prunes_to_the_oracle(donors_of, model_type, tmp_path):
+    donor = donors_of(model_type, 1)[0]
+    out = tmp_path / "out"
+    run_prune(PruneRequest(out=str(out), base=str(donor), keep=3, by="frequency", corpora=(f"c={_corpus(tmp_path)}",),
+                           device="cpu"))
+    record = _record(out)
+    config = json.loads((out / "config.json").read_text())
+    assert record["experts_keys"] and all(config[k] == 3 for k in record["experts_keys"])
+    block = EXPERTS_PREFIX.get(model_type, "mlp.experts").rpartition(".")[0]
+    _check_bytes_and_logits(donor, out, record, EXPERTS_PREFIX.get(model_type, "mlp.experts"), f"{block}.gate")
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+@pytest.mark.parametrize("model_type,router", [("gpt_oss", "mlp.router"), ("llama4_text", "feed_forward.router")])
+def test_fused_expert_tensors_are_sliced_along_the_expert_axis(tmp_path, model_type, router):
+    donor = save_char_tokenizer(conformance_donor(tmp_path / "d", model_type, 0))
+    out = tmp_path / "out"
+    result = run_prune(PruneRequest(out=str(out), base=str(donor), keep=2, by="reap",
+                                    corpora=(f"c={_corpus(tmp_path)}",), device="cpu"))
+    assert result.saliency.reap is not None
+    record = _record(out)
+    before, after = load_file(donor / "model.safetensors"), load_file(out / "model.safetensors")
+    fused = [n for n in before if ".experts." in n and n.split(".experts.")[1].split(".")[0].isalpha()
+             or n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert fused
+    for name in fused:
+        layer = name.split(".")[2]
+        kept = torch.tensor(record["kept"][layer])
+        assert after[name].shape[0] == 2 and _bits(after[name]) == _bits(before[name][kept]), name
+    for name, t in before.items():
+        if f".{router}." in name:
+            kept = torch.tensor(record["kept"][name.split(".")[2]])
+            assert _bits(after[name]) == _bits(t[kept]), name
+    _check_oracle(donor, out, record)
+
+
+def test_random_is_seeded_and_needs_no_corpus(olmoe_donor, tmp_path):
+    kept = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        kept.append(run_prune(PruneRequest(out=str(tmp_path / name), base=str(olmoe_donor), keep=4, by="random",
+                                           seed=seed)).kept)
+    assert kept[0] == kept[1] and kept[0] != kept[2]
+    assert _record(tmp_path / "a")["saliency"] is None
+
+
+# ---------------------------------------------------------------- refused with one line
+def test_top_k_above_what_remains_is_refused(olmoe_donor, tmp_path, run_cli):
+    r = run_cli("prune", tmp_path / "out", "--base", olmoe_donor, "--keep", "1", "--by", "random")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "num_experts_per_tok is 2" in r.stderr and "1 a pruning" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_pruning_cannot_describe_are_refused(tmp_path, run_cli):
+    mtp = mtp_donor(tmp_path / "mtp", 0)
+    r = run_cli("prune", tmp_path / "out", "--base", mtp, "--keep", "3", "--by", "random")
+    assert r.returncode == 2 and "multi-token-prediction" in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli("prune", tmp_path / "out", "--base", mtp, "--keep", "9", "--by", "random")
+    assert r.returncode == 2
+    dense = make_donor(tmp_path / "dense", "llama", seed=0)
+    r = run_cli("prune", tmp_path / "out", "--base", dense, "--ratio", "0.5", "--by", "random")
+    assert r.returncode == 2 and "no routed experts" in r.stderr
+    assert not (tmp_path / "out").exists()
