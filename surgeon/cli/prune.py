@@ -77,14 +77,15 @@ def _print_text(result) -> None:
     elif r["seed"] is not None:
         print(f"  seed {r['seed']}")
     width = max(len(format_ranges(k)) for k in r["kept"].values())
-    print(f"  {'layer':>5}  {'kept':<{width}}  pruned" + ("  (lowest kept / highest pruned score)" if s else ""))
+    rest = max(len(format_ranges(k)) for k in r["pruned"].values())
+    print(f"  {'layer':>5}  {'kept':<{width}}  {'pruned':<{rest}}" + ("  lowest kept / highest pruned score" if s else ""))
     for i, (layer, kept) in enumerate(r["kept"].items()):
-        line = f"  {layer:>5}  {format_ranges(kept):<{width}}  {format_ranges(r['pruned'][layer])}"
+        line = f"  {layer:>5}  {format_ranges(kept):<{width}}  {format_ranges(r['pruned'][layer]):<{rest}}"
         if s is not None:
             scores = s.scores(r["criterion"])[i]
             low = min(float(scores[e]) for e in kept)
             high = max((float(scores[e]) for e in r["pruned"][layer]), default=0.0)
-            line += f"  ({low:.4g} / {high:.4g})"
+            line += f"  {low:.4g} / {high:.4g}"
         print(line)
     w = r["written"]
     print(f"wrote {w['path']}: {w['tensors']} tensors in {len(w['shards'])} file(s), {human_bytes(w['bytes'])}; "
