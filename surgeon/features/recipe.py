@@ -303,10 +303,12 @@ def _slices_donor_of_tensors(config: dict, base: Donor, open_key, key_name) -> d
     first = None
     for i, s in enumerate(config["slices"]):
         sources = s.get("sources") if isinstance(s, dict) else None
-        if not sources:
+        if not sources or not isinstance(sources, list):
             raise SurgeonError(f"slices/{i}: expected sources")
         entries, ranges = [], set()
         for j, src in enumerate(sources):
+            if not isinstance(src, dict):
+                raise SurgeonError(f"slices/{i}/sources/{j}: expected {{model: ..., layer_range: [start, end]}}")
             key = _model_key(src.get("model"), f"slices/{i}/sources/{j}")
             lr = src.get("layer_range")
             if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr)):
@@ -439,7 +441,10 @@ def import_recipe(path: str | os.PathLike, session_path: str | os.PathLike | Non
         for i, m in enumerate(config.get("models") or []):
             keys.append(_model_key(m.get("model") if isinstance(m, dict) else m, f"models/{i}"))
         for i, s in enumerate(config.get("slices") or []):
-            for j, src in enumerate((s or {}).get("sources") or [] if isinstance(s, dict) else []):
+            sources = s.get("sources") if isinstance(s, dict) else None
+            if sources and not isinstance(sources, list):
+                raise SurgeonError(f"slices/{i}/sources: expected a list, not {type(sources).__name__}")
+            for j, src in enumerate(sources or []):
                 keys.append(_model_key(src.get("model") if isinstance(src, dict) else src, f"slices/{i}/sources/{j}"))
     except SurgeonError as e:
         raise SurgeonError(f"{path}: {e}") from None
