@@ -4,7 +4,9 @@ Runs every target there with Hypothesis for --cases generated inputs each (goal:
 target, 0 failures) and prints, per target, the cases tried, the failures and the time; then the
 first failures of each target. A failure is any exception other than SurgeonError with a message,
 a changed input file, or a header we accept that the safetensors library refuses.
-`session_deep` is the session target with JSON nested past Python's recursion limit.
+`session_deep` is the session target with JSON nested past Python's recursion limit. `recipe` feeds
+mergekit YAML to `recipe import`; `manifest` runs `verify [--donors]` on a copy of a real export
+with a fuzzed manifest, and a pass for a manifest whose claims are false is a failure too.
 
 Run: python bench/fuzz.py [--cases 10000] [--targets header,config,...] [--seed N]
 """
@@ -59,6 +61,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown target {unknown[0]} (known: {', '.join(ALL)})")
     with tempfile.TemporaryDirectory(prefix="moe-fuzz-") as tmp:
+        os.environ["MOE_SURGEON_CACHE"] = str(Path(tmp) / "cache")  # verify records hashes: not in the user's cache
         ws = build_workspace(Path(tmp))
         results = {}
         print(f"{'target':<14}{'cases':>8}{'failures':>10}{'seconds':>10}")

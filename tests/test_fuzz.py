@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -47,6 +48,24 @@ class Workspace:
         self.session_json = json.loads(self.session.read_text())
         self.base = opened["A"]
         self.opened = opened
+        self.plan = plan
+        self._export: Path | None = None
+
+    @property
+    def export(self) -> Path:
+        """A real export of the session's plan in three shards, made on first use (the manifest
+        target's); `verify` is a copy of it whose manifest the target overwrites."""
+        if self._export is None:
+            from surgeon.features.export import ExportRequest, run_export
+
+            out = self.root / "export"
+            run_export(ExportRequest(self.plan, self.opened, out, max_shard_size=40_000))
+            shutil.copytree(out, self.root / "verify")
+            self.manifest_json = json.loads((out / "moe-surgeon-manifest.json").read_text())
+            self.export_files = {p.name: p.read_bytes() for p in out.iterdir()}
+            self.donor_shards = {d: (d / "model.safetensors").read_bytes() for d in self.donors}
+            self._export = out
+        return self._export
 
 
 def build_workspace(root: Path) -> Workspace:
@@ -189,6 +208,164 @@ probe_specs = st.one_of(
 )
 
 
+# mergekit configs: mostly-right pieces (the workspace's donors, 0/1 weights on real tensor names, layer
+# ranges near the real two layers), each possibly swapped for a wrong type; then YAML's own traps.
+MERGE_METHODS = ["passthrough", "linear", "task_arithmetic", "ties", "slerp", "", "Linear"]
+FILTERS = ["self_attn", "mlp.experts", "mlp.gate", "mlp.experts.gate_up_proj", "layers.1.", ".0.", "norm",
+           "input_layernorm", "lm_head", "embed_tokens", "*", "", "model.layers.1.mlp.experts.0."]
+MERGEKIT_DTYPES = ["bfloat16", "float16", "float32", "int8", "fp8", "", "BF16"]
+
+
+def mostly(good, bad):
+    """`good` four times in five: a config wrong at every level at once stops at its first field."""
+    return st.sampled_from("ggbgg").flatmap(lambda c: good if c == "g" else bad)  # Hypothesis favours ends
+
+
+def model_refs(ws):
+    real = [str(ws.donors[0]), str(ws.donors[1]), "../donor0", "../donor1/", "~/nope", "demo:base", "demo:nope",
+            "", "/nonexistent", str(ws.root), str(ws.session), "/dev/null", "../donor0+../donor1",
+            str(ws.donors[1]) + "+lora", "../recipes/fuzzed.yml", "."]
+    ref = mostly(st.sampled_from(real[:4]), st.sampled_from(real) | st.text(max_size=8))
+    return mostly(ref, st.one_of(ref.map(lambda r: {"model": r}), ref.map(lambda r: {"model": {"path": r}}),
+                                 st.just({"model": {}}), json_leaf))
+
+
+def weights():
+    one = mostly(st.sampled_from([0, 1]), st.sampled_from([1.0, 0.5, -1, True]) | json_leaf)
+    cond = mostly(st.fixed_dictionaries({"filter": mostly(st.sampled_from(FILTERS), json_leaf), "value": one}),
+                  st.fixed_dictionaries({}, optional={"filter": st.sampled_from(FILTERS), "value": json_value}))
+    conds = st.tuples(st.lists(cond, max_size=4), one).map(lambda t: t[0] + [{"value": t[1]}])
+    return mostly(st.one_of(one, conds, conds), st.lists(one, max_size=3) | json_value)
+
+
+def parameters():
+    return mostly(st.fixed_dictionaries({"weight": weights()}, optional={"normalize": st.booleans()}),
+                  st.fixed_dictionaries({}, optional={"weight": weights(), "normalize": json_leaf,
+                                                      "density": json_leaf}) | json_leaf)
+
+
+@st.composite
+def mergekit_configs(draw, ws) -> dict:
+    refs = model_refs(ws)
+    config: dict = {"merge_method": draw(mostly(st.sampled_from(MERGE_METHODS[:3]),
+                                                st.sampled_from(MERGE_METHODS) | json_leaf))}
+    if draw(st.integers(0, 2)):
+        config["base_model"] = draw(refs)
+    form = draw(mostly(st.sampled_from(["models", "slices"]), st.sampled_from(["both", "neither"])))
+    if form in ("models", "both"):
+        entry = mostly(st.fixed_dictionaries({"model": refs, "parameters": parameters()}),
+                       st.fixed_dictionaries({"model": refs}, optional={"parameters": json_value}) | json_leaf)
+        config["models"] = draw(mostly(st.lists(entry, min_size=1, max_size=3), json_value))
+    if form in ("slices", "both"):
+        bound = mostly(st.integers(0, 2), st.integers(-1, 3) | small_ints | json_leaf)
+        ranges = st.lists(bound, min_size=2, max_size=2)
+        source = st.fixed_dictionaries({"model": refs, "layer_range": mostly(ranges, st.lists(bound) | json_leaf)},
+                                       optional={"parameters": parameters()})
+        slice_ = st.fixed_dictionaries({"sources": mostly(st.lists(source, min_size=1, max_size=2), json_value)},
+                                       optional={"parameters": parameters()})
+        config["slices"] = draw(mostly(st.lists(slice_, min_size=1, max_size=3), json_value))
+    for key, value in [("parameters", parameters()), ("dtype", st.sampled_from(MERGEKIT_DTYPES) | json_leaf),
+                       ("out_dtype", st.sampled_from(MERGEKIT_DTYPES)), ("tokenizer_source", refs),
+                       ("modules", json_value)]:
+        if draw(st.integers(0, 7)) == 0:
+            config[key] = draw(value)
+    return config
+
+
+YAML_TRAPS = [
+    b"[" * 3000, b"- " * 3000 + b"x", b"a: &a [*a]\n", b"&a [*a, *a]",  # too deep; an alias inside itself
+    b"a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+    b"d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+    b"f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]\n",  # ten million values
+    b"merge_method: !!python/object/apply:os.system [echo]\n", b"merge_method: !function x.y\n",
+    b"merge_method: linear\nmodels: !!binary aGVsbG8=\n", b"merge_method: linear\nmodels: !!set {a, b}\n",
+    b"merge_method: linear\nmodels: [2001-12-14, 1e999, 0x1p3, .nan, -.inf]\n",
+    b"merge_method: linear\nmodels:\n- model: 99999999999999999999999999999999999999\n",
+    b"? [a, b]\n: c\n", b"{[1]: 2}", b"merge_method: linear\nmerge_method: passthrough\n",
+    b"base: &b {model: x}\nmerge_method: passthrough\nmodels: [{<<: *b}]\n", b"--- 1\n--- 2\n",
+    b"\xef\xbb\xbfmerge_method: linear\n", b"\xff\xfe", b"merge_method: \xc3\x28\n", b"\x00", b"\t", b"",
+]
+
+
+@st.composite
+def recipe_bytes(draw, ws) -> bytes:
+    """A mergekit config as YAML (or as JSON, which YAML reads too), sometimes damaged as bytes, or
+    one of YAML's traps."""
+    import yaml
+
+    pick = draw(st.integers(0, 9))
+    if pick == 0:
+        return draw(st.sampled_from(YAML_TRAPS) | st.binary(max_size=60))
+    config = draw(mergekit_configs(ws))
+    config = {k: config[k] for k in draw(st.permutations(list(config)))}  # damage below lands in any field
+    if pick == 1:
+        raw = json.dumps(config, allow_nan=True).encode()
+    else:
+        raw = yaml.safe_dump(config, sort_keys=False, allow_unicode=draw(st.booleans())).encode()
+    if draw(st.integers(0, 5)) == 0:  # flip, cut or insert bytes anywhere
+        i = draw(st.integers(0, len(raw)))
+        raw = raw[:i] + draw(st.binary(max_size=8) | st.sampled_from([b"&a ", b"*a", b"!!", b": ", b"\n- ", b"{"]))\
+            + raw[i + draw(st.integers(0, 8)):]
+    return raw
+
+
+def manifest_cases(ws):
+    """(manifest bytes, whether to check donors too): the real export's manifest with keys replaced,
+    removed or added at any depth, or with one claim made false in a way verify can see."""
+    ws.export
+    return st.tuples(st.one_of(mutated_json(ws.manifest_json), false_claims(ws)), st.booleans())
+
+
+def _hex_flip(h: str, i: int) -> str:
+    i %= max(1, len(h))
+    return h[:i] + ("0" if h[i:i + 1] != "0" else "1") + h[i + 1:]
+
+
+@st.composite
+def false_claims(draw, ws) -> bytes:
+    doc = json.loads(json.dumps(ws.manifest_json))
+    tensor = draw(st.sampled_from(sorted(doc["tensors"])))
+    entry = doc["tensors"][tensor]
+    shard = draw(st.sampled_from(sorted(doc["shards"])))
+    side = draw(st.sampled_from(sorted(doc["files"])))
+    at = draw(st.integers(0, 40))
+    outside = st.sampled_from(["../donor0/model.safetensors", "/etc/passwd", "..", "/", "", ".", "../export/" + shard,
+                               "moe-surgeon-manifest.json", shard + "/x", "a\x00b", "config.json"])
+    change = draw(st.integers(0, 12))
+    if change == 0:
+        entry["hash"] = _hex_flip(entry["hash"], at)
+    elif change == 1:
+        doc["shards"][shard] = _hex_flip(doc["shards"][shard], at)
+    elif change == 2:
+        doc["files"][side] = _hex_flip(doc["files"][side], at)
+    elif change == 3:
+        entry["offsets"][draw(st.integers(0, 1))] += draw(st.sampled_from([-1, 1, 1 << 40, -(1 << 70)]))
+    elif change == 4:
+        entry["shape"] = draw(st.lists(small_ints, max_size=3))
+    elif change == 5:
+        entry["dtype"] = draw(st.sampled_from(DTYPES))
+    elif change == 6:
+        entry["shard"] = draw(st.sampled_from(sorted(doc["shards"])) | outside)
+    elif change == 7:
+        doc["shards"][draw(outside)] = doc["shards"].pop(shard)
+    elif change == 8:
+        doc["files"][draw(outside)] = doc["files"].pop(side)
+    elif change == 9:
+        doc["tensors"][draw(st.sampled_from(["x", tensor + ".", "model.layers.9.mlp.gate.weight"]))] = \
+            doc["tensors"].pop(tensor)
+    elif change == 10:
+        donor = draw(st.sampled_from(sorted(doc["donors"])))
+        doc["donors"][donor][draw(st.sampled_from(["path", "path_from_export"]))] = draw(outside | json_leaf)
+    elif change == 11:
+        entry["source"] = draw(st.fixed_dictionaries({"donor": st.sampled_from(["A", "B", "C"]) | json_leaf},
+                                                     optional={"name": st.sampled_from(sorted(doc["tensors"])) | json_leaf,
+                                                               "experts": json_value}) | json_value)
+    else:
+        doc[draw(st.sampled_from(["tensor_hash", "shard_hash", "manifest_version"]))] = draw(
+            st.sampled_from(["xxh3-64", "sha256", "xxh3-128-tree16m", "xxh3-128", 1, 2, "1", True]) | json_leaf)
+    return json.dumps(doc, allow_nan=True).encode()
+
+
 # ---------------------------------------------------------------- targets (also run by bench/fuzz.py)
 def unchanged(path: Path, before: bytes) -> None:
     assert path.read_bytes() == before, f"{path} was changed"
@@ -284,6 +461,52 @@ def probe_target(ws: Workspace, text: str) -> None:
     works_or_refuses(load_probe_data, spec)
 
 
+def recipe_target(ws: Workspace, raw: bytes) -> None:
+    """`recipe import`: a session, saved and read back as the command saves it, or one line."""
+    from surgeon.core.session import load_session, save_session
+    from surgeon.features.recipe import import_recipe
+
+    folder = ws.root / "recipes"  # a level down, so that ../donor0 names a real donor
+    folder.mkdir(exist_ok=True)
+    path, saved = folder / "fuzzed.yml", ws.root / "recipe-session.json"
+    path.write_bytes(raw)
+    session = works_or_refuses(import_recipe, path, saved)
+    unchanged(path, raw)
+    if session is not None:
+        save_session(session, saved)
+        assert load_session(saved).plan == session.plan
+
+
+MANIFEST_CLAIMS = ("shard", "dtype", "shape", "offsets", "hash")
+
+
+def manifest_target(ws: Workspace, case: tuple[bytes, bool]) -> None:
+    """`verify OUT [--donors]` on a copy of a real export with a fuzzed manifest: a result or one line;
+    no file changed, in the copy or in the donors; and a pass only for claims that are true (every
+    shard, side file and tensor hash, range, dtype and shape the real manifest has)."""
+    from surgeon.features.verify import run_verify
+    from surgeon.io.manifest import MANIFEST_FILE
+
+    raw, donors = case
+    copy = ws.root / "verify"
+    (copy / MANIFEST_FILE).write_bytes(raw)
+    result = works_or_refuses(lambda: run_verify(copy, donors=donors))
+    assert sorted(p.name for p in copy.iterdir()) == sorted(ws.export_files)
+    for name, data in ws.export_files.items():
+        unchanged(copy / name, raw if name == MANIFEST_FILE else data)
+    for donor in ws.donors:
+        unchanged(donor / "model.safetensors", ws.donor_shards[donor])
+    if result is None or not result.ok:
+        return
+    doc, real = json.loads(raw), ws.manifest_json
+    for key in ("manifest_version", "tensor_hash", "shard_hash", "shards", "files"):
+        assert doc.get(key, real[key]) == real[key], f"verified a manifest whose {key} is {doc.get(key)!r}"
+    assert doc["tensors"].keys() == real["tensors"].keys(), "verified a manifest that lists other tensors"
+    for name, entry in doc["tensors"].items():
+        claims = {k: entry.get(k) for k in MANIFEST_CLAIMS}
+        assert claims == {k: real["tensors"][name][k] for k in MANIFEST_CLAIMS}, f"verified {name}: {claims}"
+
+
 def session_bytes(ws, deep=False):
     # Not deep here: load_session lets RecursionError through (test_deeply_nested_session below);
     # bench/fuzz.py runs the deep variant as its own target.
@@ -302,6 +525,8 @@ TARGETS = {
     "session": (session_bytes, session_target),
     "spec": (lambda ws: specs, spec_target),
     "probe": (lambda ws: probe_specs, probe_target),
+    "recipe": (recipe_bytes, recipe_target),
+    "manifest": (manifest_cases, manifest_target),
 }
 
 
@@ -320,6 +545,75 @@ def test_spec_with_a_huge_range(ws):
     # found by bench/fuzz.py: parse_ranges expanded the range before any bound check
     with pytest.raises(SurgeonError, match="spans 120797555991565228 values"):
         plan_spec(ws, "expert:0,1@5-120797555991565232")
+
+
+
+@pytest.mark.parametrize("raw, message", [
+    # found by bench/fuzz.py: each escaped import_recipe as a TypeError or IndexError
+    (b"merge_method: linear\nmodels: true\n", "models: expected a list, not bool"),
+    (b"merge_method: passthrough\nslices: 1180893\n", "slices: expected a list, not int"),
+    (b"merge_method: passthrough\nslices: [null, null]\n", "names no model"),
+    (b"merge_method: passthrough\nslices:\n- sources: [{model: ../donor0, layer_range: [0, 36893488147419103232]}]\n",
+     "is not a range of the base's 2 layers"),  # it filled a dict with every layer of the range until out of memory
+    (b"merge_method: passthrough\nslices:\n- sources: 1.0e-5\n", "slices/0/sources: expected a list, not float"),
+    (b"merge_method: passthrough\nslices:\n- sources: [../donor0]\n", "slices/0/sources/0: expected {model: ..."),
+    (b"merge_method: linear\nmodels:\n- {model: ../donor0, parameters: 392}\n",
+     "weight of ../donor0: parameters 392 is not a mapping"),
+])
+def test_recipe_of_the_wrong_shape(ws, raw, message):
+    from surgeon.features.recipe import import_recipe
+
+    recipe_target(ws, raw)
+    with pytest.raises(SurgeonError, match=message):
+        import_recipe(ws.root / "recipes" / "fuzzed.yml")
+
+
+def edited_manifest(ws, edit) -> bytes:
+    doc = json.loads(json.dumps(ws.manifest_json))
+    edit(doc)
+    return json.dumps(doc).encode()
+
+
+def test_manifest_with_an_edited_tensor_hash_does_not_verify(ws):
+    # found by bench/fuzz.py: verify read tensor hashes only in a shard whose own hash differed, so a
+    # manifest claiming another hash for a tensor passed while its shard hash still held
+    from surgeon.features.verify import run_verify
+
+    ws.export
+    name = sorted(ws.manifest_json["tensors"])[3]
+    raw = edited_manifest(ws, lambda m: m["tensors"][name].update(hash="0" * 32))
+    manifest_target(ws, (raw, False))
+    assert f"tensor {name} differs from the manifest" in run_verify(ws.root / "verify").problem
+
+
+@pytest.mark.parametrize("edit, message", [
+    # found by the manifest target: TypeError, AttributeError, KeyError escaped verify, or it passed
+    (lambda m: m["tensors"].update(x=[1]), "tensors/x: expected {shard, dtype, shape, offsets, hash}"),
+    (lambda m: next(iter(m["tensors"].values())).update(offsets=[5]), "offsets: [5] is not [start, end]"),
+    (lambda m: m["shards"].update({"a.safetensors": None}), "shards/a.safetensors: hash None is not a string"),
+    (lambda m: m.update(files=[]), "files: expected a mapping"),
+    (lambda m: m["donors"].update(A="x"), "donors/A: expected {path: ..., path_from_export: ...}"),
+    (lambda m: m.update(shard_hash="sha256"), "shard_hash: 'sha256' (this moe-surgeon computes xxh3-128-tree16m)"),
+])
+def test_malformed_manifest_is_one_line(ws, edit, message):
+    from surgeon.features.verify import run_verify
+
+    ws.export
+    manifest_target(ws, (edited_manifest(ws, edit), True))
+    with pytest.raises(SurgeonError, match=re.escape(message)):
+        run_verify(ws.root / "verify")
+
+
+def test_expert_ranges_past_the_tensor_fail_verify_instead_of_reading_forever(ws):
+    # found writing the manifest target: an expert range past both files compared their empty reads, for ever
+    from surgeon.features.verify import run_verify
+
+    ws.export
+    name = sorted(ws.manifest_json["tensors"])[0]
+    raw = edited_manifest(ws, lambda m: m["tensors"][name]["source"].update(
+        experts=[{"donor": "A", "from": 1 << 40, "to": 1 << 41}]))
+    manifest_target(ws, (raw, True))
+    assert "go past the tensor" in run_verify(ws.root / "verify", donors=True).problem
 
 
 # ---------------------------------------------------------------- a few runs of the command line
