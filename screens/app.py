@@ -27,6 +27,7 @@ from surgeon.core.session import SessionRecords
 from surgeon.core.workbench import Workbench
 from surgeon.errors import SurgeonError
 from surgeon.jobs import Cancelled, CancelToken
+from surgeon.live.keeper import HybridKeeper
 
 from .dialogs import ConfirmScreen, ErrorScreen, PathScreen
 from .surgery import SurgeryScreen
@@ -130,6 +131,7 @@ class SurgeonApp(App):
         self._banner: str | None = None
         self.hash_status: str | None = None  # "hashing donors 40%" while the background hashing shows
         self.recorded_hashes: dict[str, dict[str, str]] = {}  # the open session's full hashes, to compare
+        self.hybrids = HybridKeeper()  # the one live hybrid the Probes and Sweep screens run on
 
     # ------------------------------------------------------------ start
     def on_mount(self) -> None:

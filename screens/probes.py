@@ -14,9 +14,6 @@ escape cancels it at the next batch.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 from rich.style import Style
 from rich.text import Text
 from textual import on
@@ -49,18 +46,6 @@ class ProbeNote(Message):
     def __init__(self, text: str):
         super().__init__()
         self.text = text
-
-
-@dataclass
-class ProbeRun:
-    """What a finished run hands the screen."""
-
-    records: list[dict]
-    specs: list[ProbeSpec]
-    swap: object  # the SwapReport of applying the plan to the live hybrid
-    materialized: bool
-    device: str
-    seconds: float
 
 
 def session_view(app, create: bool = False):
@@ -150,7 +135,7 @@ def plan_text(record: dict | None) -> str:
 def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
     """The session's recorded probes, then one per built-in set with the probe that fits it; and
     how many of them are recorded ones (those start checked)."""
-    from surgeon.probes.data import builtin_sets, load_items
+    from surgeon.probes.run import builtin_probes
 
     specs: list[ProbeSpec] = []
     for data in recorded:
@@ -161,12 +146,7 @@ def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
         if spec not in specs:
             specs.append(spec)
     n_recorded = len(specs)
-    for name, path in builtin_sets().items():
-        try:
-            kind = "mc" if load_items(path)[0].kind == "mc" else "em"
-        except (SurgeonError, OSError, IndexError):
-            continue
-        spec = ProbeSpec(kind, name)
+    for spec in builtin_probes():
         if spec not in specs:
             specs.append(spec)
     return specs, n_recorded
@@ -199,8 +179,6 @@ class ProbesScreen(JobScreen):
     def __init__(self):
         super().__init__()
         self.specs: list[ProbeSpec] = []
-        self.hybrid = None  # the one live hybrid, kept across runs
-        self.hybrid_key: tuple | None = None
         self.last_swap = None  # SwapReport of the latest run's apply()
         self.runs: list[list[dict]] = []
         self.shown_run: int | None = None
@@ -477,54 +455,22 @@ class ProbesScreen(JobScreen):
         self.query_one("#probe-stats", Static).update("checking the probe data…")
         self.start_job(self.probe_job, wb.plan(), dict(wb.donors), specs, group="probes")
 
-    def _live_hybrid(self, plan, donors, device: str, post) -> tuple[object, bool]:
-        """The kept hybrid when it was built from these donors, base and device; else a new one."""
-        from surgeon.live.hybrid import Hybrid
-
-        key = (tuple((n, str(d.path), d.fingerprint) for n, d in donors.items()), plan.base, device, DTYPE)
-        if self.hybrid is not None and self.hybrid_key == key:
-            return self.hybrid, False
-        self.hybrid = self.hybrid_key = None  # let the old model go before loading a new one
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
-        post(f"materialising the hybrid on {device} (the first run loads torch and transformers)…")
-        hybrid = Hybrid.materialize(plan, donors, device=device, dtype=DTYPE)
-        self.hybrid, self.hybrid_key = hybrid, key
-        return hybrid, True
-
     def note(self, text: str) -> None:
         self.post_message(ProbeNote(text))
 
-    def probe_job(self, plan, donors, specs: list[ProbeSpec], *, progress, cancel) -> ProbeRun:
-        """The run, on the job's thread: the kept hybrid moved to `plan`, then run_probes."""
-        started = time.perf_counter()
-        live = False  # the kept hybrid is in play: a failure from here on may leave it half-swapped
-        try:
-            from surgeon.live.devices import default_device
-            from surgeon.probes.run import load_probe_data, run_probes
+    def probe_job(self, plan, donors, specs: list[ProbeSpec], *, progress, cancel):
+        """The run, on the job's thread: the app's live hybrid moved to `plan`, then the probes."""
+        from surgeon.features.probe import ProbeRequest, run_probe
 
-            for s in specs:
-                load_probe_data(s)  # refuse bad probe data before loading any model
-            cancel.check()
-            device = default_device()
-            hybrid, materialized = self._live_hybrid(plan, donors, device, self.note)
-            live = True
-            cancel.check()
-            swap = hybrid.apply(plan, dtype=DTYPE)  # only the tensors whose source changed
-            self.last_swap = swap
-            self.note(f"probing on {device}…")
-            records = run_probes(hybrid, plan, specs, device=device, dtype=DTYPE, batch_size=BATCH_SIZE,
-                                 compare_donors=True, progress=progress, cancel=cancel)
+        try:
+            run = run_probe(ProbeRequest(plan, donors, specs, dtype=DTYPE, batch_size=BATCH_SIZE),
+                            keeper=self.app.hybrids, progress=progress, cancel=cancel, note=self.note)
         except Cancelled:  # between batches, never inside a swap: the hybrid stays consistent
             raise
-        except BaseException as e:
-            if live:  # Hybrid.apply may have copied part of a swap: rebuild it on the next run
-                self.hybrid = self.hybrid_key = None
-            if not isinstance(e, Exception):
-                raise
+        except Exception as e:
             raise SurgeonError(failure_text(e)) from e
-        return ProbeRun(records, specs, swap, materialized, device, time.perf_counter() - started)
+        self.last_swap = run.swap
+        return run
 
     @on(ProbeNote)
     def on_probe_note(self, message: ProbeNote) -> None:
@@ -546,7 +492,7 @@ class ProbesScreen(JobScreen):
         self.query_one("#probe-stats", Static).update("failed: nothing was recorded")
         self.app.push_screen(ErrorScreen("Cannot run the probes", message))
 
-    def job_finished(self, run: ProbeRun) -> None:
+    def job_finished(self, run) -> None:
         from surgeon.probes.run import record_probe_results
 
         record_probe_results(session_view(self.app, create=True), run.specs, run.records)

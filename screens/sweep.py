@@ -208,7 +208,7 @@ class SweepScreen(JobScreen):
             self.notify("nothing to sweep: no donors are open", severity="warning")
             return
         probes_screen = self._probes_screen()
-        if probes_screen.running:
+        if probes_screen.running:  # both run on the app's one live hybrid
             self.notify("the Probes screen is running; wait for it", severity="warning")
             return
         try:
@@ -223,18 +223,18 @@ class SweepScreen(JobScreen):
         self.query_one("#sweep-progress", ProgressBar).update(total=100, progress=0)
         self.query_one("#sweep-stats", Static).update("checking the probe data…")
         self.start_job(self.sweep_job, spec, donors, copy.deepcopy(stored) if stored else None, wb.plan(),
-                       probes_screen, group="sweep")
+                       group="sweep")
 
     def _probes_screen(self):
-        """The app's one Probes screen (installed, not shown, when it was never opened): its live
-        hybrid is the one the sweep moves through the configurations."""
+        """The app's one Probes screen (installed, not shown, when it was never opened): a sweep
+        waits while it runs, since both move the app's live hybrid."""
         from .probes import ProbesScreen
 
         if not self.app.is_screen_installed("probes"):
             self.app.install_screen(ProbesScreen(), name="probes")
         return self.app.get_screen("probes")
 
-    def sweep_job(self, spec, donors, stored, plan, probes_screen, *, progress, cancel) -> dict:
+    def sweep_job(self, spec, donors, stored, plan, *, progress, cancel) -> dict:
         """The sweep, on the job's thread; finished configurations reach the screen as they come."""
         from surgeon.features.sweep.runner import run_sweep
 
@@ -249,14 +249,14 @@ class SweepScreen(JobScreen):
                         "done": "done"}.get(e.kind, e.kind)
                 self.post_message(SweepProgress(f"[{e.done}/{e.total}] {what}", record=copy.deepcopy(e.record)))
 
+        keeper = self.app.hybrids
         live = False
         try:
-            from surgeon.probes.run import load_probe_data
+            from surgeon.features.probe import check_probe_data
 
-            for s in spec.probes:  # bad probe data fails before any model loads
-                load_probe_data(s)
+            check_probe_data(spec.probes)  # bad probe data fails before any model loads
             cancel.check()
-            hybrid, _ = probes_screen._live_hybrid(plan, donors, spec.device, post)
+            hybrid, _ = keeper.get(plan, donors, spec.device, spec.dtype, post)
             live = True
             return copy.deepcopy(run_sweep(spec, donors, record=stored, hybrid=hybrid, on_event=on_event,
                                            progress=progress, cancel=cancel))
@@ -264,7 +264,7 @@ class SweepScreen(JobScreen):
             raise
         except BaseException as e:
             if live:  # a swap may have stopped half-way: the next run rebuilds the hybrid
-                probes_screen.hybrid = probes_screen.hybrid_key = None
+                keeper.drop()
             if not isinstance(e, Exception):
                 raise
             raise SurgeonError(failure_text(e)) from e

@@ -172,7 +172,7 @@ async def test_a_rerun_after_a_mark_swaps_only_the_changed_tensors_into_the_same
         await settle(pilot)
         screen = await open_probes(pilot, f"mc:{mc}")
         await run(pilot, screen)
-        hybrid, first_plan = screen.hybrid, app.wb.plan()
+        hybrid, first_plan = app.hybrids.hybrid, app.wb.plan()
         assert hybrid is not None and "materialised on " in screen_text(app)
         await pilot.press("escape", "j", "3")  # back to the grid; layer 1 attention from C
         assert app.wb.donor_of(Cell(1, "attention")) == "C"
@@ -183,7 +183,7 @@ async def test_a_rerun_after_a_mark_swaps_only_the_changed_tensors_into_the_same
         plan = app.wb.plan()
         before, after = resolve(first_plan, app.wb.donors).sources, resolve(plan, app.wb.donors).sources
         changed = [n for n, s in after.items() if (s.donor, s.tensor) != (before[n].donor, before[n].tensor)]
-        assert screen.hybrid is hybrid  # the same live model ...
+        assert app.hybrids.hybrid is hybrid  # the same live model ...
         assert 0 < screen.last_swap.tensors == len(changed) < len(after)  # ... with only the changes copied
         assert f"swapped {len(changed)} tensor(s)" in screen_text(app)
         # The hot-swapped hybrid measures what a freshly materialised one of the new plan measures.
@@ -232,7 +232,7 @@ async def test_bad_probe_input_is_an_error_and_leaves_the_results_alone(olmoe3, 
         assert "'answerKey' is missing" in text and "Traceback" not in text
         await pilot.press("escape")
         assert app.records.results == recorded and not app.records.probes
-        assert screen.hybrid is None and "nothing was recorded" in screen_text(app)
+        assert app.hybrids.hybrid is None and "nothing was recorded" in screen_text(app)
         # The help lists the screen's own keys.
         await pilot.press("question_mark")
         await pilot.pause()

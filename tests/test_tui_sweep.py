@@ -170,7 +170,7 @@ async def test_escape_stops_a_sweep_at_the_next_batch_and_r_resumes_it(donors_of
         assert 2 <= stopped_at < 8 and not is_complete(record)
         assert "stopped: r resumes" in str(screen.query_one("#sweep-stats").render())
         probes = app.get_screen("probes")
-        assert isinstance(probes, ProbesScreen) and probes.hybrid.resolution.plan == app.wb.plan()
+        assert isinstance(probes, ProbesScreen) and app.hybrids.hybrid.resolution.plan == app.wb.plan()
         await pilot.press("r")  # resumes: only what is missing is measured
         await settle(pilot)
         (record,) = app.records.extensions["sweeps"]

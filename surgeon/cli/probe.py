@@ -127,25 +127,17 @@ def cmd_probe(args) -> int:
         from surgeon.io.fs import check_writable
 
         check_writable(args.samples, "write the samples")  # now, not after the run
+    from surgeon.features.probe import ProbeRequest, run_probe
     from surgeon.live.devices import default_device
-    from surgeon.live.hybrid import Hybrid
-    from surgeon.probes.run import (
-        load_probe_data,
-        record_probe_results,
-        run_probes,
-        summarize,
-    )
+    from surgeon.probes.run import record_probe_results, summarize
 
-    for s in specs:
-        load_probe_data(s)  # refuse bad probe data before loading any model
     device = args.device or default_device()
-    hybrid = Hybrid.materialize(plan, donors, device=device, dtype=args.dtype)
     alone = None if session is not None else donors["A"].path.resolve().name
+    request = ProbeRequest(plan, donors, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
+                           compare_donors=session is not None and not args.no_donors,
+                           keep_samples=bool(args.samples), shown_as=alone or "hybrid")
     with out_of_memory_is_an_error(device), cancel_on_interrupt(CancelToken()) as cancel:
-        records = run_probes(hybrid, plan, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
-                             compare_donors=session is not None and not args.no_donors,
-                             keep_samples=bool(args.samples), progress=StepPrinter("probe"), cancel=cancel,
-                             shown_as=alone or "hybrid")
+        records = run_probe(request, progress=StepPrinter("probe"), cancel=cancel).records
     if session is not None and not args.no_save:
         from surgeon.core.session import record_full_hashes, save_session
 
@@ -175,10 +167,9 @@ def _where(record: dict) -> str:
 
 def replay_probes(session, donors, args) -> int:
     """Re-run the recorded hybrid probes; report every per-item difference from the recording."""
+    from surgeon.features.probe import ProbeRequest, run_probe
     from surgeon.live.devices import default_device
-    from surgeon.live.hybrid import Hybrid
     from surgeon.probes import spec_from_json, trusting
-    from surgeon.probes.run import run_probes
 
     check_replay_trust(session, args)
     recorded = {}
@@ -191,11 +182,10 @@ def replay_probes(session, donors, args) -> int:
     specs = trusting([spec_from_json(r["probe"]) for r in recorded.values()], args.trust_task_code)
     dtypes = {r["dtype"] for r in recorded.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else args.dtype
-    hybrid = Hybrid.materialize(session.plan, donors, device=device, dtype=dtype)
+    request = ProbeRequest(session.plan, donors, specs, device=device, dtype=dtype,
+                           batch_size=next(iter(recorded.values()))["batch_size"], compare_donors=False)
     with cancel_on_interrupt(CancelToken()) as cancel:
-        fresh = run_probes(hybrid, session.plan, specs, device=device, dtype=dtype,
-                           batch_size=next(iter(recorded.values()))["batch_size"], compare_donors=False,
-                           progress=StepPrinter("replay"), cancel=cancel)
+        fresh = run_probe(request, progress=StepPrinter("replay"), cancel=cancel).records
     differences = []
     for new in fresh:
         old = recorded[new["label"]]

@@ -207,10 +207,9 @@ def cmd_sweep(args) -> int:
     base, donor = _choose_donors(args, session, donors)
     for w in check_groups(groups, donors, base, donor):
         print(f"moe-surgeon: warning: {w}", file=sys.stderr)
-    from surgeon.probes.run import load_probe_data
+    from surgeon.features.probe import check_probe_data
 
-    for s in specs:
-        load_probe_data(s)  # refuse bad probe data before starting anything
+    check_probe_data(specs)  # refuse bad probe data before starting anything
     if not distributed:
         from surgeon.live.devices import check_device, default_device
 
@@ -247,10 +246,9 @@ def _run(args, session, donors, created, base, donor, groups, specs, device, clu
 
     spec.probes = trusting(spec.probes, args.trust_task_code)  # recorded ones too: a record never grants it
     check_probes(spec.probes)
-    from surgeon.probes.run import load_probe_data
+    from surgeon.features.probe import check_probe_data
 
-    for s in spec.probes:
-        load_probe_data(s)  # refuse bad probe data before loading any model
+    check_probe_data(spec.probes)  # refuse bad probe data before loading any model
     if session.plan.assignments and not created:
         print(f"moe-surgeon: note: the sweep starts from the plain base {base}; the session's plan "
               f"({len(session.plan.assignments)} assignment(s)) is kept but not part of it", file=sys.stderr)

@@ -164,6 +164,12 @@ def trusting(specs: list[ProbeSpec], trust: bool) -> list[ProbeSpec]:
     return [dataclasses.replace(s, trust_code=trust) for s in specs]
 
 
+def kind_for_items(item_kind: str) -> str | None:
+    """The kind that scores items of `item_kind` ("mc", "exact") on one model, as the registry
+    lists them; None when no kind reads such items."""
+    return next((name for name, k in KINDS.items() if k.items == item_kind and not k.per_donor), None)
+
+
 def single_model_kinds() -> list[str]:
     """Kinds that score one model on its own (what a sweep can measure per configuration)."""
     return [name for name, k in KINDS.items() if not k.per_donor]

@@ -69,6 +69,20 @@ class ProbeData:
         return [context(item, shots, self.template, cot) for item, shots in zip(self.items, self.shots)]
 
 
+def builtin_probes() -> list[ProbeSpec]:
+    """A probe of every built-in probe set, of the kind the registry gives its items."""
+    from surgeon.probes.data import builtin_sets, load_items
+    from surgeon.probes.registry import kind_for_items
+
+    specs = []
+    for name, path in builtin_sets().items():
+        items = load_items(path)
+        kind = kind_for_items(items[0].kind) if items else None
+        if kind is not None:
+            specs.append(ProbeSpec(kind, name))
+    return specs
+
+
 def load_probe_data(spec: ProbeSpec) -> ProbeData:
     if (problem := spec.problem()) is not None:
         raise SurgeonError(f"--probe {spec.label!r}: {problem}")

@@ -198,13 +198,12 @@ def default_donor(donor_names: list[str], base: str) -> str:
 
 
 def default_probes(recorded: list[dict] | None = None) -> list[ProbeSpec]:
-    """The session's recorded probes (those a sweep can run), else every built-in probe set
-    (exact match for the generative sets, multiple choice for the *_mc ones)."""
-    from surgeon.probes import parse_probe
-    from surgeon.probes.data import builtin_sets
+    """The session's recorded probes (those a sweep can run), else every built-in probe set (each
+    of the kind its items need)."""
+    from surgeon.probes.run import builtin_probes
 
     specs = [s for s in map(spec_from_json, recorded or []) if why_not_sweepable(s.kind) is None]
-    return specs or [parse_probe(f"{'mc' if name.endswith('_mc') else 'em'}:{name}") for name in builtin_sets()]
+    return specs or builtin_probes()
 
 
 def why_not_sweepable(kind: str) -> str | None:

@@ -1,0 +1,91 @@
+"""The probe use case, once: check the probe data, bring a hybrid to the plan (a kept live one,
+hot-swapped, or a new one), run the probes on it and its donors. `moe-surgeon probe`, `replay
+--probes`, the Probes screen and the Sweep screen all start here; recording the results in a session
+is `surgeon.probes.run.record_probe_results`, the same for every caller."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from surgeon.core.donor import Donor
+from surgeon.core.plan import Plan
+from surgeon.jobs import NEVER, CancelToken, Cancelled
+from surgeon.probes.types import ProbeSpec
+
+
+def check_probe_data(specs: list[ProbeSpec]) -> None:
+    """Every spec's data loads (files read, items checked), before any model is loaded: a bad probe
+    file is an error in a second, not after minutes of loading."""
+    from surgeon.probes.run import load_probe_data
+
+    for s in specs:
+        load_probe_data(s)
+
+
+@dataclass
+class ProbeRequest:
+    plan: Plan
+    donors: dict[str, Donor]
+    specs: list[ProbeSpec]
+    device: str | None = None  # None: CUDA when present, else the CPU
+    dtype: str = "keep"
+    batch_size: int = 16
+    compare_donors: bool = True
+    keep_samples: bool = False
+    shown_as: str = "hybrid"  # what progress calls the model (a checkpoint probed alone: its name)
+
+
+@dataclass
+class ProbeRun:
+    records: list[dict]
+    specs: list[ProbeSpec]
+    device: str
+    seconds: float
+    materialized: bool = True  # False: a kept hybrid was swapped to the plan
+    swap: object = None  # the SwapReport of moving a kept hybrid to the plan
+    extra: dict = field(default_factory=dict)
+
+
+def run_probe(request: ProbeRequest, *, keeper=None, progress=None, cancel: CancelToken = NEVER,
+              note: Callable[[str], None] | None = None) -> ProbeRun:
+    """Run `request`'s probes on the hybrid of its plan (and on each donor unless not compare_donors).
+
+    keeper: a live.keeper.HybridKeeper whose hybrid is reused and moved to the plan; without one a
+    hybrid is materialised for this run. A failure after the kept hybrid was touched drops it (a
+    swap may have stopped half-way); a cancel does not (runs stop between batches, and run_probes
+    puts the hybrid back on the plan).
+    """
+    from surgeon.live.devices import default_device
+    from surgeon.probes.run import run_probes
+
+    started = time.perf_counter()
+    check_probe_data(request.specs)
+    cancel.check()
+    device = request.device or default_device()
+    say = note or (lambda text: None)
+    if keeper is None:
+        from surgeon.live.hybrid import Hybrid
+
+        say(f"materialising the hybrid on {device}…")
+        hybrid, materialized, swap = Hybrid.materialize(request.plan, request.donors, device=device,
+                                                        dtype=request.dtype), True, None
+    else:
+        hybrid, materialized = keeper.get(request.plan, request.donors, device, request.dtype, say)
+    try:
+        cancel.check()
+        if keeper is not None:
+            swap = hybrid.apply(request.plan, dtype=request.dtype)  # only the tensors whose source changed
+        say(f"probing on {device}…")
+        records = run_probes(hybrid, request.plan, request.specs, device=device, dtype=request.dtype,
+                             batch_size=request.batch_size, compare_donors=request.compare_donors,
+                             keep_samples=request.keep_samples, progress=progress, cancel=cancel,
+                             shown_as=request.shown_as)
+    except Cancelled:
+        raise
+    except BaseException:
+        if keeper is not None:
+            keeper.drop()
+        raise
+    return ProbeRun(records, request.specs, device, time.perf_counter() - started, materialized, swap)
