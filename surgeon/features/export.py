@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from surgeon.core.donor import Donor
 from surgeon.core.gates_sidecar import (
@@ -38,6 +38,7 @@ from surgeon.core.session import (
     record_full_hashes,
     save_session,
 )
+from surgeon.errors import SurgeonError
 from surgeon.features.verify import VerifyResult, run_verify
 from surgeon.io import model_card as card
 from surgeon.io.fs import check_writable
@@ -168,6 +169,7 @@ def export_hybrid(
     fsync: bool = False,
     before_rename: Callable[[Path], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    computed: dict[str, Callable[[], Iterable]] | None = None,
 ) -> ExportResult:
     """Write the hybrid to `out`. The rename at the end makes an interrupted export leave nothing;
     `fsync` also flushes every shard to disk before the rename, so the export survives a power
@@ -175,7 +177,10 @@ def export_hybrid(
     `progress` gets a Step in bytes after every tensor; `cancel` is checked before every tensor
     (jobs.Cancelled, with nothing left behind).
     `before_rename(tmp_dir)` may add or rewrite files (as `gates add` does) inside the atomic step.
-    `warn` gets the line saying which leftovers of killed exports were removed (stderr by default)."""
+    `warn` gets the line saying which leftovers of killed exports were removed (stderr by default).
+    `computed` maps an output tensor to a function yielding its bytes in pieces (merged experts: new
+    bytes, made one piece at a time so no whole fused tensor is held); its source gives only the shape
+    and dtype, and the manifest names no donor for it, so `verify --donors` does not compare it."""
     out = Path(out).absolute()
     check_target(out, donors, force)
     started = time.perf_counter()
@@ -199,6 +204,17 @@ def export_hybrid(
     def write_tensor(n: str, sink: HashingSink) -> None:
         nonlocal done
         src = resolution.sources[n]
+        if computed and n in computed:
+            made = 0
+            for piece in computed[n]():
+                sink.write(piece)
+                made += memoryview(piece).nbytes
+            if made != _nbytes(src.shape, src.dtype):  # the header already promised the size
+                raise SurgeonError(f"tensor {n}: computed {made} bytes, not the {_nbytes(src.shape, src.dtype)} "
+                                   f"of {src.dtype} {list(src.shape)}")
+            done += made
+            meter(done)
+            return
         # A spliced fused expert tensor is its runs of experts, each a byte range of one donor's tensor.
         for lo, hi, donor_name in src.runs or ((None, None, src.donor),):
             donor = donors[donor_name]
@@ -240,7 +256,8 @@ def export_hybrid(
                 before_rename(tmp)
             # Last, so it describes the shards as they will appear: the same rename publishes both.
             # Shards before_rename left alone are not read again; any it rewrote or added are.
-            write_manifest(tmp, build_manifest(tmp, manifest_sources(resolution), donor_identities(donors, out),
+            sources = {n: s for n, s in manifest_sources(resolution).items() if n not in (computed or {})}
+            write_manifest(tmp, build_manifest(tmp, sources, donor_identities(donors, out),
                                                known=written, cancel=cancel))
     finally:
         for fd in fds.values():

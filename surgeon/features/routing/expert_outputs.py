@@ -124,3 +124,33 @@ def _hook_dense(experts, on_slots, routed_of):
 
     handle = experts.register_forward_hook(hook)
     return handle.remove
+
+
+# ---------------------------------------------------------------- every expert on the same tokens
+def every_expert_on(experts, x, chunk: int = 64):
+    """[E, S, H] float32: each expert's output on each of the tokens x [S, H], through the experts
+    module's own forward (every token routed to one expert with weight 1), so whatever the family
+    computes (biases, clamped SwiGLU, transposed weights) is what is compared. Tokens go `chunk` at a
+    time: E x chunk rows per call."""
+    import torch
+
+    num = getattr(experts, "num_experts", None)
+    if not isinstance(num, int):
+        raise SurgeonError(f"{type(experts).__name__}: no num_experts; its experts cannot be run one by one")
+    dense = _every_expert_on_every_token(experts)
+    if not dense and not _decorated(experts):
+        raise SurgeonError(f"{type(experts).__name__}: neither transformers' experts interface nor Llama 4's "
+                           "layout, so every expert cannot be run on the same tokens")
+    pieces = []
+    with torch.no_grad():
+        for lo in range(0, x.shape[0], chunk):
+            part = x[lo:lo + chunk]
+            n = part.shape[0]
+            rep = part.repeat(num, 1)  # expert e's copy of the tokens is rows e*n .. (e+1)*n
+            if dense:
+                out = experts(rep)
+            else:
+                idx = torch.arange(num, device=x.device).repeat_interleave(n).unsqueeze(1)
+                out = experts(rep, idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device))
+            pieces.append(out.float().view(num, n, -1))
+    return torch.cat(pieces, dim=1)

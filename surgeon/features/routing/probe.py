@@ -138,6 +138,10 @@ class RoutingStats:
     norm_sum: np.ndarray | None = None  # [L, E] sum of ||out|| over routed tokens (reap=True)
     probs: np.ndarray | None = None  # [N, L, E] float16 per-token router distributions (keep_probs)
     meta: dict = field(default_factory=dict)
+    # sample_stride: per MoE layer, the router's input at every stride-th real token ([S, H] torch tensors
+    # on the model's device, its dtype): the same tokens in every layer, on which expert merging compares
+    # what the experts compute (prune/saliency.py). Kept for the caller that still holds the model.
+    samples: list | None = None
 
     def _per(self, a):
         return a / max(self.tokens, 1)
@@ -217,7 +221,7 @@ class _Recorder:
     """Forward hooks on every router; accumulates one batch at a time on the model's device."""
 
     def __init__(self, moe: list[MoeLayer], device, *, importance: bool, keep_probs: bool, logits_at: int = 0,
-                 reap: bool = False, trace: bool = True):
+                 reap: bool = False, trace: bool = True, sample_stride: int = 0, sample_limit: int = 0):
         import torch
 
         self.torch = torch
@@ -240,6 +244,10 @@ class _Recorder:
         self.handles = [m.gate.register_forward_hook(self._hook(li)) for li, m in enumerate(moe)]
         self.undo = []
         self.reap = reap
+        self.sample_stride, self.sample_limit = sample_stride, sample_limit
+        self.samples: list[list] = [[] for _ in moe]
+        self.sample_rows = None  # rows of this batch's flattened tokens to keep the router input of
+        self.seen = self.sampled = 0  # real tokens read so far, and how many of them were kept
         if reap:
             self._record_expert_outputs()
 
@@ -299,6 +307,19 @@ class _Recorder:
         self.imp = z(L, E) if self.importance else None
         self.reap_sum, self.norm_sum = (z(L, E), z(L, E)) if self.reap else (None, None)
 
+    def choose_samples(self, real_tokens: int) -> None:
+        """Before a batch: which of its real tokens are the stride-th ones of the corpus."""
+        torch = self.torch
+        self.sample_rows = None
+        if self.sample_stride:
+            first = (-self.seen) % self.sample_stride
+            picked = torch.arange(first, real_tokens, self.sample_stride, device=self.device)
+            picked = picked[: max(self.sample_limit - self.sampled, 0)]
+            if len(picked):
+                self.sample_rows = picked if self.rows is None else self.rows.index_select(0, picked)
+            self.sampled += len(picked)
+        self.seen += real_tokens
+
     def close(self):
         for h in self.handles:
             h.remove()
@@ -314,6 +335,12 @@ class _Recorder:
                 raise SurgeonError(f"layer {self.moe[li].layer}: its router runs more than once per token (a "
                                    "looped layer); routing analysis counts one choice per token and layer")
             self.called[li] = self.batch
+            if self.sample_rows is not None:
+                if not args or not torch.is_tensor(args[0]):
+                    raise SurgeonError(f"layer {self.moe[li].layer}: its router is not called with the hidden "
+                                       "states, so the experts' outputs cannot be sampled")
+                x = args[0].reshape(-1, args[0].shape[-1])
+                self.samples[li].append(x.index_select(0, self.sample_rows).detach().clone())
             logits, weights, idx = self._selection(module, output)
             if self.E is None:
                 self._allocate(logits.shape[-1], idx.shape[-1])
@@ -387,10 +414,12 @@ def probe_routing(model, tokenizer, texts: list[str], *, batch_size: int = 32, m
 def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size: int = 32,
                   max_tokens: int | None = None, importance: bool = False, keep_probs: bool = False,
                   reap: bool = False, trace: bool = True, progress=None, cancel=NEVER,
-                  label: str = "routing") -> dict[str, RoutingStats]:
+                  label: str = "routing", sample_tokens: int = 0) -> dict[str, RoutingStats]:
     """Each corpus through `model`, as `probe_routing`; one job: `progress` gets jobs.Steps in sequences
     over every corpus, `cancel` is checked before every batch. `trace=False` records only counts,
-    combine weights and (with `reap`) REAP: top1, mean_prob, co-firing and the token trace stay empty."""
+    combine weights and (with `reap`) REAP: top1, mean_prob, co-firing and the token trace stay empty.
+    `sample_tokens`: keep the router input of about that many tokens, spread evenly over the corpora
+    (RoutingStats.samples), at the cost of a copy of those rows."""
     moe = moe_layers(model)
     if not moe:
         raise SurgeonError(f"{getattr(model.config, 'model_type', type(model).__name__)}: the model has no "
@@ -398,11 +427,13 @@ def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size
     max_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     seqs = {name: _sequences(tokenizer, texts, max_len, max_tokens) for name, texts in corpora.items()}
     meter = Meter(progress, sum(len(s) for s in seqs.values()), "sequences", label)
+    total = sum(len(t) for s in seqs.values() for t in s)
+    stride = max(1, total // sample_tokens) if sample_tokens else 0
     out, before = {}, 0
     for name, s in seqs.items():
         out[name] = _probe(model, moe, tokenizer, s, batch_size, importance, keep_probs, cancel,
                            lambda n, name=name, before=before: meter(before + n, detail=name), reap=reap,
-                           trace=trace)
+                           trace=trace, sample=(stride, sample_tokens))
         before += len(s)
     return out
 
@@ -421,14 +452,15 @@ def _sequences(tokenizer, texts: list[str], max_len: int, max_tokens: int | None
 
 
 def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_size: int, importance: bool,
-           keep_probs: bool, cancel, done, reap: bool = False, trace: bool = True) -> RoutingStats:
+           keep_probs: bool, cancel, done, reap: bool = False, trace: bool = True,
+           sample: tuple[int, int] = (0, 0)) -> RoutingStats:
     import torch
 
     device = next(model.parameters()).device
     if importance and not trace:
         raise SurgeonError("routing: importance needs the router distributions (trace)")
     rec = _Recorder(moe, device, importance=importance, keep_probs=keep_probs, logits_at=router_class(model)[1],
-                    reap=reap, trace=trace)
+                    reap=reap, trace=trace, sample_stride=sample[0], sample_limit=sample[1])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     token_ids, docs = [], []
     try:
@@ -447,6 +479,7 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
                 flat = mask.flatten().bool().to(device)
                 rec.mask = None if bool(flat.all()) else flat
                 rec.rows = None if rec.mask is None else flat.nonzero().squeeze(1)
+                rec.choose_samples(sum(len(s) for s in batch))
                 rec._prev = None
                 rec.batch += 1
                 model(ids.to(device), attention_mask=mask.to(device), use_cache=False)
@@ -471,6 +504,7 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
         # The router returned logits only: its top-k choice was taken again from them, and the combine
         # weights are the softmax of the chosen logits, not necessarily what the model applied.
         meta={"weights_derived_from_logits": True} if rec.derived else {},
+        samples=[torch.cat(x) if x else None for x in rec.samples] if sample[0] else None,
     )
 
 
