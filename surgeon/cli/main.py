@@ -18,6 +18,7 @@ COMMANDS = {
     "inspect": "inspect", "export": "export", "replay": "export", "verify": "verify", "probe": "probe",
     "demo": "demo", "distance": "distance", "sweep": "sweep", "routing": "routing", "compress": "compress",
     "mix": "mix", "gates": "gates", "serve": "serve", "recipe": "recipe", "prune": "prune",
+    "merge-experts": "merge_experts",
 }
 SUBCOMMANDS = tuple(COMMANDS)
 

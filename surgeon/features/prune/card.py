@@ -46,3 +46,55 @@ def prune_card(report: dict, donor, resolution) -> str:
     ]
     return card.model_card("Pruned MoE checkpoint made by moe-surgeon", [card.CARD_TAG, "prune", "moe"], summary,
                            sections)
+
+
+WEIGHT_TEXT = {
+    "frequency": "its calibration frequency (the share of tokens routed to it; HC-SMoE's and MC-SMoE's weighting)",
+    "reap": "its REAP score (gate weight x output norm over the tokens routed to it)",
+    "uniform": "1 (a plain average)",
+}
+
+
+def merge_card(report: dict, donor, resolution) -> str:
+    into, total = report["into"], report["num_experts"]
+    params = sum(resolution.parameters_by_donor().values())
+    summary = [
+        f"{card.built_by()} by merging routed experts of `{report['base']['spec']}`: every MoE layer's {total}",
+        f"experts are clustered into {into} by what they compute, and each cluster is one expert. Approximate:",
+        "averaged weights compute what their members computed only where the members were alike.",
+        " and ".join(f"`{k}`" for k in report["experts_keys"]) + f" is {into} in config.json.",
+    ]
+    how = [
+        f"- Clustering: {report.get('clustering', 'average linkage')} (HC-SMoE), each expert run on the same "
+        f"{report.get('sample_tokens', '?')} calibration tokens.",
+        f"- Merged expert = sum over members of w x member, w = {WEIGHT_TEXT.get(report['criterion'], report['criterion'])}"
+        " over the cluster's sum, in float64, rounded once to the tensor's dtype: every expert tensor, and the "
+        "router's rows and biases alike. A cluster of one is its expert's bytes.",
+        "- For a softmax router the merged row's logit is the weighted mean of its members' logits, so the merged "
+        "expert is chosen less often than its members together were.",
+    ]
+    if report["corpora"]:
+        how.append("- Calibration corpora: " + ", ".join(
+            f"{c['name']} (`{c['path']}`, {c['tokens']} tokens, sha256 `{c['sha256'][:16]}`)"
+            for c in report["corpora"]) + ".")
+    if report["top_k"] is not None:
+        how.append(f"- Every token still takes {report['top_k']} experts (`{report['top_k_key']}`), now among {into}.")
+    how += ["- The same clusters are found again by:", "", "```", report["command"], "```", "",
+            "`moe-surgeon-merge.json` holds every saliency figure and the similarity per layer, the clusters "
+            "and each member's weight."]
+    rows = []
+    for layer, clusters in report["clusters"].items():
+        merged = [f"{i}={'+'.join(map(str, c))}" for i, c in enumerate(clusters) if len(c) > 1]
+        rows.append([str(layer), " ".join(merged) or "-",
+                     format_ranges([c[0] for c in clusters if len(c) == 1]) or "-"])
+    percent = {"A": 100.0 * params / max(donor.num_parameters, 1)}
+    sections = [
+        ("Original", ["The share is the part of the original's parameters kept.", "",
+                      *card.provenance_table({"A": donor}, "A", percent)]),
+        ("Merging", how),
+        ("Experts per layer", ["New expert = original experts merged into it; experts kept alone keep their "
+                               "bytes, renumbered in order.", "", *card.table(["layer", "merged", "kept alone"],
+                                                                              rows)]),
+    ]
+    return card.model_card("Merged MoE checkpoint made by moe-surgeon", [card.CARD_TAG, "merge", "moe"], summary,
+                           sections)

@@ -64,7 +64,7 @@ def check_top_k(donor: Donor, keep: int) -> int | None:
     return k if isinstance(k, int) else None
 
 
-def _renamed(name: str, donor: Donor, part: Part, new: int) -> str:
+def renamed(name: str, donor: Donor, part: Part, new: int) -> str:
     prefix = len(donor.anatomy.architecture.layer_prefix) + 1  # past the layer number
     segs = name.split(".")
     at = next(i for i in range(prefix, len(segs)) if segs[i] == str(part.expert))
@@ -97,7 +97,7 @@ def pruned_resolution(donor: Donor, kept: dict[int, tuple[int, ...]], num_expert
         if part.kind == "expert" and part.expert is not None:
             if part.expert in keep:
                 new = keep.index(part.expert)
-                out = _renamed(name, donor, part, new)
+                out = renamed(name, donor, part, new)
                 sources[out], parts[out] = src, Part("expert", part.layer, new)
             continue
         if not info.shape or info.shape[0] != num_experts:

@@ -6,7 +6,8 @@ directory), then one forward pass scores the experts (saliency.py), and the chec
 by the export's streaming writer (features/export.py): kept experts move as byte ranges of the
 original, renumbered in order, so nothing is cast or held in memory, and the write is atomic.
 
-Beside the weights it writes `moe-surgeon-prune.json` (criterion, corpora with their content
+The writing is `write.write_smaller`, which `replay` of a prune session calls with the recorded
+choice. Beside the weights it writes `moe-surgeon-prune.json` (criterion, corpora with their content
 hashes, settings, every saliency figure and the kept experts per layer), the model card, and the
 manifest, which `moe-surgeon verify --donors` checks range by range against the original.
 """
@@ -14,7 +15,6 @@ manifest, which `moe-surgeon verify --donors` checks range by range against the 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,11 +22,12 @@ from typing import Callable
 from surgeon import __version__
 from surgeon.errors import SurgeonError
 from surgeon.features.prune.choose import choose, keep_count
-from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape, pruned_config, pruned_resolution
+from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape, pruned_resolution
 from surgeon.features.prune.saliency import CRITERIA, Saliency
+from surgeon.features.prune.write import PRUNE_FILE, write_smaller
 from surgeon.jobs import NEVER
 
-PRUNE_FILE = "moe-surgeon-prune.json"
+__all__ = ["PRUNE_FILE", "PruneRequest", "PruneResult", "run_prune"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class PruneRequest:
     force: bool = False
     fsync: bool = False
     allow_pickle: bool = False
+    save_session: str | None = None  # also save a session that `replay --export` rebuilds this from
 
 
 @dataclass
@@ -60,7 +62,6 @@ class PruneResult:
 def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
               warn: Callable[[str], None] | None = None) -> PruneResult:
     from surgeon.core.donor import open_donor
-    from surgeon.features.export import export_hybrid
     from surgeon.io.sizes import parse_size
     from surgeon.io.staged import check_target
 
@@ -79,13 +80,15 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
     keys = count_keys(donor, num_experts)
     out = Path(r.out).absolute()
     check_target(out, {"A": donor}, r.force)
+    check_session_target(r.save_session)
     pruned_resolution(donor, {layer: tuple(range(keep)) for layer in layers}, num_experts)  # every slice is possible
-    corpora = _read_corpora(r.corpora) if r.by != "random" else []
+    corpora = read_corpora(r.corpora) if r.by != "random" else []
     cancel.check()
 
     saliency, device = None, None
     if r.by != "random":
-        saliency, device = _measure(donor, {c["name"]: c.pop("texts") for c in corpora}, r, progress, cancel)
+        saliency, device = measure(donor, {c["name"]: c.pop("texts") for c in corpora}, r, progress, cancel,
+                                   reap=r.by == "reap")
         if saliency.layers != layers or saliency.num_experts != num_experts:
             raise SurgeonError(f"{donor.path}: the model routes over {saliency.num_experts} experts in layers "
                                f"{saliency.layers}, but its files hold {num_experts} in layers {layers}")
@@ -97,6 +100,7 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
 
     report = {
         "moe_surgeon": __version__,
+        "operation": "prune",
         "base": {"spec": r.base, "path": str(donor.path), "model_type": donor.model_type,
                  "fingerprint": donor.fingerprint},
         "criterion": r.by, "num_experts": num_experts, "keep": keep, "ratio": r.ratio,
@@ -109,25 +113,29 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
         "pruned": {str(layer): [e for e in range(num_experts) if e not in kept[layer]] for layer in layers},
         "saliency": None if saliency is None else saliency.to_json(),
         "command": command_line(r),
+        "max_shard_size": max_shard,
     }
-    resolution = pruned_resolution(donor, kept, num_experts)
-
-    def finish(tmp: Path) -> None:
-        from surgeon.features.prune.card import prune_card
-
-        (tmp / "config.json").write_text(json.dumps(pruned_config(donor, num_experts, keep), indent=2) + "\n")
-        (tmp / "README.md").write_text(prune_card(report, donor, resolution))
-        (tmp / PRUNE_FILE).write_text(json.dumps(report, indent=2) + "\n")
-
-    written = export_hybrid(resolution, {"A": donor}, out, max_shard_size=max_shard, force=r.force, fsync=r.fsync,
-                            progress=progress, cancel=cancel, before_rename=finish, warn=warn)
+    written, resolution = write_smaller(donor, report, out, max_shard_size=max_shard, force=r.force, fsync=r.fsync,
+                                        progress=progress, cancel=cancel, warn=warn)
     report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
                          "bytes": written.bytes, "parameters_before": donor.num_parameters,
                          "parameters_after": sum(resolution.parameters_by_donor().values())}
+    if r.save_session:
+        from surgeon.features.prune.session import save_prune_session
+
+        save_prune_session(report, donor, r.save_session, written, progress=progress, cancel=cancel)
     return PruneResult(report, saliency, kept)
 
 
-def _read_corpora(args: tuple[str, ...]) -> list[dict]:
+def check_session_target(path: str | None) -> None:
+    """A session that cannot be saved fails before the saliency pass, not after the export."""
+    if path:
+        from surgeon.io.fs import check_writable
+
+        check_writable(path, "save the session")
+
+
+def read_corpora(args: tuple[str, ...]) -> list[dict]:
     """Each corpus with what identifies it in the record: its file and the hash of its bytes."""
     from surgeon.features.routing.corpora import DEFAULT_CORPORA, corpus_texts, parse_corpus
 
@@ -141,7 +149,9 @@ def _read_corpora(args: tuple[str, ...]) -> list[dict]:
     return out
 
 
-def _measure(donor, corpora: dict[str, list[str]], r: PruneRequest, progress, cancel) -> tuple[Saliency, str]:
+def measure(donor, corpora: dict[str, list[str]], r, progress, cancel, *, reap: bool,
+            similarity_tokens: int = 0) -> tuple[Saliency, str]:
+    """The saliency of `donor`'s experts over `corpora`, on r.device in r.dtype; and the device."""
     from transformers.utils import logging
 
     from surgeon.features.prune.saliency import collect_saliency
@@ -155,8 +165,9 @@ def _measure(donor, corpora: dict[str, list[str]], r: PruneRequest, progress, ca
     cancel.check()
     model = load_model(donor, device, r.dtype)
     try:
-        saliency = collect_saliency(model, tokenizer, corpora, reap=r.by == "reap", batch_size=r.batch_size,
-                                    max_tokens=r.max_tokens, progress=progress, cancel=cancel)
+        saliency = collect_saliency(model, tokenizer, corpora, reap=reap, batch_size=r.batch_size,
+                                    max_tokens=r.max_tokens, similarity_tokens=similarity_tokens,
+                                    progress=progress, cancel=cancel)
     finally:
         del model
     return saliency, device
