@@ -99,6 +99,10 @@ def cmd_replay(args) -> int:
 
         return replay_mix(session, donors, args, check)
     # --- end mix
+    if "prune" in session.extensions:  # a pruning or merging: rebuilt from its recorded choice
+        from surgeon.cli.prune import replay_smaller
+
+        return replay_smaller(session, donors, args, check)
     if args.probes or args.export:
         print(f"moe-surgeon: {check.line()}", file=sys.stderr)
     if args.probes:

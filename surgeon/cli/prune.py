@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace an output directory moe-surgeon wrote")
     p.add_argument("--fsync", action="store_true", help="flush every shard to disk before the final rename")
+    p.add_argument("--save-session", metavar="FILE",
+                   help="also save a session: `moe-surgeon replay FILE --export DIR` rebuilds the same bytes "
+                   "from the recorded choice")
     p.add_argument("--json", action="store_true", help="print the record (scores, kept experts) as JSON")
     p.set_defaults(func=cmd_prune)
 
@@ -52,13 +55,16 @@ def cmd_prune(args) -> int:
         out=args.out, base=args.base, keep=args.keep, ratio=args.ratio, by=args.by, seed=args.seed,
         corpora=tuple(args.corpus), max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force, fsync=args.fsync,
-        allow_pickle=args.allow_pickle)
+        allow_pickle=args.allow_pickle, save_session=args.save_session)
     with cancel_on_interrupt(CancelToken()) as token:
         result = run_prune(request, progress=StepPrinter("prune"), cancel=token, warn=warn)
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
         _print_text(result)
+        if args.save_session:
+            print(f"saved session {args.save_session}: `moe-surgeon replay {args.save_session} --export DIR` "
+                  "rebuilds these bytes")
     return 0
 
 
@@ -91,3 +97,43 @@ def _print_text(result) -> None:
     print(f"wrote {w['path']}: {w['tensors']} tensors in {len(w['shards'])} file(s), {human_bytes(w['bytes'])}; "
           f"parameters {w['parameters_before']:,} -> {w['parameters_after']:,}")
     sys.stdout.flush()
+
+
+def replay_smaller(session, donors, args, check) -> int:
+    """`moe-surgeon replay SESSION [--export OUT]` for a session whose step is a pruning or a merging:
+    the checkpoint is rebuilt from the recorded choice, never measured again."""
+    from surgeon.cli.progress import StepPrinter, warn
+    from surgeon.errors import SurgeonError
+    from surgeon.features.prune.session import rebuild_from_session, recorded_step
+    from surgeon.io.sizes import human_bytes
+    from surgeon.jobs import CancelToken, cancel_on_interrupt
+
+    ext = recorded_step(session, args.session)
+    what = "merge" if ext.get("operation") == "merge" else "prune"
+    if args.probes:
+        raise SurgeonError(f"{args.session}: replay --probes: a {what} session records no probes; probe its "
+                           "export with `moe-surgeon probe DIR`")
+    if args.dtype not in (None, "keep"):
+        raise SurgeonError(f"{args.session}: replay --dtype {args.dtype}: a {what} session rebuilds the "
+                           "original's dtypes; drop --dtype")
+    if not args.export:
+        size = ext.get("into") if what == "merge" else ext.get("keep")
+        if args.json:
+            print(json.dumps({"session": str(args.session), "operation": what, "criterion": ext.get("criterion"),
+                              "num_experts": ext.get("num_experts"), "after": size,
+                              "fingerprints": check.status, "donor_check": check.line()}, indent=2))
+        else:
+            print(f"{args.session}: {what} of {ext.get('num_experts')} experts per MoE layer to {size} by "
+                  f"{ext.get('criterion')}; {check.line()}; add --export OUT to rebuild it")
+        return 0
+    print(f"moe-surgeon: {check.line()}", file=sys.stderr)
+    with cancel_on_interrupt(CancelToken()) as token:
+        _, written, _ = rebuild_from_session(session, args.session, donors, args.export, force=args.force,
+                                             fsync=args.fsync, progress=StepPrinter("export"), cancel=token, warn=warn)
+    if args.json:
+        print(json.dumps({"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
+                          "bytes": written.bytes}, indent=2))
+    else:
+        print(f"rebuilt the {what} of {args.session} from its recorded choice: {written.tensors} tensors "
+              f"({human_bytes(written.bytes)}) in {len(written.shards)} shard(s) at {written.path}")
+    return 0

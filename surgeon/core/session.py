@@ -410,10 +410,14 @@ def first_changed_tensor(session: Session, session_path, donor_name: str, donor:
 
 
 def refuse_mix_session(session: Session, path, instead: str) -> None:
-    """A mix session's plan is only the dense part of the mix (its transfers; mix_build.py), so a
-    command that works on a session's plan would silently measure or change the wrong model."""
+    """A mix session's plan is only the dense part of the mix (its transfers; mix_build.py), and a
+    prune session's is the model before pruning, so a command that works on a session's plan would
+    silently measure or change the wrong model."""
     if "mix" in session.extensions:
         raise SurgeonError(f"{path}: a mix session; {instead} the mix's export directory instead")
+    if "prune" in session.extensions:  # features/prune/session.py: its plan is the original, unpruned
+        raise SurgeonError(f"{path}: a prune or merge-experts session, whose plan is the original before experts "
+                           f"were removed; {instead} its export directory instead")
 
 
 def open_target(target: str, verb: str, *, allow_pickle: bool = False) -> tuple[Session | None, dict[str, Donor], Plan]:

@@ -518,5 +518,8 @@ def open_recipe_session(session_path: str | os.PathLike):
     from surgeon.core.session import load_session, refuse_mix_session
 
     session = load_session(session_path)
+    if "prune" in session.extensions:  # before the mix refusal: no export directory would do either
+        raise SurgeonError(f"{session_path}: a prune or merge-experts session: mergekit has no expert pruning or "
+                           "merging, so no recipe makes this model")
     refuse_mix_session(session, session_path, "export a recipe from")
     return session, open_session_donors(session, session_path)

@@ -1,0 +1,95 @@
+"""A pruning or merging kept as a session step, and rebuilt from it byte for byte.
+
+The session's plan is the original alone (donor A, nothing taken), its donor proven by fingerprint
+and full content hashes as every session's, and `extensions["prune"]` is the record the command
+wrote beside the weights (moe-surgeon-prune.json / moe-surgeon-merge.json):
+
+  operation        "prune" or "merge"
+  criterion        prune: reap | frequency | gate | random; merge: the member weights (frequency | reap | uniform)
+  num_experts      experts per MoE layer before; keep (prune) or into (merge): after
+  kept             prune: {layer: [original expert indices kept, increasing]}
+  clusters         merge: {layer: [[original experts of merged expert 0], ...]}, ordered by first member
+  weights          merge: {layer: [[each member's weight], ...]}, exactly as used
+  corpora          [{name, path, sha256, tokens}] (paths relative to the session file when one is given)
+  saliency         every figure measured (frequency, gate, REAP, the experts' output similarity)
+  seed, max_tokens, batch_size, device, dtype, max_shard_size, command
+
+`rebuild_from_session` writes from `kept` or `clusters` + `weights` alone: no corpus is read and
+nothing is measured again, so the rebuild is the same bytes on any device. The workbench records a
+pruning by `prune_session` as the command line does.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from surgeon.errors import SurgeonError
+from surgeon.jobs import NEVER
+
+EXTENSION = "prune"
+
+
+def prune_session(record: dict, donor, session_path: str | os.PathLike | None, written=None):
+    """A session holding `record` (what run_prune / run_merge reported) as its step; `written` (an
+    ExportResult) is recorded as the session's export."""
+    from surgeon.core.plan import Plan
+    from surgeon.core.session import ExportRecord, make_session, now_utc
+
+    session = make_session(Plan("A"), {"A": donor}, session_path)
+    ext = copy.deepcopy({k: v for k, v in record.items() if k != "written"})
+    session_dir = Path(session_path).resolve().parent if session_path else None
+    for c in ext.get("corpora") or []:
+        if session_dir is not None:
+            try:
+                c["path"] = os.path.relpath(Path(c["path"]).resolve(), session_dir)
+            except ValueError:
+                pass
+    session.extensions[EXTENSION] = ext
+    if written is not None:
+        session.exports.append(ExportRecord(path=str(written.path), dtype="keep",
+                                            max_shard_size=record.get("max_shard_size"), shards=len(written.shards),
+                                            tensors=written.tensors, bytes=written.bytes, time=now_utc(),
+                                            kind=record.get("operation", "prune")))
+    return session
+
+
+def save_prune_session(record: dict, donor, session_path, written=None, *, progress=None, cancel=NEVER) -> None:
+    """Save the session of a pruning or merging, its donor proven by full content hashes (read once, cached)."""
+    from surgeon.core.session import record_full_hashes, save_session
+
+    session = prune_session(record, donor, session_path, written)
+    record_full_hashes(session, {"A": donor}, progress=progress, cancel=cancel)
+    save_session(session, session_path)
+
+
+def recorded_step(session, session_path) -> dict:
+    ext = session.extensions.get(EXTENSION)
+    if not isinstance(ext, dict) or ext.get("operation", "prune") not in ("prune", "merge"):
+        raise SurgeonError(f"{session_path}: invalid session: field extensions/{EXTENSION}: expected a prune or "
+                           "merge record")
+    return ext
+
+
+def rebuild_from_session(session, session_path, donors: dict, out, *, force: bool = False, fsync: bool = False,
+                         progress=None, cancel=NEVER, warn=None):
+    """Write the checkpoint a prune or merge session records, from its recorded choice; returns
+    (the record, ExportResult, Resolution)."""
+    from surgeon.features.prune.layout import moe_shape
+    from surgeon.features.prune.write import write_smaller
+
+    ext = recorded_step(session, session_path)
+    donor = donors[session.plan.base]
+    _, num_experts = moe_shape(donor)
+    if ext.get("num_experts") != num_experts:
+        raise SurgeonError(f"{session_path}: invalid session: field extensions/{EXTENSION}/num_experts: "
+                           f"{ext.get('num_experts')!r}, but {donor.path} has {num_experts} experts per MoE layer")
+    shard = ext.get("max_shard_size", 5 * 10**9)
+    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 1:
+        raise SurgeonError(f"{session_path}: invalid session: field extensions/{EXTENSION}/max_shard_size: "
+                           f"{shard!r} is not a size in bytes")
+    written, resolution = write_smaller(donor, ext, out, max_shard_size=shard, force=force, fsync=fsync,
+                                        progress=progress, cancel=cancel, warn=warn,
+                                        origin=f"{session_path}: invalid session: field extensions/{EXTENSION}/")
+    return ext, written, resolution
