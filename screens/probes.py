@@ -211,18 +211,35 @@ class ProbesScreen(JobScreen):
         self.query_one("#probe-add-error").display = False
         history = self.query_one("#probe-history", DataTable)
         history.add_columns("#", "UTC", "plan", "probes", "hybrid")
-        self.specs, n_recorded = default_specs(session_view(self.app).probes)
-        checked = range(n_recorded) if n_recorded else range(1)
+        self.specs, _ = default_specs(session_view(self.app).probes)
         picker = self.query_one("#probe-list", SelectionList)
-        picker.add_options([self._selection(i, i in checked) for i in range(len(self.specs))])
+        # Every probe starts checked: r runs what the list shows, not just its first line.
+        picker.add_options([self._selection(i, True) for i in range(len(self.specs))])
         self.query_one("#probe-stats", Static).update("space checks a probe · r runs the checked ones on the "
                                                       "hybrid and every donor")
         picker.focus()
+        self.show_checked()
         self.refresh_all()
 
     def _selection(self, index: int, checked: bool) -> Selection:
-        spec = self.specs[index]
-        return Selection(short_label(spec.label), index, checked)
+        return Selection(self._prompt(index, checked), index, checked)
+
+    def _prompt(self, index: int, checked: bool) -> Text:
+        # The toggle's X is drawn for both states, told apart by colour only: the box says it in text.
+        return Text(f"[{'x' if checked else ' '}] {short_label(self.specs[index].label)}")
+
+    @on(SelectionList.SelectedChanged, "#probe-list")
+    def show_checked(self) -> None:
+        picker = self.query_one("#probe-list", SelectionList)
+        selected = set(picker.selected)
+        for i in range(picker.option_count):
+            index = picker.get_option_at_index(i).value
+            prompt = self._prompt(index, index in selected)
+            if str(picker.get_option_at_index(i).prompt) != str(prompt):
+                picker.replace_option_prompt_at_index(i, prompt)
+        n = len(selected)
+        runs = "space checks one" if n == 0 else f"r runs {'it' if n == 1 else f'these {n}'}"
+        picker.border_title = f"{n} of {picker.option_count} checked · {runs}"
 
     # ------------------------------------------------------------ views
     def on_screen_resume(self) -> None:
@@ -253,6 +270,7 @@ class ProbesScreen(JobScreen):
             if spec not in self.specs:
                 self.specs.append(spec)
                 picker.add_option(self._selection(len(self.specs) - 1, True))
+                self.show_checked()
 
     def refresh_title(self) -> None:
         wb = self.app.wb
@@ -418,6 +436,7 @@ class ProbesScreen(JobScreen):
         else:
             self.specs.append(spec)
             picker.add_option(self._selection(len(self.specs) - 1, True))
+            self.show_checked()
         picker.highlighted = self.specs.index(spec)
         picker.focus()
 

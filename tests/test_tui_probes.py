@@ -324,3 +324,26 @@ async def test_the_cli_and_the_workbench_record_the_same_probe_run(olmoe3, tmp_p
     assert by_app.probes == by_cli.probes and len(by_cli.probes) == 1
     assert [rec["model"] for rec in by_cli.results] == ["hybrid", "donor:A", "donor:B", "donor:C"]
     assert comparable(by_app.results) == comparable(by_cli.results)
+
+
+@sync
+async def test_every_probe_starts_checked_and_the_check_reads_without_colour(olmoe3, tmp_path):
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("p")
+        await settle(pilot)
+        screen = app.screen
+        picker = screen.query_one(SelectionList)
+        n = picker.option_count
+        assert n >= 4 and len(picker.selected) == n
+        prompts = [str(picker.get_option_at_index(i).prompt) for i in range(n)]
+        assert all(p.startswith("[x] ") for p in prompts)
+        assert picker.border_title == f"{n} of {n} checked · r runs these {n}"
+        picker.focus()
+        picker.highlighted = 0
+        await pilot.press("space")  # uncheck the first
+        await pilot.pause()
+        assert str(picker.get_option_at_index(0).prompt).startswith("[ ] ")
+        assert picker.border_title.startswith(f"{n - 1} of {n} checked")
+        assert "[ ] " in screen_text(app) and "[x] " in screen_text(app)
