@@ -1,4 +1,4 @@
-"""Layer gates: the Self-MoE gates of the current hybrid, and which of them to keep (seed 003).
+"""Layer gates: the Self-MoE gates of the current hybrid, and which of them to keep (docs/references.md).
 
 The hybrid's gates come from the donors marked for the grid's `layer gate` column (a gate is a
 plan component like any other), so the table lists, per decoder layer, the gate the hybrid has
@@ -38,7 +38,7 @@ from .job import JobScreen
 from .widgets.gate_chart import ChangeRow, GateChart, change_text
 from .widgets.grid import donor_style
 
-DEFAULT_CORPUS = "arith"  # the built-in set the README's `gates select` run calibrates on
+DEFAULT_CORPUS = "arith"  # the built-in set the `gates select` run docs/gates.md shows calibrates on
 SEQ_LEN = 64  # `gates select` defaults, so the screen and the CLI give the same numbers
 BATCH_SIZE = 16
 DTYPE = "keep"

@@ -1,4 +1,4 @@
-"""Mix: turn the open dense donors into the experts of an MoE (seed 004, moetify), from a form.
+"""Mix: turn the open dense donors into the experts of an MoE (Lee, Wynter and Ganti 2024: moetify), from a form.
 
 The form is `moe-surgeon mix` as fields: base, experts (donor letters in order; a letter may
 repeat), router mode, always-on donor, output architecture, seed, the prompts file of the hidden

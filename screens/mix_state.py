@@ -13,7 +13,7 @@ from surgeon.features.mix.router_train import TrainSpec
 from surgeon.features.mix.workbench import MixState, dense_problem
 
 DEMO_MIX = DEMO_ROOT.parent / "mix"
-# The demo's recipe (README, "Mixing dense donors"): router training is what makes the toy mix work.
+# The demo's recipe (docs/mix.md): router training is what makes the toy mix work.
 DEMO_TRAIN = {"steps": 600, "lr": 0.02, "batch_size": 32}
 CLI_TRAIN = {"steps": TrainSpec.steps, "lr": TrainSpec.lr, "batch_size": TrainSpec.batch_size}  # `mix`'s defaults
 
@@ -46,5 +46,5 @@ def banner(wb, mix: MixState | None, pending: MixState | None, labels: dict[str,
             return (f"This session records a mix of these dense {kind} donors whose export is missing: "
                     "press M to build it again.")
         return (f"Dense {kind} donors are open. M: mix into an MoE, their MLPs becoming its experts "
-                "(seed 004, moetify); the grid's marks choose attention, norms and embeddings.")
+                "(moetify: Lee, Wynter and Ganti, 2024); the grid's marks choose attention, norms and embeddings.")
     return None

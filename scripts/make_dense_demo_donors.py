@@ -11,7 +11,7 @@ Makes, under --out (default surgeon/demo):
 
 Why MLP-only fine-tuning: the experts of a mix share the base's attention, norms and embeddings, so
 donors whose attention never moved give experts that all read the hidden states they were
-trained on (seed 004 mixes full fine-tunes; a tiny demo cannot afford that drift). Each donor
+trained on (Lee, Wynter and Ganti mix full fine-tunes; a tiny demo cannot afford that drift). Each donor
 learns its task and loses some of the other, which is what a mix should win back.
 
 Same tokenizer, task generators and held-out probe sets as scripts/make_demo_donors.py, so the

@@ -1,4 +1,4 @@
-"""Tucker compression of chosen experts (seed 002): the HOSVD, the compact dense export, the CLI.
+"""Tucker compression of chosen experts (XPERT): the HOSVD, the compact dense export, the CLI.
 
 The oracles are independent of the code under test: numpy's SVD of the unfoldings for the
 HOSVD, and for the export a reference built here from the source's own model and its state dict

@@ -1,4 +1,4 @@
-"""Self-MoE layer gates (seed 003): forms, zero init, training, selection (eq. 3-5), the sidecar,
+"""Self-MoE layer gates (Self-MoE): forms, zero init, training, selection (eq. 3-5), the sidecar,
 its loader, and gates as a transplantable component (plan, export, hybrid, grid, CLI)."""
 
 from __future__ import annotations

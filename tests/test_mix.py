@@ -1,4 +1,4 @@
-"""Mixing dense donors into an MoE (seed 004): the export is what the routing formula says.
+"""Mixing dense donors into an MoE (Lee, Wynter and Ganti 2024): the export is what the routing formula says.
 
 The oracles: a dense model mixed with copies of itself under the gate-less router gives the dense
 model's logits; a mix of different donors gives the logits of a reference MoE built here from the

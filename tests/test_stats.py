@@ -1,4 +1,4 @@
-"""Statistics against hand-computed textbook values and the paper's own numbers."""
+"""Statistics against hand-computed textbook values and Tiwari (2026)'s own numbers."""
 
 import json
 import math
@@ -120,7 +120,7 @@ def test_normal_tail_at_the_textbook_critical_values(z, p):
     (714, 688, 1172, 0.27),  # ARC-Challenge 0-shot: attention 60.9% vs Tulu 3 58.7%
 ])
 def test_z_test_reproduces_the_papers_p_values(k1, k2, n, paper_p):
-    # Counts consistent with the paper's rounded percentages on the full test sets (table 1).
+    # Counts consistent with Tiwari (2026)'s rounded percentages on the full test sets (table 1).
     assert round(two_proportion_z(k1, n, k2, n).p_value, 2) == paper_p
 
 

@@ -91,7 +91,7 @@ def percent(text: str) -> float:
 
 
 def mcnemar_stars(mine: list[float], theirs: list[float]) -> str:
-    """The paper's marks for an exact two-sided McNemar test, computed here from the outcomes."""
+    """Tiwari (2026)'s marks for an exact two-sided McNemar test, computed here from the outcomes."""
     from math import comb
 
     b = sum(x > y for x, y in zip(mine, theirs))

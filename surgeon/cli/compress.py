@@ -1,4 +1,4 @@
-"""`moe-surgeon compress`: Tucker-compress chosen experts into a compact dense checkpoint (seed 002).
+"""`moe-surgeon compress`: Tucker-compress chosen experts into a compact dense checkpoint (XPERT, arXiv 2605.08842).
 
 The engine is `surgeon.features.compress` (`run_compress`; the method is in its docstring): it
 chooses the experts (all, `--experts`, or the common experts of `--common` corpora through the

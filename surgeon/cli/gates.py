@@ -1,4 +1,4 @@
-"""`moe-surgeon gates`: Self-MoE layer gates (seed 003) on a checkpoint: add, train, select, eval, show.
+"""`moe-surgeon gates`: Self-MoE layer gates (docs/references.md) on a checkpoint: add, train, select, eval, show.
 
 A gated checkpoint is an ordinary one plus `layer_gates.safetensors` (surgeon/core/gates_sidecar.py).
 The use cases are `surgeon.features.gates.run`; this file parses and prints.

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "mix", help="build an MoE from dense donors (their MLPs become the experts)",
         description="Mix dense llama/mistral/qwen2 donors into a Mixtral or Qwen2-MoE: layer l's expert e is "
-        "donor e's MLP at layer l; everything else comes from --base (or --take). See README, 'Mixing dense donors'.")
+        "donor e's MLP at layer l; everything else comes from --base (or --take). See docs/mix.md.")
     p.add_argument("out")
     p.add_argument("--base", required=True, help="the donor attention, norms and embeddings come from")
     p.add_argument("--expert", action="append", default=[], metavar="DIR", required=True,

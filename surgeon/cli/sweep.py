@@ -1,4 +1,4 @@
-"""`moe-surgeon sweep`: the component-transfer grid (seed 000) from the command line.
+"""`moe-surgeon sweep`: the component-transfer grid (Tiwari 2026, docs/references.md) from the command line.
 
 The engine is `features/sweep/runner.py` (groups, Gray-code walk, resumable runner) and
 `features/sweep/report.py` (tables and verdicts); this module parses arguments, keeps the session
@@ -53,7 +53,7 @@ def register(sub) -> None:
     p.set_defaults(format="markdown")
     p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
     p.add_argument("--test", choices=["mcnemar", "z"], default="mcnemar",
-                   help="significance test: McNemar's paired test (default) or the paper's two-proportion z-test")
+                   help="significance test: McNemar's paired test (default) or Tiwari's two-proportion z-test")
     add_model_options(p)
     from surgeon.cli.probe import add_trust_option
 

@@ -104,7 +104,7 @@ class Architecture:
     # Which sequence mixer a layer has, by the tensor prefix that shows it; a layer with none of these
     # has full attention. Shown per layer in the grid; every mixer is the `attention` component.
     mixers: tuple[tuple[str, str], ...] = ()
-    covers: str = ""  # the releases a user knows this family by (README's architecture list)
+    covers: str = ""  # the releases a user knows this family by (docs/families.md)
     mergekit: bool = False  # mergekit 0.1.x defines it (mergekit/_data/architectures): recipes use its names
     # Config keys whose values add experts the checkpoint stores beside `experts_key`'s (LongCat-Flash's
     # zero-computation experts are stored and routed like the others).
@@ -316,7 +316,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     )
 }
 
-# Text MoE types transformers registers that moe-surgeon does not describe, and why (README lists them;
+# Text MoE types transformers registers that moe-surgeon does not describe, and why (docs/families.md lists them;
 # tests/test_conformance.py knows every registered type is either described above or listed here).
 UNSUPPORTED: dict[str, str] = {
     "dbrx": "experts are flattened to [E x I, H] per layer and the count sits in the nested ffn_config, so "
@@ -420,7 +420,7 @@ def dense_targets_text() -> str:
 
 # ---------------------------------------------------------------- the list users read
 def architecture_list_markdown() -> str:
-    """The README's list of families, made from the descriptions above (tests check it is current;
+    """The list of families in docs/families.md, made from the descriptions above (tests check it is current;
     `python scripts/architecture_list.py --write` rewrites it)."""
     lines = ["| model_type | what it covers | expert count | top-k | mixers marked |", "|---|---|---|---|---|"]
     for a in sorted(ARCHITECTURES.values(), key=lambda a: a.model_type):

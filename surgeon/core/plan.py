@@ -2,7 +2,7 @@
 
 SPEC syntax (command line and session): `component[@layers]`, where component is one of
 COMPONENTS or `expert:E` with E a list or range (`3,5-9`), and layers is `all`, `N`, `A-B`
-or a comma list of those. `layer_gate` is a Self-MoE gate between decoder layers (seed 003),
+or a comma list of those. `layer_gate` is a Self-MoE gate between decoder layers (Self-MoE),
 the one component a base may lack and still take from a donor.
 """
 

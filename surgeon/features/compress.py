@@ -1,9 +1,9 @@
-"""Tucker (HOSVD) compression of chosen experts into a compact dense FFN (seed 002, XPERT).
+"""Tucker (HOSVD) compression of chosen experts into a compact dense FFN (XPERT, arXiv 2605.08842).
 
 XPERT stacks the matrices of a layer's chosen ("common", cross-domain) experts into a
 third-order tensor, X(:, :, i) = X_i, one tensor per parameter matrix, refines each with a
 Tucker decomposition (G, U), and initialises the FFN of a dense model from the result (its
-target models keep the source's hidden size and the expert's intermediate size). The seed says
+target models keep the source's hidden size and the expert's intermediate size). The paper says
 no more than that; the choices made here, and why:
 
 1. Stacking. Per MoE layer and projection p in (gate, up, down), the chosen experts' weights

@@ -1,6 +1,6 @@
 """Self-MoE layer gates on a live transformers model, without touching transformers' code.
 
-A gate G_L joins decoder layer L: h_L = B_L(h_{L-1}) + G_L(h_{L-1}) (seed 003, eq. 2). It is an
+A gate G_L joins decoder layer L: h_L = B_L(h_{L-1}) + G_L(h_{L-1}) (Self-MoE, eq. 2). It is an
 `nn.Module` registered on the decoder layer as `layer_gate` (so its parameter is named
 `model.layers.L.layer_gate.weight`, the sidecar's name, and moves with `model.to(...)`), and a
 forward hook on that layer adds its output to the layer's output. Both decoder-layer return

@@ -5,7 +5,7 @@ matmul for the same products (`mkldnn._linear_pointwise`, the op its own compile
 linears). On the AMD EPYC the benches run on, oneDNN computed SmolLM2-135M's forwards 1.16-1.31x
 faster than MKL, from a decoding step of 8 rows x 1 token to 8 x 278-token prefills
 (bench/cpu_linears.py). The products are the same float32 products summed in another order, so
-the logits differ from MKL's in float rounding only (README: "Against lm-evaluation-harness").
+the logits differ from MKL's in float rounding only (docs/probes.md, "Against lm-evaluation-harness").
 
 While a probe runs, each plain float32 `nn.Linear` on the CPU calls that op from its `forward`
 (an attribute on the module that shadows the class's method, removed afterwards), so nothing is

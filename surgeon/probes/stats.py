@@ -1,7 +1,7 @@
 """Statistics over per-item probe outcomes: bootstrap CIs, paired McNemar, two-proportion z.
 
-These follow the component-transfer paper (seed 000): accuracies with a seeded 95% percentile
-bootstrap (10,000 resamples), significance by the two-proportion z-test, plus McNemar, the
+These follow the component-transfer paper, Tiwari (2026) (docs/references.md): accuracies with a
+seeded 95% percentile bootstrap (10,000 resamples), significance by the two-proportion z-test, plus McNemar, the
 paired test that fits two models scored on the same items. numpy and the standard library
 only (scipy is not a dependency): normal and chi-square tails come from math.erfc.
 """
@@ -121,7 +121,7 @@ def mcnemar(a, b) -> McNemarResult:
 
 
 def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> ZResult:
-    """Pooled two-proportion z-test of k1/n1 against k2/n2, two-sided (the paper's parity test)."""
+    """Pooled two-proportion z-test of k1/n1 against k2/n2, two-sided (Tiwari 2026's parity test)."""
     for k, n, which in ((k1, n1, "first"), (k2, n2, "second")):
         if n < 1 or not 0 <= k <= n:
             raise SurgeonError(f"two_proportion_z: {which} sample has {k} successes out of {n}")
@@ -157,7 +157,7 @@ def compare(outcomes_a, outcomes_b) -> dict:
 
 
 def significance_stars(p: float) -> str:
-    """The paper's marks: * p < 0.05, ** p < 0.01, *** p < 0.001."""
+    """The marks of Tiwari (2026): * p < 0.05, ** p < 0.01, *** p < 0.001."""
     for threshold, stars in ((0.001, "***"), (0.01, "**"), (0.05, "*")):
         if p < threshold:
             return stars

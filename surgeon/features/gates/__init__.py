@@ -1,3 +1,3 @@
-"""Self-MoE gates between decoder layers (seed 003): training (train.py), selection (select.py), and
+"""Self-MoE gates between decoder layers (Self-MoE): training (train.py), selection (select.py), and
 the use cases the command line and the workbench run (run.py).
 """

@@ -1,4 +1,4 @@
-"""Keep or drop each layer gate by its per-layer logit-lens perplexity (seed 003, eq. 3-5).
+"""Keep or drop each layer gate by its per-layer logit-lens perplexity (Self-MoE, eq. 3-5).
 
 For a gated layer t with input h_{t-1}, the logit lens projects a hidden state into the
 vocabulary through the model's final norm and lm_head (`proj`) and scores the calibration text:
@@ -7,11 +7,11 @@ vocabulary through the model's final norm and lm_head (`proj`) and scores the ca
   p_t2 = perp(proj(B_t(h_{t-1}) + G_t(h_{t-1})))     with the gate      (eq. 4)
 
 One forward pass of the gated model gives both for every gate (h_{t-1} is what the gated model
-feeds layer t, earlier gates included, as in the paper). A gate is kept when it lowers the
-perplexity: p_t2 < p_t1 * (1 - min_gain); otherwise dropped (eq. 5). The issue and the paper's
+feeds layer t, earlier gates included, as in Self-MoE). A gate is kept when it lowers the
+perplexity: p_t2 < p_t1 * (1 - min_gain); otherwise dropped (eq. 5). The issue and Self-MoE's
 prose keep the gates that help; eq. 5 as printed has its two cases the other way round, which
 would keep exactly the gates that hurt, so we follow the prose. `min_gain` > 0 also drops the
-gates whose gain is minor, as the paper's section 3.3 does.
+gates whose gain is minor, as Self-MoE's section 3.3 does.
 
 Perplexity here is exp of the mean next-token NLL over every token of the calibration sequences
 (the text cut as in gates_train.text_data).

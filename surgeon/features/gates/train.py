@@ -1,9 +1,9 @@
-"""Train only the layer gates of a model on a local text file (seed 003, section 4.1 in small).
+"""Train only the layer gates of a model on a local text file (Self-MoE, section 4.1 in small).
 
 The text becomes sequences (`text_data`: windows of one token stream, or one sequence per line);
 each step draws `batch_size` of them with a seeded generator and minimises the mean next-token
 cross-entropy over their tokens. Every weight of the model is frozen except the
-gates; AdamW with a linear warm-up to the learning rate, then constant (the paper's schedule).
+gates; AdamW with a linear warm-up to the learning rate, then constant (Self-MoE's schedule).
 The same seed, data, settings and device give the same gates.
 """
 

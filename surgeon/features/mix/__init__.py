@@ -1,2 +1,2 @@
-"""An MoE from dense donors (seed 004, moetify): plan, routers, build, export, live mix.
+"""An MoE from dense donors (Lee, Wynter and Ganti 2024: moetify): plan, routers, build, export, live mix.
 """

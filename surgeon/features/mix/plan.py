@@ -1,4 +1,4 @@
-"""Mix dense donors into a Mixture of Experts (seed 004, moetify): the plan, its layout, its routers.
+"""Mix dense donors into a Mixture of Experts (Lee, Wynter and Ganti 2024: moetify): the plan, its layout, its routers.
 
 Layer l's experts are the dense donors' MLPs at layer l; attention, norms and embeddings come from
 the base or, per component and layer, from any donor (ordinary component transfer). The result is

@@ -1,3 +1,3 @@
-"""Expert routing analysis (seed 002): the corpora it reads, the routing probe, its heatmap views, and
+"""Expert routing analysis (XPERT, arXiv 2605.08842): the corpora it reads, the routing probe, its heatmap views, and
 `run_routing` (the use case `moe-surgeon routing` runs; the workbench probes through `probe_hybrid`).
 """

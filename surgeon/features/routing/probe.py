@@ -11,13 +11,13 @@ small tensor ops), plus a compact trace (token ids and the selected experts as i
 "what does this expert do" is answered afterwards without another forward pass.
 
 Terms, per MoE layer l and expert e, over N tokens with top-k routing:
-  frequency[l, e]   share of tokens whose top-k contains e (sums to k over e; seed 002's
+  frequency[l, e]   share of tokens whose top-k contains e (sums to k over e; XPERT's
                     "activation frequency")
   usage[l, e]       frequency / k: the load distribution (sums to 1)
   mean_prob[l, e]   mean router probability over every token (softmax of the logits; DeepSeek-V3's
                     sigmoid scores normalised to sum to 1)
   mean_weight[l, e] mean combine weight the model applied, over the tokens routed to e
-  top1[l, e]        share of tokens whose highest-weighted expert is e (seed 004, Figures 6-7)
+  top1[l, e]        share of tokens whose highest-weighted expert is e (Lee, Wynter and Ganti 2024, Figures 6-7)
   entropy[l]        load-balance entropy of usage, divided by log(E): 1 is perfectly balanced
   importance[l, e]  mean over the tokens routed to e of router probability x ||expert output||
                     (the router-weighted activation score expert-pruning work ranks experts by),
@@ -508,7 +508,7 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
     )
 
 
-# ---------------------------------------------------------------- common experts (seed 002)
+# ---------------------------------------------------------------- common experts (XPERT)
 def top_fraction(freq_row: np.ndarray, q: float) -> set[int]:
     """The top q (0-1] share of experts by frequency: ceil(q * E) of them, ties broken by index."""
     if not 0 < q <= 1:

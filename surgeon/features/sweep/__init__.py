@@ -1,2 +1,2 @@
-"""The component-transfer sweep (seed 000): the grid runner and its report.
+"""The component-transfer sweep (Tiwari 2026, docs/references.md): the grid runner and its report.
 """

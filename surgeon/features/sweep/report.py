@@ -1,4 +1,4 @@
-"""What a sweep shows: seed 000's Table 2, Figure 1 and Table 3 from a sweep record, as data and text.
+"""What a sweep shows: Table 2, Figure 1 and Table 3 of Tiwari (2026) from a sweep record, as data and text.
 
 `analyze(record)` turns a (possibly unfinished) sweep record into plain data: one row per donor
 ceiling and per configuration with accuracy, 95% CI and significance against each donor; the
@@ -6,7 +6,7 @@ single-group effects (points against the base); per probe the best configuration
 it significantly beats both donors; and a Table 3 style recommendation (which donor each group
 should come from). The renderers only format that data: Markdown, CSV, JSON, and a text effect
 chart. Significance is McNemar's paired test by default (both models answer the same items);
-`test="z"` uses the paper's two-proportion z-test instead. Perplexity-like probes get scores
+`test="z"` uses Tiwari's two-proportion z-test instead. Perplexity-like probes get scores
 and CIs but no tests.
 """
 
@@ -161,7 +161,7 @@ def analyze(record: dict, probes: list[str] | None = None, *, test: str = "mcnem
     rows = [Row("donor", n, f"{_display(record, n)} ({'base' if n == base else 'donor'})", None, [], cells(ceilings[n]))
             for n in (base, donor)]
     entries = {c["mask"]: c for c in record["configurations"]}
-    # The paper's row order: single groups, then pairs, ..., each in group order.
+    # Tiwari's row order (Table 2): single groups, then pairs, ..., each in group order.
     masks = sorted(gray_order(len(groups)),
                    key=lambda m: (bin(m).count("1"), [j for j in range(len(groups)) if m >> j & 1]))
     for mask in masks:
@@ -275,7 +275,7 @@ def effect_chart(a: SweepAnalysis, width: int = 20) -> str:
     left (worse) or right (better) of the axis, in points for accuracy probes."""
     if not a.effects:
         return "(no single-group transfers measured yet)"
-    # Proportions (accuracy) share one axis in points (as in the paper's figure); any other metric
+    # Proportions (accuracy) share one axis in points (as in Tiwari's Figure 1); any other metric
     # (perplexity) is drawn on its own scale, printed beside its name.
     def shared(p) -> bool:
         return _metric(a.metrics, p).proportion

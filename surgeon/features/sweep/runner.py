@@ -1,4 +1,4 @@
-"""The component-transfer sweep (seed 000): every subset of k component groups, from one donor.
+"""The component-transfer sweep (Tiwari 2026): every subset of k component groups, from one donor.
 
 Start from a base, transfer each subset of k groups (router, attention, experts by default) from
 one donor, probe every configuration, and measure both donors as ceilings. Configurations are
