@@ -304,3 +304,58 @@ def test_readme_shows_what_prune_prints_on_the_demo_donor(tmp_path, run_cli):
     assert r.returncode == 0, r.stderr
     got = r.stdout.replace(str(tmp_path / "pr"), "/tmp/pr").splitlines()
     assert got == shown
+
+
+# ---------------------------------------------------------------- sessions, and a pruned model among the rest
+def test_replay_of_a_prune_session_rebuilds_the_same_bytes_from_the_recorded_choice(olmoe_donor, tmp_path, cli):
+    """The rebuild reads no corpus and measures nothing: the calibration file is gone when it runs."""
+    corpus = _corpus(tmp_path)
+    out, session = tmp_path / "pruned", tmp_path / "prune.json"
+    r = cli("prune", out, "--base", olmoe_donor, "--ratio", "0.5", "--by", "reap", "--corpus", f"calib={corpus}",
+            "--device", "cpu", "--save-session", session)
+    assert r.returncode == 0, r.stderr
+    assert "saved session" in r.stdout
+    data = json.loads(session.read_text())
+    ext = data["extensions"]["prune"]
+    assert ext["operation"] == "prune" and ext["kept"] == _record(out)["kept"] and ext["saliency"]["reap"]
+    assert ext["corpora"][0]["sha256"] and data["exports"][0]["kind"] == "prune"
+    corpus.unlink()
+    r = cli("replay", session, "--export", tmp_path / "again")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "config.json").read_bytes() == (out / "config.json").read_bytes()
+    # a prune session's plan is the original: commands on a plan refuse it, and mergekit cannot prune
+    r = cli("recipe", "export", session, "-o", tmp_path / "r.yaml")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "mergekit has no expert pruning" in r.stderr
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_a_hand_edited_prune_session_is_refused_naming_the_field(olmoe_donor, tmp_path, run_cli):
+    session = tmp_path / "s.json"
+    run_prune(PruneRequest(out=str(tmp_path / "p"), base=str(olmoe_donor), keep=4, by="random",
+                           save_session=str(session)))
+    data = json.loads(session.read_text())
+    data["extensions"]["prune"]["kept"]["1"] = [0, 1, 2, 9]
+    session.write_text(json.dumps(data))
+    r = run_cli("replay", session, "--export", tmp_path / "again")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "field extensions/prune/kept/1" in r.stderr
+    r = run_cli("probe", session)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "prune or merge-experts session" in r.stderr
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_pruned_model_is_a_donor_like_any_other(olmoe_donor, tmp_path, run_cli):
+    """Two prunings of one model to the same expert count: experts of one transfer into the other."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_prune(PruneRequest(out=str(a), base=str(olmoe_donor), keep=4, by="random", seed=1))
+    run_prune(PruneRequest(out=str(b), base=str(olmoe_donor), keep=4, by="random", seed=2))
+    r = run_cli("inspect", a)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "hybrid"
+    r = run_cli("export", out, "--base", a, "--take", f"expert:1@1={b}")
+    assert r.returncode == 0, r.stderr
+    mine, theirs, base = (load_file(p / "model.safetensors") for p in (out, b, a))
+    moved = [n for n in mine if n.startswith("model.layers.1.mlp.experts.1.")]
+    assert moved and all(_bits(mine[n]) == _bits(theirs[n]) for n in moved)
+    assert all(_bits(t) == _bits(base[n]) for n, t in mine.items() if n not in moved)
+    assert _model(out).config.num_experts == 4

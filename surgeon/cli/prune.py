@@ -104,11 +104,11 @@ def replay_smaller(session, donors, args, check) -> int:
     the checkpoint is rebuilt from the recorded choice, never measured again."""
     from surgeon.cli.progress import StepPrinter, warn
     from surgeon.errors import SurgeonError
-    from surgeon.features.prune.session import rebuild_from_session, recorded_step
+    from surgeon.features.prune.session import check_recorded, rebuild_from_session
     from surgeon.io.sizes import human_bytes
     from surgeon.jobs import CancelToken, cancel_on_interrupt
 
-    ext = recorded_step(session, args.session)
+    ext = check_recorded(session, args.session, donors)  # a bad field is refused before the donor line
     what = "merge" if ext.get("operation") == "merge" else "prune"
     if args.probes:
         raise SurgeonError(f"{args.session}: replay --probes: a {what} session records no probes; probe its "

@@ -72,24 +72,37 @@ def recorded_step(session, session_path) -> dict:
     return ext
 
 
+def check_recorded(session, session_path, donors: dict) -> dict:
+    """The session's record, every field the rebuild reads checked against the base donor: a hand
+    edit is one line naming the field, before anything is written."""
+    from surgeon.features.prune.layout import moe_shape
+    from surgeon.features.prune.write import clusters_of, kept_of
+
+    ext = recorded_step(session, session_path)
+    layers, num_experts = moe_shape(donors[session.plan.base])
+    origin = f"{session_path}: invalid session: field extensions/{EXTENSION}/"
+    if ext.get("num_experts") != num_experts:
+        raise SurgeonError(f"{origin}num_experts: {ext.get('num_experts')!r}, but "
+                           f"{donors[session.plan.base].path} has {num_experts} experts per MoE layer")
+    shard = ext.get("max_shard_size", 5 * 10**9)
+    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 1:
+        raise SurgeonError(f"{origin}max_shard_size: {shard!r} is not a size in bytes")
+    if ext.get("operation") == "merge":
+        clusters_of(ext, layers, num_experts, origin)
+    else:
+        kept_of(ext, layers, num_experts, origin)
+    return ext
+
+
 def rebuild_from_session(session, session_path, donors: dict, out, *, force: bool = False, fsync: bool = False,
                          progress=None, cancel=NEVER, warn=None):
     """Write the checkpoint a prune or merge session records, from its recorded choice; returns
     (the record, ExportResult, Resolution)."""
-    from surgeon.features.prune.layout import moe_shape
     from surgeon.features.prune.write import write_smaller
 
-    ext = recorded_step(session, session_path)
-    donor = donors[session.plan.base]
-    _, num_experts = moe_shape(donor)
-    if ext.get("num_experts") != num_experts:
-        raise SurgeonError(f"{session_path}: invalid session: field extensions/{EXTENSION}/num_experts: "
-                           f"{ext.get('num_experts')!r}, but {donor.path} has {num_experts} experts per MoE layer")
-    shard = ext.get("max_shard_size", 5 * 10**9)
-    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 1:
-        raise SurgeonError(f"{session_path}: invalid session: field extensions/{EXTENSION}/max_shard_size: "
-                           f"{shard!r} is not a size in bytes")
-    written, resolution = write_smaller(donor, ext, out, max_shard_size=shard, force=force, fsync=fsync,
+    ext = check_recorded(session, session_path, donors)
+    written, resolution = write_smaller(donors[session.plan.base], ext, out,
+                                        max_shard_size=ext.get("max_shard_size", 5 * 10**9), force=force, fsync=fsync,
                                         progress=progress, cancel=cancel, warn=warn,
                                         origin=f"{session_path}: invalid session: field extensions/{EXTENSION}/")
     return ext, written, resolution
