@@ -1,4 +1,4 @@
-"""Sweep: the component-transfer grid (surgeon/sweep.py) from the workbench.
+"""Sweep: the component-transfer grid (surgeon/features/sweep/) from the workbench.
 
 Choose groups, the donor they come from and probes; r runs every configuration (every subset of
 the groups) in a worker, and the table (configurations x probes, `cell_text` of the sweep report)

@@ -93,7 +93,7 @@ def cmd_replay(args) -> int:
         session, args.session, ignore_fingerprints=args.ignore_fingerprints, allow_pickle=args.allow_pickle,
     )
     check = check_replay_donors(session, donors, args)
-    # --- mix session step (surgeon/mix_build.py): its export is rebuilt by the mix command's code
+    # --- mix session step (surgeon/features/mix/build.py): its export is rebuilt by the mix command's code
     if "mix" in session.extensions:
         from surgeon.cli.mix import replay_mix
 

@@ -401,7 +401,7 @@ def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool 
 
 
 def _add_gates_sidecar(path: Path, config: dict, shards: dict, tensors: dict) -> None:
-    """A Self-MoE gated checkpoint keeps its gates in a sidecar (see gates_file.py). Its tensors
+    """A Self-MoE gated checkpoint keeps its gates in a sidecar (see gates_sidecar.py). Its tensors
     join the donor's like a shard's: the fingerprint covers them, the anatomy classifies them
     as `layer_gate`, and exports and hybrids take them like any component."""
     sidecar = path / GATES_FILE

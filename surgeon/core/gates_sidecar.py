@@ -15,7 +15,7 @@ Format (version 1), a safetensors file named `layer_gates.safetensors` next to `
 
 Plain transformers never reads this file (it loads model.safetensors or the index only), so
 `AutoModelForCausalLM.from_pretrained` gives the model without gates; `load_gated` gives it with
-them. The tensor names are those of the live gate modules (`surgeon/gates.py` registers them as
+them. The tensor names are those of the live gate modules (`surgeon/live/layer_gates.py` registers them as
 `model.layers.{L}.layer_gate`), so a donor, the anatomy and a hybrid see them as one more
 component per layer, `layer_gate`.
 

@@ -410,7 +410,7 @@ def first_changed_tensor(session: Session, session_path, donor_name: str, donor:
 
 
 def refuse_mix_session(session: Session, path, instead: str) -> None:
-    """A mix session's plan is only the dense part of the mix (its transfers; mix_build.py), and a
+    """A mix session's plan is only the dense part of the mix (its transfers; features/mix/build.py), and a
     prune session's is the model before pruning, so a command that works on a session's plan would
     silently measure or change the wrong model."""
     if "mix" in session.extensions:

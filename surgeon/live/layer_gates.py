@@ -22,7 +22,7 @@ from surgeon.errors import SurgeonError
 
 
 class LayerGate(nn.Module):
-    """G(h) for one decoder layer; the type follows from the weight's shape (see gates_file)."""
+    """G(h) for one decoder layer; the type follows from the weight's shape (see core/gates_sidecar.py)."""
 
     def __init__(self, shape: tuple[int, ...], hidden: int, *, device=None):
         super().__init__()

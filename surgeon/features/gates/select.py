@@ -14,7 +14,7 @@ would keep exactly the gates that hurt, so we follow the prose. `min_gain` > 0 a
 gates whose gain is minor, as Self-MoE's section 3.3 does.
 
 Perplexity here is exp of the mean next-token NLL over every token of the calibration sequences
-(the text cut as in gates_train.text_data).
+(the text cut as in train.text_data).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def load_data(tokenizer, source: str, seq_len: int, unit: str = "auto", where: s
 
     stream: the file is one text, cut into non-overlapping windows of seq_len + 1 tokens.
     line:   every non-empty line is one sequence ending in <eos> (a file of examples).
-    pairs:  a jsonl of prompt/answer items in any exact-match probe format (surgeon/probe_data.py;
+    pairs:  a jsonl of prompt/answer items in any exact-match probe format (surgeon/probes/data.py;
             the built-in sets by name, e.g. `arith`): prompt + answer + <eos>, and only the answer
             and <eos> tokens count, as the demo donors were fine-tuned.
     auto:   pairs for a .jsonl file or a built-in set's name, else stream.

@@ -1,7 +1,7 @@
 """Build a mix end to end, and keep it as a session step that replays.
 
 plan -> layout (mix.resolve_mix) -> routers (seeded noise, or measured / trained on the live mix)
--> streaming export (mix_export). The session keeps the ordinary dense plan (the component
+-> streaming export (export.py). The session keeps the ordinary dense plan (the component
 transfers) plus `extensions["mix"]`:
 
   experts        donor names, one per expert, in order (a donor may repeat)

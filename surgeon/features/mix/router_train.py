@@ -8,7 +8,7 @@ trains routers. Batches are drawn by a seeded shuffle and the run uses determini
 so the same data, settings, device and thread count give the same router bits: a mix with a
 trained router replays.
 
-Data: any jsonl probe_data reads (`{"prompt","answer"}`, GSM8K, `{"question","answer"}`, ...; the
+Data: any jsonl surgeon/probes/data.py reads (`{"prompt","answer"}`, GSM8K, `{"question","answer"}`, ...; the
 `raw` template joins prompt and answer as the demo donors were trained, `qa` writes
 "Question: ...\nAnswer: ..."), a `{"text"}` jsonl, or a text file split at blank lines.
 

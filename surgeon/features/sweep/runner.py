@@ -8,7 +8,7 @@ sweep costs probe time, not reload time.
 The sweep's state is one JSON-ready dict (the *record*) that lives in the session under
 `extensions["sweeps"]`. The runner hands it to a `save` callback after every configuration, so a
 killed sweep resumes where it stopped and never recomputes a finished configuration. Statistics
-and rendering live in `sweep_report.py`; nothing here prints.
+and rendering live in `report.py`; nothing here prints.
 
 The empty configuration is the base itself, weight for weight, so its scores are the base's
 ceiling (from the donor score cache) rather than a second measurement of the same model.
