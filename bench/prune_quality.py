@@ -6,7 +6,9 @@ prune` runs) on an arithmetic calibration corpus of sums drawn apart from the pr
 none of them a probe prompt, so the probe is not scored on what chose the experts); `random` is the
 mean of 5 seeds. Every pruned model and the unpruned one answer the built-in `arith` exact-match
 probe (200 sums, greedy decoding); each line gives the accuracy with its 95% bootstrap CI and the
-per-item comparison with the unpruned model: items lost / gained and McNemar's p.
+per-item comparison with the unpruned model: items lost / gained and McNemar's p. Merge rows:
+`merge-experts` (`run_merge`) to the same expert counts, on the same corpus, members averaged by
+frequency and by REAP score (HC-SMoE-style clusters on output similarity).
 Run: python bench/prune_quality.py [--ratios 0.25 0.5] [--seeds 5] [--threads N]
 """
 
@@ -57,6 +59,7 @@ def main():
     from transformers.utils import logging
 
     from surgeon.core.donor import open_donor
+    from surgeon.features.prune.merge import MergeRequest, run_merge
     from surgeon.features.prune.run import PruneRequest, run_prune
     from surgeon.probes.registry import parse_probe
     from surgeon.probes.run import load_probe_data
@@ -76,25 +79,33 @@ def main():
         lo_hi = bootstrap_ci(base)
         print(f"demo:arith on em:arith ({len(base)} items); calibration: {corpus.name}, 300 sums none of which "
               "is a probe item")
-        print(f"  {'model':<36}{'accuracy':>9}  {'95% CI':<15}{'lost':>5}{'gained':>7}  McNemar p")
-        print(f"  {'unpruned':<36}{np.mean(base):9.3f}  [{lo_hi[1]:.3f}, {lo_hi[2]:.3f}]")
+        print(f"  {'model':<44}{'accuracy':>9}  {'95% CI':<15}{'lost':>5}{'gained':>7}  McNemar p")
+        print(f"  {'unpruned':<44}{np.mean(base):9.3f}  [{lo_hi[1]:.3f}, {lo_hi[2]:.3f}]")
         for ratio in args.ratios:
-            runs = [(by, 0) for by in ("reap", "frequency", "gate")] + [("random", s) for s in range(args.seeds)]
+            runs = [("prune", by, 0) for by in ("reap", "frequency", "gate")]
+            runs += [("prune", "random", s) for s in range(args.seeds)]
+            runs += [("merge-experts", by, 0) for by in ("frequency", "reap")]
             randoms = []
-            for by, seed in runs:
-                out = tmp / f"{by}-{ratio}-{seed}"
-                run_prune(PruneRequest(out=str(out), base="demo:arith", ratio=ratio, by=by, seed=seed,
-                                       corpora=() if by == "random" else (f"sums={corpus}",), device="cpu"))
+            for command, by, seed in runs:
+                out = tmp / f"{command}-{by}-{ratio}-{seed}"
+                if command == "merge-experts":
+                    run_merge(MergeRequest(out=str(out), base="demo:arith", ratio=ratio, by=by,
+                                           corpora=(f"sums={corpus}",), device="cpu"))
+                else:
+                    run_prune(PruneRequest(out=str(out), base="demo:arith", ratio=ratio, by=by, seed=seed,
+                                           corpora=() if by == "random" else (f"sums={corpus}",), device="cpu"))
                 outcomes = score(out, spec, data)
                 c = compare(base, outcomes)
                 ci = bootstrap_ci(outcomes)
-                label = f"--ratio {ratio:g} --by {by}" + (f" --seed {seed}" if by == "random" else "")
-                print(f"  {label:<36}{np.mean(outcomes):9.3f}  [{ci[1]:.3f}, {ci[2]:.3f}]{c['b10']:>5}{c['b01']:>7}  "
+                label = (f"{'merge-experts ' if command == 'merge-experts' else ''}--ratio {ratio:g} --by {by}"
+                         + (f" --seed {seed}" if by == "random" else ""))
+                print(f"  {label:<44}{np.mean(outcomes):9.3f}  [{ci[1]:.3f}, {ci[2]:.3f}]{c['b10']:>5}{c['b01']:>7}  "
                       f"{c['mcnemar_p']:.3g}")
                 if by == "random":
                     randoms.append(np.mean(outcomes))
-            print(f"  {'--ratio %g random, mean' % ratio:<36}{np.mean(randoms):9.3f}  (of {len(randoms)} seeds, "
-                  f"min {min(randoms):.3f}, max {max(randoms):.3f})")
+                if by == "random" and seed == args.seeds - 1:
+                    print(f"  {'--ratio %g random, mean' % ratio:<44}{np.mean(randoms):9.3f}  (of {len(randoms)} "
+                          f"seeds, min {min(randoms):.3f}, max {max(randoms):.3f})")
 
 
 if __name__ == "__main__":
