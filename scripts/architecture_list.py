@@ -1,5 +1,5 @@
-"""Print (or with --write, put into README.md) the list of architectures, made from their descriptions
-in surgeon/core/architectures.py: the README's list is never edited by hand."""
+"""Print (or with --write, put into docs/families.md) the list of architectures, made from their
+descriptions in surgeon/core/architectures.py: the page's list is never edited by hand."""
 
 import argparse
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 from surgeon.core.architectures import architecture_list_markdown
 
 START, END = "<!-- architectures:start -->", "<!-- architectures:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "families.md"
 
 
 def with_list(text: str) -> str:
@@ -19,12 +19,12 @@ def with_list(text: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="rewrite the list inside README.md")
+    parser.add_argument("--write", action="store_true", help="rewrite the list inside docs/families.md")
     args = parser.parse_args()
     if not args.write:
         sys.stdout.write(architecture_list_markdown())
         return 0
-    README.write_text(with_list(README.read_text()))
+    PAGE.write_text(with_list(PAGE.read_text()))
     return 0
 
 

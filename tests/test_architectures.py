@@ -77,15 +77,15 @@ def test_features_read_the_table(donors_of):
     assert check_source(mixtral) is DENSE_TARGETS["mixtral"]
 
 
-def test_readme_lists_the_architectures_as_described():
-    """The README's list is generated from the descriptions (scripts/architecture_list.py --write)."""
+def test_docs_list_the_architectures_as_described():
+    """docs/families.md's list is generated from the descriptions (scripts/architecture_list.py --write)."""
     from pathlib import Path
 
     from surgeon.core.architectures import architecture_list_markdown
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    page = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text()
     start, end = "<!-- architectures:start -->\n", "<!-- architectures:end -->"
-    assert readme.split(start, 1)[1].split(end, 1)[0] == architecture_list_markdown()
+    assert page.split(start, 1)[1].split(end, 1)[0] == architecture_list_markdown()
     for a in ARCHITECTURES.values():
         if a.moe:
             assert a.covers, f"{a.model_type} says nothing of what it covers"

@@ -1,5 +1,5 @@
-"""The example sessions in sessions/ and the README's runs on them are what the engine gives:
-same export as the session's resolved plan, same recorded scores as the README's table, the same
+"""The example sessions in sessions/ and the runs the docs show on them are what the engine gives:
+same export as the session's resolved plan, same recorded scores as docs/probes.md's table, the same
 replay output line for line."""
 
 import json
@@ -17,16 +17,17 @@ SESSIONS = ROOT / "sessions"
 DEMO_SESSION = SESSIONS / "demo-transfer.json"
 
 
-def readme_run(command: str) -> list[str]:
-    """The output lines the README shows under `$ COMMAND`, up to the next command or fence."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+def docs_run(page: str, command: str) -> list[str]:
+    """The output lines docs/PAGE shows under `$ COMMAND`, up to the next command or fence."""
+    lines = (ROOT / "docs" / page).read_text().splitlines()
+    assert f"$ {command}" in lines, f"docs/{page} shows no run of {command!r}"
     start = lines.index(f"$ {command}") + 1
     out = []
     for line in lines[start:]:
         if line.startswith(("$ ", "```")):
             return out
         out.append(line)
-    raise AssertionError(f"README: the run of {command!r} has no end")
+    raise AssertionError(f"docs/{page}: the run of {command!r} has no end")
 
 
 def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
@@ -64,7 +65,7 @@ def test_example_session_replays_to_the_export_its_plan_resolves_to(session, tmp
 
 
 def test_demo_transfer_session_takes_early_experts_from_reverse(tmp_path, run_cli):
-    """What the README says the session is, checked without the engine's resolver."""
+    """What docs/probes.md says the session is, checked without the engine's resolver."""
     out = tmp_path / "out"
     r = run_cli("replay", DEMO_SESSION, "--export", out)
     assert r.returncode == 0, r.stderr
@@ -77,10 +78,10 @@ def test_demo_transfer_session_takes_early_experts_from_reverse(tmp_path, run_cl
         assert torch.equal(t, (reverse if from_reverse else arith)[name]), name
 
 
-def test_readme_probe_table_is_the_sessions_recorded_results():
+def test_docs_probe_table_is_the_sessions_recorded_results():
     rows = {}
-    for line in readme_run(
-            "moe-surgeon probe sessions/demo-transfer.json --probe em:arith --probe mc:arith_mc --dtype float32"):
+    for line in docs_run(
+            "probes.md", "moe-surgeon probe sessions/demo-transfer.json --probe em:arith --probe mc:arith_mc --dtype float32"):
         cells = [c.strip() for c in line.split("│")]
         if len(cells) >= 5 and cells[0] and cells[2].isdigit():  # a record's row, not an extra metric's
             rows[(cells[0], cells[1])] = (int(cells[2]), cells[3], cells[4])
@@ -93,10 +94,10 @@ def test_readme_probe_table_is_the_sessions_recorded_results():
 
 
 @pytest.mark.slow  # 400 items through the hybrid
-def test_demo_transfer_probes_replay_as_the_readme_shows(run_cli):
+def test_demo_transfer_probes_replay_as_the_docs_show(run_cli):
     r = run_cli("replay", DEMO_SESSION, "--probes", "--device", "cpu")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == readme_run("moe-surgeon replay sessions/demo-transfer.json --probes")
+    assert r.stdout.splitlines() == docs_run("probes.md", "moe-surgeon replay sessions/demo-transfer.json --probes")
     assert "0 per-item difference(s)" in r.stdout
 
 

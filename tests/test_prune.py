@@ -295,10 +295,10 @@ def test_models_pruning_cannot_describe_are_refused(tmp_path, run_cli):
     assert not (tmp_path / "out").exists()
 
 
-def test_readme_shows_what_prune_prints_on_the_demo_donor(tmp_path, run_cli):
-    from test_examples import readme_run
+def test_docs_show_what_prune_prints_on_the_demo_donor(tmp_path, run_cli):
+    from test_examples import docs_run
 
-    shown = readme_run("moe-surgeon prune /tmp/pr --base demo:arith --ratio 0.5 --by reap --corpus arith")
+    shown = docs_run("prune.md", "moe-surgeon prune /tmp/pr --base demo:arith --ratio 0.5 --by reap --corpus arith")
     r = run_cli("prune", tmp_path / "pr", "--base", "demo:arith", "--ratio", "0.5", "--by", "reap", "--corpus",
                 "arith", "--device", "cpu")
     assert r.returncode == 0, r.stderr
