@@ -82,6 +82,6 @@ def cmd_merge(args) -> int:
           "weighted averages)")
     if args.save_session:
         print(f"saved session {args.save_session}: `moe-surgeon replay {args.save_session} --export DIR` "
-              "rebuilds these bytes")
+              "rebuilds it from the recorded choice")
     sys.stdout.flush()
     return 0

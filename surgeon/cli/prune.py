@@ -64,7 +64,7 @@ def cmd_prune(args) -> int:
         _print_text(result)
         if args.save_session:
             print(f"saved session {args.save_session}: `moe-surgeon replay {args.save_session} --export DIR` "
-                  "rebuilds these bytes")
+                  "rebuilds it from the recorded choice")
     return 0
 
 
