@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -309,6 +310,48 @@ def recipe_bytes(draw, ws) -> bytes:
     return raw
 
 
+TASKS = Path(__file__).parent / "data" / "lmeval_tasks"
+TASK_KEYS = ["task", "dataset_path", "dataset_kwargs", "output_type", "training_split", "fewshot_split",
+             "test_split", "num_fewshot", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list",
+             "metadata", "include", "process_docs", "filter_list", "generation_kwargs", "class", "group",
+             "target_delimiter", "fewshot_delimiter", "description"]
+TASK_VALUES = st.one_of(
+    json_value, st.sampled_from(["{{question}}", "{{choices.text}}", "{{ cycler.__init__.__globals__ }}",
+                                 "{% for x in range(10**9) %}{% endfor %}", "test", "train", "json", "acc",
+                                 "multiple_choice", "generate_until", "loglikelihood_rolling", "inc.yaml",
+                                 "../arc_tiny.yaml", "/dev/zero", "fuzzed.yaml"]))
+
+
+@st.composite
+def task_yaml_cases(draw, ws) -> tuple[bytes, bytes]:
+    """(a task YAML, a YAML it may include): arc_tiny's config with keys replaced, dropped or added,
+    `!function` tags among the values, written as YAML and sometimes damaged; or one of YAML's traps."""
+    import yaml
+
+    pick = draw(st.integers(0, 9))
+    if pick == 0:
+        return draw(st.sampled_from(YAML_TRAPS) | st.binary(max_size=60)), b""
+    config = yaml.safe_load((TASKS / "arc_tiny.yaml").read_text())
+    config["task"] = "fuzzed_task"
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.sampled_from(TASK_KEYS + list(config)))
+        if draw(st.integers(0, 3)) == 0:
+            config.pop(key, None)
+        else:
+            config[key] = draw(TASK_VALUES)
+    raw = yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode()
+    if draw(st.integers(0, 3)) == 0:  # code the task would run: must never run untrusted
+        raw += draw(st.sampled_from([b"process_docs: !function utils.p\n", b"doc_to_text: !function utils.p\n",
+                                     b"metric_list: [{metric: !function utils.p}]\n"]))
+    if draw(st.integers(0, 5)) == 0:
+        i = draw(st.integers(0, len(raw)))
+        raw = raw[:i] + draw(st.binary(max_size=8) | st.sampled_from([b"&a ", b"*a", b"!!", b": ", b"\n- ", b"{"]))\
+            + raw[i + draw(st.integers(0, 8)):]
+    included = draw(st.sampled_from([b"", b"process_docs: !function utils.p\n", b"include: fuzzed.yaml\n",
+                                     b"include: inc.yaml\n", b"num_fewshot: 1\n"]) | st.binary(max_size=40))
+    return raw, included
+
+
 def manifest_cases(ws):
     """(manifest bytes, whether to check donors too): the real export's manifest with keys replaced,
     removed or added at any depth, or with one claim made false in a way verify can see."""
@@ -477,6 +520,32 @@ def recipe_target(ws: Workspace, raw: bytes) -> None:
         assert load_session(saved).plan == session.plan
 
 
+def task_yaml_target(ws: Workspace, case: tuple[bytes, bytes]) -> None:
+    """`--probe lmeval:FILE` without --trust-task-code: a loaded task or one line, the files unchanged,
+    and the Python beside the YAML never run (its import would leave a marker file)."""
+    from surgeon.probes import ProbeSpec
+    from surgeon.probes.lmeval import load_task
+
+    raw, included = case
+    folder = ws.root / "tasks"
+    if not folder.exists():
+        folder.mkdir()
+        for f in ("arc_tiny_train.jsonl", "arc_tiny_test.jsonl"):
+            shutil.copy(TASKS / f, folder / f)
+        (folder / "utils.py").write_text(f"open({str(folder / 'ran')!r}, 'w')\ndef p(x):\n    return x\n")
+    path = folder / "fuzzed.yaml"
+    path.write_bytes(raw)
+    (folder / "inc.yaml").write_bytes(included)
+    here = os.getcwd()
+    os.chdir(folder)  # a data file pattern resolves from here: the scratch folder, not the whole checkout
+    try:
+        works_or_refuses(load_task, ProbeSpec("lmeval", str(path)))
+    finally:
+        os.chdir(here)
+    unchanged(path, raw)
+    assert not (folder / "ran").exists(), "a task's Python ran without --trust-task-code"
+
+
 MANIFEST_CLAIMS = ("shard", "dtype", "shape", "offsets", "hash")
 
 
@@ -527,6 +596,7 @@ TARGETS = {
     "probe": (lambda ws: probe_specs, probe_target),
     "recipe": (recipe_bytes, recipe_target),
     "manifest": (manifest_cases, manifest_target),
+    "task_yaml": (task_yaml_cases, task_yaml_target),
 }
 
 

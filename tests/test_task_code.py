@@ -160,3 +160,21 @@ def test_the_donor_score_key_of_a_task_follows_its_documents_and_code(tmp_path):
     utils = tmp_path / "utils.py"
     utils.write_text(utils.read_text() + "\n# a helper changed\n")
     assert digest() != edited
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("num_fewshot: two\n", "lm-eval cannot use task"),  # found by fuzzing: a TypeError escaped
+])
+def test_a_config_value_lm_eval_trips_on_is_one_line(tmp_path, extra, message):
+    yaml_path = task_folder(tmp_path)
+    yaml_path.write_text(yaml_path.read_text().replace("num_fewshot: 2\n", "") + extra)
+    with pytest.raises(SurgeonError, match=message) as err:
+        probe.load_task(ProbeSpec("lmeval", str(yaml_path)))
+    assert "\n" not in str(err.value)
+
+
+def test_a_data_file_that_is_a_device_is_refused_before_datasets_reads_it(tmp_path):
+    yaml_path = task_folder(tmp_path)
+    yaml_path.write_text(yaml_path.read_text().replace("test: arc_tiny_test.jsonl", "test: /dev/zero"))
+    with pytest.raises(SurgeonError, match="/dev/zero is not a regular file"):
+        probe.load_task(ProbeSpec("lmeval", str(yaml_path)))

@@ -259,7 +259,27 @@ def _local_config(label: str, path: Path, trusted: bool) -> dict:
         raise SurgeonError(f"{path}: dataset_kwargs is a mapping, not {excerpt(repr(kwargs), 60)}")
     if "data_files" in kwargs:
         cfg["dataset_kwargs"] = {**kwargs, "data_files": _beside(kwargs["data_files"], path.parent)}
+        _check_data_files(cfg["dataset_kwargs"]["data_files"], path)
     return cfg
+
+
+def _check_data_files(files, path: Path) -> None:
+    """A data file that exists must be a regular file: datasets would read /dev/zero or a FIFO for
+    ever. (A pattern matching nothing yet is datasets' to report.)"""
+    if isinstance(files, dict):
+        for v in files.values():
+            _check_data_files(v, path)
+    elif isinstance(files, list):
+        for v in files:
+            _check_data_files(v, path)
+    elif isinstance(files, str):
+        try:
+            special = Path(files).exists() and not Path(files).is_file()
+        except (OSError, ValueError):  # a name the filesystem cannot hold: nothing to read
+            return
+        if special:
+            raise SurgeonError(f"{path}: data file {excerpt(files, 80)} is not a regular file (a directory, a "
+                               "device or a FIFO)")
 
 
 def _beside(files, folder: Path):
@@ -269,8 +289,13 @@ def _beside(files, folder: Path):
         return {k: _beside(v, folder) for k, v in files.items()}
     if isinstance(files, list):
         return [_beside(v, folder) for v in files]
-    if isinstance(files, str) and not Path(files).is_absolute() and not Path(files).exists():
-        return str(folder / files)
+    if isinstance(files, str) and not Path(files).is_absolute():
+        try:
+            here = Path(files).exists()
+        except (OSError, ValueError):  # a NUL or an overlong name: no file the working directory has
+            here = False
+        if not here:
+            return str(folder / files)
     return files
 
 
@@ -390,6 +415,15 @@ def load_task(spec) -> LmevalTask:
     _check_options(spec, label)
     _lm_eval()
     name, task = _build_task(label, spec.data, spec.trust_code)
+    try:
+        return _checked(spec, label, name, task)
+    except SurgeonError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- lm-eval meeting a config value of the wrong type (num_fewshot: "2")
+        raise SurgeonError(f"{label}: lm-eval cannot use task {name}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _checked(spec, label: str, name: str, task) -> LmevalTask:
     output_type = task.get_config("output_type")
     if output_type == "loglikelihood_rolling":
         raise SurgeonError(f"{label}: task {name} scores rolling log-likelihoods (perplexity), "
