@@ -16,7 +16,7 @@ def test_the_site_builds_strictly(tmp_path):
     """`mkdocs build --strict` (strict is also in mkdocs.yml): a link to a page or an anchor that does
     not exist, or a page missing from the nav, fails the build."""
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"),
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
                         "-d", str(tmp_path / "site")], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     home = (tmp_path / "site" / "index.html").read_text()
