@@ -26,6 +26,7 @@ from surgeon.core.recovery import RecoveryWriter, load_recovery, orphans
 from surgeon.core.session import SessionRecords
 from surgeon.core.workbench import Workbench
 from surgeon.errors import SurgeonError
+from surgeon.io.fs import error_line
 from surgeon.jobs import Cancelled, CancelToken
 from surgeon.live.keeper import HybridKeeper
 
@@ -81,15 +82,6 @@ class DonorOpened(Message):
         super().__init__()
         self.donor = donor
         self.spec = spec
-
-
-def _unexpected(e: Exception) -> str:
-    """An exception that is not a SurgeonError (a bug, or a fault the engine does not name yet), in
-    one line: a SurgeonError is already that line."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    if isinstance(e, SurgeonError):
-        return text
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _label(spec: str) -> str:
@@ -153,7 +145,7 @@ class SurgeonApp(App):
         try:
             self._load_donors(specs, welcome)
         except Exception as e:  # noqa: BLE001 - a worker's exception is silent: the app would wait forever
-            self.post_message(Failed("Cannot open the donors", _unexpected(e)))
+            self.post_message(Failed("Cannot open the donors", error_line(e)))
 
     def _load_donors(self, specs: list[str], welcome: bool) -> None:
         from surgeon.core.donor import open_donor
@@ -186,7 +178,7 @@ class SurgeonApp(App):
         try:
             self._load_session(path, recovered)
         except Exception as e:  # noqa: BLE001 - as in load_donors: never stay on "opening..."
-            self.post_message(Failed("Cannot open the session", _unexpected(e)))
+            self.post_message(Failed("Cannot open the session", error_line(e)))
 
     def _load_session(self, path: str, recovered: str | None) -> None:
         from surgeon.core.session import load_session, open_session_donors

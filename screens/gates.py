@@ -231,7 +231,7 @@ class GatesScreen(JobScreen):
     def run_selection(self, key: tuple, plan, donors: dict, corpus: str, *, progress, cancel):
         """The job: (key, Selection, device, seconds), or (key, None, why, 0) so that a failure is
         filed under the marks and data it was for."""
-        from .probes import failure_text
+        from surgeon.io.fs import error_line
 
         started = time.perf_counter()
         try:
@@ -247,7 +247,7 @@ class GatesScreen(JobScreen):
         except Cancelled:
             raise
         except Exception as e:  # a dialog, never a traceback on screen
-            return key, None, failure_text(e), 0.0
+            return key, None, error_line(e), 0.0
         return key, selection, device, time.perf_counter() - started
 
     def job_progress(self, step: Step) -> None:

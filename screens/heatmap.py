@@ -222,7 +222,7 @@ class RoutingScreen(JobScreen):
     def probe_models(self, todo: list[tuple], donors: dict, base: str, *, progress, cancel) -> None:
         """The job (surgeon.jobs): each model's routing on every corpus, one message per model as it is
         done, so the first heatmap shows before the last model is probed."""
-        from .probes import failure_text
+        from surgeon.io.fs import error_line
 
         try:
             from transformers.utils import logging as hf_logging
@@ -249,7 +249,7 @@ class RoutingScreen(JobScreen):
         except (Cancelled, SurgeonError):
             raise
         except Exception as e:  # a dialog, never a traceback on screen
-            raise SurgeonError(failure_text(e)) from None
+            raise SurgeonError(error_line(e)) from None
 
     def job_progress(self, step) -> None:
         self.progress = f"{step.label}… {step.done} of {step.total} sequences"
@@ -495,12 +495,12 @@ class RoutingScreen(JobScreen):
     def compute_similarity(self, key: tuple, base, donor, then) -> None:
         from surgeon.features.routing.probe import expert_similarity
 
-        from .probes import failure_text
+        from surgeon.io.fs import error_line
 
         try:
             self.post_message(SimilarityReady(key, expert_similarity(base, donor), None, then))
         except Exception as e:
-            self.post_message(SimilarityReady(key, None, failure_text(e), then))
+            self.post_message(SimilarityReady(key, None, error_line(e), then))
 
     @on(SimilarityReady)
     def on_similarity(self, message: SimilarityReady) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 
-from surgeon.errors import SurgeonError
+from surgeon.io.fs import error_line
 from surgeon.jobs import Cancelled, CancelToken, Step
 
 
@@ -49,8 +49,8 @@ class JobMixin:
                 result = fn(*args, progress=lambda step: self.post_message(JobStep(step)), cancel=token, **kwargs)
             except Cancelled:
                 self.post_message(JobEnded(cancelled=True))
-            except (SurgeonError, OSError, ValueError) as e:  # user mistakes and disk faults become text
-                self.post_message(JobEnded(error=str(e)))
+            except Exception as e:  # a user's mistake, a disk fault or a bug: a line in a dialog, never a traceback
+                self.post_message(JobEnded(error=error_line(e)))
             else:
                 self.post_message(JobEnded(result=result))
 

@@ -188,9 +188,9 @@ class MixPhase(Message):
 
 def _failure(e: Exception) -> SurgeonError:
     """Anything the engine did not phrase itself still ends as one line in the form, never a traceback."""
-    from .probes import failure_text
+    from surgeon.io.fs import error_line
 
-    return SurgeonError(failure_text(e))
+    return SurgeonError(error_line(e))
 
 
 # ---------------------------------------------------------------- the screen

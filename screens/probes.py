@@ -26,6 +26,7 @@ from textual.widgets import DataTable, Footer, Input, ProgressBar, SelectionList
 from textual.widgets.selection_list import Selection
 
 from surgeon.errors import SurgeonError
+from surgeon.io.fs import error_line
 from surgeon.io.sizes import human_bytes, step_text
 from surgeon.jobs import Cancelled, Step
 from surgeon.probes import PROBES, ProbeSpec, metric_of, parse_probe, spec_from_json
@@ -150,15 +151,6 @@ def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
         if spec not in specs:
             specs.append(spec)
     return specs, n_recorded
-
-
-def failure_text(e: Exception) -> str:
-    """One line for the error dialog: the engine's own message, or what kind of failure it was."""
-    if isinstance(e, (SurgeonError, OSError)):
-        return str(e)
-    if isinstance(e, MemoryError) or "out of memory" in str(e):  # torch.cuda.OutOfMemoryError included
-        return f"out of memory probing: {e}".rstrip(": ") + "; try fewer items (limit=N)"
-    return f"{type(e).__name__}: {e}"  # anything else still ends in a dialog, never a traceback on screen
 
 
 # ---------------------------------------------------------------- the screen
@@ -487,7 +479,7 @@ class ProbesScreen(JobScreen):
         except Cancelled:  # between batches, never inside a swap: the hybrid stays consistent
             raise
         except Exception as e:
-            raise SurgeonError(failure_text(e)) from e
+            raise SurgeonError(error_line(e)) from e
         self.last_swap = run.swap
         return run
 

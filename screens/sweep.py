@@ -26,13 +26,14 @@ from textual.message import Message
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Static
 
 from surgeon.errors import SurgeonError
+from surgeon.io.fs import error_line
 from surgeon.io.sizes import step_text
 from surgeon.jobs import Cancelled, Step
 from surgeon.probes import metric_of
 
 from .dialogs import ErrorScreen
 from .job import JobScreen
-from .probes import failure_text, session_view, short_label
+from .probes import session_view, short_label
 
 SEPARATOR = ";"  # group SPECs and probe specs contain commas
 DEFAULT_LIMIT = 50  # built-in probe sets are cut to this many items by default
@@ -267,7 +268,7 @@ class SweepScreen(JobScreen):
                 keeper.drop()
             if not isinstance(e, Exception):
                 raise
-            raise SurgeonError(failure_text(e)) from e
+            raise SurgeonError(error_line(e)) from e
 
     def store(self, record: dict) -> None:
         """Keep `record` in the session (replacing the stored sweep with its id), mark it modified."""

@@ -232,3 +232,18 @@ def test_control_characters_in_a_path_are_shown_escaped_and_usage_mistakes_are_o
     r = run_cli("export", tmp_path / "out", "--no-such-option")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--base" in r.stderr and "see moe-surgeon export --help" in r.stderr
+
+
+def test_one_translator_turns_any_failure_into_the_line_a_user_sees():
+    """The CLI and every screen show failures through io.fs.error_line."""
+    import errno
+
+    from surgeon.errors import SurgeonError
+    from surgeon.io.fs import error_line
+
+    assert error_line(SurgeonError("a.json: bad\n  field x")) == "a.json: bad field x"
+    line = error_line(OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors"))
+    assert line.startswith("/out/model.safetensors: No space left on device (ENOSPC)")
+    assert error_line(MemoryError()).startswith("out of memory") and "limit=N" in error_line(MemoryError())
+    assert error_line(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore")).startswith("out of memory: CUDA")
+    assert error_line(KeyError("x")) == "KeyError: 'x'"

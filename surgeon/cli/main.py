@@ -11,6 +11,7 @@ import os
 import sys
 
 from surgeon.errors import SurgeonError
+from surgeon.io.fs import error_line
 from surgeon.jobs import Cancelled
 
 # command -> the module in surgeon/cli/ whose register(sub) adds its parser (and runs it)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_app(args.dirs, args.session)
     except SurgeonError as e:
-        print("moe-surgeon: error: " + printable(str(e)), file=sys.stderr)
+        print("moe-surgeon: error: " + printable(error_line(e)), file=sys.stderr)
         return 2
     except Cancelled:
         print("moe-surgeon: cancelled; what it had started to write was removed", file=sys.stderr)
@@ -86,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:  # the last resort: a filesystem fault no engine boundary named is still one line
-        from surgeon.io.fs import os_error_line
-
-        print("moe-surgeon: error: " + printable(os_error_line(e)), file=sys.stderr)
+        print("moe-surgeon: error: " + printable(error_line(e)), file=sys.stderr)
         return 2
 
 

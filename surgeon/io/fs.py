@@ -52,6 +52,20 @@ def os_error_line(e: OSError, path: str | os.PathLike | None = None, doing: str 
     return line + reason + (f"; {fix}" if fix else "")
 
 
+def error_line(e: BaseException) -> str:
+    """Any failure as the one line a user is shown, the same in the CLI and every screen: an engine
+    error's own message, a filesystem fault naming its path, running out of memory with what to try,
+    and anything else (a bug) as its type and first line, never a traceback."""
+    if isinstance(e, SurgeonError):
+        return " ".join(str(e).split())
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, MemoryError) or "out of memory" in text:  # torch.cuda.OutOfMemoryError included
+        return f"out of memory: {text}".rstrip(": ") + "; try fewer items (limit=N) or a smaller batch"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 @contextmanager
 def fs_errors(path: str | os.PathLike, doing: str):
     """OSErrors of the families in FIXES raised in the block become a SurgeonError naming the path;
