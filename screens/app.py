@@ -281,7 +281,7 @@ class SurgeonApp(App):
                 if time.perf_counter() - started > 1.0:
                     self.post_message(Hashing(f"hashing donors {100 * (before + step.done) / total:.0f}%"))
             try:
-                done[name] = donor.full_hashes(progress=progress, cancel=cancel)
+                done[name] = donor.full_hashes(progress=progress, cancel=cancel, background=True)
             except Cancelled:
                 return
             except SurgeonError as e:
@@ -599,6 +599,9 @@ class SurgeonApp(App):
 
 def run_app(dirs: list[str], session_path: str | None) -> int:
     """`moe-surgeon [DIR ...] [--session FILE]`: the workbench on DIRs, a session, or the demo."""
+    from surgeon.live.threads import configure_threads
+
+    configure_threads()  # a caller that starts here, not in cli.main, gets the same threads
     app = SurgeonApp(dirs, session_path)
     app.run()
     return app.return_code or 0

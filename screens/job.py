@@ -13,7 +13,7 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 
 from surgeon.io.fs import error_line
-from surgeon.jobs import Cancelled, CancelToken, Step
+from surgeon.jobs import FOREGROUND, Cancelled, CancelToken, Step
 
 
 class JobStep(Message):
@@ -46,7 +46,9 @@ class JobMixin:
 
         def work() -> None:
             try:
-                result = fn(*args, progress=lambda step: self.post_message(JobStep(step)), cancel=token, **kwargs)
+                # The workbench's background hash pauses meanwhile: it would take the cores this needs.
+                with FOREGROUND.running():
+                    result = fn(*args, progress=lambda step: self.post_message(JobStep(step)), cancel=token, **kwargs)
             except Cancelled:
                 self.post_message(JobEnded(cancelled=True))
             except Exception as e:  # a user's mistake, a disk fault or a bug: a line in a dialog, never a traceback

@@ -126,3 +126,47 @@ def cancel_on_interrupt(token: CancelToken):
         yield token
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class Foreground:
+    """Jobs someone is waiting for (a probe, a sweep, an export) while background work runs in the
+    same process (the workbench's full content hash of its donors). The background work pauses
+    while any foreground job runs: on a machine with few cores its threads would otherwise take the
+    cores the probe's threads need, and the probe would wait on them at every parallel region."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._running = 0
+        self.waiting = 0  # background threads paused now: what a test or a status line can read
+
+    @contextmanager
+    def running(self):
+        with self._changed:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return self._running > 0
+
+    def wait_idle(self, cancel: CancelToken = NEVER, poll: float = 0.25) -> None:
+        """Return when no foreground job runs (at once when none does); a cancel is seen within `poll`
+        seconds, so a paused hash still stops when the workbench quits."""
+        with self._changed:
+            if not self._running:
+                return
+            self.waiting += 1
+            try:
+                while self._running:
+                    cancel.check()
+                    self._changed.wait(poll)
+            finally:
+                self.waiting -= 1
+
+
+FOREGROUND = Foreground()  # one per process: the workbench's jobs mark it, its background hash reads it

@@ -65,6 +65,9 @@ def build_tui_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from surgeon.live.threads import configure_threads
+
+    configure_threads()  # before anything imports torch: OpenMP reads its settings as it loads
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in SUBCOMMANDS:

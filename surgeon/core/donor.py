@@ -144,14 +144,14 @@ class Donor:
             digest.update(f"{name}:{fp};".encode())
         return "sha256:" + digest.hexdigest()[:32]
 
-    def full_hashes(self, *, progress=None, cancel=None) -> dict[str, str]:
+    def full_hashes(self, *, progress=None, cancel=None, background: bool = False) -> dict[str, str]:
         """Every shard's full content hash (io/content_hash.py): read once, then a stat per shard
-        while the file is unchanged. What "verified" rests on."""
+        while the file is unchanged. What "verified" rests on. `background`: see hash_files."""
         from surgeon.io.content_hash import hash_files
         from surgeon.jobs import NEVER
 
         paths = {name: self.path / name for name in sorted(self.shards)}
-        got = hash_files(paths.values(), progress=progress, cancel=cancel or NEVER)
+        got = hash_files(paths.values(), progress=progress, cancel=cancel or NEVER, background=background)
         return {name: got[p] for name, p in paths.items()}
 
     def cached_full_hashes(self) -> dict[str, str] | None:

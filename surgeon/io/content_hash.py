@@ -25,7 +25,7 @@ from pathlib import Path
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import write_atomic
 from surgeon.io.cache import cache_root
-from surgeon.jobs import NEVER, CancelToken, Progress, Step
+from surgeon.jobs import FOREGROUND, NEVER, CancelToken, Progress, Step
 
 ALGORITHM = "xxh3-128-tree16m"  # says how it was computed, so another tool can recompute it
 CHUNK = 1 << 24
@@ -105,7 +105,7 @@ def _store(found: dict[str, dict]) -> None:
 
 
 def _digest(path: Path, size: int, done_before: int, total: int, progress: Progress | None,
-            cancel: CancelToken, started: float) -> str:
+            cancel: CancelToken, started: float, background: bool = False) -> str:
     """XXH3-128 of each 16 MiB chunk, read and hashed on every core (xxhash lets go of the GIL),
     then XXH3-128 of the chunk digests in order and the size: one core cannot keep up with the page
     cache, and a hash of hashes changes with any changed byte just the same."""
@@ -120,6 +120,8 @@ def _digest(path: Path, size: int, done_before: int, total: int, progress: Progr
     def chunk_digest(offset: int) -> bytes:
         # XXH3 streams: a chunk hashed piece by piece has the digest of the chunk hashed whole, so the
         # buffer (what the export's peak memory is mostly made of) stays small without changing the hash.
+        if background:
+            FOREGROUND.wait_idle(cancel)  # paused while a probe or another foreground job runs
         cancel.check()
         buf = getattr(local, "buf", None)
         if buf is None:
@@ -190,9 +192,11 @@ class TreeHasher:
 
 
 def hash_files(paths, *, progress: Progress | None = None, cancel: CancelToken = NEVER,
-               use_cache: bool = True, remember: bool = True) -> dict[Path, str]:
+               use_cache: bool = True, remember: bool = True, background: bool = False) -> dict[Path, str]:
     """Every file's full hash, from the cache where the file is unchanged (unless not `use_cache`),
-    else by reading it; what was read goes into the cache unless not `remember` (files about to move)."""
+    else by reading it; what was read goes into the cache unless not `remember` (files about to move).
+    `background`: nobody waits for it, so it pauses between chunks while a foreground job runs
+    (jobs.FOREGROUND); a job that needs the hash itself must not pass it, or it would wait on itself."""
     import time
 
     paths = [Path(p) for p in paths]
@@ -210,7 +214,7 @@ def hash_files(paths, *, progress: Progress | None = None, cancel: CancelToken =
     started, done = time.perf_counter(), 0
     found = {}
     for p in todo:
-        out[p] = _digest(p, stats[p].st_size, done, total, progress, cancel, started)
+        out[p] = _digest(p, stats[p].st_size, done, total, progress, cancel, started, background)
         done += stats[p].st_size
         after = _stat(p)
         if _key(after) == _key(stats[p]):  # only a file that stayed put while read is worth caching

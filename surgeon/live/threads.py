@@ -1,0 +1,77 @@
+"""How torch's CPU threads wait and how many there are, chosen once as the process starts.
+
+OpenMP threads spin while they wait for the next parallel region. Alone on the machine that saves
+a wake-up; with another process busy on the same cores, the spinning threads take the cores the
+working ones need, and a probe collapses: one forward of the demo OLMoE (8 x 24 tokens) took
+1,367 ms with torch's defaults beside an lm-eval run on this 2-core machine, and 19 ms with
+OMP_WAIT_POLICY=PASSIVE (threads sleep when idle). On an idle machine PASSIVE costs a wake-up per
+parallel region, which is within the noise at these sizes (docs/pending/performance-under-load.md).
+
+The thread count stays torch's own (the machine's cores) unless this process may use fewer cores
+than the machine has: an affinity mask (taskset, a scheduler's cpuset) or a cgroup CPU quota
+(containers) that torch does not look at, so its threads would outnumber the cores it gets.
+
+libgomp reads OMP_WAIT_POLICY once, when torch loads it: this must run before torch is imported,
+so this module imports nothing heavy. What the user set is theirs: a wait setting or a thread count
+already in the environment is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+WAIT_POLICY = "PASSIVE"
+# Any of these means the user chose how OpenMP threads wait (GOMP_SPINCOUNT overrides the policy in
+# GNU OpenMP, KMP_BLOCKTIME is Intel OpenMP's).
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+# Either of these means the user chose the thread count (torch reads both).
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 `cpu.max`, else v1's CFS quota);
+    None when there is none or it cannot be read."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask, capped by its cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
+    return max(1, cores)
+
+
+def configure_threads(environ=None) -> dict[str, str]:
+    """Set the OpenMP wait policy and, where the process may use fewer cores than the machine has,
+    the thread count, each unless the user set it. Returns what it set (nothing once torch has
+    loaded: OpenMP has read its settings by then). Safe to call more than once."""
+    environ = os.environ if environ is None else environ
+    if "torch" in sys.modules:
+        return {}
+    chosen = {}
+    if not any(k in environ for k in WAIT_SETTINGS):
+        chosen["OMP_WAIT_POLICY"] = WAIT_POLICY
+    if not any(k in environ for k in THREAD_SETTINGS):
+        cores = usable_cores()
+        if cores < (os.cpu_count() or cores):
+            chosen["OMP_NUM_THREADS"] = str(cores)
+    environ.update(chosen)
+    return chosen
