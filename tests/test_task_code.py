@@ -178,3 +178,13 @@ def test_a_data_file_that_is_a_device_is_refused_before_datasets_reads_it(tmp_pa
     yaml_path.write_text(yaml_path.read_text().replace("test: arc_tiny_test.jsonl", "test: /dev/zero"))
     with pytest.raises(SurgeonError, match="/dev/zero is not a regular file"):
         probe.load_task(ProbeSpec("lmeval", str(yaml_path)))
+
+
+@pytest.mark.parametrize("value", ["true", "1.5"])
+def test_a_metric_list_that_is_not_a_list_is_one_line(tmp_path, value):
+    """Found by fuzzing: iterating `metric_list: true` escaped as a TypeError."""
+    yaml_path = task_folder(tmp_path)
+    text = yaml_path.read_text()
+    yaml_path.write_text(text[:text.index("metric_list:")] + f"metric_list: {value}\nmetadata:\n  version: 1.0\n")
+    with pytest.raises(SurgeonError, match="metric_list is a list of metrics"):
+        probe.load_task(ProbeSpec("lmeval", str(yaml_path)))

@@ -208,7 +208,10 @@ def _code_it_runs(cfg: dict, functions: list[tuple[str, Path]], path: Path) -> s
     importlib.import_module("lm_eval.api.metrics")  # fills the registry, as lm-eval's get_metric does
     from lm_eval.api.registry import metric_registry
 
-    for entry in cfg.get("metric_list") or []:
+    metrics = cfg.get("metric_list") or []
+    if not isinstance(metrics, list):
+        raise SurgeonError(f"{path}: metric_list is a list of metrics, not {excerpt(repr(metrics), 40)}")
+    for entry in metrics:
         metric = entry.get("metric") if isinstance(entry, dict) else None
         # A name lm-eval does not know is handed to HF evaluate.load, which runs a local script
         # such as ./m.py (and would fetch one from the Hub online).
