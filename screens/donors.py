@@ -42,6 +42,7 @@ class DonorPath(Validator):
 
 
 class DonorsScreen(Screen):
+    CSS_PATH = "donors.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         Binding("escape", "back", "Back", id="donors.back"),
         Binding("B", "make_base", "Make base", id="donors.base", tooltip="Make the selected donor the base"),

@@ -23,6 +23,7 @@ from .job import JobModal
 
 
 class ExportScreen(JobModal):
+    CSS_PATH = "export.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [Binding("escape", "cancel", "Cancel / close", id="export.cancel")]
 
     def compose(self) -> ComposeResult:

@@ -150,6 +150,7 @@ class CorpusScreen(PathScreen):
 
 # ---------------------------------------------------------------- the screen
 class GatesScreen(JobScreen):
+    CSS_PATH = "gates.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         Binding("escape", "back", "Back", id="gates.back"),
         Binding("r", "run", "Select", id="gates.run",

@@ -134,6 +134,7 @@ class TakeScreen(ModalScreen):
 
 # ---------------------------------------------------------------- the screen
 class RoutingScreen(JobScreen):
+    CSS_PATH = "heatmap.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         Binding("escape", "back", "Back", id="routing.back"),
         Binding("d", "next_domain", "Corpus", id="routing.domain", tooltip="Show the next corpus (domain)"),

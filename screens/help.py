@@ -37,6 +37,7 @@ def binding_rows(screen: Screen) -> list[tuple[str, str, str]]:
 
 
 class HelpScreen(ModalScreen[None]):
+    CSS_PATH = "help.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [Binding("escape,q,question_mark,f1", "close", "Close")]
 
     def __init__(self, source: Screen):

@@ -49,6 +49,7 @@ def format_distance(value: float | None) -> Text:
 
 
 class LayerScreen(MarkingMixin, JobScreen):
+    CSS_PATH = "layer.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         *[b for b in MARKING_BINDINGS if b.id not in ("mark.row", "mark.column")],
         Binding("escape", "back", "Back", id="layer.back"),

@@ -195,6 +195,7 @@ def _failure(e: Exception) -> SurgeonError:
 
 # ---------------------------------------------------------------- the screen
 class MixScreen(JobScreen):
+    CSS_PATH = "mix.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         Binding("escape", "back", "Back / cancel", id="mix.back",
                 tooltip="Cancel a running build (at the next step), else go back to the grid"),

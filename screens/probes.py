@@ -155,6 +155,7 @@ def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
 
 # ---------------------------------------------------------------- the screen
 class ProbesScreen(JobScreen):
+    CSS_PATH = "probes.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         Binding("escape", "back", "Back / cancel", id="probes.back",
                 tooltip="Cancel a running probe run, else go back to the grid"),

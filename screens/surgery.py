@@ -25,6 +25,7 @@ WELCOME = (
 
 
 class SurgeryScreen(MarkingMixin, Screen):
+    CSS_PATH = "surgery.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         *MARKING_BINDINGS,
         Binding("enter", "open_layer", "Layer", id="surgery.layer", tooltip="Open the layer under the cursor"),

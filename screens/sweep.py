@@ -107,6 +107,7 @@ def heatmap(analysis) -> Text:
 
 # ---------------------------------------------------------------- the screen
 class SweepScreen(JobScreen):
+    CSS_PATH = "sweep.tcss"  # its own rules; the shared ones are in app.tcss
     BINDINGS = [
         Binding("escape", "back", "Back / cancel", id="sweep.back",
                 tooltip="Cancel a running sweep (after the current configuration), else go back to the grid"),
