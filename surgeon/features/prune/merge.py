@@ -73,13 +73,9 @@ def run_merge(request: MergeRequest, progress=None, cancel=NEVER,
     max_shard = parse_size(r.max_shard_size)
     donor = open_donor(r.base, allow_pickle=r.allow_pickle)
     layers, num_experts = moe_shape(donor)
-    try:
-        into = keep_count(num_experts, r.into, r.ratio)
-    except SurgeonError as e:  # the same bounds as a pruning's, in this command's words
-        raise SurgeonError(str(e).replace("--keep N (experts kept per layer)", "--into N (experts per layer after)")
-                           .replace("--keep", "--into").replace("prunes", "merges away")) from None
-    top_k = check_top_k(donor, into)
-    keys = count_keys(donor, num_experts)
+    into = merged_count(r, num_experts)
+    check_top_k(donor, into)  # every refusal that needs no weights comes before the measuring pass
+    count_keys(donor, num_experts)
     out = Path(r.out).absolute()
     check_target(out, {"A": donor}, r.force)
     check_session_target(r.save_session)
@@ -94,31 +90,7 @@ def run_merge(request: MergeRequest, progress=None, cancel=NEVER,
 
     saliency, device = measure(donor, {c["name"]: c.pop("texts") for c in corpora}, r, progress, cancel,
                                reap=r.by == "reap", similarity_tokens=r.sample_tokens)
-    if saliency.layers != layers or saliency.num_experts != num_experts:
-        raise SurgeonError(f"{donor.path}: the model routes over {saliency.num_experts} experts in layers "
-                           f"{saliency.layers}, but its files hold {num_experts} in layers {layers}")
-    for c in corpora:
-        c["tokens"] = saliency.corpora[c["name"]]
-    values = None if r.by == "uniform" else saliency.scores(r.by)
-    clusters, weights = cluster_layers(layers, saliency.similarity, into, values)
-
-    report = {
-        "moe_surgeon": __version__,
-        "operation": "merge",
-        "base": {"spec": r.base, "path": str(donor.path), "model_type": donor.model_type,
-                 "fingerprint": donor.fingerprint},
-        "criterion": r.by, "num_experts": num_experts, "into": into, "ratio": r.ratio,
-        "clustering": "average-linkage agglomerative on 1 - cosine similarity of the experts' outputs",
-        "experts_keys": keys,
-        "top_k": top_k, "top_k_key": donor.anatomy.architecture.top_k_key,
-        "corpora": corpora, "sample_tokens": saliency.similarity_tokens, "max_tokens": r.max_tokens,
-        "batch_size": r.batch_size, "device": device, "dtype": r.dtype,
-        "clusters": {str(layer): [list(c) for c in cs] for layer, cs in clusters.items()},
-        "weights": {str(layer): ws for layer, ws in weights.items()},
-        "saliency": saliency.to_json(),
-        "command": command_line(r),
-        "max_shard_size": max_shard,
-    }
+    report = merge_report(r, donor, saliency=saliency, corpora=corpora, device=device, max_shard=max_shard)
     written, resolution = write_smaller(donor, report, out, max_shard_size=max_shard, force=r.force, fsync=r.fsync,
                                         progress=progress, cancel=cancel, warn=warn)
     report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
@@ -128,7 +100,50 @@ def run_merge(request: MergeRequest, progress=None, cancel=NEVER,
         from surgeon.features.prune.session import save_prune_session
 
         save_prune_session(report, donor, r.save_session, written, progress=progress, cancel=cancel)
-    return MergeResult(report, saliency, clusters)
+    return MergeResult(report, saliency, {int(k): [tuple(c) for c in v] for k, v in report["clusters"].items()})
+
+
+def merged_count(r: MergeRequest, num_experts: int) -> int:
+    try:
+        return keep_count(num_experts, r.into, r.ratio)
+    except SurgeonError as e:  # the same bounds as a pruning's, in this command's words
+        raise SurgeonError(str(e).replace("--keep N (experts kept per layer)", "--into N (experts per layer after)")
+                           .replace("--keep", "--into").replace("prunes", "merges away")) from None
+
+
+def merge_report(r: MergeRequest, donor, *, saliency: Saliency, corpora: list[dict], device: str | None,
+                 max_shard: int) -> dict:
+    """The record of a merging: the clusters of `saliency.similarity` and each member's weight, with
+    everything the model card, the session and `replay` read; the command and the workbench both
+    make it here."""
+    layers, num_experts = moe_shape(donor)
+    into = merged_count(r, num_experts)
+    if saliency.layers != layers or saliency.num_experts != num_experts:
+        raise SurgeonError(f"{donor.path}: the model routes over {saliency.num_experts} experts in layers "
+                           f"{saliency.layers}, but its files hold {num_experts} in layers {layers}")
+    if saliency.similarity is None:
+        raise SurgeonError("merge: the saliency pass did not compare the experts' outputs")
+    for c in corpora:
+        c["tokens"] = saliency.corpora[c["name"]]
+    values = None if r.by == "uniform" else saliency.scores(r.by)
+    clusters, weights = cluster_layers(layers, saliency.similarity, into, values)
+    return {
+        "moe_surgeon": __version__,
+        "operation": "merge",
+        "base": {"spec": r.base, "path": str(donor.path), "model_type": donor.model_type,
+                 "fingerprint": donor.fingerprint},
+        "criterion": r.by, "num_experts": num_experts, "into": into, "ratio": r.ratio,
+        "clustering": "average-linkage agglomerative on 1 - cosine similarity of the experts' outputs",
+        "experts_keys": count_keys(donor, num_experts),
+        "top_k": check_top_k(donor, into), "top_k_key": donor.anatomy.architecture.top_k_key,
+        "corpora": corpora, "sample_tokens": saliency.similarity_tokens, "max_tokens": r.max_tokens,
+        "batch_size": r.batch_size, "device": device, "dtype": r.dtype,
+        "clusters": {str(layer): [list(c) for c in cs] for layer, cs in clusters.items()},
+        "weights": {str(layer): ws for layer, ws in weights.items()},
+        "saliency": saliency.to_json(),
+        "command": command_line(r),
+        "max_shard_size": max_shard,
+    }
 
 
 def command_line(r: MergeRequest) -> str:

@@ -76,8 +76,8 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
     donor = open_donor(r.base, allow_pickle=r.allow_pickle)
     layers, num_experts = moe_shape(donor)
     keep = keep_count(num_experts, r.keep, r.ratio)
-    top_k = check_top_k(donor, keep)
-    keys = count_keys(donor, num_experts)
+    check_top_k(donor, keep)  # every refusal that needs no weights comes before the saliency pass
+    count_keys(donor, num_experts)
     out = Path(r.out).absolute()
     check_target(out, {"A": donor}, r.force)
     check_session_target(r.save_session)
@@ -89,32 +89,7 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
     if r.by != "random":
         saliency, device = measure(donor, {c["name"]: c.pop("texts") for c in corpora}, r, progress, cancel,
                                    reap=r.by == "reap")
-        if saliency.layers != layers or saliency.num_experts != num_experts:
-            raise SurgeonError(f"{donor.path}: the model routes over {saliency.num_experts} experts in layers "
-                               f"{saliency.layers}, but its files hold {num_experts} in layers {layers}")
-        for c in corpora:
-            c["tokens"] = saliency.corpora[c["name"]]
-        kept = choose(layers, num_experts, keep, scores=saliency.scores(r.by))
-    else:
-        kept = choose(layers, num_experts, keep, seed=r.seed)
-
-    report = {
-        "moe_surgeon": __version__,
-        "operation": "prune",
-        "base": {"spec": r.base, "path": str(donor.path), "model_type": donor.model_type,
-                 "fingerprint": donor.fingerprint},
-        "criterion": r.by, "num_experts": num_experts, "keep": keep, "ratio": r.ratio,
-        "experts_keys": keys,
-        "top_k": top_k, "top_k_key": donor.anatomy.architecture.top_k_key,
-        "seed": r.seed if r.by == "random" else None,
-        "corpora": corpora, "max_tokens": r.max_tokens, "batch_size": r.batch_size, "device": device,
-        "dtype": r.dtype,
-        "kept": {str(layer): list(e) for layer, e in kept.items()},
-        "pruned": {str(layer): [e for e in range(num_experts) if e not in kept[layer]] for layer in layers},
-        "saliency": None if saliency is None else saliency.to_json(),
-        "command": command_line(r),
-        "max_shard_size": max_shard,
-    }
+    report = prune_report(r, donor, saliency=saliency, corpora=corpora, device=device, max_shard=max_shard)
     written, resolution = write_smaller(donor, report, out, max_shard_size=max_shard, force=r.force, fsync=r.fsync,
                                         progress=progress, cancel=cancel, warn=warn)
     report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
@@ -124,7 +99,42 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
         from surgeon.features.prune.session import save_prune_session
 
         save_prune_session(report, donor, r.save_session, written, progress=progress, cancel=cancel)
-    return PruneResult(report, saliency, kept)
+    return PruneResult(report, saliency, {int(k): tuple(v) for k, v in report["kept"].items()})
+
+
+def prune_report(r: PruneRequest, donor, *, saliency: Saliency | None, corpora: list[dict], device: str | None,
+                 max_shard: int) -> dict:
+    """The record of a pruning: the experts `r.by` keeps given `saliency` (None: --by random), with
+    everything the model card, the session and `replay` read. The command and the workbench (which
+    pools the saliency its Routing screen measured) both make it here, so they choose alike."""
+    layers, num_experts = moe_shape(donor)
+    keep = keep_count(num_experts, r.keep, r.ratio)
+    if saliency is not None:
+        if saliency.layers != layers or saliency.num_experts != num_experts:
+            raise SurgeonError(f"{donor.path}: the model routes over {saliency.num_experts} experts in layers "
+                               f"{saliency.layers}, but its files hold {num_experts} in layers {layers}")
+        for c in corpora:
+            c["tokens"] = saliency.corpora[c["name"]]
+        kept = choose(layers, num_experts, keep, scores=saliency.scores(r.by))
+    else:
+        kept = choose(layers, num_experts, keep, seed=r.seed)
+    return {
+        "moe_surgeon": __version__,
+        "operation": "prune",
+        "base": {"spec": r.base, "path": str(donor.path), "model_type": donor.model_type,
+                 "fingerprint": donor.fingerprint},
+        "criterion": r.by, "num_experts": num_experts, "keep": keep, "ratio": r.ratio,
+        "experts_keys": count_keys(donor, num_experts),
+        "top_k": check_top_k(donor, keep), "top_k_key": donor.anatomy.architecture.top_k_key,
+        "seed": r.seed if r.by == "random" else None,
+        "corpora": corpora, "max_tokens": r.max_tokens, "batch_size": r.batch_size, "device": device,
+        "dtype": r.dtype,
+        "kept": {str(layer): list(e) for layer, e in kept.items()},
+        "pruned": {str(layer): [e for e in range(num_experts) if e not in kept[layer]] for layer in layers},
+        "saliency": None if saliency is None else saliency.to_json(),
+        "command": command_line(r),
+        "max_shard_size": max_shard,
+    }
 
 
 def check_session_target(path: str | None) -> None:

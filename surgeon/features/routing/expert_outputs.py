@@ -39,6 +39,11 @@ def record_expert_norms(experts, on_slots, routed_of) -> object | None:
     return None
 
 
+def readable(experts) -> bool:
+    """Whether `record_expert_norms` can read this experts module, without touching it."""
+    return experts is not None and (_decorated(experts) or _every_expert_on_every_token(experts))
+
+
 def unsupported_line(experts) -> str:
     return (f"{type(experts).__name__}: its expert outputs cannot be read during the forward pass (neither "
             "transformers' experts interface nor Llama 4's layout), so REAP cannot be scored for this family")

@@ -82,12 +82,20 @@ def load_model(donor, device: str, dtype: str):
 
 def probe_hybrid(plan, donors: dict, corpora: dict[str, list[str]], *, tokenizer, device: str, dtype: str = "keep",
                  progress=None, cancel=NEVER, label: str = "routing", **kw) -> dict:
-    """The routing of `plan`'s hybrid (a donor alone is `Plan(name)`) on every corpus; `kw` as probe_domains."""
+    """The routing of `plan`'s hybrid (a donor alone is `Plan(name)`) on every corpus; `kw` as probe_domains.
+    reap="auto": REAP's score too where the family's expert outputs can be read (the workbench's heatmap
+    shows it beside frequency; it costs the same pass)."""
     from surgeon.features.routing.probe import probe_domains
     from surgeon.live.hybrid import Hybrid
 
     cancel.check()
     model = Hybrid.materialize(plan, donors, device=device, dtype=dtype).model
+    if kw.get("reap") == "auto":
+        from surgeon.features.routing.expert_outputs import readable
+        from surgeon.features.routing.probe import moe_layers
+
+        layers = moe_layers(model)
+        kw["reap"] = bool(layers) and all(readable(getattr(m.mlp, "experts", None)) for m in layers)
     try:
         return probe_domains(model, tokenizer, corpora, progress=progress, cancel=cancel, label=label, **kw)
     finally:

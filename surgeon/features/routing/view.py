@@ -31,7 +31,12 @@ METRIC_NAMES = {
     "top1": "top-1 share",
     "mean_prob": "mean router probability",
     "importance": "importance",
+    "gate": "mean gate weight",
+    "reap": "REAP score",
 }
+# The saliency pruning reads (features/prune/saliency.py), as more layers of the same heatmap: the
+# combine weight a routed expert gets, and REAP's gate x output norm, both over its routed tokens.
+SALIENCY = ("gate", "reap")
 FORMATS = (".csv", ".json", ".svg", ".png")
 
 # Viridis (sequential: dark = rarely used) and RdBu reversed (diverging: blue < 0 < red), as
@@ -44,9 +49,12 @@ DIVERGING = ["#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "
 
 def metric_values(stats: RoutingStats, metric: str) -> np.ndarray:
     """The [layers, experts] matrix of `metric` (see routing.py's terms)."""
-    if metric not in METRICS:
+    if metric not in METRICS + SALIENCY:
         raise SurgeonError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
-    values = getattr(stats, metric)
+    values = stats.mean_weight if metric == "gate" else getattr(stats, metric)
+    if values is None and metric == "reap":
+        raise SurgeonError("REAP score: not measured; this family's expert outputs cannot be read during the "
+                           "forward pass")
     if values is None:
         raise SurgeonError("metric importance: the probe did not score importance (--importance)")
     return np.asarray(values, dtype=np.float64)
