@@ -517,6 +517,8 @@ class SurgeonApp(App):
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "mix":  # M belongs to the grid: other screens keep the key (and their inputs)
             return isinstance(self.screen, SurgeryScreen)
+        if action == "save" and hasattr(self.screen, "action_save_own_session"):
+            return False  # a screen whose work is a session of its own (screens/prune.py) takes ctrl+s
         return True
 
     def _push_kept(self, name: str, factory, refusal: str) -> None:
