@@ -150,6 +150,10 @@ class RoutingScreen(JobScreen):
                 tooltip="Mark from the shown donor the N experts it uses most on this corpus, in layers L"),
         Binding("c", "take_changed", "Take most changed", id="routing.take_changed",
                 tooltip="Mark from the shown donor the N experts whose weights moved furthest from the base's"),
+        Binding("S", "next_saliency", "Saliency", id="routing.saliency",
+                tooltip="Show what pruning reads: activation frequency, mean gate weight, REAP score"),
+        Binding("p", "prune", "Prune/merge to N", id="routing.prune",
+                tooltip="Preview, try and export the shown donor pruned or merged to N experts per layer"),
     ]
 
     def __init__(self):
@@ -242,7 +246,8 @@ class RoutingScreen(JobScreen):
                 label = f"probing {self.label(model)} on {', '.join(self.corpora)} on {device} ({i + 1} of {len(todo)})"
                 try:
                     stats = probe_hybrid(plan, donors, self.corpora, tokenizer=tokenizer, device=device,
-                                         batch_size=BATCH_SIZE, progress=progress, cancel=cancel, label=label)
+                                         batch_size=BATCH_SIZE, progress=progress, cancel=cancel, label=label,
+                                         reap="auto")  # the REAP layer (S) and pruning (p) read it
                 except SurgeonError as e:
                     self.post_message(RoutingProbed(model, ident, None, str(e)))
                     continue
@@ -383,8 +388,20 @@ class RoutingScreen(JobScreen):
         self.show()
 
     def action_next_metric(self) -> None:
-        self.metric = METRICS[(METRICS.index(self.metric) + 1) % len(METRICS)]
+        i = METRICS.index(self.metric) if self.metric in METRICS else -1  # from a saliency layer: the first
+        self.metric = METRICS[(i + 1) % len(METRICS)]
         self.show()
+
+    def action_next_saliency(self) -> None:
+        from .prune import next_saliency
+
+        self.metric = next_saliency(self.metric)
+        self.show()
+
+    def action_prune(self) -> None:
+        from .prune import open_prune
+
+        open_prune(self)
 
     def difference_choices(self) -> list[tuple[str, str]]:
         return ([("model", m) for m in self.models if m != self.model]
