@@ -8,7 +8,6 @@ line to the same bytes. Merging's clusters are compared with `moe-surgeon merge-
 """
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -191,4 +190,4 @@ async def test_merge_preview_matches_merge_experts_and_the_hybrid_is_refused(tmp
         cs = clusters[str(layer)]
         expected.append((str(layer), " ".join(f"{i}={'+'.join(map(str, c))}" for i, c in enumerate(cs) if len(c) > 1)
                          or "-", format_ranges([c[0] for c in cs if len(c) == 1]) or "-"))
-    assert preview == expected, sys.stderr
+    assert preview == expected
