@@ -140,9 +140,7 @@ class DistanceMapScreen(JobScreen):
     def _open(self, row: str) -> None:
         if row == "global":
             return
-        from .layer import LayerScreen
-
-        self.app.push_screen(LayerScreen(int(row)))
+        self.app.open_screen("layer", int(row))
 
     def action_back(self) -> None:
         self.app.pop_screen()

@@ -111,34 +111,26 @@ class SurgeryScreen(MarkingMixin, Screen):
             return
         item = grid.current_item()
         if isinstance(item, Cell) and item.layer is not None:
-            from .layer import LayerScreen
-
-            self.app.push_screen(LayerScreen(item.layer, focus_kind=item.kind))
+            self.app.open_screen("layer", item.layer, focus_kind=item.kind)
         else:
             self.app.notify("the globals have no layer to open", timeout=2)
 
-    def action_probes(self) -> None:  # a screen action, so check_action can hide it with no donors open
-        self.app.action_probes()
+    # Screen actions, not the app's, so check_action can hide them with no donors open; the screens
+    # and how each opens (kept, refused without donors) are the app's table (screen_table.py).
+    def action_probes(self) -> None:
+        self.app.open_screen("probes")
 
-    def action_sweep(self) -> None:  # a screen action, like probes: hidden with no donors open
-        self.app.action_sweep()
+    def action_sweep(self) -> None:
+        self.app.open_screen("sweep")
 
-    def action_routing(self) -> None:  # installed once: routing measured for a donor is kept
-        from .heatmap import RoutingScreen
+    def action_routing(self) -> None:
+        self.app.open_screen("routing")
 
-        self.app._push_kept("routing", RoutingScreen, "nothing to analyse")
-
-    def action_gates(self) -> None:  # installed once: a plan's selection is kept while the marks stay
-        from .gates import GatesScreen
-
-        self.app._push_kept("gates", GatesScreen, "no layer gates to select")
+    def action_gates(self) -> None:
+        self.app.open_screen("gates")
 
     def action_distance_map(self) -> None:
-        if self.app.wb is None:
-            return
-        from .distance_map import DistanceMapScreen
-
-        self.app.push_screen(DistanceMapScreen())
+        self.app.open_screen("distance_map")
 
     def action_dismiss_welcome(self) -> None:
         self.query_one("#welcome", Static).display = False

@@ -5,8 +5,8 @@ the groups) in a worker, and the table (configurations x probes, `cell_text` of 
 and a heatmap of deltas against the base fill in as configurations finish. o (or enter) on a
 configuration opens it as the current plan in the grid.
 
-The sweep reuses the Probes screen's live hybrid (installing that screen, unmounted, when it was
-never opened), so the Probes screen and the sweep share one materialised model. The record is
+The sweep runs on the app's one live hybrid (`app.hybrids`), as the Probes screen does, so the two
+share one materialised model and each waits while the other runs. The record is
 kept in the session's extensions after every configuration, exactly where `moe-surgeon sweep
 SESSION` stores it (`store_sweep`), so ctrl+s saves it, the CLI resumes it and `r` here resumes it
 too. The run is a job (screens/job.py): escape cancels it at the next batch, and the
@@ -209,8 +209,9 @@ class SweepScreen(JobScreen):
         if wb is None:
             self.notify("nothing to sweep: no donors are open", severity="warning")
             return
-        probes_screen = self._probes_screen()
-        if probes_screen.running:  # both run on the app's one live hybrid
+        # The app's one Probes screen (installed, not shown, when it was never opened) waits while
+        # this runs and this waits while it runs.
+        if self.app.kept_screen("probes").running:  # both run on the app's one live hybrid
             self.notify("the Probes screen is running; wait for it", severity="warning")
             return
         try:
@@ -226,15 +227,6 @@ class SweepScreen(JobScreen):
         self.query_one("#sweep-stats", Static).update("checking the probe data…")
         self.start_job(self.sweep_job, spec, donors, copy.deepcopy(stored) if stored else None, wb.plan(),
                        group="sweep")
-
-    def _probes_screen(self):
-        """The app's one Probes screen (installed, not shown, when it was never opened): a sweep
-        waits while it runs, since both move the app's live hybrid."""
-        from .probes import ProbesScreen
-
-        if not self.app.is_screen_installed("probes"):
-            self.app.install_screen(ProbesScreen(), name="probes")
-        return self.app.get_screen("probes")
 
     def sweep_job(self, spec, donors, stored, plan, *, progress, cancel) -> dict:
         """The sweep, on the job's thread; finished configurations reach the screen as they come."""

@@ -363,3 +363,19 @@ async def test_distance_map_shows_every_layer_and_component(olmoe3, tmp_path):
         await pilot.press("j", "enter")  # open layer 1 from the map
         await settle(pilot)
         assert isinstance(app.screen, LayerScreen) and app.screen.layer_no == 1
+
+
+def test_every_screen_of_the_table_is_a_screen_whose_styles_are_beside_it():
+    """The one table of screens (screens/screen_table.py) names importable Screen classes, and the
+    styles a screen names (CSS_PATH) lie beside its module."""
+    from pathlib import Path
+
+    from textual.screen import Screen
+
+    from screens.screen_table import SCREENS, screen_class
+
+    for name in SCREENS:
+        cls = screen_class(name)
+        assert issubclass(cls, Screen), name
+        if cls.CSS_PATH:
+            assert (Path(sys.modules[cls.__module__].__file__).parent / cls.CSS_PATH).is_file(), name
