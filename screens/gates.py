@@ -18,9 +18,7 @@ stay the same; it runs again when the marks, the donors or the calibration data 
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.text import Text
@@ -29,8 +27,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Footer, Static
 
-from surgeon.core.gates_sidecar import GATE_KIND
+from surgeon.core.resolve import LayerGate
 from surgeon.errors import SurgeonError
+from surgeon.features.gates.workbench import drop_candidates, drop_gates, gated_donors, hybrid_gates
 from surgeon.jobs import Cancelled, Step
 
 from .dialogs import ErrorScreen, PathScreen
@@ -48,79 +47,7 @@ ADD_HINT = ("No open donor has layer gates. Add some with `moe-surgeon gates add
             "then open OUT as a donor (d on the grid).")
 
 
-# ---------------------------------------------------------------- pure helpers (tested directly)
-@dataclass(frozen=True)
-class GateInfo:
-    layer: int
-    gate_type: str  # scalar | vector | matrix
-    parameters: int
-    donor: str  # the donor the hybrid takes this gate from
-
-
-def hybrid_gates(wb) -> dict[int, GateInfo]:
-    """The layer gates of the workbench's hybrid, by layer, as resolving its plan gives them."""
-    from surgeon.core.gates_sidecar import gate_layer_of, gate_type_of, hidden_size_of
-    from surgeon.core.resolve import resolve
-
-    resolution = resolve(wb.plan(), wb.donors)
-    base = wb.donors[wb.base]
-    hidden = hidden_size_of(base.config, str(base.path))
-    out = {}
-    for name in resolution.gate_names():
-        src = resolution.sources[name]
-        layer = gate_layer_of(name)
-        out[layer] = GateInfo(layer, gate_type_of(src.shape, hidden, name), math.prod(src.shape), src.donor)
-    return dict(sorted(out.items()))
-
-
-def gated_donors(wb) -> dict[str, tuple[int, ...]]:
-    """The open donors that have layer gates, and their gated layers."""
-    out = {}
-    for name, donor in wb.donors.items():
-        layers = sorted({p.layer for p in donor.part_groups if p.kind == GATE_KIND})
-        if layers:
-            out[name] = tuple(layers)
-    return out
-
-
-def drop_candidates(wb, layers) -> list[str]:
-    """Donors that have no gate in any of `layers`: the base first when it is one of them."""
-    gated = gated_donors(wb)
-    order = [wb.base] + [n for n in wb.donors if n != wb.base]
-    return [n for n in order if not set(gated.get(n, ())) & set(layers)]
-
-
-def drop_gates(wb, layers) -> str:
-    """Give the `layer gate` cells of `layers` to a donor without gates there, as one change.
-
-    Returns that donor; SurgeonError when no open donor can (every gateless one refused).
-    """
-    from surgeon.core.anatomy import Part
-    from surgeon.core.plan import format_ranges
-
-    layers = sorted(layers)
-    parts = [Part(GATE_KIND, layer) for layer in layers]
-    errors = []
-    for name in drop_candidates(wb, layers):
-        try:
-            if wb.set_parts(parts, name):
-                return name
-        except SurgeonError as e:
-            errors.append(str(e))
-    if errors:
-        raise SurgeonError(f"no donor without gates in layer(s) {format_ranges(layers)} can give them: {errors[0]}")
-    raise SurgeonError(f"every open donor has a gate in layer(s) {format_ranges(layers)}, the base included: "
-                       "open a donor without gates there (d on the grid) to drop them")
-
-
-def with_min_gain(selection, min_gain: float):
-    """The same measurements with the verdicts of eq. 5 for another min_gain."""
-    from surgeon.features.gates.select import Selection, keep_gate
-
-    rows = [replace(r, keep=keep_gate(r.ppl_without, r.ppl_with, min_gain)) for r in selection.layers]
-    return Selection(rows, selection.tokens, min_gain)
-
-
+# ---------------------------------------------------------------- display helpers
 def corpus_label(corpus: str) -> str:
     return corpus if "/" not in corpus else Path(corpus).name
 
@@ -167,7 +94,7 @@ class GatesScreen(JobScreen):
         super().__init__()
         self.corpus = DEFAULT_CORPUS
         self.min_gain = 0.0
-        self.gates: dict[int, GateInfo] = {}
+        self.gates: dict[int, LayerGate] = {}
         self.problem: str | None = None  # why the hybrid's gates cannot be listed (an unresolvable plan)
         self.results: dict[tuple, tuple] = {}  # key -> (Selection, device, seconds), one per plan and corpus
         self.failures: dict[tuple, str] = {}  # key -> why it failed: not run again until r asks
@@ -206,6 +133,8 @@ class GatesScreen(JobScreen):
         hit = self.results.get(self.key()) if self.app.wb is not None else None
         if hit is None:
             return None
+        from surgeon.features.gates.select import with_min_gain  # torch: a selection was measured
+
         selection, device, seconds = hit
         return with_min_gain(selection, self.min_gain), device, seconds
 

@@ -159,6 +159,18 @@ def test_selection_matches_an_independent_computation_of_eq_3_to_5(llama3):
     assert select_gates(model, data, min_gain=0.99).kept == []
 
 
+def test_another_min_gain_redoes_the_verdicts_of_the_same_measurements():
+    """What the Gates screen's m shows: eq. 5 again on the measured perplexities, no rerun."""
+    from surgeon.features.gates.select import LayerSelection, Selection, with_min_gain
+
+    sel = Selection([LayerSelection(0, "vector", 10.0, 9.5, True), LayerSelection(1, "scalar", 10.0, 10.5, False)],
+                    100, 0.0)
+    strict = with_min_gain(sel, 0.1)  # 9.5 is not below 10 * 0.9: the minor gain is dropped too
+    assert (strict.kept, strict.dropped, strict.tokens, strict.min_gain) == ([], [0, 1], 100, 0.1)
+    assert [(r.ppl_without, r.ppl_with) for r in strict.layers] == [(10.0, 9.5), (10.0, 10.5)]
+    assert with_min_gain(strict, 0.0).to_json() == sel.to_json()
+
+
 # ---------------------------------------------------------------- training
 def test_training_is_deterministic_touches_only_gates_and_lowers_held_out_ppl(llama3):
     tok = AutoTokenizer.from_pretrained(llama3[0])

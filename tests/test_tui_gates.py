@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from screens.app import SurgeonApp
 from screens.dialogs import ErrorScreen
-from screens.gates import CorpusScreen, GatesScreen, drop_gates, hybrid_gates
+from screens.gates import CorpusScreen, GatesScreen
 from screens.surgery import SurgeryScreen
 from screens.widgets.gate_chart import GateChart, change_text
 from surgeon.core.anatomy import Part
@@ -27,6 +27,7 @@ from surgeon.errors import SurgeonError
 from surgeon.features.export import export_hybrid
 from surgeon.features.gates.select import keep_gate, select_gates
 from surgeon.features.gates.train import TrainSettings, load_data, train_gates
+from surgeon.features.gates.workbench import drop_gates, hybrid_gates
 from surgeon.live.layer_gates import (
     add_zero_gates,
     attach_gates,

@@ -7,12 +7,13 @@ materialisation can trust what they are given.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 from surgeon.core.anatomy import Part
 from surgeon.core.donor import Donor
-from surgeon.core.gates_sidecar import GATE_KIND, gate_type_of, hidden_size_of
+from surgeon.core.gates_sidecar import GATE_KIND, gate_layer_of, gate_type_of, hidden_size_of
 from surgeon.core.plan import Plan, check_assignment
 from surgeon.errors import SurgeonError
 from surgeon.io.dtypes import CASTS, FLOATS
@@ -83,6 +84,29 @@ class Resolution:
     @property
     def converts(self) -> bool:
         return any(s.converts for s in self.sources.values())
+
+
+@dataclass(frozen=True)
+class LayerGate:
+    """One Self-MoE layer gate of a hybrid."""
+
+    layer: int
+    gate_type: str  # scalar | vector | matrix
+    parameters: int
+    donor: str  # the donor the hybrid takes this gate from
+
+
+def layer_gates(resolution: Resolution, donors: dict[str, Donor]) -> dict[int, LayerGate]:
+    """The hybrid's layer gates by layer, in layer order, as resolving its plan gives them: what an
+    export writes to the gates sidecar and the workbench's Gates screen lists."""
+    base = donors[resolution.plan.base]
+    hidden = hidden_size_of(base.config, str(base.path))
+    out = {}
+    for name in resolution.gate_names():
+        src = resolution.sources[name]
+        layer = gate_layer_of(name)
+        out[layer] = LayerGate(layer, gate_type_of(src.shape, hidden, name), math.prod(src.shape), src.donor)
+    return dict(sorted(out.items()))
 
 
 def out_dtype(name: str, src_dtype: str, dtype: str) -> str:

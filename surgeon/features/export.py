@@ -24,12 +24,11 @@ from surgeon.core.donor import Donor
 from surgeon.core.gates_sidecar import (
     GATES_FILE,
     gate_layer_of,
-    gate_type_of,
     hidden_size_of,
     sidecar_metadata,
 )
 from surgeon.core.plan import Plan
-from surgeon.core.resolve import Resolution, resolve
+from surgeon.core.resolve import Resolution, layer_gates, resolve
 from surgeon.core.session import (
     ExportRecord,
     Session,
@@ -327,8 +326,7 @@ def _gate_bytes(resolution: Resolution) -> int:
 
 def gate_types(resolution: Resolution, donors: dict[str, Donor]) -> dict[int, str]:
     """The hybrid's layer gates: layer -> scalar, vector or matrix."""
-    hidden = hidden_size_of(donors[resolution.plan.base].config, "base")
-    return {gate_layer_of(n): gate_type_of(resolution.sources[n].shape, hidden, n) for n in resolution.gate_names()}
+    return {layer: gate.gate_type for layer, gate in layer_gates(resolution, donors).items()}
 
 
 def gates_metadata(resolution: Resolution, donors: dict[str, Donor]) -> dict[str, str]:

@@ -20,7 +20,7 @@ Perplexity here is exp of the mean next-token NLL over every token of the calibr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,12 @@ def logit_lens(model):
 def keep_gate(ppl_without: float, ppl_with: float, min_gain: float = 0.0) -> bool:
     """Eq. 5 as the prose reads it: keep a gate that lowers the layer's perplexity (by min_gain)."""
     return ppl_with < ppl_without * (1.0 - min_gain)
+
+
+def with_min_gain(selection: Selection, min_gain: float) -> Selection:
+    """The same measurements with the verdicts of eq. 5 for another min_gain (no rerun)."""
+    rows = [replace(r, keep=keep_gate(r.ppl_without, r.ppl_with, min_gain)) for r in selection.layers]
+    return Selection(rows, selection.tokens, min_gain)
 
 
 @torch.no_grad()
