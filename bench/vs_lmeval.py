@@ -104,42 +104,29 @@ def our_command(model: Path, probe: str, samples: Path) -> list[str]:
             "--samples", str(samples), "--json"]
 
 
-def native_ids(path: Path) -> dict[str, int]:
-    """Our item id -> lm-eval's doc_id (0-based file order): the record's "id", else its 1-based
-    line number, as surgeon/probes/data.py reads them (blank lines are skipped but counted)."""
-    ids, index = {}, 0
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        ids[str(record.get("id", line_no))] = index
-        index += 1
-    return ids
-
-
 _NOT_METRICS = {"doc_id", "outcome", "model", "probe", "target", "prompt", "cached"}
 
 
-def read_our_samples(path: Path, ids: dict[str, int] | None, primary: str) -> dict[int, dict]:
-    """doc_id -> {"metrics", "lls", "text"}, in lm-eval's doc ids. `ids` maps native item ids
-    (None: the bridge, whose doc ids are lm-eval's). A line without metric values counts its
-    "outcome" as the probe's `primary` metric."""
+def read_our_samples(path: Path, primary: str) -> dict[int, dict]:
+    """doc_id -> {"metrics", "lls", "text"}. Our --samples lines are laid out as lm-eval's (0-based
+    doc_id, one line per filter naming it), so the doc ids are lm-eval's. A line without metric
+    values counts its "outcome" as the probe's `primary` metric."""
     docs: dict[int, dict] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         s = json.loads(line)
         if "doc_id" not in s:
             continue
-        doc_id = ids[str(s["doc_id"])] if ids is not None else int(s["doc_id"])
-        metrics = {}
+        doc = docs.setdefault(int(s["doc_id"]), {"metrics": {}, "lls": [], "text": None})
+        metrics = doc["metrics"]
         for key, value in s.items():
             if key in _NOT_METRICS or isinstance(value, (list, dict, str)) or value is None:
                 continue
             name, _, filt = key.partition(",")
-            metrics[metric_name(name, filt)] = float(value)
+            metrics[metric_name(name, filt or s.get("filter", "none"))] = float(value)
         if not metrics and "outcome" in s:
             metrics[primary] = float(s["outcome"])
-        resps = s.get("filtered_resps") if ids is None else s.get("resps")
-        docs[doc_id] = {"metrics": metrics, "lls": numbers(resps or []), "text": first_text(s.get("resps"))}
+        doc["lls"] = doc["lls"] or numbers(s.get("filtered_resps") or [])
+        doc["text"] = doc["text"] or first_text(s.get("resps"))
     return docs
 
 
@@ -200,8 +187,7 @@ def run_case(case: Case, n: int, model: Path, files, tasks: dict[str, Path], mod
         result.lmeval.error = f"unreadable samples: {e}"
     try:
         if our_run.returncode == 0:
-            ours = read_our_samples(samples, native_ids(files[case.task].native) if mode == "native" else None,
-                                    primary)
+            ours = read_our_samples(samples, primary)
         else:
             result.ours.error = f"exit {our_run.returncode}: {_last_line(our_run.log)}"
     except (OSError, ValueError, KeyError) as e:

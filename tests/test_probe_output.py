@@ -60,9 +60,16 @@ def test_samples_and_json_give_the_same_per_item_outcomes_under_the_checkpoints_
     for line in em:
         assert LM_EVAL_FIELDS | {"exact_match"} <= set(line)
         assert line["exact_match"] == line["outcome"]
+    # Laid out as lm-eval's --log_samples: doc_id is the 0-based place in the file (the demo sets' ids
+    # are line numbers), resps per request then per repeat, and one line per filter, naming it.
+    for items, row in zip((mc, em, ppl), rows):
+        assert [line["id"] for line in items] == row["ids"]
+        assert [line["doc_id"] for line in items] == [int(i) - 1 for i in row["ids"]]
+    assert all(len(r) == 1 and len(r[0]) == 2 and isinstance(r[0][1], bool) for line in mc for r in line["resps"])
+    assert all(line["filter"] == "none" and line["filtered_resps"] == [r[0] for r in line["resps"]] for line in mc)
+    assert all(line["filter"] == "exact" and isinstance(line["resps"][0][0], str) for line in em)
     # a kind that gives no samples: the item and its outcome only
-    assert [set(line) for line in ppl] == [{"model", "probe", "doc_id", "outcome"}] * 3
-    assert [line["doc_id"] for line in ppl] == rows[2]["ids"]
+    assert [set(line) for line in ppl] == [{"model", "probe", "doc_id", "id", "outcome"}] * 3
     assert not list(out.parent.glob(".*.tmp"))  # written atomically: no temporary left
 
 

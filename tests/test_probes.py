@@ -77,9 +77,9 @@ def test_mc_accuracy_equals_plain_forward_reference(tiny, tmp_path, shots):
     first = out.samples[0]
     assert first["prompt"] == data.contexts()[0] and first["target"] == data.items[0].answer
     assert first["arguments"] == [[first["prompt"], " " + c] for c in data.items[0].choices]
-    assert [r[0] for r in first["resps"]] == pytest.approx(
+    assert [r[0][0] for r in first["resps"]] == pytest.approx(
         [plain_logprob(model, tok, first["prompt"], " " + c) for c in data.items[0].choices], abs=1e-4)
-    assert all(isinstance(r[1], bool) for r in first["resps"])
+    assert all(isinstance(r[0][1], bool) for r in first["resps"])  # lm-eval's: per request, per repeat
 
 
 def test_a_tie_goes_to_the_first_choice_as_numpys_argmax():
@@ -157,7 +157,7 @@ def test_gsm8k_exact_match_is_lmevals_filters_and_metric(tiny, tmp_path):
     assert out.extra == {"exact_match,strict-match": want["strict-match"]}
     assert [s["exact_match,flexible-extract"] for s in out.samples] == want["flexible-extract"]
     first = out.samples[0]
-    assert first["target"] == GSM8K_ROWS[0]["answer"] and first["resps"] == [out.outputs[0]]
+    assert first["target"] == GSM8K_ROWS[0]["answer"] and first["resps"] == [[out.outputs[0]]]
     assert first["arguments"] == [[data.contexts()[0], {"until": list(until), "max_gen_toks": 12}]]
     # An explicit extract= mode decides the outcome (against the gold number); lm-eval's both stay extras.
     spec = parse_probe(f"em:{tmp_path / 'gsm8k.jsonl'},max_new_tokens=12,extract=last_number")

@@ -48,7 +48,7 @@ def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progre
             if name in scored and (name == STRICT or spec.extract != "exact"):
                 extra.setdefault(name, []).append(scored[name])
         samples.append({"doc_id": item.id, "prompt": ctx, "target": item.solution if gsm8k else str(item.answer),
-                        "arguments": [[ctx, arguments]], "resps": [out], **scored})
+                        "arguments": [[ctx, arguments]], "resps": [[out]], **scored})  # lm-eval: per request, per repeat
     return ProbeOutcome([i.id for i in items], outcomes, outputs=outputs, extra=extra, samples=samples)
 
 

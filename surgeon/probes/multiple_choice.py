@@ -52,6 +52,6 @@ def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progre
         resps = [[s.logprob, s.greedy] for s in scores]
         samples.append({"doc_id": item.id, "prompt": ctx, "target": int(item.answer),
                         "arguments": [[ctx, sep + c] for c in item.choices],
-                        "resps": resps, "filtered_resps": resps, **values})
+                        "resps": [[r] for r in resps], "filtered_resps": resps, **values})  # lm-eval: per repeat
     acc = metrics.pop("acc")
     return ProbeOutcome([i.id for i in items], acc, extra=metrics, samples=samples)

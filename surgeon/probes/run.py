@@ -54,6 +54,7 @@ class ProbeData:
     shots: list  # per item (parallel to items): its k-shot exemplars, a list of Items
     template: Template
     kind: str | None = None  # set for a kind that loads its own task (ProbeKind's load_task)
+    positions: list[int] | None = None  # each item's 0-based place in its file (lm-eval's doc_id)
 
     @property
     def digest(self) -> str:
@@ -101,7 +102,9 @@ def load_probe_data(spec: ProbeSpec) -> ProbeData:
     pool = probe_file.items
     items = pool[:spec.first] if spec.first is not None else subset(pool, spec.limit, spec.seed)
     shots = _exemplars(spec, kind, path, probe_file, items)
-    return ProbeData(items, shots, template_for(spec, builtin, probe_file.fmt))
+    place = {id(item): i for i, item in enumerate(pool)}
+    return ProbeData(items, shots, template_for(spec, builtin, probe_file.fmt),
+                     positions=[place[id(item)] for item in items])
 
 
 def _check_kind(kind, path, items) -> None:
@@ -379,6 +382,12 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
         report, end = stage(label)
         out = evaluate(model, tokenizer, spec, data, batch_size=batch_size, progress=report)
         end()
+        if data.positions is not None and hasattr(out, "samples"):  # per-donor kinds measure, not score
+            if not out.samples:  # a kind that keeps no samples: which document, and the item's id
+                out.samples = [{"doc_id": item.id} for item in data.items]
+            for sample, place in zip(out.samples, data.positions):
+                # lm-eval's doc_id is the document's 0-based place; the item's own id stays beside it
+                sample["id"], sample["doc_id"] = sample.get("doc_id"), place
         return out
 
     def kept(samples: list[dict] | None) -> dict:
@@ -492,8 +501,24 @@ def sample_lines(record: dict) -> list[dict]:
         line = {**head, **sample, "outcome": record["outcomes"][i]}
         for name, values in extra.items():
             line.setdefault(name, values[i])
-        lines.append(line)
+        lines.extend(_per_filter(line))
     return lines
+
+
+def _per_filter(line: dict) -> list[dict]:
+    """lm-eval's layout: one line per filter, naming it (`filter`), with that filter's responses as
+    a list and its metrics under their plain names (`exact_match`, not `exact_match,strict-match`)."""
+    filtered = line.get("filtered_resps")
+    if not isinstance(filtered, dict):
+        return [{**line, "filter": "none"}] if "filtered_resps" in line else [line]
+    out = []
+    for name, responses in filtered.items():
+        one = {k: v for k, v in line.items() if "," not in k}
+        one.update({k.split(",", 1)[0]: v for k, v in line.items() if k.endswith("," + name)})
+        one["filtered_resps"] = responses if isinstance(responses, list) else [responses]
+        one["filter"] = name
+        out.append(one)
+    return out
 
 
 def write_samples(path: str | Path, records: list[dict]) -> int:
