@@ -9,7 +9,7 @@ from surgeon.cli.options import (
     add_model_options,
     out_of_memory_is_an_error,
 )
-from surgeon.cli.progress import StepPrinter
+from surgeon.cli.progress import StepPrinter, note_loading
 from surgeon.errors import SurgeonError
 from surgeon.jobs import CancelToken, cancel_on_interrupt
 
@@ -127,12 +127,15 @@ def cmd_probe(args) -> int:
         from surgeon.io.fs import check_writable
 
         check_writable(args.samples, "write the samples")  # now, not after the run
-    from surgeon.features.probe import ProbeRequest, run_probe
+    from surgeon.features.probe import ProbeRequest, check_probe_data, run_probe
+
+    check_probe_data(specs)  # a bad probe file is refused before a line says that a model loads
+    alone = None if session is not None else donors["A"].path.resolve().name
+    note_loading("probe", alone or "the hybrid", donors[plan.base])  # before torch's import, the first wait
     from surgeon.live.devices import default_device
     from surgeon.probes.run import record_probe_results, summarize
 
     device = args.device or default_device()
-    alone = None if session is not None else donors["A"].path.resolve().name
     request = ProbeRequest(plan, donors, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
                            compare_donors=session is not None and not args.no_donors,
                            keep_samples=bool(args.samples), shown_as=alone or "hybrid")

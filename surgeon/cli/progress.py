@@ -40,3 +40,12 @@ class StepPrinter:
             print("\r" + self.line(step), end="\n" if step.finished else "", file=self.stream, flush=True)
         else:
             print(self.line(step), file=self.stream, flush=True)
+
+
+def note_loading(label: str, name: str, donor) -> None:
+    """One line before a model loads: importing torch and transformers and filling the model take
+    seconds in which no step can be counted, and a silent command looks hung."""
+    from surgeon.io.sizes import human_bytes
+
+    size = sum(shard.size for shard in donor.shards.values())
+    print(f"{label}: loading {name} ({human_bytes(size)})…", file=sys.stderr, flush=True)

@@ -1,0 +1,222 @@
+"""Benchmark: start-up to the first scored item of `moe-surgeon probe`, in parts.
+
+Runs the real command line (`python -m surgeon.cli probe DIR --probe em:arith`) in a fresh process
+and takes the time of each part from inside it, without changing what it runs: an import hook
+notes when torch and transformers finish importing and wraps `Hybrid.materialize`, and the
+progress printer notes the first step that scored an item.
+
+  start        process start to the model load: interpreter, imports, donors, probe data
+  load         `Hybrid.materialize` (transformers' import, when it happens there, shown apart)
+  first batch  the load's end to the first progress step with an item scored
+  whole        the process, start to exit, as the parent sees it
+
+Models: the demo OLMoE (`demo:arith`, 4 layers, bf16) and a SmolLM2-135M-shaped llama with random
+float32 weights (30 layers, hidden 576, vocab 49,152; 538 MB), made once under bench/_work; the
+demo's tokenizer fits its vocabulary. Its outputs are noise: only the times mean anything.
+
+Run: python bench/startup.py [--repeat 5] [--model demo|llama135m|DIR ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / "_work"
+TIMES_ENV = "BENCH_STARTUP_TIMES"  # where the child writes its part times
+SPAWNED_ENV = "BENCH_STARTUP_SPAWNED"  # time.time() just before the parent started the child
+
+
+def make_llama135m(out: Path = WORK / "llama135m") -> Path:
+    """A SmolLM2-135M-shaped llama checkpoint (random float32 weights), made once."""
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surgeon.core.donor import open_donor
+
+    demo = open_donor("demo:arith").path
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(demo / name, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------- inside the child
+def _instrument(times: dict) -> None:
+    """Note import ends of torch/transformers, wrap Hybrid.materialize when its module loads, and
+    note the first scored progress step: all without importing anything the CLI would not."""
+    import importlib.abc
+    import importlib.util
+
+    watched = {"torch", "transformers", "surgeon.live.hybrid"}
+
+    class Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name not in watched:
+                return None
+            watched.discard(name)
+            times[f"{name} import began"] = time.time()
+            sys.meta_path.remove(self)
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                if watched:
+                    sys.meta_path.insert(0, self)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                times[f"{name} imported"] = time.time()
+                if name == "surgeon.live.hybrid":
+                    _wrap_materialize(module.Hybrid, times)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Hook())
+
+    from surgeon.cli.progress import StepPrinter
+
+    call = StepPrinter.__call__
+
+    def noted(self, step):
+        if step.done > 0 and "first item" not in times:
+            times["first item"] = time.time()
+        if step.finished:
+            times["finished"] = time.time()
+        return call(self, step)
+
+    StepPrinter.__call__ = noted
+
+
+def _wrap_materialize(cls, times: dict) -> None:
+    materialize = cls.materialize.__func__
+
+    def timed(klass, *args, **kwargs):
+        times.setdefault("load began", time.time())
+        try:
+            return materialize(klass, *args, **kwargs)
+        finally:
+            times.setdefault("load ended", time.time())
+
+    cls.materialize = classmethod(timed)
+
+
+def child(argv: list[str]) -> int:
+    times: dict = {"spawned": float(os.environ[SPAWNED_ENV])}
+    _instrument(times)
+    from surgeon.cli.main import main
+
+    try:
+        return main(argv)
+    finally:
+        times["exit"] = time.time()
+        Path(os.environ[TIMES_ENV]).write_text(json.dumps(times))
+
+
+# ---------------------------------------------------------------- the parent
+def run_timed(argv: list[str], env: dict | None = None) -> dict:
+    """Run `moe-surgeon ARGV` in a fresh process; the part times in seconds, and `whole`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "times.json"
+        env = {**(os.environ if env is None else env), TIMES_ENV: str(out)}
+        t0 = env[SPAWNED_ENV] = repr(time.time())
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *argv], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        whole = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"moe-surgeon {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        t = json.loads(out.read_text())
+    t0 = float(t0)
+
+    def at(key):
+        return t[key] - t0 if key in t else None
+
+    parts = {"start": at("load began"), "torch import": None, "transformers import": None,
+             "load": t["load ended"] - t["load began"], "first batch": t["first item"] - t["load ended"],
+             "to first item": at("first item"), "probe": t["finished"] - t["load ended"], "whole": whole,
+             "stderr": proc.stderr}
+    for lib in ("torch", "transformers"):
+        if f"{lib} imported" in t:
+            parts[f"{lib} import"] = t[f"{lib} imported"] - t[f"{lib} import began"]
+    parts["transformers in load"] = t.get("transformers import began", 0) >= t["load began"]
+    return parts
+
+
+def _models(names: list[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        if name == "demo":
+            out["demo OLMoE (demo:arith)"] = "demo:arith"
+        elif name == "llama135m":
+            out["SmolLM2-135M-shaped llama, f32"] = str(make_llama135m())
+        else:
+            out[name] = name
+    return out
+
+
+def report(label: str, runs: list[dict]) -> None:
+    def fig(key):
+        values = [r[key] for r in runs if r[key] is not None]
+        if not values:
+            return "   -"
+        return f"{min(values):6.2f} / {statistics.median(values):6.2f}"
+
+    where = "inside load" if runs[0]["transformers in load"] else "before load"
+    print(f"{label}  ({len(runs)} runs; seconds, best / median)")
+    for key, text in (("start", "start (interpreter, imports, donors, data)"),
+                      ("torch import", "  of which torch's import"),
+                      ("transformers import", f"  transformers' import ({where})"),
+                      ("load", "load (Hybrid.materialize)"),
+                      ("first batch", "first batch"),
+                      ("to first item", "process start to first scored item"),
+                      ("probe", "probe (load's end to last item)"),
+                      ("whole", "whole process")):
+        print(f"  {text:<46}{fig(key)}")
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2:])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--model", action="append", default=None, help="demo, llama135m, or a checkpoint DIR")
+    ap.add_argument("--probe", default="em:arith")
+    args = ap.parse_args()
+    models = _models(args.model or ["demo", "llama135m"])
+    runs: dict[str, list[dict]] = {m: [] for m in models}
+    for _ in range(args.repeat):  # interleaved: a busy spell of the machine hits every model alike
+        for label, target in models.items():
+            runs[label].append(run_timed(["probe", target, "--probe", args.probe]))
+    print(f"moe-surgeon probe DIR --probe {args.probe}, on the CPU ({os.cpu_count()} cores), "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    for label, rs in runs.items():
+        report(label, rs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
