@@ -1,8 +1,9 @@
 """Probes: run quick benchmarks on the hybrid and its donors; results, a chart, and run history.
 
-The screen is installed once (see SurgeonApp.action_probes), so it keeps ONE live hybrid across
-runs: every run applies the current plan to it first, which copies only the tensors whose source
-changed, so a rerun after a mark costs the swap and the probes, not a reload. Torch and
+The screen is installed once (screens/screen_table.py), so the picked probes and the shown run
+stay. Every run goes to the app's one live hybrid (`app.hybrids`, surgeon/live/keeper.py) and applies
+the current plan to it first, which copies only the tensors whose source changed, so a rerun after a
+mark costs the swap and the probes, not a reload. Torch and
 transformers are imported in the worker only.
 
 Results are recorded in the session by the engine's `record_probe_results`, the very function
@@ -26,10 +27,11 @@ from textual.widgets import DataTable, Footer, Input, ProgressBar, SelectionList
 from textual.widgets.selection_list import Selection
 
 from surgeon.errors import SurgeonError
+from surgeon.features.probe import default_specs, split_runs  # default_specs: screens/prune.py too
 from surgeon.io.fs import error_line
 from surgeon.io.sizes import human_bytes, step_text
 from surgeon.jobs import Cancelled, Step
-from surgeon.probes import PROBES, ProbeSpec, metric_of, parse_probe, spec_from_json
+from surgeon.probes import PROBES, ProbeSpec, metric_of, parse_probe
 
 from .dialogs import ErrorScreen
 from .job import JobScreen
@@ -57,32 +59,7 @@ def session_view(app, create: bool = False):
     return app.records
 
 
-# ---------------------------------------------------------------- pure helpers (tested directly)
-def split_runs(records: list[dict]) -> list[list[dict]]:
-    """Group session result records into runs, in order.
-
-    A run (one `probe` command or one press of r) writes its hybrid records first, then its donor
-    records. So a hybrid record starts a new run after a donor record, when its probe repeats
-    within the current run, or when it measured another plan.
-    """
-    runs: list[list[dict]] = []
-    seen: set = set()
-    plan = None
-    for r in records:
-        hybrid = r.get("model") == "hybrid"
-        key = (r.get("label"), r.get("vs"))
-        new = not runs or (hybrid and (runs[-1][-1].get("model") != "hybrid" or key in seen
-                                       or ("plan" in r and plan is not None and r["plan"] != plan)))
-        if new:
-            runs.append([])
-            seen, plan = set(), None
-        runs[-1].append(r)
-        if hybrid:
-            seen.add(key)
-            plan = r.get("plan", plan)
-    return runs
-
-
+# ---------------------------------------------------------------- display helpers (tested directly)
 def ordered_rows(rows: list[dict]) -> list[dict]:
     """summarize() rows grouped by probe (first-seen order): hybrid rows first, then donors by name."""
     probes: list[str] = []
@@ -131,26 +108,6 @@ def plan_text(record: dict | None) -> str:
     if record is None or "plan" not in record:
         return "-"
     return " ".join(f"{a['spec']}={a['donor']}" for a in record["plan"]) or "base only"
-
-
-def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
-    """The session's recorded probes, then one per built-in set with the probe that fits it; and
-    how many of them are recorded ones (those start checked)."""
-    from surgeon.probes.run import builtin_probes
-
-    specs: list[ProbeSpec] = []
-    for data in recorded:
-        try:
-            spec = spec_from_json(data)
-        except (SurgeonError, TypeError):
-            continue
-        if spec not in specs:
-            specs.append(spec)
-    n_recorded = len(specs)
-    for spec in builtin_probes():
-        if spec not in specs:
-            specs.append(spec)
-    return specs, n_recorded
 
 
 # ---------------------------------------------------------------- the screen

@@ -15,9 +15,10 @@ from textual.widgets import Input, SelectionList
 from screens.app import SurgeonApp
 from screens.dialogs import ErrorScreen
 from screens.help import HelpScreen
-from screens.probes import ProbesScreen, split_runs
+from screens.probes import ProbesScreen
 from surgeon.core.session import load_session
 from surgeon.core.workbench import Cell
+from surgeon.features.probe import split_runs
 
 SIZE = (100, 32)
 LETTERS = "abcdefghij"
@@ -289,6 +290,20 @@ def test_split_runs_groups_records_as_the_cli_and_the_screen_write_them():
                rec("hybrid", "kl:t", vs="donor:A"), rec("hybrid", "kl:t", vs="donor:B"),  # kl records carry no plan
                rec("hybrid", "mc:a", p1)]  # another plan, hybrid only
     assert [len(r) for r in split_runs(records)] == [4, 2, 3, 1]
+
+
+def test_the_offered_probes_are_the_recorded_ones_first_then_every_built_in_set_once():
+    from surgeon.features.probe import default_specs
+    from surgeon.probes import parse_probe
+    from surgeon.probes.run import builtin_probes
+
+    builtins = builtin_probes()
+    mine = parse_probe("em:arith,limit=3")
+    recorded = [mine.to_json(), builtins[0].to_json(), mine.to_json(), {"kind": "nope"}, "junk"]
+    specs, n = default_specs(recorded)
+    assert n == 2 and specs[:2] == [mine, builtins[0]]  # repeats and unreadable records dropped
+    assert specs[2:] == builtins[1:]
+    assert default_specs([]) == (builtins, 0)
 
 
 @sync

@@ -11,6 +11,7 @@ from typing import Callable
 
 from surgeon.core.donor import Donor
 from surgeon.core.plan import Plan
+from surgeon.errors import SurgeonError
 from surgeon.jobs import NEVER, CancelToken, Cancelled
 from surgeon.probes.types import ProbeSpec
 
@@ -89,3 +90,50 @@ def run_probe(request: ProbeRequest, *, keeper=None, progress=None, cancel: Canc
             keeper.drop()
         raise
     return ProbeRun(records, request.specs, device, time.perf_counter() - started, materialized, swap)
+
+
+# ---------------------------------------------------------------- what a session recorded, what to offer
+def split_runs(records: list[dict]) -> list[list[dict]]:
+    """Group session result records into runs, in order.
+
+    A run (one `probe` command or one press of r) writes its hybrid records first, then its donor
+    records. So a hybrid record starts a new run after a donor record, when its probe repeats
+    within the current run, or when it measured another plan.
+    """
+    runs: list[list[dict]] = []
+    seen: set = set()
+    plan = None
+    for r in records:
+        hybrid = r.get("model") == "hybrid"
+        key = (r.get("label"), r.get("vs"))
+        new = not runs or (hybrid and (runs[-1][-1].get("model") != "hybrid" or key in seen
+                                       or ("plan" in r and plan is not None and r["plan"] != plan)))
+        if new:
+            runs.append([])
+            seen, plan = set(), None
+        runs[-1].append(r)
+        if hybrid:
+            seen.add(key)
+            plan = r.get("plan", plan)
+    return runs
+
+
+def default_specs(recorded: list) -> tuple[list[ProbeSpec], int]:
+    """The session's recorded probes (those that parse), then one per built-in set with the probe
+    that fits it; and how many of them are recorded ones."""
+    from surgeon.probes.registry import spec_from_json
+    from surgeon.probes.run import builtin_probes
+
+    specs: list[ProbeSpec] = []
+    for data in recorded:
+        try:
+            spec = spec_from_json(data)
+        except (SurgeonError, TypeError):
+            continue
+        if spec not in specs:
+            specs.append(spec)
+    n_recorded = len(specs)
+    for spec in builtin_probes():
+        if spec not in specs:
+            specs.append(spec)
+    return specs, n_recorded
