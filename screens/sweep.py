@@ -47,23 +47,16 @@ class SweepProgress(Message):
         self.text, self.record = text, record
 
 
-# ---------------------------------------------------------------- pure helpers
+# ---------------------------------------------------------------- display helpers
 def split_field(text: str) -> list[str]:
     return [p.strip() for p in text.split(SEPARATOR) if p.strip()]
 
 
 def default_probe_text(recorded: list) -> str:
     """The session's probes a sweep can run, else every built-in set cut to DEFAULT_LIMIT items."""
-    from surgeon.features.sweep.runner import default_probes, why_not_sweepable
+    from surgeon.features.sweep.runner import offered_probes
 
-    usable = [p for p in recorded if isinstance(p, dict) and why_not_sweepable(p.get("kind")) is None]
-    try:
-        specs = default_probes(usable) if usable else []
-    except (SurgeonError, KeyError, TypeError):
-        specs = []
-    if specs:
-        return f"{SEPARATOR} ".join(s.label for s in specs)
-    return f"{SEPARATOR} ".join(f"{s.label},limit={DEFAULT_LIMIT}" for s in default_probes([]))
+    return f"{SEPARATOR} ".join(offered_probes(recorded, DEFAULT_LIMIT))
 
 
 def delta_text(delta: float | None, metric: str) -> Text:

@@ -106,6 +106,17 @@ def test_default_probes_and_donor():
         default_donor(["A", "B", "C"], "A")
 
 
+def test_the_workbench_offers_the_recorded_sweepable_probes_else_the_built_in_sets_cut():
+    from surgeon.features.sweep.runner import offered_probes
+
+    recorded = [{"kind": "kl", "data": "arith"}, {"kind": "mc", "data": "arith_mc", "limit": 5}, "junk"]
+    assert offered_probes(recorded, 50) == ["mc:arith_mc,limit=5"]
+    cut = ["em:arith,limit=50", "mc:arith_mc,limit=50", "em:reverse,limit=50", "mc:reverse_mc,limit=50"]
+    assert offered_probes([], 50) == cut
+    assert offered_probes([{"kind": "kl", "data": "arith"}], 50) == cut  # nothing a sweep can run
+    assert offered_probes([{"kind": "mc"}], 50) == cut  # a record that no longer reads
+
+
 # ---------------------------------------------------------------- the walk
 def test_power_set_one_group_per_step_and_live_weights_equal_fresh(donors):
     spec = make_spec(("router", "attention@1", "expert:0,2@0+norms@0", "experts@1"), PROBES[:1])

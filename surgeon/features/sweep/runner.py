@@ -206,6 +206,20 @@ def default_probes(recorded: list[dict] | None = None) -> list[ProbeSpec]:
     return specs or builtin_probes()
 
 
+def offered_probes(recorded: list, limit: int) -> list[str]:
+    """The probes the workbench's sweep form starts with, as --probe labels: the session's recorded
+    probes a sweep can run, else every built-in set cut to `limit` items (a sweep probes every
+    configuration). A recorded probe that no longer reads offers the built-in sets instead."""
+    usable = [p for p in recorded if isinstance(p, dict) and why_not_sweepable(p.get("kind")) is None]
+    try:
+        specs = default_probes(usable) if usable else []
+    except (SurgeonError, KeyError, TypeError):
+        specs = []
+    if specs:
+        return [s.label for s in specs]
+    return [f"{s.label},limit={limit}" for s in default_probes([])]
+
+
 def why_not_sweepable(kind: str) -> str | None:
     """Why a sweep cannot measure probes of `kind` on its configurations, or None when it can: a
     per-donor kind compares a model with each donor, which the donor ceilings already are."""
