@@ -31,7 +31,7 @@ from surgeon.features.probe import default_specs, split_runs  # default_specs: s
 from surgeon.io.fs import error_line
 from surgeon.io.sizes import human_bytes, step_text
 from surgeon.jobs import Cancelled, Step
-from surgeon.probes import PROBES, ProbeSpec, metric_of, parse_probe
+from surgeon.probes import PROBES, ProbeSpec, metric_of, parse_probe, short_label
 
 from .dialogs import ErrorScreen
 from .job import JobScreen
@@ -73,16 +73,6 @@ def donor_of_row(row: dict) -> str | None:
     """The donor a row measures ("donor:B") or is compared with ("hybrid vs donor:B"), else None."""
     model = row["model"]
     return model.rsplit("donor:", 1)[1] if "donor:" in model else None
-
-
-def short_label(label: str) -> str:
-    """A probe label with a file path cut to the file's name: `mc:/data/arc/test.jsonl,limit=5` ->
-    `mc:test.jsonl,limit=5`. Only for display; records keep the full label."""
-    kind, sep, rest = label.partition(":")
-    data, comma, opts = rest.partition(",")
-    if not sep or "/" not in data:
-        return label
-    return f"{kind}:{data.rstrip('/').rsplit('/', 1)[-1]}{comma}{opts}"
 
 
 def probe_cell(row: dict) -> str:

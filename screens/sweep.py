@@ -29,11 +29,11 @@ from surgeon.errors import SurgeonError
 from surgeon.io.fs import error_line
 from surgeon.io.sizes import step_text
 from surgeon.jobs import Cancelled, Step
-from surgeon.probes import metric_of
+from surgeon.probes import metric_of, short_label
 
 from .dialogs import ErrorScreen
 from .job import JobScreen
-from .probes import session_view, short_label
+from .probes import session_view
 
 SEPARATOR = ";"  # group SPECs and probe specs contain commas
 DEFAULT_LIMIT = 50  # built-in probe sets are cut to this many items by default

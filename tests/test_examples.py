@@ -84,7 +84,7 @@ def test_docs_probe_table_is_the_sessions_recorded_results():
             "probes.md", "moe-surgeon probe sessions/demo-transfer.json --probe em:arith --probe mc:arith_mc --dtype float32"):
         cells = [c.strip() for c in line.split("│")]
         if len(cells) >= 5 and cells[0] and cells[2].isdigit():  # a record's row, not an extra metric's
-            rows[(cells[0], cells[1])] = (int(cells[2]), cells[3], cells[4])
+            rows[(cells[0], cells[1].rsplit(" (", 1)[0])] = (int(cells[2]), cells[3], cells[4])  # the label, less its metric
     recorded = {}
     for rec in json.loads(DEMO_SESSION.read_text())["results"]:
         lo, hi = rec["ci"]

@@ -76,7 +76,7 @@ def test_samples_and_json_give_the_same_per_item_outcomes_under_the_checkpoints_
     assert not list(out.parent.glob(".*.tmp"))  # written atomically: no temporary left
 
 
-def test_table_shows_every_metric_the_whole_label_and_the_checkpoints_name(cli, tmp_path):
+def test_table_shows_every_metric_by_lm_evals_name_the_files_name_and_the_checkpoints_name(cli, tmp_path):
     data = tmp_path / "a-rather-long-directory-name-for-the-probe-set"
     data.mkdir()
     shutil.copy(PROBES_ROOT / "arith_mc.jsonl", data / "arith_mc.jsonl")
@@ -84,9 +84,9 @@ def test_table_shows_every_metric_the_whole_label_and_the_checkpoints_name(cli, 
     assert len(label) > 60
     r = cli("probe", "demo:arith", "--probe", label, "--device", "cpu", env={"COLUMNS": "80"})
     assert r.returncode == 0, r.stderr
-    assert label in r.stdout and "…" not in r.stdout
+    assert str(data) not in r.stdout and "…" not in r.stdout  # the file's name, not its long path
     rows = [[cell.strip() for cell in line.split("│")] for line in r.stdout.splitlines() if "│" in line]
-    assert rows[0][:2] == ["arith", label]
+    assert rows[0][:2] == ["arith", "mc:arith_mc.jsonl,limit=6,seed=3 (acc)"]  # the primary metric as lm-eval names it
     extras = {row[1]: row for row in rows[1:] if row[0] == ""}  # every extra metric on a row of its own
     assert len(extras) == len(rows) - 1 and extras["acc_norm"][2] == "6" and extras["acc_norm"][3].endswith("%")
     assert "hybrid" not in r.stdout

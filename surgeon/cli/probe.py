@@ -29,7 +29,7 @@ def _print_probe_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from surgeon.probes import metric_of
+    from surgeon.probes import metric_of, short_label
 
     headers = ("model", "probe", "n", "score", "95% CI", "vs donors (delta, McNemar p, z p)")
     table = Table(show_edge=False, header_style="bold")
@@ -38,7 +38,8 @@ def _print_probe_table(rows: list[dict]) -> None:
     lines = []
     for r in rows:
         metric = metric_of(r["metric"])
-        lines.append((r["model"], r["probe"] + ("" if metric.proportion else f" ({metric.name})"), str(r["n"]),
+        # The file's name, not its path, and the metric by lm-eval's name (acc, exact_match,flexible-extract)
+        lines.append((r["model"], f"{short_label(r['probe'])} ({r['metric']})", str(r["n"]),
                       metric.score_text(r["score"]), metric.ci_text(*r["ci"]), _vs_text(r["vs"])))
         for name, e in r.get("extra", {}).items():  # acc_norm and the like, on rows of their own under it
             lines.append(("", f"  {name}", str(r["n"]), metric.score_text(e["score"]), metric.ci_text(*e["ci"]),

@@ -17,15 +17,16 @@ from .registry import (
     parse_probe,
     parse_until,
     probe_module,
+    shown_metric,
     single_model_kinds,
     spec_from_json,
     task_code,
     trusting,
 )
-from .types import ACCURACY, FEWSHOT_ORDERS, FIELD_NAMES, TEMPLATES, Metric, ProbeKind, ProbeOutcome, ProbeSpec, until_text
+from .types import ACCURACY, FEWSHOT_ORDERS, FIELD_NAMES, TEMPLATES, Metric, ProbeKind, ProbeOutcome, ProbeSpec, short_label, until_text
 
 __all__ = [
     "ACCURACY", "FEWSHOT_ORDERS", "FIELD_NAMES", "KINDS", "PROBES", "TEMPLATES", "Metric", "ProbeKind", "ProbeOutcome",
-    "ProbeSpec", "metric_of", "parse_probe", "parse_until", "probe_module", "single_model_kinds", "spec_from_json",
+    "ProbeSpec", "metric_of", "parse_probe", "parse_until", "probe_module", "short_label", "shown_metric", "single_model_kinds", "spec_from_json",
     "task_code", "trusting", "until_text",
 ]

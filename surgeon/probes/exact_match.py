@@ -30,6 +30,12 @@ KIND = ProbeKind("em", "generative exact match: greedy decoding to stop strings;
 STRICT, FLEXIBLE = "exact_match,strict-match", "exact_match,flexible-extract"  # lm-eval's metric,filter names
 
 
+def lmeval_metric(record: dict) -> str:
+    """lm-eval's name of the primary outcome: GSM8K's is flexible-extract (strict-match is an extra),
+    anything else plain exact_match."""
+    return FLEXIBLE if STRICT in record.get("extra", {}) else "exact_match"
+
+
 def run(model, tokenizer, spec, items, shots, template, *, batch_size=16, progress=None) -> ProbeOutcome:
     from surgeon.probes.generation import greedy_generate  # torch, only when a probe runs
 

@@ -17,6 +17,11 @@ KIND = ProbeKind("mc", "multiple choice by log-likelihood: acc, acc_norm (by cho
                  items="mc", needs="multiple-choice items (choices and an answer index)")
 
 
+def lmeval_metric(record: dict) -> str:
+    """The primary outcome is lm-eval's `acc` (recorded as accuracy, the name sessions keep)."""
+    return "acc"
+
+
 def first_best(scores: list[float]) -> int:
     """The index of the highest score, the first one on a tie (numpy's argmax)."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -164,6 +164,15 @@ def trusting(specs: list[ProbeSpec], trust: bool) -> list[ProbeSpec]:
     return [dataclasses.replace(s, trust_code=trust) for s in specs]
 
 
+def shown_metric(record: dict) -> str:
+    """The name lm-eval gives a record's primary metric (`acc`, `exact_match,flexible-extract`), where
+    the kind mirrors an lm-eval metric (its module's `lmeval_metric`); else the recorded name."""
+    probe = record.get("probe")
+    module = _KIND_MODULES.get(probe.get("kind")) if isinstance(probe, dict) else None
+    name = getattr(module, "lmeval_metric", None)
+    return name(record) if name is not None else record["metric"]
+
+
 def kind_for_items(item_kind: str) -> str | None:
     """The kind that scores items of `item_kind` ("mc", "exact") on one model, as the registry
     lists them; None when no kind reads such items."""

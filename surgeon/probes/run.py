@@ -26,7 +26,7 @@ from surgeon.io.atomic import write_atomic
 from surgeon.io.cache import cache_root
 from surgeon.io.fs import fs_errors
 from surgeon.jobs import NEVER, CancelToken, Meter
-from surgeon.probes.registry import KINDS, metric_of, probe_module
+from surgeon.probes.registry import KINDS, metric_of, probe_module, shown_metric
 from surgeon.probes.types import Metric, ProbeSpec
 from surgeon.probes.data import (
     PROBES_ROOT,
@@ -539,7 +539,7 @@ def summarize(records: list[dict]) -> list[dict]:
             by_label.setdefault(r["label"], {})[r["model"]] = r
     for r in records:
         row = {"model": r["model"] if "vs" not in r else f"{r['model']} vs {r['vs']}", "probe": r["label"],
-               "metric": r["metric"], "n": r["n"], "score": r["score"], "ci": r["ci"], "vs": {}}
+               "metric": shown_metric(r), "n": r["n"], "score": r["score"], "ci": r["ci"], "vs": {}}
         if "extra" in r:
             row["extra"] = {k: {"score": v["score"], "ci": v["ci"], "vs": {}} for k, v in r["extra"].items()}
         if metric_of(r["metric"]).proportion and "vs" not in r:

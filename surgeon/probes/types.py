@@ -166,3 +166,13 @@ def _option_text(name: str, value) -> str:
     if name == "fields":
         return ",".join(f"{k}={v}" for k, v in value)
     return f"{name}={value}"
+
+
+def short_label(label: str) -> str:
+    """A probe label with a file path cut to the file's name: `mc:/data/arc/test.jsonl,limit=5` ->
+    `mc:test.jsonl,limit=5`. Only for display; records keep the full label."""
+    kind, sep, rest = label.partition(":")
+    data, comma, opts = rest.partition(",")
+    if not sep or "/" not in data:
+        return label
+    return f"{kind}:{data.rstrip('/').rsplit('/', 1)[-1]}{comma}{opts}"
