@@ -14,7 +14,7 @@ Models: the demo OLMoE (`demo:arith`, 4 layers, bf16) and a SmolLM2-135M-shaped 
 float32 weights (30 layers, hidden 576, vocab 49,152; 538 MB), made once under bench/_work; the
 demo's tokenizer fits its vocabulary. Its outputs are noise: only the times mean anything.
 
-Run: python bench/startup.py [--repeat 5] [--model demo|llama135m|DIR ...]
+Run: python bench/startup.py [--repeat 5] [--model demo|llama135m|DIR ...] [--probe SPEC] [--before REV]
 """
 
 from __future__ import annotations
@@ -142,11 +142,15 @@ def run_timed(argv: list[str], env: dict | None = None) -> dict:
         env = {**(os.environ if env is None else env), TIMES_ENV: str(out)}
         t0 = env[SPAWNED_ENV] = repr(time.time())
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *argv], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *argv], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first_line = proc.stderr.readline()
+        silent = time.perf_counter() - started  # until the user sees a first line
+        stdout, stderr = proc.communicate()
         whole = time.perf_counter() - started
+        stderr = first_line + stderr
         if proc.returncode != 0:
-            raise SystemExit(f"moe-surgeon {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            raise SystemExit(f"moe-surgeon {' '.join(argv)} failed ({proc.returncode}):\n{stderr[-2000:]}")
         t = json.loads(out.read_text())
     t0 = float(t0)
 
@@ -156,7 +160,7 @@ def run_timed(argv: list[str], env: dict | None = None) -> dict:
     parts = {"start": at("load began"), "torch import": None, "transformers import": None,
              "load": t["load ended"] - t["load began"], "first batch": t["first item"] - t["load ended"],
              "to first item": at("first item"), "probe": t["finished"] - t["load ended"], "whole": whole,
-             "stderr": proc.stderr}
+             "silent": silent, "stderr": stderr}
     for lib in ("torch", "transformers"):
         if f"{lib} imported" in t:
             parts[f"{lib} import"] = t[f"{lib} imported"] - t[f"{lib} import began"]
@@ -191,6 +195,7 @@ def report(label: str, runs: list[dict]) -> None:
                       ("load", "load (Hybrid.materialize)"),
                       ("first batch", "first batch"),
                       ("to first item", "process start to first scored item"),
+                      ("silent", "process start to its first line on stderr"),
                       ("probe", "probe (load's end to last item)"),
                       ("whole", "whole process")):
         print(f"  {text:<46}{fig(key)}")
@@ -204,17 +209,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--model", action="append", default=None, help="demo, llama135m, or a checkpoint DIR")
-    ap.add_argument("--probe", default="em:arith")
+    ap.add_argument("--probe", default="mc:arith_mc,limit=64")
+    ap.add_argument("--before", metavar="REV", help="also run the code of git revision REV (git archive into a "
+                    "temporary folder, first on PYTHONPATH), interleaved with the working tree's")
     args = ap.parse_args()
     models = _models(args.model or ["demo", "llama135m"])
-    runs: dict[str, list[dict]] = {m: [] for m in models}
-    for _ in range(args.repeat):  # interleaved: a busy spell of the machine hits every model alike
-        for label, target in models.items():
-            runs[label].append(run_timed(["probe", target, "--probe", args.probe]))
+    codes = {"now": None}
+    with tempfile.TemporaryDirectory() as old:
+        if args.before:
+            archive = subprocess.run(["git", "archive", args.before], cwd=ROOT.parent, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+            codes = {f"before ({args.before})": old, **codes}
+        runs: dict[tuple, list[dict]] = {(c, m): [] for c in codes for m in models}
+        for _ in range(args.repeat):  # interleaved: a busy spell of the machine hits every case alike
+            for label, target in models.items():
+                for code, path in codes.items():
+                    env = dict(os.environ)
+                    if path:
+                        env["PYTHONPATH"] = os.pathsep.join([path, *filter(None, [env.get("PYTHONPATH")])])
+                    runs[code, label].append(run_timed(["probe", target, "--probe", args.probe], env))
     print(f"moe-surgeon probe DIR --probe {args.probe}, on the CPU ({os.cpu_count()} cores), "
           f"load average at the end {os.getloadavg()[0]:.1f}")
-    for label, rs in runs.items():
-        report(label, rs)
+    for (code, label), rs in runs.items():
+        report(f"{label}, {code}", rs)
     return 0
 
 

@@ -5,11 +5,14 @@ a wake-up; with another process busy on the same cores, the spinning threads tak
 working ones need, and a probe collapses: one forward of the demo OLMoE (8 x 24 tokens) took
 1,367 ms with torch's defaults beside an lm-eval run on this 2-core machine, and 19 ms with
 OMP_WAIT_POLICY=PASSIVE (threads sleep when idle). On an idle machine PASSIVE costs a wake-up per
-parallel region, which is within the noise at these sizes (docs/pending/performance-under-load.md).
+parallel region, within the noise at these sizes (docs/pending/performance-under-load.md).
 
-The thread count stays torch's own (the machine's cores) unless this process may use fewer cores
-than the machine has: an affinity mask (taskset, a scheduler's cpuset) or a cgroup CPU quota
-(containers) that torch does not look at, so its threads would outnumber the cores it gets.
+The thread count stays torch's own (the machine's cores): with PASSIVE, two threads beside two busy
+processes still ran a SmolLM2-135M-shaped prefill in 3.7 s where one thread took 5.0-6.9 s (one
+thread is as fast only for models as small as the demo's). It is lowered only where this process
+may use fewer cores than the machine has: an affinity mask (taskset, a scheduler's cpuset) or a
+cgroup CPU quota (containers), which torch does not look at, so its threads would outnumber the
+cores it gets.
 
 libgomp reads OMP_WAIT_POLICY once, when torch loads it: this must run before torch is imported,
 so this module imports nothing heavy. What the user set is theirs: a wait setting or a thread count
