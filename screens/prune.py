@@ -92,7 +92,7 @@ def open_prune(routing) -> None:
     donor = app.wb.donors[model]
     label = app.labels.get(model, model)
     spec = label if label.startswith("demo:") else str(donor.path)
-    app.push_screen(PruneScreen(model, donor, spec, routing.label(model), stats))
+    app.open_screen("prune", model, donor, spec, routing.label(model), stats)
 
 
 class PruneScreen(JobScreen):

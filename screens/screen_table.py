@@ -37,6 +37,8 @@ SCREENS: dict[str, ScreenEntry] = {
     "sweep": ScreenEntry("sweep", "SweepScreen", kept=True, needs_donors=True, refusal="nothing to sweep"),
     # Routing measured for a donor stays.
     "routing": ScreenEntry("heatmap", "RoutingScreen", kept=True, needs_donors=True, refusal="nothing to analyse"),
+    # Pruning or merging the donor the Routing screen shows, from the routing it measured.
+    "prune": ScreenEntry("prune", "PruneScreen", needs_donors=True),
     # A plan's gate selection stays while the marks do.
     "gates": ScreenEntry("gates", "GatesScreen", kept=True, needs_donors=True, refusal="no layer gates to select"),
 }
