@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from surgeon.cli.options import add_model_options
+from surgeon.cli.options import add_smaller_moe_options
 from surgeon.features.prune.cluster import WEIGHTS
-from surgeon.features.routing.corpora import DEFAULT_CORPORA
 
 
 def register(sub) -> None:
@@ -31,21 +30,10 @@ def register(sub) -> None:
     p.add_argument("--by", default="frequency", choices=WEIGHTS,
                    help="what a cluster's members are averaged by: frequency (share of calibration tokens routed "
                    "to them, HC-SMoE and MC-SMoE; default), reap (REAP score) or uniform")
-    p.add_argument("--corpus", action="append", default=[], metavar="NAME=FILE",
-                   help="a calibration corpus: a built-in probe set name, a .jsonl probe file or a text file "
-                   f"(paragraphs); repeatable, pooled (default: {', '.join(DEFAULT_CORPORA)})")
     p.add_argument("--sample-tokens", type=int, default=256, metavar="N",
                    help="tokens, spread over the corpora, on which every expert is run to compare outputs "
                    "(default 256)")
-    p.add_argument("--max-tokens", type=int, default=None, help="read at most this many tokens per corpus")
-    add_model_options(p)
-    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace an output directory moe-surgeon wrote")
-    p.add_argument("--fsync", action="store_true", help="flush every shard to disk before the final rename")
-    p.add_argument("--save-session", metavar="FILE",
-                   help="also save a session: `moe-surgeon replay FILE --export DIR` rebuilds the same bytes "
-                   "from the recorded clusters and weights")
-    p.add_argument("--json", action="store_true", help="print the record (clusters, weights, scores) as JSON")
+    add_smaller_moe_options(p, rebuilt_from="the recorded clusters and weights", record="clusters, weights, scores")
     p.set_defaults(func=cmd_merge)
 
 

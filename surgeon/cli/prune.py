@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from surgeon.cli.options import add_model_options
+from surgeon.cli.options import add_smaller_moe_options
 from surgeon.features.prune.saliency import CRITERIA
-from surgeon.features.routing.corpora import DEFAULT_CORPORA
 
 
 def register(sub) -> None:
@@ -31,18 +30,7 @@ def register(sub) -> None:
                    help="reap: gate weight x output norm over routed tokens (default); frequency: share of tokens "
                    "routed; gate: mean gate weight when routed; random: seeded, a baseline")
     p.add_argument("--seed", type=int, default=0, help="--by random: the seed (default 0)")
-    p.add_argument("--corpus", action="append", default=[], metavar="NAME=FILE",
-                   help="a calibration corpus: a built-in probe set name, a .jsonl probe file or a text file "
-                   f"(paragraphs); repeatable, pooled (default: {', '.join(DEFAULT_CORPORA)})")
-    p.add_argument("--max-tokens", type=int, default=None, help="read at most this many tokens per corpus")
-    add_model_options(p)
-    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace an output directory moe-surgeon wrote")
-    p.add_argument("--fsync", action="store_true", help="flush every shard to disk before the final rename")
-    p.add_argument("--save-session", metavar="FILE",
-                   help="also save a session: `moe-surgeon replay FILE --export DIR` rebuilds the same bytes "
-                   "from the recorded choice")
-    p.add_argument("--json", action="store_true", help="print the record (scores, kept experts) as JSON")
+    add_smaller_moe_options(p, rebuilt_from="the recorded choice", record="scores, kept experts")
     p.set_defaults(func=cmd_prune)
 
 
