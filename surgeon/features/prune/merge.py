@@ -23,7 +23,7 @@ from surgeon.features.prune.cluster import WEIGHTS, cluster_layers
 from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape
 from surgeon.features.prune.run import check_session_target, measure, read_corpora
 from surgeon.features.prune.saliency import Saliency
-from surgeon.features.prune.write import write_smaller
+from surgeon.features.prune.write import write_and_record
 from surgeon.jobs import NEVER
 
 
@@ -91,15 +91,7 @@ def run_merge(request: MergeRequest, progress=None, cancel=NEVER,
     saliency, device = measure(donor, {c["name"]: c.pop("texts") for c in corpora}, r, progress, cancel,
                                reap=r.by == "reap", similarity_tokens=r.sample_tokens)
     report = merge_report(r, donor, saliency=saliency, corpora=corpora, device=device, max_shard=max_shard)
-    written, resolution = write_smaller(donor, report, out, max_shard_size=max_shard, force=r.force, fsync=r.fsync,
-                                        progress=progress, cancel=cancel, warn=warn)
-    report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
-                         "bytes": written.bytes, "parameters_before": donor.num_parameters,
-                         "parameters_after": sum(resolution.parameters_by_donor().values())}
-    if r.save_session:
-        from surgeon.features.prune.session import save_prune_session
-
-        save_prune_session(report, donor, r.save_session, written, progress=progress, cancel=cancel)
+    write_and_record(donor, report, out, r, max_shard=max_shard, progress=progress, cancel=cancel, warn=warn)
     return MergeResult(report, saliency, {int(k): [tuple(c) for c in v] for k, v in report["clusters"].items()})
 
 

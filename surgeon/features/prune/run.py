@@ -24,7 +24,7 @@ from surgeon.errors import SurgeonError
 from surgeon.features.prune.choose import choose, keep_count
 from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape, pruned_resolution
 from surgeon.features.prune.saliency import CRITERIA, Saliency
-from surgeon.features.prune.write import PRUNE_FILE, write_smaller
+from surgeon.features.prune.write import PRUNE_FILE, write_and_record
 from surgeon.jobs import NEVER
 
 __all__ = ["PRUNE_FILE", "PruneRequest", "PruneResult", "run_prune"]
@@ -90,15 +90,7 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
         saliency, device = measure(donor, {c["name"]: c.pop("texts") for c in corpora}, r, progress, cancel,
                                    reap=r.by == "reap")
     report = prune_report(r, donor, saliency=saliency, corpora=corpora, device=device, max_shard=max_shard)
-    written, resolution = write_smaller(donor, report, out, max_shard_size=max_shard, force=r.force, fsync=r.fsync,
-                                        progress=progress, cancel=cancel, warn=warn)
-    report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
-                         "bytes": written.bytes, "parameters_before": donor.num_parameters,
-                         "parameters_after": sum(resolution.parameters_by_donor().values())}
-    if r.save_session:
-        from surgeon.features.prune.session import save_prune_session
-
-        save_prune_session(report, donor, r.save_session, written, progress=progress, cancel=cancel)
+    write_and_record(donor, report, out, r, max_shard=max_shard, progress=progress, cancel=cancel, warn=warn)
     return PruneResult(report, saliency, {int(k): tuple(v) for k, v in report["kept"].items()})
 
 
