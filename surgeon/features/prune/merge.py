@@ -23,7 +23,7 @@ from surgeon.features.prune.cluster import WEIGHTS, cluster_layers
 from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape
 from surgeon.features.prune.run import check_session_target, measure, read_corpora
 from surgeon.features.prune.saliency import Saliency
-from surgeon.features.prune.write import write_and_record
+from surgeon.features.prune.session import write_and_record
 from surgeon.jobs import NEVER
 
 

@@ -24,7 +24,8 @@ from surgeon.errors import SurgeonError
 from surgeon.features.prune.choose import choose, keep_count
 from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape, pruned_resolution
 from surgeon.features.prune.saliency import CRITERIA, Saliency
-from surgeon.features.prune.write import PRUNE_FILE, write_and_record
+from surgeon.features.prune.session import write_and_record
+from surgeon.features.prune.write import PRUNE_FILE
 from surgeon.jobs import NEVER
 
 __all__ = ["PRUNE_FILE", "PruneRequest", "PruneResult", "run_prune"]

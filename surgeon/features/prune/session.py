@@ -106,3 +106,18 @@ def rebuild_from_session(session, session_path, donors: dict, out, *, force: boo
                                         progress=progress, cancel=cancel, warn=warn,
                                         origin=f"{session_path}: invalid session: field extensions/{EXTENSION}/")
     return ext, written, resolution
+
+
+def write_and_record(donor, report: dict, out, request, *, max_shard: int, progress=None, cancel=NEVER,
+                     warn=None) -> None:
+    """The end a pruning and a merging share: write the checkpoint `report` describes, add what was
+    written to the report, and save the session when `request.save_session` names one."""
+    from surgeon.features.prune.write import write_smaller
+
+    written, resolution = write_smaller(donor, report, out, max_shard_size=max_shard, force=request.force,
+                                        fsync=request.fsync, progress=progress, cancel=cancel, warn=warn)
+    report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
+                         "bytes": written.bytes, "parameters_before": donor.num_parameters,
+                         "parameters_after": sum(resolution.parameters_by_donor().values())}
+    if request.save_session:
+        save_prune_session(report, donor, request.save_session, written, progress=progress, cancel=cancel)

@@ -63,21 +63,6 @@ def write_smaller(donor: Donor, record: dict, out, *, max_shard_size: int, force
     return written, resolution
 
 
-def write_and_record(donor: Donor, report: dict, out, request, *, max_shard: int, progress=None, cancel=NEVER,
-                     warn=None) -> None:
-    """The end a pruning and a merging share: write the checkpoint `report` describes, add what was
-    written to the report, and save the session when `request.save_session` names one."""
-    written, resolution = write_smaller(donor, report, out, max_shard_size=max_shard, force=request.force,
-                                        fsync=request.fsync, progress=progress, cancel=cancel, warn=warn)
-    report["written"] = {"path": str(written.path), "shards": written.shards, "tensors": written.tensors,
-                         "bytes": written.bytes, "parameters_before": donor.num_parameters,
-                         "parameters_after": sum(resolution.parameters_by_donor().values())}
-    if request.save_session:
-        from surgeon.features.prune.session import save_prune_session
-
-        save_prune_session(report, donor, request.save_session, written, progress=progress, cancel=cancel)
-
-
 def _layer_table(record: dict, key: str, layers: list[int], origin: str) -> dict[int, list]:
     table = record.get(key)
     if not isinstance(table, dict) or sorted(table) != sorted(str(layer) for layer in layers):
