@@ -5,7 +5,7 @@ a wake-up; with another process busy on the same cores, the spinning threads tak
 working ones need, and a probe collapses: one forward of the demo OLMoE (8 x 24 tokens) took
 1,367 ms with torch's defaults beside an lm-eval run on this 2-core machine, and 19 ms with
 OMP_WAIT_POLICY=PASSIVE (threads sleep when idle). On an idle machine PASSIVE costs a wake-up per
-parallel region, within the noise at these sizes (docs/pending/performance-under-load.md).
+parallel region, within the noise at these sizes (docs/performance.md).
 
 The thread count stays torch's own (the machine's cores): with PASSIVE, two threads beside two busy
 processes still ran a SmolLM2-135M-shaped prefill in 3.7 s where one thread took 5.0-6.9 s (one
