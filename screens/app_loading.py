@@ -14,6 +14,7 @@ from pathlib import Path
 from textual import work
 from textual.message import Message
 
+from surgeon.core import collector
 from surgeon.core.plan import next_donor_name
 from surgeon.core.recovery import load_recovery
 from surgeon.core.session import SessionRecords
@@ -76,6 +77,10 @@ class LoadingMixin:
             self.post_message(Failed("Cannot open the donors", error_line(e)))
 
     def _load_donors(self, specs: list[str], welcome: bool) -> None:
+        with collector.paused():  # tables of tens of thousands of entries: see surgeon/core/collector.py
+            self._open_donors(specs, welcome)
+
+    def _open_donors(self, specs: list[str], welcome: bool) -> None:
         from surgeon.core.donor import open_donor
 
         donors, labels, errors = {}, {}, []

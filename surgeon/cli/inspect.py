@@ -21,7 +21,7 @@ def inspect_summary(donor, verify: bool = False) -> dict:
         "layers": anatomy.num_layers,
         "experts_per_layer": {str(k): v for k, v in anatomy.experts_per_layer.items()},
         "experts": anatomy.num_experts,
-        "experts_fused": any(p.fused for p in set(anatomy.parts.values())),
+        "experts_fused": any(p.fused for p in anatomy.distinct_parts),
         "mixers": {str(k): v for k, v in anatomy.mixers.items()},
         "storage": storage(donor),
         "tied_embeddings": donor.tied_embeddings,

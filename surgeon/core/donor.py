@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from surgeon.core import collector
 from surgeon.core.anatomy import Anatomy, build_anatomy
 from surgeon.core.gates_sidecar import GATES_FILE, check_sidecar
 from surgeon.errors import SurgeonError
-from surgeon.io.dtypes import FROM_TORCH
+from surgeon.io.dtypes import DTYPE_SIZES, FROM_TORCH
 from surgeon.io.safetensors_file import Header, TensorInfo, read_header
 from surgeon.io.sources import register_sources
 
@@ -89,7 +90,8 @@ class Donor:
         """Tensor names with layers in numeric order: the order exports write them in."""
         from surgeon.core.anatomy import natural_key
 
-        return sorted(self.tensors, key=natural_key)
+        with collector.paused():
+            return sorted(self.tensors, key=natural_key)
 
     @cached_property
     def part_groups(self) -> dict:
@@ -107,19 +109,22 @@ class Donor:
 
     @cached_property
     def numel(self) -> dict[str, int]:
-        """Elements per tensor, counted once (a donor may hold 90,000 tensors)."""
-        return {n: t.numel for n, t in self.tensors.items()}
+        """Elements per tensor, counted once (a donor may hold 90,000 tensors). A checked header's
+        byte range is exactly its shape's elements times the dtype's size, so bytes say it."""
+        sizes = DTYPE_SIZES
+        return {n: (t.end - t.start) // sizes[t.dtype] for n, t in self.tensors.items()}
 
     @property
     def num_parameters(self) -> int:
         return sum(self.numel.values())
 
-    @property
+    @cached_property
     def dtype(self) -> str:
         """The dtype holding most parameters (checkpoints often keep a few fp32 tensors)."""
-        counts: dict[str, int] = {}
-        for n, t in self.tensors.items():
-            counts[t.dtype] = counts.get(t.dtype, 0) + self.numel[n]
+        held: dict[str, int] = {}
+        for t in self.tensors.values():
+            held[t.dtype] = held.get(t.dtype, 0) + t.end - t.start
+        counts = {dtype: nbytes // DTYPE_SIZES[dtype] for dtype, nbytes in held.items()}
         return max(counts, key=counts.get) if counts else "none"
 
     @cached_property
@@ -240,7 +245,7 @@ def check_config(donor: Donor) -> Donor:
     from surgeon.core.anatomy import layer_of
 
     anatomy = donor.anatomy
-    layers = sorted({p.layer for p in set(anatomy.parts.values()) if p.layer is not None}
+    layers = sorted({p.layer for p in anatomy.distinct_parts if p.layer is not None}
                     | {found[0] for name in anatomy.unclassified
                        if (found := layer_of(name, anatomy.architecture)) is not None})
     declared = config.get("num_hidden_layers")
@@ -371,6 +376,11 @@ class DonorsByPath:
 
 
 def open_donor(spec: str | os.PathLike, *, relative_to=None, allow_pickle: bool = False) -> Donor:
+    with collector.paused():
+        return _open_donor(spec, relative_to, allow_pickle)
+
+
+def _open_donor(spec, relative_to, allow_pickle: bool) -> Donor:
     path = resolve_path(str(spec), relative_to)
     if not path.exists():
         raise SurgeonError(f"{path}: no such directory")
