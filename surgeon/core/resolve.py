@@ -11,12 +11,14 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from surgeon.core import collector
 from surgeon.core.anatomy import Part
 from surgeon.core.donor import Donor
 from surgeon.core.gates_sidecar import GATE_KIND, gate_layer_of, gate_type_of, hidden_size_of
 from surgeon.core.plan import Plan, check_assignment
 from surgeon.errors import SurgeonError
 from surgeon.io.dtypes import CASTS, FLOATS
+from surgeon.io.safetensors_file import TensorInfo
 
 DTYPES = {"keep": None, **CASTS}
 CONVERTIBLE = FLOATS
@@ -121,6 +123,19 @@ def _label(name: str, donor: Donor) -> str:
 
 
 def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Resolution:
+    with collector.paused():  # a Source per tensor: 92,000 of them for DeepSeek-V3
+        return _resolve(plan, donors, dtype, build=True)
+
+
+def check_plan(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> None:
+    """Raise what `resolve` would raise for this plan, without making its sources: the workbench asks
+    this of every donor it opens ("could it give the base everything?"), and for DeepSeek-V3 the
+    92,000 Source objects were most of the answer's cost."""
+    with collector.paused():
+        _resolve(plan, donors, dtype, build=any(a.component == GATE_KIND for a in plan.assignments))
+
+
+def _resolve(plan: Plan, donors: dict[str, Donor], dtype: str, *, build: bool) -> Resolution | None:
     if dtype not in DTYPES:
         raise SurgeonError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     if plan.base not in donors:
@@ -149,7 +164,7 @@ def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Res
         check_assignment(a, anatomy, _label(plan.base, base))
         _check_donor(a, base, donors[a.donor], plan.base)
 
-    sources = dict(_base_sources(base, plan.base, dtype))
+    sources = dict(_base_sources(base, plan.base, dtype)) if build else {}
     for part, names in base.part_groups.items():
         if part.fused:
             for name in names:
@@ -161,8 +176,14 @@ def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Res
         if donor_name == plan.base or part.kind == GATE_KIND:
             continue
         donor = donors[donor_name]
+        if not build:
+            for name in names:
+                _source_tensor(name, part, base, plan.base, donor, donor_name, dtype)
+            continue
         for name in names:
             sources[name] = source_from(name, part, base, plan.base, donor, donor_name, dtype)
+    if not build:
+        return None
     parts = anatomy.parts
     if any(a.component == GATE_KIND for a in plan.assignments):
         parts = gate_sources(plan, donors, sources, dtype)
@@ -248,6 +269,13 @@ def _base_sources(base: Donor, base_name: str, dtype: str) -> dict[str, Source]:
 
 def source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,
                  dtype: str) -> Source:
+    src_name, src = _source_tensor(name, part, base, base_name, donor, donor_name, dtype)
+    return Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
+
+
+def _source_tensor(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,
+                   dtype: str) -> tuple[str, TensorInfo]:
+    """The donor's tensor that base tensor `name` takes, checked to fit: (its name, its header entry)."""
     info = base.tensors[name]
     src_name = name
     if name not in donor.tensors and name == "lm_head.weight" and donor.tied_embeddings:
@@ -268,7 +296,7 @@ def source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor
             f"tensor {name}: dtype {src.dtype} in donor {_label(donor_name, donor)} but {info.dtype} "
             f"in base {_label(base_name, base)}; pass --dtype to write one dtype"
         )
-    return Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
+    return src_name, src
 
 
 def storage(donor: Donor) -> str:

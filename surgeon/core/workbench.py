@@ -9,7 +9,8 @@ Resolving a plan of a real checkpoint (3,000+ tensors) takes tens of millisecond
 every key press, so the status figures (share of parameters per donor, changed tensors) come
 from per-unit tallies computed once per base; `tests/test_tui_engine.py` proves they equal what
 `resolve()` says. `resolve()` stays the authority on compatibility: a donor that does not
-resolve cleanly against the base has every mark checked by it, and its message is the refusal.
+resolve cleanly against the base has every mark checked by it (`check_plan`: the same checks without
+making the sources), and its message is the refusal.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from surgeon.core.architectures import GLOBAL_KINDS, LAYER_KINDS
 from surgeon.core.donor import Donor
 from surgeon.core.gates_sidecar import GATE_KIND
 from surgeon.core.plan import Assignment, Plan, next_donor_name
-from surgeon.core.resolve import resolve
+from surgeon.core.resolve import check_plan
 from surgeon.errors import SurgeonError
 
 # Column headers: the part kind `expert` is shown as the whole `experts` column.
@@ -116,7 +117,7 @@ class BaseIndex:
 def _gate_layers(donors: dict[str, Donor]) -> set[int]:
     """Layers where any of `donors` has a layer gate."""
     # The anatomy's distinct parts, not part_groups: that sorts every tensor name (0.8 s at 92,000).
-    return {p.layer for d in donors.values() for p in set(d.anatomy.parts.values()) if p.kind == GATE_KIND}
+    return {p.layer for d in donors.values() for p in d.anatomy.distinct_parts if p.kind == GATE_KIND}
 
 
 def _unit_key(p: Part):
@@ -187,7 +188,7 @@ class Workbench:
         if name not in self.donors:
             raise SurgeonError(f"no donor named {name!r}")
         plan = Plan(name, self.plan().assignments)
-        resolve(plan, self.donors)  # refuses a base that cannot take the marks, with the reason
+        check_plan(plan, self.donors)  # refuses a base that cannot take the marks, with the reason
         self._remember()
         self._rebase(name)
         self.state = {p: plan.donor_for(p) for p in self.index.units}
@@ -310,7 +311,7 @@ class Workbench:
         if self.problem(donor) is not None:
             trial = dict(self.state)
             trial.update({p: donor for p in parts})
-            resolve(_plan_from(self, trial), self.donors)  # raises with the tensor and the shapes at fault
+            check_plan(_plan_from(self, trial), self.donors)  # raises with the tensor and the shapes at fault
         self._remember()
         if self._params is None:
             self._recount()
@@ -372,7 +373,7 @@ class Workbench:
         if plan.base != self.base:
             if plan.base not in self.donors:
                 raise SurgeonError(f"plan: base donor {plan.base!r} is not open")
-        resolve(plan, self.donors)
+        check_plan(plan, self.donors)
         if record:
             self._remember()
         if plan.base != self.base:
@@ -425,7 +426,7 @@ def _whole_donor_problem(wb: Workbench, name: str) -> str | None:
         assignments.append(Assignment("experts", name, idx.layers_with["expert"]))
     assignments += [Assignment(k, name) for k in idx.globals]
     try:
-        resolve(Plan(wb.base, assignments), {wb.base: wb.donors[wb.base], name: wb.donors[name]})
+        check_plan(Plan(wb.base, assignments), {wb.base: wb.donors[wb.base], name: wb.donors[name]})
     except SurgeonError as e:
         return str(e)
     return None
