@@ -278,11 +278,14 @@ def _check_expert_count(donor: Donor, cfg_path: Path) -> None:
     if declared is None:
         return
     held: dict[int, set[int]] = {}
-    for name, part in donor.anatomy.parts.items():
+    anatomy = donor.anatomy
+    for part in anatomy.distinct_parts:
         if part.expert is not None:
             held.setdefault(part.layer, set()).add(part.expert)
-        elif part.fused and donor.tensors[name].shape:  # every expert of the layer, expert axis first
-            held.setdefault(part.layer, set()).update(range(donor.tensors[name].shape[0]))
+    if any(part.fused for part in anatomy.distinct_parts):
+        for name, part in anatomy.parts.items():
+            if part.fused and donor.tensors[name].shape:  # every expert of the layer, expert axis first
+                held.setdefault(part.layer, set()).update(range(donor.tensors[name].shape[0]))
     for layer, experts in sorted(held.items()):
         if len(experts) != declared or max(experts) != declared - 1:  # not range(declared): it may be huge
             raise SurgeonError(
