@@ -7,6 +7,9 @@ and how many items got a different per-item outcome, read from the two per-item 
 
 Goals (issue 15): lm-eval's time / ours >= 3, our peak RSS <= lm-eval's, no item differing.
 
+The items are bench/lmeval_items.py's, seeded and shaped like the real ARC-Challenge, BoolQ and
+GSM8K in SmolLM2 tokens (`python bench/lmeval_items.py --stats` prints how close they are).
+
 Our side runs either through the native readers (`mc:`/`em:` over the generated jsonl files) or
 through the lm-eval bridge (`lmeval:` over the same task YAMLs lm-eval reads): --ours native|lmeval.
 """
