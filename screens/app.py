@@ -72,7 +72,7 @@ class SurgeonApp(LoadingMixin, HashingMixin, SavingMixin, App):
         self._banner: str | None = None
         self.hash_status: str | None = None  # "hashing donors 40%" while the background hashing shows
         self.recorded_hashes: dict[str, dict[str, str]] = {}  # the open session's full hashes, to compare
-        self.hybrids = HybridKeeper()  # the one live hybrid the Probes and Sweep screens run on
+        self.hybrids = HybridKeeper()  # the one live hybrid: Probes, Sweep, Routing and Layer gates run on it
 
     # ------------------------------------------------------------ start
     def on_mount(self) -> None:

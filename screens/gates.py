@@ -5,8 +5,10 @@ plan component like any other), so the table lists, per decoder layer, the gate 
 (type, size, donor) or "no gate". A job (screens/job.py) runs
 `surgeon.features.gates.run.select_hybrid` on calibration text: the per-layer logit-lens
 perplexity without and with each gate (eq. 3 and 4) and the verdict (eq. 5), exactly what
-`moe-surgeon gates select --dry-run` prints. The chart shows the change
-each gate makes; the table the numbers.
+`moe-surgeon gates select --dry-run` prints. It runs on the app's one live hybrid (`app.hybrids`,
+surgeon/live/keeper.py), held for the whole selection: a probe or routing run holding it is waited
+for (the status line says so), and selection only reads the model, so sharing it is safe. The
+chart shows the change each gate makes; the table the numbers.
 
 `a` applies the verdicts the grid's way: the dropped layers' `layer gate` cells are given to a
 donor without a gate there (the base when it has none), as ONE undoable workbench change, so the
@@ -22,9 +24,11 @@ import time
 from pathlib import Path
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.widgets import DataTable, Footer, Static
 
 from surgeon.core.resolve import LayerGate
@@ -40,11 +44,19 @@ from .widgets.grid import donor_style
 DEFAULT_CORPUS = "arith"  # the built-in set the `gates select` run docs/gates.md shows calibrates on
 SEQ_LEN = 64  # `gates select` defaults, so the screen and the CLI give the same numbers
 BATCH_SIZE = 16
-DTYPE = "keep"
+DTYPE = "keep"  # as the Probes and Routing screens: all run on the app's one live hybrid
 MIN_GAINS = (0.0, 0.01, 0.02, 0.05, 0.1)  # m cycles through them; verdicts only, no rerun
 ADD_HINT = ("No open donor has layer gates. Add some with `moe-surgeon gates add OUT --base DIR "
             "--type vector --layers all`, train them (`moe-surgeon gates train OUT --data FILE`), "
             "then open OUT as a donor (d on the grid).")
+
+
+class GatesNote(Message):
+    """A line for the status while the job waits for the live hybrid or materialises it."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
 
 # ---------------------------------------------------------------- display helpers
@@ -170,15 +182,24 @@ class GatesScreen(JobScreen):
             from surgeon.features.gates.run import select_hybrid
 
             hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
-            progress(Step(0, 1, label=f"reading {corpus_label(corpus)} and materialising the hybrid "
-                                      "(the first run loads torch)"))
+            progress(Step(0, 1, label=f"reading {corpus_label(corpus)} (the first run loads torch)"))
             selection, device = select_hybrid(plan, donors, corpus, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
-                                              dtype=DTYPE, progress=progress, cancel=cancel)
+                                              dtype=DTYPE, keeper=self.app.hybrids, note=self.note,
+                                              progress=progress, cancel=cancel)
         except Cancelled:
             raise
         except Exception as e:  # a dialog, never a traceback on screen
             return key, None, error_line(e), 0.0
         return key, selection, device, time.perf_counter() - started
+
+    def note(self, text: str) -> None:
+        self.post_message(GatesNote(text))
+
+    @on(GatesNote)
+    def on_gates_note(self, message: GatesNote) -> None:
+        if self.pending is not None:
+            self.progress = message.text
+            self.show_status()
 
     def job_progress(self, step: Step) -> None:
         if self.pending is None:

@@ -2,9 +2,12 @@
 
 The screen is installed once (like Probes), so routing measured for a donor is kept for the app's
 life; the hybrid is measured again whenever the marks changed since. One job (screens/job.py)
-runs `surgeon.features.routing.run.probe_hybrid` for each model (the hybrid is the base with the
-plan applied, a donor is a plan of its own as base) on the built-in demo corpora, posting one message
-per model, so the first heatmap shows as soon as its model is done; marks changed meanwhile replace
+holds the app's one live hybrid (`app.hybrids`, surgeon/live/keeper.py: the model the Probes screen
+ran on, not a second one) for the whole job and runs `surgeon.features.routing.run.probe_live` for
+each model on the built-in demo corpora: the hybrid as the marks make it, a donor by swapping the
+whole hybrid to it and back (or, when it cannot be swapped in, on a model of its own). A probe or
+sweep holding the hybrid is waited for, and the status line says so. One message is posted per
+model, so the first heatmap shows as soon as its model is done; marks changed meanwhile replace
 the job.
 
 Keys switch the corpus (d), the model (m), the metric (t) and a difference (x: another model on
@@ -39,6 +42,7 @@ from .widgets.heatmap import HeatmapGrid
 
 METRICS = ("frequency", "top1", "mean_prob")  # importance needs every expert recomputed: CLI only
 BATCH_SIZE = 32  # the CLI's default
+DTYPE = "keep"  # as the Probes screen: both run on the app's one live hybrid (keyed by device and dtype)
 HYBRID = "hybrid"
 
 
@@ -48,6 +52,14 @@ class RoutingProbed(Message):
     def __init__(self, model: str, ident: tuple, stats: dict | None, error: str | None = None):
         super().__init__()
         self.model, self.ident, self.stats, self.error = model, ident, stats, error
+
+
+class RoutingNote(Message):
+    """A line for the status while the job waits for the live hybrid or materialises it."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
 
 class SimilarityReady(Message):
@@ -211,12 +223,8 @@ class RoutingScreen(JobScreen):
         todo.sort(key=lambda m: m != self.model)  # the one on screen first
         wanted = [(m, self.idents[m]) for m in todo]
         if todo and not (self.job_running and wanted == self.probing):  # the running job already does it
-            from surgeon.core.plan import Plan
-
-            plans = {m: wb.plan() if m == HYBRID else Plan(m) for m in todo}
             self.probing = wanted
-            self.restart_job(self.probe_models, [(m, ident, plans[m]) for m, ident in wanted], dict(wb.donors),
-                             wb.base, group="routing")
+            self.restart_job(self.probe_models, wanted, dict(wb.donors), wb.plan(), group="routing")
         self.show()
 
     def label(self, model: str) -> str:
@@ -224,38 +232,54 @@ class RoutingScreen(JobScreen):
             return "the hybrid"
         return f"{model} ({self.app.labels.get(model, model)})"
 
-    def probe_models(self, todo: list[tuple], donors: dict, base: str, *, progress, cancel) -> None:
+    def probe_models(self, todo: list[tuple], donors: dict, plan, *, progress, cancel) -> None:
         """The job (surgeon.jobs): each model's routing on every corpus, one message per model as it is
-        done, so the first heatmap shows before the last model is probed."""
+        done, so the first heatmap shows before the last model is probed. The app's live hybrid is
+        held for the whole job (a probe started meanwhile waits for it) and left on `plan`."""
         from surgeon.io.fs import error_line
 
         try:
             from transformers.utils import logging as hf_logging
 
             from surgeon.features.routing.corpora import read_corpora
-            from surgeon.features.routing.run import probe_hybrid
+            from surgeon.features.routing.run import LiveSwapFailed, probe_live
             from surgeon.live.devices import default_device
             from surgeon.probes.scoring import load_tokenizer
 
             hf_logging.disable_progress_bar()  # its tqdm bar would write over the screen
             if self.corpora is None:
                 self.corpora = read_corpora(self.domains)
-            tokenizer = self.tokenizer = load_tokenizer(donors[base].path)  # as the CLI: all read the same tokens
+            tokenizer = self.tokenizer = load_tokenizer(donors[plan.base].path)  # as the CLI: all read the same tokens
             device = default_device()
-            for i, (model, ident, plan) in enumerate(todo):
-                label = f"probing {self.label(model)} on {', '.join(self.corpora)} on {device} ({i + 1} of {len(todo)})"
-                try:
-                    stats = probe_hybrid(plan, donors, self.corpora, tokenizer=tokenizer, device=device,
-                                         batch_size=BATCH_SIZE, progress=progress, cancel=cancel, label=label,
-                                         reap="auto")  # the REAP layer (S) and pruning (p) read it
-                except SurgeonError as e:
-                    self.post_message(RoutingProbed(model, ident, None, str(e)))
-                    continue
-                self.post_message(RoutingProbed(model, ident, stats))
+            with self.app.hybrids.use(plan, donors, device, DTYPE, job="routing run", note=self.note,
+                                      cancel=cancel) as lease:
+                for i, (model, ident) in enumerate(todo):
+                    label = (f"probing {self.label(model)} on {', '.join(self.corpora)} on {device} "
+                             f"({i + 1} of {len(todo)})")
+                    try:
+                        stats = probe_live(lease.hybrid, plan, self.corpora, tokenizer=tokenizer,
+                                           donor=None if model == HYBRID else model, device=device, dtype=DTYPE,
+                                           batch_size=BATCH_SIZE, progress=progress, cancel=cancel, label=label,
+                                           reap="auto")  # the REAP layer (S) and pruning (p) read it
+                    except LiveSwapFailed:
+                        raise  # the shared hybrid may be half-swapped: the keeper lets it go
+                    except SurgeonError as e:  # this model has no routing to show (a dense donor, say)
+                        self.post_message(RoutingProbed(model, ident, None, str(e)))
+                        continue
+                    self.post_message(RoutingProbed(model, ident, stats))
         except (Cancelled, SurgeonError):
             raise
         except Exception as e:  # a dialog, never a traceback on screen
             raise SurgeonError(error_line(e)) from None
+
+    def note(self, text: str) -> None:
+        self.post_message(RoutingNote(text))
+
+    @on(RoutingNote)
+    def on_routing_note(self, message: RoutingNote) -> None:
+        if self.job_running:
+            self.progress = message.text
+            self.show_status()
 
     def job_progress(self, step) -> None:
         self.progress = f"{step.label}… {step.done} of {step.total} sequences"

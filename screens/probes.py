@@ -1,9 +1,10 @@
 """Probes: run quick benchmarks on the hybrid and its donors; results, a chart, and run history.
 
 The screen is installed once (screens/screen_table.py), so the picked probes and the shown run
-stay. Every run goes to the app's one live hybrid (`app.hybrids`, surgeon/live/keeper.py) and applies
-the current plan to it first, which copies only the tensors whose source changed, so a rerun after a
-mark costs the swap and the probes, not a reload. Torch and
+stay. Every run holds the app's one live hybrid (`app.hybrids`, surgeon/live/keeper.py) for the whole
+run (a sweep, routing run or gate selection holding it is waited for, and the status line says so)
+and applies the current plan to it first, which copies only the tensors whose source changed, so a
+rerun after a mark costs the swap and the probes, not a reload. Torch and
 transformers are imported in the worker only.
 
 Results are recorded in the session by the engine's `record_probe_results`, the very function

@@ -5,8 +5,9 @@ the groups) in a worker, and the table (configurations x probes, `cell_text` of 
 and a heatmap of deltas against the base fill in as configurations finish. o (or enter) on a
 configuration opens it as the current plan in the grid.
 
-The sweep runs on the app's one live hybrid (`app.hybrids`), as the Probes screen does, so the two
-share one materialised model and each waits while the other runs. The record is
+The sweep runs on the app's one live hybrid (`app.hybrids`, surgeon/live/keeper.py), as the Probes,
+Routing and Layer gates screens do: one materialised model, lent to one job at a time, so a probe
+or routing run started during the sweep waits for it (and says so). The record is
 kept in the session's extensions after every configuration, exactly where `moe-surgeon sweep
 SESSION` stores it (`store_sweep`), so ctrl+s saves it, the CLI resumes it and `r` here resumes it
 too. The run is a job (screens/job.py): escape cancels it at the next batch, and the
@@ -202,9 +203,10 @@ class SweepScreen(JobScreen):
         if wb is None:
             self.notify("nothing to sweep: no donors are open", severity="warning")
             return
-        # The app's one Probes screen (installed, not shown, when it was never opened) waits while
-        # this runs and this waits while it runs.
-        if self.app.kept_screen("probes").running:  # both run on the app's one live hybrid
+        # The keeper lends the live hybrid to one job at a time (a probe started during the sweep
+        # waits for it); a sweep asked for while the Probes screen runs is refused at once rather
+        # than queued behind it.
+        if self.app.kept_screen("probes").running:
             self.notify("the Probes screen is running; wait for it", severity="warning")
             return
         try:
@@ -236,22 +238,21 @@ class SweepScreen(JobScreen):
                         "done": "done"}.get(e.kind, e.kind)
                 self.post_message(SweepProgress(f"[{e.done}/{e.total}] {what}", record=copy.deepcopy(e.record)))
 
-        keeper = self.app.hybrids
-        live = False
         try:
             from surgeon.features.probe import check_probe_data
 
             check_probe_data(spec.probes)  # bad probe data fails before any model loads
             cancel.check()
-            hybrid, _ = keeper.get(plan, donors, spec.device, spec.dtype, post)
-            live = True
-            return copy.deepcopy(run_sweep(spec, donors, record=stored, hybrid=hybrid, on_event=on_event,
-                                           progress=progress, cancel=cancel))
+            # Held for the whole sweep: a probe or a routing run started meanwhile waits for it.
+            # run_sweep walks its own plans and puts the hybrid back where it found it (swap=False);
+            # a failure drops the hybrid (a swap may have stopped half-way), a cancel does not.
+            with self.app.hybrids.use(plan, donors, spec.device, spec.dtype, job="sweep", note=post, cancel=cancel,
+                                      swap=False) as lease:
+                return copy.deepcopy(run_sweep(spec, donors, record=stored, hybrid=lease.hybrid, on_event=on_event,
+                                               progress=progress, cancel=cancel))
         except Cancelled:  # between batches: run_sweep has put the hybrid back on its plan
             raise
         except BaseException as e:
-            if live:  # a swap may have stopped half-way: the next run rebuilds the hybrid
-                keeper.drop()
             if not isinstance(e, Exception):
                 raise
             raise SurgeonError(error_line(e)) from e

@@ -12,7 +12,7 @@ from typing import Callable
 from surgeon.core.donor import Donor
 from surgeon.core.plan import Plan
 from surgeon.errors import SurgeonError
-from surgeon.jobs import NEVER, CancelToken, Cancelled
+from surgeon.jobs import NEVER, CancelToken
 from surgeon.probes.types import ProbeSpec
 
 
@@ -53,13 +53,13 @@ def run_probe(request: ProbeRequest, *, keeper=None, progress=None, cancel: Canc
               note: Callable[[str], None] | None = None) -> ProbeRun:
     """Run `request`'s probes on the hybrid of its plan (and on each donor unless not compare_donors).
 
-    keeper: a live.keeper.HybridKeeper whose hybrid is reused and moved to the plan; without one a
-    hybrid is materialised for this run. A failure after the kept hybrid was touched drops it (a
-    swap may have stopped half-way); a cancel does not (runs stop between batches, and run_probes
-    puts the hybrid back on the plan).
+    keeper: a live.keeper.HybridKeeper whose hybrid is held for the whole run (`keeper.use`: a job
+    that holds it meanwhile is waited for), reused and moved to the plan; without one a hybrid is
+    materialised for this run. A failure after the kept hybrid was touched drops it (a swap may have
+    stopped half-way); a cancel does not (runs stop between batches, and run_probes puts the hybrid
+    back on the plan).
     """
     from surgeon.live.devices import default_device
-    from surgeon.probes.run import run_probes
 
     started = time.perf_counter()
     check_probe_data(request.specs)
@@ -70,26 +70,24 @@ def run_probe(request: ProbeRequest, *, keeper=None, progress=None, cancel: Canc
         from surgeon.live.hybrid import Hybrid
 
         say(f"materialising the hybrid on {device}…")
-        hybrid, materialized, swap = Hybrid.materialize(request.plan, request.donors, device=device,
-                                                        dtype=request.dtype), True, None
-    else:
-        hybrid, materialized = keeper.get(request.plan, request.donors, device, request.dtype, say)
-    try:
-        cancel.check()
-        if keeper is not None:
-            swap = hybrid.apply(request.plan, dtype=request.dtype)  # only the tensors whose source changed
-        say(f"probing on {device}…")
-        records = run_probes(hybrid, request.plan, request.specs, device=device, dtype=request.dtype,
-                             batch_size=request.batch_size, compare_donors=request.compare_donors,
-                             keep_samples=request.keep_samples, progress=progress, cancel=cancel,
-                             shown_as=request.shown_as)
-    except Cancelled:
-        raise
-    except BaseException:
-        if keeper is not None:
-            keeper.drop()
-        raise
-    return ProbeRun(records, request.specs, device, time.perf_counter() - started, materialized, swap)
+        hybrid = Hybrid.materialize(request.plan, request.donors, device=device, dtype=request.dtype)
+        records = _probe_on(hybrid, request, device, progress, cancel, say)
+        return ProbeRun(records, request.specs, device, time.perf_counter() - started, True, None)
+    with keeper.use(request.plan, request.donors, device, request.dtype, job="probe", note=say,
+                    cancel=cancel) as lease:  # moved to the plan: only the tensors whose source changed
+        records = _probe_on(lease.hybrid, request, device, progress, cancel, say)
+    return ProbeRun(records, request.specs, device, time.perf_counter() - started, lease.built, lease.swap)
+
+
+def _probe_on(hybrid, request: ProbeRequest, device: str, progress, cancel: CancelToken, say) -> list[dict]:
+    from surgeon.probes.run import run_probes
+
+    cancel.check()
+    say(f"probing on {device}…")
+    return run_probes(hybrid, request.plan, request.specs, device=device, dtype=request.dtype,
+                      batch_size=request.batch_size, compare_donors=request.compare_donors,
+                      keep_samples=request.keep_samples, progress=progress, cancel=cancel,
+                      shown_as=request.shown_as)
 
 
 # ---------------------------------------------------------------- what a session recorded, what to offer

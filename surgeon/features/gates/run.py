@@ -116,7 +116,8 @@ class TrainRun:
 def run_train(directory: str, data: DataSpec, settings, *, held_out: str | None = None, device: str | None = None,
               dtype: str = "keep", progress=None, cancel=NEVER) -> TrainRun:
     """Train the gates of a gated checkpoint in place: the sidecar and TRAINING_LOG are written only
-    when training finished."""
+    when training finished. On a model of its own, never the workbench's shared live hybrid
+    (live/keeper.py): training changes the gate weights."""
     directory = gated_dir(directory)  # cheap refusals first: torch takes seconds to import
     check_source(data.source, "--data")
     check_source(held_out, "--eval")
@@ -183,18 +184,38 @@ def run_select(directory: str, data: DataSpec, *, batch_size: int = 16, min_gain
     return sel, {"path": str(directory), **record}
 
 
-def select_hybrid(plan, donors: dict, corpus: str, *, seq_len: int = 64, batch_size: int = 16, dtype: str = "keep",
-                  device: str | None = None, progress=None, cancel=NEVER) -> tuple[object, str]:
-    """`gates select --dry-run` on the hybrid of `plan` (calibrated on `corpus`, a set or a file);
-    (Selection, device). The workbench's Layer gates screen runs this."""
-    from surgeon.features.gates.select import select_gates
-    from surgeon.live.devices import default_device
-    from surgeon.live.hybrid import Hybrid
+def calibration(plan, donors: dict, corpus: str, seq_len: int = 64):
+    """The calibration sequences of `corpus` (a set or a file) cut with the base's tokenizer."""
     from surgeon.probes.scoring import load_tokenizer
 
-    data = DataSpec(corpus, seq_len).load(load_tokenizer(donors[plan.base].path), "calibration data")
+    return DataSpec(corpus, seq_len).load(load_tokenizer(donors[plan.base].path), "calibration data")
+
+
+def select_hybrid(plan, donors: dict, corpus: str, *, seq_len: int = 64, batch_size: int = 16, dtype: str = "keep",
+                  device: str | None = None, keeper=None, note=None, progress=None, cancel=NEVER) -> tuple[object, str]:
+    """`gates select --dry-run` on the hybrid of `plan` (calibrated on `corpus`, a set or a file);
+    (Selection, device). The workbench's Layer gates screen runs this.
+
+    keeper: a live.keeper.HybridKeeper whose live hybrid is held for the selection and moved to
+    `plan` (a probe or routing run meanwhile waits; `note` hears that this one waits for them);
+    without one a hybrid is materialised for this call. Sharing the live hybrid is safe here and
+    only here: selection reads the gates through an observer it removes afterwards and runs forward
+    passes without gradients, so no weight changes and no module is added or removed (the gate
+    modules are the plan's, fitted by the hot-swap). Training (`run_train`: AdamW steps on the gate
+    weights) and `run_eval` (which zeroes the gates) change weights, so they never run on the
+    shared hybrid: they load a gated checkpoint of their own.
+    """
+    from surgeon.features.gates.select import select_gates
+    from surgeon.live.devices import default_device
+
+    data = calibration(plan, donors, corpus, seq_len)
     device = device or default_device()
     cancel.check()
+    if keeper is not None:
+        with keeper.use(plan, donors, device, dtype, job="gate selection", note=note, cancel=cancel) as lease:
+            return select_gates(lease.model, data, batch_size=batch_size, progress=progress, cancel=cancel), device
+    from surgeon.live.hybrid import Hybrid
+
     hybrid = Hybrid.materialize(plan, donors, device=device, dtype=dtype)
     try:
         return select_gates(hybrid.model, data, batch_size=batch_size, progress=progress, cancel=cancel), device
@@ -205,7 +226,8 @@ def select_hybrid(plan, donors: dict, corpus: str, *, seq_len: int = 64, batch_s
 # ---------------------------------------------------------------- eval
 def run_eval(directory: str, data: DataSpec, *, batch_size: int = 16, device: str | None = None,
              dtype: str = "keep", progress=None, cancel=NEVER) -> dict:
-    """Perplexity of a gated checkpoint with its gates and without them (zeroed)."""
+    """Perplexity of a gated checkpoint with its gates and without them (zeroed). On a model of its
+    own, never the workbench's shared live hybrid: zeroing the gates changes its weights."""
     directory = gated_dir(directory)
     check_source(data.source, "--data")
     import torch

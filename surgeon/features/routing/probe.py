@@ -249,7 +249,11 @@ class _Recorder:
         self.sample_rows = None  # rows of this batch's flattened tokens to keep the router input of
         self.seen = self.sampled = 0  # real tokens read so far, and how many of them were kept
         if reap:
-            self._record_expert_outputs()
+            try:
+                self._record_expert_outputs()
+            except BaseException:  # no hook of a half-made recorder stays on the (maybe shared) model
+                self.close()
+                raise
 
     def _record_expert_outputs(self) -> None:
         from surgeon.features.routing.expert_outputs import record_expert_norms, unsupported_line
@@ -459,11 +463,11 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
     device = next(model.parameters()).device
     if importance and not trace:
         raise SurgeonError("routing: importance needs the router distributions (trace)")
-    rec = _Recorder(moe, device, importance=importance, keep_probs=keep_probs, logits_at=router_class(model)[1],
-                    reap=reap, trace=trace, sample_stride=sample[0], sample_limit=sample[1])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     token_ids, docs = [], []
-    try:
+    rec = _Recorder(moe, device, importance=importance, keep_probs=keep_probs, logits_at=router_class(model)[1],
+                    reap=reap, trace=trace, sample_stride=sample[0], sample_limit=sample[1])
+    try:  # the hooks come off whatever happens: the model may be the app's shared live hybrid
         with torch.no_grad():
             for start in range(0, len(seqs), batch_size):
                 cancel.check()

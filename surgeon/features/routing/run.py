@@ -2,8 +2,10 @@
 
 Every check that needs no weights runs first (a bad corpus, --domain, --diff or --save fails in
 a second); then the target, and for drift each other model, is probed on the same tokens
-(`probe_hybrid` for a plan over donors, which the workbench's Routing screen calls too), and the
-figures the command line prints or saves are assembled in `RoutingResult.report`.
+(`probe_hybrid` for a plan over donors), and the figures the command line prints or saves are
+assembled in `RoutingResult.report`. The workbench's Routing screen measures on the app's live
+hybrid instead (`probe_live`, the hybrid held through live/keeper.py); both measure a model they
+hold with `probe_model`.
 """
 
 from __future__ import annotations
@@ -80,26 +82,98 @@ def load_model(donor, device: str, dtype: str):
     return Hybrid.materialize(Plan("D"), {"D": donor}, device=device, dtype=dtype).model
 
 
-def probe_hybrid(plan, donors: dict, corpora: dict[str, list[str]], *, tokenizer, device: str, dtype: str = "keep",
-                 progress=None, cancel=NEVER, label: str = "routing", **kw) -> dict:
-    """The routing of `plan`'s hybrid (a donor alone is `Plan(name)`) on every corpus; `kw` as probe_domains.
-    reap="auto": REAP's score too where the family's expert outputs can be read (the workbench's heatmap
-    shows it beside frequency; it costs the same pass)."""
+def probe_model(model, tokenizer, corpora: dict[str, list[str]], *, progress=None, cancel=NEVER,
+                label: str = "routing", **kw) -> dict:
+    """`probe_domains` on a model the caller holds (a checkpoint's, a fresh hybrid's or the app's live
+    one); `kw` as probe_domains. reap="auto": REAP's score too where the family's expert outputs can
+    be read (the workbench's heatmap shows it beside frequency; it costs the same pass). The probe's
+    hooks and expert wrappers are gone when this returns or raises, so the model can be shared."""
     from surgeon.features.routing.probe import probe_domains
-    from surgeon.live.hybrid import Hybrid
 
-    cancel.check()
-    model = Hybrid.materialize(plan, donors, device=device, dtype=dtype).model
     if kw.get("reap") == "auto":
         from surgeon.features.routing.expert_outputs import readable
         from surgeon.features.routing.probe import moe_layers
 
         layers = moe_layers(model)
         kw["reap"] = bool(layers) and all(readable(getattr(m.mlp, "experts", None)) for m in layers)
+    return probe_domains(model, tokenizer, corpora, progress=progress, cancel=cancel, label=label, **kw)
+
+
+def probe_hybrid(plan, donors: dict, corpora: dict[str, list[str]], *, tokenizer, device: str, dtype: str = "keep",
+                 progress=None, cancel=NEVER, label: str = "routing", **kw) -> dict:
+    """The routing of `plan`'s hybrid (a donor alone is `Plan(name)`) on every corpus, on a model
+    materialised for this call and let go after (the command line; the workbench reads the app's
+    live hybrid with `probe_live`); `kw` as probe_model."""
+    from surgeon.live.hybrid import Hybrid
+
+    cancel.check()
+    model = Hybrid.materialize(plan, donors, device=device, dtype=dtype).model
     try:
-        return probe_domains(model, tokenizer, corpora, progress=progress, cancel=cancel, label=label, **kw)
+        return probe_model(model, tokenizer, corpora, progress=progress, cancel=cancel, label=label, **kw)
     finally:
         del model
+
+
+class LiveSwapFailed(SurgeonError):
+    """Moving the shared live hybrid between plans failed: it may hold tensors of two plans, so the
+    job ends (and its keeper lets the hybrid go) instead of going on to the next model."""
+
+
+# What a config may differ in and still give the same model: where and with what it was saved.
+SAVED_AS = ("_name_or_path", "transformers_version")
+
+
+def swaps_in(base, donor) -> bool:
+    """Whether a live hybrid of `base` swapped to the whole of `donor` (`Plan(donor)`) is the donor's
+    own model: the same family, the same tensors (names, shapes, dtypes) and the same config but
+    for where it was saved. The config counts here (unlike for a probe score): a donor with another
+    top-k or router setting in its config routes differently on the same weights."""
+    if donor.pickled or base.pickled or base.model_type != donor.model_type:
+        return False
+
+    def tensors(d):
+        return {n: (tuple(t.shape), t.dtype) for n, t in d.tensors.items()}
+
+    def config(d):
+        return {k: v for k, v in d.config.items() if k not in SAVED_AS}
+
+    return tensors(base) == tensors(donor) and config(base) == config(donor)
+
+
+def probe_live(hybrid, plan, corpora: dict[str, list[str]], *, tokenizer, donor: str | None = None,
+               device: str, dtype: str = "keep", progress=None, cancel=NEVER, label: str = "routing",
+               **kw) -> dict:
+    """The routing on the live `hybrid` (the app's, which the caller holds: live.keeper's `use`) of
+    `plan`'s hybrid (donor None) or of donor `donor` alone. A donor that swaps in whole (`swaps_in`)
+    is read from the hybrid swapped to it, and the hybrid is swapped back to `plan` afterwards, also
+    after a failure or a cancel; any other donor (a dense one, another config) from a model of its
+    own, materialised for this call (probe_hybrid). `kw` as probe_model. A failed swap raises
+    LiveSwapFailed, never a plain SurgeonError that a caller would take for one model's failure."""
+    from surgeon.core.plan import Plan
+
+    cancel.check()
+    if donor is None:
+        _swap(hybrid, plan, dtype, "the plan")
+        return probe_model(hybrid.model, tokenizer, corpora, progress=progress, cancel=cancel, label=label, **kw)
+    if not swaps_in(hybrid.donors[plan.base], hybrid.donors[donor]):
+        return probe_hybrid(Plan(donor), hybrid.donors, corpora, tokenizer=tokenizer, device=device, dtype=dtype,
+                            progress=progress, cancel=cancel, label=label, **kw)
+    _swap(hybrid, Plan(donor), dtype, f"donor {donor}")
+    try:
+        return probe_model(hybrid.model, tokenizer, corpora, progress=progress, cancel=cancel, label=label, **kw)
+    finally:
+        _swap(hybrid, plan, dtype, "the plan")
+
+
+def _swap(hybrid, plan, dtype: str, what: str) -> None:
+    if hybrid.resolution.plan == plan:
+        return
+    try:
+        hybrid.apply(plan, dtype=dtype)  # all or nothing (Hybrid.apply puts back what it had copied)
+    except Exception as e:
+        from surgeon.io.fs import error_line
+
+        raise LiveSwapFailed(f"swapping the live hybrid to {what}: {error_line(e)}") from e
 
 
 def run_routing(request: RoutingRequest, progress=None, cancel=NEVER) -> RoutingResult:
