@@ -9,7 +9,9 @@ keep: its preview runs the merge command's measuring pass once (a job), then clu
 r writes the smaller model to scratch space and probes it beside the original (the probes checked on
 the Probes screen, per item: delta, items lost and gained, McNemar p); e exports it with the
 commands' writer; ctrl+s here saves the pruning as a session of its own, as `prune --save-session`
-does, which `moe-surgeon replay S --export DIR` rebuilds byte for byte. The workbench's own session
+does, which `moe-surgeon replay S --export DIR` rebuilds byte for byte, with the trial's probe
+results when the exported choice is the one tried (extensions["prune_probes"]: the comparison and
+every per-item record, the smaller model as `pruned`/`merged`, the original as `donor:A`). The workbench's own session
 is what ctrl+s saves everywhere else.
 """
 
@@ -133,6 +135,7 @@ class PruneScreen(JobScreen):
         self.record: dict | None = None
         self.measured = None  # trial.MergeMeasure, once the merge pass ran
         self.comparison: list[dict] = []
+        self.tried = None  # (record, specs, probe records) of the last trial: ctrl+s records them with it
         self.exported = None  # (record, ExportResult) of the last export: what ctrl+s records
         self.scratch: Path | None = None
         self.trials = 0
@@ -288,7 +291,7 @@ class PruneScreen(JobScreen):
         self.trials += 1
         self.show_status(f"building the smaller model, then {len(specs)} probe(s) on it and on the original…")
         self.start_job(self._job, "try", try_smaller, self.donor, self.record, self.scratch / f"trial-{self.trials}",
-                       specs, group="prune")
+                       list(specs), group="prune")
 
     def action_export(self) -> None:
         if self.job_running:
@@ -318,6 +321,8 @@ class PruneScreen(JobScreen):
                             timeout=5)
             return
         record, written = self.exported
+        # The probe results go with it when this very choice was tried (r): same record, same writer, same bytes.
+        probes = self.tried[1:] if self.tried is not None and self.tried[0] == record else None
 
         def chosen(path: str | None) -> None:
             if not path:
@@ -326,7 +331,7 @@ class PruneScreen(JobScreen):
 
             self.show_status(f"saving {path} (full content hashes of {self.label}'s files)…")
             self.start_job(self._job, "session", save_session, save_prune_session, record, self.donor, path,
-                           written, group="prune")
+                           written, probes, group="prune")
 
         self.app.push_screen(PathScreen(f"Save this {self.operation} as a session", f"{self.operation}-session.json"),
                              chosen)
@@ -343,7 +348,8 @@ class PruneScreen(JobScreen):
             self.show_status("measured; n, b change the clusters without a new pass")
             self.refresh_preview()
         elif kind == "try":
-            self.comparison = value
+            self.tried = value[:3]
+            self.comparison = value[3]
             self.show_results()
             self.show_status("tried: e exports this model · ctrl+s after the export saves it as a session")
         elif kind == "export":
@@ -353,8 +359,11 @@ class PruneScreen(JobScreen):
                              "ctrl+s saves this as a session that `moe-surgeon replay` rebuilds")
             self.app.notify(f"exported {written.path}", timeout=4)
         elif kind == "session":
-            self.show_status(f"saved {value}: `moe-surgeon replay {value} --export DIR` rebuilds the model")
-            self.app.notify(f"saved {value}", timeout=4)
+            path, probed = value
+            self.show_status(f"saved {path}" + (" with the probe results of the trial" if probed else
+                                                " (this choice was not tried: no probe results)")
+                             + f": `moe-surgeon replay {path} --export DIR` rebuilds the model")
+            self.app.notify(f"saved {path}", timeout=4)
 
     def job_failed(self, message: str) -> None:
         self.show_status(f"failed: {message}")
@@ -397,12 +406,13 @@ class PruneScreen(JobScreen):
 
 
 # ---------------------------------------------------------------- job bodies (engine calls only)
-def try_smaller(donor, record: dict, directory: Path, specs, *, progress, cancel) -> list[dict]:
+def try_smaller(donor, record: dict, directory: Path, specs, *, progress, cancel):
+    """(the record tried, its specs, the probe records, the per-probe comparison with the original)."""
     from surgeon.features.prune.trial import comparison, probe_trial, write_trial
 
     trial = write_trial(donor, record, directory, cancel=cancel)
     run = probe_trial(trial, donor, specs, batch_size=PROBE_BATCH, progress=progress, cancel=cancel)
-    return comparison(run.records)
+    return record, specs, run.records, comparison(run.records)
 
 
 def export_smaller(write_smaller, donor, record: dict, path: str, *, progress, cancel):
@@ -411,6 +421,6 @@ def export_smaller(write_smaller, donor, record: dict, path: str, *, progress, c
     return record, written
 
 
-def save_session(save_prune_session, record: dict, donor, path: str, written, *, progress, cancel) -> str:
-    save_prune_session(record, donor, path, written, progress=progress, cancel=cancel)
-    return path
+def save_session(save_prune_session, record: dict, donor, path: str, written, probes, *, progress, cancel):
+    save_prune_session(record, donor, path, written, probes=probes, progress=progress, cancel=cancel)
+    return path, probes is not None

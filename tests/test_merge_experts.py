@@ -220,3 +220,43 @@ def test_a_hand_edited_merge_session_is_refused_naming_the_field(olmoe_donor, tm
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert f"field extensions/prune/clusters/{layer}" in r.stderr
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "llama4_text"])
+def test_every_layout_merges_by_the_rule_and_loads(tmp_path, model_type):
+    """Mixtral (block_sparse_moe.experts.E.w1/w2/w3), Qwen2-MoE (a shared expert and its gate beside the
+    routed ones), Qwen3-MoE and Llama 4 (fused feed_forward.experts.gate_up_proj / down_proj, [E, ...],
+    and a shared expert): config.json states N, every expert tensor and router row is the documented
+    weighted average of its cluster (a cluster of one: its member's bytes), the shared expert is the
+    original's, and transformers loads the result with no missing, unexpected or mismatched key."""
+    from surgeon.core.donor import open_donor
+
+    if model_type == "llama4_text":  # one MoE layer (1) beside a dense one, as Llama 4 interleaves them
+        donor = save_char_tokenizer(conformance_donor(tmp_path / "d", model_type, 0, num_local_experts=6))
+    else:
+        donor = save_char_tokenizer(make_donor(tmp_path / "d", model_type, 0, **{
+            "mixtral": {"num_local_experts": 6}}.get(model_type, {"num_experts": 6})))
+    out = tmp_path / "out"
+    result = run_merge(MergeRequest(out=str(out), base=str(donor), into=3, corpora=(f"c={_corpus(tmp_path)}",),
+                                    device="cpu"))
+    record = _record(out)
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((donor / "config.json").read_text())
+    assert record["experts_keys"] and all(config[k] == 3 for k in record["experts_keys"])
+    assert config["num_experts_per_tok"] == original["num_experts_per_tok"]
+    assert all(len(c) == 3 and sorted(sum(map(list, c), [])) == list(range(6)) for c in result.clusters.values())
+    assert any(len(m) > 1 for c in result.clusters.values() for m in c)  # something was merged
+    _check_merged(donor, out, record, 6)
+    merged = open_donor(out)
+    assert set(merged.anatomy.experts_per_layer.values()) == {3}
+    before, after = load_file(donor / "model.safetensors"), load_file(out / "model.safetensors")
+    fused = [n for n in after if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    if model_type == "llama4_text":
+        assert fused and all(after[n].shape[0] == 3 for n in fused)
+    shared = [n for n in before if "shared_expert" in n]
+    if model_type in ("qwen2_moe", "llama4_text"):
+        assert shared and all(_bits(after[n]) == _bits(before[n]) for n in shared)
+    model = _model(out)
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

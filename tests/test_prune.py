@@ -129,8 +129,11 @@ def _check_oracle(donor, out, record):
         expected = _logits(original, ids)
         want = probe_routing(original, tok, texts, batch_size=4).selected
     got = probe_routing(pruned, tok, texts, batch_size=4).selected
-    kept = np.array(list(record["kept"].values()))  # [MoE layers, kept]: new index -> original
+    # [MoE layers, experts after]: new index -> original; -1 for a global pruning's padding experts
+    size = max(map(len, record["kept"].values()))
+    kept = np.array([list(k) + [-1] * (size - len(k)) for k in record["kept"].values()])
     mapped = kept[np.arange(len(kept))[None, :, None], got.astype(np.int64)]
+    assert (mapped >= 0).all()  # no token is routed to a padding expert
     assert np.array_equal(np.sort(mapped, -1), np.sort(want, -1))
     torch.testing.assert_close(_logits(pruned, ids), expected, rtol=1e-5, atol=1e-6)
 
@@ -359,3 +362,167 @@ def test_a_pruned_model_is_a_donor_like_any_other(olmoe_donor, tmp_path, run_cli
     assert moved and all(_bits(mine[n]) == _bits(theirs[n]) for n in moved)
     assert all(_bits(t) == _bits(base[n]) for n, t in mine.items() if n not in moved)
     assert _model(out).config.num_experts == 4
+
+
+# ---------------------------------------------------------------- --global
+def test_global_ranks_experts_by_their_share_of_their_layer_with_a_top_k_floor():
+    """Scores are compared across layers as shares of their layer's total, so a layer whose scores are
+    10x larger overall is not favoured; the floor keeps top-k in a layer the ranking would starve."""
+    from surgeon.features.prune.choose import choose_global, layer_shares
+
+    flat = np.array([0.25, 0.25, 0.25, 0.25])
+    peaked = np.array([0.7, 0.1, 0.1, 0.1])
+    scores = np.stack([flat, 10 * peaked, 3 * flat])
+    np.testing.assert_allclose(layer_shares(scores).sum(1), 1.0)
+    kept, raised = choose_global([0, 2, 5], 4, 2, 1, scores=scores)
+    # 6 kept: expert 0 of layer 2 (0.7) first, then the 0.25s in layer order, never the 0.1s
+    assert kept == {0: (0, 1, 2, 3), 2: (0,), 5: (0,)} and raised == {}
+    kept, raised = choose_global([0, 2, 5], 4, 2, 2, scores=scores)  # top-2: every layer keeps 2 or more
+    assert kept == {0: (0, 1), 2: (0, 1), 5: (0, 1)} and raised == {2: 1, 5: 1}
+    # equal shares tie to the lower layer, then the lower expert
+    assert choose_global([0, 1], 4, 1, 1, scores=np.ones((2, 4)))[0] == {0: (0,), 1: (0,)}
+    # random: seeded, the same ranking of uniform scores
+    a, b = (choose_global([0, 1], 8, 3, 2, seed=s)[0] for s in (4, 4))
+    assert a == b and sum(map(len, a.values())) == 6 and min(map(len, a.values())) >= 2
+
+
+def _global_bytes(donor, out, record):
+    """Kept experts and their router rows are the original's bits, renumbered; padding experts are zeros,
+    and so are their router rows, but for a choice bias (router bias, e_score_correction_bias): -inf."""
+    from surgeon.core.donor import open_donor
+    from surgeon.features.prune.layout import is_choice_bias
+
+    before, after = load_file(donor / "model.safetensors"), load_file(out / "model.safetensors")
+    anatomy, size = open_donor(out).anatomy, record["experts_after"]
+    originals = open_donor(donor).anatomy.parts
+    for name, t in after.items():
+        part = anatomy.parts.get(name)
+        kept = record["kept"].get(str(part.layer)) if part is not None else None
+        if kept is None or part.kind not in ("expert", "router"):
+            assert _bits(t) == _bits(before[name]), name
+        elif part.expert is not None:  # one tensor per expert
+            if part.expert >= len(kept):
+                assert not t.any() and part.expert < size, name
+            else:
+                segs = name.split(".")
+                segs[segs.index(str(part.expert), 3)] = str(kept[part.expert])
+                assert _bits(t) == _bits(before[".".join(segs)]), name
+        else:  # the expert axis first: fused experts, router rows and biases
+            assert t.shape[0] == size and _bits(t[:len(kept)]) == _bits(before[name][torch.tensor(kept)]), name
+            pad = t[len(kept):]
+            bias = originals[name].kind == "router" and is_choice_bias(name, before[name])
+            assert (pad == float("-inf")).all() if bias else not pad.any(), name
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("gpt_oss", {"num_local_experts": 8}),
+    ("deepseek_v3", {"n_routed_experts": 8, "n_group": 1, "topk_group": 1, "num_hidden_layers": 3}),
+])
+def test_a_global_pruning_with_uneven_layers_is_padded_where_the_router_has_a_bias(tmp_path, model_type, overrides,
+                                                                                   cli):
+    """Seed 1 keeps 3 and 5 of 8: config.json says 5, and the 3-expert layer holds 2 padding experts that
+    no token reaches (router bias -inf). It loads, computes the oracle (the original with the pruned
+    experts' bias at -inf), and a saved session replays to the same bytes without measuring anything."""
+    donor = save_char_tokenizer(conformance_donor(tmp_path / "d", model_type, 0, **overrides))
+    out, session = tmp_path / "out", tmp_path / "s.json"
+    r = cli("prune", out, "--base", donor, "--keep", "4", "--global", "--by", "random", "--seed", "1",
+            "--save-session", session)
+    assert r.returncode == 0, r.stderr
+    record = _record(out)
+    counts = sorted(len(k) for k in record["kept"].values())
+    assert record["scope"] == "global" and counts == [3, 5] and record["total_kept"] == 8
+    short = next(layer for layer, k in record["kept"].items() if len(k) == 3)
+    assert record["experts_after"] == 5 and record["padded"] == {short: 2} and record["floor"] == 2
+    assert f"layer {short}: padded with 2 unreachable expert(s)" in r.stdout and "keep 8 in all" in r.stdout
+    assert all(json.loads((out / "config.json").read_text())[k] == 5 for k in record["experts_keys"])
+    assert "--global" in record["command"] and "padding expert" in (out / "README.md").read_text()
+    _global_bytes(donor, out, record)
+    _check_oracle(donor, out, record)
+    # padding experts and a padded layer's router rows are new bytes; the rest verifies against the original
+    assert cli("verify", out, "--donors").returncode == 0
+    ext = json.loads(session.read_text())["extensions"]["prune"]
+    assert ext["scope"] == "global" and ext["kept"] == record["kept"]
+    r = cli("replay", session, "--export", tmp_path / "again")
+    assert r.returncode == 0, r.stderr
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "again" / f).read_bytes() == (out / f).read_bytes(), f
+
+
+def test_a_global_pruning_of_a_router_without_a_bias_is_written_only_when_layers_stay_even(olmoe_donor, tmp_path,
+                                                                                           run_cli, cli):
+    """OLMoE's config states one expert count and its router has no bias, so a padding expert could not
+    be made unreachable: an uneven choice is refused in one line before anything is written (after
+    the saliency pass, for a criterion that needs one). An even one (here --keep 2: the top-2 floor
+    gives every layer 2) is written, loads, computes the oracle, and replays byte for byte."""
+    r = run_cli("prune", tmp_path / "out", "--base", olmoe_donor, "--ratio", "0.5", "--global", "--by", "random",
+                "--seed", "1")  # keeps 3 and 5 of 8
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "keeps 3 in layer 0, 5 in layer 1" in r.stderr
+    assert "prune --global: the choice keeps" in r.stderr and "`num_experts`" in r.stderr
+    assert "no per-expert bias" in r.stderr and "drop --global" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = run_cli("prune", tmp_path / "out", "--base", olmoe_donor, "--keep", "4", "--global", "--per-layer",
+                "--by", "random")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+    out, session = tmp_path / "even", tmp_path / "even.json"
+    r = cli("prune", out, "--base", olmoe_donor, "--keep", "2", "--global", "--by", "random", "--seed", "2",
+            "--save-session", session)
+    assert r.returncode == 0, r.stderr
+    record = _record(out)
+    assert all(len(k) == 2 for k in record["kept"].values()) and record["padded"] == {}
+    # the floor of top-2 set every layer's count; the ranking alone would have kept 3 and 1
+    assert record["raised"] == {"1": 1}
+    for layer, n in record["raised"].items():
+        assert f"layer {layer}: the ranking alone kept {n}; raised to 2" in r.stdout
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 2
+    _check_bytes_and_logits(olmoe_donor, out, record)
+    r = cli("replay", session, "--export", tmp_path / "again")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # a hand edit that makes the layers uneven is refused naming the field: this router cannot be padded
+    data = json.loads(session.read_text())
+    data["extensions"]["prune"]["kept"]["0"] = [0, 1, 2]
+    session.write_text(json.dumps(data))
+    r = run_cli("replay", session, "--export", tmp_path / "edited")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "field extensions/prune/kept: the choice keeps" in r.stderr
+    assert not (tmp_path / "edited").exists()
+
+
+def test_global_compares_shares_not_raw_scores(olmoe_donor):
+    """Every layer with the same REAP profile at a larger scale (later layers' outputs are larger): shares
+    are equal, so the global choice keeps what the per-layer choice keeps; ranked by the raw scores the
+    last layer would take everything it has."""
+    from surgeon.core.donor import open_donor
+    from surgeon.features.prune.run import prune_report
+    from surgeon.features.prune.saliency import Saliency
+
+    donor = open_donor(olmoe_donor)
+    layers = sorted(donor.anatomy.experts_per_layer)
+    profile = np.random.default_rng(0).random(8)
+    reap = profile[None, :] * 100.0 ** np.arange(len(layers))[:, None]
+    s = Saliency(layers=layers, num_experts=8, top_k=2, tokens=10, frequency=np.full((len(layers), 8), 0.25),
+                 gate=np.full((len(layers), 8), 0.5), reap=reap)
+
+    def kept(scope):
+        r = PruneRequest(out="", base=str(olmoe_donor), keep=4, by="reap", scope=scope)
+        return prune_report(r, donor, saliency=s, corpora=[], device="cpu", max_shard=10**9)["kept"]
+
+    assert kept("global") == kept("per-layer")
+    raw = sorted(((reap[i, e], i) for i in range(len(layers)) for e in range(8)), reverse=True)[:4 * len(layers)]
+    assert sum(i == len(layers) - 1 for _, i in raw) == 8  # what ranking the raw scores would do
+
+
+def test_docs_show_what_a_global_prune_prints_on_the_demo_donor(tmp_path, run_cli):
+    from test_examples import docs_run
+
+    shown = docs_run("prune.md", "moe-surgeon prune /tmp/pg --base demo:arith --keep 2 --global --by reap "
+                                 "--corpus arith")
+    r = run_cli("prune", tmp_path / "pg", "--base", "demo:arith", "--keep", "2", "--global", "--by", "reap",
+                "--corpus", "arith", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.replace(str(tmp_path / "pg"), "/tmp/pg").splitlines() == shown
+    r = run_cli("prune", tmp_path / "refused", "--base", "demo:arith", "--ratio", "0.5", "--global", "--by", "reap",
+                "--corpus", "arith", "--device", "cpu")
+    assert r.returncode == 2 and "the choice keeps 3 in layer 0, 4 in layer 1, 5 in layer 2, 4 in layer 3" in r.stderr

@@ -152,17 +152,36 @@ async def test_prune_from_routing_previews_tries_exports_and_saves_a_replayable_
 
     session = json.loads((tmp_path / "prune-session.json").read_text())
     assert session["extensions"]["prune"]["kept"] == record["kept"]
+    assert {r["model"] for r in session["extensions"]["prune_probes"]["records"]} == {"pruned", "donor:A"}
+    assert session["extensions"]["prune_probes"]["comparison"] == [row]
     again = tmp_path / "replayed"
     done = subprocess_cli("replay", tmp_path / "prune-session.json", "--export", again)
     assert done.returncode == 0, done.stderr
     assert shards(again) == shards(out)
 
 
+async def check_only(pilot, label: str) -> None:
+    """Only `label` checked on the Probes screen: the prune screen tries what is checked there."""
+    await pilot.press("p")
+    await settle(pilot)
+    probes = pilot.app.screen
+    picker = probes.query_one("#probe-list", SelectionList)
+    picker.deselect_all()
+    picker.select(next(i for i, s in enumerate(probes.specs) if s.label == label))
+    await pilot.press("escape")
+
+
 @sync
-async def test_merge_preview_matches_merge_experts_and_the_hybrid_is_refused(tmp_path):
+async def test_merge_from_routing_previews_tries_exports_and_records_what_it_cost(tmp_path):
+    """o switches the dialog to merging: the preview is merge-experts' clusters, r probes the merged model
+    beside the original, e writes what `moe-surgeon merge-experts` writes, and ctrl+s saves a session that
+    replays to the same bytes and records the probe results of the trial (per item, McNemar)."""
+    from surgeon.probes.stats import compare
+
     app = SurgeonApp(DEMO_SPECS, None, state_dir=tmp_path / "state", offer_recovery=False)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
+        await check_only(pilot, "em:arith")
         await pilot.press("R")
         await settle(pilot)
         routing = app.screen
@@ -180,14 +199,53 @@ async def test_merge_preview_matches_merge_experts_and_the_hybrid_is_refused(tmp
         preview = screen.preview()
         assert "Merge B (demo:arith) to 4 of 8" in screen_text(app)
 
+        await pilot.press("r")
+        await settle(pilot)
+        assert [r["probe"] for r in screen.comparison] == ["em:arith"]
+        row = screen.comparison[0]
+        assert row["original"] == 1.0 and row["n"] == 200 and row["gained"] == 0
+        assert row["lost"] == round(200 * (1 - row["score"])) and 0 <= row["mcnemar_p"] <= 1
+        assert screen.query_one("#prune-results", DataTable).row_count == 1
+
+        await pilot.press("e")
+        await answer_path(pilot, tmp_path / "merged-here")
+        assert screen.exported is not None
+        await pilot.press("ctrl+s")
+        await answer_path(pilot, tmp_path / "merge-session.json")
+        assert "with the probe results of the trial" in str(screen.query_one("#prune-status").render())
+
     out = tmp_path / "merged"
     done = subprocess_cli("merge-experts", out, "--base", "demo:arith", "--into", "4", "--by", "frequency",
                           "--corpus", "arith", "--corpus", "reverse", "--batch-size", "32")
     assert done.returncode == 0, done.stderr
-    clusters = json.loads((out / "moe-surgeon-merge.json").read_text())["clusters"]
+    record = json.loads((out / "moe-surgeon-merge.json").read_text())
+    clusters = record["clusters"]
     expected = []
     for layer in LAYERS:
         cs = clusters[str(layer)]
         expected.append((str(layer), " ".join(f"{i}={'+'.join(map(str, c))}" for i, c in enumerate(cs) if len(c) > 1)
                          or "-", format_ranges([c[0] for c in cs if len(c) == 1]) or "-"))
     assert preview == expected
+    here = tmp_path / "merged-here"
+    assert json.loads((here / "moe-surgeon-merge.json").read_text())["command"] == record["command"]
+    assert shards(here) == shards(out) and "model.safetensors" in shards(out)
+
+    session = json.loads((tmp_path / "merge-session.json").read_text())
+    ext = session["extensions"]["prune"]
+    assert ext["operation"] == "merge" and ext["clusters"] == clusters and ext["weights"] == record["weights"]
+    assert [c["name"] for c in ext["corpora"]] == list(CORPORA) and ext["criterion"] == "frequency"
+    # the trial's probe results: the merged model and the original (donor A), per item, and the comparison;
+    # not among the session's own results, which would read as its plan's (the original's)
+    trial = session["extensions"]["prune_probes"]
+    results = {r["model"]: r for r in trial["records"]}
+    assert set(results) == {"merged", "donor:A"} and [p["data"] for p in trial["probes"]] == ["arith"]
+    assert session["results"] == [] and trial["model"] == "merged" and trial["against"] == "donor:A"
+    mine, original = results["merged"], results["donor:A"]
+    assert mine["ids"] == original["ids"] and mine["score"] == row["score"] and original["score"] == 1.0
+    c = compare(mine["outcomes"], original["outcomes"])
+    assert trial["comparison"] == [row]
+    assert (c["b01"], c["b10"], c["mcnemar_p"]) == (row["lost"], row["gained"], row["mcnemar_p"])
+    again = tmp_path / "replayed"
+    done = subprocess_cli("replay", tmp_path / "merge-session.json", "--export", again)
+    assert done.returncode == 0, done.stderr
+    assert shards(again) == shards(out)

@@ -17,13 +17,34 @@ CRITERION_TEXT = {
 def prune_card(report: dict, donor, resolution) -> str:
     keep, total = report["keep"], report["num_experts"]
     params = sum(resolution.parameters_by_donor().values())
+    glob = report.get("scope") == "global"
+    size = report.get("experts_after", keep) if glob else keep
+    if glob:
+        chosen = (f"{report['total_kept']} of its {total * len(report['kept'])} experts in all, ranked across layers "
+                  f"by {report['criterion']} (at least {report['floor']} per layer), so layers keep different numbers.")
+        if report.get("padded"):
+            chosen += (" Layers keeping fewer than the most are padded to it with unreachable experts (zero weights, "
+                       "router bias -inf).")
+    else:
+        chosen = f"{keep} of its {total} experts, chosen by {report['criterion']}."
     summary = [
-        f"{card.built_by()} by pruning routed experts of `{report['base']['spec']}`: every MoE layer keeps",
-        f"{keep} of its {total} experts, chosen by {report['criterion']}. Kept experts are the original's bytes,",
+        f"{card.built_by()} by pruning routed experts of `{report['base']['spec']}`: "
+        + ("the model keeps" if glob else "every MoE layer keeps"),
+        chosen + " Kept experts are the original's bytes,",
         "renumbered in order; router rows (and router biases) are sliced to match; nothing else changed.",
-        " and ".join(f"`{k}`" for k in report["experts_keys"]) + f" is {keep} in config.json.",
+        " and ".join(f"`{k}`" for k in report["experts_keys"]) + f" is {size} in config.json.",
     ]
     how = [f"- Criterion: {CRITERION_TEXT[report['criterion']]}."]
+    if glob:
+        how.append(f"- Global: every expert ranked by its share of its layer's total {report['criterion']} score "
+                   f"(each layer's scores over their sum), the best {report['total_kept']} kept, never fewer than "
+                   f"{report['floor']} (top-k) in a layer.")
+        for layer, alone in report.get("raised", {}).items():
+            how.append(f"- Layer {layer}: the ranking alone kept {alone}; raised to {report['floor']}.")
+        for layer, pad in report.get("padded", {}).items():
+            how.append(f"- Layer {layer}: {len(report['kept'][layer])} kept experts and {pad} padding expert(s) "
+                       f"(numbered {len(report['kept'][layer])}-{size - 1}): zero weights, router row zero and router "
+                       "bias -inf, so no token is routed to them.")
     if report["corpora"]:
         how.append("- Calibration corpora: " + ", ".join(
             f"{c['name']} (`{c['path']}`, {c['tokens']} tokens, sha256 `{c['sha256'][:16]}`)"
@@ -31,7 +52,8 @@ def prune_card(report: dict, donor, resolution) -> str:
     if report["seed"] is not None:
         how.append(f"- Seed: {report['seed']}.")
     if report["top_k"] is not None:
-        how.append(f"- Every token still takes {report['top_k']} experts (`{report['top_k_key']}`), now among {keep}.")
+        among = "the kept experts of its layer" if glob else keep
+        how.append(f"- Every token still takes {report['top_k']} experts (`{report['top_k_key']}`), now among {among}.")
     how += ["- The same choice is made again by:", "", "```", report["command"], "```", "",
             "`moe-surgeon-prune.json` holds every saliency figure per layer and expert, and the kept experts."]
     rows = [[str(layer), format_ranges(kept), format_ranges(report["pruned"][layer])]

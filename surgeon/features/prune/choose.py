@@ -41,3 +41,47 @@ def choose(layers: list[int], num_experts: int, keep: int, *, scores: np.ndarray
         return {layer: top_experts(scores[i], keep) for i, layer in enumerate(layers)}
     rng = np.random.default_rng(seed)
     return {layer: tuple(sorted(int(e) for e in rng.permutation(num_experts)[:keep])) for layer in layers}
+
+
+SCOPES = ("per-layer", "global")
+
+
+def layer_shares(scores: np.ndarray) -> np.ndarray:
+    """Scores made comparable across layers: each layer's scores over the layer's sum (its experts'
+    shares of the layer's saliency, summing to 1). REAP's output norms and mean gate weights differ
+    in scale from layer to layer (later layers' outputs are larger); a share does not. For frequency
+    the layer's sum is top-k in every layer, so shares rank as the frequencies do. A layer with no
+    saliency at all (no token reached it) gives every expert 1/E."""
+    scores = np.asarray(scores, dtype=np.float64)
+    sums = scores.sum(axis=1, keepdims=True)
+    uniform = np.full_like(scores, 1.0 / scores.shape[1])
+    return np.where(sums > 0, scores / np.where(sums > 0, sums, 1.0), uniform)
+
+
+def choose_global(layers: list[int], num_experts: int, keep: int, floor: int, *, scores: np.ndarray | None = None,
+                  seed: int = 0) -> tuple[dict[int, tuple[int, ...]], dict[int, int]]:
+    """`keep` x len(layers) experts kept in all, ranked across layers by their share of their layer's
+    saliency (layer_shares), never fewer than `floor` (top-k) in any layer: each layer's best `floor`
+    first, then the best of the rest across all layers; ties to the lower layer, then the lower
+    expert. Random (no scores): seeded uniform scores, ranked the same way.
+    Returns (kept per layer, in index order; {layer: what the ranking alone kept} for every layer the
+    floor raised)."""
+    if scores is None:
+        scores = np.random.default_rng(seed).random((len(layers), num_experts))
+    share = layer_shares(scores)
+    total = keep * len(layers)
+    order = sorted(((i, e) for i in range(len(layers)) for e in range(num_experts)),
+                   key=lambda ie: (-float(share[ie]), ie[0], ie[1]))
+    alone = {layer: 0 for layer in layers}
+    for i, _ in order[:total]:
+        alone[layers[i]] += 1
+    kept = {layer: set(top_experts(share[i], floor)) for i, layer in enumerate(layers)}
+    left = total - floor * len(layers)
+    for i, e in order:
+        if left <= 0:
+            break
+        if e not in kept[layers[i]]:
+            kept[layers[i]].add(e)
+            left -= 1
+    raised = {layer: n for layer, n in alone.items() if n < floor}
+    return {layer: tuple(sorted(k)) for layer, k in kept.items()}, raised

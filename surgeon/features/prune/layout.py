@@ -8,6 +8,14 @@ with the pruned experts' router scores removed: for a router that takes the top 
 (or of sigmoid scores) the kept experts compete exactly as they did, minus the pruned ones.
 
 Families where that does not hold are refused before anything is read, with the reason.
+
+A global pruning (`--global`) may keep different numbers of experts per layer, but every family's
+config states one expert count for all layers. Where the router of every layer that keeps fewer has a
+per-expert bias that the choice adds (gpt-oss's router bias, DeepSeek-V3's and GLM-4.5's
+`e_score_correction_bias`, `expert_bias`), those layers are padded up to the largest count with
+unreachable experts: zero weights, zero router rows and a bias of -inf, so no token is ever routed
+to them and the model computes what the global choice computes. Elsewhere an uneven choice is
+refused in one line: a router with no bias has no way to make a padding expert unreachable.
 """
 
 from __future__ import annotations
@@ -64,6 +72,45 @@ def check_top_k(donor: Donor, keep: int) -> int | None:
     return k if isinstance(k, int) else None
 
 
+CHOICE_BIASES = ("e_score_correction_bias", "expert_bias", "bias")  # added to the router's choice scores
+
+
+def is_choice_bias(name: str, info) -> bool:
+    """A router tensor that adds one value per expert to the scores its top-k is taken over."""
+    return len(info.shape) == 1 and name.rsplit(".", 1)[-1] in CHOICE_BIASES
+
+
+def check_padding(donor: Donor, kept: dict[int, tuple[int, ...]], num_experts: int, what: str = "prune --global"
+                  ) -> int:
+    """The expert count every layer is written with: the largest kept. When layers keep different
+    numbers, the router of every layer that keeps fewer must have a choice bias in a float dtype
+    (padding experts are made unreachable through it); one line saying why not otherwise."""
+    counts = {layer: len(k) for layer, k in kept.items()}
+    size = max(counts.values())
+    if len(set(counts.values())) == 1:
+        return size
+    short = {layer for layer, n in counts.items() if n < size}  # the layers to pad
+    biased = {p.layer for n, p in donor.anatomy.parts.items()
+              if p.kind == "router" and p.layer in short and is_choice_bias(n, donor.tensors[n])
+              and donor.tensors[n].shape[0] == num_experts}
+    where = f"{donor.path}: {donor.model_type}"
+    keys = " / ".join(k for k in dict.fromkeys((donor.anatomy.architecture.experts_key, *EXPERT_COUNT_KEYS))
+                      if k in donor.config)
+    listed = ", ".join(f"{n} in layer {layer}" for layer, n in counts.items())
+    if biased != short:
+        missing = format_ranges(sorted(short - biased))
+        raise SurgeonError(f"{what}: the choice keeps {listed}, but {where}'s config states one expert count for "
+                           f"every layer (`{keys}`) and its router has no per-expert bias (layers {missing}) that "
+                           "could make padding experts unreachable, so transformers could not load it as chosen; "
+                           "prune per layer (drop --global)")
+    for n, p in donor.anatomy.parts.items():
+        if p.kind == "router" and p.layer in short and is_choice_bias(n, donor.tensors[n]) \
+                and donor.tensors[n].dtype not in ("F32", "F16", "BF16", "F64"):
+            raise SurgeonError(f"{what}: tensor {n} ({donor.path}) is {donor.tensors[n].dtype}, which cannot hold "
+                               "the -inf that makes a padding expert unreachable")
+    return size
+
+
 def renamed(name: str, donor: Donor, part: Part, new: int) -> str:
     prefix = len(donor.anatomy.architecture.layer_prefix) + 1  # past the layer number
     segs = name.split(".")
@@ -83,9 +130,28 @@ def _runs(kept: tuple[int, ...]) -> tuple[tuple[int, int, str], ...]:
 
 
 def pruned_resolution(donor: Donor, kept: dict[int, tuple[int, ...]], num_experts: int) -> Resolution:
-    """The source map of the pruned checkpoint (donor "A" is the original), in the export's write order."""
+    """The source map of a pruned checkpoint whose layers keep equally many experts (donor "A" is the
+    original), in the export's write order."""
+    resolution, computed, close = pruned_layout(donor, kept, num_experts)
+    close()
+    if computed:
+        raise SurgeonError("pruned_resolution: the layers keep different numbers of experts; use pruned_layout")
+    return resolution
+
+
+def pruned_layout(donor: Donor, kept: dict[int, tuple[int, ...]], num_experts: int
+                  ) -> tuple[Resolution, dict, object]:
+    """The source map of the pruned checkpoint, in the export's write order; for a global pruning's
+    padded layers, the functions writing their new bytes (export_hybrid's `computed`: padding experts
+    of zeros; router and fused tensors as their kept rows, then zero rows, -inf in a choice bias);
+    and the callable that closes the files those read."""
+    from surgeon.features.prune.reader import Reader
+
+    size = check_padding(donor, kept, num_experts)
     sources: dict[str, Source] = {}
     parts: dict[str, Part] = {}
+    computed: dict = {}
+    reader = Reader(donor)
     for name in donor.ordered_names:
         info = donor.tensors[name]
         part = donor.anatomy.parts.get(name)
@@ -99,13 +165,51 @@ def pruned_resolution(donor: Donor, kept: dict[int, tuple[int, ...]], num_expert
                 new = keep.index(part.expert)
                 out = renamed(name, donor, part, new)
                 sources[out], parts[out] = src, Part("expert", part.layer, new)
+            if part.expert == keep[0]:  # the padding experts take the first kept expert's tensor layout
+                for new in range(len(keep), size):
+                    out = renamed(name, donor, part, new)
+                    sources[out], parts[out] = src, Part("expert", part.layer, new)
+                    computed[out] = _zeros(info.nbytes)
             continue
         if not info.shape or info.shape[0] != num_experts:
             raise SurgeonError(f"tensor {name} ({donor.path}): shape {list(info.shape)}, not {num_experts} experts "
                                f"along its first axis, so its kept experts cannot be sliced out")
-        sources[name] = Source("A", name, info.dtype, (len(keep), *info.shape[1:]), info.dtype, runs=_runs(keep))
         parts[name] = part
-    return Resolution(Plan("A"), sources, {n: p for n, p in parts.items() if p is not None})
+        if len(keep) == size:
+            sources[name] = Source("A", name, info.dtype, (len(keep), *info.shape[1:]), info.dtype, runs=_runs(keep))
+            continue
+        sources[name] = Source("A", name, info.dtype, (size, *info.shape[1:]), info.dtype)
+        fill = float("-inf") if part.kind == "router" and is_choice_bias(name, info) else 0.0
+        computed[name] = _padded_rows(reader, name, keep, size - len(keep), info, fill)
+    resolution = Resolution(Plan("A"), sources, {n: p for n, p in parts.items() if p is not None})
+    return resolution, computed, reader.close
+
+
+def _zeros(nbytes: int, piece: int = 1 << 20):
+    def make():
+        for lo in range(0, nbytes, piece):
+            yield bytes(min(piece, nbytes - lo))
+
+    return make
+
+
+def _padded_rows(reader, name: str, keep: tuple[int, ...], pad: int, info, fill: float):
+    """A tensor with the expert axis first: its kept rows' bytes, then `pad` rows of `fill`."""
+    def make():
+        import torch
+
+        from surgeon.live.dtypes import TORCH_DTYPES
+
+        for e in keep:
+            yield memoryview(reader.read(name, e).contiguous().reshape(-1).view(torch.uint8).numpy())
+        row = info.nbytes // info.shape[0]
+        if fill == 0.0:
+            yield from _zeros(pad * row)()
+            return
+        t = torch.full((pad, *info.shape[1:]), fill, dtype=TORCH_DTYPES[info.dtype])
+        yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+    return make
 
 
 def count_keys(donor: Donor, num_experts: int) -> list[str]:

@@ -21,14 +21,13 @@ than its members together were. Top-k and any renormalisation (norm_topk_prob) w
 
 from __future__ import annotations
 
-import os
-
 from surgeon.core.anatomy import Part
 from surgeon.core.donor import Donor
 from surgeon.core.plan import Plan
 from surgeon.core.resolve import Resolution, Source
 from surgeon.errors import SurgeonError
 from surgeon.features.prune.layout import renamed
+from surgeon.features.prune.reader import Reader as _Reader
 
 AVERAGED_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -90,37 +89,6 @@ def _check_member(donor: Donor, member: str, like, name: str) -> None:
         raise SurgeonError(f"tensor {member} ({donor.path}): {info.dtype} {list(info.shape)}, but {name} is "
                            f"{like.dtype} {list(like.shape)}; they cannot be averaged")
     _check_dtype(member, info.dtype, donor)
-
-
-class _Reader:
-    """Reads donor tensors (or one row of their first axis) as torch tensors, a file descriptor per shard."""
-
-    def __init__(self, donor: Donor):
-        self.donor = donor
-        self.fds: dict[str, int] = {}
-
-    def read(self, name: str, row: int | None = None):
-        import torch
-
-        from surgeon.live.dtypes import TORCH_DTYPES
-
-        if name in self.donor.pickled:
-            t = self.donor.pickled[name]
-            return t if row is None else t[row]
-        info = self.donor.tensors[name]
-        if info.file not in self.fds:
-            self.fds[info.file] = os.open(info.file, os.O_RDONLY)
-        start, count, shape = info.start, info.nbytes, info.shape
-        if row is not None:
-            count //= info.shape[0]
-            start, shape = start + row * count, info.shape[1:]
-        data = os.pread(self.fds[info.file], count, start)
-        return torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[info.dtype]).view(shape)
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
 
 
 def weighted_average(tensors, weights: list[float], dtype):

@@ -21,8 +21,8 @@ from typing import Callable
 
 from surgeon import __version__
 from surgeon.errors import SurgeonError
-from surgeon.features.prune.choose import choose, keep_count
-from surgeon.features.prune.layout import check_top_k, count_keys, moe_shape, pruned_resolution
+from surgeon.features.prune.choose import SCOPES, choose, choose_global, keep_count
+from surgeon.features.prune.layout import check_padding, check_top_k, count_keys, moe_shape, pruned_resolution
 from surgeon.features.prune.saliency import CRITERIA, Saliency
 from surgeon.features.prune.session import write_and_record
 from surgeon.features.prune.write import PRUNE_FILE
@@ -41,6 +41,7 @@ class PruneRequest:
     ratio: float | None = None  # the share of experts pruned
     by: str = "reap"
     seed: int = 0  # --by random
+    scope: str = "per-layer"  # or "global": N x layers kept in all, ranked across layers (choose.choose_global)
     corpora: tuple[str, ...] = ()  # NAME=FILE, a built-in set or a file; none: the routing defaults
     max_tokens: int | None = None  # per corpus
     batch_size: int = 16
@@ -69,6 +70,8 @@ def run_prune(request: PruneRequest, progress=None, cancel=NEVER,
     r = request
     if r.by not in CRITERIA:
         raise SurgeonError(f"--by {r.by}: expected one of {', '.join(CRITERIA)}")
+    if r.scope not in SCOPES:
+        raise SurgeonError(f"scope {r.scope!r}: expected one of {', '.join(SCOPES)}")
     if r.by == "random" and r.corpora:
         raise SurgeonError("--by random reads no corpus; drop --corpus (or choose another criterion)")
     if r.batch_size < 1:
@@ -108,17 +111,27 @@ def prune_report(r: PruneRequest, donor, *, saliency: Saliency | None, corpora: 
                                f"{saliency.layers}, but its files hold {num_experts} in layers {layers}")
         for c in corpora:
             c["tokens"] = saliency.corpora[c["name"]]
-        kept = choose(layers, num_experts, keep, scores=saliency.scores(r.by))
+    scores = None if saliency is None else saliency.scores(r.by)
+    top_k = check_top_k(donor, keep)
+    scope: dict = {"scope": r.scope}
+    if r.scope == "global":
+        floor = top_k or 1
+        kept, raised = choose_global(layers, num_experts, keep, floor, scores=scores, seed=r.seed)
+        size = check_padding(donor, kept, num_experts)
+        scope.update(normalised="each layer's scores over the layer's sum (shares of the layer's saliency)",
+                     total_kept=keep * len(layers), floor=floor,
+                     raised={str(layer): n for layer, n in raised.items()}, experts_after=size,
+                     padded={str(layer): size - len(k) for layer, k in kept.items() if len(k) < size})
     else:
-        kept = choose(layers, num_experts, keep, seed=r.seed)
+        kept = choose(layers, num_experts, keep, scores=scores, seed=r.seed)
     return {
         "moe_surgeon": __version__,
         "operation": "prune",
         "base": {"spec": r.base, "path": str(donor.path), "model_type": donor.model_type,
                  "fingerprint": donor.fingerprint},
-        "criterion": r.by, "num_experts": num_experts, "keep": keep, "ratio": r.ratio,
+        "criterion": r.by, "num_experts": num_experts, "keep": keep, "ratio": r.ratio, **scope,
         "experts_keys": count_keys(donor, num_experts),
-        "top_k": check_top_k(donor, keep), "top_k_key": donor.anatomy.architecture.top_k_key,
+        "top_k": top_k, "top_k_key": donor.anatomy.architecture.top_k_key,
         "seed": r.seed if r.by == "random" else None,
         "corpora": corpora, "max_tokens": r.max_tokens, "batch_size": r.batch_size, "device": device,
         "dtype": r.dtype,
@@ -181,6 +194,8 @@ def command_line(r: PruneRequest) -> str:
     parts = ["moe-surgeon prune OUT", f"--base {r.base}"]
     parts.append(f"--keep {r.keep}" if r.keep is not None else f"--ratio {r.ratio:g}")
     parts.append(f"--by {r.by}")
+    if r.scope == "global":
+        parts.append("--global")
     if r.by == "random":
         parts.append(f"--seed {r.seed}")
     parts += [f"--corpus {c}" for c in r.corpora]

@@ -31,9 +31,16 @@ from surgeon.jobs import NEVER
 EXTENSION = "prune"
 
 
-def prune_session(record: dict, donor, session_path: str | os.PathLike | None, written=None):
+PROBES = "prune_probes"  # extensions[PROBES]: the workbench's trial of the smaller model against the original
+
+
+def prune_session(record: dict, donor, session_path: str | os.PathLike | None, written=None, probes=None):
     """A session holding `record` (what run_prune / run_merge reported) as its step; `written` (an
-    ExportResult) is recorded as the session's export."""
+    ExportResult) is recorded as the session's export. `probes` (specs, records): the workbench's
+    probe run of this very record's model beside the original (trial.probe_trial), kept in
+    extensions["prune_probes"]: the specs, the per-probe comparison (delta, items lost and gained,
+    McNemar p) and every per-item record (trial.session_results: `pruned` / `merged` and `donor:A`).
+    Not in the session's `results`, which are its plan's (the original's) and its donors'."""
     from surgeon.core.plan import Plan
     from surgeon.core.session import ExportRecord, make_session, now_utc
 
@@ -47,6 +54,15 @@ def prune_session(record: dict, donor, session_path: str | os.PathLike | None, w
             except ValueError:
                 pass
     session.extensions[EXTENSION] = ext
+    if probes is not None:
+        from surgeon.features.prune.compare import comparison, session_results
+
+        specs, records = probes
+        operation = record.get("operation", "prune")
+        session.extensions[PROBES] = {"model": f"{operation}d", "against": "donor:A",
+                                      "probes": [s.to_json() for s in specs],
+                                      "comparison": comparison(records),
+                                      "records": session_results(records, operation)}
     if written is not None:
         session.exports.append(ExportRecord(path=str(written.path), dtype="keep",
                                             max_shard_size=record.get("max_shard_size"), shards=len(written.shards),
@@ -55,11 +71,12 @@ def prune_session(record: dict, donor, session_path: str | os.PathLike | None, w
     return session
 
 
-def save_prune_session(record: dict, donor, session_path, written=None, *, progress=None, cancel=NEVER) -> None:
+def save_prune_session(record: dict, donor, session_path, written=None, *, probes=None, progress=None,
+                       cancel=NEVER) -> None:
     """Save the session of a pruning or merging, its donor proven by full content hashes (read once, cached)."""
     from surgeon.core.session import record_full_hashes, save_session
 
-    session = prune_session(record, donor, session_path, written)
+    session = prune_session(record, donor, session_path, written, probes)
     record_full_hashes(session, {"A": donor}, progress=progress, cancel=cancel)
     save_session(session, session_path)
 
@@ -90,7 +107,10 @@ def check_recorded(session, session_path, donors: dict) -> dict:
     if ext.get("operation") == "merge":
         clusters_of(ext, layers, num_experts, origin)
     else:
-        kept_of(ext, layers, num_experts, origin)
+        from surgeon.features.prune.layout import check_padding
+
+        kept = kept_of(ext, layers, num_experts, origin)
+        check_padding(donors[session.plan.base], kept, num_experts, what=f"{origin}kept")  # --global's
     return ext
 
 

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon.core.plan import Plan
+from surgeon.features.prune.compare import ORIGINAL, TRIAL, comparison, session_results  # noqa: F401 (re-exported)
 from surgeon.jobs import NEVER
-
-TRIAL = "pruned"  # the smaller model's donor name in the probe run: its records read "hybrid"
-ORIGINAL = "original"  # what it is compared with: records "donor:original"
 
 
 def prune_choice(donor, spec: str, stats: dict | None, keep: int, by: str, *, batch_size: int, device: str | None,
@@ -107,23 +105,3 @@ def probe_trial(trial, original, specs, *, device: str | None = None, batch_size
     request = ProbeRequest(Plan(TRIAL), {TRIAL: trial, ORIGINAL: original}, list(specs), device=device,
                            batch_size=batch_size, shown_as="the smaller model")
     return run_probe(request, progress=progress, cancel=cancel, note=note)
-
-
-def comparison(records: list[dict]) -> list[dict]:
-    """Per probe: the smaller model's score and CI, the original's, and the paired comparison on the
-    same items (delta, items lost and gained, McNemar p; surgeon.probes.stats)."""
-    from surgeon.probes import metric_of
-    from surgeon.probes.stats import compare
-
-    mine = {r["label"]: r for r in records if r.get("model") == "hybrid" and "vs" not in r}
-    theirs = {r["label"]: r for r in records if r.get("model") == f"donor:{ORIGINAL}"}
-    rows = []
-    for label, a in mine.items():
-        b = theirs.get(label)
-        row = {"probe": label, "metric": a["metric"], "n": a["n"], "score": a["score"], "ci": a["ci"],
-               "original": None if b is None else b["score"], "original_ci": None if b is None else b["ci"]}
-        if b is not None and b["ids"] == a["ids"] and metric_of(a["metric"]).proportion:
-            c = compare(a["outcomes"], b["outcomes"])
-            row.update(delta=c["delta"], lost=c["b01"], gained=c["b10"], mcnemar_p=c["mcnemar_p"])
-        rows.append(row)
-    return rows

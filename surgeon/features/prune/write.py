@@ -14,7 +14,7 @@ from pathlib import Path
 
 from surgeon.core.donor import Donor
 from surgeon.errors import SurgeonError
-from surgeon.features.prune.layout import check_top_k, moe_shape, pruned_config, pruned_resolution
+from surgeon.features.prune.layout import check_padding, check_top_k, moe_shape, pruned_config, pruned_layout
 from surgeon.jobs import NEVER
 
 PRUNE_FILE = "moe-surgeon-prune.json"
@@ -42,8 +42,9 @@ def write_smaller(donor: Donor, record: dict, out, *, max_shard_size: int, force
         resolution, computed, close = merged_resolution(donor, clusters, weights, num_experts)
     else:
         kept = kept_of(record, layers, num_experts, origin)
-        size = len(next(iter(kept.values())))
-        resolution = pruned_resolution(donor, kept, num_experts)
+        size = check_padding(donor, kept, num_experts)  # the largest kept; the others padded to it
+        check_top_k(donor, min(len(k) for k in kept.values()))
+        resolution, computed, close = pruned_layout(donor, kept, num_experts)
 
     check_top_k(donor, size)
 
@@ -83,6 +84,14 @@ def kept_of(record: dict, layers: list[int], num_experts: int, origin: str) -> d
     """The kept experts per layer a prune record states, checked against the model."""
     kept = {layer: _experts(v, num_experts, f"{origin}kept/{layer}")
             for layer, v in _layer_table(record, "kept", layers, origin).items()}
+    scope = record.get("scope", "per-layer")
+    if scope == "global":  # layers may keep different numbers; fewer in all than the model has
+        if sum(map(len, kept.values())) >= num_experts * len(layers):
+            raise SurgeonError(f"{origin}kept: a global pruning keeps fewer than all "
+                               f"{num_experts * len(layers)} experts")
+        return kept
+    if scope != "per-layer":
+        raise SurgeonError(f"{origin}scope: {scope!r}, expected per-layer or global")
     if len({len(k) for k in kept.values()}) != 1 or len(next(iter(kept.values()))) >= num_experts:
         raise SurgeonError(f"{origin}kept: every layer must keep the same number of experts, fewer than "
                            f"{num_experts}")
