@@ -1,10 +1,14 @@
-"""Timing helpers the benches share: a barrier for queued GPU work, and the plain in-memory copy a
-hot-swap is measured against. torch is imported on use: bench/scale.py's parent process must not
-load it (it would raise every child's peak-RSS floor)."""
+"""Timing helpers the benches share: a barrier for queued GPU work, the plain in-memory copy a
+hot-swap is measured against, and paired, synced runs of a command against its baseline (an export
+against `cp -r`). torch is imported on use: bench/scale.py's parent process must not load it (it
+would raise every child's peak-RSS floor)."""
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
+from typing import Callable
 
 
 def sync(device) -> None:
@@ -27,3 +31,29 @@ def copy_seconds(views, sources, device) -> float:
             view.copy_(source, non_blocking=True)
     sync(device)
     return time.perf_counter() - t0
+
+
+def paired(baseline: Callable[[], float], others: dict[str, Callable[[], float]], repeats: int
+           ) -> tuple[list[float], dict[str, list[float]]]:
+    """Seconds of `repeats` rounds of `baseline` and each of `others` (each callable runs once and
+    returns its seconds), with the order reversed every other round so that no side always runs
+    right after the other, and os.sync() before every run: a run that follows fresh writes would
+    otherwise pay for flushing them."""
+    base: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in others}
+    for r in range(repeats):
+        runs = [(None, baseline), *others.items()]
+        for name, run in runs[::-1] if r % 2 else runs:
+            os.sync()
+            (base if name is None else times[name]).append(run())
+    return base, times
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """min / median / max."""
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def ratios(times: list[float], base: list[float]) -> list[float]:
+    """Each round's time over the baseline's in the same round."""
+    return [t / b for t, b in zip(times, base)]

@@ -1,20 +1,28 @@
-"""Benchmark: inspect and export of an OLMoE-shaped pair (16 layers x 64 experts, ~1.3 GB bf16).
+"""Benchmark: inspect and export of an OLMoE-shaped pair (16 layers x 64 experts, ~1.4 GB bf16).
 
-Each figure is a whole process measured in this one run:
+Each figure is a whole process. The exports and `cp -r` run in pairs, --repeats times, the order
+flipped every round and the dirty pages of earlier runs written out (sync) before every run, so
+none pays for another's flush. A ratio is one round's export over that round's `cp -r`; each line
+gives min / median / max over the rounds.
   (a) `moe-surgeon inspect` wall time                      goal < 0.3 s
-  (b) export wall time as a ratio to `cp -r` of one donor   goal <= 2x (the same bytes, hashed too)
+  (b) export wall time as a ratio to `cp -r` of one donor   goal <= 1.2x (the same bytes, hashed too)
   (c) export peak RSS                                       goal <= 64 MB at any size
   (d) the naive way (transformers loads both models, copies the state dict, save_pretrained)
       as a ratio to the export.
-  (e) one donor shard from the page cache: the export's copy (read, hash for the manifest, write,
-      through one buffer) as a ratio to copy_file_range, which copies without hashing.
-Run: python bench/export.py [--work DIR] [--small] [--skip-naive]
+  (e) one donor shard from the page cache into a new file, in this process: the export's copy
+      (read, hash for the manifest, write, through one page-aligned buffer) in 256 KiB and in 1 MiB
+      pieces, against copy_file_range, which copies without hashing: seconds and system time.
+  (f) the kernel's copy of 256 MiB from the page cache into a buffer where each byte lands 0, 8 or
+      16 bytes ahead of its offset within a page in the file (surgeon/io/aligned.py): system time.
+--donors A B takes an existing pair (e.g. the 0.94 GB one `bench/scale.py --scale 0.25` makes).
+Run: python bench/export.py [--work DIR] [--donors A B] [--repeats N] [--small] [--skip-naive]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -25,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from copy_timing import paired, ratios, spread  # noqa: E402
 from synthetic import dir_bytes  # noqa: E402
 
 TRANSFER = ["--take", "experts=B", "--take", "attention@0-3=B"]
@@ -61,86 +70,145 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, kb / 1024
 
 
-def copy_speeds(donor: Path, scratch: Path, rounds: int = 5) -> tuple[float, float, int]:
-    """Seconds for copy_file_range and for the export's hashing copy of the donor's largest shard
-    (best of `rounds` each, alternating, page cache warm, dirty pages written out before each), and
-    its size. Run in this process after the timed children: it imports the engine."""
+def system_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
+def copy_speeds(donor: Path, scratch: Path, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(seconds, system seconds) of each way to copy the donor's largest shard into a new file, page
+    cache warm, the ways interleaved, dirty pages written out before each. In this process after the
+    timed children: it imports the engine."""
+    from surgeon.io.aligned import PAGE, aligned_buffer
     from surgeon.io.manifest import tensor_hasher
     from surgeon.io.shards import COPY_BUFFER, HashingSink
 
     shard = max(donor.glob("*.safetensors"), key=lambda p: p.stat().st_size)
     size = shard.stat().st_size
-    buffer = bytearray(COPY_BUFFER)
     src = os.open(shard, os.O_RDONLY)
 
-    def copy(kernel: bool) -> float:
-        scratch.unlink(missing_ok=True)
-        os.sync()  # a copy must not pay for writing out the one before
-        dst = os.open(scratch, os.O_WRONLY | os.O_CREAT, 0o644)
-        t0 = time.perf_counter()
-        try:
-            if kernel:
-                done = 0
-                while done < size:
-                    done += os.copy_file_range(src, dst, size - done, done)
-            else:
-                sink = HashingSink(dst, buffer)
-                sink.tensor = tensor_hasher()
-                sink.copy(src, 0, size, str(shard))
-            return time.perf_counter() - t0
-        finally:
-            os.close(dst)
+    def kernel(dst: int) -> None:
+        done = 0
+        while done < size:
+            done += os.copy_file_range(src, dst, size - done, done)
 
+    def hashing(piece: int):
+        def run(dst: int) -> None:
+            sink = HashingSink(dst, aligned_buffer(piece + PAGE))
+            sink.tensor = tensor_hasher()
+            sink.copy(src, 0, size, str(shard))
+        return run
+
+    ways = {"copy_file_range": kernel, f"export's copy, {COPY_BUFFER >> 10} KiB": hashing(COPY_BUFFER),
+            "export's copy, 1 MiB": hashing(1 << 20)}
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     try:
         subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)
-        times = [(copy(True), copy(False)) for _ in range(rounds)]
+        for _ in range(rounds):
+            for name, way in ways.items():
+                scratch.unlink(missing_ok=True)
+                os.sync()
+                dst = os.open(scratch, os.O_WRONLY | os.O_CREAT, 0o644)
+                t0, s0 = time.perf_counter(), system_seconds()
+                try:
+                    way(dst)
+                    out[name].append((time.perf_counter() - t0, system_seconds() - s0))
+                finally:
+                    os.close(dst)
     finally:
         os.close(src)
         scratch.unlink(missing_ok=True)
-    return min(k for k, _ in times), min(h for _, h in times), size
+    return out
+
+
+def page_offset_costs(donor: Path, rounds: int = 3) -> dict[int, float]:
+    """System seconds (best of `rounds`) to read 256 MiB of the donor's largest shard from the page
+    cache into a page-aligned buffer with every byte `ahead` bytes past its offset within a page in
+    the file."""
+    from surgeon.io.aligned import PAGE, aligned_buffer
+
+    shard = max(donor.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    total = min(256 << 20, shard.stat().st_size // (1 << 20) * (1 << 20))
+    piece = 1 << 20
+    buf = aligned_buffer(piece + PAGE)
+    fd = os.open(shard, os.O_RDONLY)
+    out = {}
+    try:
+        for ahead in (0, 8, 16):
+            best = float("inf")
+            for _ in range(rounds):
+                s0 = system_seconds()
+                for at in range(0, total, piece):
+                    os.preadv(fd, [buf[ahead:ahead + piece]], at)
+                best = min(best, system_seconds() - s0)
+            out[ahead] = best
+    finally:
+        os.close(fd)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", help="scratch directory (default: a temporary one, removed at the end)")
+    ap.add_argument("--donors", nargs=2, metavar=("A", "B"), help="an existing pair (default: made in --work)")
+    ap.add_argument("--repeats", type=int, default=3, help="paired rounds of cp -r and the exports (default 3)")
     ap.add_argument("--small", action="store_true", help="a 4-layer model, for a quick check")
     ap.add_argument("--skip-naive", action="store_true")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="moe-surgeon-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        a, b = work / "A", work / "B"
-        for seed, p in ((0, a), (1, b)):
-            if not (p / "config.json").exists():
-                # In a child process: a forked child's peak RSS starts from its parent's, so the
-                # parent must stay small for the RSS figures below to mean anything.
-                small = ["--small"] if args.small else []
-                subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(p), str(seed), *small],
-                               check=True)
+        if args.donors:
+            a, b = (Path(p).resolve() for p in args.donors)
+        else:
+            a, b = work / "A", work / "B"
+            for seed, p in ((0, a), (1, b)):
+                if not (p / "config.json").exists():
+                    # In a child process: a forked child's peak RSS starts from its parent's, so the
+                    # parent must stay small for the RSS figures below to mean anything.
+                    small = ["--small"] if args.small else []
+                    subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(p), str(seed),
+                                    *small], check=True)
         size = dir_bytes(a)
         exe = [sys.executable, "-m", "surgeon.cli"]
-        print(f"donor: {size / 1e9:.2f} GB, {sum(1 for _ in open(a / 'model.safetensors.index.json'))} index lines")
+        print(f"donor: {size / 1e9:.2f} GB ({size / 2**20:.0f} MiB); {args.repeats} paired rounds, synced before each run")
 
         inspect = min(timed(exe + ["inspect", str(a)])[0] for _ in range(3))
-        shutil.rmtree(work / "cp", ignore_errors=True)
-        cp, _ = timed(["cp", "-r", str(a), str(work / "cp")])
-        shutil.rmtree(work / "cp")
-        shutil.rmtree(work / "out", ignore_errors=True)
         take = [t.replace("=B", f"={b}") for t in TRANSFER]
-        export, rss = timed(exe + ["export", str(work / "out"), "--base", str(a), *take])
-        shutil.rmtree(work / "out")
-        durable, _ = timed(exe + ["export", str(work / "out"), "--base", str(a), *take, "--fsync"])
+        peaks = []
+
+        def run(cmd: list[str], out: Path, rss: list | None = None):
+            def once() -> float:
+                shutil.rmtree(out, ignore_errors=True)
+                wall, peak = timed(cmd)
+                if rss is not None:
+                    rss.append(peak)
+                shutil.rmtree(out)
+                return wall
+            return once
+
+        cp, exports = paired(run(["cp", "-r", str(a), str(work / "cp")], work / "cp"), {
+            "export": run(exe + ["export", str(work / "out"), "--base", str(a), *take], work / "out", peaks),
+            "fsync": run(exe + ["export", str(work / "out"), "--base", str(a), *take, "--fsync"], work / "out"),
+        }, args.repeats)
         print(f"(a) inspect wall time        {inspect:8.3f} s    goal < 0.3 s")
-        print(f"(b) export / cp -r           {export / cp:8.2f} x    ({export:.2f} s vs {cp:.2f} s; goal <= 2x)")
-        print(f"    with --fsync / cp -r     {durable / cp:8.2f} x    ({durable:.2f} s: waits for the disk, cp does not)")
-        print(f"(c) export peak RSS          {rss:8.1f} MB   goal <= 64 MB")
+        print(f"(b) export / cp -r           {spread(ratios(exports['export'], cp))} x   (export "
+              f"{spread(exports['export'])} s, cp -r {spread(cp)} s; goal <= 1.2x median)")
+        print(f"    with --fsync / cp -r     {spread(ratios(exports['fsync'], cp))} x   (waits for the disk, cp does not)")
+        print(f"(c) export peak RSS          {max(peaks):8.1f} MB   goal <= 64 MB")
         if not args.skip_naive:
             shutil.rmtree(work / "naive", ignore_errors=True)
+            os.sync()
             naive, naive_rss = timed([sys.executable, "-c", NAIVE, str(a), str(b), str(work / "naive")])
+            shutil.rmtree(work / "naive")
+            export = sorted(exports["export"])[len(exports["export"]) // 2]
             print(f"(d) naive / export           {naive / export:8.1f} x    ({naive:.2f} s, {naive_rss:.0f} MB peak RSS)")
-        kernel, hashing, shard = copy_speeds(a, work / "copy-scratch")
-        print(f"(e) hashing copy / kernel    {hashing / kernel:8.2f} x    ({shard / hashing / 1e9:.2f} GB/s vs "
-              f"{shard / kernel / 1e9:.2f} GB/s copy_file_range, one {shard / 1e9:.2f} GB shard in page cache)")
+        shard_bytes = max(p.stat().st_size for p in a.glob("*.safetensors"))
+        print(f"(e) one {shard_bytes / 1e9:.2f} GB shard from the page cache into a new file, {max(3, args.repeats)} rounds:")
+        for name, runs in copy_speeds(a, work / "copy-scratch", max(3, args.repeats)).items():
+            print(f"    {name:28s} {spread([t for t, _ in runs], '{:.3f}')} s, system {spread([s for _, s in runs], '{:.3f}')} s")
+        costs = page_offset_costs(a)
+        print("(f) 256 MiB read into a buffer, each byte N bytes ahead of its offset in a page: "
+              + ", ".join(f"N={n}: {s:.3f} s" for n, s in costs.items()) + " of system time (best of 3)")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,8 @@ RSS (the parent never imports torch, so a child's peak RSS is its own):
   inspect                         moe-surgeon inspect A
   workbench                       the app on A and B (Pilot) to the grid's first frame      budget 300 MB
   export attention / experts@0-7  moe-surgeon export ... against `cp -r` of the same bytes  budget 64 MB
+  prune --ratio 0.5 --by random   moe-surgeon prune: its export, kept experts as byte ranges    budget 64 MB
+                                  (random: no saliency pass, which loads the model like routing)
   materialise                     Hybrid.materialize(A) against reading the bytes once    budget model + 1.5 GB
   hot-swap                        all attention, then experts@0-7 from B: GB/s against a plain
                                   tensor copy of the same bytes; RSS growth beyond the swapped bytes
@@ -17,10 +19,13 @@ RSS (the parent never imports torch, so a child's peak RSS is its own):
   routing                         moe-surgeon routing over 2,000 tokens
   sweep                           moe-surgeon sweep, 2 groups, 20 items
 Reads and copies start from a dropped page cache where the bench may drop it (root), so `cp -r`,
-`cat` and the tool read the same disk; `cp -r` runs before and after the exports. Everything it
-made is deleted at the end. --scale F scales hidden and intermediate sizes by F
-(a quick try: --scale 0.125 is ~1 GB a donor); the full size needs ~28 GB of free disk.
+`cat` and the tool read the same disk; `cp -r` and the exports run in --repeats rounds, the order
+flipped every round, every run after a sync, and each export's ratio is to its round's `cp -r`
+(min / median / max). Everything it made is deleted at the end. --scale F scales hidden and
+intermediate sizes by F (a quick try: --scale 0.125 is ~1 GB a donor); the full size needs ~28 GB
+of free disk.
 Run: python bench/scale.py [--scale F] [--device cpu|cuda|auto] [--donors A B] [--work DIR] [--keep-cache]
+                           [--repeats N]
 Not part of the test suite.
 """
 
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from copy_timing import copy_seconds, sync
+from copy_timing import copy_seconds, paired, ratios, spread, sync
 from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards
 
 DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
@@ -196,6 +202,20 @@ def timed(cmd: list[str], env=None) -> tuple[float, float, str]:
         return wall, usage.ru_maxrss / 1024, out.read().decode()
 
 
+def prune_step(exe: list[str], a: str, work: Path, env: dict, row, cp_gbps: float) -> None:
+    """`moe-surgeon prune` as a whole process, measured as the exports are: half of every layer's
+    experts kept (--by random reads no corpus, so the process is the pruned export alone: headers,
+    choice, kept experts and sliced router rows as byte ranges of the original), from a dropped page
+    cache where possible. Peak RSS against the export budget; its write rate against `cp -r`'s."""
+    out = work / "out"
+    drop_caches()
+    wall, rss, _ = timed(exe + ["prune", str(out), "--base", a, "--ratio", "0.5", "--by", "random"], env)
+    written = dir_bytes(out)
+    shutil.rmtree(out)
+    row("prune --ratio 0.5 (random)", f"{wall:6.2f} s  {rss:7.0f} MB   {written / 1e9:.2f} GB written at "
+        f"{written / 1e9 / wall:.2f} GB/s (cp -r {cp_gbps:.2f} GB/s)   (budget 64 MB)")
+
+
 KEEP_CACHE = False
 
 
@@ -219,6 +239,7 @@ def main() -> None:
     ap.add_argument("--work", help="scratch directory (default: a temporary one)")
     ap.add_argument("--keep-cache", action="store_true",
                     help="never drop the page cache (a small --scale whose donors it holds, or a throttled disk)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of `cp -r` and the exports, paired (default 3)")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -259,26 +280,30 @@ def main() -> None:
         wall, rss, out = timed(me + ["--step", "workbench", a, b], env)
         ready = json.loads(out.splitlines()[-1])["seconds"]
         row("workbench to grid ready", f"{ready:6.2f} s  {rss:7.0f} MB   (Pilot; budget 300 MB)")
-        # Each copy starts from the same state (page cache dropped, earlier writes flushed), and `cp -r`
-        # runs before and after the exports: this disk's speed drifts by 2x within minutes.
-        def copy_time() -> float:
-            drop_caches()
-            seconds, _, _ = timed(["cp", "-r", a, str(work / "cp")])
-            shutil.rmtree(work / "cp")
-            return seconds
+        # `cp -r` and the exports in rounds, the order flipped every round (this disk's speed drifts by
+        # 2x within minutes); each run starts from the same state: earlier writes flushed, the page
+        # cache dropped where the bench may. A ratio is an export over the `cp -r` of its round.
+        def timed_run(cmd: list[str], out: Path, peaks: list | None = None):
+            def once() -> float:
+                drop_caches()
+                seconds, rss, _ = timed(cmd, env)
+                if peaks is not None:
+                    peaks.append(rss)
+                shutil.rmtree(out)
+                return seconds
+            return once
 
-        cps = [copy_time()]
-        exports = []
-        for take in ("attention", "experts@0-7"):
-            drop_caches()
-            wall, rss, _ = timed(exe + ["export", str(work / "out"), "--base", a, "--take", f"{take}={b}"], env)
-            shutil.rmtree(work / "out")
-            exports.append((take, wall, rss))
-        cps.append(copy_time())
-        cp = sum(cps) / len(cps)
-        row("cp -r of one donor", f"{cp:6.2f} s  ({size / 1e9 / cp:.2f} GB/s; before {cps[0]:.2f} s, after {cps[1]:.2f} s)")
-        for take, wall, rss in exports:
-            row(f"export {take} from B", f"{wall:6.2f} s  {rss:7.0f} MB   {wall / cp:5.2f}x cp -r   (budget 64 MB)")
+        peaks: dict[str, list] = {"attention": [], "experts@0-7": []}
+        cps, exports = paired(timed_run(["cp", "-r", a, str(work / "cp")], work / "cp"), {
+            take: timed_run(exe + ["export", str(work / "out"), "--base", a, "--take", f"{take}={b}"], work / "out",
+                            peaks[take]) for take in peaks}, args.repeats)
+        cp = statistics.median(cps)
+        row("cp -r of one donor", f"{cp:6.2f} s  ({size / 1e9 / cp:.2f} GB/s; min / median / max {spread(cps)} s "
+            f"over {args.repeats} rounds)")
+        for take, walls in exports.items():
+            row(f"export {take} from B", f"{statistics.median(walls):6.2f} s  {max(peaks[take]):7.0f} MB   "
+                f"{spread(ratios(walls, cps))}x cp -r (min / median / max; budget 64 MB)")
+        prune_step(exe, a, work, env, row, size / 1e9 / cp)
 
         cold = drop_caches()
         state = "cold: page cache dropped" if cold else "page cache as it is (--keep-cache, or not root)"

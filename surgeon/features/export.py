@@ -40,6 +40,7 @@ from surgeon.core.session import (
 from surgeon.errors import SurgeonError
 from surgeon.features.verify import VerifyResult, run_verify
 from surgeon.io import model_card as card
+from surgeon.io.aligned import PAGE, aligned_buffer
 from surgeon.io.fs import check_writable
 from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
 from surgeon.io.model_card import SESSION_FILE
@@ -189,7 +190,7 @@ def export_hybrid(
     fds: dict[str, int] = {}
     meter = Meter(progress, total, "bytes", "export")
     done = 0
-    buffer = bytearray(COPY_BUFFER)  # every copied byte passes through it, for the whole export
+    buffer = aligned_buffer(COPY_BUFFER + PAGE)  # every copied byte passes through it, for the whole export
     written = {}  # shard file name -> what its writer hashed
 
     def fd_of(donor: Donor, tensor: str) -> int | None:

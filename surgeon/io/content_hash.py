@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
+from surgeon.io.aligned import aligned_buffer
 from surgeon.io.atomic import write_atomic
 from surgeon.io.cache import cache_root
 from surgeon.jobs import FOREGROUND, NEVER, CancelToken, Progress, Step
@@ -125,15 +126,15 @@ def _digest(path: Path, size: int, done_before: int, total: int, progress: Progr
         cancel.check()
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = bytearray(READ)  # one buffer per thread, refilled: no allocation per piece
+            buf = local.buf = aligned_buffer(READ)  # one buffer per thread, refilled: no allocation per piece
         h = xxhash.xxh3_128()
         end = min(offset + CHUNK, size)
         for at in range(offset, end, READ):
             want = min(READ, end - at)
-            n = os.preadv(fd, [memoryview(buf)[:want]], at)
+            n = os.preadv(fd, [buf[:want]], at)
             if n != want:
                 raise SurgeonError(f"{path}: changed while it was being hashed (short read at byte {at})")
-            h.update(memoryview(buf)[:n])
+            h.update(buf[:n])
         return h.digest()
 
     outer = xxhash.xxh3_128()

@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
+from surgeon.io.aligned import PAGE, aligned_buffer, view_for
 from surgeon.io.content_hash import ALGORITHM, READ, TreeHasher, cached_hash, hash_files, identity
 from surgeon.io.safetensors_file import read_header
 from surgeon.jobs import NEVER, CancelToken
@@ -63,8 +64,9 @@ def tensor_hasher():
 def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
     """XXH3-128 of every tensor's bytes in one safetensors file, tensors hashed on every core.
 
-    Read with pread into one reused 1 MiB buffer per thread, not through a memory map: mapped pages
-    would count against the process's memory, and an export promises to stay small at any size."""
+    Read with pread into one reused page-aligned buffer per thread (io/aligned.py), not through a
+    memory map of the file: mapped pages would count against the process's memory, and an
+    export promises to stay small at any size."""
     header = read_header(str(path))
     local = threading.local()
     fd = os.open(path, os.O_RDONLY)
@@ -74,14 +76,14 @@ def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
         name, t = item
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = bytearray(READ)
+            buf = local.buf = aligned_buffer(READ + PAGE)  # a tensor starts anywhere in a page
         h = tensor_hasher()
         for offset in range(t.start, t.end, READ):
-            want = min(READ, t.end - offset)
-            n = os.preadv(fd, [memoryview(buf)[:want]], offset)
-            if n != want:
+            piece = view_for(buf, offset, min(READ, t.end - offset))
+            n = os.preadv(fd, [piece], offset)
+            if n != len(piece):
                 raise SurgeonError(f"{path}: tensor {name}: file shorter than its header says")
-            h.update(memoryview(buf)[:n])
+            h.update(piece)
         return name, h.hexdigest()
 
     try:
@@ -132,14 +134,19 @@ def build_manifest(directory: str | os.PathLike, sources: dict[str, dict], donor
 
 
 def _file_hash(path: Path) -> str:
-    """XXH3-128 of a small file (a config, a tokenizer), read whole: the shards' chunked hash is for
+    """XXH3-128 of a small file (a config, a tokenizer) as one stream: the shards' chunked hash is for
     files of gigabytes."""
     import xxhash
 
+    h = xxhash.xxh3_128()
+    buf = aligned_buffer(READ)
     try:
-        return xxhash.xxh3_128_hexdigest(path.read_bytes())
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(buf[:n])
     except OSError as e:
         raise SurgeonError(f"{path}: cannot read ({e.strerror})") from None
+    return h.hexdigest()
 
 
 def side_files(directory: Path) -> list[Path]:
@@ -295,13 +302,13 @@ def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: Ca
 
 def shard_and_tensor_hashes(path: Path, header, cancel: CancelToken = NEVER) -> tuple[str, dict[str, str]]:
     """The shard's content hash (content_hash's, as hash_files gives it) and every tensor's hash
-    (TENSOR_HASH), from one sequential read of the file into one reused 1 MiB buffer. The tensors
-    tile the data after the header (read_header checks that), so each piece read feeds the shard's
-    hasher and the hasher of the tensor(s) it falls in."""
+    (TENSOR_HASH), from one sequential read of the file into one reused page-aligned 1 MiB buffer.
+    The tensors tile the data after the header (read_header checks that), so each piece read feeds
+    the shard's hasher and the hasher of the tensor(s) it falls in."""
     tree = TreeHasher()
     spans = sorted((t.start, t.end, name) for name, t in header.tensors.items())
     hashers = {name: tensor_hasher() for _, _, name in spans}
-    buf = bytearray(READ)
+    buf = aligned_buffer(READ)
     k = 0  # the first span not yet wholly read
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -311,10 +318,10 @@ def shard_and_tensor_hashes(path: Path, header, cancel: CancelToken = NEVER) -> 
         for at in range(0, header.size, READ):
             cancel.check()
             want = min(READ, header.size - at)
-            n = os.preadv(fd, [memoryview(buf)[:want]], at)
+            n = os.preadv(fd, [buf[:want]], at)
             if n != want:
                 raise SurgeonError(f"{path}: changed while it was being hashed (short read at byte {at})")
-            piece = memoryview(buf)[:n]
+            piece = buf[:n]
             tree.update(piece)
             i = k
             while i < len(spans) and spans[i][0] < at + n:

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Callable
 
 from surgeon.errors import SurgeonError
+from surgeon.io.aligned import PAGE, view_for
 from surgeon.io.content_hash import TreeHasher, identity
 from surgeon.io.manifest import ShardHashes, tensor_hasher
 from surgeon.io.safetensors_file import encode_header
 
-# The one buffer a hashed shard's bytes pass through. From the page cache, 0.5-8 MiB all copy and
-# hash as fast as copy_file_range copies without hashing (bench/export.py); 1 MiB stays in the CPU's
-# cache between the read, the hashes and the write, and is nothing next to the export's memory budget.
-COPY_BUFFER = 1 << 20
+# The most bytes one read() and one write() of a copy move, through one page-aligned buffer
+# (io/aligned.py, PAGE bytes longer). 256 KiB stays in the CPU's cache between the read, the hashes
+# and the write, and took the least system time of 32 KiB-1 MiB here. In 1 MiB pieces, copying a
+# 0.94 GB shard into a new file once took 1.03-1.48 s of system time against 0.34-0.71 s
+# (bench/export.py, line (e); docs/performance.md has the other runs).
+COPY_BUFFER = 256 << 10
 
 
 @dataclass
@@ -80,26 +83,34 @@ class HashingSink:
     of the tensor being written on its way to the file, so both hashes are known when the file is
     closed, and the manifest needs no second read of what was just written."""
 
-    def __init__(self, fd: int, buffer: bytearray):
+    def __init__(self, fd: int, buffer: memoryview):
         self.fd = fd
-        self._buffer = memoryview(buffer)
+        self._buffer = buffer  # an io.aligned.aligned_buffer, PAGE bytes longer than a piece
+        self._piece = len(buffer) - PAGE
+        if self._piece < 1:
+            raise ValueError(f"a copy buffer of {len(buffer)} bytes: it needs a page more than a piece")
         self.content = TreeHasher()
         self.tensor = None  # the current tensor's hasher; None while the header is written
+        self.written = 0  # where the next byte goes in the file
 
     def write(self, data) -> None:
         """Bytes made in memory: the header, a converted tensor."""
         view = memoryview(data).cast("B")
         self._hash(view)
         while len(view):
-            view = view[os.write(self.fd, view):]
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.written += n
 
     def copy(self, src_fd: int, offset: int, count: int, source: str) -> None:
-        """Bytes [offset, offset+count) of the file `source` (open as src_fd), through the buffer.
+        """Bytes [offset, offset+count) of the file `source` (open as src_fd), read into the buffer,
+        hashed there and written from it, a piece at a time.
 
-        Not copy_file_range: the bytes would then have to be read again to be hashed, and the
-        kernel copy plus that read measured slower than this one read, hash and write."""
+        Not copy_file_range: the hashes need the bytes read once more, which cost more CPU time
+        than this copy. Not a writer thread beside the reader either: no faster on this busy 2-core
+        machine (docs/performance.md has both)."""
         while count > 0:
-            piece = self._buffer[:min(count, len(self._buffer))]
+            piece = view_for(self._buffer, offset, min(count, self._piece), to=self.written)
             n = os.preadv(src_fd, [piece], offset)
             if n == 0:
                 raise SurgeonError(f"{source}: shorter than its header says (nothing at byte {offset})")
@@ -114,9 +125,10 @@ class HashingSink:
 
 
 def write_hashed_shard(path: Path, entries: list, metadata: dict, write_tensor: Callable[[str, HashingSink], None],
-                       buffer: bytearray, *, fsync: bool = False, cancel=None) -> ShardHashes:
+                       buffer: memoryview, *, fsync: bool = False, cancel=None) -> ShardHashes:
     """write_shard's file, hashed as it is written: write_tensor(name, sink) puts each tensor's bytes
-    through `sink` (HashingSink.copy or .write), and `buffer` is the one buffer copies pass through."""
+    through `sink` (HashingSink.copy or .write), and `buffer` (an io.aligned.aligned_buffer of a piece
+    and a page) is the one buffer copies pass through."""
     header, _ = encode_header(entries, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
