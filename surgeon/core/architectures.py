@@ -109,6 +109,14 @@ class Architecture:
     # Config keys whose values add experts the checkpoint stores beside `experts_key`'s (LongCat-Flash's
     # zero-computation experts are stored and routed like the others).
     added_experts_keys: tuple[str, ...] = ()
+    # Pruning (features/prune): why this family cannot be pruned ("" where it can), said in one line.
+    prune_refused: str = ""
+    # Router rows after the experts' that score something else (Zaya's skip class, Inkling's shared
+    # experts): a count, or the config key holding it. A pruning keeps them, after the kept experts' rows.
+    router_extra_rows: int | str = 0
+    # Router tensors with no expert axis (a scale over the hidden size, a scalar, the hidden layers of an
+    # MLP router), by a run of their name's segments: a pruning copies them whole.
+    router_whole: tuple[str, ...] = ()
 
     def expert_count(self, config: dict) -> int | None:
         """How many experts a MoE layer stores, from the family's config keys (None: not stated)."""
@@ -222,7 +230,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         _family("granitemoehybrid", "num_local_experts", mixers=_MAMBA_MIXER,
                 extra=(("shared_mlp", "shared_expert"),), rules=_ATTENTION_AND_NORMS + _MAMBA + _moe_block("block_sparse_moe"),
                 covers="Granite 4.0 (Mamba layers marked)"),
-        _family("jetmoe", "num_local_experts",
+        _family("jetmoe", "num_local_experts", prune_refused="num_local_experts also sets the experts of its mixture "
+                "of attention heads, so a config with fewer MLP experts would have fewer attention experts too",
                 extra=(("self_attention", "attention"), ("mlp.bias", "mlp")),  # attention has its own experts (MoA)
                 covers="JetMoE-8B (its mixture of attention heads is attention)"),
         _family("jamba", "num_experts", mixers=_MAMBA_MIXER,
@@ -251,7 +260,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                                                   ("ffn_norm", "norms"), ("feed_forward.expert_bias", "router")),
                 rules=_ATTENTION_AND_NORMS + _moe_block("feed_forward"), mixers=(("conv", "conv"),),
                 global_rules=GLOBAL_RULES + (("model.embedding_norm", "final_norm"),), covers="LFM2-8B-A1B"),
-        _family("deepseek_v4", "n_routed_experts",
+        _family("deepseek_v4", "n_routed_experts", prune_refused="its hash-routed layers choose experts by token "
+                "id from a fixed table (tid2eid) that names experts a pruning would remove",
                 extra=(("attn", "attention"), ("hc_attn_base", "norms"), ("hc_attn_fn", "norms"),
                        ("hc_attn_scale", "norms"), ("hc_ffn_base", "norms"), ("hc_ffn_fn", "norms"),
                        ("hc_ffn_scale", "norms")),
@@ -260,7 +270,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                 covers="DeepSeek-V4-Flash"),
         _family("hy_v4", "n_routed_experts", extra=(("hc_pre", "norms"),),
                 global_rules=GLOBAL_RULES + (("model.hc_pre", "final_norm"),), covers="Hy4-preview"),
-        _family("inkling_text", "n_routed_experts", extra=(("attn_sconv", "attention"), ("mlp_sconv", "mlp")),
+        _family("inkling_text", "n_routed_experts", router_extra_rows="n_shared_experts",
+                router_whole=("global_scale",), extra=(("attn_sconv", "attention"), ("mlp_sconv", "mlp")),
                 covers="Inkling (its text model)"),
         _family("qwen4_exp_text", "num_experts", mixers=_LINEAR_MIXER,
                 extra=_LINEAR_ATTN + (("attn_hyper_connection", "norms"), ("mlp_hyper_connection", "norms")),
@@ -269,7 +280,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         _family("beam", "num_experts", covers="Beam-1.0-501B-A23B"),
         _family("flint", "num_experts", covers="flint (attention sinks as softmax_offset)"),
         _family("dots3_note_text", "n_routed_experts", covers="dots3-note (its text model)"),
-        _family("gemma4_text", "num_experts", top_k_key="top_k_experts",
+        _family("gemma4_text", "num_experts", top_k_key="top_k_experts", router_whole=("scale",),
                 extra=(("experts", "expert"), ("router", "router"),  # experts beside a dense MLP, every layer
                        ("post_feedforward_layernorm_1", "norms"), ("post_feedforward_layernorm_2", "norms"),
                        ("pre_feedforward_layernorm_2", "norms"), ("post_per_layer_input_norm", "norms"),
@@ -278,7 +289,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                                              ("model.per_layer_model_projection", "embedding"),
                                              ("model.per_layer_projection_norm", "embedding")),
                 covers="Gemma 4 with its MoE block (text model)"),
-        _family("doge", "num_experts",
+        _family("doge", "num_experts", prune_refused="it routes by product keys: expert i*K+j is the pair of "
+                "router keys i and j (K = sqrt(num_experts)), so removing experts cannot be written as fewer keys",
                 # Doge's cross-domain MoE keeps its experts as rows of two embedding tables (product-key
                 # retrieval): row e of up_embed and down_embed is expert e.
                 extra=(("mlp.router_gate", "router"), ("mlp.up_embed", "expert"), ("mlp.down_embed", "expert"),
@@ -303,7 +315,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                               ("model.llm.middle_cycle_cross_pass_kv_queries", "final_norm"),
                               ("model.llm.middle_cycle_cross_pass_queries", "final_norm")),
                 covers="Inkling-2-Mini (its text model)"),
-        _family("zaya", "num_experts", extra=(("post_attention_residual_scale", "norms"),
+        _family("zaya", "num_experts", router_extra_rows=1,
+                router_whole=("down_proj", "router_states_scale", "router_mlp.norm", "router_mlp.fc1",
+                              "router_mlp.fc2"), extra=(("post_attention_residual_scale", "norms"),
                                               ("post_mlp_residual_scale", "norms")),
                 global_rules=GLOBAL_RULES + (("model.input_hidden_states_bias", "embedding"),
                                              ("model.input_hidden_states_scale", "embedding")),
@@ -333,6 +347,9 @@ FALLBACK = Architecture(
     live_renames=(("block_sparse_moe", "mlp"),),
     fused_experts={**FUSED_QWEN_STYLE, **FUSED_MIXTRAL},
 )
+
+# The config keys of group-limited routing's group count (DeepSeek's n_group; Ling's num_expert_group).
+GROUP_COUNT_KEYS = ("n_group", "num_expert_group")
 
 # Every config key some family keeps its routed-expert count under: how an unknown family is read.
 EXPERT_COUNT_KEYS = tuple(dict.fromkeys(["num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",

@@ -21,7 +21,7 @@ refused in one line: a router with no bias has no way to make a padding expert u
 from __future__ import annotations
 
 from surgeon.core.anatomy import Part, layer_of
-from surgeon.core.architectures import EXPERT_COUNT_KEYS
+from surgeon.core.architectures import EXPERT_COUNT_KEYS, GROUP_COUNT_KEYS
 from surgeon.core.donor import Donor
 from surgeon.core.plan import Plan, format_ranges
 from surgeon.core.resolve import Resolution, Source
@@ -38,6 +38,8 @@ def moe_shape(donor: Donor) -> tuple[list[int], int]:
         raise SurgeonError(f"{where}: no architecture description says which config key holds the expert "
                            "count, so a pruned config cannot be written")
     arch = a.architecture
+    if arch.prune_refused:
+        raise SurgeonError(f"{where}: cannot be pruned: {arch.prune_refused}")
     if any(donor.config.get(k) for k in arch.added_experts_keys):
         raise SurgeonError(f"{where}: its router also scores {', '.join(arch.added_experts_keys)} experts that "
                            "hold no weights; pruning does not handle them")
@@ -50,10 +52,11 @@ def moe_shape(donor: Donor) -> tuple[list[int], int]:
     if a.extra_layers:
         raise SurgeonError(f"{where}: has multi-token-prediction layer(s) {format_ranges(a.extra_layers)} that "
                            "transformers does not load, so a pruning of them could not be checked")
-    groups = donor.config.get("n_group")
-    if isinstance(groups, int) and groups > 1:
-        raise SurgeonError(f"{where}: n_group is {groups}: group-limited routing picks groups of consecutive "
-                           "experts, and renumbering the kept experts would regroup them")
+    for key in GROUP_COUNT_KEYS:
+        groups = donor.config.get(key)
+        if isinstance(groups, int) and groups > 1:
+            raise SurgeonError(f"{where}: {key} is {groups}: group-limited routing picks groups of consecutive "
+                               "experts, and renumbering the kept experts would regroup them")
     layers = sorted(a.experts_per_layer)
     stray = [n for n in a.unclassified if (found := layer_of(n, arch)) is not None and found[0] in layers]
     if stray:
@@ -132,9 +135,9 @@ def _runs(kept: tuple[int, ...]) -> tuple[tuple[int, int, str], ...]:
 def pruned_resolution(donor: Donor, kept: dict[int, tuple[int, ...]], num_experts: int) -> Resolution:
     """The source map of a pruned checkpoint whose layers keep equally many experts (donor "A" is the
     original), in the export's write order."""
-    resolution, computed, close = pruned_layout(donor, kept, num_experts)
+    resolution, _computed, close = pruned_layout(donor, kept, num_experts)
     close()
-    if computed:
+    if len({len(k) for k in kept.values()}) > 1:
         raise SurgeonError("pruned_resolution: the layers keep different numbers of experts; use pruned_layout")
     return resolution
 
@@ -152,6 +155,10 @@ def pruned_layout(donor: Donor, kept: dict[int, tuple[int, ...]], num_experts: i
     parts: dict[str, Part] = {}
     computed: dict = {}
     reader = Reader(donor)
+    arch = donor.anatomy.architecture
+    extra_rows = arch.router_extra_rows
+    if isinstance(extra_rows, str):
+        extra_rows = donor.config.get(extra_rows) or 0
     for name in donor.ordered_names:
         info = donor.tensors[name]
         part = donor.anatomy.parts.get(name)
@@ -171,16 +178,24 @@ def pruned_layout(donor: Donor, kept: dict[int, tuple[int, ...]], num_experts: i
                     sources[out], parts[out] = src, Part("expert", part.layer, new)
                     computed[out] = _zeros(info.nbytes)
             continue
-        if not info.shape or info.shape[0] != num_experts:
+        if part.kind == "router" and any(f".{w}." in f".{name}." for w in arch.router_whole):
+            sources[name], parts[name] = src, part
+            continue
+        extra = tuple(range(num_experts, num_experts + extra_rows)) if part.kind == "router" else ()
+        lead = expert_axis(info.shape, num_experts + len(extra))
+        if lead is None and extra:  # a router tensor over the experts alone (Inkling's choice bias)
+            extra, lead = (), expert_axis(info.shape, num_experts)
+        if lead is None:
             raise SurgeonError(f"tensor {name} ({donor.path}): shape {list(info.shape)}, not {num_experts} experts "
                                f"along its first axis, so its kept experts cannot be sliced out")
         parts[name] = part
-        if len(keep) == size:
-            sources[name] = Source("A", name, info.dtype, (len(keep), *info.shape[1:]), info.dtype, runs=_runs(keep))
+        shape = (*info.shape[:lead], size + len(extra), *info.shape[lead + 1:])
+        if len(keep) == size and lead == 0:  # byte ranges of the original
+            sources[name] = Source("A", name, info.dtype, shape, info.dtype, runs=_runs(keep + extra))
             continue
-        sources[name] = Source("A", name, info.dtype, (size, *info.shape[1:]), info.dtype)
+        sources[name] = Source("A", name, info.dtype, shape, info.dtype)
         fill = float("-inf") if part.kind == "router" and is_choice_bias(name, info) else 0.0
-        computed[name] = _padded_rows(reader, name, keep, size - len(keep), info, fill)
+        computed[name] = _padded_rows(reader, name, keep, size - len(keep), info, fill, extra, lead)
     resolution = Resolution(Plan("A"), sources, {n: p for n, p in parts.items() if p is not None})
     return resolution, computed, reader.close
 
@@ -193,21 +208,42 @@ def _zeros(nbytes: int, piece: int = 1 << 20):
     return make
 
 
-def _padded_rows(reader, name: str, keep: tuple[int, ...], pad: int, info, fill: float):
-    """A tensor with the expert axis first: its kept rows' bytes, then `pad` rows of `fill`."""
+def expert_axis(shape, rows: int) -> int | None:
+    """Where a router or fused tensor's expert axis is: first, or after axes of size 1 (ERNIE 4.5 keeps its
+    choice bias as [1, E]); None when no such axis has `rows` entries."""
+    lead = 0
+    while lead < len(shape) and shape[lead] == 1 and rows != 1:
+        lead += 1
+    return lead if lead < len(shape) and shape[lead] == rows else None
+
+
+def _padded_rows(reader, name: str, keep: tuple[int, ...], pad: int, info, fill: float, extra: tuple[int, ...] = (),
+                 lead: int = 0):
+    """A tensor's kept rows' bytes along its expert axis (after `lead` axes of size 1), then `pad` rows of
+    `fill`, then the `extra` rows (router rows that score something other than an expert)."""
     def make():
         import torch
 
         from surgeon.live.dtypes import TORCH_DTYPES
 
+        def row_bytes(e):
+            t = reader.read(name, e) if lead == 0 else whole[e]
+            return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+        whole = None if lead == 0 else reader.read(name).reshape(info.shape[lead:])
         for e in keep:
-            yield memoryview(reader.read(name, e).contiguous().reshape(-1).view(torch.uint8).numpy())
-        row = info.nbytes // info.shape[0]
-        if fill == 0.0:
-            yield from _zeros(pad * row)()
-            return
-        t = torch.full((pad, *info.shape[1:]), fill, dtype=TORCH_DTYPES[info.dtype])
-        yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            yield row_bytes(e)
+        rest = info.shape[lead + 1:]
+        if pad and fill == 0.0:
+            n = 1
+            for d in rest:
+                n *= d
+            yield from _zeros(pad * n * torch.empty((), dtype=TORCH_DTYPES[info.dtype]).element_size())()
+        elif pad:
+            t = torch.full((pad, *rest), fill, dtype=TORCH_DTYPES[info.dtype])
+            yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        for e in extra:
+            yield row_bytes(e)
 
     return make
 
