@@ -13,14 +13,25 @@ the pruned experts is -inf, which removes them from the choice and from nothing 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import EXPERTS_PREFIX, conformance_donor, make_donor, mtp_donor, save_char_tokenizer
+from test_conformance import ROUTING_UNREADABLE
+from tiny_models import (
+    CONFORMANCE,
+    EXPERTS_PREFIX,
+    conformance_donor,
+    make_donor,
+    mtp_donor,
+    pruned_experts_unreachable,
+    routers,
+    save_char_tokenizer,
+    text_moe_types,
+)
 
+from surgeon.core.architectures import ARCHITECTURES, UNSUPPORTED
 from surgeon.features.prune.run import PRUNE_FILE, PruneRequest, run_prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,45 +45,6 @@ def _model(path):
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     return model.eval()
-
-
-def _routers(model):
-    from surgeon.features.routing.probe import moe_layers
-
-    return {m.layer: m.gate for m in moe_layers(model)}
-
-
-@contextmanager
-def pruned_experts_unreachable(model, pruned: dict[int, list[int]]):
-    """The oracle: `model` whose routers cannot choose the `pruned` experts (layer -> original indices)."""
-    undo = []
-    for layer, router in _routers(model).items():
-        gone = torch.tensor(pruned[layer], dtype=torch.long)
-        bias = getattr(router, "e_score_correction_bias", None)
-        if bias is None and isinstance(getattr(router, "bias", None), torch.nn.Parameter):
-            bias = router.bias
-        if bias is not None:
-            saved = bias.detach().clone()
-            with torch.no_grad():
-                bias[gone] = float("-inf")
-            undo.append(lambda b=bias, s=saved: b.data.copy_(s))
-            continue
-        # The router's logits come from F.linear on its weight: mask them as they leave it.
-        linear = torch.nn.functional.linear
-
-        def masked(*args, gone=gone, **kwargs):
-            out = linear(*args, **kwargs)
-            out[..., gone] = float("-inf")
-            return out
-
-        pre = router.register_forward_pre_hook(lambda *_a, m=masked: setattr(torch.nn.functional, "linear", m))
-        post = router.register_forward_hook(lambda *_a: setattr(torch.nn.functional, "linear", linear))
-        undo += [pre.remove, post.remove]
-    try:
-        yield model
-    finally:
-        for u in undo:
-            u()
 
 
 def _logits(model, ids):
@@ -112,7 +84,7 @@ def _check_bytes_and_logits(donor, out, record, experts_prefix="mlp.experts", ro
     _check_oracle(donor, out, record)
 
 
-def _check_oracle(donor, out, record):
+def _check_oracle(donor, out, record, tokenizer=None, routing=True):
     """Every token takes the same experts (original indices) in the pruned model as in the oracle, and the
     logits agree to float rounding: the router's matmul over fewer rows may round a logit differently
     in the last bit, and DeepSeek-V3 takes its top-k unsorted, so a token's expert outputs may be summed
@@ -122,12 +94,15 @@ def _check_oracle(donor, out, record):
     from surgeon.features.routing.probe import probe_routing
 
     original, pruned = _model(donor), _model(out)
-    tok = AutoTokenizer.from_pretrained(donor)
+    tok = AutoTokenizer.from_pretrained(tokenizer or donor)
     texts = CORPUS.split("\n\n")
     ids = _ids(original.config.vocab_size)
     with pruned_experts_unreachable(original, {int(k): v for k, v in record["pruned"].items()}):
         expected = _logits(original, ids)
-        want = probe_routing(original, tok, texts, batch_size=4).selected
+        want = probe_routing(original, tok, texts, batch_size=4).selected if routing else None
+    torch.testing.assert_close(_logits(pruned, ids), expected, rtol=1e-5, atol=1e-6)
+    if not routing:
+        return
     got = probe_routing(pruned, tok, texts, batch_size=4).selected
     # [MoE layers, experts after]: new index -> original; -1 for a global pruning's padding experts
     size = max(map(len, record["kept"].values()))
@@ -135,7 +110,6 @@ def _check_oracle(donor, out, record):
     mapped = kept[np.arange(len(kept))[None, :, None], got.astype(np.int64)]
     assert (mapped >= 0).all()  # no token is routed to a padding expert
     assert np.array_equal(np.sort(mapped, -1), np.sort(want, -1))
-    torch.testing.assert_close(_logits(pruned, ids), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- saliency
@@ -187,7 +161,7 @@ def test_an_expert_no_token_routes_to_scores_zero(olmoe_donor):
     from transformers import AutoTokenizer
 
     model, tok = _model(olmoe_donor), AutoTokenizer.from_pretrained(olmoe_donor)
-    layers = sorted(_routers(model))
+    layers = sorted(routers(model))
     with pruned_experts_unreachable(model, {layer: [5] for layer in layers}):
         s = _saliency(model, tok)
     assert (s.frequency[:, 5] == 0).all() and (s.reap[:, 5] == 0).all() and (s.gate[:, 5] == 0).all()
@@ -387,13 +361,15 @@ def test_global_ranks_experts_by_their_share_of_their_layer_with_a_top_k_floor()
 
 
 def _global_bytes(donor, out, record):
-    """Kept experts and their router rows are the original's bits, renumbered; padding experts are zeros,
-    and so are their router rows, but for a choice bias (router bias, e_score_correction_bias): -inf."""
+    """Kept experts and their router rows are the original's bits, renumbered, along the expert axis (first,
+    or after axes of size 1); router rows after the experts' (a skip class, shared experts) follow them as
+    they were, and router tensors without an expert axis are whole. Padding experts are zeros, and so are
+    their router rows, but for a choice bias (router bias, e_score_correction_bias): -inf."""
     from surgeon.core.donor import open_donor
     from surgeon.features.prune.layout import is_choice_bias
 
     before, after = load_file(donor / "model.safetensors"), load_file(out / "model.safetensors")
-    anatomy, size = open_donor(out).anatomy, record["experts_after"]
+    anatomy, size = open_donor(out).anatomy, record.get("experts_after", record["keep"])
     originals = open_donor(donor).anatomy.parts
     for name, t in after.items():
         part = anatomy.parts.get(name)
@@ -407,9 +383,16 @@ def _global_bytes(donor, out, record):
                 segs = name.split(".")
                 segs[segs.index(str(part.expert), 3)] = str(kept[part.expert])
                 assert _bits(t) == _bits(before[".".join(segs)]), name
-        else:  # the expert axis first: fused experts, router rows and biases
-            assert t.shape[0] == size and _bits(t[:len(kept)]) == _bits(before[name][torch.tensor(kept)]), name
-            pad = t[len(kept):]
+        elif t.shape == before[name].shape:  # no expert axis
+            assert _bits(t) == _bits(before[name]), name
+        else:  # an expert axis: fused experts, router rows and biases
+            axis = next(i for i, (a, b) in enumerate(zip(t.shape, before[name].shape)) if a != b)
+            old = before[name].flatten(0, axis) if axis else before[name]
+            t = t.flatten(0, axis) if axis else t
+            extra = old.shape[0] - record["num_experts"]
+            assert t.shape[0] == size + extra and _bits(t[:len(kept)]) == _bits(old[torch.tensor(kept)]), name
+            assert _bits(t[size:]) == _bits(old[old.shape[0] - extra:]), name
+            pad = t[len(kept):size]
             bias = originals[name].kind == "router" and is_choice_bias(name, before[name])
             assert (pad == float("-inf")).all() if bias else not pad.any(), name
 
@@ -526,3 +509,62 @@ def test_docs_show_what_a_global_prune_prints_on_the_demo_donor(tmp_path, run_cl
     r = run_cli("prune", tmp_path / "refused", "--base", "demo:arith", "--ratio", "0.5", "--global", "--by", "reap",
                 "--corpus", "arith", "--device", "cpu")
     assert r.returncode == 2 and "the choice keeps 3 in layer 0, 4 in layer 1, 5 in layer 2, 4 in layer 3" in r.stderr
+
+
+# ---------------------------------------------------------------- every text MoE family
+FAMILIES = sorted(t for t in text_moe_types() if t not in UNSUPPORTED)
+# Families pruning refuses, and the words of the reason (docs/prune.md lists them).
+PRUNE_REFUSED = {
+    "deepseek_v4": "hash-routed layers choose experts by token id",
+    "doge": "routes by product keys",
+    "jetmoe": "mixture of attention heads",
+    "longcat_flash": "zero_expert_num experts that hold no weights",
+}
+# Group-limited routing is refused wherever a config asks for it (DeepSeek-V3's n_group 8, Ling's
+# num_expert_group); the family is then pruned from a config with one group.
+GROUPED = {t for t in FAMILIES if (CONFORMANCE[t].overrides.get("n_group") or 1) > 1}
+# One family measures saliency (a forward pass over the corpus); the rest choose at random.
+BY_FREQUENCY = "glm4_moe"
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    return save_char_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_family_prunes_to_the_oracle_or_is_refused_in_one_line(model_type, moe_pair, char_tokenizer, tmp_path,
+                                                                     run_cli):
+    """Every text MoE family transformers registers: pruned to max(top-k, E/2) experts, the export loads with
+    no missing, unexpected or mismatched keys, states the kept count, holds the original's bits of every
+    kept expert and router row in the recorded order, and computes what the original computes with the
+    pruned experts unreachable. A family whose routing pruning cannot reproduce is refused in one line."""
+    donor = moe_pair(model_type)[0]
+    arch = ARCHITECTURES[model_type]
+    config = json.loads((donor / "config.json").read_text())
+    experts, top_k = CONFORMANCE[model_type].experts, config.get(arch.top_k_key) or 1
+    keep = max(top_k, experts // 2)
+    args = ("prune", tmp_path / "out", "--base", donor, "--keep", keep, "--by", "random")
+    if model_type in PRUNE_REFUSED or model_type in GROUPED:
+        r = run_cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert (PRUNE_REFUSED.get(model_type) or "group-limited routing") in r.stderr
+        assert not (tmp_path / "out").exists()
+        if model_type in PRUNE_REFUSED:
+            return
+        donor = conformance_donor(tmp_path / "one-group", model_type, 0, n_group=1, topk_group=1)
+    by = "frequency" if model_type == BY_FREQUENCY else "random"
+    if by != "random":  # the saliency pass reads the corpus with the donor's tokenizer
+        donor = save_char_tokenizer(conformance_donor(tmp_path / "with-tokenizer", model_type, 0))
+    out = tmp_path / "out"
+    corpora = (f"c={_corpus(tmp_path)}",) if by != "random" else ()
+    run_prune(PruneRequest(out=str(out), base=str(donor), keep=keep, by=by, seed=1, corpora=corpora, device="cpu",
+                           batch_size=8))
+    record = _record(out)
+    assert record["criterion"] == by and (record["saliency"] is None) == (by == "random")
+    written = json.loads((out / "config.json").read_text())
+    assert record["experts_keys"] and all(written[k] == keep for k in record["experts_keys"])
+    assert written.get(arch.top_k_key, top_k) <= keep
+    assert all(len(k) == keep for k in record["kept"].values())
+    _global_bytes(donor, out, record)
+    _check_oracle(donor, out, record, tokenizer=char_tokenizer, routing=model_type not in ROUTING_UNREADABLE)

@@ -101,6 +101,69 @@ def fed(model):
         handle.remove()
 
 
+# ---------------------------------------------------------------- the oracle of a pruned model (test_prune*.py)
+def routers(model) -> dict:
+    """layer -> the router module of each MoE layer, as the routing analysis finds it."""
+    from surgeon.features.routing.probe import moe_layers
+
+    return {m.layer: m.gate for m in moe_layers(model)}
+
+
+# Per-expert values a router adds to the scores it takes its top-k over, wherever the family keeps them
+# (on the router, on the MoE block, in ERNIE's moe_statics): -inf there removes an expert from the choice.
+_CHOICE_BIASES = ("e_score_correction_bias", "expert_bias", "balancing_biases")
+
+
+@contextmanager
+def pruned_experts_unreachable(model, pruned: dict[int, list[int]]):
+    """The oracle: `model` whose routers cannot choose the `pruned` experts (layer -> original indices).
+    Their router logits are -inf as they leave the router's last projection, and so is every choice
+    bias of theirs: a softmax over all logits then equals a softmax over the kept ones, a sigmoid
+    scores them 0, and no bias can lift them back into the top-k."""
+    import torch
+
+    from surgeon.features.routing.probe import moe_layers
+
+    undo = []
+    for moe in moe_layers(model):
+        router, gone = moe.gate, torch.tensor(pruned[moe.layer], dtype=torch.long)
+        seen = set()
+        for module in (router, moe.mlp):
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                if name.rsplit(".", 1)[-1] in _CHOICE_BIASES and id(t) not in seen:
+                    seen.add(id(t))
+                    saved = t.detach().clone()
+                    with torch.no_grad():
+                        t[..., gone] = float("-inf")
+                    undo.append(lambda b=t, s=saved: b.data.copy_(s))
+
+        def mask(out, gone=gone):
+            out = out.clone()
+            out[..., gone] = float("-inf")
+            return out
+
+        # A router with projections of its own (Zaya's MLP router) scores experts with the last one;
+        # elsewhere the logits come from F.linear on the router's weight: mask them as they leave it.
+        heads = [m for m in router.modules() if isinstance(m, torch.nn.Linear) and m is not router]
+        if heads:
+            handle = heads[-1].register_forward_hook(lambda _m, _a, out, f=mask: f(out))
+            undo.append(handle.remove)
+            continue
+        linear = torch.nn.functional.linear
+
+        def masked(*args, f=mask, **kwargs):
+            return f(linear(*args, **kwargs))
+
+        pre = router.register_forward_pre_hook(lambda *_a, m=masked: setattr(torch.nn.functional, "linear", m))
+        post = router.register_forward_hook(lambda *_a: setattr(torch.nn.functional, "linear", linear))
+        undo += [pre.remove, post.remove]
+    try:
+        yield model
+    finally:
+        for u in reversed(undo):
+            u()
+
+
 # ---------------------------------------------------------------- every text MoE family (test_conformance.py)
 def text_moe_types() -> list[str]:
     """The model types transformers registers for causal LM whose config speaks of experts, routers or
