@@ -6,8 +6,12 @@
       of the same bytes from CPU tensors into the live ones                   goal <= 3x
   --vs-lmeval: moe-surgeon's probes against lm-evaluation-harness, whole process against whole
       process on a real small model (SmolLM2-135M), per-item agreement too (bench/vs_lmeval.py)
+  --startup: `moe-surgeon probe` from process start to the first scored item, timed apart from
+      inside the real command: import, load (transformers' model code, then the fill), first batch
+      (bench/startup.py, which takes the same options run on its own)
 Run: python bench/probe.py [--device cuda] [--small]
      python bench/probe.py --vs-lmeval [--small] [--case arc-0shot] [--ours native|lmeval]
+     python bench/probe.py --startup [--repeat 5] [--model demo|llama135m|DIR] [--before REV] [--cold]
 """
 
 from __future__ import annotations
@@ -18,9 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -39,6 +40,9 @@ def naive_mc(model, tok, contexts, items, sep, device):
     """One forward per (item, choice), whole string each time: what a first script would do.
     Tokenized as lm-eval does, so its answers must equal the scorer's: the whole string at once,
     the continuation being what follows the context's own tokens."""
+    import torch
+    import torch.nn.functional as F
+
     tokens = 0
     correct = 0
     for ctx_text, item in zip(contexts, items):
@@ -116,6 +120,13 @@ def bench_swap(device, small):
 
 
 def main():
+    if "--startup" in sys.argv[1:]:  # its own options, and no torch in this process: it times fresh ones
+        import startup
+
+        argv = [a for a in sys.argv[1:] if a != "--startup"]
+        raise SystemExit(startup.main(argv, prog="bench/probe.py --startup"))
+    import torch
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")

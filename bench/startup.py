@@ -2,19 +2,32 @@
 
 Runs the real command line (`python -m surgeon.cli probe DIR --probe em:arith`) in a fresh process
 and takes the time of each part from inside it, without changing what it runs: an import hook
-notes when torch and transformers finish importing and wraps `Hybrid.materialize`, and the
-progress printer notes the first step that scored an item.
+notes when torch, transformers and its model code (`transformers.modeling_utils`) begin and finish
+importing and wraps `Hybrid.materialize` and the tokenizer's load, and the progress printer notes
+the first step that scored an item.
 
-  start        process start to the model load: interpreter, imports, donors, probe data
-  load         `Hybrid.materialize` (transformers' import, when it happens there, shown apart)
-  first batch  the load's end to the first progress step with an item scored
+  import       process start to the model load: interpreter, imports (torch's shown apart), donors,
+               probe data
+  load         `Hybrid.materialize`, in two: the import of transformers' model code
+               (`transformers.modeling_utils` and all it imports, when it happens there) and the rest,
+               building the empty model and filling it from the files
+  first batch  the load's end to the first progress step with an item scored (the tokenizer's load,
+               shown apart, is in it)
   whole        the process, start to exit, as the parent sees it
+
+--cold drops the checkpoint's files from the page cache before each run (posix_fadvise DONTNEED,
+which needs no privileges), as after a reboot or for a model last read long ago.
 
 Models: the demo OLMoE (`demo:arith`, 4 layers, bf16) and a SmolLM2-135M-shaped llama with random
 float32 weights (30 layers, hidden 576, vocab 49,152; 538 MB), made once under bench/_work; the
 demo's tokenizer fits its vocabulary. Its outputs are noise: only the times mean anything.
 
-Run: python bench/startup.py [--repeat 5] [--model demo|llama135m|DIR ...] [--probe SPEC] [--before REV]
+--floor also times fresh processes that only import: the interpreter, torch, and transformers' model
+code, the least any probe through transformers' model classes can start in.
+
+Run: python bench/startup.py [--repeat 5] [--model demo|llama135m|DIR ...] [--probe SPEC] [--before REV] [--cold]
+                             [--floor]
+     python bench/probe.py --startup [the same options]
 """
 
 from __future__ import annotations
@@ -68,7 +81,8 @@ def _instrument(times: dict) -> None:
     import importlib.abc
     import importlib.util
 
-    watched = {"torch", "transformers", "surgeon.live.hybrid"}
+    watched = {"torch", "transformers", "transformers.modeling_utils", "surgeon.live.hybrid",
+               "surgeon.probes.scoring"}
 
     class Hook(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -89,6 +103,8 @@ def _instrument(times: dict) -> None:
                 times[f"{name} imported"] = time.time()
                 if name == "surgeon.live.hybrid":
                     _wrap_materialize(module.Hybrid, times)
+                if name == "surgeon.probes.scoring":
+                    _wrap_tokenizer(module, times)
 
             spec.loader.exec_module = exec_module
             return spec
@@ -120,6 +136,19 @@ def _wrap_materialize(cls, times: dict) -> None:
             times.setdefault("load ended", time.time())
 
     cls.materialize = classmethod(timed)
+
+
+def _wrap_tokenizer(module, times: dict) -> None:
+    load = module.load_tokenizer
+
+    def timed(*args, **kwargs):
+        began = time.time()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            times.setdefault("tokenizer", time.time() - began)
+
+    module.load_tokenizer = timed
 
 
 def child(argv: list[str]) -> int:
@@ -158,6 +187,7 @@ def run_timed(argv: list[str], env: dict | None = None) -> dict:
         return t[key] - t0 if key in t else None
 
     parts = {"start": at("load began"), "torch import": None, "transformers import": None,
+             "model code import": None, "fill": None, "tokenizer": t.get("tokenizer"),
              "load": t["load ended"] - t["load began"], "first batch": t["first item"] - t["load ended"],
              "to first item": at("first item"), "probe": t["finished"] - t["load ended"], "whole": whole,
              "silent": silent, "stderr": stderr}
@@ -165,7 +195,26 @@ def run_timed(argv: list[str], env: dict | None = None) -> dict:
         if f"{lib} imported" in t:
             parts[f"{lib} import"] = t[f"{lib} imported"] - t[f"{lib} import began"]
     parts["transformers in load"] = t.get("transformers import began", 0) >= t["load began"]
+    # transformers' model code: from the first of its imports inside the load to modeling_utils' end
+    code = [t[k] for k in ("transformers import began", "transformers.modeling_utils import began") if k in t]
+    if "transformers.modeling_utils imported" in t and code and min(code) >= t["load began"]:
+        parts["model code import"] = t["transformers.modeling_utils imported"] - min(code)
+        parts["fill"] = parts["load"] - parts["model code import"]
     return parts
+
+
+def drop_from_page_cache(target: str) -> None:
+    """Evict a checkpoint directory's files from the page cache (a `demo:` name is left alone)."""
+    folder = Path(target)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _models(names: list[str]) -> dict[str, str]:
@@ -189,30 +238,37 @@ def report(label: str, runs: list[dict]) -> None:
 
     where = "inside load" if runs[0]["transformers in load"] else "before load"
     print(f"{label}  ({len(runs)} runs; seconds, best / median)")
-    for key, text in (("start", "start (interpreter, imports, donors, data)"),
+    for key, text in (("start", "import (interpreter, imports, donors, data)"),
                       ("torch import", "  of which torch's import"),
-                      ("transformers import", f"  transformers' import ({where})"),
                       ("load", "load (Hybrid.materialize)"),
+                      ("model code import", "  transformers' model code import"),
+                      ("transformers import", f"    of which `import transformers` ({where})"),
+                      ("fill", "  build the empty model, fill it from the files"),
                       ("first batch", "first batch"),
+                      ("tokenizer", "  of which the tokenizer's load"),
                       ("to first item", "process start to first scored item"),
                       ("silent", "process start to its first line on stderr"),
                       ("probe", "probe (load's end to last item)"),
                       ("whole", "whole process")):
-        print(f"  {text:<46}{fig(key)}")
+        print(f"  {text:<50}{fig(key)}")
 
 
-def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        return child(sys.argv[2:])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child(argv[1:])
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--model", action="append", default=None, help="demo, llama135m, or a checkpoint DIR")
     ap.add_argument("--probe", default="mc:arith_mc,limit=64")
     ap.add_argument("--before", metavar="REV", help="also run the code of git revision REV (git archive into a "
                     "temporary folder, first on PYTHONPATH), interleaved with the working tree's")
-    args = ap.parse_args()
+    ap.add_argument("--cold", action="store_true", help="drop the checkpoint's files from the page cache before each run")
+    ap.add_argument("--floor", action="store_true", help="also time, in fresh processes, the imports any probe "
+                    "through transformers' model classes pays: the interpreter, torch, transformers' model code")
+    args = ap.parse_args(argv)
     models = _models(args.model or ["demo", "llama135m"])
     codes = {"now": None}
     with tempfile.TemporaryDirectory() as old:
@@ -221,18 +277,48 @@ def main() -> int:
             subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
             codes = {f"before ({args.before})": old, **codes}
         runs: dict[tuple, list[dict]] = {(c, m): [] for c in codes for m in models}
+        floors: dict[str, list[float]] = {label: [] for label in FLOOR} if args.floor else {}
         for _ in range(args.repeat):  # interleaved: a busy spell of the machine hits every case alike
+            for label, code_line in FLOOR.items() if args.floor else ():
+                floors[label].append(process_seconds(code_line))
             for label, target in models.items():
                 for code, path in codes.items():
                     env = dict(os.environ)
                     if path:
                         env["PYTHONPATH"] = os.pathsep.join([path, *filter(None, [env.get("PYTHONPATH")])])
+                    if args.cold:
+                        drop_from_page_cache(target)
                     runs[code, label].append(run_timed(["probe", target, "--probe", args.probe], env))
     print(f"moe-surgeon probe DIR --probe {args.probe}, on the CPU ({os.cpu_count()} cores), "
+          f"{'files dropped from the page cache before each run' if args.cold else 'files in the page cache'}, "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     for (code, label), rs in runs.items():
         report(f"{label}, {code}", rs)
+    if floors:
+        print(f"the floor: fresh processes that only import, timed from inside ({args.repeat} runs; seconds, "
+              "best / median)")
+        for label, values in floors.items():
+            print(f"  {label:<50}{min(values):6.2f} / {statistics.median(values):6.2f}")
     return 0
+
+
+FLOOR = {
+    "python -c pass (the whole process)": None,
+    "import torch": "import torch",
+    "import torch, transformers.modeling_utils": "import torch, transformers.modeling_utils",
+    "  and the model class (llama)": "import torch, transformers.models.llama.modeling_llama",
+}
+
+
+def process_seconds(code: str | None) -> float:
+    """The whole of `python -c pass`, or the time `code` takes to run in a fresh process, from inside
+    it (a process that imported torch takes a while to exit, which no user waits for)."""
+    if code is None:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        return time.perf_counter() - started
+    timed = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", timed], check=True, capture_output=True, text=True).stdout)
 
 
 if __name__ == "__main__":

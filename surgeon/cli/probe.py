@@ -133,6 +133,9 @@ def cmd_probe(args) -> int:
     check_probe_data(specs)  # a bad probe file is refused before a line says that a model loads
     alone = None if session is not None else donors["A"].path.resolve().name
     note_loading("probe", alone or "the hybrid", donors[plan.base])  # before torch's import, the first wait
+    from surgeon.live.loader import prefetch
+
+    prefetch(plan, donors)  # the files the load reads come into the page cache while torch and transformers import
     from surgeon.live.devices import default_device
     from surgeon.probes.run import record_probe_results, summarize
 
