@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from surgeon.cli.progress import warn
+from surgeon.cli.quick_exit import leave_quickly
 from surgeon.io.sizes import human_bytes
 
 
@@ -45,6 +46,7 @@ def cmd_inspect(args) -> int:
 
     donor = open_donor(args.dir, allow_pickle=args.allow_pickle)
     s = inspect_summary(donor, verify=args.verify)
+    leave_quickly()  # only prints from here on
     if not s["architecture_known"]:
         warn(f"{donor.path}: model_type {donor.model_type!r} has no architecture table; components inferred from names")
     if args.json:

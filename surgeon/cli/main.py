@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from surgeon.cli.quick_exit import finish
 from surgeon.errors import SurgeonError
 from surgeon.io.fs import error_line
 from surgeon.jobs import Cancelled
@@ -94,5 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The process's entry point (the `moe-surgeon` script, `python -m surgeon.cli`)."""
+    finish(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
