@@ -141,6 +141,28 @@ def test_incompatible_donor_cannot_be_marked_and_says_why(olmoe, tmp_path):
     assert wb.marks == 1
 
 
+def test_check_plan_names_the_problem_resolve_names(tmp_path):
+    """check_plan checks in the files' order (no sort of every name) but must report what resolve
+    reports: the first problem in write order."""
+    from surgeon.core.plan import Assignment, Plan
+    from surgeon.core.resolve import check_plan, resolve
+
+    # 12 experts: the files list expert 10 before expert 2, write order the other way round.
+    base = open_donor(make_donor(tmp_path / "base", "olmoe", seed=8, num_experts=12))
+    odd = open_donor(make_donor(tmp_path / "odd", "olmoe", seed=9, num_experts=12, intermediate_size=24))
+    donors = {"A": base, "Z": odd}
+    plan = Plan("A", [Assignment("expert", "Z", (0,), (2, 10)), Assignment("attention", "Z")])
+    with pytest.raises(SurgeonError) as by_resolve:
+        resolve(plan, donors)
+    with pytest.raises(SurgeonError) as by_check:
+        check_plan(plan, donors)
+    assert str(by_check.value) == str(by_resolve.value)
+    assert "layers.0.mlp.experts.2." in str(by_check.value)  # write order: expert 2 before expert 10
+    check_plan(Plan("A", [Assignment("attention", "Z")]), donors)  # what fits raises nothing
+    with pytest.raises(SurgeonError, match=r"experts\.10\."):
+        check_plan(Plan("A", [Assignment("expert", "Z", (0,), (10,))]), donors)
+
+
 def test_set_base_keeps_marks_and_remove_donor_reverts_its_cells(olmoe):
     wb = Workbench(olmoe, "A")
     wb.set_cells([Cell(0, "attention")], "C")

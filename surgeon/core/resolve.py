@@ -124,18 +124,26 @@ def _label(name: str, donor: Donor) -> str:
 
 def resolve(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> Resolution:
     with collector.paused():  # a Source per tensor: 92,000 of them for DeepSeek-V3
-        return _resolve(plan, donors, dtype, build=True)
+        return _resolve(plan, donors, dtype, build=True, in_write_order=True)
 
 
 def check_plan(plan: Plan, donors: dict[str, Donor], *, dtype: str = "keep") -> None:
     """Raise what `resolve` would raise for this plan, without making its sources: the workbench asks
     this of every donor it opens ("could it give the base everything?"), and for DeepSeek-V3 the
     92,000 Source objects were most of the answer's cost."""
+    build = any(a.component == GATE_KIND for a in plan.assignments)
     with collector.paused():
-        _resolve(plan, donors, dtype, build=any(a.component == GATE_KIND for a in plan.assignments))
+        try:
+            _resolve(plan, donors, dtype, build=build, in_write_order=build)
+        except SurgeonError:
+            # Checked in the files' order, which needs no sort; the problem named is the first in
+            # write order, as `resolve` names it.
+            _resolve(plan, donors, dtype, build=build, in_write_order=True)
+            raise
 
 
-def _resolve(plan: Plan, donors: dict[str, Donor], dtype: str, *, build: bool) -> Resolution | None:
+def _resolve(plan: Plan, donors: dict[str, Donor], dtype: str, *, build: bool,
+             in_write_order: bool) -> Resolution | None:
     if dtype not in DTYPES:
         raise SurgeonError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     if plan.base not in donors:
@@ -165,7 +173,7 @@ def _resolve(plan: Plan, donors: dict[str, Donor], dtype: str, *, build: bool) -
         _check_donor(a, base, donors[a.donor], plan.base)
 
     sources = dict(_base_sources(base, plan.base, dtype)) if build else {}
-    for part, names in base.part_groups.items():
+    for part, names in (base.part_groups if in_write_order else base.part_groups_as_stored).items():
         if part.fused:
             for name in names:
                 spliced = fused_source(name, part, plan, base, donors, dtype)
