@@ -64,6 +64,8 @@ def _json_rows(rows: list[dict], records: list[dict]) -> list[dict]:
     out = []
     for row, r in zip(rows, records, strict=True):
         row = {**row, "ids": r["ids"], "outcomes": r["outcomes"]}
+        if "forward" in r:  # whose forward pass computed it: "native" (ours) or "transformers"
+            row["forward"] = r["forward"]
         if "extra" in row:
             row["extra"] = {k: {**v, "outcomes": r["extra"][k]["outcomes"]} for k, v in row["extra"].items()}
         out.append(row)

@@ -5,6 +5,7 @@ is `surgeon.probes.run.record_probe_results`, the same for every caller."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -70,13 +71,27 @@ def run_probe(request: ProbeRequest, *, keeper=None, progress=None, cancel: Canc
         from surgeon.live.hybrid import Hybrid
 
         say(f"materialising the hybrid on {device}…")
-        hybrid = Hybrid.materialize(request.plan, request.donors, device=device, dtype=request.dtype)
+        hybrid = Hybrid.materialize(request.plan, request.donors, device=device, dtype=request.dtype,
+                                    native=native_forward(request.specs))
         records = _probe_on(hybrid, request, device, progress, cancel, say)
         return ProbeRun(records, request.specs, device, time.perf_counter() - started, True, None)
     with keeper.use(request.plan, request.donors, device, request.dtype, job="probe", note=say,
                     cancel=cancel) as lease:  # moved to the plan: only the tensors whose source changed
         records = _probe_on(lease.hybrid, request, device, progress, cancel, say)
     return ProbeRun(records, request.specs, device, time.perf_counter() - started, lease.built, lease.swap)
+
+
+FORWARD_ENV = "MOE_SURGEON_FORWARD"  # "transformers": never our own forward
+
+
+def native_forward(specs: list[ProbeSpec]) -> bool:
+    """Whether a hybrid made for these probes alone may run on our own forward (live/native_model.py,
+    for the architectures it covers): every probe only scores text, and the user did not ask for
+    transformers' classes. A kept hybrid (the workbench's) is always transformers': routing and
+    gate training hook its modules."""
+    from surgeon.probes.registry import KINDS
+
+    return os.environ.get(FORWARD_ENV, "") != "transformers" and all(KINDS[s.kind].scores_only for s in specs)
 
 
 def _probe_on(hybrid, request: ProbeRequest, device: str, progress, cancel: CancelToken, say) -> list[dict]:

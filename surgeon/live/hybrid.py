@@ -226,7 +226,12 @@ class Hybrid:
 
     @classmethod
     def materialize(cls, plan: Plan, donors: dict[str, Donor], *, device: str | None = None,
-                    dtype: str = "keep", device_map: str | None = None, max_memory: dict | None = None) -> "Hybrid":
+                    dtype: str = "keep", device_map: str | None = None, max_memory: dict | None = None,
+                    native: bool = False) -> "Hybrid":
+        """The hybrid of `plan` on `device`. With `native`, a model whose config our own forward covers
+        (`native_model.py`) is built as that, without importing transformers: for callers that only
+        score text with it (probes that compute log-likelihoods); any other model is transformers' as
+        always. Layer gates hook its decoder layers as they hook transformers'."""
         base = donors[plan.base]
         if base.pickled:
             raise SurgeonError(f"base {base.path}: a pickle-only base cannot be materialised; convert it first")
@@ -241,7 +246,7 @@ class Hybrid:
             offload_dir = tempfile.TemporaryDirectory(prefix="moe-surgeon-offload-")
         try:
             if device_map is None:
-                hybrid = cls._filled(plan, donors, str(dev), dtype)
+                hybrid = cls._filled(plan, donors, str(dev), dtype, native)
                 if hybrid is not None:
                     return hybrid
             # Without gates: the plan's own (below) may differ from the base's sidecar.
@@ -262,7 +267,8 @@ class Hybrid:
         return hybrid
 
     @classmethod
-    def _filled(cls, plan: Plan, donors: dict[str, Donor], device: str, dtype: str) -> "Hybrid | None":
+    def _filled(cls, plan: Plan, donors: dict[str, Donor], device: str, dtype: str,
+                native: bool = False) -> "Hybrid | None":
         """The hybrid built empty and filled tensor by tensor from the donors' files, each tensor
         read once from the donor the plan takes it from: one copy of the model in memory, where
         from_pretrained's memory maps of the base would count a second time, and the plan's swaps
@@ -272,8 +278,8 @@ class Hybrid:
         base = donors[plan.base]
         first = next((TORCH_DTYPES[t.dtype] for t in base.tensors.values()
                       if t.dtype in TORCH_DTYPES and TORCH_DTYPES[t.dtype].is_floating_point), None)
-        model = build_empty(base.path, device=device, dtype=dtype, first_dtype=first)
         resolution = resolve(plan, donors, dtype=dtype)
+        model = build_empty(base.path, device=device, dtype=dtype, first_dtype=first, native=native)
         _attach_layer_gates(model, resolution)
         hybrid = cls(model, donors, resolution)
         if not hybrid._fills_every_weight(resolution):
@@ -318,8 +324,16 @@ class Hybrid:
         t = self._targets.get(name)
         if t is None:
             part = self.resolution.parts.get(name)
-            t = self._targets[name] = live_target(name, self.arch, set(self._live), part.expert if part else None,
-                                                  self.layout)
+            expert, names = (part.expert if part else None), set(self._live)
+            try:
+                t = live_target(name, self.arch, names, expert)
+            except SurgeonError:
+                # Only then transformers' conversion mapping (importing it costs a second); our own
+                # forward has transformers' names and no conversions.
+                if getattr(self.model, "native", False):
+                    raise
+                t = live_target(name, self.arch, names, expert, self.layout)
+            self._targets[name] = t
         return t
 
     def in_place(self, name: str) -> bool:

@@ -80,7 +80,7 @@ def load_model(directory: str | os.PathLike, *, device: str | None = None, dtype
     return (model, info) if loading_info else model
 
 
-def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", first_dtype=None):
+def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", first_dtype=None, native: bool = False):
     """The checkpoint's model on `device` with its weights allocated but not initialised, in eval
     mode: what `from_pretrained` would build before it reads a byte. A caller that fills every
     weight itself (Hybrid.materialize, straight from the donors' files) thus holds one copy of the
@@ -89,8 +89,16 @@ def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", firs
     The dtype is `from_pretrained`'s: a --dtype name, or for keep the config's own, else
     `first_dtype` (the checkpoint's first floating tensor's, a torch.dtype). Modules the class keeps
     in float32 under bf16/fp16 (`_keep_in_fp32_modules_strict`) are upcast as `from_pretrained` does.
-    Buffers the constructor computes (rotary frequencies) are computed as usual."""
+    Buffers the constructor computes (rotary frequencies) are computed as usual.
+
+    With `native`, a checkpoint our own forward runs (`native_config.py`) is built as
+    `NativeCausalLM`, and transformers is not imported."""
     import torch
+
+    if native:
+        model = _build_native(Path(directory), device, dtype, first_dtype)
+        if model is not None:
+            return model
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -114,6 +122,27 @@ def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", firs
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 if pattern.search(name) and t.is_floating_point():
                     t.data = t.data.float()
+    if torch.device(device).type == "cpu":
+        _prefer_huge_pages(model)
+    return model.eval()
+
+
+def _build_native(directory: Path, device: str, dtype, first_dtype):
+    """`NativeCausalLM` of the checkpoint, allocated and not initialised; None where the forward
+    does not cover its config."""
+    import torch
+
+    from surgeon.live.native_config import read_native_config
+    from surgeon.live.native_model import NativeCausalLM
+
+    config = read_native_config(directory)
+    if config is None:
+        return None
+    dt = _from_pretrained_dtype(dtype)
+    if dt == "auto":
+        dt = getattr(torch, config.dtype, None) if isinstance(config.dtype, str) else None
+        dt = dt if isinstance(dt, torch.dtype) and dt.is_floating_point else (first_dtype or torch.float32)
+    model = NativeCausalLM(config, device=device, dtype=dt)
     if torch.device(device).type == "cpu":
         _prefer_huge_pages(model)
     return model.eval()

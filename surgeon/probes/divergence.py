@@ -11,7 +11,8 @@ from .types import Metric, ProbeKind, ProbeOutcome
 from .prompts import item_text
 
 KIND = ProbeKind("kl", "divergence: mean KL(donor || model) of next-token distributions, per donor (label-free)",
-                 Metric("kl", higher_is_better=False, shown_as="KL"), per_donor=True)
+                 Metric("kl", higher_is_better=False, shown_as="KL"), per_donor=True,
+                 scores_only=True)
 
 
 def log_probs(model, tokenizer, items, progress=None) -> list:

@@ -14,7 +14,7 @@ from .prompts import answer_sep, context
 
 KIND = ProbeKind("mc", "multiple choice by log-likelihood: acc, acc_norm (by choice characters) and acc_bytes, "
                  "as lm-evaluation-harness", ACCURACY,
-                 items="mc", needs="multiple-choice items (choices and an answer index)")
+                 items="mc", needs="multiple-choice items (choices and an answer index)", scores_only=True)
 
 
 def lmeval_metric(record: dict) -> str:

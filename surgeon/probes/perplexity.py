@@ -20,7 +20,7 @@ from .prompts import item_text
 # say "nll" for the same numbers.
 KIND = ProbeKind("ppl", "perplexity on text (item-averaged per-token negative log-likelihood)",
                  Metric("perplexity", higher_is_better=False, shown_as="ppl", to_score=math.exp,
-                        recorded_as=("nll",)))
+                        recorded_as=("nll",)), scores_only=True)
 WINDOW = 512
 
 

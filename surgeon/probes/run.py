@@ -132,11 +132,13 @@ def _exemplars(spec: ProbeSpec, kind, path: Path, probe_file: ProbeFile, items: 
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import numpy
     import torch
-    import transformers
 
-    return {"moe-surgeon": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    # transformers' version from its package metadata: a probe on our own forward never imports it.
+    return {"moe-surgeon": __version__, "torch": torch.__version__, "transformers": version("transformers"),
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
@@ -335,7 +337,8 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
     from surgeon.probes.scoring import load_tokenizer
 
     donors = hybrid.donors
-    tokenizer = load_tokenizer(donors[plan.base].path)
+    native = forward_of(hybrid.model) == "native"
+    tokenizer = load_tokenizer(donors[plan.base].path, lean=native)
     datas = [load_probe_data(s) for s in specs]
     plan_json = [{"spec": a.spec, "donor": a.donor} for a in plan.assignments]
     # What runs, in order: (stage label, items), and the donor scores the cache already has.
@@ -403,7 +406,8 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                 continue
             out = measure(hybrid.model, spec, data, f"{shown_as} {spec.label}")
             records.append(make_record(spec, "hybrid", out, device=device, dtype=dtype, batch_size=batch_size,
-                                       extra_fields={"plan": plan_json, **kept(out.samples)}))
+                                       extra_fields={"plan": plan_json, "forward": forward_of(hybrid.model),
+                                                     **kept(out.samples)}))
         if compare_donors:
             for name, donor in donors.items():
                 model = None
@@ -417,7 +421,8 @@ def run_probes(hybrid, plan: Plan, specs: list[ProbeSpec], *, device: str, dtype
                             model = _donor_model(hybrid, plan, name, device, dtype)
                         out = measure(model, spec, data, f"donor {name} {spec.label}")
                         record = make_record(spec, f"donor:{name}", out, device=device, dtype=dtype,
-                                             batch_size=batch_size, extra_fields={"fingerprint": donor.fingerprint})
+                                             batch_size=batch_size, extra_fields={"fingerprint": donor.fingerprint,
+                                                                                  "forward": forward_of(model)})
                         # Always with its samples: a later --samples run must not measure it again.
                         scores.put(donor, spec, data, record, out.samples)
                         samples = out.samples
@@ -456,14 +461,21 @@ def _swappable(base, donor) -> bool:
     return base.model_type == donor.model_type and tensors(base) == tensors(donor)
 
 
+def forward_of(model) -> str:
+    """Whose forward pass a model runs: "native" (surgeon/live/native_model.py) or "transformers"."""
+    return "native" if getattr(model, "native", False) else "transformers"
+
+
 def _donor_model(hybrid, plan: Plan, name: str, device: str, dtype: str):
-    """The live hybrid swapped to donor `name`, or, when it cannot be swapped in, its own model."""
+    """The live hybrid swapped to donor `name`, or, when it cannot be swapped in, its own model (on
+    our own forward where the hybrid runs on it and the donor's architecture allows)."""
     if _swappable(hybrid.donors[plan.base], hybrid.donors[name]):
         hybrid.apply(Plan(name), dtype=dtype)
         return hybrid.model
     from surgeon.live.hybrid import Hybrid
 
-    return Hybrid.materialize(Plan(name), hybrid.donors, device=device, dtype=dtype).model
+    return Hybrid.materialize(Plan(name), hybrid.donors, device=device, dtype=dtype,
+                              native=forward_of(hybrid.model) == "native").model
 
 
 def _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, measure,
@@ -475,7 +487,8 @@ def _per_donor(hybrid, plan, tokenizer, spec, data, device, dtype, batch_size, m
     for name in hybrid.donors:
         theirs = measure(_donor_model(hybrid, plan, name, device, dtype), spec, data, f"donor {name} {spec.label}")
         records.append(make_record(spec, "hybrid", kind.versus(mine, theirs, data.items), device=device, dtype=dtype,
-                                   batch_size=batch_size, extra_fields={"vs": f"donor:{name}"}))
+                                   batch_size=batch_size,
+                                   extra_fields={"vs": f"donor:{name}", "forward": forward_of(hybrid.model)}))
     hybrid.apply(plan, dtype=dtype)
     return records
 

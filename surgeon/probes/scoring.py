@@ -51,7 +51,16 @@ class LogLik:
     greedy: bool  # every continuation token was the argmax
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, *, lean: bool = False):
+    """The checkpoint's tokenizer, as transformers loads it. With `lean`, read with the `tokenizers`
+    library alone where that gives the same tokenizer (lean_tokenizer.py), so that a probe on our own
+    forward never imports transformers."""
+    if lean:
+        from surgeon.probes.lean_tokenizer import lean_tokenizer
+
+        found = lean_tokenizer(path)
+        if found is not None:
+            return found
     from transformers import AutoTokenizer
 
     try:

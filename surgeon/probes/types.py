@@ -60,6 +60,7 @@ class ProbeKind:
     items: str | None = None  # the Item.kind it needs ("mc", "exact"); None: any item, read as text
     needs: str = ""  # what those items are, for the error naming a file without them
     per_donor: bool = False
+    scores_only: bool = False  # only scores text with forwards (no generation): runs on our own forward
 
 
 @dataclass(frozen=True)

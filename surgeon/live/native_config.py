@@ -1,0 +1,122 @@
+"""Which checkpoints our own forward pass (`native_model.py`) runs, read from config.json alone.
+
+A probe on a model of transformers' classes spends about three seconds importing transformers'
+model code before it reads a byte (docs/performance.md). For the architectures our forward covers,
+a probe can skip that import: the forward does what transformers' does, operation for operation.
+It covers a config only where every key that shapes the forward is one it implements; any other
+key (another rotary scaling, an attention implementation named in the config, a sliding window, a
+key a newer transformers adds) and the checkpoint goes to transformers as before. Keys that do not
+touch the forward (token ids, the dropout a model in eval mode skips, provenance) are allowed.
+
+Importing this module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keys of a llama config.json that do not change what an eval-mode forward computes.
+_INERT = frozenset({
+    "architectures", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype",
+    "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
+    "attention_dropout", "model_type", "pretraining_tp", "max_position_embeddings",
+})
+# Keys the forward reads.
+_SHAPING = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
+    "rope_scaling", "attention_bias", "mlp_bias", "tie_word_embeddings",
+})
+FAMILIES = ("llama",)  # the model types the forward implements
+
+
+@dataclass(frozen=True)
+class NativeConfig:
+    """What the forward needs, and the few lookups probes make on `model.config`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    dtype: str | None  # the checkpoint's own, as config.json names it
+    sliding_window = None  # none of the families has one (scoring asks)
+
+
+def _int(raw: dict, key: str, default=None) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(key)
+    return value
+
+
+def _rope_theta(raw: dict) -> float | None:
+    """The rotary base of plain (unscaled) RoPE, from transformers 5's `rope_parameters` or the
+    older top-level `rope_theta` with no `rope_scaling`; None for anything else."""
+    params = raw.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict) or set(params) - {"rope_theta", "rope_type"}:
+            return None
+        if params.get("rope_type", "default") != "default" or "rope_scaling" in raw and raw["rope_scaling"]:
+            return None
+        theta = params.get("rope_theta", raw.get("rope_theta"))
+    else:
+        if raw.get("rope_scaling"):
+            return None
+        theta = raw.get("rope_theta")
+    return float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0 else None
+
+
+def native_config(raw: dict) -> NativeConfig | None:
+    """The forward's config for a checkpoint's parsed config.json, or None when the forward does not
+    implement everything the config asks for (then transformers runs the model)."""
+    if raw.get("model_type") not in FAMILIES or set(raw) - _INERT - _SHAPING:
+        return None
+    if raw.get("hidden_act", "silu") != "silu" or raw.get("pretraining_tp", 1) != 1:
+        return None
+    theta = _rope_theta(raw)
+    if theta is None:
+        return None
+    try:
+        heads = _int(raw, "num_attention_heads")
+        hidden = _int(raw, "hidden_size")
+        kv_heads = _int(raw, "num_key_value_heads", heads)
+        head_dim = raw.get("head_dim") or hidden // heads
+        cfg = NativeConfig(
+            model_type=raw["model_type"], vocab_size=_int(raw, "vocab_size"), hidden_size=hidden,
+            intermediate_size=_int(raw, "intermediate_size"), num_hidden_layers=_int(raw, "num_hidden_layers"),
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=_int({"h": head_dim}, "h"),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            attention_bias=raw.get("attention_bias", False) is True,
+            mlp_bias=raw.get("mlp_bias", False) is True,
+            tie_word_embeddings=raw.get("tie_word_embeddings", False) is True,
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),  # LlamaConfig's default
+            dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        )
+    except (ValueError, TypeError):
+        return None
+    if heads % kv_heads or head_dim % 2 or hidden % heads:
+        return None
+    return cfg
+
+
+def read_native_config(directory: str | os.PathLike) -> NativeConfig | None:
+    """`native_config` of a checkpoint directory's config.json; None where it is missing or unreadable
+    (transformers' loader then says what is wrong)."""
+    try:
+        raw = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return native_config(raw) if isinstance(raw, dict) else None

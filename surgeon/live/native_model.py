@@ -1,0 +1,237 @@
+"""Our own forward pass for the llama family, for probes that only score text.
+
+transformers' model code costs about three seconds to import on a 2-core CPU (docs/performance.md)
+before a probe reads a byte. This module imports torch only. It computes what transformers' llama
+forward computes, operation for operation and in the same order (RMSNorm in float32, RoPE's
+frequencies and cos/sin as transformers makes them, SDPA with grouped heads as transformers passes
+them on the CPU with TRANSFORMERS_SDPA_FORCE_GQA and elsewhere by default), so its logits are the
+same bits as transformers' on the same weights: tests/test_native_model.py checks that, through
+the scorer's tree masks, caches and kept logits.
+
+Its parameters have transformers' names, so a Hybrid fills and hot-swaps it like transformers'
+model; `native_config.py` says which configs it runs. It takes the call the probes make
+(`input_ids`, an additive 4D mask or none, `position_ids`, `cache`, `use_cache`, `logits_to_keep`)
+and nothing else: generation, hooks on routers and training keep transformers' classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.live.native_config import NativeConfig
+
+
+@dataclass
+class NativeOutput:
+    logits: torch.Tensor
+    cache: "NativeCache | None" = None
+
+
+class _CacheLayer:
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys, self.values = torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[indices, ...], self.values[indices, ...]
+
+
+class NativeCache:
+    """Keys and values per layer, grown by concatenation (transformers' DynamicCache, in the parts
+    the scorer uses: `layers`, `get_seq_length`, `batch_select_indices`)."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [_CacheLayer() for _ in range(num_layers)]
+
+    def get_seq_length(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[-2]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+
+
+class Linear(nn.Linear):
+    """nn.Linear left uninitialised: every weight is read from the files next, and initialising
+    135M parameters for nothing costs seconds. Its forward is nn.Linear's (probes route it, see
+    probes/linear_kernels.py)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        pass
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, **factory):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, **factory))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: NativeConfig, device=None, **_):
+        super().__init__()
+        # In float32 on the model's device, as transformers computes them when built on a device.
+        arange = torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device)
+        inv_freq = 1.0 / (cfg.rope_theta ** (arange / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    batch, heads, length, dim = x.shape
+    return x[:, :, None].expand(batch, heads, n, length, dim).reshape(batch, heads * n, length, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NativeConfig, **factory):
+        super().__init__()
+        d, h, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.groups, self.scaling = d, h // kv, d ** -0.5
+        bias = cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, h * d, bias=bias, **factory)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=bias, **factory)
+
+    def forward(self, x, cos, sin, mask, layer: _CacheLayer | None):
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        if layer is not None:
+            k, v = layer.update(k, v)
+        extra = {}
+        if self.groups > 1:
+            # As transformers passes them: grouped on the CPU (our probes set its
+            # TRANSFORMERS_SDPA_FORCE_GQA there, see probes/attention.py) and wherever no mask is
+            # given; repeated per query head otherwise (CUDA's fast kernels take no mask with groups).
+            if x.device.type == "cpu" or mask is None:
+                extra["enable_gqa"] = True
+            else:
+                k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scaling,
+                                             is_causal=mask is None and q.shape[2] > 1, **extra)
+        out = out.transpose(1, 2).contiguous()
+        return self.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: NativeConfig, **factory):
+        super().__init__()
+        size, inner, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(size, inner, bias=bias, **factory)
+        self.up_proj = Linear(size, inner, bias=bias, **factory)
+        self.down_proj = Linear(inner, size, bias=bias, **factory)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: NativeConfig, **factory):
+        super().__init__()
+        self.self_attn = Attention(cfg, **factory)
+        self.mlp = MLP(cfg, **factory)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+
+    def forward(self, x, cos, sin, mask, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, cfg: NativeConfig, **factory):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, **factory) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.rotary_emb = Rotary(cfg, **factory)
+
+
+def _causal_after(past: int, width: int, dtype, device) -> torch.Tensor:
+    """Additive mask for `width` new tokens after `past` cached ones, each seeing what precedes it."""
+    allowed = torch.arange(past + width, device=device)[None, :] <= (past + torch.arange(width, device=device))[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+class NativeCausalLM(nn.Module):
+    """A llama-family causal LM with transformers' parameter names, its weights allocated on `device`
+    in `dtype` and not initialised (the caller fills them); see the module's docstring."""
+
+    native = True  # what callers check before handing it a call only transformers' models take
+
+    def __init__(self, cfg: NativeConfig, *, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.config = cfg
+        self.model = Body(cfg, **factory)
+        if cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta", dtype=dtype)
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **factory)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: NativeCache | None = None,
+                use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0) -> NativeOutput:
+        if attention_mask is not None and attention_mask.dim() != 4:
+            raise ValueError("the native forward takes an additive 4D attention mask or none")
+        x = self.model.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = NativeCache(len(self.model.layers))
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
+        mask = attention_mask
+        if mask is None and past and x.shape[1] > 1:
+            mask = _causal_after(past, x.shape[1], x.dtype, x.device)
+        cos, sin = self.model.rotary_emb(x, position_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None)
+        x = self.model.norm(x)
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[logits_to_keep] if logits_to_keep.dtype == torch.bool and logits_to_keep.dim() == 2 \
+                else x[:, logits_to_keep, :]
+        elif logits_to_keep:
+            x = x[:, -logits_to_keep:, :]
+        return NativeOutput(self.lm_head(x), cache)
