@@ -117,6 +117,9 @@ class Architecture:
     # Router tensors with no expert axis (a scale over the hidden size, a scalar, the hidden layers of an
     # MLP router), by a run of their name's segments: a pruning copies them whole.
     router_whole: tuple[str, ...] = ()
+    # Our own forward pass (live/native_model.py) runs it for probes that only score text, for the
+    # configs live/native_config.py accepts; every other family runs on transformers' classes.
+    native_forward: bool = False
 
     def expert_count(self, config: dict) -> int | None:
         """How many experts a MoE layer stores, from the family's config keys (None: not stated)."""
@@ -323,7 +326,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                                              ("model.input_hidden_states_scale", "embedding")),
                 covers="ZAYA (MLP router; fused experts)"),
         # ---- dense donors, for mixing (features/mix) and as compress targets
-        Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
+        Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True,
+                     native_forward=True),
         Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
         Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
         Architecture("qwen3", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),  # compress's qwen3_moe target

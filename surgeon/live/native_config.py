@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgeon.core.architectures import ARCHITECTURES
+
 # Keys of a llama config.json that do not change what an eval-mode forward computes.
 _INERT = frozenset({
     "architectures", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype",
@@ -30,7 +32,6 @@ _SHAPING = frozenset({
     "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
     "rope_scaling", "attention_bias", "mlp_bias", "tie_word_embeddings",
 })
-FAMILIES = ("llama",)  # the model types the forward implements
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def _rope_theta(raw: dict) -> float | None:
 def native_config(raw: dict) -> NativeConfig | None:
     """The forward's config for a checkpoint's parsed config.json, or None when the forward does not
     implement everything the config asks for (then transformers runs the model)."""
-    if raw.get("model_type") not in FAMILIES or set(raw) - _INERT - _SHAPING:
+    arch = ARCHITECTURES.get(raw.get("model_type"))
+    if arch is None or not arch.native_forward or set(raw) - _INERT - _SHAPING:
         return None
     if raw.get("hidden_act", "silu") != "silu" or raw.get("pretraining_tp", 1) != 1:
         return None
