@@ -88,8 +88,8 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        # transformers' weight * (x * rsqrt(variance + eps)), its temporaries reused in place
+        return (x * variance.add_(self.variance_epsilon).rsqrt_()).to(dtype).mul_(self.weight)
 
 
 class Rotary(nn.Module):
@@ -107,9 +107,15 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' (x * cos) + (rotate_half(x) * sin), the same roundings with fewer temporaries."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    rotated = torch.empty_like(x)
+    torch.neg(x[..., half:], out=rotated[..., :half])
+    rotated[..., half:] = x[..., :half]
+    out = x * cos
+    out += rotated.mul_(sin)
+    return out
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -134,8 +140,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if layer is not None:
             k, v = layer.update(k, v)
         extra = {}
@@ -162,7 +167,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(inner, size, bias=bias, **factory)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = F.silu(self.gate_proj(x), inplace=True)
+        gate *= self.up_proj(x)
+        return self.down_proj(gate)
 
 
 class DecoderLayer(nn.Module):
@@ -174,8 +181,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
 
     def forward(self, x, cos, sin, mask, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer)
+        h += x  # x + h: the same sum (addition commutes bit for bit), in the attention's output
+        out = self.mlp(self.post_attention_layernorm(h))
+        out += h
+        return out
 
 
 class Body(nn.Module):
