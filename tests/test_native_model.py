@@ -172,3 +172,36 @@ def test_the_probe_command_on_a_llama_never_imports_transformers_and_records_its
     assert last == "TRANSFORMERS False 0", r.stdout[-2000:] + r.stderr[-2000:]
     results = json.loads(out)["results"]
     assert [row["forward"] for row in results] == ["native"] and results[0]["n"] == 6
+
+
+def test_weights_read_while_torch_imports_become_the_parameters_in_place(tmp_path):
+    from surgeon.live.preload import start_preload
+
+    one = make_donor(tmp_path / "one", "llama", 0)
+    two = make_donor(tmp_path / "two", "llama", 1)
+    donors = {"one": open_donor(one), "two": open_donor(two)}
+    plan = Plan("one", [parse_spec("attention@1", "two")])
+    preload = start_preload(plan, donors, "float32")
+    assert preload is not None and {s[0] for s in preload.sources.values()} == {
+        str(donors["one"].tensors["lm_head.weight"].file), str(donors["two"].tensors["lm_head.weight"].file)}
+    hybrid = Hybrid.materialize(plan, donors, device="cpu", dtype="float32", native=True, preload=preload)
+    plain = Hybrid.materialize(plan, donors, device="cpu", dtype="float32", native=True)
+    model = hybrid.model
+    assert model.preloaded == {n for n, _ in model.named_parameters()}  # every weight, none copied again
+    memory = preload.memory
+    base = torch.frombuffer(memory, dtype=torch.uint8).data_ptr()
+    assert all(base <= p.data_ptr() < base + len(memory) for p in model.parameters())
+    for (name, a), (_, b) in zip(model.named_parameters(), plain.model.named_parameters()):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[3, 9, 4, 20, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
+        hybrid.apply(Plan("two"), dtype="float32")  # a swap writes into the preloaded memory
+        assert torch.equal(model(input_ids=ids).logits, load_model(two, device="cpu", dtype="float32")(ids).logits)
+
+
+def test_nothing_is_preloaded_where_the_load_casts(tmp_path):
+    from surgeon.live.preload import start_preload
+
+    path = make_donor(tmp_path / "one", "llama", 0)
+    assert start_preload(Plan("one"), {"one": open_donor(path)}, "bfloat16") is None

@@ -130,21 +130,21 @@ def cmd_probe(args) -> int:
         from surgeon.io.fs import check_writable
 
         check_writable(args.samples, "write the samples")  # now, not after the run
-    from surgeon.features.probe import ProbeRequest, check_probe_data, run_probe
+    from surgeon.features.probe import ProbeRequest, check_probe_data, run_probe, start_reading
 
     check_probe_data(specs)  # a bad probe file is refused before a line says that a model loads
     alone = None if session is not None else donors["A"].path.resolve().name
     note_loading("probe", alone or "the hybrid", donors[plan.base])  # before torch's import, the first wait
-    from surgeon.live.loader import prefetch
-
-    prefetch(plan, donors)  # the files the load reads come into the page cache while torch and transformers import
+    # What the load reads is read while torch imports (its device is known without torch only when given).
+    preload = start_reading(plan, donors, specs, args.device, args.dtype)
     from surgeon.live.devices import default_device
     from surgeon.probes.run import record_probe_results, summarize
 
     device = args.device or default_device()
     request = ProbeRequest(plan, donors, specs, device=device, dtype=args.dtype, batch_size=args.batch_size,
                            compare_donors=session is not None and not args.no_donors,
-                           keep_samples=bool(args.samples), shown_as=alone or "hybrid")
+                           keep_samples=bool(args.samples), shown_as=alone or "hybrid",
+                           preload=preload if device == "cpu" else None)
     with out_of_memory_is_an_error(device), cancel_on_interrupt(CancelToken()) as cancel:
         records = run_probe(request, progress=StepPrinter("probe"), cancel=cancel).records
     if session is not None and not args.no_save:

@@ -37,6 +37,7 @@ class ProbeRequest:
     compare_donors: bool = True
     keep_samples: bool = False
     shown_as: str = "hybrid"  # what progress calls the model (a checkpoint probed alone: its name)
+    preload: object = None  # the plan's tensors being read already (live/preload.py; see start_reading)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def run_probe(request: ProbeRequest, *, keeper=None, progress=None, cancel: Canc
 
         say(f"materialising the hybrid on {device}…")
         hybrid = Hybrid.materialize(request.plan, request.donors, device=device, dtype=request.dtype,
-                                    native=native_forward(request.specs))
+                                    native=native_forward(request.specs), preload=request.preload)
         records = _probe_on(hybrid, request, device, progress, cancel, say)
         return ProbeRun(records, request.specs, device, time.perf_counter() - started, True, None)
     with keeper.use(request.plan, request.donors, device, request.dtype, job="probe", note=say,
@@ -92,6 +93,26 @@ def native_forward(specs: list[ProbeSpec]) -> bool:
     from surgeon.probes.registry import KINDS
 
     return os.environ.get(FORWARD_ENV, "") != "transformers" and all(KINDS[s.kind].scores_only for s in specs)
+
+
+def start_reading(plan: Plan, donors: dict[str, Donor], specs: list[ProbeSpec], device: str | None, dtype: str):
+    """Before torch imports: start reading what the load will read. Where the hybrid will run on our
+    own forward on the CPU, into memory it then takes as its weights (the returned Preload, for
+    ProbeRequest.preload); elsewhere into the page cache only (None)."""
+    from surgeon.live.loader import prefetch
+    from surgeon.live.native_config import read_native_config
+
+    # No device given: the CPU where no GPU device file exists (asking torch would import it first).
+    if device is None and not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/kfd", "/dev/dxg")):
+        device = "cpu"
+    if device == "cpu" and native_forward(specs) and read_native_config(donors[plan.base].path) is not None:
+        from surgeon.live.preload import start_preload
+
+        preload = start_preload(plan, donors, dtype)
+        if preload is not None:
+            return preload
+    prefetch(plan, donors)
+    return None
 
 
 def _probe_on(hybrid, request: ProbeRequest, device: str, progress, cancel: CancelToken, say) -> list[dict]:

@@ -227,11 +227,12 @@ class Hybrid:
     @classmethod
     def materialize(cls, plan: Plan, donors: dict[str, Donor], *, device: str | None = None,
                     dtype: str = "keep", device_map: str | None = None, max_memory: dict | None = None,
-                    native: bool = False) -> "Hybrid":
+                    native: bool = False, preload=None) -> "Hybrid":
         """The hybrid of `plan` on `device`. With `native`, a model whose config our own forward covers
         (`native_model.py`) is built as that, without importing transformers: for callers that only
         score text with it (probes that compute log-likelihoods); any other model is transformers' as
-        always. Layer gates hook its decoder layers as they hook transformers'."""
+        always. Layer gates hook its decoder layers as they hook transformers'. `preload`: the plan's
+        tensors already being read (live/preload.py), which our own forward takes in place."""
         base = donors[plan.base]
         if base.pickled:
             raise SurgeonError(f"base {base.path}: a pickle-only base cannot be materialised; convert it first")
@@ -246,7 +247,7 @@ class Hybrid:
             offload_dir = tempfile.TemporaryDirectory(prefix="moe-surgeon-offload-")
         try:
             if device_map is None:
-                hybrid = cls._filled(plan, donors, str(dev), dtype, native)
+                hybrid = cls._filled(plan, donors, str(dev), dtype, native, preload)
                 if hybrid is not None:
                     return hybrid
             # Without gates: the plan's own (below) may differ from the base's sidecar.
@@ -268,7 +269,7 @@ class Hybrid:
 
     @classmethod
     def _filled(cls, plan: Plan, donors: dict[str, Donor], device: str, dtype: str,
-                native: bool = False) -> "Hybrid | None":
+                native: bool = False, preload=None) -> "Hybrid | None":
         """The hybrid built empty and filled tensor by tensor from the donors' files, each tensor
         read once from the donor the plan takes it from: one copy of the model in memory, where
         from_pretrained's memory maps of the base would count a second time, and the plan's swaps
@@ -279,12 +280,16 @@ class Hybrid:
         first = next((TORCH_DTYPES[t.dtype] for t in base.tensors.values()
                       if t.dtype in TORCH_DTYPES and TORCH_DTYPES[t.dtype].is_floating_point), None)
         resolution = resolve(plan, donors, dtype=dtype)
-        model = build_empty(base.path, device=device, dtype=dtype, first_dtype=first, native=native)
+        model = build_empty(base.path, device=device, dtype=dtype, first_dtype=first, native=native, preload=preload)
         _attach_layer_gates(model, resolution)
         hybrid = cls(model, donors, resolution)
         if not hybrid._fills_every_weight(resolution):
             return None
-        order = sorted(resolution.sources.items(), key=lambda item: _file_order(donors, item[1]))
+        # Parameters made of preloaded bytes are filled already (a disk name that is its live name).
+        done = getattr(model, "preloaded", frozenset())
+        order = sorted(((name, src) for name, src in resolution.sources.items()
+                        if not (name in done and hybrid.target(name) == LiveTarget(name))),
+                       key=lambda item: _file_order(donors, item[1]))
 
         def copy(item) -> None:
             with torch.no_grad():

@@ -80,7 +80,8 @@ def load_model(directory: str | os.PathLike, *, device: str | None = None, dtype
     return (model, info) if loading_info else model
 
 
-def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", first_dtype=None, native: bool = False):
+def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", first_dtype=None, native: bool = False,
+                preload=None):
     """The checkpoint's model on `device` with its weights allocated but not initialised, in eval
     mode: what `from_pretrained` would build before it reads a byte. A caller that fills every
     weight itself (Hybrid.materialize, straight from the donors' files) thus holds one copy of the
@@ -92,11 +93,12 @@ def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", firs
     Buffers the constructor computes (rotary frequencies) are computed as usual.
 
     With `native`, a checkpoint our own forward runs (`native_config.py`) is built as
-    `NativeCausalLM`, and transformers is not imported."""
+    `NativeCausalLM`, and transformers is not imported; on the CPU it takes the tensors of
+    `preload` (live/preload.py) as its parameters (`model.preloaded` names them)."""
     import torch
 
     if native:
-        model = _build_native(Path(directory), device, dtype, first_dtype)
+        model = _build_native(Path(directory), device, dtype, first_dtype, preload)
         if model is not None:
             return model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -127,7 +129,7 @@ def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", firs
     return model.eval()
 
 
-def _build_native(directory: Path, device: str, dtype, first_dtype):
+def _build_native(directory: Path, device: str, dtype, first_dtype, preload=None):
     """`NativeCausalLM` of the checkpoint, allocated and not initialised; None where the forward
     does not cover its config."""
     import torch
@@ -144,6 +146,8 @@ def _build_native(directory: Path, device: str, dtype, first_dtype):
         dt = dt if isinstance(dt, torch.dtype) and dt.is_floating_point else (first_dtype or torch.float32)
     model = NativeCausalLM(config, device=device, dtype=dt)
     if torch.device(device).type == "cpu":
+        if preload is not None:
+            model.adopt(preload.tensors())
         _prefer_huge_pages(model)
     return model.eval()
 

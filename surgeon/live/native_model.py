@@ -209,6 +209,7 @@ class NativeCausalLM(nn.Module):
     in `dtype` and not initialised (the caller fills them); see the module's docstring."""
 
     native = True  # what callers check before handing it a call only transformers' models take
+    preloaded: frozenset = frozenset()  # parameters that are views of preloaded bytes (live/preload.py)
 
     def __init__(self, cfg: NativeConfig, *, device=None, dtype=None):
         super().__init__()
@@ -220,6 +221,22 @@ class NativeCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **factory)
+
+    def adopt(self, tensors: dict) -> None:
+        """Make each of `tensors` ({parameter name: tensor of its shape and dtype}) the parameter of
+        that name, in place of the one allocated; any other name or shape is left to be filled."""
+        params = dict(self.named_parameters())
+        taken = set()
+        for name, tensor in tensors.items():
+            mine = params.get(name)
+            if mine is None or mine.shape != tensor.shape or mine.dtype != tensor.dtype:
+                continue
+            owner, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(owner), attr, nn.Parameter(tensor))
+            taken.add(name)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.preloaded = frozenset(taken)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: NativeCache | None = None,
