@@ -84,8 +84,15 @@ def _materialize(a: str, b: str, device: str):
 
 
 def step_materialize(a, b, device) -> dict:
+    # transformers' model code is imported inside materialize() (seconds on a small CPU): timed
+    # apart, so the rest is the build and the fill the issue's goal is about.
+    t0 = time.perf_counter()
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    imports = time.perf_counter() - t0
     _, seconds = _materialize(a, b, device)
-    return {"seconds": seconds}
+    return {"seconds": seconds, "imports": imports}
 
 
 def swaps(hybrid, device) -> dict:
@@ -311,9 +318,12 @@ def main() -> None:
         row("read the bytes once (cat)", f"{read:6.2f} s  ({size / 1e9 / read:.2f} GB/s; {state})")
         drop_caches()
         wall, rss, out = timed(me + ["--step", "materialize", "--device", device, a, b], env)
-        inner = json.loads(out.splitlines()[-1])["seconds"]
+        done = json.loads(out.splitlines()[-1])
+        inner = done["seconds"]
         row("materialise (process)", f"{wall:6.2f} s  {rss:7.0f} MB   materialize() {inner:.2f} s = "
-            f"{inner / read:.2f}x the read   (budget {size / 2**20 + 1536:.0f} MB on CPU)")
+            f"{inner / read:.2f}x the read, {inner / (2 * read + 1):.2f}x the goal of 2x the read + 1 s "
+            f"(transformers' model code imported before it: {done['imports']:.2f} s)   "
+            f"(budget {size / 2**20 + 1536:.0f} MB on CPU)")
 
         wall, rss, out = timed(me + ["--step", "live", "--device", device, a, b], env)
         live = json.loads(out.splitlines()[-1])

@@ -205,3 +205,19 @@ def test_nothing_is_preloaded_where_the_load_casts(tmp_path):
 
     path = make_donor(tmp_path / "one", "llama", 0)
     assert start_preload(Plan("one"), {"one": open_donor(path)}, "bfloat16") is None
+
+
+def test_a_preload_that_cannot_read_gives_nothing_and_the_load_reads_as_before(tmp_path):
+    from surgeon.live.preload import Preload
+
+    path = make_donor(tmp_path / "one", "llama", 0)
+    shard = next(path.glob("*.safetensors"))
+    size = shard.stat().st_size
+    broken = Preload({"lm_head.weight": (str(shard), size - 40, 64 * 32 * 4, "F32", (64, 32))}).start()
+    assert broken.tensors() == {} and "shorter" in broken.error
+    hybrid = Hybrid.materialize(Plan("one"), {"one": open_donor(path)}, device="cpu", dtype="float32", native=True,
+                                preload=broken)
+    assert hybrid.model.preloaded == frozenset()
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7]])
+        assert torch.equal(hybrid.model(input_ids=ids).logits, load_model(path, device="cpu", dtype="float32")(ids).logits)

@@ -231,7 +231,8 @@ def prefetch_ranges(plan, donors: dict) -> dict[str, list[tuple[int, int]]]:
     return merged
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -256,7 +257,7 @@ def prefetch(plan, donors: dict) -> threading.Thread | None:
     except Exception:  # a hint never fails a command: materialising reports what is wrong with the plan
         return None
     total = sum(end - start for spans in ranges.values() for start, end in spans)
-    available = _available_memory()
+    available = available_memory()
     if not total or available is None or total > available // 2:
         return None
 

@@ -89,16 +89,11 @@ class Preload:
         return out
 
 
-def _available_memory() -> int | None:
-    from surgeon.live.loader import _available_memory as available
-
-    return available()
-
-
 def start_preload(plan, donors: dict, dtype: str) -> Preload | None:
     """Start reading what materialising `plan` in `dtype` (a --dtype name) takes whole and as stored,
     or None where there is nothing to read or the bytes are more than half the available memory."""
     from surgeon.core.resolve import resolve
+    from surgeon.live.loader import available_memory
 
     try:
         sources = resolve(plan, donors, dtype=dtype).sources
@@ -115,7 +110,7 @@ def start_preload(plan, donors: dict, dtype: str) -> Preload | None:
             continue
         picked[name] = (str(info.file), info.start, info.nbytes, info.dtype, tuple(info.shape))
     total = sum(s[2] for s in picked.values())
-    available = _available_memory()
+    available = available_memory()
     if not total or available is None or total > available // 2:
         return None
     return Preload(picked).start()
