@@ -27,12 +27,17 @@ VARIANTS = {
     "grouped": {},  # 4 query heads on 2 key/value heads
     "tied, biased, all heads": dict(num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
     "wide heads": dict(head_dim=16, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "mistral, no window": dict(model_type="mistral", sliding_window=None),
+    "qwen2 (q, k, v biases)": dict(model_type="qwen2", tie_word_embeddings=True),
 }
 MIN = torch.finfo(torch.float32).min
 
 
 def _pair(tmp_path, overrides, dtype="float32", seed=0):
-    path = make_donor(tmp_path / "llama", "llama", seed, **overrides)
+    overrides = dict(overrides)
+    model_type = overrides.pop("model_type", "llama")
+    path = make_donor(tmp_path / "llama", model_type, seed, **overrides)
+    assert json.loads((path / "config.json").read_text())["model_type"] == model_type
     save_char_tokenizer(path)
     theirs = load_model(path, device="cpu", dtype=dtype)
     hybrid = Hybrid.materialize(Plan("llama"), {"llama": open_donor(path)}, device="cpu", dtype=dtype, native=True)
@@ -128,7 +133,12 @@ BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediat
 
 
 @pytest.mark.parametrize("change", [
-    {"model_type": "mistral"},
+    {"model_type": "mixtral"},
+    {"model_type": "mistral"},  # MistralConfig's sliding window defaults to 4096 where the key is absent
+    {"model_type": "mistral", "sliding_window": 4096},
+    {"model_type": "mistral", "sliding_window": None, "attention_bias": True},  # a key Mistral does not read
+    {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 32},
+    {"model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention"]},
     {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},
     {"rope_parameters": None, "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}},
     {"hidden_act": "gelu"},
@@ -140,7 +150,20 @@ BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediat
 ])
 def test_a_config_the_forward_does_not_implement_goes_to_transformers(change):
     assert native_config(BASE) is not None
-    assert native_config({k: v for k, v in {**BASE, **change}.items() if v is not None}) is None
+    changed = {**BASE, **change}
+    if change.get("model_type") != "mistral":  # there a null window is what says "no window"
+        changed = {k: v for k, v in changed.items() if v is not None}
+    assert native_config(changed) is None
+
+
+def test_each_family_takes_its_biases_from_its_own_description():
+    mistral = native_config({**BASE, "model_type": "mistral", "sliding_window": None})
+    qwen2 = native_config({**BASE, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 4096,
+                           "max_window_layers": 28, "layer_types": ["full_attention"] * 2})
+    llama = native_config({**BASE, "attention_bias": True})
+    assert (mistral.qkv_bias, mistral.o_bias, mistral.mlp_bias) == (False, False, False)
+    assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.mlp_bias) == (True, False, False)
+    assert (llama.qkv_bias, llama.o_bias, llama.mlp_bias) == (True, True, False)
 
 
 def test_a_probe_falls_back_to_transformers_where_asked_or_where_the_forward_does_not_reach(tmp_path, monkeypatch):

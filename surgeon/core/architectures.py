@@ -89,6 +89,22 @@ FUSED_MIXTRAL = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("d
 
 
 @dataclass(frozen=True)
+class NativeForward:
+    """What our own forward (live/native_model.py, a llama-style decoder) needs of a family's
+    config.json beyond llama's keys (live/native_config.py reads it): where the attention's and the
+    MLP's biases come from, and the keys that must say every layer attends to every earlier token."""
+
+    # Each bias: a config key (absent: no bias) or the family's fixed answer.
+    qkv_bias: str | bool = "attention_bias"
+    o_bias: str | bool = "attention_bias"
+    mlp_bias: str | bool = "mlp_bias"
+    # (key, the value it must hold, the family's default when the key is absent)
+    fixed: tuple[tuple[str, object, object], ...] = ()
+    full_attention_key: str | None = None  # a per-layer list that must be "full_attention" throughout
+    inert: tuple[str, ...] = ()  # the family's keys that change nothing once the above hold
+
+
+@dataclass(frozen=True)
 class Architecture:
     model_type: str
     layer_rules: tuple[tuple[str, str], ...]
@@ -118,8 +134,8 @@ class Architecture:
     # MLP router), by a run of their name's segments: a pruning copies them whole.
     router_whole: tuple[str, ...] = ()
     # Our own forward pass (live/native_model.py) runs it for probes that only score text, for the
-    # configs live/native_config.py accepts; every other family runs on transformers' classes.
-    native_forward: bool = False
+    # configs live/native_config.py accepts; a family without one runs on transformers' classes.
+    native_forward: NativeForward | None = None
 
     def expert_count(self, config: dict) -> int | None:
         """How many experts a MoE layer stores, from the family's config keys (None: not stated)."""
@@ -327,9 +343,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                 covers="ZAYA (MLP router; fused experts)"),
         # ---- dense donors, for mixing (features/mix) and as compress targets
         Architecture("llama", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True,
-                     native_forward=True),
-        Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
-        Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),
+                     native_forward=NativeForward()),
+        Architecture("mistral", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True,
+                     # MistralConfig's window defaults to 4096: only an explicit null is no window
+                     native_forward=NativeForward(False, False, False, fixed=(("sliding_window", None, 4096),))),
+        Architecture("qwen2", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True,
+                     native_forward=NativeForward(True, False, False, fixed=(("use_sliding_window", False, False),),
+                                                  full_attention_key="layer_types",
+                                                  inert=("sliding_window", "max_window_layers"))),
         Architecture("qwen3", _ATTENTION_AND_NORMS + (("mlp", "mlp"),), None, moe=False, mergekit=True),  # compress's qwen3_moe target
     )
 }

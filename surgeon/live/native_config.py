@@ -20,17 +20,17 @@ from pathlib import Path
 
 from surgeon.core.architectures import ARCHITECTURES
 
-# Keys of a llama config.json that do not change what an eval-mode forward computes.
+# Keys of a config.json that do not change what an eval-mode forward computes.
 _INERT = frozenset({
     "architectures", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype",
     "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
     "attention_dropout", "model_type", "pretraining_tp", "max_position_embeddings",
 })
-# Keys the forward reads.
+# Keys the forward reads, in every family (each family adds its own: architectures.NativeForward).
 _SHAPING = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
-    "rope_scaling", "attention_bias", "mlp_bias", "tie_word_embeddings",
+    "rope_scaling", "tie_word_embeddings",
 })
 
 
@@ -48,12 +48,32 @@ class NativeConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    attention_bias: bool
+    qkv_bias: bool
+    o_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
     dtype: str | None  # the checkpoint's own, as config.json names it
     sliding_window = None  # none of the families has one (scoring asks)
+
+
+def _family_keys(family) -> set[str]:
+    keys = {b for b in (family.qkv_bias, family.o_bias, family.mlp_bias) if isinstance(b, str)}
+    keys.update(key for key, _, _ in family.fixed)
+    keys.update(family.inert)
+    if family.full_attention_key:
+        keys.add(family.full_attention_key)
+    return keys
+
+
+def _bias(raw: dict, source) -> bool:
+    """A bias the family fixes, or the one its config key states (absent: none)."""
+    if isinstance(source, bool):
+        return source
+    value = raw.get(source, False)
+    if not isinstance(value, bool):
+        raise ValueError(source)
+    return value
 
 
 def _int(raw: dict, key: str, default=None) -> int:
@@ -84,7 +104,13 @@ def native_config(raw: dict) -> NativeConfig | None:
     """The forward's config for a checkpoint's parsed config.json, or None when the forward does not
     implement everything the config asks for (then transformers runs the model)."""
     arch = ARCHITECTURES.get(raw.get("model_type"))
-    if arch is None or not arch.native_forward or set(raw) - _INERT - _SHAPING:
+    family = arch.native_forward if arch is not None else None
+    if family is None or set(raw) - _INERT - _SHAPING - _family_keys(family):
+        return None
+    if any(raw.get(key, default) != value for key, value, default in family.fixed):
+        return None
+    layers = raw.get(family.full_attention_key) if family.full_attention_key else None
+    if layers is not None and (not isinstance(layers, list) or set(layers) != {"full_attention"}):
         return None
     if raw.get("hidden_act", "silu") != "silu" or raw.get("pretraining_tp", 1) != 1:
         return None
@@ -101,8 +127,8 @@ def native_config(raw: dict) -> NativeConfig | None:
             intermediate_size=_int(raw, "intermediate_size"), num_hidden_layers=_int(raw, "num_hidden_layers"),
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=_int({"h": head_dim}, "h"),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-            attention_bias=raw.get("attention_bias", False) is True,
-            mlp_bias=raw.get("mlp_bias", False) is True,
+            qkv_bias=_bias(raw, family.qkv_bias), o_bias=_bias(raw, family.o_bias),
+            mlp_bias=_bias(raw, family.mlp_bias),
             tie_word_embeddings=raw.get("tie_word_embeddings", False) is True,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),  # LlamaConfig's default
             dtype=raw.get("dtype") or raw.get("torch_dtype"),

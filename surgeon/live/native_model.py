@@ -1,4 +1,4 @@
-"""Our own forward pass for the llama family, for probes that only score text.
+"""Our own forward pass for llama-style decoders (llama, mistral, qwen2), for probes that only score text.
 
 transformers' model code costs about three seconds to import on a 2-core CPU (docs/performance.md)
 before a probe reads a byte. This module imports torch only. It computes what transformers' llama
@@ -128,11 +128,11 @@ class Attention(nn.Module):
         super().__init__()
         d, h, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim, self.groups, self.scaling = d, h // kv, d ** -0.5
-        bias = cfg.attention_bias
+        bias = cfg.qkv_bias
         self.q_proj = Linear(cfg.hidden_size, h * d, bias=bias, **factory)
         self.k_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
-        self.o_proj = Linear(h * d, cfg.hidden_size, bias=bias, **factory)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias, **factory)
 
     def forward(self, x, cos, sin, mask, layer: _CacheLayer | None):
         shape = (*x.shape[:-1], -1, self.head_dim)
