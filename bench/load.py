@@ -11,7 +11,9 @@ Repeats are interleaved, so a busy spell of the machine hits every case alike.
 
 Prints, per case, the probe's own time (model loaded to last item) and the whole process, best and
 median, and the ratio of loaded to idle medians.              goal: <= 2.5x on 2 cores (fair share)
-Run: python bench/load.py [--repeat 3] [--probe em:arith] [--target demo:arith]
+Run: python bench/load.py [--repeat 3] [--probe em:arith] [--target demo:arith] [--configs now]
+The issue's ARC case: python bench/load.py --configs now --repeat 2 --target bench/_work/smollm2-135m \
+    --probe mc:bench/_work/items/arc.jsonl,first=100   (python bench/vs_lmeval.py made both)
 """
 
 from __future__ import annotations
@@ -65,12 +67,20 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--target", default="demo:arith")
     ap.add_argument("--probe", default="em:arith")
+    ap.add_argument("--configs", default="before,now,one-thread",
+                    help="which thread settings to run, comma-separated (before, now, one-thread); "
+                         "e.g. `now` alone for a long probe such as the ARC case")
     args = ap.parse_args()
     clean = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     threads = torch_default_threads(clean)
     configs = {"before": {**clean, "OMP_NUM_THREADS": str(threads), "GOMP_SPINCOUNT": "300000"}, "now": clean,
                # the other choice the entry point could make: why it keeps torch's thread count
                "now, 1 thread": {**clean, "OMP_NUM_THREADS": "1"}}
+    names = {"before": "before", "now": "now", "one-thread": "now, 1 thread"}
+    wanted = [w.strip() for w in args.configs.split(",")]
+    if not wanted or any(w not in names for w in wanted):
+        raise SystemExit(f"--configs {args.configs!r}: a comma-separated list of {', '.join(names)}")
+    configs = {names[w]: configs[names[w]] for w in wanted}
     loads = ("idle", "torch", "spin")
     runs = {(c, ld): [] for c in configs for ld in loads}
     argv = ["probe", args.target, "--probe", args.probe]

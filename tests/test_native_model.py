@@ -129,7 +129,8 @@ def test_layer_gates_hook_our_decoder_layers_as_they_hook_transformers(tmp_path)
 
 
 BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+        "num_attention_heads": 4, "max_position_embeddings": 64,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
 
 
 @pytest.mark.parametrize("change", [
@@ -147,6 +148,7 @@ BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediat
     {"_attn_implementation": "eager"},
     {"a_key_a_newer_transformers_adds": 1},
     {"num_key_value_heads": 3},
+    {"max_position_embeddings": None},  # each family's class has its own default: the scorer truncates by it
 ])
 def test_a_config_the_forward_does_not_implement_goes_to_transformers(change):
     assert native_config(BASE) is not None

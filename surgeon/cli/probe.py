@@ -135,7 +135,7 @@ def cmd_probe(args) -> int:
     check_probe_data(specs)  # a bad probe file is refused before a line says that a model loads
     alone = None if session is not None else donors["A"].path.resolve().name
     note_loading("probe", alone or "the hybrid", donors[plan.base])  # before torch's import, the first wait
-    # What the load reads is read while torch imports (its device is known without torch only when given).
+    # What the load reads is read while torch imports, into the weights themselves on the CPU.
     preload = start_reading(plan, donors, specs, args.device, args.dtype)
     from surgeon.live.devices import default_device
     from surgeon.probes.run import record_probe_results, summarize

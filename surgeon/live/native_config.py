@@ -130,7 +130,8 @@ def native_config(raw: dict) -> NativeConfig | None:
             qkv_bias=_bias(raw, family.qkv_bias), o_bias=_bias(raw, family.o_bias),
             mlp_bias=_bias(raw, family.mlp_bias),
             tie_word_embeddings=raw.get("tie_word_embeddings", False) is True,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),  # LlamaConfig's default
+            # required: each family's config class has its own default, and the scorer truncates by it
+            max_position_embeddings=_int(raw, "max_position_embeddings"),
             dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )
     except (ValueError, TypeError):
