@@ -315,16 +315,27 @@ class Workbench:
         self._remember()
         if self._params is None:
             self._recount()
+        # A reset or a paint-all moves every part (a thousand and more): this loop is what a key costs.
+        state, params, base = self.state, self._params, self.base
+        params_of, own_tensors = self.index.params_of, self.index.own_tensors
+        many = len(parts) > 64
         for p in parts:
-            old = self.state[p]
-            (n_old, t_old), (n, t) = self._size(p, old), self._size(p, donor)
-            self._params[old] -= n_old
-            self._params[donor] += n
-            self._changed_tensors += (donor != self.base) * t - (old != self.base) * t_old
+            old = state[p]
+            if p.kind != GATE_KIND:  # the base's figures whichever donor gives it
+                n_old = n = params_of[p]
+                t_old = t = own_tensors[p]
+            else:
+                (n_old, t_old), (n, t) = self._size(p, old), self._size(p, donor)
+            params[old] -= n_old
+            params[donor] += n
+            self._changed_tensors += (donor != base) * t - (old != base) * t_old
             self._tensors += t - t_old
-            self.state[p] = donor
-            self._cell_donors.pop(Cell(p.layer, p.kind), None)
-            self._cell_donors.pop((p,), None)
+            state[p] = donor
+            if not many:
+                self._cell_donors.pop(Cell(p.layer, p.kind), None)
+                self._cell_donors.pop((p,), None)
+        if many:
+            self._cell_donors.clear()
         if any(p.kind == "expert" and p.layer in self.index.fused_count for p in parts):
             self._params = None  # a fused tensor changes with any of its experts: counted afresh
         self.version += 1
