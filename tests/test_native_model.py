@@ -29,6 +29,9 @@ VARIANTS = {
     "wide heads": dict(head_dim=16, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     "mistral, no window": dict(model_type="mistral", sliding_window=None),
     "qwen2 (q, k, v biases)": dict(model_type="qwen2", tie_word_embeddings=True),
+    "olmoe (routed experts, q/k norms)": dict(model_type="olmoe"),
+    "olmoe, top-k renormalised": dict(model_type="olmoe", norm_topk_prob=True, attention_bias=True),
+    "mixtral": dict(model_type="mixtral"),
 }
 MIN = torch.finfo(torch.float32).min
 
@@ -78,8 +81,9 @@ def test_every_call_the_scorer_makes_gives_transformers_logits_bit_for_bit(tmp_p
         assert torch.equal(again, out_b)
 
 
-def test_bfloat16_weights_give_transformers_logits_bit_for_bit(tmp_path):
-    _, theirs, hybrid = _pair(tmp_path, {}, dtype="bfloat16")
+@pytest.mark.parametrize("family", ["llama", "olmoe", "mixtral"])
+def test_bfloat16_weights_give_transformers_logits_bit_for_bit(tmp_path, family):
+    _, theirs, hybrid = _pair(tmp_path, {"model_type": family}, dtype="bfloat16")
     assert next(hybrid.model.parameters()).dtype == torch.bfloat16
     assert hybrid.model.model.rotary_emb.inv_freq.dtype == torch.float32  # as transformers keeps it
     ids = torch.randint(3, 64, (2, 11), generator=torch.Generator().manual_seed(2))
@@ -129,7 +133,7 @@ def test_layer_gates_hook_our_decoder_layers_as_they_hook_transformers(tmp_path)
 
 
 BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "max_position_embeddings": 64,
+        "num_attention_heads": 4, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
 
 
@@ -176,9 +180,9 @@ def test_a_probe_falls_back_to_transformers_where_asked_or_where_the_forward_doe
     assert native_forward([mc]) and not native_forward([mc, em])  # generation runs on transformers' classes
     monkeypatch.setenv(FORWARD_ENV, "transformers")
     assert not native_forward([mc])
-    olmoe = open_donor("demo:arith")
-    assert read_native_config(olmoe.path) is None
-    hybrid = Hybrid.materialize(Plan("arith"), {"arith": olmoe}, device="cpu", dtype="float32", native=True)
+    other = open_donor(make_donor(tmp_path / "qwen2_moe", "qwen2_moe", 0))  # a family our forward does not run
+    assert read_native_config(other.path) is None
+    hybrid = Hybrid.materialize(Plan("m"), {"m": other}, device="cpu", dtype="float32", native=True)
     assert forward_of(hybrid.model) == "transformers"
 
 

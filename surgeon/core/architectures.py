@@ -102,6 +102,15 @@ class NativeForward:
     fixed: tuple[tuple[str, object, object], ...] = ()
     full_attention_key: str | None = None  # a per-layer list that must be "full_attention" throughout
     inert: tuple[str, ...] = ()  # the family's keys that change nothing once the above hold
+    qk_norm: bool = False  # RMSNorm over the whole query and key projections, before heads (OLMoE)
+    # Routed experts in every layer, as transformers 5 holds them (gate_up_proj [E, 2I, H], down_proj
+    # [E, H, I]) and runs them (its grouped_mm experts): the count and top-k come from the
+    # family's experts_key and top_k_key; whether the top-k weights are renormalised from this key
+    # (absent: no) or always (True); `float_weights`: the router hands its weights on in float32
+    # rather than cast back to the model's dtype (Mixtral).
+    experts: bool = False
+    norm_topk: str | bool = False
+    float_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture("olmoe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE, "num_experts", fused_experts=FUSED_QWEN_STYLE,
+                     native_forward=NativeForward(mlp_bias=False, fixed=(("clip_qkv", None, None),), qk_norm=True,
+                                                  experts=True, norm_topk="norm_topk_prob",
+                                                  inert=("output_router_logits", "router_aux_loss_coef")),
                      covers="OLMoE-1B-7B"),
         Architecture(
             "mixtral",
@@ -170,6 +182,9 @@ ARCHITECTURES: dict[str, Architecture] = {
             live_renames=(("block_sparse_moe", "mlp"),),  # Mixtral's live module is `mlp`
             fused_experts=FUSED_MIXTRAL,
             mergekit=True,
+            native_forward=NativeForward(False, False, False, fixed=(("sliding_window", None, None),), experts=True,
+                                         norm_topk=True, float_weights=True,
+                                         inert=("output_router_logits", "router_aux_loss_coef", "router_jitter_noise")),
             covers="Mixtral-8x7B, Mixtral-8x22B",
         ),
         Architecture(

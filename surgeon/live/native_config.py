@@ -54,11 +54,20 @@ class NativeConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     dtype: str | None  # the checkpoint's own, as config.json names it
+    qk_norm: bool = False  # RMSNorm over the whole query and key projections
+    num_experts: int = 0  # routed experts per layer; 0: a dense MLP
+    top_k: int = 0
+    norm_topk_prob: bool = False
+    float_router_weights: bool = False  # the router's top-k weights stay float32 (else the model's dtype)
     sliding_window = None  # none of the families has one (scoring asks)
 
 
-def _family_keys(family) -> set[str]:
+def _family_keys(arch, family) -> set[str]:
     keys = {b for b in (family.qkv_bias, family.o_bias, family.mlp_bias) if isinstance(b, str)}
+    if family.experts:
+        keys.update(k for k in (arch.experts_key, arch.top_k_key) if k)
+        if isinstance(family.norm_topk, str):
+            keys.add(family.norm_topk)
     keys.update(key for key, _, _ in family.fixed)
     keys.update(family.inert)
     if family.full_attention_key:
@@ -67,7 +76,7 @@ def _family_keys(family) -> set[str]:
 
 
 def _bias(raw: dict, source) -> bool:
-    """A bias the family fixes, or the one its config key states (absent: none)."""
+    """A yes/no the family fixes (a bias, renormalising), or the one its config key states (absent: no)."""
     if isinstance(source, bool):
         return source
     value = raw.get(source, False)
@@ -105,7 +114,7 @@ def native_config(raw: dict) -> NativeConfig | None:
     implement everything the config asks for (then transformers runs the model)."""
     arch = ARCHITECTURES.get(raw.get("model_type"))
     family = arch.native_forward if arch is not None else None
-    if family is None or set(raw) - _INERT - _SHAPING - _family_keys(family):
+    if family is None or set(raw) - _INERT - _SHAPING - _family_keys(arch, family):
         return None
     if any(raw.get(key, default) != value for key, value, default in family.fixed):
         return None
@@ -122,21 +131,29 @@ def native_config(raw: dict) -> NativeConfig | None:
         hidden = _int(raw, "hidden_size")
         kv_heads = _int(raw, "num_key_value_heads", heads)
         head_dim = raw.get("head_dim") or hidden // heads
+        eps = raw["rms_norm_eps"]  # required: the families' defaults differ
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+            raise ValueError("rms_norm_eps")
+        moe = {}
+        if family.experts:
+            norm = _bias(raw, family.norm_topk)  # a key (absent: no) or the family's fixed answer
+            moe = dict(num_experts=_int(raw, arch.experts_key), top_k=_int(raw, arch.top_k_key), norm_topk_prob=norm,
+                       float_router_weights=family.float_weights)
         cfg = NativeConfig(
             model_type=raw["model_type"], vocab_size=_int(raw, "vocab_size"), hidden_size=hidden,
             intermediate_size=_int(raw, "intermediate_size"), num_hidden_layers=_int(raw, "num_hidden_layers"),
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=_int({"h": head_dim}, "h"),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            rms_norm_eps=float(eps), rope_theta=theta,
             qkv_bias=_bias(raw, family.qkv_bias), o_bias=_bias(raw, family.o_bias),
             mlp_bias=_bias(raw, family.mlp_bias),
             tie_word_embeddings=raw.get("tie_word_embeddings", False) is True,
             # required: each family's config class has its own default, and the scorer truncates by it
             max_position_embeddings=_int(raw, "max_position_embeddings"),
-            dtype=raw.get("dtype") or raw.get("torch_dtype"),
+            dtype=raw.get("dtype") or raw.get("torch_dtype"), qk_norm=family.qk_norm, **moe,
         )
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, KeyError):
         return None
-    if heads % kv_heads or head_dim % 2 or hidden % heads:
+    if heads % kv_heads or head_dim % 2 or hidden % heads or cfg.top_k > cfg.num_experts:
         return None
     return cfg
 

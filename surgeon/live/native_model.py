@@ -1,12 +1,14 @@
-"""Our own forward pass for llama-style decoders (llama, mistral, qwen2), for probes that only score text.
+"""Our own forward pass for llama-style decoders, dense or with routed experts, for probes that
+only score text.
 
 transformers' model code costs about three seconds to import on a 2-core CPU (docs/performance.md)
-before a probe reads a byte. This module imports torch only. It computes what transformers' llama
-forward computes, operation for operation and in the same order (RMSNorm in float32, RoPE's
-frequencies and cos/sin as transformers makes them, SDPA with grouped heads as transformers passes
-them on the CPU with TRANSFORMERS_SDPA_FORCE_GQA and elsewhere by default), so its logits are the
-same bits as transformers' on the same weights: tests/test_native_model.py checks that, through
-the scorer's tree masks, caches and kept logits.
+before a probe reads a byte. This module imports torch only. It computes what transformers' forward
+computes for the families it covers, operation for operation and in the same order (RMSNorm in
+float32, RoPE's frequencies and cos/sin as transformers makes them, SDPA with grouped heads as
+transformers passes them on the CPU with TRANSFORMERS_SDPA_FORCE_GQA and elsewhere by default;
+routed experts as transformers 5's grouped experts run them), so its logits are the same bits as
+transformers' on the same weights: tests/test_native_model.py checks that, through the scorer's
+tree masks, caches and kept logits, for every family.
 
 Its parameters have transformers' names, so a Hybrid fills and hot-swaps it like transformers'
 model; `native_config.py` says which configs it runs. It takes the call the probes make
@@ -133,11 +135,18 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias, **factory)
+        if cfg.qk_norm:  # sized as transformers sizes them: the hidden size, and its share per key head
+            self.q_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+            self.k_norm = RMSNorm(cfg.hidden_size // h * kv, cfg.rms_norm_eps, **factory)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, layer: _CacheLayer | None):
         shape = (*x.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(shape).transpose(1, 2)
+        k = k.view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
@@ -172,11 +181,92 @@ class MLP(nn.Module):
         return self.down_proj(gate)
 
 
+class Router(nn.Module):
+    """Softmax over the experts in float32, the top k, renormalised where the config says so, handed
+    on in float32 or in the model's dtype as the family does."""
+
+    def __init__(self, cfg: NativeConfig, **factory):
+        super().__init__()
+        self.top_k, self.renormalise, self.float_weights = cfg.top_k, cfg.norm_topk_prob, cfg.float_router_weights
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, **factory))
+
+    def forward(self, x):
+        logits = F.linear(x, self.weight)
+        probs = F.softmax(logits, dtype=torch.float, dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return (weights if self.float_weights else weights.to(logits.dtype)), chosen
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, in] (rows sorted by expert) times each expert's weight [E, out, in] transposed, as
+    transformers' grouped experts compute it: torch's grouped_mm where this torch has it for the
+    device, else one mm per expert's rows."""
+    w = weight.transpose(-2, -1)
+    x = x.to(w.dtype)
+    if w.device.type == "cpu":  # torch <= 2.8 has no CPU kernel; <= 2.10 one that needs 16-byte alignment
+        version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+        usable = version > (2, 10) or (version > (2, 8) and w.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
+    else:
+        usable = w.device.type != "cuda" or torch.cuda.get_device_capability(w.device) >= (8, 0)
+    if usable and hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x, w, offs=offsets)
+    if usable and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x, w, offs=offsets)
+    out = torch.zeros(x.shape[0], w.shape[2], device=x.device, dtype=x.dtype)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[e], out=out[start:end])
+        start = end
+    return out
+
+
+class Experts(nn.Module):
+    """Every routed expert of a layer in two tensors, as transformers 5 holds them."""
+
+    def __init__(self, cfg: NativeConfig, **factory):
+        super().__init__()
+        e, size, inner = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * inner, size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(e, size, inner, **factory))
+
+    def forward(self, x, weights, chosen):
+        k = chosen.shape[-1]
+        ids, order = torch.sort(chosen.reshape(-1))
+        rows = x[order // k]
+        row_weights = weights.reshape(-1)[order]
+        # per-expert row counts (histc: float ids on the CPU, int ids elsewhere, as transformers)
+        counts = torch.histc(ids.float() if x.device.type in ("cpu", "mps") else ids.int(),
+                             bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gate, up = _grouped_mm(rows, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        out = _grouped_mm(F.silu(gate) * up, self.down_proj, offsets)
+        out = out * row_weights.unsqueeze(-1)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.shape[0], device=order.device)
+        return out[back].view(x.shape[0], k, x.shape[-1]).sum(dim=1).to(x.dtype)
+
+
+class SparseMoe(nn.Module):
+    def __init__(self, cfg: NativeConfig, **factory):
+        super().__init__()
+        self.gate = Router(cfg, **factory)
+        self.experts = Experts(cfg, **factory)
+
+    def forward(self, x):
+        flat = x.view(-1, x.shape[-1])
+        weights, chosen = self.gate(flat)
+        return self.experts(flat, weights, chosen).reshape(x.shape)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: NativeConfig, **factory):
         super().__init__()
         self.self_attn = Attention(cfg, **factory)
-        self.mlp = MLP(cfg, **factory)
+        self.mlp = SparseMoe(cfg, **factory) if cfg.num_experts else MLP(cfg, **factory)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
 
@@ -205,7 +295,7 @@ def _causal_after(past: int, width: int, dtype, device) -> torch.Tensor:
 
 
 class NativeCausalLM(nn.Module):
-    """A llama-family causal LM with transformers' parameter names, its weights allocated on `device`
+    """A llama-style causal LM (dense or with routed experts) with transformers' parameter names, its weights allocated on `device`
     in `dtype` and not initialised (the caller fills them); see the module's docstring."""
 
     native = True  # what callers check before handing it a call only transformers' models take

@@ -96,12 +96,16 @@ def start_preload(plan, donors: dict, dtype: str) -> Preload | None:
     from surgeon.live.loader import available_memory
 
     try:
-        sources = resolve(plan, donors, dtype=dtype).sources
+        resolution = resolve(plan, donors, dtype=dtype)
     except Exception:  # materialising reports what is wrong with the plan
         return None
+    fused = bool(donors[plan.base].anatomy.architecture.fused_experts)
     want = cast_name(dtype)
     picked = {}
-    for name, src in sources.items():
+    for name, src in resolution.sources.items():
+        part = resolution.parts.get(name)
+        if fused and part is not None and part.expert is not None:
+            continue  # one expert's tensor on disk is a slice of a fused parameter live: copied there
         donor = donors[src.donor]
         info = donor.tensors.get(src.tensor)
         if src.runs or src.converts or info is None or src.tensor in donor.pickled or src.tensor != name:
