@@ -71,7 +71,8 @@ def test_a_native_probe_never_imports_lm_eval_and_says_what_it_loads_before_torc
     r, added = run("probe", "demo:arith", "--probe", "mc:arith_mc,limit=4", "--device", "cpu", importtime=True)
     (rc, mods), = added.values()
     assert rc == 0, r.stderr[-3000:]
-    assert {"torch", "transformers"} <= mods  # it did load a model
+    assert "torch" in mods  # it did load a model
+    assert "transformers" not in mods  # on our own forward: the demo donors are OLMoE (live/native_model.py)
     assert not mods & NEVER_NATIVE, sorted(mods & NEVER_NATIVE)
     lines = r.stderr.splitlines()
     loading = [i for i, line in enumerate(lines) if line.startswith("probe: loading arith (")]

@@ -333,11 +333,14 @@ async def test_the_cli_and_the_workbench_record_the_same_probe_run(olmoe3, tmp_p
         await settle(pilot)
 
     def comparable(results):
-        return [{k: v for k, v in rec.items() if k not in ("time", "run")} for rec in results]
+        return [{k: v for k, v in rec.items() if k not in ("time", "run", "forward")} for rec in results]
 
     by_cli, by_app = load_session(tmp_path / "cli.json"), load_session(tmp_path / "app.json")
     assert by_app.probes == by_cli.probes and len(by_cli.probes) == 1
     assert [rec["model"] for rec in by_cli.results] == ["hybrid", "donor:A", "donor:B", "donor:C"]
+    # The command line ran our own forward, the workbench transformers' classes (its live hybrid is
+    # hooked by routing and gates): every score and every item's outcome agrees all the same.
+    assert by_cli.results[0]["forward"] == "native" and by_app.results[0]["forward"] == "transformers"
     assert comparable(by_app.results) == comparable(by_cli.results)
 
 
