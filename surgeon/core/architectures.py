@@ -102,7 +102,9 @@ class NativeForward:
     fixed: tuple[tuple[str, object, object], ...] = ()
     full_attention_key: str | None = None  # a per-layer list that must be "full_attention" throughout
     inert: tuple[str, ...] = ()  # the family's keys that change nothing once the above hold
-    qk_norm: bool = False  # RMSNorm over the whole query and key projections, before heads (OLMoE)
+    # RMSNorm of queries and keys: "whole" projections before the heads split (OLMoE), or per "head"
+    # (Qwen3-MoE); None: none.
+    qk_norm: str | None = None
     # Routed experts in every layer, as transformers 5 holds them (gate_up_proj [E, 2I, H], down_proj
     # [E, H, I]) and runs them (its grouped_mm experts): the count and top-k come from the
     # family's experts_key and top_k_key; whether the top-k weights are renormalised from this key
@@ -111,6 +113,12 @@ class NativeForward:
     experts: bool = False
     norm_topk: str | bool = False
     float_weights: bool = False
+    expert_size_key: str = "intermediate_size"  # each expert's inner size
+    experts_alias: str | None = None  # the other name transformers' config class gives the expert count
+    # Layers with a dense MLP of intermediate_size instead of experts: those this key lists, and
+    # those not on the sparse step this key gives (layer i has experts where (i + 1) % step == 0).
+    dense_layers_key: str | None = None
+    sparse_step_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,8 +178,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture("olmoe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE, "num_experts", fused_experts=FUSED_QWEN_STYLE,
-                     native_forward=NativeForward(mlp_bias=False, fixed=(("clip_qkv", None, None),), qk_norm=True,
+                     native_forward=NativeForward(mlp_bias=False, fixed=(("clip_qkv", None, None),), qk_norm="whole",
                                                   experts=True, norm_topk="norm_topk_prob",
+                                                  experts_alias="num_local_experts",
                                                   inert=("output_router_logits", "router_aux_loss_coef")),
                      covers="OLMoE-1B-7B"),
         Architecture(
@@ -183,7 +192,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             fused_experts=FUSED_MIXTRAL,
             mergekit=True,
             native_forward=NativeForward(False, False, False, fixed=(("sliding_window", None, None),), experts=True,
-                                         norm_topk=True, float_weights=True,
+                                         norm_topk=True, float_weights=True, experts_alias="num_experts",
                                          inert=("output_router_logits", "router_aux_loss_coef", "router_jitter_noise")),
             covers="Mixtral-8x7B, Mixtral-8x22B",
         ),
@@ -201,7 +210,15 @@ ARCHITECTURES: dict[str, Architecture] = {
             covers="Qwen1.5-MoE, Qwen2-57B-A14B",
         ),
         Architecture("qwen3_moe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE + (("mlp", "mlp"),), "num_experts",
-                     fused_experts=FUSED_QWEN_STYLE, mergekit=True, covers="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder"),
+                     fused_experts=FUSED_QWEN_STYLE, mergekit=True, covers="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder",
+                     native_forward=NativeForward(mlp_bias=False, fixed=(("use_sliding_window", False, False),),
+                                                  qk_norm="head", experts=True, norm_topk="norm_topk_prob",
+                                                  expert_size_key="moe_intermediate_size",
+                                                  experts_alias="num_local_experts",
+                                                  dense_layers_key="mlp_only_layers",
+                                                  sparse_step_key="decoder_sparse_step",
+                                                  inert=("sliding_window", "output_router_logits",
+                                                         "router_aux_loss_coef"))),
         Architecture(
             "deepseek_v3",
             _ATTENTION_AND_NORMS

@@ -54,8 +54,10 @@ class NativeConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     dtype: str | None  # the checkpoint's own, as config.json names it
-    qk_norm: bool = False  # RMSNorm over the whole query and key projections
+    qk_norm: str | None = None  # RMSNorm of the "whole" query and key projections, or per "head"
     num_experts: int = 0  # routed experts per layer; 0: a dense MLP
+    expert_size: int = 0  # each expert's inner size
+    moe_layers: tuple = ()  # per layer: routed experts (True) or a dense MLP
     top_k: int = 0
     norm_topk_prob: bool = False
     float_router_weights: bool = False  # the router's top-k weights stay float32 (else the model's dtype)
@@ -65,7 +67,8 @@ class NativeConfig:
 def _family_keys(arch, family) -> set[str]:
     keys = {b for b in (family.qkv_bias, family.o_bias, family.mlp_bias) if isinstance(b, str)}
     if family.experts:
-        keys.update(k for k in (arch.experts_key, arch.top_k_key) if k)
+        keys.update(k for k in (arch.experts_key, arch.top_k_key, family.expert_size_key, family.dense_layers_key,
+                                family.sparse_step_key, family.experts_alias) if k)
         if isinstance(family.norm_topk, str):
             keys.add(family.norm_topk)
     keys.update(key for key, _, _ in family.fixed)
@@ -137,8 +140,18 @@ def native_config(raw: dict) -> NativeConfig | None:
         moe = {}
         if family.experts:
             norm = _bias(raw, family.norm_topk)  # a key (absent: no) or the family's fixed answer
-            moe = dict(num_experts=_int(raw, arch.experts_key), top_k=_int(raw, arch.top_k_key), norm_topk_prob=norm,
-                       float_router_weights=family.float_weights)
+            layers = _int(raw, "num_hidden_layers")
+            dense = raw.get(family.dense_layers_key) if family.dense_layers_key else None
+            dense = [] if dense is None else dense
+            step = _int(raw, family.sparse_step_key, 1) if family.sparse_step_key else 1
+            if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
+                raise ValueError(family.dense_layers_key)
+            counts = {raw[k] for k in (arch.experts_key, family.experts_alias) if k and k in raw}
+            if len(counts) != 1:
+                raise ValueError(arch.experts_key)  # none, or two names that disagree
+            moe = dict(num_experts=_int({"n": counts.pop()}, "n"), top_k=_int(raw, arch.top_k_key), norm_topk_prob=norm,
+                       float_router_weights=family.float_weights, expert_size=_int(raw, family.expert_size_key),
+                       moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)))
         cfg = NativeConfig(
             model_type=raw["model_type"], vocab_size=_int(raw, "vocab_size"), hidden_size=hidden,
             intermediate_size=_int(raw, "intermediate_size"), num_hidden_layers=_int(raw, "num_hidden_layers"),

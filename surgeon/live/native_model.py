@@ -135,18 +135,23 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=bias, **factory)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias, **factory)
-        if cfg.qk_norm:  # sized as transformers sizes them: the hidden size, and its share per key head
+        if cfg.qk_norm == "whole":  # sized as transformers sizes them: the hidden size, its share per key head
             self.q_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
             self.k_norm = RMSNorm(cfg.hidden_size // h * kv, cfg.rms_norm_eps, **factory)
+        elif cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, layer: _CacheLayer | None):
         shape = (*x.shape[:-1], -1, self.head_dim)
         q, k = self.q_proj(x), self.k_proj(x)
-        if self.qk_norm:
+        if self.qk_norm == "whole":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(shape).transpose(1, 2)
-        k = k.view(shape).transpose(1, 2)
+        q, k = q.view(shape), k.view(shape)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
@@ -228,7 +233,7 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: NativeConfig, **factory):
         super().__init__()
-        e, size, inner = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        e, size, inner = cfg.num_experts, cfg.hidden_size, cfg.expert_size
         self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * inner, size, **factory))
         self.down_proj = nn.Parameter(torch.empty(e, size, inner, **factory))
@@ -263,10 +268,10 @@ class SparseMoe(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: NativeConfig, **factory):
+    def __init__(self, cfg: NativeConfig, index: int, **factory):
         super().__init__()
         self.self_attn = Attention(cfg, **factory)
-        self.mlp = SparseMoe(cfg, **factory) if cfg.num_experts else MLP(cfg, **factory)
+        self.mlp = SparseMoe(cfg, **factory) if cfg.num_experts and cfg.moe_layers[index] else MLP(cfg, **factory)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
 
@@ -282,7 +287,7 @@ class Body(nn.Module):
     def __init__(self, cfg: NativeConfig, **factory):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, **factory) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, **factory) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.rotary_emb = Rotary(cfg, **factory)
 
