@@ -300,8 +300,9 @@ def _causal_after(past: int, width: int, dtype, device) -> torch.Tensor:
 
 
 class NativeCausalLM(nn.Module):
-    """A llama-style causal LM (dense or with routed experts) with transformers' parameter names, its weights allocated on `device`
-    in `dtype` and not initialised (the caller fills them); see the module's docstring."""
+    """A llama-style causal LM (dense or with routed experts) with transformers' parameter names, its
+    weights allocated on `device` in `dtype` and not initialised (the caller fills them); see the
+    module's docstring."""
 
     native = True  # what callers check before handing it a call only transformers' models take
     preloaded: frozenset = frozenset()  # parameters that are views of preloaded bytes (live/preload.py)
