@@ -34,6 +34,7 @@ VARIANTS = {
     "mixtral": dict(model_type="mixtral"),
     "qwen3-moe, a dense layer, per-head q/k norms": dict(model_type="qwen3_moe", mlp_only_layers=[1],
                                                          norm_topk_prob=True),
+    "qwen2-moe, a gated shared expert": dict(model_type="qwen2_moe"),
 }
 MIN = torch.finfo(torch.float32).min
 
@@ -83,7 +84,7 @@ def test_every_call_the_scorer_makes_gives_transformers_logits_bit_for_bit(tmp_p
         assert torch.equal(again, out_b)
 
 
-@pytest.mark.parametrize("family", ["llama", "olmoe", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "olmoe", "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_bfloat16_weights_give_transformers_logits_bit_for_bit(tmp_path, family):
     _, theirs, hybrid = _pair(tmp_path, {"model_type": family}, dtype="bfloat16")
     assert next(hybrid.model.parameters()).dtype == torch.bfloat16
@@ -182,7 +183,7 @@ def test_a_probe_falls_back_to_transformers_where_asked_or_where_the_forward_doe
     assert native_forward([mc]) and not native_forward([mc, em])  # generation runs on transformers' classes
     monkeypatch.setenv(FORWARD_ENV, "transformers")
     assert not native_forward([mc])
-    other = open_donor(make_donor(tmp_path / "qwen2_moe", "qwen2_moe", 0))  # shared experts: not ours (yet)
+    other = open_donor(make_donor(tmp_path / "deepseek_v3", "deepseek_v3", 0))  # not ours (yet)
     assert read_native_config(other.path) is None
     hybrid = Hybrid.materialize(Plan("m"), {"m": other}, device="cpu", dtype="float32", native=True)
     assert forward_of(hybrid.model) == "transformers"

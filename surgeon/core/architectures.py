@@ -94,8 +94,8 @@ class NativeForward:
     config.json beyond llama's keys (live/native_config.py reads it): where the attention's and the
     MLP's biases come from, and the keys that must say every layer attends to every earlier token."""
 
-    # Each bias: a config key (absent: no bias) or the family's fixed answer.
-    qkv_bias: str | bool = "attention_bias"
+    # Each bias: a config key (absent: no bias), (a key, its default), or the family's fixed answer.
+    qkv_bias: str | tuple | bool = "attention_bias"
     o_bias: str | bool = "attention_bias"
     mlp_bias: str | bool = "mlp_bias"
     # (key, the value it must hold, the family's default when the key is absent)
@@ -119,6 +119,9 @@ class NativeForward:
     # those not on the sparse step this key gives (layer i has experts where (i + 1) % step == 0).
     dense_layers_key: str | None = None
     sparse_step_key: str | None = None
+    # A shared expert beside the routed ones, scaled by the sigmoid of a one-output gate (Qwen2-MoE):
+    # the key holding its inner size.
+    shared_expert_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             "num_experts",
             fused_experts=FUSED_QWEN_STYLE,
             covers="Qwen1.5-MoE, Qwen2-57B-A14B",
+            native_forward=NativeForward(("qkv_bias", True), False, False, fixed=(("use_sliding_window", False, False),),
+                                         full_attention_key="layer_types", experts=True, norm_topk="norm_topk_prob",
+                                         expert_size_key="moe_intermediate_size", dense_layers_key="mlp_only_layers",
+                                         sparse_step_key="decoder_sparse_step",
+                                         shared_expert_key="shared_expert_intermediate_size",
+                                         inert=("sliding_window", "max_window_layers", "output_router_logits",
+                                                "router_aux_loss_coef")),
         ),
         Architecture("qwen3_moe", _ATTENTION_AND_NORMS + _QWEN_STYLE_MOE + (("mlp", "mlp"),), "num_experts",
                      fused_experts=FUSED_QWEN_STYLE, mergekit=True, covers="Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder",

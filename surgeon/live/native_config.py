@@ -58,6 +58,7 @@ class NativeConfig:
     num_experts: int = 0  # routed experts per layer; 0: a dense MLP
     expert_size: int = 0  # each expert's inner size
     moe_layers: tuple = ()  # per layer: routed experts (True) or a dense MLP
+    shared_expert_size: int = 0  # a sigmoid-gated shared expert's inner size; 0: none
     top_k: int = 0
     norm_topk_prob: bool = False
     float_router_weights: bool = False  # the router's top-k weights stay float32 (else the model's dtype)
@@ -65,10 +66,11 @@ class NativeConfig:
 
 
 def _family_keys(arch, family) -> set[str]:
-    keys = {b for b in (family.qkv_bias, family.o_bias, family.mlp_bias) if isinstance(b, str)}
+    keys = {b[0] if isinstance(b, tuple) else b for b in (family.qkv_bias, family.o_bias, family.mlp_bias)
+            if isinstance(b, (str, tuple))}
     if family.experts:
         keys.update(k for k in (arch.experts_key, arch.top_k_key, family.expert_size_key, family.dense_layers_key,
-                                family.sparse_step_key, family.experts_alias) if k)
+                                family.sparse_step_key, family.experts_alias, family.shared_expert_key) if k)
         if isinstance(family.norm_topk, str):
             keys.add(family.norm_topk)
     keys.update(key for key, _, _ in family.fixed)
@@ -79,12 +81,14 @@ def _family_keys(arch, family) -> set[str]:
 
 
 def _bias(raw: dict, source) -> bool:
-    """A yes/no the family fixes (a bias, renormalising), or the one its config key states (absent: no)."""
+    """A yes/no the family fixes (a bias, renormalising), or the one its config key states (absent: no,
+    or the default paired with the key)."""
     if isinstance(source, bool):
         return source
-    value = raw.get(source, False)
+    key, default = source if isinstance(source, tuple) else (source, False)
+    value = raw.get(key, default)
     if not isinstance(value, bool):
-        raise ValueError(source)
+        raise ValueError(key)
     return value
 
 
@@ -151,7 +155,8 @@ def native_config(raw: dict) -> NativeConfig | None:
                 raise ValueError(arch.experts_key)  # none, or two names that disagree
             moe = dict(num_experts=_int({"n": counts.pop()}, "n"), top_k=_int(raw, arch.top_k_key), norm_topk_prob=norm,
                        float_router_weights=family.float_weights, expert_size=_int(raw, family.expert_size_key),
-                       moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)))
+                       moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)),
+                       shared_expert_size=_int(raw, family.shared_expert_key) if family.shared_expert_key else 0)
         cfg = NativeConfig(
             model_type=raw["model_type"], vocab_size=_int(raw, "vocab_size"), hidden_size=hidden,
             intermediate_size=_int(raw, "intermediate_size"), num_hidden_layers=_int(raw, "num_hidden_layers"),

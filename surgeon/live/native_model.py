@@ -173,9 +173,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: NativeConfig, **factory):
+    def __init__(self, cfg: NativeConfig, inner: int | None = None, **factory):
         super().__init__()
-        size, inner, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        size, inner, bias = cfg.hidden_size, inner or cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = Linear(size, inner, bias=bias, **factory)
         self.up_proj = Linear(size, inner, bias=bias, **factory)
         self.down_proj = Linear(inner, size, bias=bias, **factory)
@@ -260,11 +260,18 @@ class SparseMoe(nn.Module):
         super().__init__()
         self.gate = Router(cfg, **factory)
         self.experts = Experts(cfg, **factory)
+        if cfg.shared_expert_size:
+            self.shared_expert = MLP(cfg, cfg.shared_expert_size, **factory)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False, **factory)
+        self.shared = bool(cfg.shared_expert_size)
 
     def forward(self, x):
         flat = x.view(-1, x.shape[-1])
         weights, chosen = self.gate(flat)
-        return self.experts(flat, weights, chosen).reshape(x.shape)
+        out = self.experts(flat, weights, chosen)
+        if self.shared:  # transformers': routed + sigmoid(gate(x)) * shared(x)
+            out = out + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.reshape(x.shape)
 
 
 class DecoderLayer(nn.Module):
