@@ -514,6 +514,10 @@ def architecture_list_markdown() -> str:
         lines.append(f"| `{a.model_type}` | {a.covers} | `{a.experts_key}` | `{a.top_k_key}` | {mixers} |")
     dense = ", ".join(f"`{a.model_type}`" for a in ARCHITECTURES.values() if not a.moe)
     lines += ["", f"Dense donors (for mixing, and as compress targets): {dense}.", ""]
+    native = ", ".join(f"`{a.model_type}`" for a in sorted(ARCHITECTURES.values(), key=lambda a: a.model_type)
+                       if a.native_forward is not None)
+    lines += [f"Probes that only score text run on moe-surgeon's own forward pass (transformers' logits bit for "
+              f"bit, see [Probes](probes.md#our-own-forward-pass)) for: {native}.", ""]
     if UNSUPPORTED:
         lines += ["Not supported yet:", ""]
         lines += [f"- `{t}`: {why}" for t, why in sorted(UNSUPPORTED.items())]
