@@ -139,15 +139,28 @@ class TensorReader:
     def read_into(self, view: torch.Tensor, donor_name: str, tensor: str) -> bool:
         """Read a donor tensor into `view` with pread when `view` is contiguous CPU memory of the
         tensor's dtype and size; False (nothing read) otherwise."""
+        buf = self.destination(view, donor_name, tensor)
+        if buf is None:
+            return False
+        self.pread(buf, donor_name, tensor)
+        return True
+
+    def destination(self, view: torch.Tensor, donor_name: str, tensor: str) -> memoryview | None:
+        """The bytes of `view` that `pread` can fill with the donor tensor: when `view` is contiguous
+        CPU memory of the tensor's dtype and size; None otherwise."""
         donor = self.donors[donor_name]
         if tensor in donor.pickled or view.device.type != "cpu" or not view.is_contiguous():
-            return False
+            return None
         info = donor.tensors[tensor]
         if TORCH_DTYPES[info.dtype] != view.dtype or view.numel() != info.numel:
-            return False
+            return None
+        return memoryview(view.detach().reshape(-1).view(torch.uint8).numpy())
+
+    def pread(self, buf: memoryview, donor_name: str, tensor: str) -> None:
+        """Read a donor tensor's bytes into `buf` (see `destination`)."""
+        info = self.donors[donor_name].tensors[tensor]
         if info.nbytes == 0:
-            return True
-        buf = memoryview(view.detach().reshape(-1).view(torch.uint8).numpy())
+            return
         try:
             with self._opening:
                 fd = self._fds.get(info.file)
@@ -161,7 +174,6 @@ class TensorReader:
                 done += n
         except OSError as e:
             raise SurgeonError(f"{info.file}: cannot read tensor {tensor} ({e.strerror})") from None
-        return True
 
     def close(self) -> None:
         _close_all(self._fds)
@@ -222,6 +234,9 @@ class Hybrid:
         self._targets: dict[str, LiveTarget] = {}
         self._offload_dir = None  # a TemporaryDirectory when materialize made one; removed with the hybrid
         self._layout: ConversionLayout | None = None
+        # (live name, donor, tensor) -> the live bytes a pread fills: a swap back to a source seen
+        # before skips finding its place again (a sweep swaps the same tensors over and over).
+        self._preads: dict[tuple[str, str, str], memoryview] = {}
         self.filled_from_files = False  # True: built empty and filled by the reader, not from_pretrained
 
     @classmethod
@@ -315,6 +330,7 @@ class Hybrid:
         for n in before:
             self._live.pop(n, None)
             self._targets.pop(n, None)
+        self._preads.clear()  # gate parameters were made anew
         for layer, gate in gate_modules(self.model).items():
             self._live[gate_tensor_name(layer)] = gate.weight
         return {n for n, shape in want.items() if before.get(n) != shape}
@@ -409,6 +425,10 @@ class Hybrid:
         return view
 
     def _copy(self, name: str, src) -> int:
+        known = None if src.runs else self._preads.get((name, src.donor, src.tensor))
+        if known is not None:
+            self.reader.pread(known, src.donor, src.tensor)
+            return len(known)
         view = self.live_view(name)
         if src.runs:  # a fused expert tensor spliced from several donors: each run of experts in place
             moved = 0
@@ -430,7 +450,10 @@ class Hybrid:
             return info.nbytes
         if info is not None and tuple(info.shape) != tuple(view.shape):
             raise SurgeonError(f"tensor {name}: shape {list(info.shape)} does not fit live {list(view.shape)}")
-        if self.reader.read_into(view, src.donor, src.tensor):
+        buf = self.reader.destination(view, src.donor, src.tensor)
+        if buf is not None:
+            self.reader.pread(buf, src.donor, src.tensor)
+            self._preads[name, src.donor, src.tensor] = buf
             return info.nbytes
         data = self.reader.read(src.donor, src.tensor)
         if tuple(data.shape) != tuple(view.shape):
