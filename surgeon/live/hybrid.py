@@ -136,15 +136,6 @@ class TensorReader:
         for mm in self._maps.values():
             mm.madvise(mmap.MADV_DONTNEED)
 
-    def read_into(self, view: torch.Tensor, donor_name: str, tensor: str) -> bool:
-        """Read a donor tensor into `view` with pread when `view` is contiguous CPU memory of the
-        tensor's dtype and size; False (nothing read) otherwise."""
-        buf = self.destination(view, donor_name, tensor)
-        if buf is None:
-            return False
-        self.pread(buf, donor_name, tensor)
-        return True
-
     def destination(self, view: torch.Tensor, donor_name: str, tensor: str) -> memoryview | None:
         """The bytes of `view` that `pread` can fill with the donor tensor: when `view` is contiguous
         CPU memory of the tensor's dtype and size; None otherwise."""
