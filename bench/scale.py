@@ -16,7 +16,8 @@ RSS (the parent never imports torch, so a child's peak RSS is its own):
                                   tensor copy of the same bytes; RSS growth beyond the swapped bytes
   probe                           (the same process, on the swapped hybrid) one MC batch (items/s,
                                   tokens/s) and one EM batch (items/s, generated tokens/s)
-  routing                         moe-surgeon routing over 2,000 tokens
+  routing                         moe-surgeon routing over 2,000 tokens; and in one process, the routing
+                                  probe against a plain forward over the same tokens (goal <= 1.2x)
   sweep                           moe-surgeon sweep, 2 groups, 20 items
 Reads and copies start from a dropped page cache where the bench may drop it (root), so `cp -r`,
 `cat` and the tool read the same disk; `cp -r` and the exports run in --repeats rounds, the order
@@ -184,13 +185,55 @@ def step_workbench(a, b, device) -> dict:
         return {"seconds": float(ready.read_text()) - started}
 
 
+def step_routing(a, b, device) -> dict:
+    """The routing probe against a plain forward pass over the same 2,000 tokens of the arith corpus,
+    in the same right-padded batches of 32 (what `moe-surgeon routing` runs), on the materialised
+    model; interleaved, best of 3 each, so load from elsewhere hits both alike."""
+    import torch
+
+    from surgeon.features.routing.corpora import read_corpora
+    from surgeon.features.routing.probe import _sequences, probe_routing
+    from surgeon.probes.scoring import load_tokenizer
+
+    hybrid, _ = _materialize(a, b, device)
+    model, tok = hybrid.model, load_tokenizer(a)
+    texts = read_corpora(["arith"])["arith"]
+    seqs = _sequences(tok, texts, 4096, 2000)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def plain() -> None:
+        with torch.no_grad():
+            for s in range(0, len(seqs), 32):
+                batch = seqs[s:s + 32]
+                width = max(len(x) for x in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for r, x in enumerate(batch):
+                    ids[r, :len(x)] = torch.tensor(x)
+                    mask[r, :len(x)] = 1
+                model(ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        sync(device)
+
+    def probe() -> None:
+        probe_routing(model, tok, texts, batch_size=32, max_tokens=2000)
+        sync(device)
+
+    best = {"plain": float("inf"), "probe": float("inf")}
+    for _ in range(3):
+        for name, fn in (("plain", plain), ("probe", probe)):
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {**best, "tokens": sum(len(x) for x in seqs)}
+
+
 def step_live(a, b, device) -> dict:
     """Hot-swaps, then probes on the swapped hybrid: one materialisation (each reads 13.8 GB) for both."""
     hybrid, _ = _materialize(a, b, device)
     return {"swap": swaps(hybrid, device), "probe": probes(hybrid, a, device)}
 
 
-STEPS = {"materialize": step_materialize, "live": step_live, "workbench": step_workbench}
+STEPS = {"materialize": step_materialize, "live": step_live, "workbench": step_workbench, "routing": step_routing}
 
 
 # ---- the parent: never imports torch ----
@@ -340,7 +383,11 @@ def main() -> None:
 
         wall, rss, _ = timed(exe + ["routing", a, "--corpus", "arith", "--max-tokens", "2000", "--device", device,
                                     "--json"], env)
-        row("routing, 2,000 tokens", f"{wall:6.2f} s  {rss:7.0f} MB")
+        row("routing, 2,000 tokens", f"{wall:6.2f} s  {rss:7.0f} MB   (the command, whole process)")
+        wall, rss, out = timed(me + ["--step", "routing", "--device", device, a, b], env)
+        r = json.loads(out.splitlines()[-1])
+        row("  routing probe vs forward", f"{r['probe']:6.2f} s against {r['plain']:.2f} s for a plain forward over "
+            f"the same {r['tokens']} tokens = {r['probe'] / r['plain']:.2f}x (goal <= 1.2x; best of 3 each)")
 
         wall, rss, _ = timed(exe + ["sweep", str(work / "sweep.json"), "--base", a, "--donor", b, "--group",
                                     "attention", "--group", "experts@0-7", "--probe", "mc:arith_mc,limit=20",
