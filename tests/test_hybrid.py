@@ -14,6 +14,22 @@ from surgeon.live.devices import check_device
 from surgeon.live.hybrid import Hybrid
 
 
+@pytest.fixture(params=["one thread", "lanes"])
+def copy_lanes(request, monkeypatch):
+    """Swaps copied in one thread, or in lanes of threads as a large swap is (Hybrid._copy_in_lanes):
+    these models are far below the size where lanes start, so the threshold is lowered."""
+    if request.param == "one thread":
+        yield
+        return
+    import surgeon.live.hybrid as hybrid_module
+
+    monkeypatch.setattr(hybrid_module, "LANE_BYTES", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_plan(rng, anatomy, names):
     assignments = []
     for _ in range(rng.randint(1, 5)):
@@ -27,7 +43,7 @@ def random_plan(rng, anatomy, names):
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "mixtral", "qwen2_moe", "deepseek_v3"])
-def test_hot_swap_sequence_equals_fresh_materialization(model_type, donors_of):
+def test_hot_swap_sequence_equals_fresh_materialization(model_type, donors_of, copy_lanes):
     paths = donors_of(model_type, 3)
     donors = {n: open_donor(p) for n, p in zip("ABC", paths)}
     rng = random.Random(7)
@@ -94,7 +110,7 @@ def test_device_map_auto_materializes_and_swaps(donors_of):
         assert torch.equal(auto.live_view(name).cpu(), plain.live_view(name))
 
 
-def test_a_swap_that_fails_midway_leaves_the_old_plan_live(donors_of, tmp_path):
+def test_a_swap_that_fails_midway_leaves_the_old_plan_live(donors_of, tmp_path, copy_lanes):
     import shutil
 
     paths = donors_of("olmoe", 3)
