@@ -124,3 +124,38 @@ def test_a_swap_that_fails_midway_leaves_the_old_plan_live(donors_of, tmp_path, 
     after = hybrid.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # layer 0 attention was put back
     assert hybrid.apply(Plan("A", [Assignment("attention", "B")])).tensors > 0
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "mixtral", "qwen2_moe"])
+def test_cpu_weights_sit_at_their_files_page_offsets(model_type, donors_of, monkeypatch):
+    """Before the fill, each weight is moved to memory whose page offset is its file bytes' (a read
+    into it then copies at full speed, live/alignment.py); its contents are still the donor's, and
+    a swap to a donor laid out alike reads into the same places."""
+    import surgeon.live.alignment as alignment
+    from surgeon.live.alignment import PAGE
+    from surgeon.live.layout import live_slice
+
+    monkeypatch.setattr(alignment, "SMALLEST", 0)  # these weights are far below the size that counts
+    paths = donors_of(model_type, 2)
+    donors = {n: open_donor(p) for n, p in zip("AB", paths)}
+    hybrid = Hybrid.materialize(Plan("A"), donors, device="cpu")
+    first: dict[str, int] = {}  # live name -> page offset of the first disk tensor read into it
+    checked = 0
+    for name, src in sorted(hybrid.resolution.sources.items(),
+                            key=lambda item: donors["A"].tensors[item[0]].start):
+        info = donors["A"].tensors[name]
+        t = hybrid.target(name)
+        view, live = live_slice(hybrid._live, t), hybrid._live[t.name]
+        assert torch.equal(view, hybrid.reader.read("A", name).to(view.dtype)), name
+        if view.dtype != live.dtype or info.start % live.element_size():
+            continue
+        want = first.setdefault(t.name, (info.start - (view.data_ptr() - live.data_ptr())) % PAGE)
+        assert live.data_ptr() % PAGE == want, t.name
+        checked += 1
+    assert checked > len(first) / 2
+    swapped = Plan("A", [Assignment("attention", "B")])
+    hybrid.apply(swapped)
+    fresh = Hybrid.materialize(swapped, donors, device="cpu")
+    for name in hybrid.resolution.sources:
+        t = hybrid.target(name)
+        assert torch.equal(live_slice(hybrid._live, t), live_slice(fresh._live, fresh.target(name))), name

@@ -42,7 +42,8 @@ from surgeon.live.devices import check_device, default_device
 from surgeon.live.dtypes import TORCH_DTYPES
 from surgeon.live.layer_gates import attach_gates, gate_modules
 from surgeon.live.layout import ConversionLayout, LiveTarget, live_slice, load_converted
-from surgeon.live.loader import build_empty, load_model
+from surgeon.live.alignment import PAGE, align
+from surgeon.live.loader import build_empty, load_model, prefer_huge_pages
 
 FILL_THREADS = 4  # reads in flight while materialising: enough to keep a disk and the page faults busy
 SWAP_LANES = 4  # at most, threads copying one swap's tensors (never more than torch's thread count)
@@ -298,6 +299,8 @@ class Hybrid:
         order = sorted(((name, src) for name, src in resolution.sources.items()
                         if not (name in done and hybrid.target(name) == LiveTarget(name))),
                        key=lambda item: _file_order(donors, item[1]))
+        if device == "cpu":
+            hybrid._align_to_files(order)
 
         def copy(item) -> None:
             with torch.no_grad():
@@ -311,6 +314,22 @@ class Hybrid:
         hybrid.reader.release_all()
         hybrid.filled_from_files = True
         return hybrid
+
+    def _align_to_files(self, order: list) -> None:
+        """Move each live weight, before a byte of it is written, to memory at the page offset of
+        the first file bytes `order` (disk name, source) reads into it (live/alignment.py)."""
+        offsets: dict[str, int] = {}
+        for name, src in order:
+            info = self.donors[src.donor].tensors.get(src.tensor)
+            t = self.target(name)
+            if t.name in offsets or src.runs or info is None or src.tensor in self.donors[src.donor].pickled:
+                continue
+            view, live = live_slice(self._live, t), self._live[t.name]
+            if TORCH_DTYPES.get(info.dtype) != view.dtype or view.numel() != info.numel:
+                continue  # converted or dequantized on the way: not one read into place
+            offsets[t.name] = (info.start - (view.data_ptr() - live.data_ptr())) % PAGE
+        if align(self._live, offsets):
+            prefer_huge_pages(self.model)  # the new memory has not had the hint the old had
 
     def _fit_layer_gates(self, resolution: Resolution) -> set[str]:
         """Attach or detach gate modules to match `resolution`; the names of those now zero."""
@@ -520,7 +539,6 @@ class Hybrid:
             self.reader.release_all()  # what fault-around mapped next to each released tensor
         self.resolution = new
         return SwapReport(len(changed), moved, time.perf_counter() - started)
-
 
     def _copy_in_lanes(self, names: list[str], sources: dict, done: list[str]) -> int:
         """Copy each of `names` from its source in `sources`, appending it to `done` once copied (what

@@ -125,7 +125,7 @@ def build_empty(directory: str | os.PathLike, *, device: str, dtype="keep", firs
                 if pattern.search(name) and t.is_floating_point():
                     t.data = t.data.float()
     if torch.device(device).type == "cpu":
-        _prefer_huge_pages(model)
+        prefer_huge_pages(model)
     return model.eval()
 
 
@@ -148,14 +148,14 @@ def _build_native(directory: Path, device: str, dtype, first_dtype, preload=None
     if torch.device(device).type == "cpu":
         if preload is not None:
             model.adopt(preload.tensors())
-        _prefer_huge_pages(model)
+        prefer_huge_pages(model)
     return model.eval()
 
 
-HUGE_PAGES_FROM = 8 << 30  # model bytes; below this, 4 KiB pages filled faster (see _prefer_huge_pages)
+HUGE_PAGES_FROM = 8 << 30  # model bytes; below this, 4 KiB pages filled faster (see prefer_huge_pages)
 
 
-def _prefer_huge_pages(model) -> None:
+def prefer_huge_pages(model) -> None:
     """Ask Linux for 2 MiB pages under each weight not yet written, for a model of 8 GiB or more: a
     model that large filled through 4 KiB pages spends much of its load time in page faults. Below
     that the hint cost time. On a 2-core virtual machine (bench/scale.py donors, cached where they fit),
