@@ -192,7 +192,7 @@ def step_routing(a, b, device) -> dict:
     import torch
 
     from surgeon.features.routing.corpora import read_corpora
-    from surgeon.features.routing.probe import _sequences, probe_routing
+    from surgeon.features.routing.probe import _sequences, padded_batch, probe_routing
     from surgeon.probes.scoring import load_tokenizer
 
     hybrid, _ = _materialize(a, b, device)
@@ -204,13 +204,7 @@ def step_routing(a, b, device) -> dict:
     def plain() -> None:
         with torch.no_grad():
             for s in range(0, len(seqs), 32):
-                batch = seqs[s:s + 32]
-                width = max(len(x) for x in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for r, x in enumerate(batch):
-                    ids[r, :len(x)] = torch.tensor(x)
-                    mask[r, :len(x)] = 1
+                ids, mask = padded_batch(seqs[s:s + 32], pad)
                 model(ids.to(device), attention_mask=mask.to(device), use_cache=False)
         sync(device)
 

@@ -442,6 +442,19 @@ def probe_domains(model, tokenizer, corpora: dict[str, list[str]], *, batch_size
     return out
 
 
+def padded_batch(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right to the longest row, and the attention mask (1 where a token is)."""
+    import torch
+
+    width = max(len(s) for s in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for r, s in enumerate(batch):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
 def _sequences(tokenizer, texts: list[str], max_len: int, max_tokens: int | None) -> list[list[int]]:
     seqs = encode_texts(tokenizer, texts, max_len)
     if max_tokens is None:
@@ -472,12 +485,8 @@ def _probe(model, moe: list[MoeLayer], tokenizer, seqs: list[list[int]], batch_s
             for start in range(0, len(seqs), batch_size):
                 cancel.check()
                 batch = seqs[start:start + batch_size]
-                width = max(len(s) for s in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                ids, mask = padded_batch(batch, pad)
                 for r, s in enumerate(batch):
-                    ids[r, : len(s)] = torch.tensor(s)
-                    mask[r, : len(s)] = 1
                     token_ids.append(np.asarray(s, dtype=np.int64))
                     docs.append(np.full(len(s), start + r, dtype=np.int64))
                 flat = mask.flatten().bool().to(device)
