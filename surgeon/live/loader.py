@@ -158,11 +158,11 @@ HUGE_PAGES_FROM = 8 << 30  # model bytes; below this, 4 KiB pages filled faster 
 def prefer_huge_pages(model) -> None:
     """Ask Linux for 2 MiB pages under each weight not yet written, for a model of 8 GiB or more: a
     model that large filled through 4 KiB pages spends much of its load time in page faults. Below
-    that the hint cost time. On a 2-core virtual machine (bench/scale.py donors, cached where they fit),
-    materialising 0.94 GB took 1.0-1.6 s with it and 0.5-1.0 s without, 3.4 GB 2.8-4.5 s against
-    1.5-3.4 s, and 13.8 GB 9.1-17.0 s (median 12.7) against 12.1-21.1 s (median 16.6); the same
-    with the kernel's THP defrag set to defer, so it is not compaction (fresh huge pages from the
-    hypervisor, we think). Only a hint: anywhere it is not available nothing changes."""
+    that the hint cost time. On a 2-core virtual machine (bench/scale.py donors, cached where they
+    fit), materialising 0.94 GB took 1.0-1.6 s with it and 0.5-1.0 s without, 3.4 GB 2.8-4.5 s
+    against 1.5-3.4 s, and 13.8 GB 9.1-17.0 s (median 12.7) against 12.1-21.1 s (median 16.6); the
+    same with the kernel's THP defrag set to defer, so it is not compaction (fresh huge pages from
+    the hypervisor, we think). Only a hint: anywhere it is not available nothing changes."""
     import ctypes
     import sys
 
