@@ -69,6 +69,9 @@ class Resolution:
     sources: dict[str, Source]  # hybrid tensor name -> source, in the order to write them
     parts: dict[str, Part]  # hybrid tensor name -> part; unclassified names are absent (from base)
     warnings: list[str] = field(default_factory=list)
+    # Names whose part is a layer gate, when known ahead (resolve: from the base's tables, once);
+    # gate_names then only checks them, not every name (a swap asks for it each time).
+    gate_candidates: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     def parameters_by_donor(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -81,7 +84,9 @@ class Resolution:
 
     def gate_names(self) -> list[str]:
         """The hybrid's layer-gate tensors: they go to the gates sidecar, not the model's shards."""
-        return [n for n in self.sources if (p := self.parts.get(n)) is not None and p.kind == GATE_KIND]
+        names = self.sources if self.gate_candidates is None else self.gate_candidates
+        return [n for n in names
+                if n in self.sources and (p := self.parts.get(n)) is not None and p.kind == GATE_KIND]
 
     @property
     def converts(self) -> bool:
@@ -195,7 +200,12 @@ def _resolve(plan: Plan, donors: dict[str, Donor], dtype: str, *, build: bool,
     parts = anatomy.parts
     if any(a.component == GATE_KIND for a in plan.assignments):
         parts = gate_sources(plan, donors, sources, dtype)
-    return Resolution(plan, sources, parts, warnings)
+        return Resolution(plan, sources, parts, warnings)
+    key = ("gate_names",)
+    if key not in base.memo:
+        base.memo[key] = tuple(n for n in base.ordered_names
+                               if (p := parts.get(n)) is not None and p.kind == GATE_KIND)
+    return Resolution(plan, sources, parts, warnings, gate_candidates=base.memo[key])
 
 
 def gate_sources(plan: Plan, donors: dict[str, Donor], sources: dict[str, Source], dtype: str) -> dict[str, Part]:
