@@ -560,7 +560,7 @@ class Hybrid:
             return moved
         lanes: list[list[str]] = [[] for _ in range(count)]
         load = [0] * count
-        for name, size in zip(names, sizes):  # in file order, each to the lightest lane
+        for name, size in zip(names, sizes):  # each, in the plan's order, to the lightest lane
             i = load.index(min(load))
             lanes[i].append(name)
             load[i] += size
