@@ -49,6 +49,19 @@ def test_manifest_lists_every_tensor_with_its_source_shape_range_and_hash(export
     assert {"python", "safetensors", "xxhash"} <= set(m["libraries"])
 
 
+def test_the_manifest_file_reads_back_as_written_one_line_per_tensor(export_dir):
+    """Written in pieces (the C encoder per tensor): the text must still be the whole manifest."""
+    out, donor = export_dir
+    names = read_header(str(out / "model.safetensors")).tensors
+    manifest = build_manifest(out, {n: {"donor": "A", "name": n} for n in names}, {"A": {"path": str(donor)}})
+    text = (out / MANIFEST_FILE).read_text()
+    assert json.loads(text) == manifest and list(json.loads(text)) == list(manifest)
+    lines = [line for line in text.splitlines() if '"hash": ' in line and '"shard": ' in line]
+    assert len(lines) == len(names)  # every tensor's entry on a line of its own
+    name, entry = next(iter(json.loads("{" + lines[0].rstrip(",") + "}").items()))
+    assert entry == manifest["tensors"][name]
+
+
 def test_verify_passes_an_untouched_export_and_its_donor(export_dir, run_cli):
     out, _ = export_dir
     r = run_cli("verify", out, "--donors")

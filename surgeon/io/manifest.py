@@ -167,11 +167,29 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     path = Path(directory) / MANIFEST_FILE
     try:
         with open(path, "w") as f:  # streamed: the whole text of thousands of tensors is the export's peak memory
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
+            f.writelines(manifest_text(manifest))
     except OSError as e:
         raise SurgeonError(f"{path}: cannot write ({e.strerror})") from None
     return path
+
+
+def manifest_text(manifest: dict):
+    """The manifest's JSON text in pieces: indented, each tensor's entry on one line of its own.
+
+    Per entry, because `json.dump` and any indented dump run Python's pure-Python encoder, about 50 us
+    a tensor (0.17 s of a 3,219-tensor export, seconds for a DeepSeek-V3's 91,930), where a compact
+    `json.dumps` runs the C one. One line a tensor also keeps the file easy to grep and diff."""
+    head = {k: v for k, v in manifest.items() if k != "tensors"}
+    text = json.dumps(head, indent=1)  # small: libraries, donors, shards, side files
+    if "tensors" not in manifest:
+        yield text + "\n"
+        return
+    yield (text[:-2] + "," if head else "{") + '\n "tensors": {'  # text ends in "\n}"
+    sep = "\n  "
+    for name, entry in manifest["tensors"].items():
+        yield sep + json.dumps(name) + ": " + json.dumps(entry)
+        sep = ",\n  "
+    yield "\n }\n}\n"
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
