@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from surgeon.core.donor import open_donor
 from surgeon.core.plan import Assignment, Plan
+from surgeon.core.resolve import changed_between, resolve
 from surgeon.errors import SurgeonError
 from surgeon.live.devices import check_device
 from surgeon.live.hybrid import Hybrid
@@ -63,6 +64,28 @@ def test_hot_swap_sequence_equals_fresh_materialization(model_type, donors_of, c
     for name, src in fresh.resolution.sources.items():
         disk = load_file(donors[src.donor].tensors[src.tensor].file)[src.tensor]
         assert torch.equal(fresh.live_view(name), disk), name
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "gpt_oss"])
+def test_a_swap_looks_at_every_tensor_whose_origin_moved(model_type, donors_of, moe_pair):
+    """changed_between looks only at what either plan takes from another donor: it must name exactly
+    what a scan of every tensor names, fused expert tensors spliced from two donors and a change of
+    base included."""
+    paths = moe_pair(model_type) if model_type == "gpt_oss" else donors_of(model_type, 2)
+    donors = {n: open_donor(p) for n, p in zip("AB", paths)}
+    rng = random.Random(3)
+    old = resolve(Plan("A"), donors)
+    seen = 0
+    for i in range(16):
+        new = resolve(random_plan(rng, donors["A"].anatomy, list(donors)), donors)
+        if i % 5 == 4:
+            new = resolve(Plan("B", new.plan.assignments), donors)
+        scan = [n for n, s in new.sources.items() if s.origin != old.sources[n].origin]
+        found = changed_between(old, new)
+        assert len(found) == len(set(found)) and set(found) == set(scan), (old.plan, new.plan)
+        seen += len(scan)
+        old = new
+    assert seen  # the plans did move tensors
 
 
 def test_hybrid_logits_equal_exported_hybrid(donors_of, tmp_path, cli):

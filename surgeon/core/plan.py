@@ -70,6 +70,10 @@ class Plan:
                 return a.donor
         return self.base
 
+    def kinds(self) -> set[str]:
+        """The part kinds an assignment may cover: a part of any other kind comes from the base."""
+        return {"expert" if a.component in ("experts", "expert") else a.component for a in self.assignments}
+
 
 # More layers or experts than any model has; a range this long is a typo, not a plan.
 MAX_RANGE = 1 << 16
