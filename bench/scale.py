@@ -51,7 +51,8 @@ from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards
 DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
 LAYERS, EXPERTS, VOCAB, HIDDEN, INTER = 16, 64, 50304, 2048, 1024
 BATCH = 16
-WARM_ROUNDS = 5  # swaps back and again, after the first: one swap of 34 MB is too short to time once
+# swaps back and again after the first, and plain copies: one copy of 34 MB is too short to time once
+WARM_ROUNDS = 5
 
 
 def make_donor(path: Path, seed: int, scale: float) -> None:
@@ -130,7 +131,7 @@ def swaps(hybrid, device) -> dict:
                        for m, v in zip(group, views)]
             for m in group:
                 hybrid.reader.release("B", hybrid.resolution.sources[m].tensor)
-            copy += copy_seconds(views, sources, device)
+            copy += statistics.median(copy_seconds(views, sources, device) for _ in range(WARM_ROUNDS))
             del sources
             group, size = [], 0
         gb = first.bytes / 1e9
@@ -372,7 +373,7 @@ def main() -> None:
         for label, r in live["swap"].items():
             row(f"hot-swap {label}", f"{r['tensors']} tensors {r['GB']:.3f} GB in {r['swap_s']:.3f} s = "
                 f"{r['swap_GBps']:.2f} GB/s (B read as cached); again, median of {WARM_ROUNDS} "
-                f"{r['warm_GBps']:.2f} GB/s ({r['warm_worst_GBps']:.2f}-{r['warm_best_GBps']:.2f}); plain copy "
+                f"{r['warm_GBps']:.2f} GB/s ({r['warm_worst_GBps']:.2f}-{r['warm_best_GBps']:.2f}); plain copy (median) "
                 f"{r['copy_GBps']:.2f} GB/s = {r['copy_GBps'] / r['warm_GBps']:.2f}x; RSS +{r['rss_growth_MB']:.0f} MB "
                 f"(budget: nothing beyond the swapped tensors, which are already in place)")
         for kind, r in live["probe"].items():
