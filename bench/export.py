@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from copy_timing import paired, ratios, spread  # noqa: E402
+from copy_timing import as_installed, paired, ratios, spread  # noqa: E402
 from synthetic import dir_bytes  # noqa: E402
 
 TRANSFER = ["--take", "experts=B", "--take", "attention@0-3=B"]
@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="a 4-layer model, for a quick check")
     ap.add_argument("--skip-naive", action="store_true")
     args = ap.parse_args()
+    as_installed()
     work = Path(args.work or tempfile.mkdtemp(prefix="moe-surgeon-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

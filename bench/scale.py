@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from copy_timing import copy_seconds, paired, ratios, spread, sync
+from copy_timing import as_installed, copy_seconds, paired, ratios, spread, sync
 from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards
 
 DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
@@ -296,6 +296,7 @@ def main() -> None:
     if args.step:
         print(json.dumps(STEPS[args.step](*args.paths, args.device)))
         return
+    as_installed()
     device = args.device or ("cuda" if shutil.which("nvidia-smi") else "cpu")
     global KEEP_CACHE
     KEEP_CACHE = args.keep_cache

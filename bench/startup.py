@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--floor", action="store_true", help="also time, in fresh processes, the imports any probe "
                     "through transformers' model classes pays: the interpreter, torch, transformers' model code")
     args = ap.parse_args(argv)
+    from copy_timing import as_installed
+
+    as_installed()
     models = _models(args.model or ["demo", "llama135m"])
     codes = {"now": None}
     with tempfile.TemporaryDirectory() as old:

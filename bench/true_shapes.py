@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from copy_timing import as_installed  # noqa: E402
 from tui import launch_to_ready  # noqa: E402
 
 from surgeon.io.dtypes import DTYPE_SIZES  # noqa: E402
@@ -221,6 +222,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--make", help=argparse.SUPPRESS)  # write one model's pair (in a child process)
     args = parser.parse_args()
+    as_installed()
     if args.make:
         for i in range(2):
             write_donor(WORK / args.make / f"donor{i}", MODELS[args.make])

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from copy_timing import as_installed  # noqa: E402
 from synthetic import write_donor  # noqa: E402
 
 from surgeon.io.content_hash import hash_files  # noqa: E402
@@ -181,6 +182,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    as_installed()
     WORK.mkdir(parents=True, exist_ok=True)
     paths = donors()
     from surgeon.core.donor import open_donor
