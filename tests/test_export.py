@@ -213,3 +213,22 @@ def test_resolve_refuses_unknown_donor_name(donors_of):
     a, _ = donors_of("olmoe", 2)
     with pytest.raises(SurgeonError, match="names donor 'Z'"):
         resolve(Plan("A", [parse_spec("router", "Z")]), {"A": open_donor(a)})
+
+
+def test_a_directory_named_twice_on_the_command_line_is_one_donor_read_once(donors_of, monkeypatch):
+    """`--take experts=B --take attention=B`: one donor B, its headers read once."""
+    import surgeon.core.donor as donor_module
+
+    a, b = donors_of("olmoe", 2)
+    opened = []
+    real = donor_module.open_donor
+
+    def counting(path, **kwargs):
+        opened.append(path)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(donor_module, "open_donor", counting)
+    by_path = donor_module.DonorsByPath()
+    names = [by_path.name_for(str(p)) for p in (a, b, b, f"{b}/", a)]
+    assert names == ["A", "B", "B", "B", "A"] and list(by_path.donors) == ["A", "B"]
+    assert len(opened) == 2

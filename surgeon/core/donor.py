@@ -388,6 +388,9 @@ class DonorsByPath:
     def name_for(self, path: str) -> str:
         from surgeon.core.plan import next_donor_name
 
+        known = self._names.get(resolve_path(str(path)).resolve())
+        if known is not None:  # `--take experts=B --take attention=B`: B's headers are read once
+            return known
         donor = open_donor(path, allow_pickle=self.allow_pickle)
         key = donor.path.resolve()
         if key not in self._names:
