@@ -182,3 +182,19 @@ def test_cpu_weights_sit_at_their_files_page_offsets(model_type, donors_of, monk
     for name in hybrid.resolution.sources:
         t = hybrid.target(name)
         assert torch.equal(live_slice(hybrid._live, t), live_slice(fresh._live, fresh.target(name))), name
+
+
+def test_a_first_swap_from_another_donor_reads_into_the_same_places_only_when_they_fit(donors_of, tmp_path):
+    """A donor's tensor of the live dtype and shape is read straight into the bytes the base's was
+    read into; one saved in another dtype is converted on the way instead, never read into them."""
+    from tiny_models import make_donor
+
+    a, c = donors_of("olmoe", 3)[0], donors_of("olmoe", 3)[2]
+    b = make_donor(tmp_path / "b16", "olmoe", seed=1, dtype=torch.bfloat16)
+    donors = {"A": open_donor(a), "B": open_donor(b), "C": open_donor(c)}
+    hybrid = Hybrid.materialize(Plan("A"), donors, device="cpu")
+    for donor in ("C", "B", "C"):
+        hybrid.apply(Plan("A", [Assignment("attention", donor)]), dtype="float32")  # B's bf16 is cast
+        disk = load_file(donors[donor].tensors["model.layers.0.self_attn.q_proj.weight"].file)
+        for name in hybrid.resolution.changed():
+            assert torch.equal(hybrid.live_view(name), disk[name].to(hybrid.live_view(name).dtype)), (donor, name)

@@ -231,6 +231,9 @@ class Hybrid:
         # (live name, donor, tensor) -> the live bytes a pread fills: a swap back to a source seen
         # before skips finding its place again (a sweep swaps the same tensors over and over).
         self._preads: dict[tuple[str, str, str], memoryview] = {}
+        # live name -> (those bytes, their dtype and shape): a first swap from another donor whose tensor
+        # has the same dtype and shape reads into them without finding them again (_same_place).
+        self._places: dict[str, tuple[memoryview, torch.dtype, tuple]] = {}
         self.filled_from_files = False  # True: built empty and filled by the reader, not from_pretrained
 
     @classmethod
@@ -347,6 +350,7 @@ class Hybrid:
             self._live.pop(n, None)
             self._targets.pop(n, None)
         self._preads.clear()  # gate parameters were made anew
+        self._places.clear()
         for layer, gate in gate_modules(self.model).items():
             self._live[gate_tensor_name(layer)] = gate.weight
         return {n for n, shape in want.items() if before.get(n) != shape}
@@ -441,7 +445,7 @@ class Hybrid:
         return view
 
     def _copy(self, name: str, src) -> int:
-        known = None if src.runs else self._preads.get((name, src.donor, src.tensor))
+        known = None if src.runs else self._preads.get((name, src.donor, src.tensor)) or self._same_place(name, src)
         if known is not None:
             self.reader.pread(known, src.donor, src.tensor)
             return len(known)
@@ -470,6 +474,7 @@ class Hybrid:
         if buf is not None:
             self.reader.pread(buf, src.donor, src.tensor)
             self._preads[name, src.donor, src.tensor] = buf
+            self._places[name] = (buf, view.dtype, tuple(view.shape))
             return info.nbytes
         data = self.reader.read(src.donor, src.tensor)
         if tuple(data.shape) != tuple(view.shape):
@@ -479,6 +484,22 @@ class Hybrid:
             torch.cuda.current_stream(view.device).synchronize()
         self.reader.release(src.donor, src.tensor)
         return data.numel() * data.element_size()
+
+    def _same_place(self, name: str, src) -> memoryview | None:
+        """The live bytes a read from another donor filled for `name`, when `src` is a tensor of the
+        same dtype and shape (so it would be given the same place): finding a place costs about
+        10 us a tensor, most of the Python in a first swap of many tensors."""
+        placed = self._places.get(name)
+        if placed is None:
+            return None
+        buf, dtype, shape = placed
+        donor = self.donors[src.donor]
+        info = donor.tensors.get(src.tensor)
+        if info is None or src.tensor in donor.pickled or TORCH_DTYPES.get(info.dtype) != dtype \
+                or tuple(info.shape) != shape:
+            return None
+        self._preads[name, src.donor, src.tensor] = buf
+        return buf
 
     def _scale_of(self, src, view: torch.Tensor) -> str | None:
         """The block-scale tensor of an FP8 source weight when the live model holds it dequantized."""
