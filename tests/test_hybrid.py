@@ -1,6 +1,8 @@
 """Hot-swapping into a live model equals materialising the final plan from scratch."""
 
+import os
 import random
+import time
 
 import pytest
 import torch
@@ -198,3 +200,35 @@ def test_a_first_swap_from_another_donor_reads_into_the_same_places_only_when_th
         disk = load_file(donors[donor].tensors["model.layers.0.self_attn.q_proj.weight"].file)
         for name in hybrid.resolution.changed():
             assert torch.equal(hybrid.live_view(name), disk[name].to(hybrid.live_view(name).dtype)), (donor, name)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_swaps_in_lanes_of_its_own(donors_of, monkeypatch):
+    """The lane threads are kept between swaps; a child forked after one has none of them and must
+    start its own rather than wait forever for the parent's."""
+    import surgeon.live.hybrid as hybrid_module
+
+    monkeypatch.setattr(hybrid_module, "LANE_BYTES", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        a, b = donors_of("olmoe", 2)
+        hybrid = Hybrid.materialize(Plan("A"), {"A": open_donor(a), "B": open_donor(b)}, device="cpu")
+        hybrid.apply(Plan("A", [Assignment("attention", "B")]))  # starts the lane threads
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if hybrid.apply(Plan("A")).tensors > 0 else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's swap never finished")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        torch.set_num_threads(threads)

@@ -634,6 +634,15 @@ def _lane_pool() -> ThreadPoolExecutor:
         return _lanes
 
 
+def _forget_lanes() -> None:
+    global _lanes, _lanes_lock
+    _lanes, _lanes_lock = None, threading.Lock()  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_lanes)
+
+
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An FP8 weight times its per-block scales, in `dtype`: transformers' own dequantization (what
     from_pretrained does on a machine without FP8 kernels), so a swap gives the bytes a load would."""
