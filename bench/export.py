@@ -10,8 +10,10 @@ gives min / median / max over the rounds.
   (d) the naive way (transformers loads both models, copies the state dict, save_pretrained)
       as a ratio to the export.
   (e) one donor shard from the page cache into a new file, in this process: the export's copy
-      (read, hash for the manifest, write, through one page-aligned buffer) in 256 KiB and in 1 MiB
-      pieces, against copy_file_range, which copies without hashing: seconds and system time.
+      (read, hash for the manifest, write, through page-aligned buffers, a thread writing each piece
+      while the next is read) in 256 KiB and in 1 MiB pieces, and in 256 KiB pieces with each write
+      before the next read, against copy_file_range, which copies without hashing: seconds and
+      system time.
   (f) the kernel's copy of 256 MiB from the page cache into a buffer where each byte lands 0, 8 or
       16 bytes ahead of its offset within a page in the file (surgeon/io/aligned.py): system time.
 --donors A B takes an existing pair (e.g. the 0.94 GB one `bench/scale.py --scale 0.25` makes).
@@ -78,8 +80,8 @@ def copy_speeds(donor: Path, scratch: Path, rounds: int) -> dict[str, list[tuple
     """(seconds, system seconds) of each way to copy the donor's largest shard into a new file, page
     cache warm, the ways interleaved, dirty pages written out before each. In this process after the
     timed children: it imports the engine."""
-    from surgeon.io.aligned import PAGE, aligned_buffer
     from surgeon.io.manifest import tensor_hasher
+    from surgeon.io.ordered_writes import copy_buffers
     from surgeon.io.shards import COPY_BUFFER, HashingSink
 
     shard = max(donor.glob("*.safetensors"), key=lambda p: p.stat().st_size)
@@ -91,15 +93,21 @@ def copy_speeds(donor: Path, scratch: Path, rounds: int) -> dict[str, list[tuple
         while done < size:
             done += os.copy_file_range(src, dst, size - done, done)
 
-    def hashing(piece: int):
+    def hashing(piece: int, cores: int):
         def run(dst: int) -> None:
-            sink = HashingSink(dst, aligned_buffer(piece + PAGE))
-            sink.tensor = tensor_hasher()
-            sink.copy(src, 0, size, str(shard))
+            sink = HashingSink(dst, copy_buffers(piece, cores))
+            try:
+                sink.tensor = tensor_hasher()
+                sink.copy(src, 0, size, str(shard))
+                sink.finish()
+            finally:
+                sink.close()
         return run
 
-    ways = {"copy_file_range": kernel, f"export's copy, {COPY_BUFFER >> 10} KiB": hashing(COPY_BUFFER),
-            "export's copy, 1 MiB": hashing(1 << 20)}
+    ways = {"copy_file_range": kernel,
+            f"export's copy, {COPY_BUFFER >> 10} KiB": hashing(COPY_BUFFER, 2),
+            "  the same, writes in turn": hashing(COPY_BUFFER, 1),
+            "export's copy, 1 MiB": hashing(1 << 20, 2)}
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     try:
         subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)

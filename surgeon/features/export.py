@@ -40,10 +40,10 @@ from surgeon.core.session import (
 from surgeon.errors import SurgeonError
 from surgeon.features.verify import VerifyResult, run_verify
 from surgeon.io import model_card as card
-from surgeon.io.aligned import PAGE, aligned_buffer
 from surgeon.io.fs import check_writable
 from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
 from surgeon.io.model_card import SESSION_FILE
+from surgeon.io.ordered_writes import copy_buffers
 from surgeon.io.safetensors_file import DTYPE_SIZES
 from surgeon.io.shards import (
     COPY_BUFFER,
@@ -56,6 +56,7 @@ from surgeon.io.shards import (
 )
 from surgeon.io.staged import check_target, staged_directory
 from surgeon.jobs import NEVER, CancelToken, Meter, Progress
+from surgeon.live.threads import usable_cores
 
 
 @dataclass
@@ -190,7 +191,7 @@ def export_hybrid(
     fds: dict[str, int] = {}
     meter = Meter(progress, total, "bytes", "export")
     done = 0
-    buffer = aligned_buffer(COPY_BUFFER + PAGE)  # every copied byte passes through it, for the whole export
+    buffers = copy_buffers(COPY_BUFFER, usable_cores())  # every copied byte passes through them, for the whole export
     written = {}  # shard file name -> what its writer hashed
 
     def fd_of(donor: Donor, tensor: str) -> int | None:
@@ -233,7 +234,7 @@ def export_hybrid(
 
     def write_file(tmp: Path, file_name: str, members: list[str], metadata: dict) -> None:
         entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
-        written[file_name] = write_hashed_shard(tmp / file_name, entries, metadata, write_tensor, buffer,
+        written[file_name] = write_hashed_shard(tmp / file_name, entries, metadata, write_tensor, buffers,
                                                 fsync=fsync, cancel=cancel)
 
     try:

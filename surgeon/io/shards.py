@@ -17,6 +17,7 @@ from surgeon.errors import SurgeonError
 from surgeon.io.aligned import PAGE, view_for
 from surgeon.io.content_hash import TreeHasher, identity
 from surgeon.io.manifest import ShardHashes, tensor_hasher
+from surgeon.io.ordered_writes import OrderedWriter
 from surgeon.io.safetensors_file import encode_header
 
 # The most bytes one read() and one write() of a copy move, through one page-aligned buffer
@@ -81,42 +82,52 @@ def write_shard(path: Path, entries: list, metadata: dict, write_tensor: Callabl
 class HashingSink:
     """Where a hashed shard's bytes go: every byte passes the shard's content hasher and the hasher
     of the tensor being written on its way to the file, so both hashes are known when the file is
-    closed, and the manifest needs no second read of what was just written."""
+    closed, and the manifest needs no second read of what was just written. Copied bytes are written
+    by an OrderedWriter's thread while the next piece is read (io/ordered_writes.py); `close()` must
+    run before the file descriptor is closed."""
 
-    def __init__(self, fd: int, buffer: memoryview):
-        self.fd = fd
-        self._buffer = buffer  # an io.aligned.aligned_buffer, PAGE bytes longer than a piece
-        self._piece = len(buffer) - PAGE
+    def __init__(self, fd: int, buffers: list[memoryview]):
+        # io.aligned.aligned_buffer(s), each PAGE bytes longer than a piece (ordered_writes.copy_buffers)
+        self._piece = min(len(b) for b in buffers) - PAGE
         if self._piece < 1:
-            raise ValueError(f"a copy buffer of {len(buffer)} bytes: it needs a page more than a piece")
+            raise ValueError(f"a copy buffer of {min(len(b) for b in buffers)} bytes: it needs a page more than a piece")
+        self._writer = OrderedWriter(fd, buffers)
         self.content = TreeHasher()
         self.tensor = None  # the current tensor's hasher; None while the header is written
         self.written = 0  # where the next byte goes in the file
 
     def write(self, data) -> None:
-        """Bytes made in memory: the header, a converted tensor."""
+        """Bytes made in memory: the header, a converted tensor. Written before this returns."""
         view = memoryview(data).cast("B")
         self._hash(view)
-        while len(view):
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.written += n
+        self._writer.write_now(view)
+        self.written += len(view)
 
     def copy(self, src_fd: int, offset: int, count: int, source: str) -> None:
-        """Bytes [offset, offset+count) of the file `source` (open as src_fd), read into the buffer,
+        """Bytes [offset, offset+count) of the file `source` (open as src_fd), read into a buffer,
         hashed there and written from it, a piece at a time.
 
         Not copy_file_range: the hashes need the bytes read once more, which cost more CPU time
-        than this copy. Not a writer thread beside the reader either: no faster on this busy 2-core
-        machine (docs/performance.md has both)."""
+        than this copy (docs/performance.md)."""
         while count > 0:
-            piece = view_for(self._buffer, offset, min(count, self._piece), to=self.written)
+            buffer = self._writer.buffer()
+            piece = view_for(buffer, offset, min(count, self._piece), to=self.written)
             n = os.preadv(src_fd, [piece], offset)
             if n == 0:
                 raise SurgeonError(f"{source}: shorter than its header says (nothing at byte {offset})")
-            self.write(piece[:n])
+            piece = piece[:n]
+            self._hash(piece)
+            self._writer.write_from(buffer, piece)
+            self.written += n
             offset += n
             count -= n
+
+    def finish(self) -> None:
+        """Wait until every byte is in the file (a failed write raises here)."""
+        self._writer.drain()
+
+    def close(self) -> None:
+        self._writer.close()
 
     def _hash(self, view: memoryview) -> None:
         self.content.update(view)
@@ -125,14 +136,15 @@ class HashingSink:
 
 
 def write_hashed_shard(path: Path, entries: list, metadata: dict, write_tensor: Callable[[str, HashingSink], None],
-                       buffer: memoryview, *, fsync: bool = False, cancel=None) -> ShardHashes:
+                       buffers: list[memoryview], *, fsync: bool = False, cancel=None) -> ShardHashes:
     """write_shard's file, hashed as it is written: write_tensor(name, sink) puts each tensor's bytes
-    through `sink` (HashingSink.copy or .write), and `buffer` (an io.aligned.aligned_buffer of a piece
-    and a page) is the one buffer copies pass through."""
+    through `sink` (HashingSink.copy or .write), and `buffers` (ordered_writes.copy_buffers) are the
+    buffers copies pass through."""
     header, _ = encode_header(entries, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sink = None
     try:
-        sink = HashingSink(fd, buffer)
+        sink = HashingSink(fd, buffers)
         sink.write(header)
         tensors = {}
         for name, _, _ in entries:
@@ -141,6 +153,7 @@ def write_hashed_shard(path: Path, entries: list, metadata: dict, write_tensor: 
             sink.tensor = tensor_hasher()
             write_tensor(name, sink)
             tensors[name] = sink.tensor.hexdigest()
+        sink.finish()  # every byte in the file before its times are set and its identity read
         # The identity must change with any later rewrite, but before Linux 6.13 mtime moves in
         # clock ticks of milliseconds: a same-size rewrite within this tick would keep it. A time
         # no tick gives (one nanosecond back) makes any later write show.
@@ -150,6 +163,8 @@ def write_hashed_shard(path: Path, entries: list, metadata: dict, write_tensor: 
             os.fsync(fd)
         return ShardHashes(sink.content.hexdigest(), tensors, identity(os.fstat(fd)))
     finally:
+        if sink is not None:
+            sink.close()
         os.close(fd)
 
 
