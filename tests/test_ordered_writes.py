@@ -15,6 +15,7 @@ from surgeon.features import export as export_module
 from surgeon.features.export import export_hybrid
 from surgeon.io.aligned import aligned_buffer
 from surgeon.io.ordered_writes import OrderedWriter, copy_buffers
+from surgeon.live import threads
 
 
 def writer_threads() -> list[threading.Thread]:
@@ -90,6 +91,7 @@ def test_one_usable_core_copies_through_one_buffer():
 def test_an_export_writes_from_a_thread_only_when_a_second_core_can_run_it(donors_of, tmp_path, monkeypatch,
                                                                            cores):
     monkeypatch.setattr(export_module, "usable_cores", lambda: cores)
+    monkeypatch.setattr(export_module, "spare_cores", lambda: cores)
     monkeypatch.setattr(export_module, "COPY_BUFFER", 1500)  # many pieces a tensor
     a, b = donors_of("olmoe", 2)
     donors = {"A": open_donor(a), "B": open_donor(b)}
@@ -100,6 +102,35 @@ def test_an_export_writes_from_a_thread_only_when_a_second_core_can_run_it(donor
     assert writer_threads() == []
     reference = tmp_path / "reference"  # the same export, every write in turn
     monkeypatch.setattr(export_module, "usable_cores", lambda: 1)
+    monkeypatch.setattr(export_module, "spare_cores", lambda: 1)
     export_hybrid(resolution, donors, reference)
     for shard in reference.glob("*.safetensors"):
         assert (tmp_path / "out" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_an_export_writes_in_turn_while_no_other_core_is_free(donors_of, tmp_path, monkeypatch):
+    """Two usable cores, but the other one busy now (another process running): no writer thread,
+    which would only take turns with the reader on one core."""
+    monkeypatch.setattr(export_module, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "runnable_elsewhere", lambda: 1)
+    monkeypatch.setattr(export_module, "COPY_BUFFER", 1500)
+    a, b = donors_of("olmoe", 2)
+    donors = {"A": open_donor(a), "B": open_donor(b)}
+    resolution = resolve(Plan("A", [parse_spec("experts", "B")]), donors)
+    seen = []
+    export_hybrid(resolution, donors, tmp_path / "out", progress=lambda step: seen.append(len(writer_threads())))
+    assert seen and max(seen) == 0
+
+
+def test_the_threads_running_elsewhere_are_read_from_the_kernels_count(tmp_path, monkeypatch):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.52 0.58 0.59 3/467 12345\n")  # 3 running or runnable, this thread among them
+    assert threads.runnable_elsewhere(loadavg) == 2
+    assert threads.runnable_elsewhere(tmp_path / "missing") is None
+    loadavg.write_text("garbage\n")
+    assert threads.runnable_elsewhere(loadavg) is None
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    for elsewhere, spare in ((None, 4), (0, 4), (1, 3), (3, 1), (9, 1)):
+        monkeypatch.setattr(threads, "runnable_elsewhere", lambda: elsewhere)
+        assert threads.spare_cores() == spare

@@ -3,8 +3,9 @@
 `run_export` is the use case the command line (`export`, `replay --export`) and the workbench's
 export dialog both call, so both write the same checkpoint and the same session record.
 
-A same-dtype tensor moves as a byte range from its donor's file through one small reused buffer,
-hashed on the way (so the manifest needs no second read of the output), and an export neither
+A same-dtype tensor moves as a byte range from its donor's file through a few small reused buffers,
+hashed on the way (so the manifest needs no second read of the output) and written by a second
+thread while the next piece is read, where a core is free for it; an export neither
 imports torch nor holds weights in memory. Only a dtype conversion reads one tensor at a time
 through torch. Everything is written into a hidden sibling directory and renamed into place at
 the end (`surgeon.io.staged`): an interrupted or cancelled export leaves nothing behind.
@@ -56,7 +57,7 @@ from surgeon.io.shards import (
 )
 from surgeon.io.staged import check_target, staged_directory
 from surgeon.jobs import NEVER, CancelToken, Meter, Progress
-from surgeon.live.threads import usable_cores
+from surgeon.live.threads import spare_cores, usable_cores
 
 
 @dataclass
@@ -234,7 +235,10 @@ def export_hybrid(
 
     def write_file(tmp: Path, file_name: str, members: list[str], metadata: dict) -> None:
         entries = [(n, resolution.sources[n].dtype, resolution.sources[n].shape) for n in members]
-        written[file_name] = write_hashed_shard(tmp / file_name, entries, metadata, write_tensor, buffers,
+        # A writer thread gains only where it runs beside this one (docs/performance.md, "A writer
+        # thread"): with every other core busy now, the shard is written in turn.
+        through = buffers if spare_cores() > 1 else buffers[:1]
+        written[file_name] = write_hashed_shard(tmp / file_name, entries, metadata, write_tensor, through,
                                                 fsync=fsync, cancel=cancel)
 
     try:

@@ -62,6 +62,25 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def runnable_elsewhere(loadavg: Path = Path("/proc/loadavg")) -> int | None:
+    """Threads other than the calling one that are running or ready to run on this machine now
+    (Linux's count in /proc/loadavg, which includes the caller); None where it cannot be read."""
+    try:
+        running = int(loadavg.read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - 1)
+
+
+def spare_cores() -> int:
+    """The usable cores no other thread is running on at this moment, counting the caller's own;
+    all usable cores where the count cannot be read. A one-off look: it says whether work handed to
+    a second thread now would run beside this one or take turns with it."""
+    cores = usable_cores()
+    elsewhere = runnable_elsewhere()
+    return cores if elsewhere is None else max(1, cores - elsewhere)
+
+
 def configure_threads(environ=None) -> dict[str, str]:
     """Set the OpenMP wait policy and, where the process may use fewer cores than the machine has,
     the thread count, each unless the user set it. Returns what it set (nothing once torch has
