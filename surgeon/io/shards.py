@@ -20,7 +20,7 @@ from surgeon.io.manifest import ShardHashes, tensor_hasher
 from surgeon.io.ordered_writes import OrderedWriter
 from surgeon.io.safetensors_file import encode_header
 
-# The most bytes one read() and one write() of a copy move, through one page-aligned buffer
+# The most bytes one read() and one write() of a copy move, through a page-aligned buffer
 # (io/aligned.py, PAGE bytes longer). 256 KiB stays in the CPU's cache between the read, the hashes
 # and the write, and took the least system time of 32 KiB-1 MiB here. In 1 MiB pieces, copying a
 # 0.94 GB shard into a new file once took 1.03-1.48 s of system time against 0.34-0.71 s
@@ -82,9 +82,9 @@ def write_shard(path: Path, entries: list, metadata: dict, write_tensor: Callabl
 class HashingSink:
     """Where a hashed shard's bytes go: every byte passes the shard's content hasher and the hasher
     of the tensor being written on its way to the file, so both hashes are known when the file is
-    closed, and the manifest needs no second read of what was just written. Copied bytes are written
-    by an OrderedWriter's thread while the next piece is read (io/ordered_writes.py); `close()` must
-    run before the file descriptor is closed."""
+    closed, and the manifest needs no second read of what was just written. Given more than one
+    buffer, copied bytes are written by an OrderedWriter's thread while the next piece is read
+    (io/ordered_writes.py); `close()` must run before the file descriptor is closed."""
 
     def __init__(self, fd: int, buffers: list[memoryview]):
         # io.aligned.aligned_buffer(s), each PAGE bytes longer than a piece (ordered_writes.copy_buffers)
