@@ -134,3 +134,16 @@ def test_the_threads_running_elsewhere_are_read_from_the_kernels_count(tmp_path,
     for elsewhere, spare in ((None, 4), (0, 4), (1, 3), (3, 1), (9, 1)):
         monkeypatch.setattr(threads, "runnable_elsewhere", lambda: elsewhere)
         assert threads.spare_cores() == spare
+
+
+def test_a_writer_thread_that_fails_in_any_way_does_not_leave_the_caller_waiting():
+    writer = OrderedWriter(None, [aligned_buffer(100) for _ in range(2)])  # os.write(None, ...): TypeError
+    try:
+        with pytest.raises(TypeError):
+            for _ in range(5):  # more pieces than buffers: the caller waits for the thread's
+                buffer = writer.buffer()
+                writer.write_from(buffer, buffer[:10])
+            writer.drain()
+    finally:
+        writer.close()
+    assert writer_threads() == []
