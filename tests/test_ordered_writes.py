@@ -134,6 +134,9 @@ def test_the_threads_running_elsewhere_are_read_from_the_kernels_count(tmp_path,
     for elsewhere, spare in ((None, 4), (0, 4), (1, 3), (3, 1), (9, 1)):
         monkeypatch.setattr(threads, "runnable_elsewhere", lambda: elsewhere)
         assert threads.spare_cores() == spare
+    looks = iter([2, 2, 1, 2, 2])  # a moment's work elsewhere is not a competitor: the fewest count
+    monkeypatch.setattr(threads, "runnable_elsewhere", lambda: next(looks))
+    assert threads.spare_cores(apart=0) == 3
 
 
 def test_a_writer_thread_that_fails_in_any_way_does_not_leave_the_caller_waiting():
