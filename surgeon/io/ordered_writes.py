@@ -4,8 +4,8 @@ cache.
 
 A copy through a buffer is a read, the hashes and a write, one after another on one core. The
 write holds the file's lock and the read does not, so on two cores the two overlap: copying a
-0.94 GB shard from the page cache into a new file took 0.35-0.42 s this way (medians of two runs)
-against 0.52-0.60 s in turn, and 0.44-0.48 s for `copy_file_range`, which hashes nothing
+0.94 GB shard from the page cache into a new file took 0.35-0.42 s this way (medians of four runs)
+against 0.50-0.60 s in turn, and 0.42-0.48 s for `copy_file_range`, which hashes nothing
 (bench/export.py, line (e)). Beside a busy process there is no core to spare and the hand-over
 cost 17% of a whole export (docs/performance.md, "A writer thread"), so the export passes one
 buffer when no other core is free: each write then happens in the caller's thread before the next
