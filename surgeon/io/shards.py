@@ -88,9 +88,10 @@ class HashingSink:
 
     def __init__(self, fd: int, buffers: list[memoryview]):
         # io.aligned.aligned_buffer(s), each PAGE bytes longer than a piece (ordered_writes.copy_buffers)
-        self._piece = min(len(b) for b in buffers) - PAGE
+        smallest = min(len(b) for b in buffers)
+        self._piece = smallest - PAGE
         if self._piece < 1:
-            raise ValueError(f"a copy buffer of {min(len(b) for b in buffers)} bytes: it needs a page more than a piece")
+            raise ValueError(f"a copy buffer of {smallest} bytes: it needs a page more than a piece")
         self._writer = OrderedWriter(fd, buffers)
         self.content = TreeHasher()
         self.tensor = None  # the current tensor's hasher; None while the header is written

@@ -17,6 +17,10 @@ cores it gets.
 libgomp reads OMP_WAIT_POLICY once, when torch loads it: this must run before torch is imported,
 so this module imports nothing heavy. What the user set is theirs: a wait setting or a thread count
 already in the environment is left alone.
+
+`spare_cores` answers a question asked while the process runs, not at its start: whether another
+core is free now, so that work handed to a second thread (the export's writer) runs beside the
+caller rather than taking turns with it.
 """
 
 from __future__ import annotations
