@@ -16,8 +16,10 @@ gives min / median / max over the rounds.
       system time.
   (f) the kernel's copy of 256 MiB from the page cache into a buffer where each byte lands 0, 8 or
       16 bytes ahead of its offset within a page in the file (surgeon/io/aligned.py): system time.
+  (g) the rounds of (b) again beside --beside N processes that each spin on a core: the export's
+      median over its idle median (the goal for a busy machine: at most 2.5x on 2 cores).
 --donors A B takes an existing pair (e.g. the 0.94 GB one `bench/scale.py --scale 0.25` makes).
-Run: python bench/export.py [--work DIR] [--donors A B] [--repeats N] [--small] [--skip-naive]
+Run: python bench/export.py [--work DIR] [--donors A B] [--repeats N] [--small] [--skip-naive] [--beside N]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -161,6 +164,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="paired rounds of cp -r and the exports (default 3)")
     ap.add_argument("--small", action="store_true", help="a 4-layer model, for a quick check")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--beside", type=int, default=1, metavar="N",
+                    help="line (g): the rounds again beside N processes spinning on a core each (default 1; 0 skips)")
     args = ap.parse_args()
     as_installed()
     work = Path(args.work or tempfile.mkdtemp(prefix="moe-surgeon-bench-"))
@@ -195,8 +200,10 @@ def main() -> None:
                 return wall
             return once
 
-        cp, exports = paired(run(["cp", "-r", str(a), str(work / "cp")], work / "cp"), {
-            "export": run(exe + ["export", str(work / "out"), "--base", str(a), *take], work / "out", peaks),
+        copy = run(["cp", "-r", str(a), str(work / "cp")], work / "cp")
+        export = run(exe + ["export", str(work / "out"), "--base", str(a), *take], work / "out", peaks)
+        cp, exports = paired(copy, {
+            "export": export,
             "fsync": run(exe + ["export", str(work / "out"), "--base", str(a), *take, "--fsync"], work / "out"),
         }, args.repeats)
         print(f"(a) inspect wall time        {inspect:8.3f} s    goal < 0.3 s")
@@ -218,6 +225,18 @@ def main() -> None:
         costs = page_offset_costs(a)
         print("(f) 256 MiB read into a buffer, each byte N bytes ahead of its offset in a page: "
               + ", ".join(f"N={n}: {s:.3f} s" for n, s in costs.items()) + " of system time (best of 3)")
+        if args.beside:
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.beside)]
+            try:
+                busy_cp, busy = paired(copy, {"export": export}, args.repeats)
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+                    spinner.wait()
+            slower = median(busy["export"]) / median(exports["export"])
+            print(f"(g) beside {args.beside} spinning process(es): export {spread(busy['export'])} s, "
+                  f"{slower:.2f}x its median above (goal <= 2.5x); over cp -r beside them "
+                  f"{spread(ratios(busy['export'], busy_cp))} x")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
