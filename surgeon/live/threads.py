@@ -82,7 +82,9 @@ def spare_cores(looks: int = 5, apart: float = 0.0005) -> int:
     cores where the count cannot be read. It says whether work handed to a second thread would run
     beside this one or take turns with it. The fewest threads of a few looks 0.5 ms apart: a
     competing process shows in every look, a kernel thread's moment of work rarely in all of them
-    (on the idle machine one look in five counted one)."""
+    (on the idle machine one look in five counted one). In a container the count is the whole
+    host's, so a busy host reads as no spare core even where a CPU quota reserves one: the caller
+    then works in turn, as it did before it asked."""
     cores = usable_cores()
     counts = []
     for i in range(looks):
