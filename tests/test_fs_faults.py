@@ -171,6 +171,47 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(donors_of, tmp_path):
     assert visible(out.parent) == []
 
 
+WRITE_PAST_A_LIMIT = """
+import os, resource, signal, sys
+from surgeon.io.fs import write_all
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+print("one write:", os.write(fd, b"x" * 3000))  # the kernel writes up to the limit and says how much
+os.lseek(fd, 0, 0)
+try:
+    write_all(fd, b"y" * 3000)
+    print("write_all: no error")
+except OSError as e:
+    print("write_all:", e.errno)
+"""
+
+
+def test_a_short_write_is_never_taken_for_the_whole(tmp_path):
+    """One os.write may write less than it was given (a file-size limit, or 2 GiB on Linux):
+    write_all goes on, so the rest either lands or fails aloud, never leaving a file silently short."""
+    import errno
+
+    r = subprocess.run([sys.executable, "-c", WRITE_PAST_A_LIMIT, str(tmp_path / "f")], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["one write: 1000", f"write_all: {errno.EFBIG}"]
+
+
+def test_a_read_past_the_end_names_the_file(tmp_path):
+    from surgeon.io.fs import read_exact
+
+    f = tmp_path / "short.safetensors"
+    f.write_bytes(b"0123456789")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert read_exact(fd, 4, 3, f) == b"3456" and read_exact(fd, 0, 10, f) == b""
+        with pytest.raises(SurgeonError, match=r"short.safetensors: shorter than its header says \(nothing at byte 10\)"):
+            read_exact(fd, 8, 5, f)
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- leftovers
 def test_stale_staging_directories_of_any_name_are_removed_and_reported(donors_of, tmp_path, run_cli):
     """A killed writer's partial output is removed; the earlier output a killed --force had moved

@@ -41,7 +41,7 @@ from surgeon.core.session import (
 from surgeon.errors import SurgeonError
 from surgeon.features.verify import VerifyResult, run_verify
 from surgeon.io import model_card as card
-from surgeon.io.fs import check_writable
+from surgeon.io.fs import check_writable, read_exact
 from surgeon.io.manifest import MANIFEST_FILE, build_manifest, write_manifest
 from surgeon.io.model_card import SESSION_FILE
 from surgeon.io.ordered_writes import copy_buffers
@@ -152,7 +152,7 @@ def converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd:
         if rows is not None:
             row = info.nbytes // info.shape[0]
             start, nbytes = start + rows[0] * row, (rows[1] - rows[0]) * row
-        t = torch.frombuffer(bytearray(os.pread(fd, nbytes, start)), dtype=TORCH_DTYPES[src_dtype])
+        t = torch.frombuffer(bytearray(read_exact(fd, nbytes, start, info.file)), dtype=TORCH_DTYPES[src_dtype])
     t = t.to(TORCH_DTYPES[dst_dtype]).contiguous()
     return t.reshape(-1).view(torch.uint8).numpy()
 

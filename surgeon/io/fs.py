@@ -39,6 +39,28 @@ FIXES = {
 }
 
 
+def write_all(fd: int, data) -> None:
+    """Write every byte of `data` to `fd`. One os.write may write fewer than it was given (at most
+    about 2 GiB on Linux, or up to a file-size limit, where the next write then fails EFBIG); a
+    caller that took one write for the whole would leave a file silently short."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[os.write(fd, view):]
+
+
+def read_exact(fd: int, count: int, offset: int, path: str | os.PathLike) -> bytes:
+    """`count` bytes of the file `path` (open as `fd`) from `offset`. One os.pread returns at most
+    about 2 GiB on Linux, less than one fused expert tensor of Llama 4 Scout in bf16 (2.7 GB)."""
+    pieces, done = [], 0
+    while done < count:
+        piece = os.pread(fd, count - done, offset + done)
+        if not piece:
+            raise SurgeonError(f"{path}: shorter than its header says (nothing at byte {offset + done})")
+        pieces.append(piece)
+        done += len(piece)
+    return b"".join(pieces)  # one piece: that piece itself, not a copy
+
+
 def os_error_line(e: OSError, path: str | os.PathLike | None = None, doing: str | None = None) -> str:
     """One line: the path (the error's own file name first, else `path`), what failed, and the fix."""
     where = e.filename if e.filename is not None else path

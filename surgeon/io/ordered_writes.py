@@ -14,11 +14,11 @@ read.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 
 from surgeon.io.aligned import PAGE, aligned_buffer
+from surgeon.io.fs import write_all
 
 # Pieces a copy may have read but not yet written. Two would keep both cores busy if every piece
 # took as long to read as to write; four leave room for pieces that do not. Two, four and eight
@@ -30,11 +30,6 @@ def copy_buffers(piece: int, cores: int) -> list[memoryview]:
     """The page-aligned buffers one export copies through, each a piece and a page long: IN_FLIGHT of
     them where a second core can write while the first reads, one otherwise."""
     return [aligned_buffer(piece + PAGE) for _ in range(IN_FLIGHT if cores > 1 else 1)]
-
-
-def write_all(fd: int, view: memoryview) -> None:
-    while len(view):
-        view = view[os.write(fd, view):]
 
 
 class OrderedWriter:
@@ -97,7 +92,7 @@ class OrderedWriter:
         """Write bytes the caller owns, after every earlier write, before returning: the caller may
         reuse or free them at once."""
         self.drain()
-        write_all(self.fd, memoryview(data).cast("B"))
+        write_all(self.fd, data)
 
     def drain(self) -> None:
         """Wait for every pending write; the first that failed raises."""

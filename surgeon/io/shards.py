@@ -16,6 +16,7 @@ from typing import Callable
 from surgeon.errors import SurgeonError
 from surgeon.io.aligned import PAGE, view_for
 from surgeon.io.content_hash import TreeHasher, identity
+from surgeon.io.fs import write_all
 from surgeon.io.manifest import ShardHashes, tensor_hasher
 from surgeon.io.ordered_writes import OrderedWriter
 from surgeon.io.safetensors_file import encode_header
@@ -68,7 +69,7 @@ def write_shard(path: Path, entries: list, metadata: dict, write_tensor: Callabl
     header, _ = encode_header(entries, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, header)
+        write_all(fd, header)
         for name, _, _ in entries:
             if cancel is not None:
                 cancel.check()
@@ -184,7 +185,9 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
-            n = os.write(dst_fd, os.pread(src_fd, min(count, 1 << 24), offset))
+            piece = os.pread(src_fd, min(count, 1 << 24), offset)
+            write_all(dst_fd, piece)
+            n = len(piece)
         if n == 0:
             raise SurgeonError(f"file descriptor {src_fd}: unexpected end of data")
         offset += n

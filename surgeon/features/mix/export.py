@@ -22,6 +22,7 @@ from surgeon.errors import SurgeonError
 from surgeon.features.export import converted_bytes
 from surgeon.features.mix.plan import MixLayout, MixTensor, router_bytes
 from surgeon.io.dtypes import DTYPE_SIZES
+from surgeon.io.fs import read_exact, write_all
 from surgeon.io.model_card import (
     REPLAY_LINE,
     SESSION_FILE,
@@ -74,7 +75,7 @@ class _Sources:
         if src.converts or fd is None:
             return converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd).tobytes()
         info = donor.tensors[src.tensor]
-        return os.pread(fd, info.nbytes, info.start)
+        return read_exact(fd, info.nbytes, info.start, info.file)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -85,13 +86,13 @@ def _write_tensor(t: MixTensor, sources: _Sources, dst: int, routers: dict | Non
     if t.kind == "zeros" or (t.kind == "router" and routers is None):
         _write_zeros(dst, nbytes(t))
     elif t.kind == "router":
-        os.write(dst, router_bytes(routers[t.name], t.dtype))
+        write_all(dst, router_bytes(routers[t.name], t.dtype))
     elif t.kind in ("copy", "concat") and t.axis == 0:
         for src in t.parts:  # row-major: rows concatenated are ranges back to back
             donor = sources.donors[src.donor]
             fd = sources.fd(donor, src.tensor)
             if src.converts or fd is None:
-                os.write(dst, sources.raw(src))
+                write_all(dst, sources.raw(src))
             else:
                 info = donor.tensors[src.tensor]
                 copy_range(fd, dst, info.start, info.nbytes)
@@ -100,9 +101,9 @@ def _write_tensor(t: MixTensor, sources: _Sources, dst: int, routers: dict | Non
 
         rows = t.shape[0]
         blocks = [np.frombuffer(sources.raw(s), dtype=np.uint8).reshape(rows, -1) for s in t.parts]
-        os.write(dst, np.concatenate(blocks, axis=1).tobytes())
+        write_all(dst, np.concatenate(blocks, axis=1).tobytes())
     elif t.kind == "double":
-        os.write(dst, _doubled(t, sources.raw(t.parts[0])))
+        write_all(dst, _doubled(t, sources.raw(t.parts[0])))
     else:
         raise SurgeonError(f"tensor {t.name}: unknown kind {t.kind!r}")
 
@@ -121,7 +122,8 @@ def _doubled(t: MixTensor, data: bytes) -> bytes:
 def _write_zeros(dst: int, n: int) -> None:
     chunk = bytes(min(n, 1 << 24))
     while n > 0:
-        n -= os.write(dst, chunk[:n])
+        write_all(dst, chunk[:n])
+        n -= min(n, len(chunk))
 
 
 def export_mix(

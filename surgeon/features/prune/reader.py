@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from surgeon.core.donor import Donor
+from surgeon.io.fs import read_exact
 
 
 class Reader:
@@ -31,7 +32,7 @@ class Reader:
         if row is not None:
             count //= info.shape[0]
             start, shape = start + row * count, info.shape[1:]
-        data = os.pread(self.fds[info.file], count, start)
+        data = read_exact(self.fds[info.file], count, start, info.file)
         return torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[info.dtype]).view(shape)
 
     def close(self) -> None:
