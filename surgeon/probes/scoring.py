@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.live.allocator import keep_freed_memory
 from surgeon.probes.attention import grouped_kv_on_cpu
 from surgeon.probes.linear_kernels import onednn_linears
 
@@ -148,7 +149,8 @@ def encode_request(tokenizer, context: str, continuation: str, limit: int,
 def probe_forwards(model, dev: torch.device):
     """The setting every probe forward runs in: no autograd, and on the CPU the faster kernels
     that compute the same numbers (grouped-head attention) or the same products in another order
-    (oneDNN linears)."""
+    (oneDNN linears); glibc keeps a forward's freed temporaries for the next (live/allocator.py)."""
+    keep_freed_memory()
     with torch.no_grad(), grouped_kv_on_cpu(dev), onednn_linears(model):
         yield
 
