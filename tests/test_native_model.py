@@ -84,6 +84,42 @@ def test_every_call_the_scorer_makes_gives_transformers_logits_bit_for_bit(tmp_p
         assert torch.equal(again, out_b)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_padded_batch_runs_its_tokens_alone_and_gives_transformers_logits_bit_for_bit(tmp_path, variant):
+    _, theirs, hybrid = _pair(tmp_path, VARIANTS[variant])
+    mine = hybrid.model
+    ids = torch.randint(3, 64, (3, 15), generator=torch.Generator().manual_seed(3))
+    real = torch.zeros(3, 15, dtype=torch.bool)
+    for r, n in enumerate((15, 6, 11)):  # each row's padding after its tokens, as the scorer packs them
+        real[r, :n] = True
+    keep = real.clone()
+    keep[:, :2] = False
+    seen = []
+    hook = mine.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    cpu = torch.device("cpu")
+    with probe_forwards(theirs, cpu), probe_forwards(mine, cpu):
+        # causal rows, no mask given
+        assert torch.equal(theirs(input_ids=ids, logits_to_keep=keep).logits,
+                           mine(input_ids=ids, logits_to_keep=keep, real=real).logits)
+        # after a shared prefix's cache, under an additive mask in which the padding is seen by nobody
+        a = theirs(input_ids=ids[:1, :5], use_cache=True, logits_to_keep=1)
+        b = mine(input_ids=ids[:1, :5], use_cache=True, logits_to_keep=1)
+        mask = torch.zeros(3, 1, 15, 20)
+        mask[:, :, :, 5:] = torch.where(torch.ones(15, 15, dtype=torch.bool).tril() & real[:, None, :], 0.0, MIN)[:, None]
+        positions = torch.arange(5, 20)[None].expand(3, -1)
+        rows = torch.zeros(3, dtype=torch.long)
+        out_a = theirs(input_ids=ids, attention_mask=mask, position_ids=positions, cache=_fork(a.cache, rows),
+                       use_cache=True, logits_to_keep=keep).logits
+        out_b = mine(input_ids=ids, attention_mask=mask, position_ids=positions, cache=_fork(b.cache, rows),
+                     use_cache=True, logits_to_keep=keep, real=real).logits
+        assert out_a.shape == (int(keep.sum()), 64) and torch.equal(out_a, out_b)
+    hook.remove()
+    tokens = (int(real.sum()), 32)  # the linears saw the tokens, not the padding (and the prefix's 5)
+    assert seen == [tokens, (1, 5, 32), tokens]
+    with pytest.raises(ValueError, match="bool mask"):
+        mine(input_ids=ids, logits_to_keep=1, real=real)
+
+
 @pytest.mark.parametrize("family", ["llama", "olmoe", "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_bfloat16_weights_give_transformers_logits_bit_for_bit(tmp_path, family):
     _, theirs, hybrid = _pair(tmp_path, {"model_type": family}, dtype="bfloat16")

@@ -143,7 +143,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, mask, layer: _CacheLayer | None):
+    def forward(self, x, cos, sin, mask, layer: _CacheLayer | None, ragged: "_Ragged | None" = None):
         shape = (*x.shape[:-1], -1, self.head_dim)
         q, k = self.q_proj(x), self.k_proj(x)
         if self.qk_norm == "whole":
@@ -151,10 +151,15 @@ class Attention(nn.Module):
         q, k = q.view(shape), k.view(shape)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        v = self.v_proj(x).view(shape)
+        if ragged is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        else:  # [tokens, heads, dim] rotated, then into the batch's grid [rows, heads, width, dim]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k, v = (ragged.to_grid(t).transpose(1, 2) for t in (q, k, v))
         if layer is not None:
             k, v = layer.update(k, v)
         extra = {}
@@ -169,6 +174,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scaling,
                                              is_causal=mask is None and q.shape[2] > 1, **extra)
         out = out.transpose(1, 2).contiguous()
+        if ragged is not None:
+            out = ragged.take(out)
         return self.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
 
 
@@ -282,8 +289,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
 
-    def forward(self, x, cos, sin, mask, layer):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer)
+    def forward(self, x, cos, sin, mask, layer, ragged=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, ragged)
         h += x  # x + h: the same sum (addition commutes bit for bit), in the attention's output
         out = self.mlp(self.post_attention_layernorm(h))
         out += h
@@ -297,6 +304,28 @@ class Body(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **factory) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.rotary_emb = Rotary(cfg, **factory)
+
+
+class _Ragged:
+    """Where a batch's tokens sit in its [rows, width] grid when some positions are padding: the
+    forward runs embeddings, norms, linears and MLPs on the tokens alone, [tokens, size], and puts
+    them in the grid only for attention, with zeros at the padding. A row of a BoolQ-length batch pads
+    up to its longest context; a float32 linear gives each row the same bits whatever else is in the
+    product (two rows or more), so the tokens' logits do not change."""
+
+    def __init__(self, real: torch.Tensor):
+        self.rows, self.width = real.shape
+        self.index = real.reshape(-1).nonzero().squeeze(1)
+
+    def take(self, grid: torch.Tensor) -> torch.Tensor:
+        """[rows, width, ...] -> [tokens, ...]"""
+        return grid.reshape(self.rows * self.width, *grid.shape[2:])[self.index]
+
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, ...] -> [rows, width, ...], padding zeros"""
+        grid = x.new_zeros(self.rows * self.width, *x.shape[1:])
+        grid.index_copy_(0, self.index, x)
+        return grid.view(self.rows, self.width, *x.shape[1:])
 
 
 def _causal_after(past: int, width: int, dtype, device) -> torch.Tensor:
@@ -343,23 +372,40 @@ class NativeCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: NativeCache | None = None,
-                use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0) -> NativeOutput:
+                use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0,
+                real: torch.Tensor | None = None) -> NativeOutput:
+        """transformers' call, and `real`: where the batch is padded, a bool [rows, width] of the
+        positions that hold tokens, with `logits_to_keep` a bool [rows, width] within it. The caller
+        promises that no token sees a padding position (padding after each row's tokens under the
+        causal mask, or masked out); padding is then skipped (`_Ragged`) and its logits are never made."""
         if attention_mask is not None and attention_mask.dim() != 4:
             raise ValueError("the native forward takes an additive 4D attention mask or none")
-        x = self.model.embed_tokens(input_ids)
+        rows, width = input_ids.shape
+        ragged = None
+        if real is not None and not bool(real.all()):
+            if not (isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool):
+                raise ValueError("a padded batch (real) keeps its logits by a bool mask")
+            ragged = _Ragged(real)
         if use_cache and cache is None:
             cache = NativeCache(len(self.model.layers))
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
+            position_ids = (torch.arange(width, device=input_ids.device) + past)[None]
+        if ragged is None:
+            x = self.model.embed_tokens(input_ids)
+        else:
+            x = self.model.embed_tokens(ragged.take(input_ids))
+            position_ids = ragged.take(position_ids.expand(rows, -1))
         mask = attention_mask
-        if mask is None and past and x.shape[1] > 1:
-            mask = _causal_after(past, x.shape[1], x.dtype, x.device)
+        if mask is None and past and width > 1:
+            mask = _causal_after(past, width, x.dtype, x.device)
         cos, sin = self.model.rotary_emb(x, position_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None)
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, ragged)
         x = self.model.norm(x)
-        if isinstance(logits_to_keep, torch.Tensor):
+        if ragged is not None:
+            x = x[ragged.take(logits_to_keep)]
+        elif isinstance(logits_to_keep, torch.Tensor):
             x = x[logits_to_keep] if logits_to_keep.dtype == torch.bool and logits_to_keep.dim() == 2 \
                 else x[:, logits_to_keep, :]
         elif logits_to_keep:

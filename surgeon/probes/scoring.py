@@ -374,8 +374,10 @@ def _score_packed(model, rows: list[_Packed], base: _Base, pad: int, dev, result
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
     keep = torch.zeros(len(rows), width, dtype=torch.bool)
+    real = torch.zeros(len(rows), width, dtype=torch.bool)
     for r, row in enumerate(rows):
         n = len(row.tokens)
+        real[r, :n] = True
         ids[r, :n] = torch.tensor(row.tokens)
         positions[r, :n] = torch.tensor(row.positions)
         positions[r, n:] = row.positions[-1]  # padding: anywhere, it is seen by nobody
@@ -389,8 +391,11 @@ def _score_packed(model, rows: list[_Packed], base: _Base, pad: int, dev, result
     else:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         mask = _tree_mask(rows, width, base.length, dtype, dev)
+    # Our own forward skips the padding (no token sees it, as above); transformers' runs it too.
+    skip = {"real": real.to(dev)} if getattr(model, "native", False) else {}
     out = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
-                cache=base.for_rows(len(rows), dev), use_cache=base.cache is not None, logits_to_keep=keep.to(dev))
+                cache=base.for_rows(len(rows), dev), use_cache=base.cache is not None, logits_to_keep=keep.to(dev),
+                **skip)
     # The kept logits come flattened row by row, in position order: map (row, position) to its line.
     line = torch.full((len(rows), width), -1, dtype=torch.long)
     line[keep] = torch.arange(int(keep.sum()))
