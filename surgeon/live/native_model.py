@@ -152,13 +152,11 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(shape)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # a heads axis: [rows, 1, width, dim] or [tokens, 1, dim]
         if ragged is None:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        else:  # [tokens, heads, dim] rotated, then into the batch's grid [rows, heads, width, dim]
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if ragged is not None:  # from [tokens, heads, dim] into the batch's grid [rows, heads, width, dim]
             q, k, v = (ragged.to_grid(t).transpose(1, 2) for t in (q, k, v))
         if layer is not None:
             k, v = layer.update(k, v)
@@ -309,9 +307,9 @@ class Body(nn.Module):
 class _Ragged:
     """Where a batch's tokens sit in its [rows, width] grid when some positions are padding: the
     forward runs embeddings, norms, linears and MLPs on the tokens alone, [tokens, size], and puts
-    them in the grid only for attention, with zeros at the padding. A row of a BoolQ-length batch pads
-    up to its longest context; a float32 linear gives each row the same bits whatever else is in the
-    product (two rows or more), so the tokens' logits do not change."""
+    them in the grid only for attention, with zeros at the padding (which no token sees). A float32
+    linear gives each row the same bits whatever other rows are in the product (two rows or more),
+    so the tokens' logits do not change; the scorer's batches of long contexts pad 5-30%."""
 
     def __init__(self, real: torch.Tensor):
         self.rows, self.width = real.shape
@@ -348,6 +346,10 @@ class NativeCausalLM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.config = cfg
         self.model = Body(cfg, **factory)
+        # Routed experts run the padding too, as transformers' do: on more than one thread, which
+        # rows a grouped expert product holds changes its sums, so skipping padding rows changes
+        # the bits (seen on two threads, not on one).
+        self.skips_padding = not any(isinstance(layer.mlp, SparseMoe) for layer in self.model.layers)
         if cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta", dtype=dtype)
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -377,12 +379,12 @@ class NativeCausalLM(nn.Module):
         """transformers' call, and `real`: where the batch is padded, a bool [rows, width] of the
         positions that hold tokens, with `logits_to_keep` a bool [rows, width] within it. The caller
         promises that no token sees a padding position (padding after each row's tokens under the
-        causal mask, or masked out); padding is then skipped (`_Ragged`) and its logits are never made."""
+        causal mask, or masked out); a model without routed experts then skips it (`_Ragged`)."""
         if attention_mask is not None and attention_mask.dim() != 4:
             raise ValueError("the native forward takes an additive 4D attention mask or none")
         rows, width = input_ids.shape
         ragged = None
-        if real is not None and not bool(real.all()):
+        if real is not None and self.skips_padding and not bool(real.all()):
             if not (isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool):
                 raise ValueError("a padded batch (real) keeps its logits by a bool mask")
             ragged = _Ragged(real)
