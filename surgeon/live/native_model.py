@@ -379,12 +379,14 @@ class NativeCausalLM(nn.Module):
         """transformers' call, and `real`: where the batch is padded, a bool [rows, width] of the
         positions that hold tokens, with `logits_to_keep` a bool [rows, width] within it. The caller
         promises that no token sees a padding position (padding after each row's tokens under the
-        causal mask, or masked out); a model without routed experts then skips it (`_Ragged`)."""
+        causal mask, or masked out); a model without routed experts then skips it on the CPU (`_Ragged`)."""
         if attention_mask is not None and attention_mask.dim() != 4:
             raise ValueError("the native forward takes an additive 4D attention mask or none")
         rows, width = input_ids.shape
         ragged = None
-        if real is not None and self.skips_padding and not bool(real.all()):
+        # On the CPU only: that a row's linear bits do not depend on the other rows was checked for
+        # oneDNN's kernels there; cuBLAS picks its algorithm by the product's size.
+        if real is not None and self.skips_padding and input_ids.device.type == "cpu" and not bool(real.all()):
             if not (isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool):
                 raise ValueError("a padded batch (real) keeps its logits by a bool mask")
             ragged = _Ragged(real)
