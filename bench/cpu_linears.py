@@ -11,7 +11,9 @@ and the least time any scorer needs for the BoolQ-style case of --vs-lmeval.
   (c) the arithmetic bound: the linear FLOPs each distinct token prefix of those contexts needs
       (what a scorer must run even if it shares every common prefix), divided by the best
       float32 matmul rate this machine reaches at the model's own shapes with either kernel: no
-      exact float32 scorer can take less, so lm-eval's time over it bounds any speed-up
+      exact float32 scorer can take less, so lm-eval's time over it bounds any speed-up. With a
+      finished full `--vs-lmeval` BoolQ run, prints lm-eval's time and ours over it (the goal for
+      ours: at most 1.3x)
 
 Run: python bench/cpu_linears.py [--items N] [--repeat R] [--skip-floor]
 """
@@ -96,7 +98,7 @@ def bench_floor(model, tokenizer, n: int) -> None:
     secs = {use: floor_seconds(model, contexts, use) for use in (False, True)}
     for use, label in ((False, "MKL"), (True, "oneDNN")):
         print(f"  {label:<7} {secs[use]:7.1f} s  ({tokens / secs[use]:.0f} tokens/s)")
-    lm = lmeval_boolq_seconds(len(contexts))
+    lm = boolq_seconds(len(contexts))
     if lm is not None:
         print(f"  lm-eval took {lm:.1f} s for these items (whole process, --vs-lmeval):\n"
               f"  {lm / secs[False]:.2f}x these forwards alone with MKL, {lm / secs[True]:.2f}x with oneDNN. A scorer"
@@ -105,14 +107,16 @@ def bench_floor(model, tokenizer, n: int) -> None:
         print(f"  (no full --vs-lmeval BoolQ run of {len(contexts)} items to compare with)")
 
 
-def lmeval_boolq_seconds(n: int) -> float | None:
+def boolq_seconds(n: int, side: str = "lmeval") -> float | None:
+    """The whole-process time of `side` ("lmeval" or "ours") in the last full --vs-lmeval BoolQ run
+    of n items on our own forward, if there is one."""
     report = WORK / "vs_lmeval" / "full" / "native" / "results.json"
     try:
         runs = {r["case"]: r for r in json.loads(report.read_text())}
     except (OSError, ValueError):
         return None
     case = runs.get("boolq-0shot")
-    return case["lmeval"]["seconds"] if case and case["n"] == n else None
+    return case[side]["seconds"] if case and case["n"] == n and case[side].get("seconds") else None
 
 
 def fastest(fn, repeat: int) -> float:
@@ -162,10 +166,14 @@ def bench_bound(model, tokenizer, n: int, repeat: int) -> None:
     print(f"\n(c) arithmetic bound: {sum(map(len, contexts))} context tokens, {len(prefixes)} distinct prefixes;"
           f" {linear / 1e6:.1f}M linear weights per token -> {flops / 1e12:.2f} TFLOP (attention not counted)")
     print(f"  best float32 matmul rate here: {rate:.0f} GFLOP/s ({where}); those FLOPs take at least {least:.1f} s")
-    lm = lmeval_boolq_seconds(len(contexts))
+    lm, ours = boolq_seconds(len(contexts)), boolq_seconds(len(contexts), "ours")
     if lm is not None:
         print(f"  lm-eval's {lm:.1f} s is {lm / least:.2f}x that: no exact float32 scorer on this machine can be faster"
               " than lm-eval by more")
+    if ours is not None:
+        print(f"  ours, {ours:.1f} s (whole process, the same --vs-lmeval run), is {ours / least:.2f}x it (goal: at most 1.30x)")
+    if lm is None and ours is None:
+        print(f"  (no full --vs-lmeval BoolQ run of {len(contexts)} items to compare with)")
 
 
 def main() -> None:
