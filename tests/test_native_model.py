@@ -123,6 +123,19 @@ def test_a_padded_batch_skips_its_padding_and_gives_transformers_logits_bit_for_
             mine(input_ids=ids, logits_to_keep=1, real=real)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_padded_batch_in_half_precision_skips_its_padding_to_the_same_bits(tmp_path, dtype):
+    _, theirs, hybrid = _pair(tmp_path, {}, dtype=dtype)
+    ids = torch.randint(3, 64, (4, 40), generator=torch.Generator().manual_seed(4))
+    real = torch.zeros(4, 40, dtype=torch.bool)
+    for r, n in enumerate((40, 33, 20, 7)):
+        real[r, :n] = True
+    cpu = torch.device("cpu")
+    with probe_forwards(theirs, cpu), probe_forwards(hybrid.model, cpu):
+        assert torch.equal(theirs(input_ids=ids, logits_to_keep=real).logits,
+                           hybrid.model(input_ids=ids, logits_to_keep=real, real=real).logits)
+
+
 @pytest.mark.parametrize("family", ["llama", "olmoe", "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_bfloat16_weights_give_transformers_logits_bit_for_bit(tmp_path, family):
     _, theirs, hybrid = _pair(tmp_path, {"model_type": family}, dtype="bfloat16")
