@@ -346,9 +346,9 @@ class NativeCausalLM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.config = cfg
         self.model = Body(cfg, **factory)
-        # Routed experts run the padding too, as transformers' do: on more than one thread, which
-        # rows a grouped expert product holds changes its sums, so skipping padding rows changes
-        # the bits (seen on two threads, not on one).
+        # Routed experts run the padding too, as transformers' do: which other rows a grouped expert
+        # product holds changes a row's sums (torch's CPU grouped_mm gave a row other bits when its
+        # expert lost one of four rows, on one thread as on two), so skipping padding would too.
         self.skips_padding = not any(isinstance(layer.mlp, SparseMoe) for layer in self.model.layers)
         if cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta", dtype=dtype)
