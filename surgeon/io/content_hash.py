@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
@@ -136,6 +135,8 @@ def _digest(path: Path, size: int, done_before: int, total: int, progress: Progr
                 raise SurgeonError(f"{path}: changed while it was being hashed (short read at byte {at})")
             h.update(buf[:n])
         return h.digest()
+
+    from concurrent.futures import ThreadPoolExecutor  # imported here: an export hashes as it writes, never here
 
     outer = xxhash.xxh3_128()
     try:

@@ -16,15 +16,14 @@ import json
 import os
 import platform
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
 from surgeon.io.aligned import PAGE, aligned_buffer, view_for
 from surgeon.io.content_hash import ALGORITHM, READ, TreeHasher, cached_hash, hash_files, identity
 from surgeon.io.safetensors_file import read_header
+from surgeon.io.versions import installed_versions
 from surgeon.jobs import NEVER, CancelToken
 
 MANIFEST_FILE = "moe-surgeon-manifest.json"
@@ -34,13 +33,7 @@ _LIBRARIES = ("moe-surgeon", "safetensors", "torch", "transformers", "xxhash")
 
 
 def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return {"python": platform.python_version(), **installed_versions(_LIBRARIES)}
 
 
 @dataclass(frozen=True)
@@ -85,6 +78,8 @@ def tensor_hashes(path: Path, cancel: CancelToken = NEVER) -> dict[str, str]:
                 raise SurgeonError(f"{path}: tensor {name}: file shorter than its header says")
             h.update(piece)
         return name, h.hexdigest()
+
+    from concurrent.futures import ThreadPoolExecutor  # not on an export's path: 5 ms of imports
 
     try:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -305,6 +300,8 @@ def first_difference(directory: str | os.PathLike, manifest: dict, *, cancel: Ca
                 return (f"{p}: tensor {tensor}: {t.dtype}{list(t.shape)} at {t.start}-{t.end}, the manifest says "
                         f"{want['dtype']}{want['shape']} at {want['offsets'][0]}-{want['offsets'][1]}")
     todo = [p for p in paths if not (use_cache and cached_hash(p) == manifest["shards"][p.name])]
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         hashed = dict(zip(todo, pool.map(lambda p: shard_and_tensor_hashes(p, headers[p], cancel), todo)))
     for p in todo:

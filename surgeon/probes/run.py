@@ -132,13 +132,13 @@ def _exemplars(spec: ProbeSpec, kind, path: Path, probe_file: ProbeFile, items: 
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
     import numpy
     import torch
 
+    from surgeon.io.versions import installed_versions
+
     # transformers' version from its package metadata: a probe on our own forward never imports it.
-    return {"moe-surgeon": __version__, "torch": torch.__version__, "transformers": version("transformers"),
+    return {"moe-surgeon": __version__, "torch": torch.__version__, **installed_versions(["transformers"]),
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
