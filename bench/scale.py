@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -51,8 +52,9 @@ from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards
 DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
 LAYERS, EXPERTS, VOCAB, HIDDEN, INTER = 16, 64, 50304, 2048, 1024
 BATCH = 16
-# swaps back and again after the first, and plain copies: one copy of 34 MB is too short to time once
-WARM_ROUNDS = 5
+# rounds after the first swap, each a swap back and again, then a plain copy of the same bytes: one
+# copy of 34 MB takes a few milliseconds, which this machine's other work moves by tens of percent
+SWAP_ROUNDS = 15
 
 
 def make_donor(path: Path, seed: int, scale: float) -> None:
@@ -98,7 +100,29 @@ def step_materialize(a, b, device) -> dict:
     return {"seconds": seconds, "imports": imports}
 
 
+def hybrid_on_cpu(hybrid) -> bool:
+    return all(p.device.type == "cpu" for p in hybrid.model.parameters())
+
+
+@contextmanager
+def torch_threads(count: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def swaps(hybrid, device) -> dict:
+    """The first swap of all attention, then of experts@0-7, from B (B's bytes as the page cache has
+    them), then SWAP_ROUNDS rounds each of a swap back to the previous plan and again (the again
+    timed) and, in the same round, a plain copy of the same bytes into the same live tensors: a
+    ratio is one round's swap over that round's copy, so a spell of load elsewhere hits both."""
+    import torch
+
     from surgeon.core.plan import Plan, parse_spec
 
     out = {}
@@ -110,35 +134,53 @@ def swaps(hybrid, device) -> dict:
         before = _rss_mb()
         first = hybrid.apply(plan)  # B's bytes as the page cache has them (mostly from disk)
         grown = _rss_mb() - before
-        warm = []  # B's bytes just read: from the page cache where they still fit
-        for _ in range(WARM_ROUNDS):
-            hybrid.apply(before_plan)
-            warm.append(hybrid.apply(plan).seconds)
-        warm.sort()
         names = [n for n, s in hybrid.resolution.sources.items() if s.donor != old[n].donor]
-        # The same bytes as plain tensors already in memory (on the GPU, in its memory), copied into
-        # the same live tensors; in groups of at most 512 MB so the baseline holds no second copy.
-        copy, group, size = 0.0, [], 0
+        # The baseline: the same bytes as plain tensors already in memory (on the GPU, in its
+        # memory) copied into the same live tensors, which already hold them after the swap; in
+        # groups of at most 512 MB so it holds no second copy of a large swap (kept for every
+        # round when one group holds them all, made again each round otherwise).
+        groups, group, size = [], [], 0
         for i, n in enumerate(names):
-            info = hybrid.donors["B"].tensors[hybrid.resolution.sources[n].tensor]
             group.append(n)
-            size += info.nbytes
-            if size < 512 * 2**20 and i + 1 < len(names):
-                continue
+            size += hybrid.donors["B"].tensors[hybrid.resolution.sources[n].tensor].nbytes
+            if size >= 512 * 2**20 or i + 1 == len(names):
+                groups.append(group)
+                group, size = [], 0
+
+        def sources_of(group):
             views = [hybrid.live_view(m) for m in group]
             # on the live tensors' device: on a GPU the baseline is a device-to-device copy
             sources = [hybrid.reader.read("B", hybrid.resolution.sources[m].tensor).to(v.device, copy=True)
                        for m, v in zip(group, views)]
             for m in group:
                 hybrid.reader.release("B", hybrid.resolution.sources[m].tensor)
-            copy += statistics.median(copy_seconds(views, sources, device) for _ in range(WARM_ROUNDS))
-            del sources
-            group, size = [], 0
+            return views, sources
+
+        kept = sources_of(groups[0]) if len(groups) == 1 else None
+        # On the CPU the copy runs on torch's threads, which this process, as the tool does, lets
+        # sleep between parallel regions (surgeon/live/threads.py): each of many small copies then
+        # pays a wake-up, and one thread can copy faster. The baseline is the faster of the two.
+        ways = {"threads": torch.get_num_threads()} | ({"one thread": 1} if hybrid_on_cpu(hybrid) else {})
+        swap, copy = [], {way: [] for way in ways}
+        for _ in range(SWAP_ROUNDS):
+            hybrid.apply(before_plan)
+            swap.append(hybrid.apply(plan).seconds)  # B's bytes just read: from the page cache where they fit
+            for way, threads in ways.items():
+                seconds = 0.0
+                for g in groups:
+                    views, sources = kept or sources_of(g)
+                    with torch_threads(threads):
+                        seconds += copy_seconds(views, sources, device)
+                    del views, sources
+                copy[way].append(seconds)
+        del kept
+        best = [min(c) for c in zip(*copy.values())]
         gb = first.bytes / 1e9
         out[label] = {"tensors": first.tensors, "GB": gb, "swap_s": first.seconds, "swap_GBps": gb / first.seconds,
-                      "warm_s": warm[len(warm) // 2], "warm_GBps": gb / warm[len(warm) // 2],
-                      "warm_best_GBps": gb / warm[0], "warm_worst_GBps": gb / warm[-1], "copy_GBps": gb / copy,
-                      "rss_growth_MB": grown, "swapped_MB": first.bytes / 2**20}
+                      "rounds": SWAP_ROUNDS, "swap_rounds_s": swap, "copy_rounds_s": copy,
+                      "warm_GBps": gb / statistics.median(swap), "copy_GBps": gb / statistics.median(best),
+                      "copy_ways_GBps": {way: gb / statistics.median(c) for way, c in copy.items()},
+                      "ratios": ratios(swap, best), "rss_growth_MB": grown, "swapped_MB": first.bytes / 2**20}
     return out
 
 
@@ -294,6 +336,9 @@ def main() -> None:
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
+        from surgeon.live.threads import configure_threads
+
+        configure_threads()  # as the command line and the workbench do, before torch loads
         print(json.dumps(STEPS[args.step](*args.paths, args.device)))
         return
     as_installed()
@@ -373,10 +418,12 @@ def main() -> None:
         live = json.loads(out.splitlines()[-1])
         for label, r in live["swap"].items():
             row(f"hot-swap {label}", f"{r['tensors']} tensors {r['GB']:.3f} GB in {r['swap_s']:.3f} s = "
-                f"{r['swap_GBps']:.2f} GB/s (B read as cached); again, median of {WARM_ROUNDS} "
-                f"{r['warm_GBps']:.2f} GB/s ({r['warm_worst_GBps']:.2f}-{r['warm_best_GBps']:.2f}); plain copy (median) "
-                f"{r['copy_GBps']:.2f} GB/s = {r['copy_GBps'] / r['warm_GBps']:.2f}x; RSS +{r['rss_growth_MB']:.0f} MB "
-                f"(budget: nothing beyond the swapped tensors, which are already in place)")
+                f"{r['swap_GBps']:.2f} GB/s (B read as cached); then {r['rounds']} rounds: swap "
+                f"{r['warm_GBps']:.2f} GB/s, plain copy {r['copy_GBps']:.2f} GB/s (medians; "
+                + ", ".join(f"{way} {v:.2f}" for way, v in r["copy_ways_GBps"].items())
+                + f" GB/s); swap / the faster copy "
+                f"{spread(r['ratios'])}x (min / median / max of the rounds; goal <= 1.5x); "
+                f"RSS +{r['rss_growth_MB']:.0f} MB (budget: nothing beyond the swapped tensors, which are already in place)")
         for kind, r in live["probe"].items():
             unit = "tokens scored/s" if kind == "mc" else "tokens generated/s (at most)"
             row(f"{kind} batch of {r['items']}", f"{r['seconds']:6.2f} s  {r['items_per_s']:.2f} items/s  "
