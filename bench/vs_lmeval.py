@@ -5,7 +5,9 @@ checkpoint of SmolLM2-135M, the same items, batch size 8, on the CPU with torch'
 count. Each case reports wall time and the child's peak RSS for both, the metrics each computed,
 and how many items got a different per-item outcome, read from the two per-item sample files.
 
-Goals (issue 15): lm-eval's time / ours >= 3, our peak RSS <= lm-eval's, no item differing.
+Goals: lm-eval's time over ours at least 3.5x on ARC 0-shot, 5x on ARC 5-shot and 4x on GSM8K
+(`Case.goal`); BoolQ within 1.3x of the arithmetic bound of its contexts (bench/cpu_linears.py); our
+peak RSS at most lm-eval's; no item differing.
 
 The items are bench/lmeval_items.py's, seeded and shaped like the real ARC-Challenge, BoolQ and
 GSM8K in SmolLM2 tokens (`python bench/lmeval_items.py --stats` prints how close they are).
@@ -54,13 +56,15 @@ class Case:
     shots: int
     kind: str  # our probe kind for the native reader: mc | em
     small: int  # items in a --small run: a k-shot prompt costs lm-eval K+1 times the tokens per choice
+    goal: str  # lm-eval's time over ours that the case must reach, or where its goal is measured
 
 
 CASES = [
-    Case("arc-0shot", "arc", 0, "mc", 40),
-    Case("boolq-0shot", "boolq", 0, "mc", 16),
-    Case("arc-5shot", "arc", 5, "mc", 12),
-    Case("gsm8k-0shot", "gsm8k", 0, "em", 8),
+    Case("arc-0shot", "arc", 0, "mc", 40, ">= 3.5x"),
+    # BoolQ's goal is against the arithmetic bound of its contexts: python bench/cpu_linears.py
+    Case("boolq-0shot", "boolq", 0, "mc", 16, "bound"),
+    Case("arc-5shot", "arc", 5, "mc", 12, ">= 5x"),
+    Case("gsm8k-0shot", "gsm8k", 0, "em", 8, ">= 4x"),
 ]
 
 
@@ -219,7 +223,7 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 def print_table(results: list[Result], mode: str) -> None:
     print(f"\nmoe-surgeon ({mode}) vs lm-eval 0.4.13, SmolLM2-135M float32, batch {BATCH}, CPU, "
           f"{os.cpu_count()} cores, torch default threads")
-    head = (f"{'case':<12} {'n':>4} {'lm-eval s':>10} {'ours s':>8} {'speedup':>8} {'lm-eval MiB':>12} "
+    head = (f"{'case':<12} {'n':>4} {'lm-eval s':>10} {'ours s':>8} {'speedup':>8} {'goal':>8} {'lm-eval MiB':>12} "
             f"{'ours MiB':>9} {'RSS ours/lm':>12}  {'differing items':<44} {'max|dLL|':>9}")
     print(head)
     print("-" * len(head))
@@ -235,7 +239,8 @@ def print_table(results: list[Result], mode: str) -> None:
             if r.unmatched:
                 differ += f" unmatched {r.unmatched}"
         ll = f"{r.max_ll_delta:.2e}" if r.max_ll_delta is not None else "-"
-        print(f"{r.case:<12} {r.n:>4} {r.lmeval.seconds:>10.1f} {r.ours.seconds:>8.1f} {speed:>7.2f}x "
+        goal = next((c.goal for c in CASES if c.name == r.case), "")
+        print(f"{r.case:<12} {r.n:>4} {r.lmeval.seconds:>10.1f} {r.ours.seconds:>8.1f} {speed:>7.2f}x {goal:>8} "
               f"{r.lmeval.peak_rss_mib:>12.0f} {r.ours.peak_rss_mib:>9.0f} {rss:>11.2f}x  {differ:<44} {ll:>9}")
     print("\nmetrics (percent; lm-eval | moe-surgeon)")
     for r in results:
@@ -244,7 +249,8 @@ def print_table(results: list[Result], mode: str) -> None:
         for who, s in (("lm-eval", r.lmeval), ("moe-surgeon", r.ours)):
             if s.error:
                 print(f"  {'':<12} {who} failed: {s.error}  (log: {s.log})")
-    print("goals: speedup >= 3x, RSS ours/lm <= 1.00x, 0 differing items")
+    print("goals: the speed-up in the goal column (BoolQ: within 1.3x of the arithmetic bound, which "
+          "python bench/cpu_linears.py prints), RSS ours/lm <= 1.00x, 0 differing items")
 
 
 # ---------------------------------------------------------------- entry
