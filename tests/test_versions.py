@@ -60,3 +60,12 @@ def test_a_metadata_file_without_a_version_header_is_asked_of_importlib_metadata
     _dist(fake_path / "second", "noversion-1.0.dist-info", "METADATA", "Name: noversion\nVersion: 1.0\n")
     assert metadata.version("noversion") is None
     assert installed_versions(["noversion"]) == {}
+
+
+def test_entries_that_are_not_directories_are_passed_over(fake_path, monkeypatch):
+    # a bytes entry (importlib.metadata itself fails on one) and a file (a zip, say) before the
+    # directory that holds the distribution
+    a_file = fake_path / "archive.zip"
+    a_file.write_bytes(b"PK")
+    monkeypatch.setattr(sys, "path", [b"/nowhere", str(a_file), str(fake_path / "first")])
+    assert installed_versions(["foo-bar"]) == {"foo-bar": "1.2.3"}

@@ -31,16 +31,17 @@ def installed_versions(names: Iterable[str]) -> dict[str, str]:
     for entry in sys.path:
         if len(found) == len(wanted):
             break
-        try:
-            listing = os.scandir(entry or ".")
-        except OSError:  # a zip file, a directory gone since start-up
+        if not isinstance(entry, str):  # sys.path may hold bytes; importlib.metadata fails on them
             continue
-        with listing:
-            for item in listing:
-                stem, _, kind = item.name.rpartition(".")
-                key = _normalise(stem.split("-", 1)[0]) if kind in _METADATA_FILE else None
-                if key in wanted and key not in found:
-                    found[key] = _version_in(os.path.join(item.path, _METADATA_FILE[kind]))
+        try:
+            with os.scandir(entry or ".") as listing:
+                for item in listing:
+                    stem, _, kind = item.name.rpartition(".")
+                    key = _normalise(stem.split("-", 1)[0]) if kind in _METADATA_FILE else None
+                    if key in wanted and key not in found:
+                        found[key] = _version_in(os.path.join(item.path, _METADATA_FILE[kind]))
+        except OSError:  # a zip file, a directory gone or unreadable: importlib.metadata is asked below
+            continue
     out = {}
     for name in names:
         version = found.get(_normalise(name))
