@@ -3,8 +3,8 @@ manifest, a probe's result).
 
 Read from each distribution's metadata file on sys.path, as `importlib.metadata.version` finds it
 (the first match along sys.path; names compared normalised), without importing
-`importlib.metadata`: that import (email, zipfile, socket, csv) and its lookups took 25-30 ms of a
-0.5 s export on the 2-core machine the benches run on. A name this scan cannot place (a zipped
+`importlib.metadata`: that import (email, zipfile, socket, csv) and five lookups took 19-21 ms of a
+0.4-0.5 s export on the 2-core machine the benches run on; this scan takes 1-3 ms. A name this scan cannot place (a zipped
 egg, a finder of its own) is asked of `importlib.metadata` after all.
 """
 
