@@ -9,6 +9,7 @@ from surgeon.cli.options import (
     common_export_options,
 )
 from surgeon.cli.progress import StepPrinter, warn
+from surgeon.cli.quick_exit import leave_quickly
 from surgeon.io.dtypes import DTYPE_CHOICES
 from surgeon.io.sizes import human_bytes
 from surgeon.jobs import CancelToken, cancel_on_interrupt
@@ -54,7 +55,11 @@ def _run_export(plan, donors, out, args, session_path=None, replay=None) -> int:
 
 def cmd_export(args) -> int:
     plan, donors = _open_plan_donors(args.base, args.take, args.allow_pickle)
-    return _run_export(plan, donors, args.out, args, session_path=args.save_session)
+    code = _run_export(plan, donors, args.out, args, session_path=args.save_session)
+    # Written, renamed into place and reported; its writer thread is joined and every file closed.
+    # The interpreter's teardown would take 10-15 ms more of a 0.4 s export of 0.94 GB.
+    leave_quickly()
+    return code
 
 
 # ---------------------------------------------------------------- replay
