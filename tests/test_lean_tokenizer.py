@@ -8,7 +8,14 @@ import pytest
 from tiny_models import save_char_tokenizer
 
 from surgeon.probes.lean_tokenizer import lean_tokenizer
-from surgeon.probes.scoring import bos_marker, encode, encode_request, load_tokenizer, prefix_token_id
+from surgeon.probes.scoring import (
+    bos_marker,
+    encode,
+    encode_like_lm_eval,
+    encode_request,
+    load_tokenizer,
+    prefix_token_id,
+)
 
 TEXTS = ["", " ", "hello world", "  two  spaces ", "Question: what is 12+30?\nAnswer: 42", "naïve café ünïcode 東京",
          "<bos>starts with bos", "ends with eos<eos>", "tab\tand\nnewline", "<|im_start|>x"]
@@ -53,9 +60,16 @@ def test_encodes_and_decodes_as_transformers_does(tmp_path, kind):
         assert encode(lean, text) == encode(full, text)
         ids = full.encode(text)
         assert lean.decode(ids) == full.decode(ids)
+        seen: dict = {}  # a context's tokens kept for its next request, as loglikelihoods keeps them
         for cont in (" 42", "x"):
             if text.strip():
                 assert encode_request(lean, text, cont, 64) == encode_request(full, text, cont, 64)
+                tight = len(encode_request(full, text, cont, 64)[1]) + 1  # keeps 2 context tokens
+                for limit in (64, tight):  # left-truncated after the kept tokens are looked up
+                    kept = encode_request(full, text, cont, limit, contexts=seen)
+                    assert kept == encode_request(full, text, cont, limit)
+        assert bool(seen) == bool(text.strip())
+        assert all(seen[t] == encode_like_lm_eval(full, t, bos_marker(full)) for t in seen)
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "model_max_length"):
         assert getattr(lean, attr) == getattr(full, attr), attr
     assert prefix_token_id(lean) == prefix_token_id(full) and bos_marker(lean) == bos_marker(full)

@@ -114,9 +114,12 @@ def bos_marker(tokenizer) -> str | None:
 
 
 def encode_request(tokenizer, context: str, continuation: str, limit: int,
-                   marker: str | None = None) -> tuple[list[int], list[int]]:
+                   marker: str | None = None, contexts: dict[str, list[int]] | None = None
+                   ) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) of one log-likelihood request, as lm-eval scores it;
-    `marker` is bos_marker(tokenizer), computed once by a caller with many requests."""
+    `marker` is bos_marker(tokenizer), computed once by a caller with many requests, and
+    `contexts` keeps each context's tokens for the next request with the same context (a
+    multiple-choice item's choices), which then encodes only context + continuation."""
     if context == "":
         cont = encode(tokenizer, continuation)
         first = prefix_token_id(tokenizer)
@@ -130,7 +133,11 @@ def encode_request(tokenizer, context: str, continuation: str, limit: int,
         continuation = context[len(stripped):] + continuation
         if marker is None:
             marker = bos_marker(tokenizer)
-        ctx = encode_like_lm_eval(tokenizer, stripped, marker)
+        ctx = contexts.get(stripped) if contexts is not None else None
+        if ctx is None:
+            ctx = encode_like_lm_eval(tokenizer, stripped, marker)
+            if contexts is not None:
+                contexts[stripped] = ctx
         cont = encode_like_lm_eval(tokenizer, stripped + continuation, marker)[len(ctx):]
     if not cont:
         raise SurgeonError(f"empty continuation for context {context[-40:]!r}: nothing to score")
@@ -437,7 +444,8 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     max_tokens = _check_sizes(batch_size, max_batch_tokens)
     limit = max_length(model, tokenizer)
     marker = bos_marker(tokenizer)
-    encoded = [encode_request(tokenizer, prefix + ctx, cont, limit, marker) for ctx, cont in requests]
+    seen: dict[str, list[int]] = {}
+    encoded = [encode_request(tokenizer, prefix + ctx, cont, limit, marker, seen) for ctx, cont in requests]
     by_context: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(encoded):
         by_context.setdefault(tuple(ctx), []).append(i)
