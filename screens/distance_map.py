@@ -15,13 +15,14 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from surgeon.core.workbench import COLUMN_TITLES
 from surgeon.features.distance import AGGREGATE
 
 from .job import JobScreen
 from .layer import format_distance
+from .widgets.keybar import KeyBar
 
 
 class MapCells(Message):
@@ -53,7 +54,7 @@ class DistanceMapScreen(JobScreen):
     def compose(self) -> ComposeResult:
         yield Static("", id="map-title")
         yield DataTable(id="distance-map", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         table = self.query_one("#distance-map", DataTable)

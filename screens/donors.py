@@ -13,13 +13,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.validation import ValidationResult, Validator
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import DataTable, Input, Static
 
 from surgeon.errors import SurgeonError
 from surgeon.io.sizes import human_bytes
 
 from .dialogs import PathSuggester
 from .widgets.grid import donor_style
+from .widgets.keybar import KeyBar
 
 
 class DonorPath(Validator):
@@ -58,7 +59,7 @@ class DonorsScreen(Screen):
         yield Input(placeholder="checkpoint directory to add (tab completes)", id="donor-add",
                     suggester=PathSuggester(directories_only=True), validators=[DonorPath()], validate_on=["submitted"])
         yield Static("", classes="field-error", id="add-error")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

@@ -29,7 +29,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from surgeon.core.resolve import LayerGate
 from surgeon.errors import SurgeonError
@@ -40,6 +40,7 @@ from .dialogs import ErrorScreen, PathScreen
 from .job import JobScreen
 from .widgets.gate_chart import ChangeRow, GateChart, change_text
 from .widgets.grid import donor_style
+from .widgets.keybar import KeyBar
 
 DEFAULT_CORPUS = "arith"  # the built-in set the `gates select` run docs/gates.md shows calibrates on
 SEQ_LEN = 64  # `gates select` defaults, so the screen and the CLI give the same numbers
@@ -120,7 +121,7 @@ class GatesScreen(JobScreen):
             yield GateChart(id="gates-chart")
         yield DataTable(id="gates-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="gates-status", markup=False)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#gates-chart-box").border_title = "change of the layer's logit-lens perplexity the gate makes"

@@ -29,7 +29,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Input, Label, Static
+from textual.widgets import Input, Label, Static
 
 from surgeon.errors import SurgeonError
 from surgeon.features.routing.corpora import DEFAULT_CORPORA
@@ -39,6 +39,7 @@ from surgeon.jobs import Cancelled
 from .dialogs import ErrorScreen, PathScreen
 from .job import JobScreen
 from .widgets.heatmap import HeatmapGrid
+from .widgets.keybar import KeyBar
 
 METRICS = ("frequency", "top1", "mean_prob")  # importance needs every expert recomputed: CLI only
 BATCH_SIZE = 32  # the CLI's default
@@ -190,7 +191,7 @@ class RoutingScreen(JobScreen):
         yield HeatmapGrid(id="routing-grid")
         yield Static("", id="routing-cell", markup=False)
         yield Static("", id="routing-status", markup=False)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one(HeatmapGrid).focus()

@@ -16,7 +16,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from surgeon.core.anatomy import natural_key
 from surgeon.core.workbench import Cell, layer_sheet
@@ -24,6 +24,7 @@ from surgeon.core.workbench import Cell, layer_sheet
 from .job import JobScreen
 from .marking import MARKING_BINDINGS, MarkingMixin
 from .widgets.grid import GridView, donor_style
+from .widgets.keybar import KeyBar
 from .widgets.status import status_line
 
 
@@ -69,7 +70,7 @@ class LayerScreen(MarkingMixin, JobScreen):
             yield GridView(self.app.wb, layer_sheet(self.app.wb, self.layer_no), id="layer-grid")
             yield DataTable(id="tensors", cursor_type="row", zebra_stripes=True)
         yield Static("", id="status")
-        yield Footer()
+        yield KeyBar()
 
     @property
     def grid(self) -> GridView:

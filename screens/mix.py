@@ -25,7 +25,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Footer, Input, Label, ProgressBar, Sparkline, Static
+from textual.widgets import Input, Label, ProgressBar, Sparkline, Static
 
 from surgeon.core.architectures import MIX_ARCH_CHOICES
 from surgeon.core.donor import Donor
@@ -36,6 +36,7 @@ from surgeon.jobs import Cancelled, Step
 
 from .job import JobScreen
 from .mix_state import CLI_TRAIN, DEMO_MIX, DEMO_TRAIN, is_demo, shown_path
+from .widgets.keybar import KeyBar
 
 ARCHS = tuple(MIX_ARCH_CHOICES)
 # (field id, label, hint): one line each, in this order.
@@ -233,7 +234,7 @@ class MixScreen(JobScreen):
             yield Label("loss ", id="mix-loss-label")
             yield Sparkline([], id="mix-loss")
             yield Static("", id="mix-loss-range", markup=False)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         source = self.source

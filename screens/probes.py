@@ -24,7 +24,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.events import Resize
 from textual.message import Message
-from textual.widgets import DataTable, Footer, Input, ProgressBar, SelectionList, Static
+from textual.widgets import DataTable, Input, ProgressBar, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from surgeon.errors import SurgeonError
@@ -38,6 +38,7 @@ from .dialogs import ErrorScreen
 from .job import JobScreen
 from .widgets.chart import Bar, BarGroup, ScoreChart
 from .widgets.grid import donor_colour, donor_style
+from .widgets.keybar import KeyBar
 
 BATCH_SIZE = 16  # the CLI's default, so donor scores cached by either are shared
 DTYPE = "keep"
@@ -143,7 +144,7 @@ class ProbesScreen(JobScreen):
         yield DataTable(id="probe-results", cursor_type="row", zebra_stripes=True)
         yield Static("", id="probe-detail", markup=False)
         yield DataTable(id="probe-history", cursor_type="row")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#probe-chart-box").border_title = "H hybrid vs donors · ▓░ 95% CI"

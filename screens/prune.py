@@ -26,7 +26,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import DataTable, Footer, Input, Label, Static
+from textual.widgets import DataTable, Input, Label, Static
 
 from surgeon.errors import SurgeonError
 from surgeon.io.fs import error_line
@@ -34,6 +34,7 @@ from surgeon.jobs import Cancelled
 
 from .dialogs import ErrorScreen, PathScreen
 from .job import JobScreen
+from .widgets.keybar import KeyBar
 
 BATCH_SIZE = 32  # the Routing screen's: the saliency it measured is what `--batch-size 32` measures
 PROBE_BATCH = 16  # the Probes screen's, so the original's scores come from the cache it filled
@@ -153,7 +154,7 @@ class PruneScreen(JobScreen):
         yield DataTable(id="prune-preview", cursor_type="row", zebra_stripes=True)
         yield Static("", id="prune-status", markup=False)
         yield DataTable(id="prune-results", cursor_type="row")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#prune-results", DataTable).border_title = "the smaller model vs the original, per item"

@@ -10,12 +10,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from surgeon.core.workbench import Cell, surgery_sheet
 
 from .marking import MARKING_BINDINGS, MarkingMixin
 from .widgets.grid import GridView
+from .widgets.keybar import KeyBar
 from .widgets.status import legend, status_line
 
 WELCOME = (
@@ -50,7 +51,7 @@ class SurgeryScreen(MarkingMixin, Screen):
         with Vertical(id="grid-box"):
             yield Static("", id="empty", markup=False)
         yield Static("", id="status")
-        yield Footer()
+        yield KeyBar()
 
     grid: GridView | None = None
 

@@ -24,7 +24,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Static
+from textual.widgets import DataTable, Input, Label, ProgressBar, Static
 
 from surgeon.errors import SurgeonError
 from surgeon.io.fs import error_line
@@ -35,6 +35,7 @@ from surgeon.probes import metric_of, short_label
 from .dialogs import ErrorScreen
 from .job import JobScreen
 from .probes import session_view
+from .widgets.keybar import KeyBar
 
 SEPARATOR = ";"  # group SPECs and probe specs contain commas
 DEFAULT_LIMIT = 50  # built-in probe sets are cut to this many items by default
@@ -136,7 +137,7 @@ class SweepScreen(JobScreen):
             yield Static("", id="sweep-stats", markup=False)
         yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="sweep-heatmap")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         wb = self.app.wb
