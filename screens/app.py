@@ -21,6 +21,7 @@ from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Static
 
+from surgeon.core.architectures import MIX_SOURCES
 from surgeon.core.recovery import RecoveryWriter
 from surgeon.core.session import SessionRecords
 from surgeon.core.workbench import Workbench
@@ -135,9 +136,13 @@ class SurgeonApp(LoadingMixin, HashingMixin, SavingMixin, App):
     def show_banner(self) -> None:
         """The welcome line speaks for mixing: the offer when every donor is dense, the mix once built.
         Only a change of the text shows it again, so w (hide) sticks while nothing changes."""
-        from .mix_state import banner
+        if self.mix is None and self.wb is not None and any(
+                d.model_type not in MIX_SOURCES for d in self.wb.donors.values()):
+            text = None  # no mix, and not every donor could go into one (dense_problem's first test)
+        else:
+            from .mix_state import banner  # the mix's modules: 6 ms of the launch, only where they speak
 
-        text = banner(self.wb, self.mix, self.mix_pending, self.labels)
+            text = banner(self.wb, self.mix, self.mix_pending, self.labels)
         if text is None or text == self._banner:
             return
         self._banner = text
