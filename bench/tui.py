@@ -5,7 +5,8 @@
    run in turn with it: a minimal Textual app (one Static) launched and timed the same way to its
    first frame. Also measured: `python -c pass`, importing textual, importing torch.
 2. Key actions: each key's handler plus a full repaint of the grid, in-process (Pilot adds a
-   fixed overhead per key, reported separately as the cost of an unbound key).
+   fixed overhead per key, reported separately as the cost of an unbound key). Switching screens:
+   a key that opens help, a layer or the donors, to the new screen drawn, and escape back.
 3. The same handlers while a full-content hash runs in a thread of the same process, as the
    workbench's background hash of its donors does (`hash_files(..., background=True)` over a
    1 GiB file dropped from the page cache, never in the hash cache): median and worst of each, goal
@@ -40,7 +41,8 @@ from synthetic import write_donor  # noqa: E402
 from surgeon.io.content_hash import hash_files  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "tui"
-FOOTER_KEYS = 22  # the keys the grid's screen shows in its footer
+FOOTER_KEYS = 22  # the keys the grid's screen shows in its key bar
+SWITCHES = {"question_mark": "help", "enter": "layer", "d": "donors"}  # keys that open a screen from the grid
 HASHED = 1 << 30  # bytes the background hash reads while handlers are timed (dropped from the page cache)
 
 
@@ -176,6 +178,23 @@ async def key_latency(paths: list[Path]) -> dict[str, float]:
             t0 = time.perf_counter()
             await pilot.press("z")  # unbound: Pilot's own cost per key
             results.setdefault("(unbound key)", []).append(time.perf_counter() - t0)
+        # Switching screens: the key, the new screen composed, laid out and drawn (Pilot waits for
+        # the screen to be idle), then escape back to the grid, drawn again.
+        for key, name in SWITCHES.items():
+            for _ in range(6):
+                t0 = time.perf_counter()
+                await pilot.press(key)
+                await pilot.pause()
+                results.setdefault(f"open {name}", []).append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await pilot.press("escape")
+                await pilot.pause()
+                results.setdefault(f"back from {name}", []).append(time.perf_counter() - t0)
+        for _ in range(5):
+            t0 = time.perf_counter()
+            await pilot.press("z")
+            await pilot.pause()
+            results.setdefault("(unbound key + pause)", []).append(time.perf_counter() - t0)
         # Handler-only figures: the action methods called directly, then one grid repaint.
         screen = app.surgery
         direct = {
@@ -260,6 +279,8 @@ def main() -> int:
     hashing = {k: v for k, v in measured.items() if k.endswith((", hashing", ", in turn"))}
     lat = {k: v[0] for k, v in measured.items() if k not in hashing}
     pilot = lat.pop("(unbound key)")
+    paused = lat.pop("(unbound key + pause)")
+    switches = {k: lat.pop(k) for k in list(lat) if k.startswith(("open ", "back from "))}
     handlers = {k: v for k, v in lat.items() if k.endswith("handler")}
     keys = {k: v for k, v in lat.items() if not k.endswith("handler")}
     slow_key = max(keys, key=keys.get)
@@ -267,6 +288,9 @@ def main() -> int:
     print(f"key actions via Pilot (press + wait + full grid repaint), median of 5; Pilot's own cost {1000 * pilot:.1f} ms")
     print("  " + "  ".join(f"{k}:{1000 * v:.1f}" for k, v in keys.items()) + "  (ms)")
     print(f"  slowest key {slow_key!r}: {1000 * keys[slow_key]:.1f} ms, {1000 * (keys[slow_key] - pilot):.1f} ms above an unbound key (goal < 50 ms)")
+    print(f"screens: the key, then Pilot's wait until the new screen is drawn and idle, median of 6 "
+          f"(an unbound key and the same wait: {1000 * paused:.1f} ms)")
+    print("  " + "  ".join(f"{k}:{1000 * v:.1f}" for k, v in switches.items()) + "  (ms)")
     print("handlers called directly + grid repaint, median of 10:")
     for k, v in handlers.items():
         print(f"  {k:<26}{1000 * v:7.2f} ms")
