@@ -130,3 +130,12 @@ async def test_disabled_keys_are_dim_and_do_nothing_and_the_bar_follows_focus():
         app.query_one("#field").focus()
         await pilot.pause()
         assert "Plain" not in bar_text(app)
+
+
+@sync
+async def test_a_narrow_terminal_keeps_the_screens_own_keys():
+    app = Host()
+    async with app.run_test(size=(20, 6)) as pilot:
+        await pilot.pause()
+        text = bar_text(app)
+        assert len(text) == 20 and text.startswith(" f2 Ring ") and "palette" not in text

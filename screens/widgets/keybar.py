@@ -4,7 +4,7 @@ It looks and behaves as Textual's `Footer` (a key and its description per action
 dim, a click presses the key, the key's tooltip on hover, the command palette's key on the right,
 the mouse wheel scrolls keys that do not fit), but it is one widget: the footer mounts a widget per
 key and mounts them all again whenever the bindings change, which was a tenth of the workbench's
-launch (22 keys on the grid's screen) and of every switch between screens.
+launch (22 keys on the grid's screen) and about half of every switch between screens.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ class KeyBar(Widget, can_focus=False):
         if palette is not None:
             # As Textual's footer draws it: docked right, a divider, the key and its name unpadded.
             tail = cell_len(palette.display) + cell_len(palette.description) + 3
+            if tail > width // 2:  # a narrow terminal: the screen's own keys first
+                palette, tail = None, 0
         self.more = False
         for key in keys[self.first:]:
             if line.cell_len >= width - tail:
@@ -122,7 +124,7 @@ class KeyBar(Widget, can_focus=False):
         line.truncate(max(0, width - tail))
         line.append(" " * (width - tail - line.cell_len))
         spans = [(a, min(b, width - tail), k) for a, b, k in spans if a < width - tail]
-        if palette is not None and width > tail:
+        if palette is not None:
             line.append("▏", self.get_component_rich_style("keybar--divider"))
             add(palette, palette.display, f" {palette.description}")
             line.append(" ")
