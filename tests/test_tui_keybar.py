@@ -1,6 +1,8 @@
 """The key bar at the foot of every screen (screens/widgets/keybar.py), driven with Pilot: what it
 shows, what a click, a hover and the mouse wheel do, and that it follows the bindings as they change."""
 
+from contextlib import asynccontextmanager
+
 import pytest
 from test_tui_helpers import settle, sync
 from textual import events
@@ -20,6 +22,15 @@ def olmoe2(donors_of):
     return [str(p) for p in donors_of("olmoe", 2)]
 
 
+@asynccontextmanager
+async def grid_bar(specs, tmp_path):
+    """(app, pilot, the grid screen's key bar) once the workbench on `specs` is settled."""
+    app = SurgeonApp(specs, None, state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        yield app, pilot, app.screen.query_one(KeyBar)
+
+
 def bar_text(app) -> str:
     bar = app.screen.query_one(KeyBar)
     return "".join(seg.text for seg in bar.render_line(0))
@@ -37,9 +48,7 @@ async def wheel(pilot, bar: KeyBar, down: bool = True) -> None:
 
 @sync
 async def test_the_grid_shows_its_keys_in_order_and_the_palette_at_the_right(olmoe2, tmp_path):
-    app = SurgeonApp(olmoe2, None, state_dir=tmp_path / "state", offer_recovery=False)
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+    async with grid_bar(olmoe2, tmp_path) as (app, _pilot, _bar):
         text = bar_text(app)
         assert len(text) == SIZE[0]
         assert text.startswith(" v Select  space Cycle  1-9 Paint with donor 1  b Brush ")
@@ -49,10 +58,7 @@ async def test_the_grid_shows_its_keys_in_order_and_the_palette_at_the_right(olm
 
 @sync
 async def test_a_click_presses_the_key_and_a_hover_shows_its_tooltip(olmoe2, tmp_path):
-    app = SurgeonApp(olmoe2, None, state_dir=tmp_path / "state", offer_recovery=False)
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        bar = app.screen.query_one(KeyBar)
+    async with grid_bar(olmoe2, tmp_path) as (app, pilot, bar):
         await pilot.hover(KeyBar, (column_of(bar, "space") + 1, 0))
         assert bar.tooltip == "Give the cell or selection the next donor"
         await pilot.click(KeyBar, (column_of(bar, "space") + 1, 0))  # space: the cell under the cursor cycles
@@ -66,10 +72,7 @@ async def test_a_click_presses_the_key_and_a_hover_shows_its_tooltip(olmoe2, tmp
 
 @sync
 async def test_the_wheel_shows_the_keys_that_do_not_fit(olmoe2, tmp_path):
-    app = SurgeonApp(olmoe2, None, state_dir=tmp_path / "state", offer_recovery=False)
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        bar = app.screen.query_one(KeyBar)
+    async with grid_bar(olmoe2, tmp_path) as (app, pilot, bar):
         assert "Probes" not in bar_text(app) and bar.more
         await wheel(pilot, bar, down=False)  # nothing before the first key
         assert bar.first == 0
