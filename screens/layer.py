@@ -16,7 +16,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
-from textual.widgets import DataTable, Static
+from textual.widgets import Static
 
 from surgeon.core.anatomy import natural_key
 from surgeon.core.workbench import Cell, layer_sheet
@@ -26,6 +26,7 @@ from .marking import MARKING_BINDINGS, MarkingMixin
 from .widgets.grid import GridView, donor_style
 from .widgets.keybar import KeyBar
 from .widgets.status import status_line
+from .widgets.tensor_table import TensorTable
 
 
 class Distances(Message):
@@ -68,7 +69,7 @@ class LayerScreen(MarkingMixin, JobScreen):
         yield Static("", id="layer-title")
         with Horizontal(id="layer-body"):
             yield GridView(self.app.wb, layer_sheet(self.app.wb, self.layer_no), id="layer-grid")
-            yield DataTable(id="tensors", cursor_type="row", zebra_stripes=True)
+            yield TensorTable(id="tensors")
         yield Static("", id="status")
         yield KeyBar()
 
@@ -108,33 +109,30 @@ class LayerScreen(MarkingMixin, JobScreen):
 
     def _fill_tensors(self) -> None:
         wb = self.app.wb
-        table = self.query_one("#tensors", DataTable)
-        table.clear(columns=True)
-        table.add_column("tensor", key="tensor")
-        table.add_column("shape", key="shape")
-        table.add_column("dtype", key="dtype")
-        table.add_column("from", key="from")
-        for d in self._others():
-            table.add_column(f"Δ{d}", key=f"d:{d}")
+        others = self._others()
+        columns = [("tensor", "tensor"), ("shape", "shape"), ("dtype", "dtype"), ("from", "from")]
+        columns += [(f"d:{d}", f"Δ{d}") for d in others]
         base = wb.donors[wb.base]
         prefix = f"model.layers.{self.layer_no}."
+        rows = []
         for name in self._tensor_names():
             info = base.tensors[name]
             src, colour = wb.tensor_origin(name)
             row = [name[len(prefix):], "×".join(map(str, info.shape)), info.dtype,
                    Text(f" {src} ", donor_style(wb, colour))]
-            row += [format_distance(self.distances.get((d, name))) for d in self._others()]
-            table.add_row(*row, key=name)
+            row += [format_distance(self.distances.get((d, name))) for d in others]
+            rows.append((name, row))
+        self.query_one("#tensors", TensorTable).set_rows(columns, rows)
 
     def refresh_cells(self) -> None:
         wb = self.app.wb
         self.grid.refresh_cells()
-        table = self.query_one("#tensors", DataTable)
+        table = self.query_one("#tensors", TensorTable)
         for name in self._tensor_names():
             src, colour = wb.tensor_origin(name)
             try:
                 table.update_cell(name, "from", Text(f" {src} ", donor_style(wb, colour)))
-            except Exception:  # the table was rebuilt for another layer meanwhile
+            except KeyError:  # the table was rebuilt for another layer meanwhile
                 pass
         self.refresh_status()
 
@@ -170,11 +168,11 @@ class LayerScreen(MarkingMixin, JobScreen):
         if message.layer_no != self.layer_no:
             return
         self.distances.update(message.values)
-        table = self.query_one("#tensors", DataTable)
+        table = self.query_one("#tensors", TensorTable)
         for (d, name), value in message.values.items():
             try:
-                table.update_cell(name, f"d:{d}", format_distance(value), update_width=True)
-            except Exception:
+                table.update_cell(name, f"d:{d}", format_distance(value))
+            except KeyError:  # the table was rebuilt for another layer meanwhile
                 pass
 
     def action_layer(self, step: int) -> None:
