@@ -16,7 +16,8 @@ release's shard size, so DeepSeek-V3 has 163 of them.
     python bench/true_shapes.py [--models deepseek_v3,gpt_oss,...] [--runs 3]
 
 Prints, per model: tensors and shards per donor, `moe-surgeon inspect` wall time (whole process),
-and the workbench on a pair: launch to first grid and the peak RSS of that process.
+and the workbench on a pair: launch to first grid and the peak RSS of that process, and the
+first frame of a layer with experts (its tensor table holds every tensor of the layer).
 """
 
 from __future__ import annotations
@@ -209,6 +210,15 @@ def workbench_ready(paths: list[Path], runs: int, env: dict | None = None) -> tu
     return statistics.median(times), max(peaks)
 
 
+def layer_open(paths: list[Path]) -> tuple[int, float]:
+    """The layer screen's first frame on the pair (bench/tui.py, in a child of its own): the layer's
+    tensors and the median seconds."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "tui.py"), "--layer-open", *map(str, paths)],
+                         check=True, capture_output=True, text=True).stdout
+    measured = json.loads(out.strip().splitlines()[-1])
+    return measured["tensors"], statistics.median(measured["seconds"])
+
+
 def cold(tag: str) -> dict:
     """An empty cache directory: the first time a donor is ever opened (headers parsed, not read
     back from surgeon/io/header_cache.py). The page cache stays warm: these donors are sparse."""
@@ -228,7 +238,7 @@ def main() -> int:
             write_donor(WORK / args.make / f"donor{i}", MODELS[args.make])
         return 0
     print(f"{'model':<38}{'tensors':>9}{'shards':>8}{'inspect first/again':>21}{'workbench first/again':>23}"
-          f"{'peak RSS':>10}")
+          f"{'peak RSS':>10}{'layer':>16}")
     for key in args.models.split(","):
         spec = MODELS[key]
         pair = [WORK / key / f"donor{i}" for i in range(2)]
@@ -242,11 +252,13 @@ def main() -> int:
         cold_runs = [workbench_ready(pair, 1, cold("workbench")) for _ in range(args.runs)]
         ready_first, rss_first = statistics.median(t for t, _ in cold_runs), max(r for _, r in cold_runs)
         ready, rss = workbench_ready(pair, args.runs)
+        in_layer, opened = layer_open(pair)
         tensors, shards = counts[0]
         print(f"{spec['label']:<38}{tensors:>9,}{shards:>8}{first:>11.2f} / {seconds:.2f} s"
-              f"{ready_first:>13.2f} / {ready:.2f} s{max(rss, rss_first):>7} MiB")
+              f"{ready_first:>13.2f} / {ready:.2f} s{max(rss, rss_first):>7} MiB{opened:>7.2f} s ({in_layer:,})")
     print("first: an empty moe-surgeon cache each run (headers parsed); again: headers read back from the "
           "cache (both medians of --runs)")
+    print("layer: opening the first layer with experts to its first frame (bench/tui.py; its tensors in brackets)")
     print("goals (DeepSeek-V3): inspect < 1 s, workbench ready on a pair < 2 s with < 300 MB")
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pty
 import statistics
@@ -246,10 +247,52 @@ async def key_latency(paths: list[Path]) -> dict[str, float]:
     return {k: (statistics.median(v), max(v), len(v)) for k, v in results.items()}
 
 
+async def layer_open(paths: list[Path], rounds: int = 6) -> tuple[int, list[float]]:
+    """Opening the first layer with experts, as `enter` on its experts column does, to the layer
+    screen's first frame, `rounds` times, in this process: (the layer's tensors, seconds)."""
+    from screens import layer
+    from screens.app import SurgeonApp
+
+    frames: list[float] = []
+    shown = layer.LayerScreen.on_mount
+
+    def on_mount(screen) -> None:  # the bench's own stopwatch on the screen's first frame
+        shown(screen)
+        screen.call_after_refresh(lambda: frames.append(time.perf_counter()))
+
+    layer.LayerScreen.on_mount = on_mount
+    app = SurgeonApp([str(p) for p in paths], None, state_dir=WORK / "state", offer_recovery=False)
+    seconds = []
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            for _ in range(3):
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+            number = min(app.wb.index.experts_of, default=0)
+            for _ in range(rounds):
+                frames.clear()
+                t0 = time.perf_counter()
+                app.open_screen("layer", number, focus_kind="expert")
+                while not frames:
+                    await asyncio.sleep(0.001)
+                seconds.append(frames[0] - t0)
+                await pilot.press("escape")  # which also stops the screen's distance job
+                await pilot.pause()
+            tensors = len({n for p, names in app.wb.index.tensors_of.items() if p.layer == number for n in names})
+    finally:
+        layer.LayerScreen.on_mount = shown
+    return tensors, seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--layer-open", nargs=2, metavar="DIR", help=argparse.SUPPRESS)  # bench/true_shapes.py
     args = parser.parse_args()
+    if args.layer_open:
+        tensors, opened = asyncio.run(layer_open([Path(d) for d in args.layer_open]))
+        print(json.dumps({"tensors": tensors, "seconds": opened}))
+        return 0
     as_installed()
     WORK.mkdir(parents=True, exist_ok=True)
     paths = donors()
@@ -275,6 +318,10 @@ def main() -> int:
           f"{med / textual:.2f}x")
     print(f"  baselines: python -c pass {python:.3f} s, import textual.app {textual:.3f} s, import torch {torch:.3f} s; "
           f"torch alone would take {torch / med:.2f}x our whole start")
+    tensors, opened = asyncio.run(layer_open(paths))
+    print(f"open a layer with experts ({tensors} tensors) to its first frame, in-process: median "
+          f"{1000 * statistics.median(opened):.0f} ms (min {1000 * min(opened):.0f}, max {1000 * max(opened):.0f}, "
+          f"{len(opened)} rounds)")
     measured = asyncio.run(key_latency(paths))
     hashing = {k: v for k, v in measured.items() if k.endswith((", hashing", ", in turn"))}
     lat = {k: v[0] for k, v in measured.items() if k not in hashing}
