@@ -1,6 +1,8 @@
 """The layer screen's tensor table (screens/widgets/tensor_table.py), driven with Pilot in a bare app:
 what it draws, the cursor, scrolling under a fixed header, and cells that change."""
 
+from contextlib import asynccontextmanager
+
 from rich.text import Text
 from test_tui_helpers import sync
 from textual.app import App
@@ -19,17 +21,24 @@ class Host(App):
         self.query_one(TensorTable).set_rows(COLUMNS, ROWS)
 
 
+@asynccontextmanager
+async def focused_table(size=(60, 12)):
+    """(pilot, the table of 50 rows, focused) in a bare app."""
+    app = Host()
+    async with app.run_test(size=size) as pilot:
+        table = app.query_one(TensorTable)
+        table.focus()
+        await pilot.pause()
+        yield pilot, table
+
+
 def line(table: TensorTable, y: int) -> str:
     return "".join(seg.text for seg in table.render_line(y)).rstrip()
 
 
 @sync
 async def test_rows_are_drawn_under_a_header_that_stays_while_they_scroll():
-    app = Host()
-    async with app.run_test(size=(60, 12)) as pilot:
-        table = app.query_one(TensorTable)
-        table.focus()
-        await pilot.pause()
+    async with focused_table() as (pilot, table):
         # Each column as wide as its longest text ("layer.49.weight"), one space either side.
         assert line(table, 0) == f" {'tensor':<15}  {'shape':<5}  {'from':<4}  ΔB"
         assert line(table, 1) == f" {'layer.0.weight':<15}  {'0×8':<5}  {' A ':<4}  …"
@@ -70,10 +79,7 @@ async def test_a_changed_cell_is_drawn_and_widens_its_column():
 
 @sync
 async def test_new_rows_start_at_the_top():
-    app = Host()
-    async with app.run_test(size=(60, 12)) as pilot:
-        table = app.query_one(TensorTable)
-        table.focus()
+    async with focused_table() as (pilot, table):
         await pilot.press("end")
         await pilot.pause()
         table.set_rows(COLUMNS, ROWS[:20])  # another layer
