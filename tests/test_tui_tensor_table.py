@@ -3,6 +3,7 @@ what it draws, the cursor, scrolling under a fixed header, and cells that change
 
 from contextlib import asynccontextmanager
 
+import pytest
 from rich.text import Text
 from test_tui_helpers import sync
 from textual.app import App
@@ -69,12 +70,13 @@ async def test_a_changed_cell_is_drawn_and_widens_its_column():
         assert table.virtual_size.width == sum(w + 2 for w in (15, 5, 4, 10))
         styles = [seg.style for seg in table.render_line(2) if seg.text == "0.12345678"]
         assert styles and styles[0].color.name == "yellow"
-        try:
-            table.update_cell("t99", "d:B", "1")
-        except KeyError:
-            pass
-        else:
-            raise AssertionError("a row the table does not have")
+        table.update_column("from", {"t2": Text(" B ", "bold"), "t3": Text(" C ", "bold")})  # one repaint
+        await pilot.pause()
+        assert [str(table.get_cell(k, "from")) for k in ("t1", "t2", "t3")] == [" A ", " B ", " C "]
+        assert line(table, 4).startswith(f" {'layer.3.weight':<15}  {'3×8':<5}   C  ")
+        with pytest.raises(KeyError):  # a row the table does not have: nothing changes
+            table.update_column("from", {"t4": "x", "t99": "y"})
+        assert str(table.get_cell("t4", "from")) == " A "
 
 
 @sync
