@@ -7,6 +7,8 @@ visible lines whatever the checkpoint's size. The header line stays put while ro
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from rich.segment import Segment
 from rich.style import Style
 from textual.binding import Binding
@@ -29,10 +31,13 @@ def donor_colour(wb: Workbench, name: str) -> str:
 
 def donor_style(wb: Workbench, name: str) -> Style:
     """The base is plain coloured text; any other donor is a coloured block, so changes stand out."""
-    colour = donor_colour(wb, name)
-    if name == wb.base:
-        return Style(color=colour)
-    return Style(color="black", bgcolor=colour, bold=True)
+    return _donor_style(donor_colour(wb, name), name == wb.base)
+
+
+@lru_cache(maxsize=64)
+def _donor_style(colour: str, base: bool) -> Style:
+    # A Style parses its colours when made: once per colour, not once per cell drawn or tensor listed.
+    return Style(color=colour) if base else Style(color="black", bgcolor=colour, bold=True)
 
 
 class GridView(ScrollView, can_focus=True):
