@@ -163,15 +163,11 @@ class Donor:
     def cached_full_hashes(self) -> dict[str, str] | None:
         """The full hashes if every shard's is in the cache for the file as it is now; else None.
         Costs a stat per shard, never a read: for saving a session without waiting."""
-        from surgeon.io.content_hash import cached_hash
+        from surgeon.io.content_hash import cached_hashes
 
-        out = {}
-        for name in sorted(self.shards):
-            h = cached_hash(self.path / name)
-            if h is None:
-                return None
-            out[name] = h
-        return out
+        names = sorted(self.shards)
+        hashes = cached_hashes([self.path / name for name in names])
+        return None if None in hashes else dict(zip(names, hashes))
 
     def content_hash(self) -> str:
         """One hash of config.json and every byte of every shard (from the shards' full hashes)."""

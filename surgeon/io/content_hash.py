@@ -79,9 +79,18 @@ def _load() -> dict:
 
 def cached_hash(path: str | os.PathLike) -> str | None:
     """The file's hash if the cache has it for the file as it is now; never reads the file."""
-    path = Path(path)
-    entry = _load().get(_key(_stat(path)))
-    return entry.get("hash") if isinstance(entry, dict) else None
+    return cached_hashes([path])[0]
+
+
+def cached_hashes(paths: list) -> list[str | None]:
+    """`cached_hash` of each path, with the cache looked up once: the workbench asks for every
+    shard of every donor on each autosave (322 for a pair of DeepSeek-V3 donors)."""
+    entries = _load()
+    out = []
+    for path in paths:
+        entry = entries.get(_key(_stat(Path(path))))
+        out.append(entry.get("hash") if isinstance(entry, dict) else None)
+    return out
 
 
 def _still_there(key: str, entry) -> bool:
