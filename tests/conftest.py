@@ -25,6 +25,14 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+# And each starts as the command line does: the OpenMP wait policy set before torch loads
+# (surgeon/live/threads.py). Otherwise the first in-process command of a worker that has not
+# imported torch yet sets it, and run_cli reports that as state the command left behind: a file
+# such as test_provenance.py failed when it ran alone.
+from surgeon.live.threads import configure_threads  # noqa: E402
+
+configure_threads()
+
 # Tests in other files that take more than ~2 s on two idle cores for a reason other than a
 # subprocess (training, sweeps, many forward passes, big donors), as "file::test" without
 # parameters; files of their own mark theirs with @pytest.mark.slow. Every test that uses the
