@@ -210,13 +210,13 @@ def workbench_ready(paths: list[Path], runs: int, env: dict | None = None) -> tu
     return statistics.median(times), max(peaks)
 
 
-def layer_open(paths: list[Path]) -> tuple[int, float]:
-    """The layer screen's first frame on the pair (bench/tui.py, in a child of its own): the layer's
-    tensors and the median seconds."""
+def layer_open(paths: list[Path]) -> tuple[int, float, float]:
+    """The layer screen on the pair (bench/tui.py, in a child of its own): the layer's tensors, the
+    median seconds to its first frame and of a mark's handler there."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "tui.py"), "--layer-open", *map(str, paths)],
                          check=True, capture_output=True, text=True).stdout
     measured = json.loads(out.strip().splitlines()[-1])
-    return measured["tensors"], statistics.median(measured["seconds"])
+    return measured["tensors"], statistics.median(measured["seconds"]), statistics.median(measured["marks"])
 
 
 def cold(tag: str) -> dict:
@@ -238,7 +238,7 @@ def main() -> int:
             write_donor(WORK / args.make / f"donor{i}", MODELS[args.make])
         return 0
     print(f"{'model':<38}{'tensors':>9}{'shards':>8}{'inspect first/again':>21}{'workbench first/again':>23}"
-          f"{'peak RSS':>10}{'layer':>16}")
+          f"{'peak RSS':>10}{'layer / a mark':>25}")
     for key in args.models.split(","):
         spec = MODELS[key]
         pair = [WORK / key / f"donor{i}" for i in range(2)]
@@ -252,13 +252,15 @@ def main() -> int:
         cold_runs = [workbench_ready(pair, 1, cold("workbench")) for _ in range(args.runs)]
         ready_first, rss_first = statistics.median(t for t, _ in cold_runs), max(r for _, r in cold_runs)
         ready, rss = workbench_ready(pair, args.runs)
-        in_layer, opened = layer_open(pair)
+        in_layer, opened, mark = layer_open(pair)
         tensors, shards = counts[0]
         print(f"{spec['label']:<38}{tensors:>9,}{shards:>8}{first:>11.2f} / {seconds:.2f} s"
-              f"{ready_first:>13.2f} / {ready:.2f} s{max(rss, rss_first):>7} MiB{opened:>7.2f} s ({in_layer:,})")
+              f"{ready_first:>13.2f} / {ready:.2f} s{max(rss, rss_first):>7} MiB{opened:>7.2f} s / {1000 * mark:.0f} ms"
+              f" ({in_layer:,})")
     print("first: an empty moe-surgeon cache each run (headers parsed); again: headers read back from the "
           "cache (both medians of --runs)")
-    print("layer: opening the first layer with experts to its first frame (bench/tui.py; its tensors in brackets)")
+    print("layer / a mark: opening the first layer with experts to its first frame, and a mark's handler there "
+          "(bench/tui.py; the layer's tensors in brackets)")
     print("goals (DeepSeek-V3): inspect < 1 s, workbench ready on a pair < 2 s with < 300 MB")
     return 0
 

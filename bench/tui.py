@@ -247,9 +247,11 @@ async def key_latency(paths: list[Path]) -> dict[str, float]:
     return {k: (statistics.median(v), max(v), len(v)) for k, v in results.items()}
 
 
-async def layer_open(paths: list[Path], rounds: int = 6) -> tuple[int, list[float]]:
+async def layer_open(paths: list[Path], rounds: int = 6) -> tuple[int, list[float], list[float]]:
     """Opening the first layer with experts, as `enter` on its experts column does, to the layer
-    screen's first frame, `rounds` times, in this process: (the layer's tensors, seconds)."""
+    screen's first frame, `rounds` times, in this process; then a mark there (space: the expert
+    under the cursor to the next donor) 10 times, its handler alone (the repaint draws only the
+    visible lines). (The layer's tensors, seconds to the frame, seconds per mark.)"""
     from screens import layer
     from screens.app import SurgeonApp
 
@@ -278,10 +280,19 @@ async def layer_open(paths: list[Path], rounds: int = 6) -> tuple[int, list[floa
                 seconds.append(frames[0] - t0)
                 await pilot.press("escape")  # which also stops the screen's distance job
                 await pilot.pause()
+            app.open_screen("layer", number, focus_kind="expert")
+            await pilot.pause()
+            app.screen.cancel_job()
+            marks = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                app.screen.action_cycle()
+                marks.append(time.perf_counter() - t0)
+                await pilot.pause()
             tensors = len({n for p, names in app.wb.index.tensors_of.items() if p.layer == number for n in names})
     finally:
         layer.LayerScreen.on_mount = shown
-    return tensors, seconds
+    return tensors, seconds, marks
 
 
 def main() -> int:
@@ -290,8 +301,8 @@ def main() -> int:
     parser.add_argument("--layer-open", nargs=2, metavar="DIR", help=argparse.SUPPRESS)  # bench/true_shapes.py
     args = parser.parse_args()
     if args.layer_open:
-        tensors, opened = asyncio.run(layer_open([Path(d) for d in args.layer_open]))
-        print(json.dumps({"tensors": tensors, "seconds": opened}))
+        tensors, opened, marks = asyncio.run(layer_open([Path(d) for d in args.layer_open]))
+        print(json.dumps({"tensors": tensors, "seconds": opened, "marks": marks}))
         return 0
     as_installed()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -318,10 +329,11 @@ def main() -> int:
           f"{med / textual:.2f}x")
     print(f"  baselines: python -c pass {python:.3f} s, import textual.app {textual:.3f} s, import torch {torch:.3f} s; "
           f"torch alone would take {torch / med:.2f}x our whole start")
-    tensors, opened = asyncio.run(layer_open(paths))
+    tensors, opened, marks = asyncio.run(layer_open(paths))
     print(f"open a layer with experts ({tensors} tensors) to its first frame, in-process: median "
           f"{1000 * statistics.median(opened):.0f} ms (min {1000 * min(opened):.0f}, max {1000 * max(opened):.0f}, "
-          f"{len(opened)} rounds)")
+          f"{len(opened)} rounds); a mark there, handler: median {1000 * statistics.median(marks):.1f} ms, "
+          f"worst {1000 * max(marks):.1f} ms (goal < 16 ms)")
     measured = asyncio.run(key_latency(paths))
     hashing = {k: v for k, v in measured.items() if k.endswith((", hashing", ", in turn"))}
     lat = {k: v[0] for k, v in measured.items() if k not in hashing}
