@@ -10,11 +10,10 @@ Modules are imported when their screen first opens, so starting the app reads no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class ScreenEntry:
+class ScreenEntry(NamedTuple):
     module: str  # under screens/
     cls: str
     # Installed once and kept for the app's life, so what it holds survives going back to the grid.

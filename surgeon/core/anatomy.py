@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from surgeon.core.architectures import (
     COMMON_LAYER_RULES,
@@ -17,8 +18,7 @@ from surgeon.core.architectures import (
 )
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):
     """The component a tensor belongs to. `layer` is None for the globals."""
 
     kind: str
@@ -37,6 +37,8 @@ class Part:
 
 @dataclass
 class Anatomy:
+    """A checkpoint's tensors sorted into parts by its family's rules, with its layer and expert counts."""
+
     architecture: Architecture
     known: bool  # False: the model_type had no table and names were matched by the fallback
     parts: dict[str, Part] = field(repr=False)  # tensor name -> part (tens of thousands)

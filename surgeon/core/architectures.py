@@ -14,6 +14,7 @@ tensors it holds in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 LAYER_PREFIX = ("model", "layers")
 
@@ -126,6 +127,8 @@ class NativeForward:
 
 @dataclass(frozen=True)
 class Architecture:
+    """One family's layout on disk and in memory: its tensor rules, config keys and what our tools do with it."""
+
     model_type: str
     layer_rules: tuple[tuple[str, str], ...]
     experts_key: str | None  # config key holding the routed-expert count
@@ -433,15 +436,15 @@ def architecture_for(model_type: str) -> tuple[Architecture, bool]:
 # Mixing dense donors into an MoE (features/mix): which dense types can be mixed, into what by
 # default, and what their config classes assume for keys config.json leaves out where the MoE
 # class would assume something else (Mixtral: rms_norm_eps 1e-5, rope_theta 1e6, 8 kv heads).
-@dataclass(frozen=True)
-class MixSource:
+class MixSource(NamedTuple):
+    """A dense family a mix takes MLPs from: the MoE it writes by default and the config it fills in."""
+
     default_output: str  # a key of MIX_OUTPUTS
     config_defaults: tuple[tuple[str, object], ...] = ()
     window_on_every_layer: bool = False  # a set sliding_window applies to every layer (Mistral)
 
 
-@dataclass(frozen=True)
-class MixOutput:
+class MixOutput(NamedTuple):
     """How an MoE a mix is written as names things on disk (what save_pretrained writes)."""
 
     model_type: str
@@ -474,8 +477,10 @@ MIX_ARCH_CHOICES = ["auto", *MIX_OUTPUTS]  # `mix --arch` and the mix form's arc
 
 # Compressing an MoE's experts into one dense FFN (features/compress): the dense model written
 # for each MoE type. See features/compress.py for why OLMoE becomes a one-expert OLMoE.
-@dataclass(frozen=True)
-class DenseTarget:
+class DenseTarget(NamedTuple):
+    """What `compress` (features/compress.py) writes an MoE family as: the dense family whose one FFN,
+    at `ffn_prefix`, takes the place of the routers and experts."""
+
     model_type: str  # written to config.json
     architecture: str  # its CausalLM class
     ffn_prefix: str  # under model.layers.L: where gate_proj/up_proj/down_proj go

@@ -62,6 +62,8 @@ def resolve_path(spec: str, relative_to: str | os.PathLike | None = None) -> Pat
 
 @dataclass
 class Donor:
+    """An opened checkpoint: its config and every tensor's header entry, read without loading weights."""
+
     # Only the path in its repr: a donor holds up to ~90,000 tensor entries, and Textual describes a
     # worker by the repr of its arguments (1.3 s for two DeepSeek-V3 donors).
     path: Path
@@ -84,6 +86,12 @@ class Donor:
     def anatomy(self) -> Anatomy:
         return build_anatomy(self.model_type, list(self.tensors), self.config,
                              {n: t.shape for n, t in self.tensors.items()})
+
+    @cached_property
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Each tensor's (dtype, shape) by name: two donors with equal layouts fit each other tensor
+        for tensor (see resolve._same_layout)."""
+        return {n: t[1:3] for n, t in self.tensors.items()}
 
     @cached_property
     def ordered_names(self) -> list[str]:

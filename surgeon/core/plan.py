@@ -9,6 +9,7 @@ the one component a base may lack and still take from a donor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from surgeon.core.anatomy import Anatomy, Part
 from surgeon.errors import SurgeonError
@@ -31,8 +32,7 @@ GLOBAL_COMPONENTS = ("embedding", "final_norm", "lm_head")
 COMPONENTS = LAYER_COMPONENTS + GLOBAL_COMPONENTS + ("expert:E",)
 
 
-@dataclass(frozen=True)
-class Assignment:
+class Assignment(NamedTuple):
     """Take `component` (in `layers`, for `experts`) from donor `donor`.
 
     component is a part kind, `experts` (every routed expert) or `expert` (those in `experts`).
@@ -61,6 +61,8 @@ class Assignment:
 
 @dataclass
 class Plan:
+    """The base and the assignments on top of it; the last assignment covering a part decides its donor."""
+
     base: str
     assignments: list[Assignment] = field(default_factory=list)
 
@@ -163,7 +165,7 @@ def check_assignment(a: Assignment, anatomy: Anatomy, base_label: str) -> None:
             )
     if a.component in OPTIONAL_COMPONENTS:
         return  # resolve checks these against the donor, which may bring what the base lacks
-    if not any(a.covers(p) or _covers_fused(a, p) for p in anatomy.parts.values()):
+    if not any(a.covers(p) or _covers_fused(a, p) for p in anatomy.distinct_parts):
         raise SurgeonError(
             f"SPEC {a.spec!r}: base {base_label} ({anatomy.architecture.model_type}) has no "
             f"{a.component} tensors" + ("" if a.layers is None else " in those layers")

@@ -35,6 +35,8 @@ def state_dir() -> Path:
 
 @dataclass
 class Recovered:
+    """A recovery file read back: the session it holds, when it was written and for which session file."""
+
     path: Path
     saved_at: float
     session_path: str | None  # the session file the user was editing, if any

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from surgeon.core import collector
 from surgeon.core.anatomy import Part
@@ -29,8 +30,7 @@ KEEP_PRECISION = ("e_score_correction_bias", f"{GATE_KIND}.weight", "weight_scal
 
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
     donor: str  # donor name in the plan
     tensor: str  # tensor name in that donor
     dtype: str  # dtype written to the hybrid
@@ -65,6 +65,8 @@ class Source:
 
 @dataclass
 class Resolution:
+    """A plan resolved against its donors: where every tensor of the hybrid comes from."""
+
     plan: Plan
     sources: dict[str, Source]  # hybrid tensor name -> source, in the order to write them
     parts: dict[str, Part]  # hybrid tensor name -> part; unclassified names are absent (from base)
@@ -113,8 +115,7 @@ def changed_between(old: Resolution, new: Resolution) -> list[str]:
                                                                     and after[n].origin != before[n].origin))]
 
 
-@dataclass(frozen=True)
-class LayerGate:
+class LayerGate(NamedTuple):
     """One Self-MoE layer gate of a hybrid."""
 
     layer: int
@@ -201,6 +202,7 @@ def _resolve(plan: Plan, donors: dict[str, Donor], dtype: str, *, build: bool,
     sources = dict(base_sources)
     taken: list[str] = []
     kinds = plan.kinds()  # a swap resolves every plan it moves to: skip parts no assignment can cover
+    fits: dict[str, bool] = {}  # donor name -> _same_layout
     for part, names in (base.part_groups if in_write_order else base.part_groups_as_stored).items():
         if part.kind not in kinds:
             continue
@@ -216,8 +218,11 @@ def _resolve(plan: Plan, donors: dict[str, Donor], dtype: str, *, build: bool,
             continue
         donor = donors[donor_name]
         if not build:
-            for name in names:
-                _source_tensor(name, part, base, plan.base, donor, donor_name, dtype)
+            if donor_name not in fits:
+                fits[donor_name] = _same_layout(base, donor)
+            if not fits[donor_name]:
+                for name in names:
+                    _source_tensor(name, part, base, plan.base, donor, donor_name, dtype)
             continue
         for name in names:
             sources[name] = source_from(name, part, base, plan.base, donor, donor_name, dtype)
@@ -317,6 +322,13 @@ def source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor
                  dtype: str) -> Source:
     src_name, src = _source_tensor(name, part, base, base_name, donor, donor_name, dtype)
     return Source(donor_name, src_name, out_dtype(name, src.dtype, dtype), src.shape, src.dtype)
+
+
+def _same_layout(base: Donor, donor: Donor) -> bool:
+    """Whether `donor` has every tensor of the base under its name, shape and dtype, and no other:
+    then `_source_tensor` passes for every tensor, and checking a plan needs no loop over them
+    (fine-tunes of one model, the workbench's usual donors, compare as one dict in C)."""
+    return donor is base or donor.layout == base.layout
 
 
 def _source_tensor(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,

@@ -23,6 +23,8 @@ SCHEMA_PATH = Path(__file__).parent.parent / "schema" / f"session-v{SCHEMA_VERSI
 
 @dataclass
 class DonorRef:
+    """A donor as a session records it: where it is and the fingerprint that says it is the same one."""
+
     name: str
     path: str  # as stored: absolute, relative to the session file, or demo:NAME
     fingerprint: str
@@ -97,6 +99,8 @@ class SessionRecords:
 
 @dataclass
 class Session:
+    """What a session file holds: the donors, the plan, and the probes, results and exports recorded."""
+
     donors: list[DonorRef]
     plan: Plan
     probes: list = field(default_factory=list)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from surgeon.core.anatomy import Part
 from surgeon.core.architectures import GLOBAL_KINDS, LAYER_KINDS
@@ -34,8 +35,7 @@ COLUMN_TITLES = {
 }
 
 
-@dataclass(frozen=True)
-class Cell:
+class Cell(NamedTuple):
     """One cell of the grid: a component kind in a layer, or a global (layer None)."""
 
     layer: int | None
@@ -46,8 +46,7 @@ class Cell:
         return title if self.layer is None else f"layer {self.layer} {title}"
 
 
-@dataclass(frozen=True)
-class Tally:
+class Tally(NamedTuple):
     params: dict[str, int]  # donor name -> parameters it gives the hybrid
     changed_tensors: int
     total_tensors: int

@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
 from functools import partial
 from math import prod
 from typing import NamedTuple
@@ -51,8 +50,7 @@ class TensorInfo(NamedTuple):
 _info = partial(tuple.__new__, TensorInfo)
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     path: str
     raw: bytes  # the JSON header bytes, part of the donor fingerprint
     size: int  # the file size, also part of the fingerprint
