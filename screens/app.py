@@ -39,7 +39,10 @@ READY_FILE_ENV = "MOE_SURGEON_READY_FILE"  # bench/tui.py: write a timestamp whe
 
 
 class SurgeonApp(LoadingMixin, HashingMixin, SavingMixin, App):
-    CSS_PATH = "app.tcss"
+    # The grid's screen opens with the app: its styles are read with the app's, as one stylesheet.
+    # Read when the screen opened (its CSS_PATH alone), they made Textual parse every source again
+    # and restyle the whole app before the first frame.
+    CSS_PATH = ["app.tcss", "surgery.tcss"]
     TITLE = "moe-surgeon"
     BINDINGS = [
         Binding("ctrl+s", "save", "Save", id="app.save", priority=True),
