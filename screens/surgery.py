@@ -9,6 +9,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Static
 
@@ -26,7 +27,7 @@ WELCOME = (
 
 
 class SurgeryScreen(MarkingMixin, Screen):
-    CSS_PATH = "surgery.tcss"  # its own rules; the shared ones are in app.tcss
+    CSS_PATH = "surgery.tcss"  # its own rules, which the app reads at start; the shared ones are in app.tcss
     BINDINGS = [
         *MARKING_BINDINGS,
         Binding("enter", "open_layer", "Layer", id="surgery.layer", tooltip="Open the layer under the cursor"),
@@ -94,8 +95,12 @@ class SurgeryScreen(MarkingMixin, Screen):
         wb = self.app.wb
         if wb is None:
             return
-        self.query_one("#legend", Static).update(legend(wb, self.app.labels, self.app.brush_donor()))
-        self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty, self.app.hash_status))
+        try:
+            legend_line, status = self.query_one("#legend", Static), self.query_one("#status", Static)
+        except NoMatches:  # the app is taking its screens down (quit as the background hash ended)
+            return
+        legend_line.update(legend(wb, self.app.labels, self.app.brush_donor()))
+        status.update(status_line(wb, self.app.session_label(), self.app.dirty, self.app.hash_status))
 
     def check_action(self, action: str, parameters) -> bool | None:
         if self.app.wb is None and action not in ("app.donors",):

@@ -131,6 +131,22 @@ async def test_the_workbench_verifies_the_export_it_just_made(tmp_path):
 
 
 @sync
+async def test_the_hashings_last_message_after_the_screen_is_gone_is_no_traceback(tmp_path):
+    # Quitting as the background hash ends: its last message can reach the grid's screen after the
+    # app has taken its widgets down. Seen as a traceback on the way out; now nothing happens.
+    from screens.app_hashing import Hashing
+
+    app = SurgeonApp(["demo:arith", "demo:reverse"], None, state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(pilot)
+        await app.surgery.query("#legend, #status").remove()
+        app.post_message(Hashing(None, done={}))
+        await pilot.pause()
+        assert app.hash_status is None  # the message was handled
+    assert app.return_code in (None, 0)
+
+
+@sync
 async def test_quitting_or_reopening_stops_the_background_hashing(tmp_path):
     # Two 7B donors take minutes to hash: a quit that waited for the hashing thread would hang.
     app = SurgeonApp(["demo:arith", "demo:reverse"], None, state_dir=tmp_path / "state", offer_recovery=False)
