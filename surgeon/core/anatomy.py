@@ -55,7 +55,7 @@ class Anatomy:
     @property
     def distinct_parts(self) -> list[Part]:
         """Each part once. Tensors of one part share one Part object, so they are told apart by
-        identity first: hashing 92,000 frozen dataclasses (DeepSeek-V3) costs a tenth of a second."""
+        identity first, and only the distinct parts are hashed (DeepSeek-V3 has 92,000 tensors)."""
         found = self.__dict__.get("_distinct")
         if found is None:
             found = self.__dict__["_distinct"] = list(set({id(p): p for p in self.parts.values()}.values()))

@@ -315,7 +315,7 @@ def _check_embedding(donor: Donor, cfg_path: Path) -> None:
 
 def _group_by_part(names, parts: dict) -> dict:
     """{part: its names in the order given}. Tensors of one part share one Part object, so they are
-    grouped by identity and only the distinct parts are hashed (a frozen dataclass hashes in Python)."""
+    grouped by identity and only the distinct parts are hashed."""
     by_id: dict[int, tuple] = {}
     for name in names:
         part = parts.get(name)
