@@ -79,8 +79,12 @@ class SurgeonApp(LoadingMixin, HashingMixin, SavingMixin, App):
         self.hybrids = HybridKeeper()  # the one live hybrid: Probes, Sweep, Routing and Layer gates run on it
 
     # ------------------------------------------------------------ start
+    def get_default_screen(self) -> Screen:
+        # The grid's screen is the app's first, not pushed on Textual's blank one: a pushed screen
+        # made Textual lay out and paint both before the first frame.
+        return SurgeryScreen()
+
     def on_mount(self) -> None:
-        self.push_screen(SurgeryScreen())
         if self.initial_session:
             self.load_session(self.initial_session)
         else:
