@@ -52,6 +52,37 @@ def test_whole_segment_matching():
     assert classify("model.layers.5.mlp.experts.7.up_proj.weight_scale_inv", deepseek) == Part("expert", 5, 7)
 
 
+def test_the_batch_classifier_agrees_with_classify_name_by_name():
+    """build_anatomy decides each rest of a name once and shares parts between names; on awkward
+    names it must still give what `classify` gives each name alone, one Part object per part."""
+    arch = ARCHITECTURES["qwen3_next"]
+    names = [
+        "model.layers.x.mlp.gate.weight",  # a rest first met under no layer number: not a layer tensor
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.05.mlp.gate.weight",  # layer 5 spelled `05`: the same part as `5`
+        "model.layers.5.mlp.gate.weight",
+        "model.layers.5.mlp.experts.3.up_proj.weight",
+        "model.layers.5.mlp.experts.3.down_proj.weight",
+        "model.layers.\u00b2.mlp.gate.weight".encode().decode("unicode_escape"),  # a digit int() refuses
+        "model.layers.0.linear_attn.in_proj_qkvz.weight",
+        "model.layers.3.self_attn.q_proj.weight",
+        "model.layers.3.mystery.weight",
+        "model.layers.4.mystery.weight",
+        "model.layers.7",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
+    a = build_anatomy("qwen3_next", names, {"num_hidden_layers": 8})
+    for name in names:
+        assert a.parts.get(name) == classify(name, arch), name
+    assert sorted(a.unclassified) == sorted(n for n in names if classify(n, arch) is None)
+    assert a.parts["model.layers.05.mlp.gate.weight"] is a.parts["model.layers.5.mlp.gate.weight"]
+    experts = [a.parts[n] for n in names if ".experts." in n]
+    assert experts[0] is experts[1] and experts[0] == Part("expert", 5, 3)
+    assert a.mixers == {0: "linear"}
+    assert a.experts_per_layer == {5: 1}
+
+
 def test_unknown_model_type_falls_back_and_lists_leftovers():
     names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
              "model.layers.0.mlp.experts.2.w1.weight", "model.layers.0.mlp.gate.weight",

@@ -132,45 +132,73 @@ class _Classifier:
     def __init__(self, arch: Architecture):
         self.arch = arch
         self._prefix = ".".join(arch.layer_prefix) + "."
-        self._rests: dict[str, tuple] = {}  # the name after `prefix.N.` -> (kind, expert, mixer)
-        self._parts: dict[tuple, Part] = {}  # one Part object per distinct part, shared by its tensors
+        # The name after `prefix.N.` -> (its kind and expert's parts by N as names write it, the mixer
+        # its name shows, kind, expert, the same parts by layer), or None when it belongs to no part.
+        # Rests of one kind and expert share both tables.
+        self._rests: dict[str, tuple | None] = {}
+        self._by_outcome: dict[tuple, tuple[dict[str, Part], dict[int, Part]]] = {}  # (kind, expert) -> tables
+        self.made: list[Part] = []  # each part once, as it was first met
 
-    def classify_all(self, names: list[str]) -> list[tuple[str, Part | None, str | None]]:
-        """(name, its part, for an attention tensor the mixer its name shows, else None) for each name.
-        One loop over all names, not a call per name: DeepSeek-V3 has 92,000 of them."""
-        prefix, rests, parts, decide = self._prefix, self._rests, self._parts, self._decide
-        skip = len(prefix)
-        out = []
+    def classify_all(self, names: list[str]) -> tuple[dict[str, Part], list[str], dict[int, str]]:
+        """(name -> part, the names of no part, layer -> the mixer its attention tensors' names show).
+        One loop over all names, not a call per name, and a name whose rest and layer number were
+        met before costs two dict lookups: DeepSeek-V3 has 92,000 of them."""
+        prefix, rests, skip = self._prefix, self._rests, len(self._prefix)
+        parts: dict[str, Part] = {}
+        unclassified: list[str] = []
+        mixers: dict[int, str] = {}
         for name in names:
             if name.startswith(prefix):
                 number, _, rest = name[skip:].partition(".")
-                if rest and number.isascii() and number.isdigit():
-                    outcome = rests.get(rest)
-                    if outcome is None:
-                        outcome = rests[rest] = decide(name)
-                    kind, expert, mixer = outcome
-                    if kind is None:
-                        out.append((name, None, None))
+                entry = rests.get(rest, False)
+                if entry:
+                    part = entry[0].get(number)
+                    if part is not None:  # `number` was checked to be a layer number when this part was made
+                        parts[name] = part
+                        if entry[1] is not None:
+                            mixers[part.layer] = entry[1]
                         continue
-                    ident = (kind, int(number), expert)
-                    part = parts.get(ident)
-                    if part is None:
-                        part = parts[ident] = Part(kind, int(number), expert, fused=kind == "expert" and expert is None)
-                    out.append((name, part, mixer))
+                if rest and number.isascii() and number.isdigit():
+                    if entry is False:
+                        entry = rests[rest] = self._decide(name)
+                    if entry is None:
+                        unclassified.append(name)
+                        continue
+                    part = self._part(entry, number)
+                    parts[name] = part
+                    if entry[1] is not None:
+                        mixers[part.layer] = entry[1]
                     continue
-            out.append((name, classify(name, self.arch), None))
-        return out
+            part = classify(name, self.arch)
+            if part is None:
+                unclassified.append(name)
+            else:
+                parts[name] = part
+                self.made.append(part)  # a global: one Part per name, equal ones being one part
+        return parts, unclassified, mixers
 
-    def _decide(self, name: str) -> tuple:
-        """(kind, expert, mixer) for a layer tensor's name (its layer number plays no part)."""
+    def _part(self, entry: tuple, number: str) -> Part:
+        """The part in layer `number` of a rest's kind and expert (`entry`), made the first time."""
+        by_number, _, kind, expert, by_layer = entry
+        layer = int(number)
+        part = by_layer.get(layer)  # another rest of this kind and expert, or `05` for 5, may have made it
+        if part is None:
+            part = by_layer[layer] = Part(kind, layer, expert, fused=kind == "expert" and expert is None)
+            self.made.append(part)
+        by_number[number] = part
+        return part
+
+    def _decide(self, name: str) -> tuple | None:
+        """What a layer tensor's name after its layer number makes it (its layer number plays no part)."""
         part = classify(name, self.arch)
         if part is None:
-            return None, None, None
+            return None
         mixer = None
         if part.kind == "attention":
             rest = layer_of(name, self.arch)[1]
             mixer = next((m for pattern, m in self.arch.mixers if _match(rest, pattern)[0]), None)
-        return part.kind, part.expert, mixer
+        by_number, by_layer = self._by_outcome.setdefault((part.kind, part.expert), ({}, {}))
+        return by_number, mixer, part.kind, part.expert, by_layer
 
 
 def build_anatomy(model_type: str, tensor_names: list[str], config: dict,
@@ -196,21 +224,14 @@ _ANATOMIES: dict[tuple, Anatomy] = {}
 def _build_anatomy(model_type: str, tensor_names: list[str], config: dict,
                    shapes: dict[str, tuple] | None = None) -> Anatomy:
     arch, known = architecture_for(model_type)
-    parts: dict[str, Part] = {}
-    unclassified = []
-    mixers: dict[int, str] = {}
     classifier = _Classifier(arch)
+    parts, unclassified, mixers = classifier.classify_all(tensor_names)
     fused_counts: dict[int, int] = {}
-    for name, part, mixer in classifier.classify_all(tensor_names):
-        if part is None:
-            unclassified.append(name)
-            continue
-        parts[name] = part
-        if mixer is not None:
-            mixers[part.layer] = mixer
-        if part.fused and shapes and shapes.get(name):
-            fused_counts[part.layer] = max(fused_counts.get(part.layer, 0), shapes[name][0])
-    distinct = {id(p): p for p in parts.values()}.values()  # tensors of one part share its object
+    if shapes and any(p.fused for p in classifier.made):
+        for name, part in parts.items():
+            if part.fused and shapes.get(name):
+                fused_counts[part.layer] = max(fused_counts.get(part.layer, 0), shapes[name][0])
+    distinct = classifier.made
     experts: dict[int, set[int]] = defaultdict(set)
     for p in distinct:
         if p.expert is not None:

@@ -84,18 +84,21 @@ class BaseIndex:
             if layer < self.num_layers:
                 self.tensors_of.setdefault(Part(GATE_KIND, layer), [])
         self.units: list[Part] = sorted(self.tensors_of, key=_unit_key)
-        self.params_of = {p: sum(base.tensors[n].numel // share.get(n, 1) for n in names)
-                          for p, names in self.tensors_of.items()}
+        numel = base.numel  # counted once per donor
+        if share:  # each expert's unit counts its slice of a fused tensor
+            numel = {**numel, **{n: numel[n] // k for n, k in share.items()}}
+        self.params_of = {p: sum(map(numel.__getitem__, names)) for p, names in self.tensors_of.items()}
         # Tensors each unit counts as its own: a fused tensor is counted once per layer, not per expert
         # (Workbench._recount adds it, changed when any of its experts is).
-        self.own_tensors = {p: sum(1 for n in names if n not in share) for p, names in self.tensors_of.items()}
+        self.own_tensors = {p: sum(n not in share for n in names) if share else len(names)
+                            for p, names in self.tensors_of.items()}
         self.fused_count: dict[int, int] = {}
         for name in share:
             layer = anatomy.parts[name].layer
             self.fused_count[layer] = self.fused_count.get(layer, 0) + 1
         # Shown beside the layer number: linear / mamba / ... and `mtp` for a layer past the decoder's.
         self.layer_notes = {**anatomy.mixers, **dict.fromkeys(anatomy.extra_layers, "mtp")}
-        self.unclassified_params = sum(base.tensors[n].numel for n in anatomy.unclassified)
+        self.unclassified_params = sum(map(numel.__getitem__, anatomy.unclassified))
         self.unclassified_tensors = len(anatomy.unclassified)
         self.cells: dict[Cell, list[Part]] = {}
         for p in self.units:
