@@ -141,6 +141,22 @@ def test_incompatible_donor_cannot_be_marked_and_says_why(olmoe, tmp_path):
     assert wb.marks == 1
 
 
+def test_a_donor_is_checked_by_its_layout_not_its_files(tmp_path):
+    """The workbench compares donors of one layout at once (their headers' bytes, else a table of
+    every tensor's dtype and shape): the same tensors cut into other shards still fit, and a donor
+    whose headers differ by one tensor's dtype is still refused, naming that tensor."""
+    import torch
+
+    base = open_donor(make_donor(tmp_path / "base", "olmoe", seed=1))
+    resharded = open_donor(make_donor(tmp_path / "resharded", "olmoe", seed=2, max_shard_size="100KB"))
+    assert len(resharded.shards) > 1 and len(base.shards) == 1
+    half = open_donor(make_donor(tmp_path / "half", "olmoe", seed=3, dtype=torch.bfloat16))
+    wb = Workbench({"A": base, "B": resharded, "C": half}, "A")
+    assert wb.problem("B") is None
+    assert wb.set_cells([Cell(0, "expert")], "B")
+    assert "dtype BF16" in wb.problem("C")
+
+
 def test_check_plan_names_the_problem_resolve_names(tmp_path):
     """check_plan checks in the files' order (no sort of every name) but must report what resolve
     reports: the first problem in write order."""

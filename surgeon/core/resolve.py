@@ -327,8 +327,21 @@ def source_from(name: str, part: Part, base: Donor, base_name: str, donor: Donor
 def _same_layout(base: Donor, donor: Donor) -> bool:
     """Whether `donor` has every tensor of the base under its name, shape and dtype, and no other:
     then `_source_tensor` passes for every tensor, and checking a plan needs no loop over them
-    (fine-tunes of one model, the workbench's usual donors, compare as one dict in C)."""
-    return donor is base or donor.layout == base.layout
+    (fine-tunes of one model, the workbench's usual donors, compare as one dict in C, or as their
+    headers' bytes: equal headers name the same tensors with the same dtypes and shapes)."""
+    if donor is base:
+        return True
+    headers = _headers(base)
+    if headers is not None and headers == _headers(donor):
+        return True
+    return donor.layout == base.layout
+
+
+def _headers(donor: Donor) -> list[bytes] | None:
+    """The donor's safetensors headers, or None where they do not describe every tensor (a pickle's)."""
+    if sum(len(h.tensors) for h in donor.shards.values()) != len(donor.tensors):
+        return None
+    return sorted(h.raw for h in donor.shards.values())
 
 
 def _source_tensor(name: str, part: Part, base: Donor, base_name: str, donor: Donor, donor_name: str,
