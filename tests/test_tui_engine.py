@@ -54,6 +54,10 @@ def test_tally_equals_resolve_for_random_marks(olmoe):
         # The canonical plan reproduces the state exactly.
         plan = wb.plan()
         assert all(plan.donor_for(p) == d for p, d in wb.state.items())
+        # What the grid shows, from caches an undo updates only where it moved something, is what a
+        # workbench opened afresh on that plan shows.
+        fresh = Workbench(olmoe, "A", plan)
+        assert [wb.cell_text(c) for c in cells] == [fresh.cell_text(c) for c in cells]
 
 
 def test_tally_counts_layer_gates_from_the_donor_that_gives_them(olmoe, tmp_path):

@@ -315,6 +315,11 @@ class Workbench:
             trial.update({p: donor for p in parts})
             check_plan(_plan_from(self, trial), self.donors)  # raises with the tensor and the shapes at fault
         self._remember()
+        self._move(parts, donor)
+        return True
+
+    def _move(self, parts: list[Part], donor: str) -> None:
+        """Give `parts` (each held by another donor now) to `donor`, keeping the tallies current."""
         if self._params is None:
             self._recount()
         # A reset or a paint-all moves every part (a thousand and more): this loop is what a key costs.
@@ -341,7 +346,6 @@ class Workbench:
         if any(p.kind == "expert" and p.layer in self.index.fused_count for p in parts):
             self._params = None  # a fused tensor changes with any of its experts: counted afresh
         self.version += 1
-        return True
 
     def set_cells(self, cells, donor: str) -> bool:
         """Give every unit of `cells` (Cells or tuples of Parts) to `donor`."""
@@ -412,9 +416,20 @@ class Workbench:
         base, state = snapshot
         if base != self.base:
             self._rebase(base)
-        # Units added since the snapshot (layer gates a later donor brought) follow the base.
-        self.state = {p: state.get(p, self.base) for p in self.index.units}
-        self._changed()
+            # Units added since the snapshot (layer gates a later donor brought) follow the base.
+            self.state = {p: state.get(p, self.base) for p in self.index.units}
+            self._changed()
+            return
+        # Most undos take back one mark: move only what differs, as the mark moved it, so the
+        # tallies and the grid's cached cells stay valid for everything else.
+        moved: dict[str, list[Part]] = {}
+        current = self.state
+        for p in self.index.units:
+            want = state.get(p, base)
+            if current[p] != want:
+                moved.setdefault(want, []).append(p)
+        for donor, parts in moved.items():
+            self._move(parts, donor)
 
     def _remember(self) -> None:
         self.undo_stack.append((self.base, dict(self.state)))
