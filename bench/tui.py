@@ -213,6 +213,15 @@ async def key_latency(paths: list[Path]) -> dict[str, float]:
                 repaint()
                 samples.append(time.perf_counter() - t0)
             results[label + " handler"] = samples
+        samples = []  # the common undo: one mark taken back (the undo above takes back a whole-grid change)
+        for _ in range(10):
+            screen.action_cycle()
+            repaint()
+            t0 = time.perf_counter()
+            screen.action_undo()
+            repaint()
+            samples.append(time.perf_counter() - t0)
+        results["undo one mark handler"] = samples
         # The handlers in turn (each one's work then depends on the one before: a reset after a
         # paint-all moves every cell), with no hash running and then while a thread hashes a large
         # file, as the background hash does.
