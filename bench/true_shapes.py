@@ -17,7 +17,9 @@ release's shard size, so DeepSeek-V3 has 163 of them.
 
 Prints, per model: tensors and shards per donor, `moe-surgeon inspect` wall time (whole process),
 and the workbench on a pair: launch to first grid and the peak RSS of that process, and the
-first frame of a layer with experts (its tensor table holds every tensor of the layer).
+first frame of a layer with experts (its tensor table holds every tensor of the layer). With
+--distances, also the distance job that fills that table's Δ column: when every tensor shows a
+figure, and when the last exact one comes.
 """
 
 from __future__ import annotations
@@ -219,6 +221,30 @@ def layer_open(paths: list[Path]) -> tuple[int, float, float]:
     return measured["tensors"], statistics.median(measured["seconds"]), statistics.median(measured["marks"])
 
 
+def layer_distances(pair: list[Path]) -> dict:
+    """The layer screen's distance job on the first layer with experts, run as the screen runs it
+    (`tensor_distances`, an empty cache): seconds until every tensor shows a figure (an estimate for a
+    large one), seconds to the last exact figure, and the layer's bytes per donor. The shards are
+    holes, so no disk is read: this times the arithmetic and the page cache."""
+    import tempfile
+
+    from surgeon.core.donor import open_donor
+    from surgeon.features.distance import DistanceCache, tensor_distances
+
+    base, other = (open_donor(str(p)) for p in pair)
+    layer = min(base.anatomy.experts_per_layer)
+    names = [n for n in base.ordered_names if base.anatomy.parts.get(n) and base.anatomy.parts[n].layer == layer]
+    with tempfile.TemporaryDirectory() as cache_dir:
+        t0, shown, seen = time.perf_counter(), None, set()
+        for found in tensor_distances(base, {"B": other}, names, DistanceCache(Path(cache_dir))):
+            seen.add(found.name)
+            if shown is None and len(seen) == len(names):
+                shown = time.perf_counter() - t0
+        exact = time.perf_counter() - t0
+    size = sum(base.tensors[n].end - base.tensors[n].start for n in names)
+    return {"layer": layer, "tensors": len(names), "bytes": size, "shown": shown, "exact": exact}
+
+
 def cold(tag: str) -> dict:
     """An empty cache directory: the first time a donor is ever opened (headers parsed, not read
     back from surgeon/io/header_cache.py). The page cache stays warm: these donors are sparse."""
@@ -230,12 +256,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--distances", action="store_true",
+                        help="also time the distance job of a layer with experts (the layer screen's Δ columns)")
     parser.add_argument("--make", help=argparse.SUPPRESS)  # write one model's pair (in a child process)
+    parser.add_argument("--distances-of", help=argparse.SUPPRESS)  # layer_distances, in a child process
     args = parser.parse_args()
     as_installed()
     if args.make:
         for i in range(2):
             write_donor(WORK / args.make / f"donor{i}", MODELS[args.make])
+        return 0
+    if args.distances_of:
+        print(json.dumps(layer_distances([WORK / args.distances_of / f"donor{i}" for i in range(2)])))
         return 0
     print(f"{'model':<38}{'tensors':>9}{'shards':>8}{'inspect first/again':>21}{'workbench first/again':>23}"
           f"{'peak RSS':>10}{'layer / a mark':>25}")
@@ -257,6 +289,13 @@ def main() -> int:
         print(f"{spec['label']:<38}{tensors:>9,}{shards:>8}{first:>11.2f} / {seconds:.2f} s"
               f"{ready_first:>13.2f} / {ready:.2f} s{max(rss, rss_first):>7} MiB{opened:>7.2f} s / {1000 * mark:.0f} ms"
               f" ({in_layer:,})")
+        if args.distances:
+            out = subprocess.run([sys.executable, __file__, "--distances-of", key], check=True,
+                                 capture_output=True, text=True).stdout
+            d = json.loads(out.strip().splitlines()[-1])
+            print(f"  distances of layer {d['layer']} ({d['tensors']:,} tensors, {d['bytes'] / 1e9:.1f} GB a donor): "
+                  f"every tensor shows a figure after {d['shown']:.1f} s (estimates for the large ones), "
+                  f"the exact figures after {d['exact']:.1f} s")
     print("first: an empty moe-surgeon cache each run (headers parsed); again: headers read back from the "
           "cache (both medians of --runs)")
     print("layer / a mark: opening the first layer with experts to its first frame, and a mark's handler there "

@@ -3,7 +3,8 @@
 Experts are marked one by one or as a range (v selects, like the grid). The tensor table shows
 shape, dtype, the donor each tensor comes from, and how far each other donor's tensor is from
 the base's (relative L2 norm): computed by a job (screens/job.py) from memory maps, cached by
-fingerprint, so opening a layer never waits for it.
+fingerprint, so opening a layer never waits for it. A large tensor (DeepSeek-V3's experts) first
+shows an estimate from a sample of its values, "≈0.0123" in italics, until its exact figure comes.
 """
 
 from __future__ import annotations
@@ -30,23 +31,27 @@ from .widgets.tensor_table import TensorTable
 
 
 class Distances(Message):
-    """Distances of some tensors of the layer: {(donor, tensor): value}."""
+    """Distances of some tensors of the layer: {(donor, tensor): (value, an estimate?)}."""
 
     def can_replace(self, message: Message) -> bool:
         return False
 
-    def __init__(self, layer: int, values: dict[tuple[str, str], float]):
+    def __init__(self, layer: int, values: dict[tuple[str, str], tuple[float, bool]]):
         super().__init__()
         self.layer_no = layer
         self.values = values
 
 
-def format_distance(value: float | None) -> Text:
+def format_distance(value: float | None, estimate: bool = False) -> Text:
+    """A tensor's distance; an estimate from a sample (surgeon/features/distance.py) reads "≈0.0123"
+    in italics until the exact figure replaces it."""
     if value is None:
         return Text("…", "dim")
     if math.isinf(value):
         return Text("inf", "bold red")
     style = "dim" if value == 0 else ("bold red" if value >= 0.5 else ("yellow" if value >= 0.05 else ""))
+    if estimate:
+        return Text(f"≈{value:.4f}", f"{style} italic".strip())
     return Text(f"{value:.4f}", style)
 
 
@@ -63,7 +68,7 @@ class LayerScreen(MarkingMixin, JobScreen):
         super().__init__()
         self.layer_no = layer
         self.focus_kind = focus_kind
-        self.distances: dict[tuple[str, str], float] = {}
+        self.distances: dict[tuple[str, str], tuple[float, bool]] = {}  # (donor, tensor) -> (value, an estimate?)
         self._names: tuple = (None, [])  # ((base index, layer), its tensor names): _tensor_names
 
     def compose(self) -> ComposeResult:
@@ -125,7 +130,7 @@ class LayerScreen(MarkingMixin, JobScreen):
             src, colour = wb.tensor_origin(name)
             row = [name[len(prefix):], "×".join(map(str, info.shape)), info.dtype,
                    Text(f" {src} ", donor_style(wb, colour))]
-            row += [format_distance(self.distances.get((d, name))) for d in others]
+            row += [format_distance(*self.distances.get((d, name), (None, False))) for d in others]
             rows.append((name, row))
         self.query_one("#tensors", TensorTable).set_rows(columns, rows)
 
@@ -147,16 +152,17 @@ class LayerScreen(MarkingMixin, JobScreen):
         self.query_one("#status", Static).update(status_line(wb, self.app.session_label(), self.app.dirty, self.app.hash_status))
 
     def compute_distances(self, layer: int, *, progress, cancel) -> None:
-        """The job: each other donor's distance per tensor of the layer, posted 24 at a time."""
+        """The job: each other donor's distance per tensor of the layer, posted 24 at a time (a large
+        tensor's estimate first, then its exact figure: `tensor_distances`)."""
         from surgeon.features.distance import tensor_distances
 
         wb = self.app.wb
         others = {d: wb.donors[d] for d in self._others()}
-        batch: dict[tuple[str, str], float] = {}
+        batch: dict[tuple[str, str], tuple[float, bool]] = {}
         try:
-            for key, value in tensor_distances(wb.donors[wb.base], others, self._tensor_names(),
-                                               self.app.distance_cache(), progress=progress, cancel=cancel):
-                batch[key] = value
+            for found in tensor_distances(wb.donors[wb.base], others, self._tensor_names(),
+                                          self.app.distance_cache(), progress=progress, cancel=cancel):
+                batch[(found.donor, found.name)] = (found.value, found.estimate)
                 if len(batch) >= 24:
                     self.post_message(Distances(layer, batch))
                     batch = {}
@@ -175,8 +181,8 @@ class LayerScreen(MarkingMixin, JobScreen):
             return
         self.distances.update(message.values)
         by_donor: dict[str, dict[str, Text]] = {}
-        for (d, name), value in message.values.items():
-            by_donor.setdefault(d, {})[name] = format_distance(value)
+        for (d, name), (value, estimate) in message.values.items():
+            by_donor.setdefault(d, {})[name] = format_distance(value, estimate)
         table = self.query_one("#tensors", TensorTable)
         for d, values in by_donor.items():
             try:

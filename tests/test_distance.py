@@ -13,9 +13,14 @@ from screens.app import SurgeonApp
 from surgeon.core.donor import open_donor
 from surgeon.features.distance import (
     AGGREGATE,
+    PIECE,
+    SAMPLE_EVERY,
     DistanceCache,
     component_tensors,
     distance_map,
+    relative,
+    squared_norms,
+    tensor_distances,
 )
 
 
@@ -95,3 +100,64 @@ async def test_distance_map_screen_names_its_aggregate_and_shows_it(demo, tmp_pa
         assert AGGREGATE in " ".join(screen_text(app).split())  # the title wraps at word boundaries
         table = screen.query_one("#distance-map")
         assert float(str(table.get_cell("1", "attention"))) == pytest.approx(want[(1, "attention")], abs=1e-2)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory):
+    """Two OLMoE donors whose embeddings hold 1.28M values: several sampled pieces (PIECE) each."""
+    from tiny_models import make_donor
+
+    root = tmp_path_factory.mktemp("wide")
+    return tuple(open_donor(make_donor(root / n, "olmoe", seed, vocab_size=40_000)) for seed, n in enumerate("ab"))
+
+
+def test_an_estimate_reads_pieces_spread_over_the_whole_tensor(wide_vocab):
+    from safetensors.numpy import load_file
+
+    a, b = wide_vocab
+    name = "model.embed_tokens.weight"
+    ta, tb = (load_file(str(d.path / "model.safetensors"))[name].reshape(-1).astype("float64") for d in wide_vocab)
+    spans = [(i, min(i + PIECE, ta.size)) for i in range(0, ta.size, PIECE * 8)]
+    assert len(spans) == 3  # at 0, 0.52M and 1.05M of its 1.28M values
+    diff, ref = squared_norms(a, b, name, every=8)
+    assert diff == pytest.approx(sum(float(((tb[s:e] - ta[s:e]) ** 2).sum()) for s, e in spans), rel=1e-6)
+    assert ref == pytest.approx(sum(float((ta[s:e] ** 2).sum()) for s, e in spans), rel=1e-6)
+    assert squared_norms(a, b, name)[1] > 3 * ref  # a sample, not the whole tensor
+
+
+def test_a_large_tensor_shows_an_estimate_first_then_its_exact_figure(wide_vocab, tmp_path):
+    a, b = wide_vocab
+    big, small = "model.embed_tokens.weight", "model.norm.weight"
+    cache = DistanceCache(tmp_path)
+    got = list(tensor_distances(a, {"B": b}, [big, small], cache, estimate_above=1 << 20))
+    assert [(d.name, d.estimate) for d in got] == [(big, True), (small, False), (big, False)]
+    estimate, exact = got[0].value, got[2].value
+    assert estimate == relative(*squared_norms(a, b, big, every=SAMPLE_EVERY))
+    assert exact == cache.tensor(a, b, big) and estimate != exact
+    assert estimate == pytest.approx(exact, rel=0.1)  # random weights moved alike everywhere
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert set(saved) == {big, small} and relative(*saved[big]) == exact  # only exact figures are kept
+    again = list(tensor_distances(a, {"B": b}, [big, small], DistanceCache(tmp_path), estimate_above=1 << 20))
+    assert [(d.name, d.estimate, d.value) for d in again] == [(big, False, exact), (small, False, got[1].value)]
+
+
+@sync
+async def test_the_layer_screen_marks_an_estimate_until_the_exact_figure_comes(tmp_path):
+    from screens.layer import Distances, LayerScreen
+
+    app = SurgeonApp(["demo:base", "demo:arith"], None, state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await settle(pilot)
+        app.open_screen("layer", 1)
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, LayerScreen)
+        table = screen.query_one("#tensors")
+        name = "model.layers.1.self_attn.q_proj.weight"
+        exact = float(str(table.get_cell(name, "d:B")))
+        screen.post_message(Distances(1, {("B", name): (0.1234, True)}))
+        await pilot.pause()
+        assert str(table.get_cell(name, "d:B")) == "≈0.1234"
+        screen.post_message(Distances(1, {("B", name): (exact, False)}))
+        await pilot.pause()
+        assert str(table.get_cell(name, "d:B")) == f"{exact:.4f}"
