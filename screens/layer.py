@@ -70,6 +70,7 @@ class LayerScreen(MarkingMixin, JobScreen):
         self.focus_kind = focus_kind
         self.distances: dict[tuple[str, str], tuple[float, bool]] = {}  # (donor, tensor) -> (value, an estimate?)
         self._names: tuple = (None, [])  # ((base index, layer), its tensor names): _tensor_names
+        self._from: dict[str, tuple] = {}  # tensor -> (source text, style) the "from" column shows
 
     def compose(self) -> ComposeResult:
         yield Static("", id="layer-title")
@@ -125,26 +126,34 @@ class LayerScreen(MarkingMixin, JobScreen):
         base = wb.donors[wb.base]
         prefix = f"model.layers.{self.layer_no}."
         rows = []
+        self._from = {}
         for name in self._tensor_names():
             info = base.tensors[name]
             src, colour = wb.tensor_origin(name)
-            row = [name[len(prefix):], "×".join(map(str, info.shape)), info.dtype,
-                   Text(f" {src} ", donor_style(wb, colour))]
+            self._from[name] = (src, donor_style(wb, colour))
+            row = [name[len(prefix):], "×".join(map(str, info.shape)), info.dtype, Text(f" {src} ", self._from[name][1])]
             row += [format_distance(*self.distances.get((d, name), (None, False))) for d in others]
             rows.append((name, row))
         self.query_one("#tensors", TensorTable).set_rows(columns, rows)
 
     def refresh_cells(self) -> None:
+        """After a mark: the grid, the "from" cells whose source changed, the status line. Only those
+        cells get new Text: one per tensor of a DeepSeek-V3 layer (1,557) made every mark 11 ms, and
+        so much new memory that Python's full collections (80-90 ms) ran every few marks."""
         wb = self.app.wb
         self.grid.refresh_cells()
-        sources = {}
+        changed = {}
         for name in self._tensor_names():
             src, colour = wb.tensor_origin(name)
-            sources[name] = Text(f" {src} ", donor_style(wb, colour))
-        try:
-            self.query_one("#tensors", TensorTable).update_column("from", sources)
-        except KeyError:  # the table was rebuilt for another layer meanwhile
-            pass
+            shown = (src, donor_style(wb, colour))
+            if self._from.get(name) != shown:
+                self._from[name] = shown
+                changed[name] = Text(f" {src} ", shown[1])
+        if changed:
+            try:
+                self.query_one("#tensors", TensorTable).update_column("from", changed)
+            except KeyError:  # the table was rebuilt for another layer meanwhile
+                pass
         self.refresh_status()
 
     def refresh_status(self) -> None:
