@@ -69,6 +69,9 @@ def donor_label(spec: str) -> str:
 class LoadingMixin:
     """SurgeonApp's loading: its handlers are found by name on the MRO (a mixin's `@on` is not)."""
 
+    def on_unmount(self) -> None:
+        collector.let_go()  # what on_loaded froze: collectable again once the app has ended
+
     @work(thread=True, exit_on_error=False, group="load")
     def load_donors(self, specs: list[str], welcome: bool = False) -> None:
         try:
@@ -163,6 +166,8 @@ class LoadingMixin:
             self.dirty = message.dirty
             self.mix, self.mix_pending = message.mix, message.mix_pending
             self.brush = self.mix.name if self.mix is not None else None
+            if message.wb is not None:
+                collector.keep_for_good()  # the donors' tables, skipped by the collector until the app ends
         screen = self.surgery
         screen.show_workbench(welcome=message.welcome)
         self._banner = None  # show_workbench set the welcome line

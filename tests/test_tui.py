@@ -78,6 +78,21 @@ async def test_grid_marks_cells_rows_columns_and_rectangles(olmoe3, tmp_path):
 
 
 @sync
+async def test_the_open_donors_are_kept_out_of_the_collectors_walks_while_the_app_runs(olmoe3, tmp_path):
+    import gc
+
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        tensors = list(app.wb.donors["A"].tensors.values())
+        assert gc.get_freeze_count() > len(tensors)
+        await pilot.press("2", "a")  # marks keep them frozen
+        await settle(pilot)
+        assert gc.get_freeze_count() > len(tensors)
+    assert gc.get_freeze_count() == 0  # and once the app has ended, the collector sees them again
+
+
+@sync
 async def test_undo_redo_and_reset_keys(olmoe3, tmp_path):
     app = make_app(tmp_path, olmoe3)
     async with app.run_test(size=SIZE) as pilot:

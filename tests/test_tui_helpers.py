@@ -45,8 +45,13 @@ def write_synthetic(path: Path, seed: int, *, layers=4, experts=8, hidden=8, int
 
 async def settle(pilot) -> None:
     """Wait for every worker (loading, autosave, distances, export), then for the repaint."""
+    from textual.worker import WorkerCancelled
+
     for _ in range(3):
-        await pilot.app.workers.wait_for_complete()
+        try:
+            await pilot.app.workers.wait_for_complete()
+        except WorkerCancelled:  # a screen dismissed as its job ended cancels the worker still returning
+            pass
         await pilot.pause()
     steady_cursors(pilot.app)
     await pilot.pause()

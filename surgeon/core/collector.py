@@ -28,7 +28,33 @@ def paused():
             # Resumed as is, the collector would walk every object made meanwhile at the very next
             # allocation (they all count as young: 55 ms for one DeepSeek-V3 donor) and again when they
             # age. Frozen and unfrozen, they join the oldest generation unwalked and the count starts
-            # over; full collections still see them, so nothing escapes collection.
+            # over; full collections still see them, so nothing escapes collection. Once the process
+            # keeps what it has for good (keep_for_good), they stay frozen with the rest.
             gc.freeze()
-            gc.unfreeze()
+            if not _keeping:
+                gc.unfreeze()
             gc.enable()
+
+
+_keeping = False
+
+
+def keep_for_good() -> None:
+    """Let every later collection skip the objects alive now (`gc.freeze`), until `let_go`: for the
+    workbench, once it has opened its donors. Later `paused` blocks add what they make.
+
+    A collection walks every tracked object, and the collector never stops tracking a tuple subclass:
+    DeepSeek-V3's `TensorInfo`s and `Part`s are 200,000 NamedTuples a pair, so each full collection of
+    the workbench took 80-100 ms, about every eighth key; frozen, they are not walked. Reference
+    counting still frees a frozen object when its last reference goes, so a replaced workbench's
+    tables go too (they hold no cycles); a cycle among frozen objects waits for `let_go`."""
+    global _keeping
+    _keeping = True
+    gc.freeze()
+
+
+def let_go() -> None:
+    """Undo `keep_for_good`: frozen objects are collected as any others again (the app, as it ends)."""
+    global _keeping
+    _keeping = False
+    gc.unfreeze()
