@@ -93,6 +93,29 @@ async def test_the_open_donors_are_kept_out_of_the_collectors_walks_while_the_ap
 
 
 @sync
+async def test_a_closed_screen_leaves_no_widget_caches_behind(olmoe3, tmp_path):
+    import gc
+
+    from textual._styles_cache import StylesCache
+
+    def caches() -> int:
+        gc.collect()
+        return sum(isinstance(o, StylesCache) for o in gc.get_objects())
+
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        counts = []
+        for _ in range(4):
+            app.open_screen("layer", 1)
+            await settle(pilot)
+            await pilot.press("escape")
+            await settle(pilot)
+            counts.append(caches())
+        assert counts[-1] <= counts[0]  # Textual's lru_cache kept each closed screen's (its issue 6665)
+
+
+@sync
 async def test_undo_redo_and_reset_keys(olmoe3, tmp_path):
     app = make_app(tmp_path, olmoe3)
     async with app.run_test(size=SIZE) as pilot:
