@@ -212,20 +212,25 @@ def workbench_ready(paths: list[Path], runs: int, env: dict | None = None) -> tu
     return statistics.median(times), max(peaks)
 
 
-def layer_open(paths: list[Path]) -> tuple[int, float, float]:
+def layer_open(paths: list[Path]) -> tuple[int, float, float, float, int]:
     """The layer screen on the pair (bench/tui.py, in a child of its own): the layer's tensors, the
-    median seconds to its first frame and of a mark's handler there."""
+    median seconds to its first frame and of a mark's handler there (40 marks), and the longest of
+    Python's full collections during those marks, and how many there were."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "tui.py"), "--layer-open", *map(str, paths)],
                          check=True, capture_output=True, text=True).stdout
     measured = json.loads(out.strip().splitlines()[-1])
-    return measured["tensors"], statistics.median(measured["seconds"]), statistics.median(measured["marks"])
+    collections = measured["collections"]
+    return (measured["tensors"], statistics.median(measured["seconds"]), statistics.median(measured["marks"]),
+            max(collections, default=0.0), len(collections))
 
 
 def layer_distances(pair: list[Path]) -> dict:
     """The layer screen's distance job on the first layer with experts, run as the screen runs it
     (`tensor_distances`, an empty cache): seconds until every tensor shows a figure (an estimate for a
     large one), seconds to the last exact figure, and the layer's bytes per donor. The shards are
-    holes, so no disk is read: this times the arithmetic and the page cache."""
+    holes, so no disk is read: this times the arithmetic and the page cache (a first run makes a
+    zeroed page for every page it reads, which on a machine whose memory is full of cache means
+    reclaiming another first)."""
     import tempfile
 
     from surgeon.core.donor import open_donor
@@ -267,7 +272,8 @@ def main() -> int:
             write_donor(WORK / args.make / f"donor{i}", MODELS[args.make])
         return 0
     if args.distances_of:
-        print(json.dumps(layer_distances([WORK / args.distances_of / f"donor{i}" for i in range(2)])))
+        pair = [WORK / args.distances_of / f"donor{i}" for i in range(2)]
+        print(json.dumps([layer_distances(pair) for _ in range(2)]))
         return 0
     print(f"{'model':<38}{'tensors':>9}{'shards':>8}{'inspect first/again':>21}{'workbench first/again':>23}"
           f"{'peak RSS':>10}{'layer / a mark':>25}")
@@ -284,22 +290,23 @@ def main() -> int:
         cold_runs = [workbench_ready(pair, 1, cold("workbench")) for _ in range(args.runs)]
         ready_first, rss_first = statistics.median(t for t, _ in cold_runs), max(r for _, r in cold_runs)
         ready, rss = workbench_ready(pair, args.runs)
-        in_layer, opened, mark = layer_open(pair)
+        in_layer, opened, mark, pause, pauses = layer_open(pair)
         tensors, shards = counts[0]
         print(f"{spec['label']:<38}{tensors:>9,}{shards:>8}{first:>11.2f} / {seconds:.2f} s"
               f"{ready_first:>13.2f} / {ready:.2f} s{max(rss, rss_first):>7} MiB{opened:>7.2f} s / {1000 * mark:.0f} ms"
-              f" ({in_layer:,})")
+              f" ({in_layer:,}; {pauses} full collections in 40 marks, the longest {1000 * pause:.0f} ms)")
         if args.distances:
             out = subprocess.run([sys.executable, __file__, "--distances-of", key], check=True,
                                  capture_output=True, text=True).stdout
-            d = json.loads(out.strip().splitlines()[-1])
-            print(f"  distances of layer {d['layer']} ({d['tensors']:,} tensors, {d['bytes'] / 1e9:.1f} GB a donor): "
-                  f"every tensor shows a figure after {d['shown']:.1f} s (estimates for the large ones), "
-                  f"the exact figures after {d['exact']:.1f} s")
+            first, again = json.loads(out.strip().splitlines()[-1])
+            print(f"  distances of layer {first['layer']} ({first['tensors']:,} tensors, {first['bytes'] / 1e9:.1f} GB a "
+                  f"donor): every tensor shows a figure after {first['shown']:.1f} s (estimates for the large ones), the "
+                  f"exact figures after {first['exact']:.1f} s; run again at once {again['shown']:.1f} s and "
+                  f"{again['exact']:.1f} s (the first run also fills the page cache with the shards' pages)")
     print("first: an empty moe-surgeon cache each run (headers parsed); again: headers read back from the "
           "cache (both medians of --runs)")
     print("layer / a mark: opening the first layer with experts to its first frame, and a mark's handler there "
-          "(bench/tui.py; the layer's tensors in brackets)")
+          "(bench/tui.py; the layer's tensors in brackets, and Python's full collections during 40 marks)")
     print("goals (DeepSeek-V3): inspect < 1 s, workbench ready on a pair < 2 s with < 300 MB")
     return 0
 

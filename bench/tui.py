@@ -256,11 +256,16 @@ async def key_latency(paths: list[Path]) -> dict[str, float]:
     return {k: (statistics.median(v), max(v), len(v)) for k, v in results.items()}
 
 
-async def layer_open(paths: list[Path], rounds: int = 6) -> tuple[int, list[float], list[float]]:
+async def layer_open(paths: list[Path], rounds: int = 6, marks_made: int = 40
+                     ) -> tuple[int, list[float], list[float], list[float]]:
     """Opening the first layer with experts, as `enter` on its experts column does, to the layer
     screen's first frame, `rounds` times, in this process; then a mark there (space: the expert
-    under the cursor to the next donor) 10 times, its handler alone (the repaint draws only the
-    visible lines). (The layer's tensors, seconds to the frame, seconds per mark.)"""
+    under the cursor to the next donor) `marks_made` times, its handler alone (the repaint draws
+    only the visible lines), and Python's full collections meanwhile, which stop the app wherever
+    they fall. (The layer's tensors, seconds to the frame, seconds per mark, seconds per full
+    collection.)"""
+    import gc
+
     from screens import layer
     from screens.app import SurgeonApp
 
@@ -297,16 +302,27 @@ async def layer_open(paths: list[Path], rounds: int = 6) -> tuple[int, list[floa
             app.open_screen("layer", number, focus_kind="expert")
             await pilot.pause()
             app.screen.cancel_job()
-            marks = []
-            for _ in range(10):
-                t0 = time.perf_counter()
-                app.screen.action_cycle()
-                marks.append(time.perf_counter() - t0)
-                await pilot.pause()
+            marks, collections, started = [], [], [0.0]
+
+            def timed(phase: str, info: dict) -> None:
+                if phase == "start":
+                    started[0] = time.perf_counter()
+                elif info["generation"] == 2:
+                    collections.append(time.perf_counter() - started[0])
+
+            gc.callbacks.append(timed)
+            try:
+                for _ in range(marks_made):
+                    t0 = time.perf_counter()
+                    app.screen.action_cycle()
+                    marks.append(time.perf_counter() - t0)
+                    await pilot.pause()
+            finally:
+                gc.callbacks.remove(timed)
             tensors = len({n for p, names in app.wb.index.tensors_of.items() if p.layer == number for n in names})
     finally:
         layer.LayerScreen.on_mount = shown
-    return tensors, seconds, marks
+    return tensors, seconds, marks, collections
 
 
 def main() -> int:
@@ -315,8 +331,8 @@ def main() -> int:
     parser.add_argument("--layer-open", nargs=2, metavar="DIR", help=argparse.SUPPRESS)  # bench/true_shapes.py
     args = parser.parse_args()
     if args.layer_open:
-        tensors, opened, marks = asyncio.run(layer_open([Path(d) for d in args.layer_open]))
-        print(json.dumps({"tensors": tensors, "seconds": opened, "marks": marks}))
+        tensors, opened, marks, collections = asyncio.run(layer_open([Path(d) for d in args.layer_open]))
+        print(json.dumps({"tensors": tensors, "seconds": opened, "marks": marks, "collections": collections}))
         return 0
     as_installed()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -345,7 +361,7 @@ def main() -> int:
           f"{med / textual:.2f}x")
     print(f"  baselines: python -c pass {python:.3f} s, import textual.app {textual:.3f} s, import torch {torch:.3f} s; "
           f"torch alone would take {torch / med:.2f}x our whole start")
-    tensors, opened, marks = asyncio.run(layer_open(paths))
+    tensors, opened, marks, _ = asyncio.run(layer_open(paths))
     print(f"open a layer with experts ({tensors} tensors) to its first frame, in-process: median "
           f"{1000 * statistics.median(opened):.0f} ms (min {1000 * min(opened):.0f}, max {1000 * max(opened):.0f}, "
           f"{len(opened)} rounds); a mark there, handler: median {1000 * statistics.median(marks):.1f} ms, "
