@@ -23,6 +23,7 @@ from screens.export import ExportScreen
 from screens.help import HelpScreen
 from screens.layer import LayerScreen
 from surgeon.core.plan import Assignment
+from surgeon.core.recovery import load_recovery
 from surgeon.core.session import load_session
 from surgeon.core.workbench import Cell
 
@@ -113,6 +114,33 @@ async def test_a_closed_screen_leaves_no_widget_caches_behind(olmoe3, tmp_path):
             await settle(pilot)
             counts.append(caches())
         assert counts[-1] <= counts[0]  # Textual's lru_cache kept each closed screen's (its issue 6665)
+
+
+@sync
+async def test_the_autosave_makes_the_session_off_the_ui_thread(olmoe3, tmp_path, monkeypatch):
+    # A DeepSeek-V3 pair's session (a stat per shard for its known hashes, then the JSON) was 4.5 ms
+    # of every mark's handler.
+    import threading
+
+    import surgeon.core.session as sessions
+
+    on_ui_thread = []
+    real = sessions.make_session
+
+    def make_session(*args, **kwargs):
+        on_ui_thread.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sessions, "make_session", make_session)
+    app = make_app(tmp_path, olmoe3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        on_ui_thread.clear()
+        await pilot.press("2")
+        await settle(pilot)
+        assert on_ui_thread == [False]
+        recovered = load_recovery(app.recovery.path)
+    assert recovered.session.plan.assignments == app.wb.plan().assignments != []
 
 
 @sync
