@@ -6,6 +6,8 @@ before choosing what to transplant. Figures come from a job (screens/job.py) run
 `surgeon.features.distance.distance_map` (memory-mapped reads, cached on disk by fingerprint);
 `n` shows the next donor (replacing the job), enter opens the layer under the cursor. A cell is
 the parameter-weighted mean of its tensors' relative distances (features/distance.py says why).
+A cell holding tensors of more than 4M values not computed before first shows an estimate from
+samples of them ("≈0.0123" in italics, `estimated_map`), until its exact figure replaces it.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from .widgets.keybar import KeyBar
 
 
 class MapCells(Message):
-    """Distances of some cells for one donor: {(layer, kind): value}."""
+    """Distances of some cells for one donor: {(layer, kind): value}; `estimate`: from samples
+    (surgeon/features/distance.py), the exact figures follow."""
 
-    def __init__(self, donor: str, values: dict):
+    def __init__(self, donor: str, values: dict, estimate: bool = False):
         super().__init__()
         self.donor = donor
         self.values = values
+        self.estimate = estimate
 
 
 class DistanceMapScreen(JobScreen):
@@ -82,20 +86,22 @@ class DistanceMapScreen(JobScreen):
         self.restart_job(self.compute, self.donor, group="map")
 
     def compute(self, donor_name: str, *, progress, cancel) -> None:
-        """The job: every cell's distance, posted 16 at a time so the table fills as they come."""
-        from surgeon.features.distance import distance_map
+        """The job: every cell's distance, posted 16 at a time so the table fills as they come; cells
+        with large tensors not computed before get an estimate first (`estimated_map`)."""
+        from surgeon.features.distance import distance_map, estimated_map
 
         wb = self.app.wb
-        batch = {}
-        try:
-            for cell, value in distance_map(wb.donors[wb.base], wb.donors[donor_name], self.app.distance_cache(),
-                                            progress=progress, cancel=cancel):
-                batch[cell] = value
-                if len(batch) >= 16:
-                    self.post_message(MapCells(donor_name, batch))
-                    batch = {}
-        finally:
-            self.post_message(MapCells(donor_name, batch))
+        base, donor, cache = wb.donors[wb.base], wb.donors[donor_name], self.app.distance_cache()
+        for estimate, cells in ((True, estimated_map), (False, distance_map)):
+            batch = {}
+            try:
+                for cell, value in cells(base, donor, cache, progress=progress, cancel=cancel):
+                    batch[cell] = value
+                    if len(batch) >= 16:
+                        self.post_message(MapCells(donor_name, batch, estimate))
+                        batch = {}
+            finally:
+                self.post_message(MapCells(donor_name, batch, estimate))
 
     def job_failed(self, message: str) -> None:
         self.app.notify(message, severity="error", title="Distance map")
@@ -114,7 +120,7 @@ class DistanceMapScreen(JobScreen):
         for (layer, kind), value in message.values.items():
             row = "global" if layer is None else str(layer)
             if kind in self.kinds or kind in self.globals:
-                table.update_cell(row, kind, format_distance(value), update_width=True)
+                table.update_cell(row, kind, format_distance(value, message.estimate), update_width=True)
 
     def action_next_donor(self) -> None:
         if len(self.others) < 2:

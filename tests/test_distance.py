@@ -18,6 +18,7 @@ from surgeon.features.distance import (
     DistanceCache,
     component_tensors,
     distance_map,
+    estimated_map,
     relative,
     squared_norms,
     tensor_distances,
@@ -161,3 +162,32 @@ async def test_the_layer_screen_marks_an_estimate_until_the_exact_figure_comes(t
         screen.post_message(Distances(1, {("B", name): (exact, False)}))
         await pilot.pause()
         assert str(table.get_cell(name, "d:B")) == f"{exact:.4f}"
+
+
+def test_the_map_estimates_cells_of_large_tensors_first(wide_vocab, tmp_path):
+    a, b = wide_vocab
+    cache = DistanceCache(tmp_path)
+    estimates = dict(estimated_map(a, b, cache, estimate_above=1 << 20))
+    assert set(estimates) == {(None, "embedding"), (None, "lm_head")}  # the only tensors over 1M values
+    name = "model.embed_tokens.weight"
+    assert estimates[(None, "embedding")] == relative(*squared_norms(a, b, name, every=SAMPLE_EVERY))
+    exact = dict(distance_map(a, b, cache))
+    assert exact[(None, "embedding")] == cache.tensor(a, b, name) != estimates[(None, "embedding")]
+    assert dict(estimated_map(a, b, cache, estimate_above=1 << 20)) == {}  # computed: nothing left to estimate
+
+
+@sync
+async def test_the_map_screen_marks_an_estimate(tmp_path):
+    from screens.distance_map import DistanceMapScreen, MapCells
+
+    app = SurgeonApp(["demo:base", "demo:arith"], None, state_dir=tmp_path / "state", offer_recovery=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await pilot.press("m")
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, DistanceMapScreen)
+        table = screen.query_one("#distance-map")
+        screen.post_message(MapCells("B", {(1, "attention"): 0.25}, estimate=True))
+        await pilot.pause()
+        assert str(table.get_cell("1", "attention")) == "≈0.2500"

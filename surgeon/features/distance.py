@@ -252,13 +252,18 @@ class DistanceCache:
     def tensor(self, base: Donor, donor: Donor, name: str) -> float:
         return relative(*self.norms(base, donor, name))
 
-    def group(self, base: Donor, donor: Donor, names) -> float:
+    def group(self, base: Donor, donor: Donor, names, estimate_above: int | None = None) -> float:
         """Distance of a part made of several tensors (an expert, a layer's attention): the
-        parameter-weighted mean of their relative distances (AGGREGATE; the module says why)."""
+        parameter-weighted mean of their relative distances (AGGREGATE; the module says why). With
+        `estimate_above`, a tensor of more values whose exact figure is not cached counts with its
+        estimate (`estimate`), so the result is an estimate."""
         total = weighted = 0.0
         for n in names:
             numel = base.tensors[n].numel
-            value = relative(*self.norms(base, donor, n))  # computed (and cached) even when empty
+            if estimate_above is not None and numel > estimate_above and self.cached(base, donor, n) is None:
+                value = self.estimate(base, donor, n)
+            else:
+                value = relative(*self.norms(base, donor, n))  # computed (and cached) even when empty
             if numel:
                 total += numel
                 weighted += numel * value
@@ -326,6 +331,27 @@ def _or_nan(compute, *args) -> float:
         return compute(*args)
     except (SurgeonError, OSError):
         return math.nan
+
+
+def estimated_map(base: Donor, donor: Donor, cache: DistanceCache, progress=None, cancel=NEVER,
+                  estimate_above: int = ESTIMATE_ABOVE):
+    """Yield ((layer, kind), estimate) for every cell holding a tensor over `estimate_above` values
+    whose exact figure is not cached: the distance map of DeepSeek-V3 (690 GB a donor) is all there
+    after reading about a sixteenth of it; `distance_map` then gives the exact figures. A job, as
+    distance_map."""
+    def pending(names) -> bool:
+        return any(base.tensors[n].numel > estimate_above and cache.cached(base, donor, n) is None for n in names)
+
+    cells = [(cell, names) for cell, names in component_tensors(base).items()
+             if pending(names) and not (cell[1] == "layer_gate" and any(n not in donor.tensors for n in names))]
+    meter = Meter(progress, len(cells), "cells", "estimate")
+    try:
+        for i, (cell, names) in enumerate(cells):
+            cancel.check()
+            yield cell, cache.group(base, donor, names, estimate_above)
+            meter(i + 1)
+    finally:
+        cache.save()
 
 
 def tensor_distances(base: Donor, donors: dict[str, Donor], names: list[str], cache: DistanceCache, progress=None,
