@@ -87,7 +87,7 @@ def test_cli_says_which_aggregate_it_prints(demo, run_cli):
 
 @sync
 async def test_distance_map_screen_names_its_aggregate_and_shows_it(demo, tmp_path):
-    from screens.distance_map import DistanceMapScreen
+    from screens.distance_map import DistanceMapScreen, MapCells
 
     base, _, weights = demo
     want = expected_cells(base, weights)
@@ -101,6 +101,9 @@ async def test_distance_map_screen_names_its_aggregate_and_shows_it(demo, tmp_pa
         assert AGGREGATE in " ".join(screen_text(app).split())  # the title wraps at word boundaries
         table = screen.query_one("#distance-map")
         assert float(str(table.get_cell("1", "attention"))) == pytest.approx(want[(1, "attention")], abs=1e-2)
+        screen.post_message(MapCells("B", {(1, "attention"): 0.25}, estimate=True))  # a large tensor's, at first
+        await pilot.pause()
+        assert str(table.get_cell("1", "attention")) == "≈0.2500"
 
 
 @pytest.fixture(scope="module")
@@ -174,20 +177,3 @@ def test_the_map_estimates_cells_of_large_tensors_first(wide_vocab, tmp_path):
     exact = dict(distance_map(a, b, cache))
     assert exact[(None, "embedding")] == cache.tensor(a, b, name) != estimates[(None, "embedding")]
     assert dict(estimated_map(a, b, cache, estimate_above=1 << 20)) == {}  # computed: nothing left to estimate
-
-
-@sync
-async def test_the_map_screen_marks_an_estimate(tmp_path):
-    from screens.distance_map import DistanceMapScreen, MapCells
-
-    app = SurgeonApp(["demo:base", "demo:arith"], None, state_dir=tmp_path / "state", offer_recovery=False)
-    async with app.run_test(size=(120, 40)) as pilot:
-        await settle(pilot)
-        await pilot.press("m")
-        await settle(pilot)
-        screen = app.screen
-        assert isinstance(screen, DistanceMapScreen)
-        table = screen.query_one("#distance-map")
-        screen.post_message(MapCells("B", {(1, "attention"): 0.25}, estimate=True))
-        await pilot.pause()
-        assert str(table.get_cell("1", "attention")) == "≈0.2500"
