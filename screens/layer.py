@@ -138,8 +138,9 @@ class LayerScreen(MarkingMixin, JobScreen):
 
     def refresh_cells(self) -> None:
         """After a mark: the grid, the "from" cells whose source changed, the status line. Only those
-        cells get new Text: one per tensor of a DeepSeek-V3 layer (1,557) made every mark 11 ms, and
-        so much new memory that Python's full collections (80-90 ms) ran every few marks."""
+        cells get new Text: a new one for each tensor of a DeepSeek-V3 layer (1,557) on every mark
+        was memory that lived just long enough to be promoted, bringing Python's full collections on
+        sooner."""
         wb = self.app.wb
         self.grid.refresh_cells()
         changed = {}
