@@ -387,6 +387,29 @@ def test_distances_compare_dequantized_values(fp8_pair, mxfp4_pair):
     assert relative(*squared_norms(a, b, name + "_blocks")) == pytest.approx(want, rel=1e-6)
 
 
+def test_a_bf16_release_and_its_fp8_one_compare_by_their_values(tmp_path, run_cli):
+    """Experts of 256 rows: two FP8 block rows against one bf16 run of values, cut at other places."""
+    import torch
+    from safetensors.torch import load_file
+    from tiny_models import fp8_donor
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from surgeon.core.donor import open_donor
+    from surgeon.features.distance import relative, squared_norms
+
+    fp8 = fp8_donor(tmp_path / "fp8", "deepseek_v3", 0, moe_intermediate_size=256)
+    plain = tmp_path / "fp8-bf16"
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    q, p = load_file(fp8 / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert q[name].shape[0] == 256 and q[name].dtype == torch.float8_e4m3fn
+    values = Fp8Dequantize(None)._dequantize_one(q[name], q[name + "_scale_inv"], torch.float32).double()
+    want = float((values - p[name].double()).norm() / p[name].double().norm())
+    a, b = open_donor(plain), open_donor(fp8)
+    assert relative(*squared_norms(a, b, name)) == pytest.approx(want, rel=1e-6)
+    assert relative(*squared_norms(a, b, name, every=16)) == pytest.approx(want, rel=1e-6)  # whole, not sampled
+    assert run_cli("distance", str(plain), str(fp8)).returncode == 0
+
+
 def test_inspect_says_how_a_donor_is_stored_and_mixed(mxfp4_pair, pairs, run_cli):
     out = run_cli("inspect", str(mxfp4_pair[0])).stdout
     assert "stored mxfp4" in out and "(fused:" in out and " as stored in " in out

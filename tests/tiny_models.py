@@ -230,14 +230,14 @@ def conformance_donor(path: Path, model_type: str, seed: int, **overrides) -> Pa
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
-def fp8_donor(path: Path, model_type: str, seed: int) -> Path:
+def fp8_donor(path: Path, model_type: str, seed: int, **overrides) -> Path:
     """A tiny checkpoint stored as DeepSeek-V3's and Kimi-K2's releases are: every linear weight of the
     decoder layers in float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block, the rest as
     it was, and `quantization_config` in config.json."""
     import torch
     from safetensors.torch import load_file
 
-    plain = conformance_donor(path.with_name(path.name + "-bf16"), model_type, seed)
+    plain = conformance_donor(path.with_name(path.name + "-bf16"), model_type, seed, **overrides)
     tensors = {}
     for name, t in load_file(plain / "model.safetensors").items():
         if not (name.startswith("model.layers.") and name.endswith("proj.weight") and t.dim() == 2):

@@ -170,6 +170,23 @@ def _sums(b: np.ndarray, d: np.ndarray) -> tuple[float, float]:
     return diff, ref
 
 
+def _aligned(a_pieces, b_pieces):
+    """Pairs of equal-length runs from two streams of 1-D arrays that hold the same number of values
+    cut at different places."""
+    a_iter, b_iter = iter(a_pieces), iter(b_pieces)
+    a = b = np.empty(0, np.float32)
+    while True:
+        if not len(a):
+            a = next(a_iter, None)
+        if not len(b):
+            b = next(b_iter, None)
+        if a is None or b is None:
+            return
+        n = min(len(a), len(b))
+        yield a[:n], b[:n]
+        a, b = a[n:], b[n:]
+
+
 def squared_norms(base: Donor, donor: Donor, name: str, every: int = 1) -> tuple[float, float]:
     """(||donor - base||^2, ||base||^2) of one tensor, summed in float64 (DOT says how); with `every`
     > 1, of a sample of about 1/every of its values (PIECE says which), for an estimate."""
@@ -183,10 +200,18 @@ def squared_norms(base: Donor, donor: Donor, name: str, every: int = 1) -> tuple
     if base.pickled or donor.pickled:
         raise SurgeonError("distance: pickle donors are not supported")
     diff = ref = 0.0
-    # Quantized weights compare by the values they stand for (both donors stored alike: resolve refuses
-    # a mix), so a distance reads the same whether a checkpoint is stored in FP8, MXFP4 or bf16.
-    pairs = zip(_quantized_chunks(base, name, b_info, every) or _chunks(base, b_info, every),
-                _quantized_chunks(donor, name, d_info, every) or _chunks(donor, d_info, every))
+    # Quantized weights compare by the values they stand for, so a distance reads the same whether a
+    # checkpoint is stored in FP8, MXFP4 or bf16, and a bf16 release can be compared with its FP8 one
+    # (which resolve refuses to mix). Such a pair's values come in pieces cut at different places, and
+    # a sample of each would be of different values: they are compared whole, piece against piece.
+    b_values, d_values = _quantized_chunks(base, name, b_info), _quantized_chunks(donor, name, d_info)
+    if (b_values is None) != (d_values is None):
+        b_values = b_values or _chunks(base, b_info)
+        d_values = d_values or _chunks(donor, d_info)
+        pairs = _aligned(b_values, d_values)
+    else:
+        pairs = zip(_quantized_chunks(base, name, b_info, every) or _chunks(base, b_info, every),
+                    _quantized_chunks(donor, name, d_info, every) or _chunks(donor, d_info, every))
     for b, d in pairs:
         chunk_diff, chunk_ref = _sums(b, d)
         diff += chunk_diff
