@@ -177,3 +177,21 @@ def test_the_map_estimates_cells_of_large_tensors_first(wide_vocab, tmp_path):
     exact = dict(distance_map(a, b, cache))
     assert exact[(None, "embedding")] == cache.tensor(a, b, name) != estimates[(None, "embedding")]
     assert dict(estimated_map(a, b, cache, estimate_above=1 << 20)) == {}  # computed: nothing left to estimate
+
+
+def test_the_distance_command_estimates_only_when_asked_and_says_so(tmp_path, run_cli):
+    from tiny_models import make_donor
+
+    a, b = (make_donor(tmp_path / n, "olmoe", seed, vocab_size=140_000) for seed, n in enumerate("ab"))  # 4.48M values
+    name = "model.embed_tokens.weight"
+    estimated = json.loads(run_cli("distance", str(a), str(b), "--json", "--estimate").stdout)
+    exact = json.loads(run_cli("distance", str(a), str(b), "--json").stdout)  # and now cached: no estimate after it
+    assert exact["estimated"] is None and "1/16" in estimated["estimated"]
+    cell = {(c["layer"], c["component"]): c["distance"] for c in estimated["cells"]}
+    donors = open_donor(a), open_donor(b)
+    assert cell[(None, "embedding")] == relative(*squared_norms(*donors, name, every=SAMPLE_EVERY))
+    exact_cells = {(c["layer"], c["component"]): c["distance"] for c in exact["cells"]}
+    assert exact_cells[(None, "embedding")] == pytest.approx(relative(*squared_norms(*donors, name)), rel=1e-12)
+    again = run_cli("distance", str(a), str(b), "--estimate").stdout
+    assert "estimates: each tensor of more than 4,194,304 values" in again
+    assert f"{exact_cells[(None, 'embedding')]:.4f}" in again

@@ -323,18 +323,26 @@ def component_tensors(base: Donor) -> dict[tuple[int | None, str], list[str]]:
     return cells
 
 
-def distance_map(base: Donor, donor: Donor, cache: DistanceCache, progress=None, cancel=NEVER):
+def distance_map(base: Donor, donor: Donor, cache: DistanceCache, progress=None, cancel=NEVER,
+                 estimate_above: int | None = None):
     """Yield ((layer, kind), distance) for every cell: where fine-tuning moved the weights, by
-    component and layer, the view that helps pick what to transplant. A job (surgeon.jobs): Steps in
-    cells, `cancel` checked before each; what was computed is cached even when cancelled."""
-    cells = component_tensors(base)
-    meter = Meter(progress, len(cells), "cells", "distance")
+    component and layer, the view that helps pick what to transplant. With `estimate_above`, a
+    tensor of more values whose exact figure is not cached counts with its estimate
+    (`DistanceCache.group`), and such a cell is an estimate. A job (surgeon.jobs): Steps in cells,
+    `cancel` checked before each; what was computed is cached even when cancelled."""
+    yield from _map_cells(base, donor, cache, list(component_tensors(base).items()), "distance", progress, cancel,
+                          estimate_above)
+
+
+def _map_cells(base: Donor, donor: Donor, cache: DistanceCache, cells: list, what: str, progress, cancel,
+               estimate_above: int | None):
+    meter = Meter(progress, len(cells), "cells", what)
     try:
-        for i, (cell, names) in enumerate(cells.items()):
+        for i, (cell, names) in enumerate(cells):
             cancel.check()
             if cell[1] == "layer_gate" and any(n not in donor.tensors for n in names):
                 continue  # a donor without that Self-MoE gate: nothing to compare, no distance
-            yield cell, cache.group(base, donor, names)
+            yield cell, cache.group(base, donor, names, estimate_above)
             meter(i + 1)
     finally:
         cache.save()
@@ -368,16 +376,8 @@ def estimated_map(base: Donor, donor: Donor, cache: DistanceCache, progress=None
     def pending(names) -> bool:
         return any(base.tensors[n].numel > estimate_above and cache.cached(base, donor, n) is None for n in names)
 
-    cells = [(cell, names) for cell, names in component_tensors(base).items()
-             if pending(names) and not (cell[1] == "layer_gate" and any(n not in donor.tensors for n in names))]
-    meter = Meter(progress, len(cells), "cells", "estimate")
-    try:
-        for i, (cell, names) in enumerate(cells):
-            cancel.check()
-            yield cell, cache.group(base, donor, names, estimate_above)
-            meter(i + 1)
-    finally:
-        cache.save()
+    cells = [(cell, names) for cell, names in component_tensors(base).items() if pending(names)]
+    yield from _map_cells(base, donor, cache, cells, "estimate", progress, cancel, estimate_above)
 
 
 def tensor_distances(base: Donor, donors: dict[str, Donor], names: list[str], cache: DistanceCache, progress=None,
