@@ -212,16 +212,17 @@ def workbench_ready(paths: list[Path], runs: int, env: dict | None = None) -> tu
     return statistics.median(times), max(peaks)
 
 
-def layer_open(paths: list[Path]) -> tuple[int, float, float, float, int]:
+def layer_open(paths: list[Path]) -> tuple[int, float, float, float, int, float]:
     """The layer screen on the pair (bench/tui.py, in a child of its own): the layer's tensors, the
-    median seconds to its first frame and of a mark's handler there (40 marks), and the longest of
-    Python's full collections during those marks, and how many there were."""
+    median seconds to its first frame and of a mark's handler there (40 marks), the longest of
+    Python's full collections during those marks and how many there were, and the longest of those
+    that ran once the app was idle."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "tui.py"), "--layer-open", *map(str, paths)],
                          check=True, capture_output=True, text=True).stdout
     measured = json.loads(out.strip().splitlines()[-1])
     collections = measured["collections"]
     return (measured["tensors"], statistics.median(measured["seconds"]), statistics.median(measured["marks"]),
-            max(collections, default=0.0), len(collections))
+            max(collections, default=0.0), len(collections), max(measured["idle_collections"], default=0.0))
 
 
 def layer_distances(pair: list[Path]) -> dict:
@@ -290,11 +291,12 @@ def main() -> int:
         cold_runs = [workbench_ready(pair, 1, cold("workbench")) for _ in range(args.runs)]
         ready_first, rss_first = statistics.median(t for t, _ in cold_runs), max(r for _, r in cold_runs)
         ready, rss = workbench_ready(pair, args.runs)
-        in_layer, opened, mark, pause, pauses = layer_open(pair)
+        in_layer, opened, mark, pause, pauses, idle_pause = layer_open(pair)
         tensors, shards = counts[0]
         print(f"{spec['label']:<38}{tensors:>9,}{shards:>8}{first:>11.2f} / {seconds:.2f} s"
               f"{ready_first:>13.2f} / {ready:.2f} s{max(rss, rss_first):>7} MiB{opened:>7.2f} s / {1000 * mark:.0f} ms"
-              f" ({in_layer:,}; {pauses} full collections in 40 marks, the longest {1000 * pause:.0f} ms)")
+              f" ({in_layer:,}; {pauses} full collections in 40 marks, the longest {1000 * pause:.0f} ms;"
+              f" once idle {1000 * idle_pause:.0f} ms)")
         if args.distances:
             out = subprocess.run([sys.executable, __file__, "--distances-of", key], check=True,
                                  capture_output=True, text=True).stdout

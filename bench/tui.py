@@ -257,13 +257,14 @@ async def key_latency(paths: list[Path]) -> dict[str, float]:
 
 
 async def layer_open(paths: list[Path], rounds: int = 6, marks_made: int = 40
-                     ) -> tuple[int, list[float], list[float], list[float]]:
+                     ) -> tuple[int, list[float], list[float], list[float], list[float]]:
     """Opening the first layer with experts, as `enter` on its experts column does, to the layer
     screen's first frame, `rounds` times, in this process; then a mark there (space: the expert
     under the cursor to the next donor) `marks_made` times, its handler alone (the repaint draws
     only the visible lines), and Python's full collections meanwhile, which stop the app wherever
-    they fall. (The layer's tensors, seconds to the frame, seconds per mark, seconds per full
-    collection.)"""
+    they fall, then those that ran once the app was idle (held back while keys came). (The layer's
+    tensors, seconds to the frame, seconds per mark, seconds per full collection during the marks
+    and once idle.)"""
     import gc
 
     from screens import layer
@@ -310,19 +311,34 @@ async def layer_open(paths: list[Path], rounds: int = 6, marks_made: int = 40
                 elif info["generation"] == 2:
                     collections.append(time.perf_counter() - started[0])
 
+            screen = app.screen
+            handler = screen.action_cycle
+
+            def cycle() -> None:  # the handler `space` runs, timed alone
+                t0 = time.perf_counter()
+                handler()
+                marks.append(time.perf_counter() - t0)
+
+            screen.action_cycle = cycle  # found by name when the key's binding runs
             gc.callbacks.append(timed)
             try:
-                for _ in range(marks_made):
-                    t0 = time.perf_counter()
-                    app.screen.action_cycle()
-                    marks.append(time.perf_counter() - t0)
+                # A look at the layer first: the full collections held back while the layers opened
+                # run once nobody types, then none while the keys come, then those held meanwhile.
+                await asyncio.sleep(3 * app.IDLE_SECONDS)
+                before = len(collections)
+                for _ in range(marks_made):  # keys, as a user's: the app knows someone is typing
+                    await pilot.press("space")
                     await pilot.pause()
+                during = len(collections)
+                await asyncio.sleep(3 * app.IDLE_SECONDS)
             finally:
                 gc.callbacks.remove(timed)
+            idle = collections[:before] + collections[during:]
+            collections = collections[before:during]
             tensors = len({n for p, names in app.wb.index.tensors_of.items() if p.layer == number for n in names})
     finally:
         layer.LayerScreen.on_mount = shown
-    return tensors, seconds, marks, collections
+    return tensors, seconds, marks, collections, idle
 
 
 def main() -> int:
@@ -331,8 +347,9 @@ def main() -> int:
     parser.add_argument("--layer-open", nargs=2, metavar="DIR", help=argparse.SUPPRESS)  # bench/true_shapes.py
     args = parser.parse_args()
     if args.layer_open:
-        tensors, opened, marks, collections = asyncio.run(layer_open([Path(d) for d in args.layer_open]))
-        print(json.dumps({"tensors": tensors, "seconds": opened, "marks": marks, "collections": collections}))
+        tensors, opened, marks, collections, idle = asyncio.run(layer_open([Path(d) for d in args.layer_open]))
+        print(json.dumps({"tensors": tensors, "seconds": opened, "marks": marks, "collections": collections,
+                          "idle_collections": idle}))
         return 0
     as_installed()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -361,7 +378,7 @@ def main() -> int:
           f"{med / textual:.2f}x")
     print(f"  baselines: python -c pass {python:.3f} s, import textual.app {textual:.3f} s, import torch {torch:.3f} s; "
           f"torch alone would take {torch / med:.2f}x our whole start")
-    tensors, opened, marks, _ = asyncio.run(layer_open(paths))
+    tensors, opened, marks, _, _ = asyncio.run(layer_open(paths))
     print(f"open a layer with experts ({tensors} tensors) to its first frame, in-process: median "
           f"{1000 * statistics.median(opened):.0f} ms (min {1000 * min(opened):.0f}, max {1000 * max(opened):.0f}, "
           f"{len(opened)} rounds); a mark there, handler: median {1000 * statistics.median(marks):.1f} ms, "

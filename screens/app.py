@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from textual import events
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Static
 
+from surgeon.core import collector
 from surgeon.core.architectures import MIX_SOURCES
 from surgeon.core.recovery import RecoveryWriter
 from surgeon.core.session import SessionRecords
@@ -53,6 +55,8 @@ class SurgeonApp(LoadingMixin, HashingMixin, SavingMixin, App):
                 tooltip="Mix dense donors into an MoE: their MLPs become its experts (from the grid)"),
     ]
 
+    IDLE_SECONDS = 1.0  # this long without input, and a full collection held back may run
+
     def __init__(self, specs: list[str] | None = None, session_path: str | None = None, *,
                  state_dir: str | os.PathLike | None = None, offer_recovery: bool = True):
         super().__init__()
@@ -77,6 +81,7 @@ class SurgeonApp(LoadingMixin, HashingMixin, SavingMixin, App):
         self.hash_status: str | None = None  # "hashing donors 40%" while the background hashing shows
         self.recorded_hashes: dict[str, dict[str, str]] = {}  # the open session's full hashes, to compare
         self.hybrids = HybridKeeper()  # the one live hybrid: Probes, Sweep, Routing and Layer gates run on it
+        self._last_input = time.monotonic()
 
     # ------------------------------------------------------------ start
     def get_default_screen(self) -> Screen:
@@ -85,10 +90,20 @@ class SurgeonApp(LoadingMixin, HashingMixin, SavingMixin, App):
         return SurgeryScreen()
 
     def on_mount(self) -> None:
+        # Once the donors are open, full collections wait for a moment without input (on_loaded).
+        self.set_interval(self.IDLE_SECONDS / 2, self._collect_when_idle)
         if self.initial_session:
             self.load_session(self.initial_session)
         else:
             self.load_donors(self.specs or DEMO_SPECS, welcome=not self.specs)
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.InputEvent):
+            self._last_input = time.monotonic()
+        await super().on_event(event)
+
+    def _collect_when_idle(self) -> None:
+        collector.collect_held(idle=time.monotonic() - self._last_input >= self.IDLE_SECONDS)
 
     @property
     def surgery(self) -> SurgeryScreen:

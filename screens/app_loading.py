@@ -70,7 +70,7 @@ class LoadingMixin:
     """SurgeonApp's loading: its handlers are found by name on the MRO (a mixin's `@on` is not)."""
 
     def on_unmount(self) -> None:
-        collector.let_go()  # what on_loaded froze: collectable again once the app has ended
+        collector.let_go()  # what on_loaded froze and held: collectable again once the app has ended
 
     @work(thread=True, exit_on_error=False, group="load")
     def load_donors(self, specs: list[str], welcome: bool = False) -> None:
@@ -168,6 +168,7 @@ class LoadingMixin:
             self.brush = self.mix.name if self.mix is not None else None
             if message.wb is not None:
                 collector.keep_for_good()  # the donors' tables, skipped by the collector until the app ends
+                collector.hold_full_collections()  # until nobody types (SurgeonApp._collect_when_idle)
         screen = self.surgery
         screen.show_workbench(welcome=message.welcome)
         self._banner = None  # show_workbench set the welcome line

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from test_tui_helpers import (
@@ -76,6 +77,46 @@ async def test_grid_marks_cells_rows_columns_and_rectangles(olmoe3, tmp_path):
         share_b = 100 * r.parameters_by_donor()["B"] / sum(r.parameters_by_donor().values())
         assert f"{len(r.changed())} of {len(r.sources)} tensors changed" in text
         assert f"{share_b:.1f}%" in text
+
+
+@sync
+async def test_full_collections_wait_until_nobody_types(olmoe3, tmp_path):
+    """A full collection walks everything made since the donors were frozen (13-35 ms at DeepSeek-V3
+    size): while keys come, none runs; once the app has been idle a moment, the one held back does."""
+    import asyncio
+    import gc
+
+    collections = []
+
+    def seen(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            collections.append(time.monotonic())
+
+    before = gc.get_threshold()
+    app = make_app(tmp_path, olmoe3)
+    app.IDLE_SECONDS = 0.6  # keys come every 0.1-0.2 s
+    gc.callbacks.append(seen)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            assert gc.get_threshold()[2] > before[2]
+            collections.clear()
+            # Enough that lives on for a full collection to be due by the collector's own rule.
+            kept = [[] for _ in range((len(gc.get_objects()) + gc.get_freeze_count()) // 2)]
+            typing_until, key = time.monotonic() + 1.2, "j"
+            while time.monotonic() < typing_until:  # keys every 0.1 s, each making garbage cycles
+                for _ in range(20_000):
+                    a = []
+                    a.append(a)
+                await pilot.press(key)
+                key = "k" if key == "j" else "j"
+                await asyncio.sleep(0.1)
+            assert collections == [] and kept
+            await asyncio.sleep(1.8)  # idle
+            assert collections and collections[0] > typing_until
+    finally:
+        gc.callbacks.remove(seen)
+    assert gc.get_threshold() == before  # the app ended: the collector decides again
 
 
 @sync

@@ -159,6 +159,66 @@ def test_the_collector_skips_what_is_kept_for_good_until_let_go(olmoe):
     assert gc.get_freeze_count() == 0 and gc.is_tracked(tables[0])
 
 
+def full_collections(run) -> int:
+    """How many full collections happen while `run()` runs."""
+    import gc
+
+    seen = []
+
+    def count(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            seen.append(1)
+
+    gc.callbacks.append(count)
+    try:
+        run()
+    finally:
+        gc.callbacks.remove(count)
+    return len(seen)
+
+
+def make_cycles(n: int = 100_000) -> None:
+    """Garbage cycles, so the young generations fill and are collected again and again."""
+    for _ in range(n):
+        a = []
+        a.append(a)
+
+
+def make_due() -> list:
+    """Cycles, and lists that live on, enough for a full collection to be due by the collector's own
+    rule (what reached the oldest generation since the last one is a quarter of what lived there)."""
+    import gc
+
+    kept = [[] for _ in range(len(gc.get_objects()) // 2)]
+    make_cycles()
+    return kept
+
+
+def test_full_collections_held_run_when_asked_and_only_then(olmoe):
+    import gc
+
+    from surgeon.core import collector
+
+    before = gc.get_threshold()
+    gc.collect()
+    assert full_collections(make_due) > 0  # the collector's own way
+    try:
+        collector.hold_full_collections()
+        gc.collect()
+        assert full_collections(make_due) == 0
+        assert full_collections(lambda: collector.collect_held(idle=False)) == 0  # someone is typing
+        ran = []
+        assert full_collections(lambda: ran.append(collector.collect_held(idle=True))) == 1 and ran == [True]
+        assert not collector.collect_held(idle=True)  # nothing is due right after one
+        # Never idle: a full collection still comes once it is long overdue.
+        assert full_collections(lambda: [make_cycles(10_000) or collector.collect_held(idle=False)
+                                         for _ in range(150)]) >= 1  # 150 x 10,000 cycles: 200+ middle ones
+    finally:
+        collector.let_go()
+    assert gc.get_threshold() == before
+    assert not collector.collect_held(idle=True)  # let go: the collector decides again
+
+
 def test_cycle_goes_through_donors_in_order(olmoe):
     wb = Workbench(olmoe, "A")
     cell = Cell(1, "router")

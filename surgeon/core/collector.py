@@ -54,7 +54,44 @@ def keep_for_good() -> None:
 
 
 def let_go() -> None:
-    """Undo `keep_for_good`: frozen objects are collected as any others again (the app, as it ends)."""
-    global _keeping
+    """Undo `keep_for_good` and `hold_full_collections`: frozen objects are collected as any others
+    again, and full collections come when the collector decides (the app, as it ends)."""
+    global _keeping, _held
     _keeping = False
     gc.unfreeze()
+    if _held is not None:
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, _held)
+        _held = None
+
+
+_held: int | None = None  # the oldest generation's threshold while full collections wait for idle
+# Collections of the middle generation since the last full one, after which a full one is due even
+# while the app never idles (ten times the collector's own count, 10).
+_OVERDUE = 10
+
+
+def hold_full_collections() -> None:
+    """Leave full collections to `collect_held`, which the app calls when nobody is typing.
+
+    The young generations are still collected as they fill (a millisecond or less), but a full
+    collection walks every object made since `keep_for_good`: a layer screen's table of a DeepSeek-V3
+    layer and the screens' caches, 13-35 ms (once 55 ms) that stopped the app wherever they fell, in
+    5 or 6 of 40 marks. Deferred to a moment without input, they take as long and stop nothing."""
+    global _held
+    young, middle, oldest = gc.get_threshold()
+    if _held is None:
+        _held = oldest
+    gc.set_threshold(young, middle, 1 << 30)
+
+
+def collect_held(idle: bool) -> bool:
+    """Run the full collection held back since it was due, when `idle` (or long overdue anyway);
+    whether it ran."""
+    if _held is None:
+        return False
+    waiting = gc.get_count()[2]  # collections of the middle generation since the last full one
+    if waiting > _held and (idle or waiting > _OVERDUE * _held):
+        gc.collect()
+        return True
+    return False
