@@ -163,7 +163,7 @@ class HashingSink:
         self.written += n
         if self._place() == 0:  # the window is full
             window, self._window = self._window, None
-            self._writer.write_from(window, window[self._first:self._size])
+            self._writer.write_from(window, window[self._first:])
 
     def _read(self, fd: int, piece: memoryview, at: int, offset: int) -> int:
         """Read into `piece` (at `at` in a page-aligned window) from `offset`. Where that is the
