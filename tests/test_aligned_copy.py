@@ -3,10 +3,8 @@ page-aligned memory, bytes placed where the kernel copies them fastest, and an e
 are its donors' and whose manifest hashes are the hashes of those bytes, computed here apart."""
 
 import ctypes
-import itertools
 import json
 import mmap
-import os
 
 import pytest
 import xxhash
@@ -20,9 +18,6 @@ from surgeon.features.export import export_hybrid
 from surgeon.io import content_hash, manifest
 from surgeon.io.aligned import PAGE, aligned_buffer, view_for
 from surgeon.io.manifest import MANIFEST_FILE
-from surgeon.io.ordered_writes import copy_buffers
-from surgeon.io.safetensors_file import encode_header, read_header
-from surgeon.io.shards import HashingSink, data_offset_for
 
 
 def address(view: memoryview) -> int:
@@ -122,107 +117,3 @@ def test_an_export_is_its_donors_bytes_and_its_manifest_hashes_them(moe_pair, tm
         assert raw[start:end] == want, name
         assert entries[name]["hash"] == xxhash.xxh3_128(want).hexdigest(), name
     assert spliced or family == "olmoe"
-
-
-def record_writes(monkeypatch) -> list[tuple[int, int]]:
-    """(file offset, bytes) of every write the export's writer makes, in order."""
-    from surgeon.io import ordered_writes
-
-    seen = []
-    real = ordered_writes.write_all
-
-    def write_all(fd, view):
-        seen.append((os.lseek(fd, 0, os.SEEK_CUR), len(view)))
-        real(fd, view)
-
-    monkeypatch.setattr(ordered_writes, "write_all", write_all)
-    return seen
-
-
-def test_a_shard_is_written_in_whole_windows_whatever_its_tensors_sizes(donors_of, tmp_path, monkeypatch):
-    """Every write but a file's first and last starts and ends on a window boundary (the buffer's
-    length), though no tensor of these donors is a multiple of it: writes that start and end within
-    pages cost the kernel a third more."""
-    window = 2 * PAGE
-    monkeypatch.setattr(export_module, "COPY_BUFFER", window)
-    writes = record_writes(monkeypatch)
-    a, b = donors_of("olmoe", 2)
-    donors = {"A": open_donor(a), "B": open_donor(b)}
-    resolution = resolve(Plan("A", [parse_spec("experts@0-1", "B")]), donors)
-    assert any(t.nbytes % window for t in donors["A"].tensors.values())
-    out = tmp_path / "out"
-    export_hybrid(resolution, donors, out)
-    size = (out / "model.safetensors").stat().st_size
-    assert len(writes) > 3 and sum(n for _, n in writes) == size  # one shard: its writes, in order
-    assert [at for at, _ in writes] == list(itertools.accumulate([0] + [n for _, n in writes[:-1]]))
-    for at, n in writes[1:]:
-        assert at % window == 0, writes
-    for at, n in writes[:-1]:
-        assert (at + n) % window == 0, writes
-
-
-def test_the_data_starts_where_the_donors_bytes_sit_within_a_page(donors_of, tmp_path, monkeypatch):
-    """The header is padded (the format allows trailing spaces) so that most copied bytes keep their
-    offset within a page, and are read in whole pages; transformers reads the padded file."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    a, b = donors_of("olmoe", 2)
-    donors = {"A": open_donor(a), "B": open_donor(b)}
-    resolution = resolve(Plan("A", [parse_spec("experts@0-1", "B")]), donors)
-
-    def in_place(out) -> float:
-        exported = read_header(str(out / "model.safetensors"))
-        kept = sum(t.nbytes for name, t in exported.tensors.items()
-                   if (t.start - donors[resolution.sources[name].donor].tensors[name].start) % PAGE == 0)
-        return kept / sum(t.nbytes for t in exported.tensors.values())
-
-    export_hybrid(resolution, donors, tmp_path / "out")
-    with monkeypatch.context() as m:
-        m.setattr(export_module, "data_offset_for", lambda copied: None)
-        export_hybrid(resolution, donors, tmp_path / "unpadded")
-    assert in_place(tmp_path / "out") > 0.5 > in_place(tmp_path / "unpadded")
-    raw = (tmp_path / "out" / "model.safetensors").read_bytes()
-    length = int.from_bytes(raw[:8], "little")
-    assert raw[8:8 + length].endswith(b" ") and (8 + length) % 8 == 0
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
-        same_names = [name for name in f.keys() if name in loaded]  # transformers fuses the experts
-        assert same_names
-        for name in same_names:
-            assert torch.equal(f.get_tensor(name), loaded[name]), name
-
-
-def test_the_data_offset_is_the_one_most_copied_bytes_want_and_stays_8_aligned():
-    assert data_offset_for([]) is None
-    assert data_offset_for([(0, 1296, 100), (100, 1396, 100), (200, 16, 50)]) == 1296
-    assert data_offset_for([(0, 8, 10), (10, PAGE + 2058, 4000)]) == 2048  # by bytes, not by ranges
-    assert data_offset_for([(0, 1300, 10)]) is None  # a source not 8-aligned: the data stays 8-aligned
-    header, offsets = encode_header([("x", "F32", (3,))], {"format": "pt"}, data_at=1296)
-    assert len(header) % PAGE == 1296 and json.loads(header[8:])["x"]["data_offsets"] == [0, 12]
-    with pytest.raises(ValueError):
-        encode_header([("x", "F32", (3,))], {}, data_at=12)
-
-
-@pytest.mark.parametrize("ahead", [8, 16, 63])
-def test_a_read_that_would_be_the_slow_copy_comes_through_another_buffer(tmp_path, ahead):
-    """A donor whose bytes would land 1-63 bytes ahead of their page offset (its header differs from
-    the one the shard was padded for) is read where neither copy is slow, then moved: same bytes."""
-    source = tmp_path / "source"
-    data = os.urandom(5 * PAGE + 123)
-    source.write_bytes(data)
-    target = tmp_path / "target"
-    src = os.open(source, os.O_RDONLY)
-    dst = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
-    sink = HashingSink(dst, copy_buffers(2 * PAGE, cores=2))
-    try:
-        sink.write(b"h" * (100 + ahead))  # the next byte goes to 100 + ahead within a page
-        sink.copy(src, 100, len(data) - 100, str(source))
-        sink.finish()
-        assert sink._bounce is not None  # the read came the other way
-    finally:
-        sink.close()
-        os.close(src)
-        os.close(dst)
-    assert target.read_bytes() == b"h" * (100 + ahead) + data[100:]
-    assert sink.content.hexdigest() == content_hash.hash_files([target], use_cache=False)[target]

@@ -50,7 +50,6 @@ from surgeon.io.shards import (
     COPY_BUFFER,
     ExportResult,
     HashingSink,
-    data_offset_for,
     shard_file_names,
     split_into_shards,
     write_hashed_shard,
@@ -158,25 +157,6 @@ def converted_bytes(donor: Donor, name: str, src_dtype: str, dst_dtype: str, fd:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def _ranges(src, donors: dict[str, Donor]):
-    """The pieces of one output tensor, in order: (donor, rows, (offset in its file, bytes)), or
-    (donor, rows, None) where the bytes must be made (cast, or read from a pickle). A spliced fused
-    expert tensor is its runs of experts, each the rows [lo, hi) of one donor's tensor; rows is
-    None for a whole tensor."""
-    for lo, hi, donor_name in src.runs or ((None, None, src.donor),):
-        donor = donors[donor_name]
-        rows = None if lo is None else (lo, hi)
-        if src.converts or src.tensor in donor.pickled:
-            yield donor, rows, None
-            continue
-        info = donor.tensors[src.tensor]
-        if rows is None:
-            yield donor, rows, (info.start, info.nbytes)
-        else:
-            row = info.nbytes // info.shape[0]
-            yield donor, rows, (info.start + lo * row, (hi - lo) * row)
-
-
 def export_hybrid(
     resolution: Resolution,
     donors: dict[str, Donor],
@@ -237,12 +217,19 @@ def export_hybrid(
             done += made
             meter(done)
             return
-        for donor, rows, copied in _ranges(src, donors):
+        # A spliced fused expert tensor is its runs of experts, each a byte range of one donor's tensor.
+        for lo, hi, donor_name in src.runs or ((None, None, src.donor),):
+            donor = donors[donor_name]
+            info = donor.tensors[src.tensor]
             fd = fd_of(donor, src.tensor)
-            if copied is None:
+            rows = None if lo is None else (lo, hi)
+            if src.converts or src.tensor in donor.pickled:
                 sink.write(converted_bytes(donor, src.tensor, src.src_dtype, src.dtype, fd, rows))
+            elif rows is None:
+                sink.copy(fd, info.start, info.nbytes, info.file)
             else:
-                sink.copy(fd, *copied, donor.tensors[src.tensor].file)
+                row = info.nbytes // info.shape[0]
+                sink.copy(fd, info.start + lo * row, (hi - lo) * row, info.file)
         done += _nbytes(src.shape, src.dtype)
         meter(done)
 
@@ -252,23 +239,7 @@ def export_hybrid(
         # thread"): with every other core busy now, the shard is written in turn.
         through = buffers if spare_cores() > 1 else buffers[:1]
         written[file_name] = write_hashed_shard(tmp / file_name, entries, metadata, write_tensor, through,
-                                                fsync=fsync, cancel=cancel,
-                                                data_at=data_offset_for(copied_at(members)))
-
-    def copied_at(members: list[str]):
-        """(offset in the shard's data, offset in the donor's file, bytes) of each range copied."""
-        at = 0
-        for n in members:
-            src = resolution.sources[n]
-            if not (computed and n in computed):
-                place = at
-                for _, _, copied in _ranges(src, donors):
-                    if copied is not None:
-                        yield place, *copied
-                        place += copied[1]
-                    else:
-                        break  # made bytes: the rest of this tensor only weighs less in the choice
-            at += _nbytes(src.shape, src.dtype)
+                                                fsync=fsync, cancel=cancel)
 
     try:
         # shards, plus the side files copied from the base; headers, card and manifest are small

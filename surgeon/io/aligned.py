@@ -26,19 +26,13 @@ def aligned_buffer(nbytes: int) -> memoryview:
     return memoryview(mmap.mmap(-1, nbytes))
 
 
-def slow_copy(to: int, source: int) -> bool:
-    """Whether the kernel's copy of bytes at offset `source` (of a file, or of page-aligned memory)
-    to offset `to` of another is the slow one: its destination 1-63 bytes ahead within a page."""
-    return 0 < (to - source) % PAGE < _NEAR
-
-
 def view_for(buffer: memoryview, offset: int, n: int, to: int | None = None) -> memoryview:
     """`n` bytes of `buffer` (an aligned_buffer of at least n + PAGE bytes) to read the bytes at
     `offset` of a file into: at the offset within a page that they have in the file. With `to`,
     where they will be written in another file: half a page further on when they would otherwise sit
     1-63 bytes behind their offset within a page there (that write would be the slow copy)."""
     at = offset % PAGE
-    if to is not None and slow_copy(to, at):
+    if to is not None and 0 < (to - at) % PAGE < _NEAR:
         at = (at + PAGE // 2) % PAGE
     if at + n > len(buffer):
         raise ValueError(f"{n} bytes at {at} of a buffer of {len(buffer)}: it needs a page more than a piece")

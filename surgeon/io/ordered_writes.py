@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from surgeon.io.aligned import aligned_buffer
+from surgeon.io.aligned import PAGE, aligned_buffer
 from surgeon.io.fs import write_all
 
 # Pieces a copy may have read but not yet written. Two would keep both cores busy if every piece
@@ -27,10 +27,9 @@ IN_FLIGHT = 4
 
 
 def copy_buffers(piece: int, cores: int) -> list[memoryview]:
-    """The page-aligned buffers one export copies through, each `piece` bytes (a window of the file:
-    shards.HashingSink): IN_FLIGHT of them where a second core can write while the first reads, one
-    otherwise."""
-    return [aligned_buffer(piece) for _ in range(IN_FLIGHT if cores > 1 else 1)]
+    """The page-aligned buffers one export copies through, each a piece and a page long: IN_FLIGHT of
+    them where a second core can write while the first reads, one otherwise."""
+    return [aligned_buffer(piece + PAGE) for _ in range(IN_FLIGHT if cores > 1 else 1)]
 
 
 class OrderedWriter:
@@ -75,10 +74,6 @@ class OrderedWriter:
         self._raise()
         return self._free.pop()
 
-    def give_back(self, buffer: memoryview) -> None:
-        """A buffer from `buffer()` that nothing was written from."""
-        self._free.append(buffer)
-
     def write_from(self, buffer: memoryview, view: memoryview) -> None:
         """Write `view`, a part of `buffer` (from `buffer()`), after every earlier write."""
         if not self._threaded:
@@ -92,6 +87,12 @@ class OrderedWriter:
             self._thread.start()
         self._pending += 1
         self._todo.put((buffer, view))
+
+    def write_now(self, data) -> None:
+        """Write bytes the caller owns, after every earlier write, before returning: the caller may
+        reuse or free them at once."""
+        self.drain()
+        write_all(self.fd, data)
 
     def drain(self) -> None:
         """Wait for every pending write; the first that failed raises."""

@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 from surgeon.errors import SurgeonError
 from surgeon.io import header_cache
-from surgeon.io.aligned import PAGE
 from surgeon.io.dtypes import DTYPE_SIZES
 
 # A header larger than this is not a checkpoint we wrote or transformers wrote: refuse it early
@@ -311,18 +310,13 @@ def _utf8(text: str) -> bool:
         return False
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str],
-                  data_at: int | None = None) -> tuple[bytes, list[int]]:
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
     """Build a header for tensors laid out back to back in the given order.
 
     Returns the bytes to write before the data (length prefix included) and each tensor's
     offset relative to the start of the data. The JSON is padded with spaces to a multiple of
     8 bytes, as the reference implementation does, so the data stays aligned for memory maps.
-    With `data_at` (a multiple of 8), it is padded further, by less than a page, so that the data
-    starts at that offset within a page (the format allows a header trailing spaces).
     """
-    if data_at is not None and data_at % 8:
-        raise ValueError(f"the data cannot start {data_at} bytes into a page: not a multiple of 8")
     table: dict[str, object] = {"__metadata__": metadata}
     offsets = []
     pos = 0
@@ -333,6 +327,4 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
         pos += nbytes
     raw = json.dumps(table, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    if data_at is not None:
-        raw += b" " * ((data_at - 8 - len(raw)) % PAGE)
     return struct.pack("<Q", len(raw)) + raw, offsets
