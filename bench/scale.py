@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from copy_timing import as_installed, copy_seconds, paired, ratios, spread, sync
+from copy_timing import as_installed, copy_seconds, paired, ratios, read_back, spread, sync
 from synthetic import dir_bytes, olmoe_config, olmoe_tensors, write_bf16_shards
 
 DEMO_TOKENIZER = ROOT.parent / "surgeon" / "demo" / "data" / "base"
@@ -370,6 +370,7 @@ def main() -> None:
                 row(f"make donor {seed}", f"{dir_bytes(Path(p)) / 1e9:6.2f} GB in {time.perf_counter() - t0:6.1f} s")
         size = dir_bytes(Path(a))
         print(f"donors: {size / 1e9:.2f} GB each; device {device}", flush=True)
+        read_back([a, b])  # in the page cache as a read leaves them, as a user's donors are
 
         wall, rss, _ = timed(exe + ["inspect", a], env)
         row("inspect", f"{wall:6.2f} s  {rss:7.0f} MB")

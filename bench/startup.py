@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from copy_timing import drop_from_page_cache
+
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work"
 TIMES_ENV = "BENCH_STARTUP_TIMES"  # where the child writes its part times
@@ -201,20 +203,6 @@ def run_timed(argv: list[str], env: dict | None = None) -> dict:
         parts["model code import"] = t["transformers.modeling_utils imported"] - min(code)
         parts["fill"] = parts["load"] - parts["model code import"]
     return parts
-
-
-def drop_from_page_cache(target: str) -> None:
-    """Evict a checkpoint directory's files from the page cache (a `demo:` name is left alone)."""
-    folder = Path(target)
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def _models(names: list[str]) -> dict[str, str]:
