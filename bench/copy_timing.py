@@ -92,8 +92,8 @@ def read_back(folders) -> None:
     which copy out faster: the 96 attention tensors of a 0.94 GB OLMoE-shape donor (34 MB) were read
     in 5.7 ms on one thread from the pages their writer left, and in 3.3 ms once the file had been
     evicted and read again (Zen 4 VM, 2026-12-08). A user's donors were read from a disk, or
-    downloaded in large writes; a bench's donors were just written by `write_donor`, so each bench
-    that times copies out of the page cache reads them back first."""
+    downloaded in large writes; a bench's donors were just written by the bench, so a bench that
+    times copies out of the page cache reads them back first."""
     os.sync()  # only clean pages can be evicted
     buf = bytearray(1 << 20)
     for folder in folders:
