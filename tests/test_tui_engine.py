@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -148,9 +149,18 @@ def test_the_collector_skips_what_is_kept_for_good_until_let_go(olmoe):
         collector.keep_for_good()
         kept = gc.get_freeze_count()
         assert kept > 0
-        with collector.paused():  # a block that builds tables adds them rather than thawing the rest
+        class Screen:
+            pass
+
+        screen = Screen()  # a cycle alive while a block runs, as an open screen is
+        screen.me = screen
+        alive = weakref.ref(screen)
+        with collector.paused():  # a block that builds tables thaws nothing and freezes nothing
             tables = [[i] for i in range(1000)]
-        assert gc.get_freeze_count() >= kept + len(tables)
+        assert gc.get_freeze_count() == kept and gc.is_tracked(tables[0])
+        del screen  # closed: its cycle was not frozen with the block's tables, so it is collected
+        gc.collect()
+        assert alive() is None
     finally:
         collector.let_go()
     assert gc.get_freeze_count() == 0

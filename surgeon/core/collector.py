@@ -29,10 +29,12 @@ def paused():
             # Resumed as is, the collector would walk every object made meanwhile at the very next
             # allocation (they all count as young: 55 ms for one DeepSeek-V3 donor) and again when they
             # age. Frozen and unfrozen, they join the oldest generation unwalked and the count starts
-            # over; full collections still see them, so nothing escapes collection. Once the process
-            # keeps what it has for good (keep_for_good), they stay frozen with the rest.
-            gc.freeze()
+            # over; full collections still see them, so nothing escapes collection. While the process
+            # keeps what it has for good (keep_for_good), unfreezing would thaw that too, and freezing
+            # alone would freeze whatever else is alive with the block's objects (an open screen,
+            # whose cycles would then outlive it): the block's objects stay young and are walked once.
             if not _keeping:
+                gc.freeze()
                 gc.unfreeze()
             gc.enable()
 
@@ -42,7 +44,7 @@ _keeping = False
 
 def keep_for_good() -> None:
     """Let every later collection skip the objects alive now (`gc.freeze`), until `let_go`: for the
-    workbench, once it has opened its donors. Later `paused` blocks add what they make.
+    workbench, once it has opened its donors. What later `paused` blocks make is not frozen.
 
     A collection walks every tracked object, and the collector never stops tracking a tuple subclass:
     DeepSeek-V3's `TensorInfo`s and `Part`s are 200,000 NamedTuples a pair, so each full collection of
@@ -79,7 +81,7 @@ def hold_full_collections() -> None:
     collection walks every object made since `keep_for_good`: a layer screen's table of a DeepSeek-V3
     layer and the screens' caches, 13-35 ms (once 55 ms) that stopped the app wherever they fell, in
     5 or 6 of 40 marks. Held, none runs while keys come; the one that runs in the next pause carries
-    more (67-178 ms measured), and a key pressed during it waits for it."""
+    more (36-178 ms measured), and a key pressed during it waits for it."""
     global _held
     young, middle, oldest = gc.get_threshold()
     if _held is None:
