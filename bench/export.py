@@ -38,7 +38,7 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from copy_timing import as_installed, paired, ratios, spread  # noqa: E402
+from copy_timing import as_installed, paired, ratios, read_back, spread  # noqa: E402
 from synthetic import dir_bytes  # noqa: E402
 
 TRANSFER = ["--take", "experts=B", "--take", "attention@0-3=B"]
@@ -183,6 +183,7 @@ def main() -> None:
                     subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(p), str(seed),
                                     *small], check=True)
         size = dir_bytes(a)
+        read_back([a, b])  # in the page cache as a read leaves them, as a user's donors are
         exe = [sys.executable, "-m", "surgeon.cli"]
         print(f"donor: {size / 1e9:.2f} GB ({size / 2**20:.0f} MiB); {args.repeats} paired rounds, synced before each run")
 
