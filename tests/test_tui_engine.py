@@ -149,6 +149,7 @@ def test_the_collector_skips_what_is_kept_for_good_until_let_go(olmoe):
         collector.keep_for_good()
         kept = gc.get_freeze_count()
         assert kept > 0
+
         class Screen:
             pass
 
