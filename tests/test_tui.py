@@ -94,7 +94,6 @@ async def test_full_collections_wait_until_nobody_types(olmoe3, tmp_path):
 
     before = gc.get_threshold()
     app = make_app(tmp_path, olmoe3)
-    app.IDLE_SECONDS = 0.6  # keys come every 0.1-0.2 s
     gc.callbacks.append(seen)
     try:
         async with app.run_test(size=SIZE) as pilot:
@@ -112,7 +111,7 @@ async def test_full_collections_wait_until_nobody_types(olmoe3, tmp_path):
                 key = "k" if key == "j" else "j"
                 await asyncio.sleep(0.1)
             assert collections == [] and kept
-            await asyncio.sleep(1.8)  # idle
+            await asyncio.sleep(2.5 * app.IDLE_SECONDS)  # idle (keys came every 0.1-0.2 s)
             assert collections and collections[0] > typing_until
     finally:
         gc.callbacks.remove(seen)
